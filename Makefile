@@ -1,0 +1,52 @@
+# wgcni — build, test, benchmark and demo entry points.
+# `make test` and `make demo` do all set-up on a fresh Debian 12 machine as root.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+STAMPS      := .build/stamps
+PYTEST_ARGS ?=
+
+APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make \
+	iproute2 procps kmod xz-utils cpio \
+	wireguard-go wireguard-tools nftables iptables tcpdump iperf3 \
+	containerd runc containernetworking-plugins \
+	golang-go golang-github-appc-cni-dev \
+	qemu-system-x86
+
+.PHONY: all deps venv build test test-host test-vm bench demo demo-down clean
+
+all: build
+
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $(APT_PACKAGES) 2>/dev/null | awk '$$4!="installed"{print $$1}'; \
+	  for p in $(APT_PACKAGES); do dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+deps: $(STAMPS)/apt
+
+$(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMPS)/venv
+
+build: $(STAMPS)/venv
+	PY=$(PY) bash packaging/build.sh
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m bench.run
+
+clean:
+	rm -rf build dist .build
