@@ -1,0 +1,1 @@
+"""Appliers: the only code in the hook with side effects (WireGuard backends, routes/rules, firewall, sysctl)."""
