@@ -15,6 +15,7 @@ class RemoteNode:
     endpoint_port: int
     node_ips: frozenset[str]
     pod_ips: frozenset[str]  # host addresses, no prefix; the sync layer expands published prefixes
+    pod_ips_changed_at: float = 0.0  # unix time the node last changed its published pod IPs (conflict rule)
 
 
 @dataclass(frozen=True)
