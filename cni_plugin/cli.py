@@ -1,0 +1,71 @@
+"""Operator CLI of the `wgcni` binary (run without CNI_COMMAND): `wgcni version`, `wgcni pods`, and more.
+
+``cli`` is a click group: other modules add subcommands with ``@cli.command()``. ``run`` is the entry point;
+it turns every usage error or I/O failure into one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from cni_plugin import __version__
+from cni_plugin.cni import DEFAULT_STATE_DIR, SUPPORTED_VERSIONS
+from cni_plugin.records import RecordStore, valid_network
+
+POD_FIELDS = ("network", "podNamespace", "podName", "podUID", "containerID", "ifname", "ips", "created", "updated")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """wgcni: WireGuard encryption for Azure CNI pods (chained CNI plugin and its debug commands)."""
+
+
+@cli.command()
+def version() -> None:
+    """Print the wgcni version and the CNI versions it speaks."""
+    click.echo(f"wgcni {__version__} (CNI {', '.join(SUPPORTED_VERSIONS)})")
+
+
+@cli.command()
+@click.option("--state-dir", default=DEFAULT_STATE_DIR, show_default=True, type=click.Path(file_okay=False),
+              help="The plugin's stateDir.")
+@click.option("--network", default=None, help="Only this CNI network.")
+@click.option("--json", "as_json", is_flag=True, help="A stable JSON array of objects instead of a table.")
+def pods(state_dir: str, network: str | None, as_json: bool) -> None:
+    """List the pod attachments the plugin has recorded on this node."""
+    if network is not None and not valid_network(network):
+        raise click.BadParameter(f"{network!r} is not a valid network name", param_hint="--network")
+    problems: list[str] = []
+    records = RecordStore(state_dir).list(network, errors=problems)
+    for problem in problems:
+        click.echo(f"wgcni: skipped {problem}", err=True)
+    rows = [{field: record.get(field) for field in POD_FIELDS} for record in records]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [("NETWORK", "POD", "CONTAINER", "IFNAME", "IPS", "UPDATED")]
+    for row in rows:
+        pod = f"{row['podNamespace']}/{row['podName']}" if row["podName"] else "-"
+        table.append((row["network"], pod, row["containerID"][:13], row["ifname"], ",".join(row["ips"]) or "-",
+                      row["updated"]))
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI on ``argv``; returns the exit code."""
+    try:
+        result = cli.main(args=argv, prog_name="wgcni", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("wgcni: aborted", err=True)
+        return 1
+    except click.ClickException as error:
+        click.echo(f"wgcni: {error.format_message()} (see 'wgcni --help')", err=True)
+        return error.exit_code
+    except OSError as error:
+        click.echo(f"wgcni: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""), err=True)
+        return 1
+    return result if isinstance(result, int) else 0

@@ -1,0 +1,83 @@
+"""Size-bounded append-only log file for the plugin (never stdout: stdout carries the CNI result).
+
+Deviation from the standard library, for start-up time: ``import logging`` costs 6-10 ms on the 2-core build
+machines (measured with ``python3 -S -c 'import logging'`` against a bare interpreter, 60 runs, median) and
+``logging.handlers`` another 3-5 ms, out of a 25 ms budget for a whole ADD. The plugin writes a handful of lines
+per invocation from many short-lived processes at once, which RotatingFileHandler does not handle safely across
+processes anyway. Each line is one ``write`` on an ``O_APPEND`` descriptor (whole lines, no interleaving);
+rotation renames the file to ``<file>.1`` under an ``flock`` of the file being rotated.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+
+
+class FileLog:
+    """Writes ``<time> <LEVEL> wgcni[<pid>] <message>`` lines to one file; drops lines it cannot write."""
+
+    def __init__(self, path: str, level: str = "info", max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.path = path
+        self.threshold = LEVELS[level]
+        self.max_bytes = max_bytes
+        self._fd: int | None = None
+        self._disabled = not path
+
+    def debug(self, message: str) -> None:
+        self._emit(10, "DEBUG", message)
+
+    def info(self, message: str) -> None:
+        self._emit(20, "INFO", message)
+
+    def warning(self, message: str) -> None:
+        self._emit(30, "WARNING", message)
+
+    def error(self, message: str) -> None:
+        self._emit(40, "ERROR", message)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _emit(self, level: int, level_name: str, message: str) -> None:
+        if level < self.threshold or self._disabled:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        line = f"{stamp}Z {level_name} wgcni[{os.getpid()}] {message}\n".encode(errors="backslashreplace")
+        try:
+            fd = self._open()
+            os.write(fd, line)
+        except OSError:
+            # A log that cannot be written (read-only or full disk) must never fail a pod's network set-up.
+            self._disabled = True
+
+    def _open(self) -> int:
+        if self._fd is None:
+            directory = os.path.dirname(self.path)
+            if directory:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if os.fstat(fd).st_size >= self.max_bytes:
+                fd = self._rotate(fd)
+            self._fd = fd
+        return self._fd
+
+    def _rotate(self, fd: int) -> int:
+        """Move the full file aside once (whoever holds its lock first), then append to a fresh file."""
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(self.path)
+            mine = os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino) and mine.st_size >= self.max_bytes:
+                os.replace(self.path, self.path + ".1")
+        except FileNotFoundError:
+            pass  # another process rotated it between our open and stat
+        finally:
+            os.close(fd)
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

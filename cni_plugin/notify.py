@@ -1,0 +1,69 @@
+"""Client of the node hook's local API (docs/design.md): one JSON request per Unix-socket connection.
+
+Standard library only, every call bounded by one overall deadline (connect + send + answer), because the plugin
+runs on kubelet's pod-creation path and the record, not the notification, is the source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+NOTIFY_TIMEOUT_SECONDS = 0.25  # design.md: connect + answer <= 250 ms for notifications
+QUERY_TIMEOUT_SECONDS = 2.0  # CHECK / STATUS ask the hook a question and wait a little longer for the answer
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+
+class HookUnavailable(Exception):
+    """The hook could not be reached or did not answer in time (not running, socket missing, overloaded)."""
+
+
+class HookProtocolError(Exception):
+    """The hook answered something that is not a valid local-API answer."""
+
+
+def request(socket_path: str, message: dict, timeout: float) -> dict:
+    """Send ``message`` to the hook and return its answer object (which always carries ``ok``)."""
+    deadline = time.monotonic() + timeout
+    payload = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
+            conn.settimeout(timeout)
+            conn.connect(socket_path)
+            conn.settimeout(_remaining(deadline))
+            conn.sendall(payload)
+            answer = bytearray()
+            while b"\n" not in answer:
+                conn.settimeout(_remaining(deadline))
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+                if len(answer) > MAX_ANSWER_BYTES:
+                    raise HookProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+    except TimeoutError:
+        raise HookUnavailable(f"no answer within {timeout * 1000:.0f} ms on {socket_path}") from None
+    except FileNotFoundError:
+        raise HookUnavailable(f"socket {socket_path} does not exist") from None
+    except ConnectionRefusedError:
+        raise HookUnavailable(f"nothing listens on {socket_path}") from None
+    except OSError as error:
+        raise HookUnavailable(f"cannot talk to {socket_path}: {error.strerror or error}") from None
+    line = bytes(answer).split(b"\n", 1)[0]
+    if not line:
+        raise HookUnavailable(f"hook closed {socket_path} without answering")
+    try:
+        decoded = json.loads(line)
+    except (ValueError, RecursionError) as error:
+        raise HookProtocolError(f"answer is not JSON: {error}") from None
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("ok"), bool):
+        raise HookProtocolError("answer is not a JSON object with a boolean 'ok'")
+    return decoded
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left

@@ -1,0 +1,301 @@
+"""Durable pod-record store shared by the plugin (the only writer) and the node hook (a lock-free reader).
+
+Layout and format are fixed in docs/design.md ("Pod records"):
+``<stateDir>/pods/<network>/<containerID>@<ifname>.json``, one JSON object per attachment, mode 0600, written
+atomically (temp file in the same directory, fsync, rename, fsync of the directory) under an exclusive ``flock`` on
+``<stateDir>/pods/.lock``. A crash at any instant leaves the old or the new record, never a torn one; readers skip
+``.tmp*`` files and never need the lock. Standard library only: this module is on the plugin's ADD/DEL path.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import time
+
+RECORD_FORMAT = 1
+RECORD_SUFFIX = ".json"
+TEMP_PREFIX = ".tmp"
+LOCK_NAME = ".lock"
+
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}")
+_IFNAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}")
+_NETWORK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+
+_REQUIRED_FIELDS = {
+    "format": int,
+    "network": str,
+    "containerID": str,
+    "ifname": str,
+    "netns": str,
+    "ips": list,
+    "cniVersion": str,
+    "prevResult": dict,
+    "created": str,
+    "updated": str,
+}
+_OPTIONAL_STR_FIELDS = ("podNamespace", "podName", "podUID")
+
+
+class RecordError(ValueError):
+    """A name or a record that does not satisfy the record contract."""
+
+
+def valid_container_id(container_id: str) -> bool:
+    """True when the container ID may appear in a record file name."""
+    return isinstance(container_id, str) and _CONTAINER_ID.fullmatch(container_id) is not None
+
+
+def valid_ifname(ifname: str) -> bool:
+    """True when the interface name may appear in a record file name (``.`` and ``..`` are refused)."""
+    return (
+        isinstance(ifname, str) and _IFNAME.fullmatch(ifname) is not None and ifname not in (".", "..")
+    )
+
+
+def valid_network(network: str) -> bool:
+    """True when the network name may be used as a directory name."""
+    return isinstance(network, str) and _NETWORK.fullmatch(network) is not None
+
+
+def _check_key(network: str, container_id: str, ifname: str) -> None:
+    if not valid_network(network):
+        raise RecordError(f"invalid network name {network!r:.80}")
+    if not valid_container_id(container_id):
+        raise RecordError(f"invalid container ID {container_id!r:.80}")
+    if not valid_ifname(ifname):
+        raise RecordError(f"invalid interface name {ifname!r:.80}")
+
+
+def record_file_name(container_id: str, ifname: str) -> str:
+    """The file name of one attachment's record (callers validate the parts first)."""
+    return f"{container_id}@{ifname}{RECORD_SUFFIX}"
+
+
+def utc_now_rfc3339() -> str:
+    """The current time as an RFC 3339 UTC timestamp with second precision."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def validate_record(record: object) -> dict:
+    """Return ``record`` when it satisfies the record contract, else raise RecordError naming the problem."""
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
+    for field, field_type in _REQUIRED_FIELDS.items():
+        value = record.get(field)
+        if not isinstance(value, field_type) or isinstance(value, bool):
+            raise RecordError(f"record field {field!r} missing or not a {field_type.__name__}")
+    if record["format"] != RECORD_FORMAT:
+        raise RecordError(f"unsupported record format {record['format']!r}")
+    for field in _OPTIONAL_STR_FIELDS:
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            raise RecordError(f"record field {field!r} is neither a string nor null")
+    if not all(isinstance(ip, str) for ip in record["ips"]):
+        raise RecordError("record field 'ips' holds a non-string")
+    _check_key(record["network"], record["containerID"], record["ifname"])
+    return record
+
+
+class RecordStore:
+    """The pod records below one state directory (``<stateDir>/pods``)."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.pods_dir = os.path.join(state_dir, "pods")
+        self.lock_path = os.path.join(self.pods_dir, LOCK_NAME)
+
+    # -- paths ---------------------------------------------------------------------------------------------------
+
+    def network_dir(self, network: str) -> str:
+        if not valid_network(network):
+            raise RecordError(f"invalid network name {network!r:.80}")
+        return os.path.join(self.pods_dir, network)
+
+    def record_path(self, network: str, container_id: str, ifname: str) -> str:
+        _check_key(network, container_id, ifname)
+        return os.path.join(self.pods_dir, network, record_file_name(container_id, ifname))
+
+    # -- writer side (the plugin) --------------------------------------------------------------------------------
+
+    def lock(self) -> "StoreLock":
+        """The exclusive writer lock; use as a context manager around read-modify-write sequences."""
+        return StoreLock(self)
+
+    def write(self, record: dict) -> None:
+        """Atomically create or replace one record. The caller holds ``lock()``."""
+        validate_record(record)
+        directory = self.network_dir(record["network"])
+        _make_private_dirs(directory)
+        _remove_stale_temp_files(directory)
+        final_path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
+        payload = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+        temp_path = os.path.join(directory, f"{TEMP_PREFIX}.{os.getpid()}.{os.urandom(4).hex()}")
+        fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp_path, final_path)
+        except BaseException:
+            _unlink_if_present(temp_path)
+            raise
+        _fsync_dir(directory)
+
+    def remove(self, network: str, container_id: str, ifname: str) -> bool:
+        """Remove one record; False when there was none. The caller holds ``lock()``."""
+        path = self.record_path(network, container_id, ifname)
+        if not _unlink_if_present(path):
+            return False
+        _fsync_dir(os.path.dirname(path))
+        return True
+
+    def remove_all_except(self, network: str, keep: set[tuple[str, str]]) -> list[dict]:
+        """Remove every record of ``network`` whose (containerID, ifname) is not in ``keep`` (CNI GC).
+
+        Returns the removed records. Files that are not valid records are left alone (not ours to judge);
+        stale temp files of killed writers are removed. The caller holds ``lock()``.
+        """
+        directory = self.network_dir(network)
+        removed = []
+        _remove_stale_temp_files(directory)
+        for record in self.list(network):
+            if (record["containerID"], record["ifname"]) in keep:
+                continue
+            path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
+            if _unlink_if_present(path):
+                removed.append(record)
+        if removed:
+            _fsync_dir(directory)
+        return removed
+
+    # -- reader side (plugin and hook; no lock needed) ------------------------------------------------------------
+
+    def read(self, network: str, container_id: str, ifname: str) -> dict | None:
+        """One record, or None when there is none. Raises RecordError when the file is not a valid record."""
+        return _load(self.record_path(network, container_id, ifname))
+
+    def networks(self) -> list[str]:
+        """Names of the networks that have a record directory, sorted."""
+        try:
+            names = os.listdir(self.pods_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(
+            name for name in names if valid_network(name) and os.path.isdir(os.path.join(self.pods_dir, name))
+        )
+
+    def list(self, network: str | None = None, errors: list[str] | None = None) -> list[dict]:
+        """Valid records of one network (or of all networks), sorted by (network, containerID, ifname).
+
+        A file that is not a valid record is skipped; its path and the reason are appended to ``errors``
+        when a list is given, so a caller can report it instead of silently ignoring it.
+        """
+        records = []
+        for name in [network] if network is not None else self.networks():
+            directory = self.network_dir(name)
+            try:
+                entries = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.startswith(TEMP_PREFIX) or not entry.endswith(RECORD_SUFFIX) or "@" not in entry:
+                    continue
+                path = os.path.join(directory, entry)
+                try:
+                    record = _load(path)
+                except RecordError as error:
+                    if errors is not None:
+                        errors.append(f"{path}: {error}")
+                    continue
+                if record is None:
+                    continue  # removed between listdir and open
+                expected = record_file_name(record["containerID"], record["ifname"])
+                if record["network"] != name or expected != entry:
+                    if errors is not None:
+                        errors.append(f"{path}: record names {record['network']}/{expected} instead")
+                    continue
+                records.append(record)
+        records.sort(key=lambda r: (r["network"], r["containerID"], r["ifname"]))
+        return records
+
+
+class StoreLock:
+    """Exclusive ``flock`` on ``<stateDir>/pods/.lock``, held by every writer for its whole update."""
+
+    def __init__(self, store: RecordStore) -> None:
+        self._store = store
+        self._fd = -1
+
+    def __enter__(self) -> "StoreLock":
+        _make_private_dirs(self._store.pods_dir)
+        self._fd = os.open(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self._fd)  # closing the descriptor releases the lock
+        self._fd = -1
+
+
+def _load(path: str) -> dict | None:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError as error:
+        raise RecordError(f"not a regular file: {error}") from None
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise RecordError(f"not valid JSON: {error}") from None
+    return validate_record(record)
+
+
+def _make_private_dirs(path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise RecordError(f"{path} exists and is not a directory") from None
+
+
+def _remove_stale_temp_files(directory: str) -> None:
+    """Remove temp files left by writers that were killed; only safe while holding the store lock."""
+    try:
+        entries = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.startswith(TEMP_PREFIX):
+            _unlink_if_present(os.path.join(directory, entry))
+
+
+def _unlink_if_present(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # some filesystems cannot fsync a directory; the rename still happened
+            raise
+    finally:
+        os.close(fd)
