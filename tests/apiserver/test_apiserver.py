@@ -1,0 +1,270 @@
+"""The test API server against the official kubernetes client's expectations: CRUD, 409/404 Status objects,
+list and watch with resourceVersion, bookmarks, 410 Gone, patches, owner-reference garbage collection, faults."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+
+import pytest
+import yaml
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+
+from wgcni_lab.apiserver import ApiServer
+
+CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
+GROUP, VERSION, PLURAL = "wgcni.io", "v1alpha1", "wireguardnodes"
+
+
+@pytest.fixture
+def server():
+    with ApiServer(crds=[CRD], bookmark_interval=0.2, history_window=50) as api_server:
+        yield api_server
+
+
+@pytest.fixture
+def api(server):
+    api_client = client.ApiClient(client.Configuration(host=server.url))
+    try:
+        yield api_client
+    finally:
+        api_client.close()
+
+
+@pytest.fixture
+def core(api):
+    return client.CoreV1Api(api)
+
+
+@pytest.fixture
+def custom(api):
+    return client.CustomObjectsApi(api)
+
+
+def make_node(core, name, labels=None):
+    return core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels)))
+
+
+def wg_object(name, owner=None):
+    metadata = {"name": name}
+    if owner is not None:
+        metadata["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": owner.metadata.name,
+                                        "uid": owner.metadata.uid}]
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WireguardNode", "metadata": metadata,
+            "status": {"publicKey": "ignored on create"}}
+
+
+def test_node_create_get_list_and_resource_versions_increase(core):
+    first = make_node(core, "node-a", {"role": "x"})
+    second = make_node(core, "node-b")
+    assert int(second.metadata.resource_version) > int(first.metadata.resource_version)
+    assert first.metadata.uid and first.metadata.creation_timestamp
+    assert core.read_node("node-a").metadata.labels == {"role": "x"}
+    listing = core.list_node()
+    assert [n.metadata.name for n in listing.items] == ["node-a", "node-b"]
+    assert listing.metadata.resource_version == second.metadata.resource_version
+    assert [n.metadata.name for n in core.list_node(label_selector="role=x").items] == ["node-a"]
+    assert [n.metadata.name for n in core.list_node(field_selector="metadata.name=node-b").items] == ["node-b"]
+
+
+def test_missing_object_is_404_with_status(core, custom):
+    with pytest.raises(ApiException) as raised:
+        core.read_node("nope")
+    assert raised.value.status == 404
+    assert '"reason": "NotFound"' in raised.value.body or '"reason":"NotFound"' in raised.value.body
+    with pytest.raises(ApiException) as raised:
+        custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, "nope")
+    assert raised.value.status == 404
+
+
+def test_create_twice_is_409_already_exists(core):
+    make_node(core, "node-a")
+    with pytest.raises(ApiException) as raised:
+        make_node(core, "node-a")
+    assert raised.value.status == 409 and "AlreadyExists" in raised.value.body
+
+
+def test_custom_resource_status_subresource_and_stale_update_conflict(custom):
+    created = custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("node-a"))
+    assert "status" not in created, "status is dropped on create when the status subresource is on"
+    created["status"] = {"publicKey": "", "podIPCount": 0}
+    updated = custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, "node-a", created)
+    assert updated["status"] == {"publicKey": "", "podIPCount": 0}
+    assert int(updated["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])
+    # created still carries the old resourceVersion: a stale write
+    created["status"] = {"publicKey": "", "podIPCount": 7}
+    with pytest.raises(ApiException) as raised:
+        custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, "node-a", created)
+    assert raised.value.status == 409 and "Conflict" in raised.value.body
+    # writing status through the main resource does not change it
+    updated["status"] = {"publicKey": "", "podIPCount": 99}
+    after = custom.replace_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a", updated)
+    assert after["status"]["podIPCount"] == 0
+
+
+def test_merge_patch_with_resource_version_precondition(custom):
+    created = custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("node-a"))
+    patched = custom.patch_cluster_custom_object_status(
+        GROUP, VERSION, PLURAL, "node-a",
+        {"metadata": {"resourceVersion": created["metadata"]["resourceVersion"]}, "status": {"mtu": 1340}})
+    assert patched["status"] == {"mtu": 1340}
+    with pytest.raises(ApiException) as raised:
+        custom.patch_cluster_custom_object_status(
+            GROUP, VERSION, PLURAL, "node-a",
+            {"metadata": {"resourceVersion": created["metadata"]["resourceVersion"]}, "status": {"mtu": 1}})
+    assert raised.value.status == 409
+
+
+def test_node_annotation_strategic_and_json_patch(core):
+    make_node(core, "node-a")
+    core.patch_node("node-a", {"metadata": {"annotations": {"wgcni.io/public-key": "abc"}}})
+    assert core.read_node("node-a").metadata.annotations == {"wgcni.io/public-key": "abc"}
+    core.patch_node("node-a", [{"op": "replace", "path": "/metadata/annotations/wgcni.io~1public-key",
+                                "value": "def"}])
+    assert core.read_node("node-a").metadata.annotations == {"wgcni.io/public-key": "def"}
+    core.patch_node("node-a", {"metadata": {"annotations": {"wgcni.io/public-key": None}}})
+    assert not core.read_node("node-a").metadata.annotations
+    with pytest.raises(ApiException) as raised:
+        core.patch_node("node-a", [{"op": "test", "path": "/metadata/name", "value": "other"}])
+    assert raised.value.status == 422
+
+
+def test_deleting_node_garbage_collects_owned_object(core, custom):
+    node = make_node(core, "node-a")
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("node-a", owner=node))
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("unowned"))
+    core.delete_node("node-a")
+    names = [o["metadata"]["name"] for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]]
+    assert names == ["unowned"]
+
+
+def test_list_then_watch_from_resource_version_sees_only_later_changes(core, custom):
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("before"))
+    listing = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("after"))
+    make_node(core, "a-node-is-another-type")
+    custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, "before")
+    events = []
+    for event in watch.Watch().stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                                      resource_version=listing["metadata"]["resourceVersion"], timeout_seconds=1):
+        events.append((event["type"], event["object"]["metadata"]["name"]))
+    assert events == [("ADDED", "after"), ("DELETED", "before")]
+
+
+def test_watch_without_resource_version_starts_with_current_state_then_live_events(core):
+    make_node(core, "node-a")
+    stream = watch.Watch()
+    seen = []
+
+    def create_later():
+        time.sleep(0.2)
+        make_node(core, "node-b")
+
+    writer = threading.Thread(target=create_later)
+    writer.start()
+    for event in stream.stream(core.list_node, timeout_seconds=5):
+        seen.append((event["type"], event["object"].metadata.name))
+        if len(seen) == 2:
+            stream.stop()
+    writer.join()
+    assert seen == [("ADDED", "node-a"), ("ADDED", "node-b")]
+
+
+def test_bookmarks_carry_the_current_resource_version(core, custom):
+    listing = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+    make_node(core, "unrelated")  # advances the global resourceVersion without a matching event
+    current = core.read_node("unrelated").metadata.resource_version
+    stream = watch.Watch()
+    for event in stream.stream(custom.list_cluster_custom_object, GROUP, VERSION, PLURAL,
+                               resource_version=listing["metadata"]["resourceVersion"],
+                               allow_watch_bookmarks=True, timeout_seconds=5):
+        assert event["type"] == "BOOKMARK"
+        assert event["raw_object"]["metadata"]["resourceVersion"] == current
+        stream.stop()
+    assert stream.resource_version == current
+
+
+def test_watch_from_compacted_version_gets_410_error_event(core):
+    old = make_node(core, "node-a").metadata.resource_version
+    for index in range(60):  # history_window=50
+        core.patch_node("node-a", {"metadata": {"labels": {"step": str(index)}}})
+    with pytest.raises(ApiException) as raised:
+        for _ in watch.Watch().stream(core.list_node, resource_version=old, timeout_seconds=1):
+            pass
+    assert raised.value.status == 410
+
+
+def test_exact_list_at_old_version_rebuilds_state_or_is_gone(server, core):
+    first = make_node(core, "node-a")
+    make_node(core, "node-b")
+    core.delete_node("node-a")
+    past = core.list_node(resource_version=first.metadata.resource_version, resource_version_match="Exact")
+    assert [n.metadata.name for n in past.items] == ["node-a"]
+    assert past.metadata.resource_version == first.metadata.resource_version
+    core.patch_node("node-b", {"metadata": {"labels": {"x": "y"}}})
+    core.list_node()  # still fine
+    server.compact()  # forgets the history: the same exact list is now 410
+    with pytest.raises(ApiException) as raised:
+        core.list_node(resource_version=first.metadata.resource_version, resource_version_match="Exact")
+    assert raised.value.status == 410
+
+
+def test_injected_faults_then_recovery(server, core):
+    server.fail_next(2, code=500, methods={"GET"})
+    for _ in range(2):
+        with pytest.raises(ApiException) as raised:
+            core.list_node()
+        assert raised.value.status == 500
+    assert core.list_node().items == []
+    server.fail_next(1, code=409, methods={"POST"}, path_contains="/nodes")
+    with pytest.raises(ApiException) as raised:
+        make_node(core, "node-a")
+    assert raised.value.status == 409
+    make_node(core, "node-a")
+
+
+def test_cut_watch_breaks_the_stream_mid_way(server, core):
+    errors = []
+    started = threading.Event()
+
+    def consume():
+        try:
+            for _ in watch.Watch().stream(core.list_node, resource_version="1", allow_watch_bookmarks=True,
+                                          timeout_seconds=30):
+                started.set()
+        except Exception as error:  # noqa: BLE001 - the test records what the client raises
+            errors.append(error)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert started.wait(5)
+    server.cut_watches()
+    consumer.join(5)
+    assert not consumer.is_alive()
+    assert errors, "a cut stream must surface as an error, not as a clean end"
+
+
+def test_restart_keeps_objects_and_compacts_history(server, core):
+    node = make_node(core, "node-a")
+    make_node(core, "node-b")
+    server.restart(downtime=0.1)
+    assert core.read_node("node-a").metadata.uid == node.metadata.uid
+    with pytest.raises(ApiException) as raised:
+        for _ in watch.Watch().stream(core.list_node, resource_version=node.metadata.resource_version,
+                                      timeout_seconds=1):
+            pass
+    assert raised.value.status == 410
+    assert server.open_watches() == 0
+
+
+def test_delete_with_stale_precondition_is_409(core):
+    node = make_node(core, "node-a")
+    core.patch_node("node-a", {"metadata": {"labels": {"x": "y"}}})
+    with pytest.raises(ApiException) as raised:
+        core.delete_node("node-a", body=client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(resource_version=node.metadata.resource_version)))
+    assert raised.value.status == 409
+    core.delete_node("node-a")
+    assert core.list_node().items == []
