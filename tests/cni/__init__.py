@@ -1,0 +1,1 @@
+"""Tests of the chained CNI plugin (in-process over the dispatcher, and the built binary as kubelet runs it)."""

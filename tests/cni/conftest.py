@@ -1,0 +1,29 @@
+"""Fixtures of the plugin tests: short private temp dirs and the plugin settings that point into them."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import tempfile
+
+import pytest
+
+
+@pytest.fixture
+def short_tmp():
+    """A short temporary directory (Unix socket paths are limited to 107 bytes); removed afterwards."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="wgcni-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def settings(short_tmp) -> dict:
+    return {
+        "stateDir": str(short_tmp / "state"),
+        "hookSocket": str(short_tmp / "hook.sock"),
+        "logFile": str(short_tmp / "log" / "wgcni.log"),
+        "logLevel": "debug",
+    }
