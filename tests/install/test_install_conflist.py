@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cni_plugin.cni import SUPPORTED_VERSIONS
 from node_hook.install import (
-    SUPPORTED_CNI_VERSIONS,
     InstallError,
     PluginSettings,
     has_entry,
@@ -18,7 +18,7 @@ from node_hook.install import (
     strip_entries,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "cni" / "data"  # the AKS conflists, shared with the plugin's tests
 AKS_CONFLISTS = sorted(DATA.glob("*.conflist"))
 ENTRY = PluginSettings().entry()
 
@@ -148,7 +148,7 @@ def _conflists(draw):
                            max_size=3))
     azure = {"type": "azure-vnet", **draw(_plugin)}
     position = draw(st.integers(0, len(others)))
-    document = {"cniVersion": draw(st.sampled_from(SUPPORTED_CNI_VERSIONS)), "name": "azure",
+    document = {"cniVersion": draw(st.sampled_from(SUPPORTED_VERSIONS)), "name": "azure",
                 "plugins": others[:position] + [azure] + others[position:]}
     for key, value in draw(st.dictionaries(st.text(max_size=5), _values, max_size=2)).items():
         document.setdefault(key, value)
