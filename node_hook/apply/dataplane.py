@@ -1,0 +1,113 @@
+"""Contracts of the routing, firewall and sysctl appliers (pure data types and protocols, no side effects).
+
+Like `wireguard.py` for the WireGuard backends: the planner emits these ops against state read back through
+these protocols; the real appliers (`routes.py`, `firewall.py`, `sysctl.py`) and their fakes (`fakes.py`)
+implement them with the same observable behaviour.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from node_hook.model import RouteKind
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+FOREIGN_ROUTE = "foreign"  # a route in our table that we did not put there in this shape (gets replaced/deleted)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """An ip rule pointing at the hook's table: `[not] fwmark M/M lookup <table>` at `priority`."""
+
+    family: int  # 4 | 6
+    priority: int
+    fwmark: int
+    mask: int
+    table: int
+    invert: bool
+
+    def describe(self) -> str:
+        negation = "not " if self.invert else ""
+        return f"{self.priority}: {negation}fwmark {self.fwmark:#x}/{self.mask:#x} lookup {self.table} (v{self.family})"
+
+
+@dataclass(frozen=True)
+class TableState:
+    """Routes in the hook's table (prefix -> RouteKind value or FOREIGN_ROUTE) and the rules that point at it."""
+
+    routes: dict[IPNetwork, str] = field(default_factory=dict)
+    rules: frozenset[RuleSpec] = frozenset()
+
+
+@dataclass(frozen=True)
+class SetRoute:
+    """Create or replace the route for `prefix` in the table."""
+
+    prefix: IPNetwork
+    kind: RouteKind
+
+
+@dataclass(frozen=True)
+class DeleteRoute:
+    prefix: IPNetwork
+
+
+@dataclass(frozen=True)
+class AddRule:
+    rule: RuleSpec
+
+
+@dataclass(frozen=True)
+class DeleteRule:
+    rule: RuleSpec
+
+
+RoutingOp = SetRoute | DeleteRoute | AddRule | DeleteRule
+
+
+class RoutingApplier(Protocol):
+    """Routes in one table and rules pointing at it, in the current network namespace."""
+
+    def read(self) -> TableState: ...
+
+    def apply(self, ops: list[RoutingOp]) -> None:
+        """Apply in order. Deleting what is already gone and adding what already exists both succeed."""
+
+    def flush(self) -> None:
+        """Remove every route in the table and every rule pointing at it."""
+
+
+@dataclass(frozen=True)
+class FirewallSpec:
+    """The hook's own nftables table: rp_filter marks, the WireGuard port, MSS clamping into the tunnel."""
+
+    table: str
+    fwmark: int
+    wireguard_interface: str
+    pod_interface_prefixes: tuple[str, ...]
+    listen_port: int
+
+
+class FirewallApplier(Protocol):
+    def read(self) -> str | None:
+        """The kernel's listing of the hook's table, or None when it does not exist."""
+
+    def apply(self, spec: FirewallSpec) -> str:
+        """Replace the table atomically with `spec`; returns the kernel's listing of the result."""
+
+    def delete(self) -> None:
+        """Remove the table; no error when it is already gone."""
+
+
+class SysctlApplier(Protocol):
+    def read(self, names: list[str]) -> dict[str, str | None]:
+        """Current values (None = no such sysctl, e.g. the device does not exist yet)."""
+
+    def write(self, values: dict[str, str]) -> None:
+        """Write values, remembering each original (persistently) the first time it is changed."""
+
+    def restore(self) -> None:
+        """Write every remembered original back and forget them."""

@@ -1,0 +1,244 @@
+"""In-memory fakes of every applier that behave like the real ones, with fail-next failure injection.
+
+- `FakeWireGuard`: a device whose peers own AllowedIPs the way WireGuard's allowed-IPs trie does (a prefix
+  belongs to at most one peer; giving it to a peer takes it from the other), `RemoveAllowedIPs` works like the
+  userspace backend's zero-key peer (the temporary peer takes the prefixes from whoever holds them, then is deleted).
+- `FakeRouting`: one table of routes (replace semantics) and the rules pointing at it; deleting a missing route or
+  rule and adding an existing rule succeed, as in the real applier.
+- `FakeFirewall`, `FakeSysctls`: an nftables table rendered to a listing; sysctls with persisted originals.
+
+`fail_next` is a set of operation names; the next call of such an operation raises `InjectedFailure` (for
+`apply_peer_ops` / routing `apply` after applying the first op, like a UAPI transaction or netlink batch that
+fails half-way) and removes the name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from node_hook.apply.dataplane import (
+    AddRule,
+    DeleteRoute,
+    DeleteRule,
+    FirewallSpec,
+    RoutingOp,
+    RuleSpec,
+    SetRoute,
+    TableState,
+)
+from node_hook.apply.wireguard import (
+    DeviceSpec,
+    DeviceState,
+    IPNetwork,
+    PeerOp,
+    PeerState,
+    RemoveAllowedIPs,
+    RemovePeer,
+    UpsertPeer,
+)
+from node_hook.keys import public_key_of
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a fake when a failure was injected with fail_next."""
+
+
+class _FailNext:
+    def __init__(self) -> None:
+        self.fail_next: set[str] = set()
+        self.calls: list[str] = []
+
+    def _maybe_fail(self, operation: str) -> None:
+        self.calls.append(operation)
+        if operation in self.fail_next:
+            self.fail_next.discard(operation)
+            raise InjectedFailure(f"injected failure in {operation}")
+
+
+class FakeWireGuard(_FailNext):
+    """A WireGuardBackend in memory."""
+
+    kind = "fake"
+    operations = ("read", "ensure_device", "apply_peer_ops", "delete_device")
+
+    def __init__(self, name: str = "wgcni0") -> None:
+        super().__init__()
+        self.name = name
+        self.device: DeviceState | None = None
+        self.private_key: bytes | None = None
+
+    def read(self) -> DeviceState | None:
+        self._maybe_fail("read")
+        return self.device
+
+    def ensure_device(self, spec: DeviceSpec) -> None:
+        self._maybe_fail("ensure_device")
+        peers = self.device.peers if self.device is not None else {}
+        self.private_key = spec.private_key
+        self.device = DeviceState(spec.name, public_key_of(spec.private_key), spec.listen_port, spec.fwmark,
+                                  spec.mtu, True, dict(peers))
+
+    def apply_peer_ops(self, ops: list[PeerOp]) -> None:
+        if self.device is None:
+            raise RuntimeError(f"WireGuard device {self.name} does not exist")
+        for index, op in enumerate(ops):
+            if index == 1 or len(ops) == 1:
+                self._maybe_fail("apply_peer_ops")
+            self._apply(op)
+
+    def _take(self, prefixes: tuple[IPNetwork, ...], keep_for: str | None) -> None:
+        assert self.device is not None
+        wanted = set(prefixes)
+        for key, peer in list(self.device.peers.items()):
+            if key != keep_for and peer.allowed_ips & wanted:
+                self.device.peers[key] = replace(peer, allowed_ips=peer.allowed_ips - wanted)
+
+    def _apply(self, op: PeerOp) -> None:
+        assert self.device is not None
+        peers = self.device.peers
+        if isinstance(op, UpsertPeer):
+            self._take(op.allowed_ips, op.public_key)
+            old = peers.get(op.public_key)
+            base = frozenset() if old is None or op.replace_allowed_ips else old.allowed_ips
+            peers[op.public_key] = PeerState(
+                op.public_key,
+                op.endpoint if op.endpoint is not None else (old.endpoint if old else None),
+                base | frozenset(op.allowed_ips),
+                op.persistent_keepalive,
+                old.latest_handshake if old else 0.0,
+                old.rx_bytes if old else 0,
+                old.tx_bytes if old else 0,
+            )
+        elif isinstance(op, RemoveAllowedIPs):
+            self._take(op.allowed_ips, None)
+        elif isinstance(op, RemovePeer):
+            peers.pop(op.public_key, None)
+
+    def delete_device(self) -> None:
+        self._maybe_fail("delete_device")
+        self.device = None
+
+    def close(self) -> None:
+        pass
+
+
+class FakeRouting(_FailNext):
+    """A RoutingApplier in memory (one table and the rules that point at it)."""
+
+    operations = ("read", "apply", "flush")
+
+    def __init__(self, table: int = 51820) -> None:
+        super().__init__()
+        self.table = table
+        self.routes: dict[IPNetwork, str] = {}
+        self.rules: set[RuleSpec] = set()
+
+    def read(self) -> TableState:
+        self._maybe_fail("read")
+        return TableState(dict(self.routes), frozenset(self.rules))
+
+    def apply(self, ops: list[RoutingOp]) -> None:
+        for index, op in enumerate(ops):
+            if index == 1 or len(ops) == 1:
+                self._maybe_fail("apply")
+            if isinstance(op, SetRoute):
+                self.routes[op.prefix] = op.kind.value
+            elif isinstance(op, DeleteRoute):
+                self.routes.pop(op.prefix, None)
+            elif isinstance(op, AddRule):
+                self.rules.add(op.rule)
+            elif isinstance(op, DeleteRule):
+                self.rules.discard(op.rule)
+
+    def flush(self) -> None:
+        self._maybe_fail("flush")
+        self.routes.clear()
+        self.rules.clear()
+
+
+def render_firewall(spec: FirewallSpec) -> str:
+    """The nftables ruleset text for `spec` (shared by the real applier and the fake)."""
+    exempt = [f'iifname "{spec.wireguard_interface}" return', 'iifname "lo" return']
+    exempt += [f'iifname "{prefix}*" return' for prefix in spec.pod_interface_prefixes]
+    body = "\n\t\t".join(exempt)
+    return (
+        f"table inet {spec.table} {{\n"
+        "\tchain raw-prerouting {\n"
+        "\t\ttype filter hook prerouting priority raw; policy accept;\n"
+        f"\t\t{body}\n"
+        f"\t\tmeta mark set meta mark | {spec.fwmark:#x}\n"
+        "\t}\n"
+        "\tchain input {\n"
+        "\t\ttype filter hook input priority filter - 1; policy accept;\n"
+        f"\t\tudp dport {spec.listen_port} accept\n"
+        "\t}\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority mangle; policy accept;\n"
+        f'\t\toifname "{spec.wireguard_interface}" tcp flags syn tcp option maxseg size set rt mtu\n'
+        "\t}\n"
+        "}\n"
+    )
+
+
+class FakeFirewall(_FailNext):
+    """A FirewallApplier in memory; the 'kernel listing' is the rendered text."""
+
+    operations = ("read", "apply", "delete")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listing: str | None = None
+
+    def read(self) -> str | None:
+        self._maybe_fail("read")
+        return self.listing
+
+    def apply(self, spec: FirewallSpec) -> str:
+        self._maybe_fail("apply")
+        self.listing = render_firewall(spec)
+        return self.listing
+
+    def delete(self) -> None:
+        self._maybe_fail("delete")
+        self.listing = None
+
+
+class FakeSysctls(_FailNext):
+    """A SysctlApplier over an in-memory /proc/sys, persisting originals to a JSON file like the real one."""
+
+    operations = ("read", "write", "restore")
+
+    def __init__(self, values: dict[str, str], originals_file: Path) -> None:
+        super().__init__()
+        self.values = dict(values)
+        self.originals_file = Path(originals_file)
+
+    def read(self, names: list[str]) -> dict[str, str | None]:
+        self._maybe_fail("read")
+        return {name: self.values.get(name) for name in names}
+
+    def _originals(self) -> dict[str, str]:
+        try:
+            return json.loads(self.originals_file.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def write(self, values: dict[str, str]) -> None:
+        originals = self._originals()
+        missing = [name for name in values if name not in self.values]
+        if missing:
+            raise OSError(f"sysctl {missing[0]} does not exist")
+        for name in values:
+            originals.setdefault(name, self.values[name])
+        self.originals_file.write_text(json.dumps(originals))
+        self._maybe_fail("write")
+        self.values.update(values)
+
+    def restore(self) -> None:
+        self._maybe_fail("restore")
+        for name, value in self._originals().items():
+            if name in self.values:
+                self.values[name] = value
+        self.originals_file.unlink(missing_ok=True)

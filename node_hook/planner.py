@@ -1,0 +1,180 @@
+"""Planner (pure): desired state vs state read back from the appliers -> ordered operations.
+
+Only objects the hook owns are ever diffed: its WireGuard device and peers, the routes in its table, the rules
+pointing at its table, its own nftables table and the sysctls it sets. Every diff function takes an optional
+scope (the peer keys / prefixes the model marked dirty) so an event costs O(what changed), and diffs everything
+when the scope is None (after an error or at the periodic resync).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from node_hook.apply.dataplane import (
+    FOREIGN_ROUTE,
+    AddRule,
+    DeleteRoute,
+    DeleteRule,
+    FirewallSpec,
+    RoutingOp,
+    RuleSpec,
+    SetRoute,
+)
+from node_hook.apply.wireguard import (
+    DeviceSpec,
+    DeviceState,
+    PeerOp,
+    PeerState,
+    RemoveAllowedIPs,
+    RemovePeer,
+    UpsertPeer,
+)
+from node_hook.keys import public_key_of
+from node_hook.model import DesiredPeer, IPNetwork, RouteKind
+
+# The apply order, in ONE place. Each step runs only after the previous one succeeded.
+APPLY_ORDER: tuple[str, ...] = (
+    "firewall",  # rp_filter marks and the WireGuard port first: nothing below may make plaintext replies drop
+    "device",  # the WireGuard device (key, port, fwmark, MTU, up) before anything refers to it
+    "sysctls",  # src_valid_mark (so the marks count in the reverse-path check) and the device's rp_filter
+    "peer_reshape",  # a peer's new prefixes that only regroup IPs it already has: no IP ever has no peer
+    "peer_removals",  # IPs leave old peers (and IPs that became local leave every peer) before anyone gains them
+    "route_deletes",  # route deletes before adds
+    "route_sets",  # throw for new local IPs (their peers lost them above); dev routes before peers gain the IPs,
+    #                so a moving IP is briefly dropped, never sent in plaintext
+    "peer_adds",  # new peers, new IPs, endpoint/keepalive changes
+    "rules",  # the rule last, once device, peers and routes are in place
+)
+
+
+@dataclass
+class Plan:
+    firewall: FirewallSpec | None = None
+    device: DeviceSpec | None = None
+    sysctls: dict[str, str] = field(default_factory=dict)
+    peer_reshape: list[PeerOp] = field(default_factory=list)
+    peer_removals: list[PeerOp] = field(default_factory=list)
+    route_deletes: list[RoutingOp] = field(default_factory=list)
+    route_sets: list[RoutingOp] = field(default_factory=list)
+    peer_adds: list[PeerOp] = field(default_factory=list)
+    rules: list[RoutingOp] = field(default_factory=list)
+
+    def steps(self) -> list[tuple[str, object]]:
+        """(step name, payload) in APPLY_ORDER, empty steps left out."""
+        return [(name, getattr(self, name)) for name in APPLY_ORDER if getattr(self, name)]
+
+    def __bool__(self) -> bool:
+        return bool(self.steps())
+
+
+def plan_device(spec: DeviceSpec, actual: DeviceState | None) -> DeviceSpec | None:
+    """The spec to ensure when the device is missing or differs in key, port, fwmark, MTU or link state."""
+    if (
+        actual is None
+        or not actual.up
+        or actual.public_key != public_key_of(spec.private_key)
+        or actual.listen_port != spec.listen_port
+        or actual.fwmark != spec.fwmark
+        or actual.mtu != spec.mtu
+    ):
+        return spec
+    return None
+
+
+def _normal_endpoint(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
+    if endpoint is None:
+        return None
+    return (str(ipaddress.ip_address(endpoint[0])), endpoint[1])
+
+
+def _within(prefix: IPNetwork, covering: frozenset[IPNetwork]) -> bool:
+    """True when `prefix` lies inside one of `covering` (the IPs it names already route to that peer)."""
+    return any(prefix.supernet(new_prefix=length) in covering for length in range(prefix.prefixlen, -1, -1))
+
+
+def plan_peers(
+    desired: Mapping[str, DesiredPeer],
+    actual: Mapping[str, PeerState],
+    keys: Iterable[str] | None = None,
+) -> tuple[list[PeerOp], list[PeerOp], list[PeerOp]]:
+    """(reshape, removals, adds) for the peers named by `keys` (all when None)."""
+    scope = sorted(set(desired) | set(actual)) if keys is None else sorted(set(keys))
+    reshape: list[PeerOp] = []
+    removals: list[PeerOp] = []
+    adds: list[PeerOp] = []
+    for key in scope:
+        want = desired.get(key)
+        have = actual.get(key)
+        if want is None:
+            if have is not None:
+                removals.append(RemovePeer(key))
+            continue
+        if have is None:
+            adds.append(UpsertPeer(key, want.endpoint, tuple(sorted(want.allowed_ips, key=_prefix_order)), True,
+                                   want.persistent_keepalive))
+            continue
+        to_add = want.allowed_ips - have.allowed_ips
+        to_remove = have.allowed_ips - want.allowed_ips
+        regrouped = sorted((p for p in to_add if _within(p, have.allowed_ips)), key=_prefix_order)
+        gained = sorted(to_add.difference(regrouped), key=_prefix_order)
+        if regrouped:
+            reshape.append(UpsertPeer(key, want.endpoint, tuple(regrouped), False, want.persistent_keepalive))
+        if to_remove:
+            removals.append(RemoveAllowedIPs(key, tuple(sorted(to_remove, key=_prefix_order))))
+        settings_differ = (
+            _normal_endpoint(have.endpoint) != _normal_endpoint(want.endpoint)
+            or have.persistent_keepalive != want.persistent_keepalive
+        )
+        if gained or settings_differ:
+            adds.append(UpsertPeer(key, want.endpoint, tuple(gained), False, want.persistent_keepalive))
+    return reshape, removals, adds
+
+
+def _prefix_order(prefix: IPNetwork) -> tuple[int, int, int]:
+    return (prefix.version, int(prefix.network_address), prefix.prefixlen)
+
+
+def plan_routes(
+    desired: Mapping[IPNetwork, RouteKind],
+    actual: Mapping[IPNetwork, str],
+    prefixes: Iterable[IPNetwork] | None = None,
+) -> tuple[list[RoutingOp], list[RoutingOp]]:
+    """(deletes, sets) for the prefixes in scope (all when None). Foreign routes in our table are replaced."""
+    scope = set(desired) | set(actual) if prefixes is None else set(prefixes)
+    deletes: list[RoutingOp] = []
+    sets: list[RoutingOp] = []
+    for prefix in sorted(scope, key=_prefix_order):
+        want = desired.get(prefix)
+        have = actual.get(prefix)
+        if want is None:
+            if have is not None:
+                deletes.append(DeleteRoute(prefix))
+        elif have != want.value or have == FOREIGN_ROUTE:
+            sets.append(SetRoute(prefix, want))
+    return deletes, sets
+
+
+def desired_rules(priority: int, fwmark: int, table: int) -> frozenset[RuleSpec]:
+    """`not fwmark M/M lookup <table>` for IPv4 and IPv6."""
+    return frozenset(RuleSpec(family, priority, fwmark, fwmark, table, True) for family in (4, 6))
+
+
+def plan_rules(desired: frozenset[RuleSpec], actual: frozenset[RuleSpec]) -> list[RoutingOp]:
+    """Rules pointing at our table that are not exactly desired are deleted first, then the missing ones added."""
+    order = lambda rule: (rule.family, rule.priority, rule.fwmark, rule.mask, rule.invert)  # noqa: E731
+    ops: list[RoutingOp] = [DeleteRule(rule) for rule in sorted(actual - desired, key=order)]
+    ops += [AddRule(rule) for rule in sorted(desired - actual, key=order)]
+    return ops
+
+
+def plan_sysctls(desired: Mapping[str, str], actual: Mapping[str, str | None]) -> dict[str, str]:
+    return {name: value for name, value in sorted(desired.items()) if actual.get(name) != value}
+
+
+def plan_firewall(spec: FirewallSpec, listing: str | None, applied_listing: str | None) -> FirewallSpec | None:
+    """Re-apply unless the kernel still lists exactly what it listed right after our last apply."""
+    if listing is None or applied_listing is None or listing != applied_listing:
+        return spec
+    return None

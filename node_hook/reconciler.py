@@ -1,0 +1,210 @@
+"""One reconcile pass: model changes + read-back -> planner -> appliers, with one in-sync flag per aspect.
+
+When an aspect is in sync, only the model's dirty peer keys / prefixes are diffed against a cache of what was
+last applied (O(change)). Any error, or an outside event (netlink: device, route or rule removed; wireguard-go
+exited), clears that aspect's flag; the next pass reads the whole aspect back from the kernel and diffs all of it.
+An aspect whose ops were not all applied stays out of sync, so a pass that fails half-way converges on the next.
+
+The device step is applied before the rest is planned, because whether the device had to be (re)created decides
+what the peers look like; everything else follows `planner.APPLY_ORDER`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from node_hook.apply.dataplane import (
+    FirewallApplier,
+    FirewallSpec,
+    RoutingApplier,
+    RuleSpec,
+    SysctlApplier,
+)
+from node_hook.apply.wireguard import DeviceSpec, PeerState, WireGuardBackend
+from node_hook.model import DesiredPeer, IPNetwork, NodeModel
+from node_hook.planner import (
+    APPLY_ORDER,
+    Plan,
+    plan_device,
+    plan_firewall,
+    plan_peers,
+    plan_routes,
+    plan_rules,
+    plan_sysctls,
+)
+
+log = logging.getLogger(__name__)
+
+ASPECTS = ("firewall", "device", "sysctls", "peers", "routes", "rules")
+_ASPECT_OF_STEP = {
+    "firewall": "firewall", "device": "device", "sysctls": "sysctls", "peer_reshape": "peers",
+    "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes", "route_sets": "routes",
+    "rules": "rules",
+}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Desired state that does not come from the model."""
+
+    device: DeviceSpec
+    rules: frozenset[RuleSpec]
+    firewall: FirewallSpec
+    sysctls: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PassResult:
+    applied: dict[str, int]  # step -> number of ops (1 for firewall/device)
+    error: str | None  # the one error of this pass (the pass stops at the first)
+    full: tuple[str, ...]  # aspects that were read back in full
+
+
+def _as_state(peer: DesiredPeer) -> PeerState:
+    return PeerState(peer.public_key, peer.endpoint, peer.allowed_ips, peer.persistent_keepalive)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        model: NodeModel,
+        targets: Targets,
+        wireguard: WireGuardBackend,
+        routing: RoutingApplier,
+        firewall: FirewallApplier,
+        sysctls: SysctlApplier,
+        on_step: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.targets = targets
+        self.wireguard = wireguard
+        self.routing = routing
+        self.firewall = firewall
+        self.sysctls = sysctls
+        self.on_step = on_step
+        self.in_sync = {aspect: False for aspect in ASPECTS}
+        self._peers: dict[str, PeerState] = {}  # what the device holds, as far as we know (valid when in sync)
+        self._routes: dict[IPNetwork, str] = {}
+        self._rules: frozenset[RuleSpec] = frozenset()
+        self._firewall_listing: str | None = None
+        self.passes = 0
+        self.errors = 0
+
+    def mark_out_of_sync(self, *aspects: str) -> None:
+        for aspect in aspects or ASPECTS:
+            self.in_sync[aspect] = False
+
+    @property
+    def converged(self) -> bool:
+        return all(self.in_sync.values())
+
+    def reconcile(self) -> PassResult:
+        """One pass. Never raises for applier errors: returns the error and leaves the aspect out of sync."""
+        self.passes += 1
+        changes = self.model.take_changes()
+        applied: dict[str, int] = {}
+        full: list[str] = [aspect for aspect in ASPECTS if not self.in_sync[aspect]]
+        step = "read"
+        try:
+            step = "device"
+            if not self.in_sync["device"]:
+                state = self.wireguard.read()
+                spec = plan_device(self.targets.device, state)
+                if spec is not None:
+                    self.wireguard.ensure_device(spec)
+                    applied["device"] = 1
+                    self._step_done("device", 1)
+                    # A (re)created device has no peers, its routes went with the old link and its own sysctls
+                    # are back to defaults: read those aspects back in full.
+                    for aspect in ("peers", "routes", "sysctls"):
+                        self.in_sync[aspect] = False
+                        if aspect not in full:
+                            full.append(aspect)
+                self.in_sync["device"] = True
+            step = "read"
+            plan = Plan()
+            if not self.in_sync["firewall"]:
+                plan.firewall = plan_firewall(self.targets.firewall, self.firewall.read(), self._firewall_listing)
+            if not self.in_sync["sysctls"]:
+                plan.sysctls = plan_sysctls(self.targets.sysctls, self.sysctls.read(sorted(self.targets.sysctls)))
+            if self.in_sync["peers"]:
+                peer_scope = changes.peer_keys
+            else:
+                state = self.wireguard.read()
+                self._peers = dict(state.peers) if state is not None else {}
+                peer_scope = None
+            plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, self._peers,
+                                                                               peer_scope)
+            if self.in_sync["routes"] and self.in_sync["rules"]:
+                route_scope = changes.route_prefixes
+            else:
+                table = self.routing.read()
+                self._routes = dict(table.routes)
+                self._rules = table.rules
+                route_scope = None
+            plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, self._routes, route_scope)
+            if not self.in_sync["rules"]:
+                plan.rules = plan_rules(self.targets.rules, self._rules)
+            # An aspect is in sync again only once all its steps below have been applied.
+            touched = {_ASPECT_OF_STEP[name] for name, _ in plan.steps()}
+            for aspect in touched:
+                self.in_sync[aspect] = False
+            for name, payload in plan.steps():
+                step = name
+                self._apply(name, payload)
+                count = len(payload) if isinstance(payload, (list, dict)) else 1  # type: ignore[arg-type]
+                applied[name] = count
+                self._step_done(name, count)
+            self._remember(plan, peer_scope, route_scope)
+            for aspect in ASPECTS:
+                self.in_sync[aspect] = True
+            return PassResult(applied, None, tuple(full))
+        except Exception as error:  # noqa: BLE001 - every applier error is reported once and retried in full
+            aspect = _ASPECT_OF_STEP.get(step)
+            self.mark_out_of_sync(*([aspect] if aspect else ASPECTS))
+            self.errors += 1
+            message = f"{step}: {error}"
+            log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
+            return PassResult(applied, message, tuple(full))
+
+    def _step_done(self, name: str, count: int) -> None:
+        if self.on_step is not None:
+            self.on_step(name, count)
+
+    def _apply(self, name: str, payload: object) -> None:
+        if name == "firewall":
+            self._firewall_listing = self.firewall.apply(payload)  # type: ignore[arg-type]
+        elif name == "sysctls":
+            self.sysctls.write(payload)  # type: ignore[arg-type]
+        elif name in ("peer_reshape", "peer_removals", "peer_adds"):
+            self.wireguard.apply_peer_ops(payload)  # type: ignore[arg-type]
+        else:
+            self.routing.apply(payload)  # type: ignore[arg-type]
+
+    def _remember(self, plan: Plan, peer_scope: frozenset[str] | None,
+                  route_scope: frozenset[IPNetwork] | None) -> None:
+        """After a fully applied pass the kernel holds the desired state for everything in scope."""
+        desired_peers = self.model.peers
+        if peer_scope is None:
+            self._peers = {key: _as_state(peer) for key, peer in desired_peers.items()}
+        else:
+            for key in peer_scope:
+                if key in desired_peers:
+                    self._peers[key] = _as_state(desired_peers[key])
+                else:
+                    self._peers.pop(key, None)
+        desired_routes = self.model.routes
+        if route_scope is None:
+            self._routes = {prefix: kind.value for prefix, kind in desired_routes.items()}
+        else:
+            for prefix in route_scope:
+                if prefix in desired_routes:
+                    self._routes[prefix] = desired_routes[prefix].value
+                else:
+                    self._routes.pop(prefix, None)
+        self._rules = self.targets.rules
+
+
+__all__ = ["APPLY_ORDER", "ASPECTS", "PassResult", "Reconciler", "Targets"]

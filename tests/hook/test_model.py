@@ -1,0 +1,191 @@
+"""Unit tests of the pure model: aggregation, ownership, conflict rules, mixed clusters, incremental changes."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node_hook.model import LOCAL, NodeModel, RemoteNode, RouteKind, aggregate
+
+KEY_B = "B" * 43 + "="
+KEY_C = "C" * 43 + "="
+
+
+def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(text)
+
+
+def node(name: str, key: str, pods: list[str], node_ip: str, changed: float = 0.0,
+         endpoint: str | None = "default") -> RemoteNode:
+    return RemoteNode(name, key, node_ip if endpoint == "default" else endpoint, 51820, frozenset({node_ip}),
+                      frozenset(pods), changed)
+
+
+def test_aggregate_is_exact_and_minimal() -> None:
+    ips = [ipaddress.ip_address(f"10.240.0.{i}") for i in (4, 5, 6, 7, 9)] + [ipaddress.ip_address("fd00::1")]
+    assert aggregate(ips) == {net("10.240.0.4/30"), net("10.240.0.9/32"), net("fd00::1/128")}
+    assert aggregate([]) == frozenset()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(min_value=0, max_value=511), max_size=80))
+def test_aggregate_covers_exactly_the_addresses(offsets: set[int]) -> None:
+    base = int(ipaddress.ip_address("10.240.0.0"))
+    ips = {ipaddress.ip_address(base + offset) for offset in offsets}
+    prefixes = aggregate(ips)
+    covered = {address for prefix in prefixes for address in prefix}
+    assert covered == ips
+    # minimal: no two prefixes are siblings that could merge into their parent
+    for prefix in prefixes:
+        if prefix.prefixlen:
+            parent = prefix.supernet()
+            assert not all(sub in prefixes for sub in parent.subnets())
+
+
+def test_remote_pods_route_to_wireguard_and_local_pods_throw() -> None:
+    model = NodeModel("a", local_node_ips=["10.240.0.4"])
+    model.set_local_pod("c1@eth0", ["10.240.0.9"])
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70", "10.240.0.71"], "10.240.0.35"))
+    peer = model.peers[KEY_B]
+    assert peer.endpoint == ("10.240.0.35", 51820)
+    assert peer.allowed_ips == {net("10.240.0.70/31"), net("10.240.0.35/32")}
+    assert model.routes == {
+        net("10.240.0.9/32"): RouteKind.THROW,
+        net("10.240.0.70/32"): RouteKind.WIREGUARD,
+        net("10.240.0.71/32"): RouteKind.WIREGUARD,
+        net("10.240.0.35/32"): RouteKind.WIREGUARD,
+    }
+
+
+def test_without_host_encryption_node_ips_are_allowed_but_not_routed() -> None:
+    model = NodeModel("a", host_encryption=False)
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35"))
+    assert net("10.240.0.35/32") in model.peers[KEY_B].allowed_ips  # replies from host-network pods (#9751)
+    assert net("10.240.0.35/32") not in model.routes
+    assert model.routes[net("10.240.0.70/32")] is RouteKind.WIREGUARD
+
+
+def test_ip_becoming_local_leaves_the_peer_and_throws() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70", "10.240.0.71"], "10.240.0.35"))
+    model.take_changes()
+    model.set_local_pod("c1@eth0", ["10.240.0.71"])
+    assert model.peers[KEY_B].allowed_ips == {net("10.240.0.70/32"), net("10.240.0.35/32")}
+    assert model.routes[net("10.240.0.71/32")] is RouteKind.THROW
+    assert model.owner_of(ipaddress.ip_address("10.240.0.71")) == LOCAL
+    changes = model.take_changes()
+    assert changes.peer_keys == {KEY_B}
+    assert changes.route_prefixes == {net("10.240.0.71/32")}
+    model.remove_local_pod("c1@eth0")
+    assert model.peers[KEY_B].allowed_ips == {net("10.240.0.70/31"), net("10.240.0.35/32")}
+    assert model.routes[net("10.240.0.71/32")] is RouteKind.WIREGUARD
+
+
+def test_two_records_with_the_same_ip_keep_it_local_until_both_are_gone() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35"))
+    model.set_local_pod("old@eth0", ["10.240.0.70"])
+    model.set_local_pod("new@eth0", ["10.240.0.70"])
+    model.remove_local_pod("old@eth0")
+    assert model.routes[net("10.240.0.70/32")] is RouteKind.THROW
+    model.remove_local_pod("new@eth0")
+    assert model.routes[net("10.240.0.70/32")] is RouteKind.WIREGUARD
+
+
+def test_ip_claimed_by_two_nodes_goes_to_the_latest_then_lowest_name() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35", changed=10))
+    model.set_remote_node(node("c", KEY_C, ["10.240.0.70"], "10.240.0.66", changed=20))
+    assert net("10.240.0.70/32") in model.peers[KEY_C].allowed_ips
+    assert net("10.240.0.70/32") not in model.peers[KEY_B].allowed_ips
+    assert [p.kind for p in model.problems()] == ["ip-conflict"]
+    model.set_remote_node(node("c", KEY_C, ["10.240.0.70"], "10.240.0.66", changed=10))
+    assert model.owner_of(ipaddress.ip_address("10.240.0.70")) == "b"  # tie: lowest name
+
+
+def test_ip_moving_between_nodes_changes_both_peers() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35", changed=1))
+    model.set_remote_node(node("c", KEY_C, [], "10.240.0.66", changed=1))
+    model.take_changes()
+    model.set_remote_node(node("b", KEY_B, [], "10.240.0.35", changed=2))
+    model.set_remote_node(node("c", KEY_C, ["10.240.0.70"], "10.240.0.66", changed=2))
+    assert model.take_changes().peer_keys == {KEY_B, KEY_C}
+    assert net("10.240.0.70/32") in model.peers[KEY_C].allowed_ips
+
+
+def test_duplicate_key_means_neither_is_a_peer_and_ips_throw() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35"))
+    model.set_remote_node(node("c", KEY_B, ["10.240.0.80"], "10.240.0.66"))
+    assert model.peers == {}
+    assert model.routes[net("10.240.0.70/32")] is RouteKind.THROW
+    assert model.routes[net("10.240.0.80/32")] is RouteKind.THROW
+    assert [p.kind for p in model.problems()] == ["key-conflict"]
+    model.remove_remote_node("c")
+    assert model.peers[KEY_B].node == "b"
+    assert model.routes[net("10.240.0.70/32")] is RouteKind.WIREGUARD
+    assert net("10.240.0.80/32") not in model.routes
+
+
+def test_mixed_cluster_node_without_key_is_plaintext_and_reported() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", "", ["10.240.0.70"], "10.240.0.35"))
+    model.set_remote_node(node("c", KEY_C, ["10.240.0.80"], "10.240.0.66", endpoint=None))
+    assert model.peers == {}
+    assert model.routes[net("10.240.0.70/32")] is RouteKind.THROW
+    assert model.routes[net("10.240.0.35/32")] is RouteKind.THROW
+    assert {(p.kind, p.subject) for p in model.problems()} == {("no-key", "b"), ("no-endpoint", "c")}
+
+
+def test_remote_node_claiming_a_local_node_ip_is_ignored_for_that_ip() -> None:
+    model = NodeModel("a", local_node_ips=["10.240.0.4"])
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.4"], "10.240.0.35"))
+    assert net("10.240.0.4/32") not in model.peers[KEY_B].allowed_ips
+    assert net("10.240.0.4/32") not in model.routes
+
+
+def test_removing_a_node_removes_its_peer_and_routes() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35"))
+    model.take_changes()
+    model.replace_remote_nodes({})
+    assert model.peers == {} and model.routes == {}
+    changes = model.take_changes()
+    assert changes.peer_keys == {KEY_B}
+    assert changes.route_prefixes == {net("10.240.0.70/32"), net("10.240.0.35/32")}
+
+
+def test_key_change_replaces_the_peer() -> None:
+    model = NodeModel("a")
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35"))
+    model.take_changes()
+    model.set_remote_node(node("b", KEY_C, ["10.240.0.70"], "10.240.0.35"))
+    assert set(model.peers) == {KEY_C}
+    assert model.take_changes().peer_keys == {KEY_B, KEY_C}
+
+
+def test_a_pod_event_touches_only_the_peer_that_owned_the_ip() -> None:
+    model = NodeModel("a")
+    for index in range(200):
+        key = f"{index:043d}="
+        pods = [f"10.{1 + index // 250}.{index % 250}.{host}" for host in range(1, 6)]
+        model.set_remote_node(node(f"n{index:03d}", key, pods, f"10.0.{index // 250}.{index % 250}"))
+    model.take_changes()
+    model.set_local_pod("c@eth0", ["10.1.7.3"])
+    changes = model.take_changes()
+    assert changes.peer_keys == {f"{7:043d}="}
+    assert changes.route_prefixes == {net("10.1.7.3/32")}
+
+
+def test_bad_ip_in_a_record_is_a_clear_error() -> None:
+    model = NodeModel("a")
+    try:
+        model.set_local_pod("c@eth0", ["not-an-ip"])
+    except ValueError as error:
+        assert "c@eth0" in str(error) and "not-an-ip" in str(error)
+    else:
+        raise AssertionError("expected ValueError")
+    assert model.routes == {}

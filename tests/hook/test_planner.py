@@ -1,0 +1,121 @@
+"""Unit tests of the pure planner: peer diffs without windows, route and rule diffs, apply order."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from node_hook.apply.dataplane import FOREIGN_ROUTE, AddRule, DeleteRoute, DeleteRule, FirewallSpec, RuleSpec, SetRoute
+from node_hook.apply.fakes import FakeWireGuard
+from node_hook.apply.wireguard import DeviceSpec, PeerState, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.model import DesiredPeer, RouteKind
+from node_hook.planner import (
+    APPLY_ORDER,
+    Plan,
+    desired_rules,
+    plan_device,
+    plan_firewall,
+    plan_peers,
+    plan_routes,
+    plan_rules,
+    plan_sysctls,
+)
+
+KEY = "K" * 43 + "="
+OTHER = "O" * 43 + "="
+
+
+def nets(*texts: str) -> frozenset:
+    return frozenset(ipaddress.ip_network(t) for t in texts)
+
+
+def desired(allowed: frozenset, key: str = KEY, endpoint: tuple[str, int] = ("10.240.0.35", 51820)) -> DesiredPeer:
+    return DesiredPeer("b", key, endpoint, allowed, 0)
+
+
+def actual(allowed: frozenset, key: str = KEY, endpoint: tuple[str, int] = ("10.240.0.35", 51820)) -> PeerState:
+    return PeerState(key, endpoint, allowed)
+
+
+def test_apply_order_is_written_down_once_and_puts_the_rule_last() -> None:
+    assert APPLY_ORDER[-1] == "rules"
+    assert APPLY_ORDER.index("device") < APPLY_ORDER.index("peer_reshape")
+    assert APPLY_ORDER.index("peer_removals") < APPLY_ORDER.index("route_sets") < APPLY_ORDER.index("peer_adds")
+    assert APPLY_ORDER.index("route_deletes") < APPLY_ORDER.index("route_sets")
+    assert [name for name, _ in Plan(rules=[1], peer_adds=[2], firewall="x").steps()] == [  # type: ignore[list-item]
+        "firewall", "peer_adds", "rules"]
+
+
+def test_new_peer_is_one_upsert_with_its_whole_list() -> None:
+    reshape, removals, adds = plan_peers({KEY: desired(nets("10.0.0.0/31"))}, {})
+    assert (reshape, removals) == ([], [])
+    assert adds == [UpsertPeer(KEY, ("10.240.0.35", 51820), tuple(nets("10.0.0.0/31")), True, 0)]
+
+
+def test_single_ip_removal_never_rebuilds_the_peer_and_leaves_no_window() -> None:
+    # 10.0.0.0/31 -> 10.0.0.0/32: first give the peer the /32 (it already routes there), then remove the /31.
+    reshape, removals, adds = plan_peers({KEY: desired(nets("10.0.0.0/32"))}, {KEY: actual(nets("10.0.0.0/31"))})
+    assert reshape == [UpsertPeer(KEY, ("10.240.0.35", 51820), tuple(nets("10.0.0.0/32")), False, 0)]
+    assert removals == [RemoveAllowedIPs(KEY, tuple(nets("10.0.0.0/31")))]
+    assert adds == []
+    fake = FakeWireGuard()
+    fake.ensure_device(DeviceSpec("wgcni0", b"\x01" * 32, 51820, 0x100000, 1420))
+    fake.apply_peer_ops([UpsertPeer(KEY, None, tuple(nets("10.0.0.0/31")), True)])
+    for op in reshape + removals:
+        fake.apply_peer_ops([op])
+        covered = {a for p in fake.device.peers[KEY].allowed_ips for a in p}  # type: ignore[union-attr]
+        assert ipaddress.ip_address("10.0.0.0") in covered
+    assert fake.device.peers[KEY].allowed_ips == nets("10.0.0.0/32")  # type: ignore[union-attr]
+
+
+def test_gained_ips_and_endpoint_change_are_adds() -> None:
+    reshape, removals, adds = plan_peers(
+        {KEY: desired(nets("10.0.0.0/32", "10.0.0.5/32"), endpoint=("10.240.0.36", 51820))},
+        {KEY: actual(nets("10.0.0.0/32"))})
+    assert (reshape, removals) == ([], [])
+    assert adds == [UpsertPeer(KEY, ("10.240.0.36", 51820), tuple(nets("10.0.0.5/32")), False, 0)]
+
+
+def test_unchanged_peer_plans_nothing_and_gone_peer_is_removed() -> None:
+    same = {KEY: desired(nets("10.0.0.0/32"))}
+    assert plan_peers(same, {KEY: actual(nets("10.0.0.0/32"))}) == ([], [], [])
+    assert plan_peers({}, {OTHER: actual(nets("10.0.0.0/32"), key=OTHER)}) == ([], [RemovePeer(OTHER)], [])
+
+
+def test_scope_limits_the_diff() -> None:
+    wanted = {KEY: desired(nets("10.0.0.0/32")), OTHER: desired(nets("10.0.0.1/32"), key=OTHER)}
+    _, _, adds = plan_peers(wanted, {}, keys=[OTHER])
+    assert [op.public_key for op in adds] == [OTHER]  # type: ignore[union-attr]
+
+
+def test_routes_deletes_then_sets_and_foreign_routes_are_replaced() -> None:
+    n = ipaddress.ip_network
+    deletes, sets = plan_routes(
+        {n("10.0.0.1/32"): RouteKind.WIREGUARD, n("10.0.0.2/32"): RouteKind.THROW, n("10.0.0.3/32"): RouteKind.THROW},
+        {n("10.0.0.1/32"): "dev", n("10.0.0.2/32"): "dev", n("10.0.0.3/32"): FOREIGN_ROUTE, n("10.9.0.0/16"): "dev"})
+    assert deletes == [DeleteRoute(n("10.9.0.0/16"))]
+    assert sets == [SetRoute(n("10.0.0.2/32"), RouteKind.THROW), SetRoute(n("10.0.0.3/32"), RouteKind.THROW)]
+
+
+def test_rules_only_ours_and_wrong_ones_deleted_first() -> None:
+    want = desired_rules(99, 0x100000, 51820)
+    stale = RuleSpec(4, 100, 0x100000, 0x100000, 51820, True)
+    ops = plan_rules(want, frozenset({stale}))
+    assert ops[0] == DeleteRule(stale)
+    assert sorted(op.rule.family for op in ops[1:]) == [4, 6]  # type: ignore[union-attr]
+    assert all(isinstance(op, AddRule) for op in ops[1:])
+    assert plan_rules(want, want) == []
+
+
+def test_device_sysctl_and_firewall_diffs() -> None:
+    spec = DeviceSpec("wgcni0", b"\x02" * 32, 51820, 0x100000, 1340)
+    assert plan_device(spec, None) == spec
+    fake = FakeWireGuard()
+    fake.ensure_device(spec)
+    assert plan_device(spec, fake.read()) is None
+    fake.ensure_device(DeviceSpec("wgcni0", b"\x02" * 32, 51820, 0x100000, 1420))
+    assert plan_device(spec, fake.read()) == spec
+    assert plan_sysctls({"a": "1", "b": "2"}, {"a": "1", "b": "0"}) == {"b": "2"}
+    firewall = FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820)
+    assert plan_firewall(firewall, "x", "x") is None
+    assert plan_firewall(firewall, None, "x") == firewall
+    assert plan_firewall(firewall, "x", None) == firewall
