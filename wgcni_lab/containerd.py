@@ -1,0 +1,537 @@
+"""One private containerd (CRI plugin) per simulated node, supervised and fully cleaned up.
+
+`Containerd` starts Debian's containerd 1.6 with its own config, root, state and socket, optionally inside a
+given network namespace and mount namespace (the lab's node), always in a mount namespace of its own
+(`unshare --mount --propagation private`) in which `/run/containerd` (shim sockets, not configurable) and
+`/var/lib/cni` (libcni's result cache and host-local's leases) are bind mounts of per-instance directories.
+Nothing it mounts is visible outside, two instances never share runtime state, and the mounts, the pod
+network namespaces containerd mounts under its state dir and the shims' sockets all vanish with its
+processes. CNI runs as on an AKS node: containerd's CRI plugin executes the conflist from `cni_conf_dir`
+(first file by name, `max_conf_num = 1`) with the plugins in `cni_bin_dir`.
+
+`stop()` is safe to call at any point, also after a failed `start()`: it stops and removes the remaining
+pod sandboxes through CRI (so the CNI DEL chain runs), terminates containerd, kills any shim it left (and
+the shim's pause processes) by PID, removes the per-instance cgroups and deletes the instance's
+directories. Only processes whose command line carries this instance's socket address are touched.
+
+Facts this relies on (containerd 1.6.20 here) are listed in docs of the lab and
+/work/shared/reference/test-environment.md: `restrict_oom_score_adj` is required without
+CAP_SYS_RESOURCE, crun does not work (runc does), and no image can be pulled, hence the local pause image.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import grpc
+
+from wgcni_lab.cri import CriClient, CriError, PortMapping, SandboxStatus
+from wgcni_lab.pause import PauseImage, pause_image
+
+REFERENCE_PLUGIN_DIR = Path("/usr/lib/cni")
+REFERENCE_PLUGINS = ("ptp", "host-local", "loopback", "portmap")
+K8S_NAMESPACE = "k8s.io"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Paths containerd and libcni use whatever the config says; each instance gets private copies of them.
+PRIVATE_MOUNTPOINTS = ("/run/containerd", "/var/lib/cni")
+DISABLED_PLUGINS = (
+    "io.containerd.snapshotter.v1.aufs",
+    "io.containerd.snapshotter.v1.btrfs",
+    "io.containerd.snapshotter.v1.devmapper",
+    "io.containerd.snapshotter.v1.zfs",
+    "io.containerd.snapshotter.v1.overlayfs",
+)  # io.containerd.runtime.v1.linux must stay: containerd 1.6's tasks service (and so CRI) requires it
+SNAPSHOTTER = "native"  # the pause image is one 700 kB file: copying beats needing overlayfs in every node
+
+
+class ContainerdError(RuntimeError):
+    """containerd could not be started or did not become ready; the message carries its log tail."""
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A running pod sandbox as the lab and the tests see it."""
+
+    id: str
+    name: str
+    namespace: str
+    uid: str
+    ip: str
+    additional_ips: tuple[str, ...]
+    pid: int
+    netns_path: str
+
+    @property
+    def netns_proc_path(self) -> str:
+        """The pod's network namespace, reachable from any mount namespace while the sandbox runs."""
+        return f"/proc/{self.pid}/ns/net"
+
+
+def link_cni_plugins(bin_dir: Path, extra: Mapping[str, Path] | None = None) -> None:
+    """Fill a CNI bin dir with symlinks: the reference plugins (ptp, host-local, loopback, portmap) and
+    `extra` (plugin type -> executable), replacing links of the same name."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    targets = {name: REFERENCE_PLUGIN_DIR / name for name in REFERENCE_PLUGINS}
+    targets.update(extra or {})
+    for name, target in targets.items():
+        if not Path(target).exists():
+            raise FileNotFoundError(f"CNI plugin {name!r}: {target} does not exist")
+        link = bin_dir / name
+        temporary = bin_dir / f".{name}.{secrets.token_hex(4)}"
+        temporary.symlink_to(Path(target).resolve())
+        os.replace(temporary, link)
+
+
+def write_conflist(conf_dir: Path, conflist: Mapping[str, Any], filename: str = "10-azure.conflist") -> Path:
+    """Write a conflist atomically (containerd live-reloads `conf_dir`, it must never see half a file)."""
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    path = conf_dir / filename
+    temporary = conf_dir / f".{filename}.{secrets.token_hex(4)}.tmp"
+    temporary.write_text(json.dumps(conflist, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+class Containerd:
+    """A private containerd with the CRI plugin; see the module docstring.
+
+    base_dir        everything of this instance lives here (config, root, state, socket, log); created on start
+                    and removed by stop(). Keep it short: it holds the Unix socket path (<= 107 bytes).
+    cni_conf_dir    containerd's `cni.conf_dir` (default `<base_dir>/net.d`)
+    cni_bin_dir     containerd's `cni.bin_dir` (default `<base_dir>/cni-bin`, filled by link_cni_plugins)
+    netns           a network namespace to run in: a name under /run/netns or a path (default: the caller's)
+    mount_namespace a mount namespace file to start from (e.g. the lab node's /proc/<pid>/ns/mnt); containerd
+                    still gets a private child of it. Paths above must be valid there.
+    cgroup_parent   cgroup parent of this instance's sandboxes (default `/wgcni-lab-<name>-<random>`);
+                    removed by stop()
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        name: str = "node",
+        cni_conf_dir: Path | None = None,
+        cni_bin_dir: Path | None = None,
+        netns: str | None = None,
+        mount_namespace: str | None = None,
+        cgroup_parent: str | None = None,
+        image: PauseImage | None = None,
+        containerd_binary: str = "containerd",
+        ctr_binary: str = "ctr",
+        log_level: str = "info",
+    ) -> None:
+        self.base_dir = Path(base_dir).absolute()
+        self.name = name
+        self.cni_conf_dir = Path(cni_conf_dir) if cni_conf_dir else self.base_dir / "net.d"
+        self.cni_bin_dir = Path(cni_bin_dir) if cni_bin_dir else self.base_dir / "cni-bin"
+        self.netns = netns
+        self.mount_namespace = mount_namespace
+        self.cgroup_parent = cgroup_parent or f"/wgcni-lab-{name}-{secrets.token_hex(4)}"
+        self._image = image
+        self._containerd_binary = containerd_binary
+        self._ctr_binary = ctr_binary
+        self._log_level = log_level
+        self.address = self.base_dir / "containerd.sock"
+        self.config_path = self.base_dir / "config.toml"
+        self.log_path = self.base_dir / "containerd.log"
+        self.root_dir = self.base_dir / "root"
+        self.state_dir = self.base_dir / "state"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._client: CriClient | None = None
+        self._mountpoint_guards: list[_MountpointGuard] = []
+        if len(str(self.address).encode()) > 100:
+            raise ValueError(f"{self.address}: too long for a Unix socket path (with its .ttrpc twin)")
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def cri(self) -> CriClient:
+        if self._client is None:
+            raise ContainerdError(f"containerd {self.name} is not running")
+        return self._client
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 30.0) -> Containerd:
+        """Write the config, start containerd, wait for CRI, import the pause image. Cleans up on failure."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop(remove_pods=False)
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        image = self._image or pause_image()
+        for directory in (self.base_dir, self.root_dir, self.state_dir, self.cni_conf_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        if not self.cni_bin_dir.exists():
+            link_cni_plugins(self.cni_bin_dir)
+        private_dirs = []
+        for mountpoint in PRIVATE_MOUNTPOINTS:
+            private = self.base_dir / ("mnt" + mountpoint.replace("/", "-"))
+            private.mkdir(exist_ok=True)
+            private_dirs.append(str(private))
+            if self.mount_namespace is None:
+                self._mountpoint_guards.append(_MountpointGuard.hold(Path(mountpoint)))
+        self.config_path.write_text(self._config_toml(image.name))
+        # In the new mount namespace: make the mountpoints (a no-op when the guards made them), bind the
+        # private directories over them ("$1", "$2", ...), then become containerd.
+        script = "set -e; " + " ".join(
+            f'mkdir -p {mountpoint}; mount --bind "${index + 1}" {mountpoint};'
+            for index, mountpoint in enumerate(PRIVATE_MOUNTPOINTS)
+        ) + f' shift {len(PRIVATE_MOUNTPOINTS)}; exec "$@"'
+        argv = [*self._enter_prefix(), "unshare", "--mount", "--propagation", "private", "--"]
+        argv += ["/bin/sh", "-c", script, "containerd-node", *private_dirs]
+        argv += [self._containerd_binary, "--config", str(self.config_path), "--log-level", self._log_level]
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        self._client = CriClient(self.address, timeout=60.0)
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise ContainerdError(f"containerd {self.name} exited at start-up:\n{self.log_tail()}")
+            if self.address.exists():
+                try:
+                    self._client.version(timeout=1.0)
+                    break
+                except CriError as error:
+                    if error.code == grpc.StatusCode.UNIMPLEMENTED:  # serving, but the CRI plugin failed
+                        raise ContainerdError(f"containerd {self.name} has no CRI service:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ContainerdError(f"containerd {self.name} did not serve CRI within {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.02)
+        self._import_image(image)
+
+    def _enter_prefix(self) -> list[str]:
+        prefix = []
+        if self.netns:
+            netns_path = self.netns if "/" in self.netns else f"/run/netns/{self.netns}"
+            prefix.append(f"--net={netns_path}")
+        if self.mount_namespace:
+            prefix.append(f"--mount={self.mount_namespace}")
+        return ["nsenter", *prefix, "--"] if prefix else []
+
+    def _import_image(self, image: PauseImage) -> None:
+        result = subprocess.run(
+            [self._ctr_binary, "--address", str(self.address), "--namespace", K8S_NAMESPACE, "images", "import",
+             "--snapshotter", SNAPSHOTTER, str(image.archive)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise ContainerdError(f"importing the pause image into {self.name} failed: {result.stderr.strip()}")
+
+    def _config_toml(self, sandbox_image: str) -> str:
+        cri = '"io.containerd.grpc.v1.cri"'
+        return f"""\
+# containerd config for lab node {self.name}; written by wgcni_lab.containerd
+version = 2
+root = {_toml(self.root_dir)}
+state = {_toml(self.state_dir)}
+disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
+
+[grpc]
+  address = {_toml(self.address)}
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = {_toml(self.root_dir / "opt")}
+  [plugins.{cri}]
+    sandbox_image = {_toml(sandbox_image)}
+    restrict_oom_score_adj = true
+    netns_mounts_under_state_dir = true
+    disable_tcp_service = true
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    enable_selinux = false
+    disable_apparmor = true
+    [plugins.{cri}.containerd]
+      snapshotter = {_toml(SNAPSHOTTER)}
+      default_runtime_name = "runc"
+      [plugins.{cri}.containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins.{cri}.containerd.runtimes.runc.options]
+          BinaryName = "runc"
+          Root = {_toml(self.state_dir / "runc")}
+          SystemdCgroup = false
+    [plugins.{cri}.cni]
+      bin_dir = {_toml(self.cni_bin_dir)}
+      conf_dir = {_toml(self.cni_conf_dir)}
+      max_conf_num = 1
+"""
+
+    def stop(self, *, remove_pods: bool = True, timeout: float = 10.0) -> None:
+        """Stop everything this instance started and delete its directories; idempotent.
+
+        With `remove_pods`, running sandboxes are stopped and removed through CRI first (CNI DEL runs for
+        each); whatever is left after that is killed.
+        """
+        problems: list[str] = []
+        if remove_pods and self.alive() and self._client is not None:
+            try:
+                for sandbox in self._client.list_pod_sandboxes():
+                    try:
+                        self._client.stop_pod_sandbox(sandbox.id)
+                        self._client.remove_pod_sandbox(sandbox.id)
+                    except CriError as error:
+                        problems.append(str(error))
+            except CriError as error:
+                problems.append(str(error))
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._process is not None:
+            _terminate(self._process, timeout)
+            self._process = None
+        _kill_processes(self._leftover_pids(), timeout)
+        self._remove_cgroups()
+        for guard in self._mountpoint_guards:
+            guard.release()
+        self._mountpoint_guards = []
+        _remove_tree(self.base_dir)
+        if problems:
+            raise ContainerdError(f"containerd {self.name}: pods could not be removed cleanly: " + "; ".join(problems))
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def _leftover_pids(self) -> list[int]:
+        """Shims started for this instance (their command line names our socket) and their descendants."""
+        marker = str(self.address).encode()
+        parents: dict[int, int] = {}
+        roots: list[int] = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+            if marker in cmdline.split(b"\0"):
+                roots.append(pid)
+        found = set(roots)
+        changed = True
+        while changed:
+            changed = False
+            for pid, parent in parents.items():
+                if parent in found and pid not in found:
+                    found.add(pid)
+                    changed = True
+        return sorted(found)
+
+    def _remove_cgroups(self) -> None:
+        relative = self.cgroup_parent.strip("/")
+        if not relative:
+            return
+        for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else ():
+            top = hierarchy / relative
+            if not top.is_dir() or top.is_symlink():
+                continue
+            for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                _rmdir_quietly(directory)
+            _rmdir_quietly(top)
+
+    # ---- pods --------------------------------------------------------------------------------------------
+
+    def network_ready(self) -> bool:
+        return self.cri.status()["conditions"].get("NetworkReady", {}).get("status", False)
+
+    def loaded_cni_config(self) -> dict[str, Any]:
+        """What containerd's CNI library has loaded (the verbose Status `cniconfig`)."""
+        config = self.cri.status(verbose=True)["info"].get("cniconfig", {})
+        return config if isinstance(config, dict) else {}
+
+    def wait_cni_config(
+        self, accept: Callable[[dict[str, Any]], bool] | None = None, timeout: float = 15.0
+    ) -> dict[str, Any]:
+        """Poll until the network is ready and the loaded CNI config satisfies `accept` (e.g. after a
+        conflist rewrite, which containerd picks up asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            loaded = self.loaded_cni_config() if self.network_ready() else {}
+            if loaded and (accept is None or accept(loaded)):
+                return loaded
+            if time.monotonic() > deadline:
+                raise ContainerdError(f"containerd {self.name}: CNI config not loaded after {timeout}s: {loaded}")
+            time.sleep(0.05)
+
+    def run_pod(
+        self,
+        name: str,
+        namespace: str = "default",
+        uid: str | None = None,
+        *,
+        port_mappings: Iterable[PortMapping] = (),
+        labels: Mapping[str, str] | None = None,
+        sysctls: Mapping[str, str] | None = None,
+    ) -> Pod:
+        """RunPodSandbox as kubelet does (CNI ADD chain), then read back the pod's IPs and netns."""
+        sandbox_id = self.cri.run_pod_sandbox(
+            name=name,
+            namespace=namespace,
+            uid=uid or secrets.token_hex(16),
+            port_mappings=port_mappings,
+            labels=labels,
+            cgroup_parent=self.cgroup_parent,
+            sysctls=sysctls,
+        )
+        return _pod(self.cri.pod_sandbox_status(sandbox_id))
+
+    def pod(self, sandbox_id: str) -> Pod:
+        return _pod(self.cri.pod_sandbox_status(sandbox_id))
+
+    def stop_pod(self, sandbox_id: str) -> None:
+        """StopPodSandbox (CNI DEL with the netns) then RemovePodSandbox (CNI DEL with an empty netns)."""
+        self.cri.stop_pod_sandbox(sandbox_id)
+        self.cri.remove_pod_sandbox(sandbox_id)
+
+
+def _pod(status: SandboxStatus) -> Pod:
+    return Pod(
+        id=status.id,
+        name=status.name,
+        namespace=status.namespace,
+        uid=status.uid,
+        ip=status.ip,
+        additional_ips=status.additional_ips,
+        pid=status.pid,
+        netns_path=status.netns_path,
+    )
+
+
+class _MountpointGuard:
+    """Keeps a shared mountpoint directory (/run/containerd, /var/lib/cni) alive while an instance uses it.
+
+    Each user holds a shared flock on the directory. On release, the directory is removed only if this
+    instance created it, nobody else holds it (exclusive lock granted) and it is empty — removing a directory
+    that another live mount namespace uses as a mountpoint would detach that namespace's mount.
+    """
+
+    def __init__(self, path: Path, fd: int, created: bool) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        self._created = created
+
+    @classmethod
+    def hold(cls, path: Path) -> _MountpointGuard:
+        while True:
+            created = False
+            try:
+                path.mkdir(parents=False)
+                created = True
+            except FileExistsError:
+                pass
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return cls(path, fd, created)
+            os.close(fd)  # removed by its last user between our mkdir and our lock: start over
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if self._created:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.rmdir(self.path)
+                except OSError as error:
+                    if error.errno not in (errno.EWOULDBLOCK, errno.ENOTEMPTY, errno.EBUSY, errno.ENOENT):
+                        raise
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _kill_processes(pids: list[int], timeout: float) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            try:  # our own child: reap it; anyone else's: its parent or init will
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if _is_zombie(pid):
+                break
+            time.sleep(0.01)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _remove_tree(path: Path) -> None:
+    """rm -rf that also copes with read-only directories (the native snapshotter makes some)."""
+    if not path.exists():
+        return
+    for directory, subdirs, _files in os.walk(path):
+        for subdir in subdirs:
+            full = os.path.join(directory, subdir)
+            if not os.path.islink(full):
+                os.chmod(full, 0o700)
+    shutil.rmtree(path)
+
+
+def _toml(value: object) -> str:
+    return json.dumps(str(value))
