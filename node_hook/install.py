@@ -737,20 +737,31 @@ class Watcher:
     def uses_inotify(self) -> bool:
         return self._events.uses_inotify
 
-    def run(self) -> None:
-        """Install now, then again after every change of the conf dir and every `resync_interval`, until `stop()`."""
+    def run(self, until_installed: bool = False) -> bool:
+        """Install now, then again after every change of the conf dir and every `resync_interval`, until `stop()`
+        (or, with `until_installed`, until one pass succeeds). Returns whether the last pass succeeded."""
+        last_error = None
         try:
             while not self._stopped.is_set():
                 try:
                     changes = install(self.conf_dir, self.bin_dir, self.plugin, self.settings)
                 except (InstallError, OSError) as error:  # e.g. CNS is half-way through writing: next event retries
-                    log.warning("%s", error)
-                    changes = []
-                for change in changes:
+                    if str(error) != last_error:  # one line per distinct problem, not one per event
+                        log.warning("%s", error)
+                    last_error = str(error)
+                    changes = None
+                else:
+                    if last_error is not None:
+                        log.info("resolved: %s", last_error)
+                    last_error = None
+                for change in changes or []:
                     log.info("%s", change)
                 if self.on_pass is not None:
-                    self.on_pass(changes)
+                    self.on_pass(changes or [])
+                if until_installed and changes is not None:
+                    return True
                 self._events.wait(self.resync_interval)
+            return last_error is None
         finally:
             self._events.close()
 
@@ -806,17 +817,20 @@ def _settings_from(config: Path | None, state_dir: str | None, hook_socket: str 
 @click.option("--log-file", help=f"plugin setting logFile  [default: {DEFAULT_LOG_FILE}]")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help=f"plugin setting logLevel  [default: {DEFAULT_LOG_LEVEL}]")
 @click.option("--watch", is_flag=True, help="keep running and re-insert the entry whenever the conf dir changes")
+@click.option("--wait", is_flag=True,
+              help="while the conflist is missing or not chainable yet (node boot, before Azure CNS wrote it), wait for "
+                   "the conf dir to change and retry; exit once installed (the init container's mode)")
 @click.option("--resync", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
               help="with --watch: seconds between full re-checks besides change events")
 @click.option("--poll-interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="with --watch: polling period used only when inotify is unavailable")
 def install_cni(conf_dir: Path, bin_dir: Path, plugin: Path, config: Path | None, state_dir: str | None,
-                hook_socket: str | None, log_file: str | None, log_level: str | None, watch: bool, resync: float,
-                poll_interval: float) -> None:
+                hook_socket: str | None, log_file: str | None, log_level: str | None, watch: bool, wait: bool,
+                resync: float, poll_interval: float) -> None:
     """Install the wgcni plugin and chain it right after azure-vnet in the active conflist."""
     try:
         settings = _settings_from(config, state_dir, hook_socket, log_file, log_level)
-        if not watch:
+        if not (watch or wait):
             for change in install(conf_dir, bin_dir, plugin, settings) or ["already installed; nothing changed"]:
                 click.echo(change)
             return
@@ -830,7 +844,8 @@ def install_cni(conf_dir: Path, bin_dir: Path, plugin: Path, config: Path | None
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: watcher.stop())
     log.info("watching %s (%s)", conf_dir, "inotify" if watcher.uses_inotify else f"polling every {poll_interval}s")
-    watcher.run()
+    if not watcher.run(until_installed=not watch):
+        sys.exit(1)  # stopped by a signal before the entry could be installed
 
 
 @click.command("uninstall-cni")

@@ -135,3 +135,29 @@ def test_cli_watch_runs_until_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_cli_wait_returns_once_the_conflist_appears_and_is_chained(tmp_path):
+    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    conf_dir.mkdir()
+    bin_dir.mkdir()
+    plugin = tmp_path / "wgcni"
+    plugin.write_text("#!/bin/sh\nexit 0\n")
+    conflist = conf_dir / "10-azure.conflist"
+    command = [sys.executable, "-c", "from node_hook.install import install_cni; install_cni()", "--wait",
+               "--conf-dir", str(conf_dir), "--bin-dir", str(bin_dir), "--plugin", str(plugin)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "watching" in process.stderr.readline()
+        assert "no CNI config" in process.stderr.readline()
+        conflist.write_text("{")  # CNS half-way: still waiting, one new line for the new problem
+        assert "not valid JSON" in process.stderr.readline()
+        assert process.poll() is None
+        conflist.write_bytes((DATA / "azure-linux.conflist").read_bytes())
+        assert process.wait(DEADLINE) == 0
+        assert _chained(conflist) and (bin_dir / "wgcni").exists()
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
