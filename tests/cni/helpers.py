@@ -26,6 +26,9 @@ def load_conflist(path: pathlib.Path) -> dict:
     return json.loads(path.read_text())
 
 
+AZURE_CONFLIST = load_conflist(DATA / "azure-linux.conflist")  # the default conflist of an AKS node
+
+
 def is_dual_stack(path: pathlib.Path) -> bool:
     """AKS's dual-stack overlay conflist hands out an IPv4 and an IPv6 address per pod."""
     return "dualstack" in path.name

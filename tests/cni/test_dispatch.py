@@ -12,6 +12,7 @@ from cni_plugin import commands
 from cni_plugin.records import RecordStore
 from tests.cni.helpers import (
     AKS_CONFLISTS,
+    AZURE_CONFLIST,
     CONTAINER_ID,
     NETNS,
     VERSIONS,
@@ -26,7 +27,7 @@ from tests.cni.helpers import (
 )
 from tests.support.fake_hook import FakeHook
 
-AZURE = load_conflist(next(p for p in AKS_CONFLISTS if p.name == "azure-linux.conflist"))
+AZURE = AZURE_CONFLIST
 V04_PLUS = [v for v in VERSIONS if v >= "0.4.0"]
 BEFORE_04 = [v for v in VERSIONS if v < "0.4.0"]
 BEFORE_11 = [v for v in VERSIONS if v != "1.1.0"]

@@ -49,7 +49,10 @@ class FakeHook:
                 line = self.rfile.readline()
                 answer = hook._answer(line)
                 if answer is not None:
-                    self.wfile.write(answer)
+                    try:
+                        self.wfile.write(answer)
+                    except OSError:
+                        pass  # the client gave up waiting (its timeout), as a real hook sees it too
 
         old_umask = os.umask(0o177)  # the real hook's socket is 0600
         try:
