@@ -1,0 +1,613 @@
+"""Peer sync through the Kubernetes API: the hook's `PeerSource` backed by `WireguardNode` objects (conf/crd.yaml).
+
+This is the only module of the hook that imports `kubernetes`. It does three things, each on its own thread:
+
+- **Peers**: list, then watch `wireguardnodes` from the list's resourceVersion with bookmarks; 410 Gone → relist;
+  any other failure → re-watch from the last resourceVersion after an exponential backoff with full jitter; a periodic
+  relist as a safety net. Every other node's object becomes a `RemoteNode` (pod IP prefixes expanded back into
+  addresses); `on_nodes(nodes, complete=True)` is called only once the first list of peers *and* of this node's
+  own Node object have completed, so the hook never prunes a live mesh at start-up.
+- **Own Node**: list+watch of this node's `Node` (field selector), for its uid (owner reference) and the opt-out
+  label `wgcni.io/wireguard=disabled`. An opted-out node publishes an empty key (peers reach it in plaintext) and
+  hands the hook every remote node with an empty key, so it programs no peer and sends plaintext too.
+- **Publishing**: `publish()` only records the latest announcement; one writer thread writes it into this node's
+  own object (status subresource) and the Node's `wgcni.io/public-key` annotation. Writes are rate limited (at most
+  `max_writes_per_second`, default 2: a burst of pod churn collapses into one write of the latest state), use
+  optimistic concurrency on resourceVersion (409 → re-read and retry), and a failed write is retried with backoff
+  until the latest announcement is written — an update is never dropped (Calico #12715).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import ipaddress
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+from node_hook.model import LocalAnnouncement, RemoteNode
+
+log = logging.getLogger(__name__)
+
+GROUP = "wgcni.io"
+VERSION = "v1alpha1"
+PLURAL = "wireguardnodes"
+KIND = "WireguardNode"
+OPT_OUT_LABEL = "wgcni.io/wireguard"  # on the Node; the value "disabled" opts the node out of WireGuard
+OPT_OUT_VALUE = "disabled"
+PUBLIC_KEY_ANNOTATION = "wgcni.io/public-key"  # on the Node, for visibility; absent when the node has no key
+MANAGED_BY = {"app.kubernetes.io/managed-by": "wgcni-node"}
+
+JSON = dict[str, Any]
+OnNodes = Callable[[dict[str, RemoteNode], bool], None]
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """Tuning of the Kubernetes sync; the defaults suit production, tests shorten the intervals."""
+
+    max_writes_per_second: float = 2.0  # per node, across every write this node makes
+    watch_timeout_seconds: int = 300  # server-side timeout of one watch request; it is then resumed
+    request_timeout: float = 10.0  # connect and read timeout of one non-watch request
+    watch_read_margin: float = 30.0  # a watch with no byte for timeout + margin seconds is considered dead
+    resync_interval: float = 300.0  # full relist of peers and own Node (safety net)
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+    conflict_retries: int = 5  # 409s answered by re-reading at once before backing off
+    max_pod_ips_per_node: int = 65536  # a published object expanding to more addresses is rejected
+
+
+@dataclass
+class SyncStatus:
+    """What the sync is doing, for the hook's status, CLI and metrics."""
+
+    peers_synced: bool = False
+    node_synced: bool = False
+    opted_out: bool = False
+    remote_nodes: int = 0
+    invalid_objects: dict[str, str] = field(default_factory=dict)  # name -> why it was ignored
+    writes: int = 0
+    write_errors: int = 0
+    watch_errors: int = 0
+    relists: int = 0
+    published: bool = False  # the latest announcement is written
+    last_error: str = ""
+
+
+# --- pure conversions ------------------------------------------------------------------------------------------
+
+def aggregate_pod_ips(ips: Iterable[str]) -> list[str]:
+    """The fewest prefixes covering exactly these addresses (never one address more), IPv4 first, then IPv6."""
+    addresses = [ipaddress.ip_address(ip) for ip in ips]
+    prefixes: list[str] = []
+    for version in (4, 6):
+        family = [ipaddress.ip_network(address) for address in addresses if address.version == version]
+        prefixes.extend(str(network) for network in ipaddress.collapse_addresses(family))
+    return prefixes
+
+
+def expand_prefixes(prefixes: Iterable[str], limit: int) -> frozenset[str]:
+    """Every address of the published prefixes; ValueError when one is malformed or there are more than `limit`."""
+    addresses: set[str] = set()
+    for text in prefixes:
+        network = ipaddress.ip_network(text, strict=True)
+        if len(addresses) + network.num_addresses > limit:
+            raise ValueError(f"pod IP prefixes expand to more than {limit} addresses")
+        addresses.update(str(address) for address in network)
+    return frozenset(addresses)
+
+
+def _valid_public_key(key: str) -> bool:
+    try:
+        return len(base64.b64decode(key, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _timestamp(unix_time: float) -> str:
+    return datetime.fromtimestamp(unix_time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_timestamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def remote_node_from_object(obj: JSON, max_pod_ips: int) -> RemoteNode | None:
+    """The RemoteNode a WireguardNode object describes; None when it has published nothing yet.
+    Raises ValueError (with the reason) for an object that must not be programmed."""
+    name = obj["metadata"]["name"]
+    status = obj.get("status")
+    if not status:
+        return None
+    key = status.get("publicKey", "")
+    if not isinstance(key, str) or (key and not _valid_public_key(key)):
+        raise ValueError("publicKey is not a base64 X25519 key")
+    endpoint = status.get("endpoint") or {}
+    endpoint_ip = endpoint.get("address") or None
+    if endpoint_ip is not None:
+        endpoint_ip = str(ipaddress.ip_address(endpoint_ip))
+    port = endpoint.get("port", 0)
+    if key and (endpoint_ip is None or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise ValueError("a node with a key needs an endpoint address and port")
+    node_ips = frozenset(str(ipaddress.ip_address(ip)) for ip in status.get("nodeIPs") or [])
+    pod_ips = expand_prefixes(status.get("podIPPrefixes") or [], max_pod_ips)
+    changed = status.get("podIPsChangedAt")
+    return RemoteNode(
+        name=name, public_key=key, endpoint_ip=endpoint_ip, endpoint_port=port if isinstance(port, int) else 0,
+        node_ips=node_ips, pod_ips=pod_ips, pod_ips_changed_at=_parse_timestamp(changed) if changed else 0.0,
+    )
+
+
+def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_changed_at: float,
+                     previous: JSON | None, now: float) -> JSON:
+    """The status this node writes into its own object. The pod IP timestamp and the Ready condition's
+    transition time are kept from `previous` when the pod IPs or readiness did not change."""
+    previous = previous or {}
+    key = "" if opted_out else announcement.public_key
+    prefixes = aggregate_pod_ips(announcement.pod_ips)
+    if previous.get("podIPPrefixes") == prefixes and previous.get("podIPsChangedAt"):
+        changed_at = previous["podIPsChangedAt"]
+    else:
+        changed_at = _timestamp(pod_ips_changed_at)
+    ready = "True" if announcement.ready else "False"
+    previous_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    transition = previous_ready.get("lastTransitionTime") if previous_ready.get("status") == ready else None
+    endpoint: JSON = {"port": announcement.endpoint_port}
+    if announcement.endpoint_ip:
+        endpoint["address"] = announcement.endpoint_ip
+    node_ips = sorted(announcement.node_ips, key=lambda ip: (ipaddress.ip_address(ip).version,
+                                                             ipaddress.ip_address(ip)))
+    return {
+        "publicKey": key,
+        "publicKeyPrefix": key[:8],
+        "encryption": "OptedOut" if opted_out else ("WireGuard" if key else "Unavailable"),
+        "endpoint": endpoint,
+        "nodeIPs": node_ips,
+        "podIPPrefixes": prefixes,
+        "podIPCount": len(announcement.pod_ips),
+        "podIPsChangedAt": changed_at,
+        "mtu": announcement.mtu,
+        "conditions": [{
+            "type": "Ready", "status": ready,
+            "reason": "DataplaneProgrammed" if announcement.ready else "DataplaneNotProgrammed",
+            "message": announcement.message[:1024],
+            "lastTransitionTime": transition or datetime.fromtimestamp(now, timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"),
+        }],
+    }
+
+
+def is_opted_out(node: JSON | None) -> bool:
+    labels = ((node or {}).get("metadata") or {}).get("labels") or {}
+    return labels.get(OPT_OUT_LABEL) == OPT_OUT_VALUE
+
+
+# --- API clients -----------------------------------------------------------------------------------------------
+
+def api_client_from_environment(kubeconfig: str | None = None) -> client.ApiClient:
+    """In a pod: the service account; otherwise `kubeconfig`, $KUBECONFIG or ~/.kube/config."""
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    return config.new_client_from_config(config_file=kubeconfig)
+
+
+def api_client_for_url(url: str) -> client.ApiClient:
+    """A client for an API server without authentication (the lab's and the tests' server)."""
+    return client.ApiClient(client.Configuration(host=url))
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+class Backoff:
+    """Exponential backoff with full jitter: the n-th delay is uniform in [0, min(max, initial * 2**n)]."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum, self.attempt = initial, maximum, 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * 2 ** self.attempt)
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class _RateLimiter:
+    """At most one write per `interval` seconds; `wait()` sleeps until the next write may go (or stop is set)."""
+
+    def __init__(self, writes_per_second: float, stopping: threading.Event):
+        self.interval = 1.0 / writes_per_second
+        self.stopping = stopping
+        self.next_allowed = 0.0
+
+    def wait(self) -> bool:
+        """False when stopping."""
+        delay = self.next_allowed - time.monotonic()
+        if delay > 0 and self.stopping.wait(delay):
+            return False
+        return not self.stopping.is_set()
+
+    def spend(self) -> None:
+        self.next_allowed = time.monotonic() + self.interval
+
+
+class _NodeMissing(Exception):
+    """This node's Node object does not exist (yet): nothing can own the WireguardNode object."""
+
+
+class _ListWatch:
+    """List, then watch from the list's resourceVersion with bookmarks; resume after failures; relist on 410 Gone
+    and every `resync_interval`. Calls `on_list(items)` with a complete set and `on_event(type, object)` after."""
+
+    def __init__(self, what: str, list_call: Callable[[], JSON], watch_call: Callable[..., Any],
+                 watch_kwargs: JSON, on_list: Callable[[list[JSON]], None],
+                 on_event: Callable[[str, JSON], None], settings: SyncSettings, stopping: threading.Event,
+                 status: SyncStatus):
+        self.what, self.list_call, self.watch_call, self.watch_kwargs = what, list_call, watch_call, watch_kwargs
+        self.on_list, self.on_event = on_list, on_event
+        self.settings, self.stopping, self.status = settings, stopping, status
+        self._watch: watch.Watch | None = None
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        resource_version: str | None = None
+        listed_at = 0.0
+        while not self.stopping.is_set():
+            try:
+                if resource_version is None or time.monotonic() - listed_at >= self.settings.resync_interval:
+                    listing = self.list_call()
+                    resource_version = listing["metadata"]["resourceVersion"]
+                    listed_at = time.monotonic()
+                    self.on_list(listing.get("items") or [])
+                    self.status.relists += 1
+                resource_version = self._watch_from(resource_version, listed_at)
+                backoff.reset()
+            except ApiException as error:
+                if error.status == 410:
+                    log.info("%s: resourceVersion %s expired (410 Gone); relisting", self.what, resource_version)
+                    resource_version = None
+                    continue
+                self._failed(backoff, f"{self.what}: API error {error.status} {error.reason}")
+            except Exception as error:  # noqa: BLE001 - connection errors come in many types; all are retried
+                if self.stopping.is_set():
+                    return
+                self._failed(backoff, f"{self.what}: {type(error).__name__}: {error}")
+
+    def _watch_from(self, resource_version: str, listed_at: float) -> str:
+        """Watch until the server ends the request or the next relist is due; returns the last resourceVersion."""
+        remaining = self.settings.resync_interval - (time.monotonic() - listed_at)
+        timeout = max(1, int(min(self.settings.watch_timeout_seconds, remaining)))
+        stream = watch.Watch()
+        with self._lock:
+            if self.stopping.is_set():
+                return resource_version
+            self._watch = stream
+        try:
+            for event in stream.stream(
+                    self.watch_call, **self.watch_kwargs, resource_version=resource_version,
+                    allow_watch_bookmarks=True, timeout_seconds=timeout,
+                    _request_timeout=(self.settings.request_timeout, timeout + self.settings.watch_read_margin)):
+                obj = event["raw_object"]
+                resource_version = obj["metadata"]["resourceVersion"]
+                if event["type"] != "BOOKMARK":
+                    self.on_event(event["type"], obj)
+                if self.stopping.is_set():
+                    break
+        finally:
+            with self._lock:
+                self._watch = None
+        return resource_version
+
+    def _failed(self, backoff: Backoff, message: str) -> None:
+        self.status.watch_errors += 1
+        self.status.last_error = message
+        delay = backoff.next_delay()
+        log.warning("%s; retrying in %.1fs", message, delay)
+        self.stopping.wait(delay)
+
+    def interrupt(self) -> None:
+        with self._lock:
+            if self._watch is not None:
+                self._watch.stop()
+
+
+class KubernetesPeerSource:
+    """The hook's PeerSource (docs/design.md) over the Kubernetes API; see the module docstring."""
+
+    def __init__(self, node_name: str, api_client: client.ApiClient, settings: SyncSettings = SyncSettings(),
+                 clock: Callable[[], float] = time.time):
+        self.node_name = node_name
+        self.settings = settings
+        self.clock = clock
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.status = SyncStatus()
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._on_nodes: OnNodes | None = None
+        self._emit_lock = threading.Lock()
+        self._objects: dict[str, JSON] = {}  # other nodes' WireguardNode objects by name
+        self._own_object: JSON | None = None
+        self._node: JSON | None = None  # this node's Node object
+        self._desired: LocalAnnouncement | None = None
+        self._pod_ips_changed_at = 0.0
+        self._desired_generation = 0
+        self._written_generation = 0
+        self._own_write_versions: collections.deque[str] = collections.deque(maxlen=16)  # our writes' versions
+        self._limiter = _RateLimiter(settings.max_writes_per_second, self._stopping)
+        self._threads: list[threading.Thread] = []
+        self._list_watches: list[_ListWatch] = []
+
+    # --- PeerSource ----------------------------------------------------------------------------------------------
+    def start(self, on_nodes: OnNodes) -> None:
+        self._on_nodes = on_nodes
+        timeout = self.settings.request_timeout
+        peers = _ListWatch(
+            "wireguardnodes", lambda: self.custom.list_cluster_custom_object(
+                GROUP, VERSION, PLURAL, _request_timeout=timeout),
+            self.custom.list_cluster_custom_object, {"group": GROUP, "version": VERSION, "plural": PLURAL},
+            self._peers_listed, self._peer_event, self.settings, self._stopping, self.status)
+        field_selector = f"metadata.name={self.node_name}"
+        own_node = _ListWatch(
+            f"node {self.node_name}", lambda: self._list_own_node(field_selector),
+            self.core.list_node, {"field_selector": field_selector},
+            self._node_listed, self._node_event, self.settings, self._stopping, self.status)
+        self._list_watches = [peers, own_node]
+        for name, target in (("peers", peers.run), ("node", own_node.run), ("publish", self._publish_loop)):
+            thread = threading.Thread(target=target, name=f"wgcni-sync-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def publish(self, announcement: LocalAnnouncement) -> None:
+        with self._changed:
+            if self._desired is None or self._desired.pod_ips != announcement.pod_ips:
+                self._pod_ips_changed_at = self.clock()
+            if announcement != self._desired:
+                self._desired = announcement
+                self._desired_generation += 1
+                self.status.published = False
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
+        for list_watch in self._list_watches:
+            list_watch.interrupt()
+        for thread in self._threads:
+            thread.join(timeout=self.settings.request_timeout + 5)
+        self._threads.clear()
+
+    # --- own Node --------------------------------------------------------------------------------------------
+    def _list_own_node(self, field_selector: str) -> JSON:
+        response = self.core.list_node(field_selector=field_selector, _preload_content=False,
+                                       _request_timeout=self.settings.request_timeout)
+        return json.loads(response.data)
+
+    def _node_listed(self, items: list[JSON]) -> None:
+        self._set_node(items[0] if items else None)
+
+    def _node_event(self, event_type: str, obj: JSON) -> None:
+        self._set_node(None if event_type == "DELETED" else obj)
+
+    def _set_node(self, node: JSON | None) -> None:
+        with self._changed:
+            before = self._node
+            self._node = node
+            first = not self.status.node_synced
+            self.status.node_synced = True
+            opt_out_changed = is_opted_out(before) != is_opted_out(node)
+            self.status.opted_out = is_opted_out(node)
+            if (opt_out_changed or _uid(before) != _uid(node)
+                    or _annotation(before) != _annotation(node)) and self._desired is not None:
+                self._desired_generation += 1  # re-check what is written (owner, key, annotation)
+                self._changed.notify_all()
+        if opt_out_changed:
+            log.info("node %s: WireGuard %s by label %s", self.node_name,
+                     "disabled" if is_opted_out(node) else "enabled", OPT_OUT_LABEL)
+        if first or opt_out_changed:
+            self._emit()
+
+    # --- peers -----------------------------------------------------------------------------------------------
+    def _peers_listed(self, items: list[JSON]) -> None:
+        with self._changed:
+            self._objects = {obj["metadata"]["name"]: obj for obj in items
+                             if obj["metadata"]["name"] != self.node_name}
+            own = next((obj for obj in items if obj["metadata"]["name"] == self.node_name), None)
+            self._observe_own_object(own)
+            self.status.peers_synced = True
+        self._emit()
+
+    def _peer_event(self, event_type: str, obj: JSON) -> None:
+        name = obj["metadata"]["name"]
+        with self._changed:
+            if name == self.node_name:
+                self._observe_own_object(None if event_type == "DELETED" else obj)
+                return
+            if event_type == "DELETED":
+                self._objects.pop(name, None)
+            else:
+                self._objects[name] = obj
+        self._emit()
+
+    def _observe_own_object(self, obj: JSON | None) -> None:
+        """Must hold the lock. The echo of one of our own writes is ignored (the writer already holds a copy at
+        least as new); any other change (deleted, edited, garbage-collected) makes the writer re-check it."""
+        version = obj["metadata"]["resourceVersion"] if obj else None
+        if version is not None and version in self._own_write_versions:
+            return
+        self._own_object = obj
+        if self._desired is not None:
+            self._desired_generation += 1
+            self._changed.notify_all()
+
+    def _emit(self) -> None:
+        """Hand the hook the complete set of remote nodes (only once peers and own Node are both listed)."""
+        with self._emit_lock:
+            with self._changed:
+                if not (self.status.peers_synced and self.status.node_synced) or self._on_nodes is None:
+                    return
+                objects = list(self._objects.values())
+                opted_out = is_opted_out(self._node)
+            nodes: dict[str, RemoteNode] = {}
+            invalid: dict[str, str] = {}
+            for obj in objects:
+                name = obj["metadata"]["name"]
+                try:
+                    remote = remote_node_from_object(obj, self.settings.max_pod_ips_per_node)
+                except (ValueError, TypeError) as error:
+                    invalid[name] = str(error)
+                    continue
+                if remote is not None:
+                    nodes[name] = replace(remote, public_key="") if opted_out else remote
+            for name in invalid.keys() - self.status.invalid_objects.keys():
+                log.warning("WireguardNode %s ignored: %s", name, invalid[name])
+            self.status.invalid_objects = invalid
+            self.status.remote_nodes = len(nodes)
+            try:
+                self._on_nodes(nodes, True)
+            except Exception:  # noqa: BLE001 - a failing consumer must not stop the watch; the next event retries
+                log.exception("the hook failed to take the remote nodes")
+
+    # --- publishing ------------------------------------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        while True:
+            with self._changed:
+                while not self._stopping.is_set() and (
+                        self._desired is None or self._written_generation == self._desired_generation):
+                    self._changed.wait()
+            if not self._limiter.wait():  # coalesce: whatever is published meanwhile goes into this write
+                return
+            with self._changed:
+                generation = self._desired_generation
+                announcement = self._desired
+                changed_at = self._pod_ips_changed_at
+            try:
+                self._write(announcement, changed_at)
+            except Exception as error:  # noqa: BLE001 - every failure is retried; the desired state is kept
+                if self._stopping.is_set():
+                    return
+                self.status.write_errors += 1
+                self.status.last_error = f"publish: {_describe(error)}"
+                delay = backoff.next_delay()
+                log.warning("publishing %s failed (%s); retrying in %.1fs", self.node_name, _describe(error), delay)
+                self._stopping.wait(delay)
+                continue
+            backoff.reset()
+            with self._changed:
+                self._written_generation = generation
+                self.status.published = generation == self._desired_generation
+
+    def _spend_write(self) -> None:
+        if not self._limiter.wait():
+            raise InterruptedError("stopping")
+        self._limiter.spend()
+        self.status.writes += 1
+
+    def _write(self, announcement: LocalAnnouncement, changed_at: float) -> None:
+        with self._changed:
+            node = self._node
+            own = self._own_object
+        if node is None:
+            node = self._read_node()
+        opted_out = is_opted_out(node)
+        key = "" if opted_out else announcement.public_key
+        if _annotation(node) != (key or None):
+            self._spend_write()
+            node = self.core.patch_node(
+                self.node_name, {"metadata": {"annotations": {PUBLIC_KEY_ANNOTATION: key or None}}},
+                _preload_content=False, _request_timeout=self.settings.request_timeout)
+            node = json.loads(node.data)
+        owner = {"apiVersion": "v1", "kind": "Node", "name": self.node_name, "uid": node["metadata"]["uid"]}
+        for _ in range(self.settings.conflict_retries):
+            try:
+                if own is None:
+                    own = self._read_own_object()
+                if own is None:
+                    self._spend_write()
+                    own = self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+                        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+                        "metadata": {"name": self.node_name, "labels": MANAGED_BY, "ownerReferences": [owner]},
+                    }, _request_timeout=self.settings.request_timeout)
+                    self._remember_write(own)
+                if owner["uid"] not in {ref.get("uid") for ref in own["metadata"].get("ownerReferences") or []}:
+                    own["metadata"]["ownerReferences"] = [owner]
+                    self._spend_write()
+                    own = self.custom.replace_cluster_custom_object(
+                        GROUP, VERSION, PLURAL, self.node_name, own, _request_timeout=self.settings.request_timeout)
+                    self._remember_write(own)
+                status = published_status(announcement, opted_out, changed_at, own.get("status"), self.clock())
+                if own.get("status") == status:
+                    return
+                self._spend_write()
+                own = self.custom.replace_cluster_custom_object_status(
+                    GROUP, VERSION, PLURAL, self.node_name, {**own, "status": status},
+                    _request_timeout=self.settings.request_timeout)
+                self._remember_write(own)
+                return
+            except ApiException as error:
+                if error.status == 409:  # someone else wrote it (or it was recreated): re-read and retry at once
+                    own = None
+                    continue
+                if error.status == 404:  # deleted under us (e.g. garbage-collected): create it again
+                    own = None
+                    continue
+                raise
+        raise RuntimeError(f"WireguardNode {self.node_name}: still conflicting after "
+                           f"{self.settings.conflict_retries} attempts")
+
+    def _remember_write(self, obj: JSON) -> None:
+        with self._changed:
+            self._own_write_versions.append(obj["metadata"]["resourceVersion"])
+            self._own_object = obj
+
+    def _read_node(self) -> JSON:
+        try:
+            response = self.core.read_node(self.node_name, _preload_content=False,
+                                           _request_timeout=self.settings.request_timeout)
+        except ApiException as error:
+            if error.status == 404:
+                raise _NodeMissing(f"Node {self.node_name} does not exist") from None
+            raise
+        return json.loads(response.data)
+
+    def _read_own_object(self) -> JSON | None:
+        try:
+            return self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.node_name,
+                                                         _request_timeout=self.settings.request_timeout)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+
+def _uid(obj: JSON | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("uid")
+
+
+def _annotation(node: JSON | None) -> str | None:
+    return (((node or {}).get("metadata") or {}).get("annotations") or {}).get(PUBLIC_KEY_ANNOTATION)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ApiException):
+        return f"API error {error.status} {error.reason}"
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,67 @@
+"""Helpers of the Kubernetes sync tests: the CRD, fast sync settings, keys, waiting, a recorder of what a peer
+source hands the hook, nodes and announcements."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pathlib
+import threading
+import time
+from collections.abc import Callable
+
+import yaml
+from kubernetes import client
+
+from node_hook.cluster import SyncSettings
+from node_hook.model import LocalAnnouncement, RemoteNode
+
+CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
+
+FAST = SyncSettings(watch_timeout_seconds=5, request_timeout=2.0, watch_read_margin=2.0, resync_interval=60.0,
+                    backoff_initial=0.05, backoff_max=0.4)
+
+
+def new_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Recorder:
+    """Collects every on_nodes call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[dict[str, RemoteNode], bool]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, nodes: dict[str, RemoteNode], complete: bool) -> None:
+        with self.lock:
+            self.calls.append((dict(nodes), complete))
+
+    @property
+    def latest(self) -> dict[str, RemoteNode] | None:
+        with self.lock:
+            return self.calls[-1][0] if self.calls else None
+
+
+
+
+def create_node(core: client.CoreV1Api, name: str, labels: dict[str, str] | None = None) -> client.V1Node:
+    return core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels)))
+
+
+def announcement(name: str, key: str, pod_ips: set[str], endpoint: str = "10.240.0.4", ready: bool = True,
+                 message: str = "programmed") -> LocalAnnouncement:
+    return LocalAnnouncement(name=name, public_key=key, endpoint_ip=endpoint, endpoint_port=51820,
+                             node_ips=frozenset({endpoint}), pod_ips=frozenset(pod_ips), mtu=1340, ready=ready,
+                             message=message)

@@ -1,0 +1,259 @@
+"""KubernetesPeerSource against the test API server: publishing (coalescing, 409 storms, 500s, restarts),
+watching (cut streams, 410 relist, prune only after a complete list), opt-out, node deletion and GC."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+
+from kubernetes import client
+
+from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
+from tests.sync.helpers import FAST, announcement, create_node, new_key, wait_for
+
+OWN_OBJECT = "/wireguardnodes/node-a"
+
+
+def object_of(custom, name):
+    return custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+
+def seen_pod_ips(recorder, name):
+    latest = recorder.latest or {}
+    return latest[name].pod_ips if name in latest else None
+
+
+def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, custom, make_source):
+    node_a = create_node(core, "node-a")
+    create_node(core, "node-b")
+    key_a, key_b = new_key(), new_key()
+    source_a, seen_by_a = make_source("node-a")
+    source_b, seen_by_b = make_source("node-b")
+    source_a.publish(announcement("node-a", key_a, {"10.240.0.70", "10.240.0.71", "fd00::7"}))
+    source_b.publish(announcement("node-b", key_b, {"10.240.0.9"}, endpoint="10.240.0.35"))
+    wait_for(lambda: "node-a" in (seen_by_b.latest or {}) and "node-b" in (seen_by_a.latest or {}), what="peers")
+    remote_a = seen_by_b.latest["node-a"]
+    assert remote_a.public_key == key_a and remote_a.endpoint_ip == "10.240.0.4"
+    assert remote_a.pod_ips == {"10.240.0.70", "10.240.0.71", "fd00::7"}
+    assert "node-a" not in seen_by_a.latest, "a node is not its own peer"
+    obj = object_of(custom, "node-a")
+    assert obj["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Node", "name": "node-a",
+                                                   "uid": node_a.metadata.uid}]
+    assert obj["status"]["podIPPrefixes"] == ["10.240.0.70/31", "fd00::7/128"]
+    assert obj["status"]["conditions"][0]["type"] == "Ready" and obj["status"]["conditions"][0]["status"] == "True"
+    assert core.read_node("node-a").metadata.annotations[PUBLIC_KEY_ANNOTATION] == key_a
+    assert all(complete for _, complete in seen_by_b.calls)
+    wait_for(lambda: source_a.status.published, what="published flag")
+
+
+def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(server, core, custom, make_source):
+    create_node(core, "node-a")
+    source, _ = make_source("node-a")
+    key = new_key()
+    source.publish(announcement("node-a", key, set()))
+    wait_for(lambda: source.status.published, what="first publish")
+    started = time.monotonic()
+    ips: set[str] = set()
+    base = ipaddress.IPv4Address("10.240.1.0")
+    for index in range(100):  # 50 pod changes per second for 2 s: adds, with every fifth a delete
+        ips.add(str(base + 3 * index))
+        if index % 5 == 4:
+            ips.discard(str(base + 3 * (index - 2)))
+        source.publish(announcement("node-a", key, ips))
+        time.sleep(0.02)
+    wait_for(lambda: source.status.published, what="churn published")
+    published = object_of(custom, "node-a")["status"]
+    assert expand_prefixes(published["podIPPrefixes"], 1 << 16) == ips
+    writes = [record.at for record in server.writes(OWN_OBJECT, since=started)]
+    elapsed = time.monotonic() - started
+    assert len(writes) <= 2 * elapsed + 1, (len(writes), elapsed)
+    gaps = [later - earlier for earlier, later in zip(writes, writes[1:])]
+    assert all(gap >= 0.45 for gap in gaps), gaps
+
+
+def test_conflict_storm_and_server_errors_never_lose_the_update(server, core, custom, make_source):
+    create_node(core, "node-a")
+    # Failed writes count against the write rate too; a higher rate keeps this test short.
+    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 20.0}))
+    key = new_key()
+    source.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_for(lambda: source.status.published, what="first publish")
+    server.fail_next(12, code=409, methods={"PUT"}, path_contains=OWN_OBJECT)
+    server.fail_next(6, code=500, methods={"PUT", "GET"}, path_contains=OWN_OBJECT)
+    source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71"}))
+    wait_for(lambda: source.status.published, timeout=20, what="publish through the storm")
+    assert object_of(custom, "node-a")["status"]["podIPPrefixes"] == ["10.240.0.70/31"]
+    assert source.status.write_errors >= 1
+
+
+def test_someone_elses_write_causes_409_then_reread_and_retry(core, custom, make_source):
+    create_node(core, "node-a")
+    source, _ = make_source("node-a")
+    key = new_key()
+    source.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_for(lambda: source.status.published, what="first publish")
+    stale = object_of(custom, "node-a")
+    custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a", {"metadata": {"labels": {"x": "y"}}})
+    source._own_object = stale  # the writer's copy is now stale: its next write gets a real 409
+    source.publish(announcement("node-a", key, {"10.240.0.72"}))
+    wait_for(lambda: object_of(custom, "node-a")["status"]["podIPPrefixes"] == ["10.240.0.72/32"],
+             what="write after conflict")
+
+
+def test_cut_watch_and_410_relist_keep_peers_exact(server, core, make_source):
+    create_node(core, "node-a")
+    create_node(core, "node-b")
+    source_a, _ = make_source("node-a")
+    source_b, seen_by_b = make_source("node-b")
+    key = new_key()
+    source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
+    server.cut_watches()
+    source_a.publish(announcement("node-a", key, {"10.240.0.71"}))
+    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.71"}, what="view after cut")
+    relists = source_b.status.relists
+    # Watches go down and stay down while node-a changes and the history is compacted: resuming is 410 Gone.
+    server.fail_next(10_000, code=503, methods={"GET"}, path_contains="/wireguardnodes")
+    server.cut_watches()
+    source_a.publish(announcement("node-a", key, {"10.240.0.72"}))
+    wait_for(lambda: source_a.status.published, what="publish during outage")
+    server.compact()
+    server.clear_faults()
+    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.72"}, what="view after 410")
+    assert source_b.status.relists > relists
+
+
+def test_restart_during_publish_converges(server, core, custom, make_source):
+    create_node(core, "node-a")
+    create_node(core, "node-b")
+    source_a, _ = make_source("node-a")
+    _, seen_by_b = make_source("node-b")
+    key = new_key()
+    source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
+    server.stop()
+    source_a.publish(announcement("node-a", key, {"10.240.0.90"}))
+    time.sleep(0.5)  # the writer fails against a closed port and keeps the announcement
+    server.store.compact()
+    server.start()
+    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.90"}, timeout=15, what="view after restart")
+    assert source_a.status.write_errors >= 1
+
+
+def test_peers_are_handed_over_only_after_a_complete_list(server, core, custom, make_source):
+    for name in ("node-a", "node-b", "node-c"):
+        create_node(core, name)
+    for name in ("node-b", "node-c"):
+        source, _ = make_source(name)
+        source.publish(announcement(name, new_key(), {f"10.240.0.{10 + len(name)}"}))
+        wait_for(lambda: source.status.published, what=f"{name} published")
+    server.fail_next(4, code=500, methods={"GET"}, path_contains="/wireguardnodes")
+    _, seen_by_a = make_source("node-a")
+    wait_for(lambda: seen_by_a.calls, what="first hand-over")
+    first_nodes, complete = seen_by_a.calls[0]
+    assert complete and set(first_nodes) == {"node-b", "node-c"}
+
+
+def test_opt_out_label_publishes_no_key_and_peers_go_plaintext(core, custom, make_source):
+    create_node(core, "node-a")
+    create_node(core, "node-b")
+    source_a, seen_by_a = make_source("node-a")
+    _, seen_by_b = make_source("node-b")
+    key_a = new_key()
+    source_a.publish(announcement("node-a", key_a, {"10.240.0.70"}))
+    wait_for(lambda: (seen_by_b.latest or {}).get("node-a") and seen_by_b.latest["node-a"].public_key == key_a,
+             what="key seen")
+    core.patch_node("node-a", {"metadata": {"labels": {"wgcni.io/wireguard": "disabled"}}})
+    wait_for(lambda: seen_by_b.latest["node-a"].public_key == "", what="opted-out node seen without key")
+    status = object_of(custom, "node-a")["status"]
+    assert status["encryption"] == "OptedOut" and status["podIPPrefixes"] == ["10.240.0.70/32"]
+    wait_for(lambda: PUBLIC_KEY_ANNOTATION not in (core.read_node("node-a").metadata.annotations or {}),
+             what="annotation removed")
+    assert source_a.status.opted_out
+    core.patch_node("node-a", {"metadata": {"labels": {"wgcni.io/wireguard": None}}})
+    wait_for(lambda: seen_by_b.latest["node-a"].public_key == key_a, what="key back")
+
+
+def test_opted_out_node_hands_its_hook_no_remote_keys(core, make_source):
+    create_node(core, "node-a", labels={"wgcni.io/wireguard": "disabled"})
+    create_node(core, "node-b")
+    source_b, _ = make_source("node-b")
+    source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
+    _, seen_by_a = make_source("node-a")
+    wait_for(lambda: "node-b" in (seen_by_a.latest or {}), what="node-b seen")
+    assert seen_by_a.latest["node-b"].public_key == ""
+    assert seen_by_a.latest["node-b"].pod_ips == {"10.240.0.9"}
+
+
+def test_node_deletion_garbage_collects_object_and_peer_disappears(core, custom, make_source):
+    create_node(core, "node-a")
+    create_node(core, "node-b")
+    source_a, _ = make_source("node-a")
+    _, seen_by_b = make_source("node-b")
+    source_a.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    wait_for(lambda: "node-a" in (seen_by_b.latest or {}), what="node-a seen")
+    core.delete_node("node-a")
+    wait_for(lambda: "node-a" not in seen_by_b.latest, what="node-a gone")
+    assert [o["metadata"]["name"] for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]] == []
+
+
+def test_own_object_deleted_is_recreated(core, custom, make_source):
+    create_node(core, "node-a")
+    source, _ = make_source("node-a")
+    source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    wait_for(lambda: source.status.published, what="published")
+    custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a")
+    wait_for(lambda: _exists_with_ips(custom, "node-a", ["10.240.0.70/32"]), what="recreated")
+
+
+def _exists_with_ips(custom, name, prefixes):
+    try:
+        return object_of(custom, name).get("status", {}).get("podIPPrefixes") == prefixes
+    except client.ApiException:
+        return False
+
+
+def test_publish_waits_for_its_node_to_exist(core, custom, make_source):
+    source, _ = make_source("node-a")
+    source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    wait_for(lambda: source.status.write_errors >= 1, what="a failed attempt without a Node")
+    create_node(core, "node-a")
+    wait_for(lambda: _exists_with_ips(custom, "node-a", ["10.240.0.70/32"]), what="object once the Node exists")
+
+
+def test_invalid_objects_are_ignored_and_reported(core, custom, make_source):
+    create_node(core, "node-b")
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "WireguardNode", "metadata": {"name": "node-x"}})
+    bad = object_of(custom, "node-x")
+    bad["status"] = {"publicKey": "not-a-key", "podIPPrefixes": ["10.240.0.5/32"]}
+    custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, "node-x", bad)
+    source_b, seen_by_b = make_source("node-b")
+    wait_for(lambda: seen_by_b.calls, what="hand-over")
+    assert "node-x" not in seen_by_b.latest
+    assert "node-x" in source_b.status.invalid_objects
+
+
+def test_ip_moving_between_nodes_carries_a_later_claim(core, make_source):
+    for name in ("node-a", "node-b", "node-c"):
+        create_node(core, name)
+    source_a, _ = make_source("node-a")
+    source_b, _ = make_source("node-b")
+    _, seen_by_c = make_source("node-c")
+    key_a, key_b = new_key(), new_key()
+    source_a.publish(announcement("node-a", key_a, {"10.240.0.70"}))
+    source_b.publish(announcement("node-b", key_b, set(), endpoint="10.240.0.35"))
+    wait_for(lambda: seen_pod_ips(seen_by_c, "node-a") == {"10.240.0.70"}, what="A owns the IP")
+    source_b.publish(announcement("node-b", key_b, {"10.240.0.70"}, endpoint="10.240.0.35"))  # reused on B first
+    wait_for(lambda: seen_pod_ips(seen_by_c, "node-b") == {"10.240.0.70"}, what="B claims the IP")
+    latest = seen_by_c.latest
+    assert latest["node-b"].pod_ips_changed_at > latest["node-a"].pod_ips_changed_at
+
+
+def test_stop_is_prompt_even_with_open_watches(make_source, core):
+    create_node(core, "node-a")
+    source, recorder = make_source("node-a", SyncSettings(**{**FAST.__dict__, "watch_timeout_seconds": 300}))
+    wait_for(lambda: recorder.calls, what="synced")
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 2.0

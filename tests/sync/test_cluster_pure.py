@@ -1,0 +1,91 @@
+"""Pure conversions of the Kubernetes sync: exact pod IP aggregation and expansion, object parsing, status."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node_hook.cluster import aggregate_pod_ips, expand_prefixes, published_status, remote_node_from_object
+from tests.sync.helpers import announcement, new_key
+
+ipv4_in_vnet = st.integers(min_value=0, max_value=2047).map(lambda n: str(ipaddress.IPv4Address("10.240.0.0") + n))
+ipv6_in_pods = st.integers(min_value=0, max_value=1023).map(lambda n: str(ipaddress.IPv6Address("fd00::") + n))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(ipv4_in_vnet | ipv6_in_pods, max_size=300))
+def test_aggregation_is_exact_and_minimal(ips):
+    prefixes = aggregate_pod_ips(ips)
+    assert expand_prefixes(prefixes, 1 << 20) == frozenset(ips)
+    networks = [ipaddress.ip_network(prefix) for prefix in prefixes]
+    # minimal: no two prefixes could be merged into one
+    for version in (4, 6):
+        family = [network for network in networks if network.version == version]
+        assert list(ipaddress.collapse_addresses(family)) == family
+    versions = [network.version for network in networks]
+    assert versions == sorted(versions), "IPv4 prefixes first"
+
+
+def test_aggregation_examples():
+    assert aggregate_pod_ips({"10.240.0.8", "10.240.0.9", "10.240.0.10", "10.240.0.11", "10.240.0.12"}) == [
+        "10.240.0.8/30", "10.240.0.12/32"]
+    assert aggregate_pod_ips({"fd00::1", "10.240.0.1"}) == ["10.240.0.1/32", "fd00::1/128"]
+    assert aggregate_pod_ips(set()) == []
+
+
+def test_expansion_limit_and_malformed_prefixes():
+    with pytest.raises(ValueError):
+        expand_prefixes(["10.0.0.0/8"], 65536)
+    with pytest.raises(ValueError):
+        expand_prefixes(["10.240.0.1/24"], 65536)  # host bits set: not something a node publishes
+    assert expand_prefixes(["10.240.0.0/31"], 2) == {"10.240.0.0", "10.240.0.1"}
+
+
+def _object(status):
+    return {"metadata": {"name": "node-b", "resourceVersion": "7"}, "status": status}
+
+
+def test_remote_node_from_object():
+    key = new_key()
+    status = published_status(announcement("node-b", key, {"10.240.0.70", "10.240.0.71"}, endpoint="10.240.0.35"),
+                              opted_out=False, pod_ips_changed_at=1_700_000_000.25, previous=None, now=1.0)
+    remote = remote_node_from_object(_object(status), 65536)
+    assert remote.public_key == key and remote.endpoint_ip == "10.240.0.35" and remote.endpoint_port == 51820
+    assert remote.pod_ips == {"10.240.0.70", "10.240.0.71"} and remote.node_ips == {"10.240.0.35"}
+    assert remote.pod_ips_changed_at == pytest.approx(1_700_000_000.25)
+    assert status["podIPPrefixes"] == ["10.240.0.70/31"] and status["podIPCount"] == 2
+    assert status["publicKeyPrefix"] == key[:8] and status["encryption"] == "WireGuard"
+
+
+def test_object_without_status_is_not_a_node_yet_and_bad_objects_are_rejected():
+    assert remote_node_from_object(_object(None), 10) is None
+    with pytest.raises(ValueError):
+        remote_node_from_object(_object({"publicKey": "bm90IGEga2V5"}), 10)
+    with pytest.raises(ValueError):
+        remote_node_from_object(_object({"publicKey": new_key(), "endpoint": {"port": 51820}}), 10)
+    with pytest.raises(ValueError):
+        remote_node_from_object(_object({"publicKey": "", "nodeIPs": ["not-an-ip"]}), 10)
+    keyless = remote_node_from_object(_object({"publicKey": "", "nodeIPs": ["10.240.0.35"]}), 10)
+    assert keyless.public_key == "" and keyless.node_ips == {"10.240.0.35"}
+
+
+def test_opted_out_status_publishes_no_key():
+    status = published_status(announcement("node-b", new_key(), set()), opted_out=True, pod_ips_changed_at=0.0,
+                              previous=None, now=0.0)
+    assert status["publicKey"] == "" and status["publicKeyPrefix"] == "" and status["encryption"] == "OptedOut"
+
+
+def test_status_keeps_timestamps_when_nothing_they_describe_changed():
+    first = published_status(announcement("a", new_key(), {"10.240.0.70"}), False, 100.0, None, now=100.0)
+    same_ips = published_status(announcement("a", new_key(), {"10.240.0.70"}, message="other"), False, 200.0,
+                                first, now=200.0)
+    assert same_ips["podIPsChangedAt"] == first["podIPsChangedAt"]
+    assert same_ips["conditions"][0]["lastTransitionTime"] == first["conditions"][0]["lastTransitionTime"]
+    moved = published_status(announcement("a", new_key(), {"10.240.0.71"}, ready=False), False, 300.0, same_ips,
+                             now=300.0)
+    assert moved["podIPsChangedAt"] != first["podIPsChangedAt"]
+    assert moved["conditions"][0]["status"] == "False"
+    assert moved["conditions"][0]["lastTransitionTime"] != first["conditions"][0]["lastTransitionTime"]
