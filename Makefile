@@ -8,7 +8,7 @@ STAMPS      := .build/stamps
 PYTEST_ARGS ?=
 
 APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make \
-	iproute2 procps kmod xz-utils cpio \
+	iproute2 iputils-ping procps kmod xz-utils cpio \
 	wireguard-go wireguard-tools nftables iptables tcpdump iperf3 \
 	containerd runc containernetworking-plugins \
 	golang-go golang-github-appc-cni-dev \
