@@ -12,11 +12,13 @@ processes. CNI runs as on an AKS node: containerd's CRI plugin executes the conf
 `stop()` is safe to call at any point, also after a failed `start()`: it stops and removes the remaining
 pod sandboxes through CRI (so the CNI DEL chain runs), terminates containerd, kills any shim it left (and
 the shim's pause processes) by PID, removes the per-instance cgroups and deletes the instance's
-directories. Only processes whose command line carries this instance's socket address are touched.
+directories. Only processes whose command line carries this instance's config path or socket address (and
+their descendants) are touched. After the supervising process itself crashed, `Containerd(same base_dir).stop()`
+finds and removes what is left (the cgroup parent is remembered in the base dir).
 
-Facts this relies on (containerd 1.6.20 here) are listed in docs of the lab and
-/work/shared/reference/test-environment.md: `restrict_oom_score_adj` is required without
-CAP_SYS_RESOURCE, crun does not work (runc does), and no image can be pulled, hence the local pause image.
+Facts this relies on (containerd 1.6.20 here): `restrict_oom_score_adj` is required without CAP_SYS_RESOURCE,
+the v1 runtime plugin must stay enabled (1.6's tasks service needs it), crun does not work (runc does), and no
+image can be pulled, hence the local pause image. If a CNI DEL fails, containerd keeps the sandbox (NOTREADY).
 """
 
 from __future__ import annotations
@@ -112,7 +114,8 @@ class Containerd:
     cni_bin_dir     containerd's `cni.bin_dir` (default `<base_dir>/cni-bin`, filled by link_cni_plugins)
     netns           a network namespace to run in: a name under /run/netns or a path (default: the caller's)
     mount_namespace a mount namespace file to start from (e.g. the lab node's /proc/<pid>/ns/mnt); containerd
-                    still gets a private child of it. Paths above must be valid there.
+                    still gets a private child of it. base_dir must be the same path there and outside; the CNI
+                    dirs are taken as they are in that namespace (the caller creates and fills them).
     cgroup_parent   cgroup parent of this instance's sandboxes (default `/wgcni-lab-<name>-<random>`);
                     removed by stop()
     """
@@ -138,6 +141,9 @@ class Containerd:
         self.cni_bin_dir = Path(cni_bin_dir) if cni_bin_dir else self.base_dir / "cni-bin"
         self.netns = netns
         self.mount_namespace = mount_namespace
+        self._cgroup_parent_file = self.base_dir / "cgroup-parent"
+        if cgroup_parent is None and self._cgroup_parent_file.exists():  # recovering an instance after a crash
+            cgroup_parent = self._cgroup_parent_file.read_text().strip()
         self.cgroup_parent = cgroup_parent or f"/wgcni-lab-{name}-{secrets.token_hex(4)}"
         self._image = image
         self._containerd_binary = containerd_binary
@@ -180,23 +186,28 @@ class Containerd:
 
     def _start(self, timeout: float) -> None:
         image = self._image or pause_image()
-        for directory in (self.base_dir, self.root_dir, self.state_dir, self.cni_conf_dir):
+        for directory in (self.base_dir, self.root_dir, self.state_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        if not self.cni_bin_dir.exists():
-            link_cni_plugins(self.cni_bin_dir)
+        if self.mount_namespace is None:  # otherwise the CNI dirs are the node's, seen only in its namespace
+            self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+            if not self.cni_bin_dir.exists():
+                link_cni_plugins(self.cni_bin_dir)
         private_dirs = []
         for mountpoint in PRIVATE_MOUNTPOINTS:
             private = self.base_dir / ("mnt" + mountpoint.replace("/", "-"))
             private.mkdir(exist_ok=True)
             private_dirs.append(str(private))
-            if self.mount_namespace is None:
+        if self.mount_namespace is None:
+            for mountpoint in PRIVATE_MOUNTPOINTS:
                 self._mountpoint_guards.append(_MountpointGuard.hold(Path(mountpoint)))
+        else:
+            self._require_node_mountpoints()
         self.config_path.write_text(self._config_toml(image.name))
-        # In the new mount namespace: make the mountpoints (a no-op when the guards made them), bind the
-        # private directories over them ("$1", "$2", ...), then become containerd.
+        self._cgroup_parent_file.write_text(self.cgroup_parent + "\n")
+        # In the new mount namespace: bind the private directories ("$1", "$2", ...) over the mountpoints, then
+        # become containerd.
         script = "set -e; " + " ".join(
-            f'mkdir -p {mountpoint}; mount --bind "${index + 1}" {mountpoint};'
-            for index, mountpoint in enumerate(PRIVATE_MOUNTPOINTS)
+            f'mount --bind "${index + 1}" {mountpoint};' for index, mountpoint in enumerate(PRIVATE_MOUNTPOINTS)
         ) + f' shift {len(PRIVATE_MOUNTPOINTS)}; exec "$@"'
         argv = [*self._enter_prefix(), "unshare", "--mount", "--propagation", "private", "--"]
         argv += ["/bin/sh", "-c", script, "containerd-node", *private_dirs]
@@ -221,6 +232,23 @@ class Containerd:
                 raise ContainerdError(f"containerd {self.name} did not serve CRI within {timeout}s:\n{self.log_tail()}")
             time.sleep(0.02)
         self._import_image(image)
+
+    def _require_node_mountpoints(self) -> None:
+        """In a node's mount namespace the mountpoints must exist already: creating them here would leave empty
+        directories in whatever file system backs them there (the host's, unless the node has its own)."""
+        probe = subprocess.run(
+            ["nsenter", f"--mount={self.mount_namespace}", "--", "sh", "-c",
+             'for d; do [ -d "$d" ] || echo "$d"; done', "probe", *PRIVATE_MOUNTPOINTS],
+            capture_output=True, text=True,
+        )
+        missing = probe.stdout.split()
+        if probe.returncode != 0:
+            raise ContainerdError(f"containerd {self.name}: cannot enter {self.mount_namespace}: {probe.stderr.strip()}")
+        if missing:
+            raise ContainerdError(
+                f"containerd {self.name}: {', '.join(missing)} must exist in mount namespace {self.mount_namespace} "
+                "(give the node its own /run and /var/lib, or make the directories there yourself)"
+            )
 
     def _enter_prefix(self) -> list[str]:
         prefix = []
@@ -303,7 +331,7 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
         if self._process is not None:
             _terminate(self._process, timeout)
             self._process = None
-        _kill_processes(self._leftover_pids(), timeout)
+        _kill_processes(self.runtime_pids(), timeout)
         self._remove_cgroups()
         for guard in self._mountpoint_guards:
             guard.release()
@@ -324,9 +352,10 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
         except FileNotFoundError:
             return "(no log)"
 
-    def _leftover_pids(self) -> list[int]:
-        """Shims started for this instance (their command line names our socket) and their descendants."""
-        marker = str(self.address).encode()
+    def runtime_pids(self) -> list[int]:
+        """This instance's containerd and shims (their command lines name our config or socket) and all their
+        descendants (the pods' pause processes). Also finds them for an instance whose supervisor crashed."""
+        markers = {str(self.address).encode(), str(self.config_path).encode()}
         parents: dict[int, int] = {}
         roots: list[int] = []
         for entry in os.scandir("/proc"):
@@ -339,7 +368,7 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
             except OSError:
                 continue
             parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-            if marker in cmdline.split(b"\0"):
+            if markers.intersection(cmdline.split(b"\0")):
                 roots.append(pid)
         found = set(roots)
         changed = True

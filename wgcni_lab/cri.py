@@ -145,7 +145,6 @@ class _CriMessages:
     def __init__(self, proto: descriptor_pb2.FileDescriptorProto) -> None:
         self._pool = descriptor_pool.DescriptorPool()
         self._pool.Add(proto)
-        self._file = self._pool.FindFileByName(proto.name)
 
     def cls(self, name: str) -> type:
         return message_factory.GetMessageClass(self._pool.FindMessageTypeByName(f"{CRI_PACKAGE}.{name}"))
@@ -177,7 +176,7 @@ class CriClient:
         self._messages = _messages(str(containerd_binary))
         self._timeout = timeout
         self._channel = grpc.insecure_channel(f"unix://{os.path.abspath(socket_path)}")
-        self._calls: dict[str, Any] = {}
+        self._calls: dict[str, tuple[Any, type]] = {}
 
     def close(self) -> None:
         self._channel.close()
@@ -189,17 +188,17 @@ class CriClient:
         self.close()
 
     def _call(self, name: str, timeout: float | None = None, **request: Any) -> Any:
-        call = self._calls.get(name)
-        path, request_cls, response_cls = self._messages.method(RUNTIME_SERVICE, name)
-        if call is None:
-            call = self._channel.unary_unary(
+        if name not in self._calls:
+            path, request_cls, response_cls = self._messages.method(RUNTIME_SERVICE, name)
+            stub = self._channel.unary_unary(
                 path,
                 request_serializer=request_cls.SerializeToString,
                 response_deserializer=response_cls.FromString,
             )
-            self._calls[name] = call
+            self._calls[name] = (stub, request_cls)
+        stub, request_cls = self._calls[name]
         try:
-            return call(request_cls(**request), timeout=self._timeout if timeout is None else timeout)
+            return stub(request_cls(**request), timeout=self._timeout if timeout is None else timeout)
         except grpc.RpcError as error:
             raise CriError(name, error.code(), error.details() or "") from None
 

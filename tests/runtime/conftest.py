@@ -1,0 +1,58 @@
+"""Fixtures of the real-runtime tests: the built plugin, temp dirs, network namespaces, the libcni driver.
+
+Everything a test creates lives in a short temp dir or a uniquely named network namespace and is removed in
+`finally` blocks, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.runtime.helpers import BUILT_PLUGIN, build_libcni_driver, create_netns, delete_netns
+
+
+@pytest.fixture(scope="session")
+def plugin_binary() -> Path:
+    """The packaged plugin under test; the runtime tests fail (never skip) without it."""
+    if not (BUILT_PLUGIN.exists() and os.access(BUILT_PLUGIN, os.X_OK)):
+        pytest.fail(f"{BUILT_PLUGIN} is missing: run `make build` first (the runtime tests use the built plugin)")
+    return BUILT_PLUGIN
+
+
+@pytest.fixture(scope="module")
+def module_tmp() -> Iterator[Path]:
+    """A short temp dir for the module (Unix socket paths must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="wgcni-rt-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def netns_factory() -> Iterator:
+    """Create uniquely named network namespaces (loopback up); all are deleted after the test."""
+    created: list[str] = []
+
+    def make(prefix: str = "wgcni-rt") -> str:
+        name = create_netns(prefix)
+        created.append(name)
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in created:
+            delete_netns(name)
+
+
+@pytest.fixture(scope="session")
+def libcni_driver() -> Path:
+    """The libcni driver binary (built once per machine and source version)."""
+    return build_libcni_driver()
