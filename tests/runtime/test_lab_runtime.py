@@ -20,6 +20,7 @@ import pytest
 
 from tests.runtime.helpers import create_netns, delete_netns
 from wgcni_lab import pause
+from wgcni_lab.buildcache import CACHE_ENV
 from wgcni_lab.containerd import CGROUP_ROOT, PRIVATE_MOUNTPOINTS, Containerd, link_cni_plugins, write_conflist
 from wgcni_lab.cri import RUNTIME_SERVICE, cri_descriptor
 
@@ -44,14 +45,14 @@ def test_cri_descriptor_comes_from_the_containerd_binary() -> None:
     assert labels_entry.options.map_entry, "map fields must stay maps when the gogo options are dropped"
 
 
-def test_pause_image_is_reproducible_and_named_in_its_index(tmp_path: Path) -> None:
+def test_pause_image_is_reproducible_and_named_in_its_index(tmp_path: Path, monkeypatch) -> None:
     image = pause.pause_image()
-    rebuilt = tmp_path / "rebuilt"
-    rebuilt.mkdir()
-    pause._build(rebuilt, "gcc", json.loads(_member(image.archive, "index.json"))["manifests"][0]["platform"]
-                 ["architecture"], image.name)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # a second, independent build from the same sources
 
-    assert (rebuilt / pause.ARCHIVE_NAME).read_bytes() == image.archive.read_bytes()
+    rebuilt = pause.pause_image()
+
+    assert rebuilt.archive != image.archive and rebuilt.name == image.name
+    assert rebuilt.archive.read_bytes() == image.archive.read_bytes()
     [manifest] = json.loads(_member(image.archive, "index.json"))["manifests"]
     assert manifest["annotations"]["io.containerd.image.name"] == image.name
     layer_digest = json.loads(_member(image.archive, "blobs/sha256/" + manifest["digest"].split(":")[1]))[
@@ -112,8 +113,10 @@ def test_stop_after_a_crash_leaves_no_process_mount_cgroup_or_state(tmp_path_fac
         assert _cgroup_dirs(containerd.cgroup_parent)
 
         os.kill(containerd.pid, signal.SIGKILL)  # the runtime dies; its shims and pods live on
-        time.sleep(0.1)
-        assert all(_alive(pod.pid) for pod in pods)
+        deadline = time.monotonic() + 10
+        while _alive(containerd.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(containerd.pid) and all(_alive(pod.pid) for pod in pods)
         recovered = Containerd(base, name="crash")  # as `wgcni-lab down` would after its own crash
         assert recovered.cgroup_parent == containerd.cgroup_parent
         recovered.stop()
