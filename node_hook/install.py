@@ -7,11 +7,11 @@ install-cni does two things, in this order, so a conflist never names a plugin t
    file by name in the conf dir among *.conf, *.conflist, *.json (libcni's ConfFiles order, which containerd's CRI
    plugin and kubelet use).
 
-Editing the conflist is a text edit, not a re-serialisation: the new entry is spliced in after azure-vnet's object in the
-file's own indentation and separator style, so every other byte (key order, `"name": "azure"`, cniVersion, the other
-plugins, whitespace) stays as it was, and removing the entry gives back the original bytes. The result is re-parsed and
-compared with the intended document before anything is written. An existing wgcni entry is updated in place (any
-duplicate or misplaced one is dropped); an already correct file is not touched at all.
+Editing the conflist is a text edit, not a re-serialisation: the new entry is spliced in after azure-vnet's object in
+the file's own indentation and separator style, so every other byte (key order, `"name": "azure"`, cniVersion, the
+other plugins, whitespace) stays as it was, and removing the entry gives back the original bytes. The result is re-
+parsed and compared with the intended document before anything is written. An existing wgcni entry is updated in place
+(any duplicate or misplaced one is dropped); an already correct file is not touched at all.
 
 Refusals (one line, nothing changed): the file is not valid JSON, has no azure-vnet entry (or more than one), is a
 symlink, declares a cniVersion the plugin does not speak, or is a single-plugin `.conf`. A single-plugin file is refused
@@ -405,7 +405,11 @@ def plan_conflist(conf_dir: Path, entry: dict) -> ConflistPlan:
 
 
 def apply_conflist(plan: ConflistPlan) -> bool:
-    """Write the backup then the conflist; False when the file changed since it was read (caller re-plans)."""
+    """Write the backup then the conflist; False when the file changed since it was read (caller re-plans).
+
+    A writer that replaces the file in the microseconds between this re-read and our rename loses its version to
+    ours: no lock can exclude Azure CNS, which does not take one. Its earlier versions are never lost.
+    """
     current, _ = _read(plan.path)
     if current != plan.original:
         return False
@@ -458,6 +462,19 @@ def _digest(root: Path) -> str:
     return _digest_cache[signature]
 
 
+def _fsync_tree(root: Path) -> None:
+    for directory, _, filenames in os.walk(root):
+        for filename in filenames:
+            path = Path(directory, filename)
+            if not path.is_symlink():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(directory))
+
+
 def _replace_symlink(link: Path, target: str) -> None:
     temp = link.with_name(f".{link.name}.{os.getpid()}{TEMP_SUFFIX}")
     with _ignoring(FileNotFoundError):
@@ -485,6 +502,7 @@ def install_plugin(source: Path, bin_dir: Path) -> bool:
             try:
                 shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
                 os.chmod(staging, 0o755)
+                _fsync_tree(staging)  # the symlink must never point at a bundle a power loss could leave truncated
                 os.replace(staging, bundles / version)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -492,7 +510,9 @@ def install_plugin(source: Path, bin_dir: Path) -> bool:
         _replace_symlink(destination, target)
         _fsync_dir(bin_dir)
         # Keep the bundle the previous symlink pointed at: a plugin started just before the swap may still load from it.
-        keep = {version} | ({Path(previous).parts[1]} if previous and previous.startswith(BUNDLE_DIR_NAME + "/") else set())
+        keep = {version}
+        if previous and previous.startswith(BUNDLE_DIR_NAME + "/"):
+            keep.add(Path(previous).parts[1])
         for stale in bundles.iterdir():
             if stale.name not in keep:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -815,11 +835,12 @@ def _settings_from(config: Path | None, state_dir: str | None, hook_socket: str 
 @click.option("--state-dir", help=f"plugin setting stateDir (pod records)  [default: {DEFAULT_STATE_DIR}]")
 @click.option("--hook-socket", help=f"plugin setting hookSocket  [default: {DEFAULT_HOOK_SOCKET}]")
 @click.option("--log-file", help=f"plugin setting logFile  [default: {DEFAULT_LOG_FILE}]")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS), help=f"plugin setting logLevel  [default: {DEFAULT_LOG_LEVEL}]")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS),
+              help=f"plugin setting logLevel  [default: {DEFAULT_LOG_LEVEL}]")
 @click.option("--watch", is_flag=True, help="keep running and re-insert the entry whenever the conf dir changes")
 @click.option("--wait", is_flag=True,
-              help="while the conflist is missing or not chainable yet (node boot, before Azure CNS wrote it), wait for "
-                   "the conf dir to change and retry; exit once installed (the init container's mode)")
+              help="while the conflist is missing or not chainable yet (node boot, before Azure CNS wrote it), wait "
+                   "for the conf dir to change and retry; exit once installed (the init container's mode)")
 @click.option("--resync", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
               help="with --watch: seconds between full re-checks besides change events")
 @click.option("--poll-interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,

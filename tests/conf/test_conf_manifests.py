@@ -44,7 +44,7 @@ def _one(kind: str) -> dict:
 
 @pytest.mark.parametrize("version", AKS_KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("path, document", MANIFESTS,
-                         ids=[f"{path.name}:{document['kind']}/{document['metadata']['name']}" for path, document in MANIFESTS])
+                         ids=[f"{path.name}:{doc['kind']}/{doc['metadata']['name']}" for path, doc in MANIFESTS])
 def test_manifest_is_valid_for_aks_kubernetes(path, document, version):
     kubernetes_validate.validate(document, version, strict=True)  # strict: unknown fields are errors
 

@@ -92,8 +92,8 @@ def test_existing_entry_is_updated_in_place_never_duplicated(path):
 
 
 def test_misplaced_and_duplicate_entries_are_moved_after_azure_vnet():
-    text = json.dumps({"cniVersion": "0.3.0", "name": "azure", "plugins": [
-        {"type": "wgcni", "stateDir": "/old"}, {"type": "azure-vnet"}, {"type": "portmap"}, {"type": "wgcni"}]}, indent=2)
+    plugins = [{"type": "wgcni", "stateDir": "/old"}, {"type": "azure-vnet"}, {"type": "portmap"}, {"type": "wgcni"}]
+    text = json.dumps({"cniVersion": "0.3.0", "name": "azure", "plugins": plugins}, indent=2)
     result = json.loads(insert_entry(text, ENTRY))
     assert [p["type"] for p in result["plugins"]] == ["azure-vnet", "wgcni", "portmap"]
     assert result["plugins"][1] == ENTRY

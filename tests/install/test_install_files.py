@@ -1,4 +1,4 @@
-"""install-cni / uninstall-cni on real directories: which file, atomic writes, backups, exact restore, the plugin copy."""
+"""install-cni / uninstall-cni on real directories: which file, atomic writes, backups, exact restore, plugin copy."""
 
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def test_changed_settings_update_the_entry_in_place(node):
 def test_only_the_first_config_by_name_is_edited(node):
     conf_dir, bin_dir, plugin = node
     (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
-    (conf_dir / "15-azure-swift-overlay.conflist").write_bytes((DATA / "azure-linux-swift-overlay.conflist").read_bytes())
+    overlay = (DATA / "azure-linux-swift-overlay.conflist").read_bytes()
+    (conf_dir / "15-azure-swift-overlay.conflist").write_bytes(overlay)
     (conf_dir / "05-notes.txt").write_text("not a CNI config")
     (conf_dir / "01-dir.conflist").mkdir()
     untouched = _snapshot(conf_dir)
