@@ -843,6 +843,7 @@ class ApiServer:
             rtype, name, subresource = self._route(url.path)
             if is_watch:
                 code = 200
+                self._record(method, url.path, code, is_watch)  # now: a watch may stay open for a long time
                 self._serve_watch(request, rtype, query)
                 return
             code, body = self._dispatch(request, method, rtype, name, subresource, query)
@@ -853,8 +854,12 @@ class ApiServer:
         except (BrokenPipeError, ConnectionResetError):
             request.close_connection = True
         finally:
-            with self._lock:
-                self.requests.append(RequestRecord(method, url.path, code, time.monotonic(), is_watch))
+            if not (is_watch and code == 200):
+                self._record(method, url.path, code, is_watch)
+
+    def _record(self, method: str, path: str, code: int, is_watch: bool) -> None:
+        with self._lock:
+            self.requests.append(RequestRecord(method, path, code, time.monotonic(), is_watch))
 
     def _take_fault(self, method: str, path: str) -> int | None:
         with self._lock:

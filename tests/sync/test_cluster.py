@@ -4,8 +4,10 @@ watching (cut streams, 410 relist, prune only after a complete list), opt-out, n
 from __future__ import annotations
 
 import ipaddress
+import pathlib
 import time
 
+import yaml
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
@@ -257,3 +259,45 @@ def test_stop_is_prompt_even_with_open_watches(make_source, core):
     started = time.monotonic()
     source.stop()
     assert time.monotonic() - started < 2.0
+
+
+RBAC = [doc for doc in yaml.safe_load_all((pathlib.Path(__file__).parents[2] / "conf" / "rbac.yaml").read_text())]
+
+
+def _granted() -> set[tuple[str, str]]:
+    role = next(doc for doc in RBAC if doc["kind"] == "ClusterRole")
+    return {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def _verb(record) -> tuple[str, str]:
+    parts = [part for part in record.path.split("/") if part]
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    resource = rest[0] + ("/" + rest[2] if len(rest) == 3 else "")
+    if record.method == "GET":
+        verb = "watch" if record.watch else ("get" if len(rest) >= 2 else "list")
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[record.method]
+    return resource, verb
+
+
+def test_rbac_grants_exactly_what_the_sync_uses(server, core, custom, make_source):
+    node = create_node(core, "node-a")
+    create_node(core, "node-b")
+    # an object left behind by an earlier Node of the same name: the hook must re-own it (update)
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "WireguardNode",
+        "metadata": {"name": "node-a", "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "an-earlier-node"}]}})
+    test_client_requests = len(server.requests)
+    source_a, _ = make_source("node-a")
+    source_b, _ = make_source("node-b")  # node-b's object does not exist: created
+    source_a.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
+    wait_for(lambda: source_a.status.published and source_b.status.published, what="both published")
+    owners = object_of(custom, "node-a")["metadata"]["ownerReferences"]
+    assert [owner["uid"] for owner in owners] == [node.metadata.uid]
+    used = {_verb(record) for record in list(server.requests)[test_client_requests:]
+            if record.code < 500 and not (record.method == "GET" and "/status" in record.path)}
+    assert used <= _granted(), used - _granted()
+    assert _granted() <= used, f"granted but never used: {_granted() - used}"
+
