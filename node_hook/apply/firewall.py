@@ -1,14 +1,18 @@
-"""Firewall applier: the hook's own nftables table (`inet <table>`), replaced atomically with `nft -f`.
+"""Firewall applier: the hook's own nftables tables (`inet <table>`, `arp <table>`), replaced atomically.
 
-What the table does (rendered by `render_firewall`, shared with the fake):
+What the tables do (rendered by `render_firewall`, shared with the fake):
 - raw PREROUTING: every packet that arrives on anything but lo, the WireGuard device or a pod veth gets the fwmark
   bit, so with `src_valid_mark=1` the reverse-path check of plaintext packets from the underlay (WireGuard's own
   UDP, nodes without a key, peers that have not programmed us yet) skips the hook's table and passes;
+- ARP input (table `arp <table>`): the same mark on ARP requests. The kernel answers an ARP request only if a route
+  lookup from the sender passes the reverse-path check; with host encryption the sender (a node IP) routes into
+  the tunnel, so under strict rp_filter unmarked requests go unanswered and nodes on a shared L2 lose each other
+  (Azure's fabric answers ARP itself, bare L2 networks and the netns tests do not);
 - INPUT: the WireGuard UDP port is accepted;
 - FORWARD: TCP SYNs leaving through the WireGuard device get their MSS clamped to the route MTU, so pods whose
   veths keep MTU 1500 open connections that fit the tunnel even where ICMP "fragmentation needed" is filtered.
 
-The table is the only nftables object the hook touches; `delete()` removes it and nothing else. The nft CLI is the
+These two tables are the only nftables objects the hook touches; `delete()` removes them and nothing else. The nft CLI is the
 supported interface to nftables (libnftables' Python binding is not on PyPI); one process per apply.
 """
 
@@ -18,6 +22,9 @@ import subprocess
 
 from node_hook.apply.dataplane import FirewallSpec
 from node_hook.apply.fakes import render_firewall
+
+
+FAMILIES = ("inet", "arp")
 
 
 class FirewallError(RuntimeError):
@@ -36,25 +43,30 @@ class NftFirewall:
             raise FirewallError(f"{self.nft} not found: install nftables") from None
 
     def read(self) -> str | None:
-        result = self._run(["list", "table", "inet", self.table])
-        if result.returncode != 0:
-            if "No such file or directory" in result.stderr:
-                return None
-            raise FirewallError(f"nft list table inet {self.table}: {result.stderr.strip()}")
-        return result.stdout
+        listings = []
+        for family in FAMILIES:
+            result = self._run(["list", "table", family, self.table])
+            if result.returncode != 0:
+                if "No such file or directory" in result.stderr:
+                    return None
+                raise FirewallError(f"nft list table {family} {self.table}: {result.stderr.strip()}")
+            listings.append(result.stdout)
+        return "".join(listings)
 
     def apply(self, spec: FirewallSpec) -> str:
-        # One transaction: create-if-missing, delete, recreate. Never a moment without the marks rule.
-        script = f"table inet {spec.table} {{}}\ndelete table inet {spec.table}\n{render_firewall(spec)}"
-        result = self._run(["-f", "-"], script)
+        # One transaction: create-if-missing, delete, recreate. Never a moment without the marks rules.
+        reset = "".join(f"table {family} {spec.table} {{}}\ndelete table {family} {spec.table}\n"
+                        for family in FAMILIES)
+        result = self._run(["-f", "-"], reset + render_firewall(spec))
         if result.returncode != 0:
             raise FirewallError(f"nft -f: {result.stderr.strip()}")
         listing = self.read()
         if listing is None:
-            raise FirewallError(f"table inet {spec.table} missing right after it was applied")
+            raise FirewallError(f"tables {self.table} missing right after they were applied")
         return listing
 
     def delete(self) -> None:
-        result = self._run(["delete", "table", "inet", self.table])
-        if result.returncode != 0 and "No such file or directory" not in result.stderr:
-            raise FirewallError(f"nft delete table inet {self.table}: {result.stderr.strip()}")
+        for family in FAMILIES:
+            result = self._run(["delete", "table", family, self.table])
+            if result.returncode != 0 and "No such file or directory" not in result.stderr:
+                raise FirewallError(f"nft delete table {family} {self.table}: {result.stderr.strip()}")

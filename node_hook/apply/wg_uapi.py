@@ -4,10 +4,10 @@
 (`get=1` / `set=1`, key=value lines, keys in hex, a blank line ends a request, `errno=N` ends the answer).
 
 `UserspaceWireGuard` implements `WireGuardBackend`:
-- `ensure_device` starts `wireguard-go -f` when no process answers on the socket (an orphan left running by a
-  previous hook process is adopted, so restarting the hook does not cut traffic), then sets key, port and fwmark over
-  UAPI and MTU/up over netlink. A watcher thread reports the child's exit through `on_exit` so the daemon restarts
-  it at once with the same key.
+- `ensure_device` starts `wireguard-go -f` when no process answers on the socket (one left running by a previous
+  hook process is adopted: `close()` leaves it serving, so restarting the hook does not cut traffic), then sets key,
+  port and fwmark over UAPI and MTU/up over netlink. A watcher thread reports the child's exit through `on_exit` so
+  the daemon restarts it at once with the same key.
 - `apply_peer_ops` sends all ops in ONE `set=1` transaction (wireguard-go applies it under the device lock).
   `RemoveAllowedIPs` gives the prefixes to a temporary all-zero-key peer and deletes that peer in the same
   transaction: the peer's other AllowedIPs are never touched and there is no window (wireguard-go accepts the
@@ -160,8 +160,10 @@ class UserspaceWireGuard:
         socket_dir: Path = SOCKET_DIR,
         on_exit: Callable[[int], None] | None = None,
         start_timeout: float = 5.0,
+        log_file: Path | None = None,
     ) -> None:
         self.ifname = ifname
+        self.log_file = log_file
         self.wireguard_go = wireguard_go
         self.client = UapiClient(Path(socket_dir) / f"{ifname}.sock")
         self.on_exit = on_exit
@@ -183,15 +185,26 @@ class UserspaceWireGuard:
         stale = self._ipr.link_lookup(ifname=self.ifname)
         if stale:  # a TUN left by a dead wireguard-go: the new one cannot take the name
             self._ipr.link("del", index=stale[0])
+        if self.client.socket_path.exists():  # left by a killed wireguard-go; nobody answers on it
+            self.client.socket_path.unlink()
         environment = dict(os.environ, LOG_LEVEL="error", WG_PROCESS_FOREGROUND="1")
-        process = subprocess.Popen(
-            [self.wireguard_go, "-f", self.ifname],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            start_new_session=True,
-        )
+        # Its output goes to a file, not a pipe: wireguard-go outlives the hook (see close()), and a Go program
+        # writing to a broken stdout pipe dies of SIGPIPE without removing its socket.
+        output = open(self.log_file, "ab") if self.log_file is not None else subprocess.DEVNULL
+        try:
+            process = subprocess.Popen(
+                [self.wireguard_go, "-f", self.ifname],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                start_new_session=True,
+            )
+        except OSError as error:
+            raise UapiError(f"cannot start {self.wireguard_go}: {error.strerror}") from None
+        finally:
+            if output is not subprocess.DEVNULL:
+                output.close()  # type: ignore[union-attr]
         self._process = process
         threading.Thread(target=self._watch, args=(process,), name=f"wireguard-go-{self.ifname}",
                          daemon=True).start()
@@ -206,11 +219,6 @@ class UserspaceWireGuard:
         raise UapiError(f"wireguard-go {self.ifname}: no UAPI socket after {self.start_timeout:.0f}s")
 
     def _watch(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            if line and "kernel has first class support" not in line and not set(line) <= set("│┌┐└┘─ "):
-                log.info("wireguard-go %s: %s", self.ifname, line)
         code = process.wait()
         if process is self._process:
             log.warning("wireguard-go %s exited with %s", self.ifname, code)
@@ -292,8 +300,13 @@ class UserspaceWireGuard:
             deadline = time.monotonic() + 3
             while self.client.socket_path.exists() and self.client.alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
+            if self.client.socket_path.exists() and not self.client.alive():
+                self.client.socket_path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Release the netlink socket and stop supervising. wireguard-go keeps serving the device, as a kernel
+        device outlives the hook: a restarted hook adopts it, so a hook restart or upgrade does not cut traffic.
+        `delete_device()` (wgcni-node cleanup) ends it."""
         with self._lock:
-            self._stop_child()
+            self._process = None
             self._ipr.close()

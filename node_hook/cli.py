@@ -1,0 +1,179 @@
+"""`wgcni-node`: run the hook, clean up after it, show the public key, install/uninstall the CNI plugin.
+
+Errors are one line on stderr with a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from node_hook.config import ConfigError, Settings, load_settings
+from node_hook.install import install_cni, uninstall_cni
+
+
+class JsonLinesFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonLinesFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config) if config is not None else Settings()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+config_option = click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
+                             help="settings file (YAML or JSON); defaults apply without one")
+
+
+@click.group()
+def main() -> None:
+    """wgcni-node: the node hook of wgcni (WireGuard for Azure CNI)."""
+
+
+@main.command()
+@config_option
+def run(config: Path | None) -> None:
+    """Run the hook until SIGTERM/SIGINT."""
+    from node_hook.daemon import Daemon
+    from node_hook.detect import DetectError, detect
+    from node_hook.keys import KeyFileError, load_or_create
+    from node_hook.local_api import ApiError, LocalApiServer
+
+    settings = _settings(config)
+    setup_logging(settings)
+    log = logging.getLogger("wgcni-node")
+    try:
+        key = load_or_create(settings.key_file)
+        environment = detect(settings)
+    except (KeyFileError, DetectError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    if settings.peers_file is not None:
+        from node_hook.static_peers import StaticPeerSource
+
+        source = StaticPeerSource(settings.peers_file, settings.announce_file)
+    else:
+        from node_hook.cluster import KubernetesPeerSource, api_client_from_environment
+
+        try:
+            source = KubernetesPeerSource(settings.node_name, api_client_from_environment())
+        except Exception as error:  # noqa: BLE001 - kube config problems are one line for the operator
+            raise click.ClickException(f"Kubernetes client: {error}") from None
+    daemon = Daemon(settings, key, environment, source)
+    server = LocalApiServer(settings.socket, daemon)
+    try:
+        server.start()
+    except (ApiError, OSError) as error:
+        raise click.ClickException(str(error)) from None
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info("node %s, public key %s, backend %s, interface %s, endpoint %s, mtu %d (%s), host encryption %s",
+             settings.node_name, key.public_key, daemon.appliers.wireguard.kind, settings.interface,
+             environment.endpoint, environment.mtu, environment.mtu_reason, daemon.host_encryption)
+    daemon.start()
+    try:
+        stop.wait()
+    finally:
+        log.info("stopping")
+        server.stop()
+        daemon.stop()
+
+
+@main.command()
+@config_option
+def cleanup(config: Path | None) -> None:
+    """Remove what the hook created (device, routes in its table, its rules, its nftables table) and restore the
+    sysctls it changed. The key file and the pod records are kept."""
+    from node_hook.apply.firewall import FirewallError, NftFirewall
+    from node_hook.apply.routes import PyrouteRouting
+    from node_hook.apply.sysctl import Sysctls
+    from node_hook.daemon import FIREWALL_TABLE, real_wireguard_backend
+    from node_hook.local_api import request
+
+    settings = _settings(config)
+    try:
+        request(settings.socket, {"op": "status"}, timeout=2)
+    except (OSError, ValueError):
+        pass
+    else:
+        raise click.ClickException(f"a hook is running on {settings.socket}: stop it first")
+    problems: list[str] = []
+    steps = (
+        ("rules and routes", lambda: _flush_routing(PyrouteRouting(settings.route_table, settings.interface))),
+        ("device", lambda: _delete_device(real_wireguard_backend(settings, lambda code: None))),
+        ("firewall", lambda: NftFirewall(FIREWALL_TABLE).delete()),
+        ("sysctls", lambda: Sysctls(settings.sysctl_originals_file).restore()),
+    )
+    for what, step in steps:
+        try:
+            step()
+        except (OSError, FirewallError, RuntimeError) as error:
+            problems.append(f"{what}: {error}")
+    if problems:
+        raise click.ClickException("; ".join(problems))
+    click.echo(f"removed {settings.interface}, table {settings.route_table} routes and rules, "
+               f"nftables table inet {FIREWALL_TABLE}; sysctls restored")
+
+
+def _flush_routing(routing) -> None:  # type: ignore[no-untyped-def]
+    try:
+        routing.flush()
+    finally:
+        routing.close()
+
+
+def _delete_device(backend) -> None:  # type: ignore[no-untyped-def]
+    try:
+        backend.delete_device()
+    finally:
+        backend.close()
+
+
+@main.command("show-key")
+@config_option
+def show_key(config: Path | None) -> None:
+    """Print this node's public key."""
+    from node_hook.keys import KeyFileError, load_existing
+
+    settings = _settings(config)
+    try:
+        click.echo(load_existing(settings.key_file).public_key)
+    except KeyFileError as error:
+        raise click.ClickException(str(error)) from None
+
+
+main.add_command(install_cni)
+main.add_command(uninstall_cni)
+
+
+if __name__ == "__main__":
+    main()

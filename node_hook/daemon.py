@@ -1,0 +1,468 @@
+"""The event-driven reconciler daemon: sources -> model -> reconciler, on one worker thread.
+
+Only the worker thread touches the model and the appliers' write paths. Other threads (local API, peer source,
+netlink monitor, wireguard-go watcher) enqueue events and wake it:
+- a pod notification re-reads that one record and applies at once (the caller waits up to a bound for the pass);
+- the records directory is rescanned every `recordRescanInterval` (the record, not the notification, is the truth);
+- netlink says our device, a rule pointing at our table, or a route we want in it was removed, or wireguard-go
+  exited -> that aspect is marked out of sync and repaired in the next pass (well within 2 s), with the same key;
+- every `resyncInterval` every aspect is read back in full and diffed;
+- a failed pass is retried after a short backoff (max 1 s) and reads back what failed.
+After each pass the local announcement (key, endpoint, node IPs, local pod IPs, MTU, readiness) is published to
+the peer source, which coalesces.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from node_hook.apply.dataplane import FirewallSpec
+from node_hook.apply.wireguard import DeviceSpec, WireGuardBackend
+from node_hook.config import Settings
+from node_hook.detect import Environment, kernel_wireguard_available
+from node_hook.keys import NodeKey
+from node_hook.model import LOCAL, LocalAnnouncement, NodeModel, RemoteNode, RouteKind, host_prefix
+from node_hook.planner import desired_rules
+from node_hook.reconciler import Reconciler, Targets
+
+log = logging.getLogger(__name__)
+
+FIREWALL_TABLE = "wgcni"
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def record_key(network: str, container_id: str, ifname: str) -> str:
+    return f"{network}/{container_id}@{ifname}"
+
+
+def host_encryption_enabled(settings: Settings, environment: Environment) -> bool:
+    return environment.azure if settings.host_encryption == "auto" else settings.host_encryption == "true"
+
+
+def desired_sysctls(settings: Settings) -> dict[str, str]:
+    return {
+        # the fwmark set in raw PREROUTING counts in the reverse-path lookup (plaintext from the underlay passes)
+        "net/ipv4/conf/all/src_valid_mark": "1",
+        # loose reverse-path check on the tunnel: WireGuard already checks every inner source against AllowedIPs
+        f"net/ipv4/conf/{settings.interface}/rp_filter": "2",
+    }
+
+
+def key_fingerprint(public_key: str) -> str:
+    return hashlib.sha256(base64.b64decode(public_key)).hexdigest()[:16]
+
+
+@dataclass
+class _Appliers:
+    wireguard: WireGuardBackend
+    routing: Any
+    firewall: Any
+    sysctls: Any
+
+
+def real_wireguard_backend(settings: Settings, on_exit: Callable[[int], None]) -> WireGuardBackend:
+    """The backend the settings ask for; `auto` = kernel when the WireGuard module is available."""
+    backend = settings.backend
+    if backend == "auto":
+        backend = "kernel" if kernel_wireguard_available() else "userspace"
+    if backend == "kernel":
+        from node_hook.apply.wg_kernel import KernelWireGuard  # imported only when chosen
+
+        return KernelWireGuard(settings.interface)
+    from node_hook.apply.wg_uapi import UserspaceWireGuard
+
+    return UserspaceWireGuard(settings.interface, settings.wireguard_go, on_exit=on_exit,
+                              log_file=settings.state_dir / f"wireguard-go-{settings.interface}.log")
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        key: NodeKey,
+        environment: Environment,
+        peer_source: Any,
+        appliers: _Appliers | None = None,
+        record_store: Any = None,
+        monitor_netlink: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.key = key
+        self.environment = environment
+        self.peer_source = peer_source
+        self.clock = clock
+        self.host_encryption = host_encryption_enabled(settings, environment)
+        self.model = NodeModel(settings.node_name, environment.node_ips, self.host_encryption,
+                               settings.persistent_keepalive)
+        if appliers is None:
+            from node_hook.apply.firewall import NftFirewall
+            from node_hook.apply.routes import PyrouteRouting
+            from node_hook.apply.sysctl import Sysctls
+
+            appliers = _Appliers(
+                real_wireguard_backend(settings, self._wireguard_exited),
+                PyrouteRouting(settings.route_table, settings.interface),
+                NftFirewall(FIREWALL_TABLE),
+                Sysctls(settings.sysctl_originals_file),
+            )
+        self.appliers = appliers
+        self.targets = Targets(
+            DeviceSpec(settings.interface, key.private, settings.listen_port, settings.fwmark, environment.mtu),
+            desired_rules(settings.rule_priority, settings.fwmark, settings.route_table),
+            FirewallSpec(FIREWALL_TABLE, settings.fwmark, settings.interface, settings.pod_interface_prefixes,
+                         settings.listen_port),
+            desired_sysctls(settings),
+        )
+        self.reconciler = Reconciler(self.model, self.targets, appliers.wireguard, appliers.routing,
+                                     appliers.firewall, appliers.sysctls)
+        if record_store is None:
+            from cni_plugin.records import RecordStore
+
+            record_store = RecordStore(str(settings.state_dir))
+        self.records = record_store
+        self.monitor_netlink = monitor_netlink
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._events: list[Callable[[], None]] = []
+        self._out_of_sync: set[str] = set()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._monitor: threading.Thread | None = None
+        self.generation = 0  # passes completed
+        self.last_error: str | None = None
+        self.record_errors: list[str] = []
+        self.peers_complete = False
+        self.last_pass_at = 0.0
+        self._retry_index = 0
+        self._last_announcement: LocalAnnouncement | None = None
+        self.records_meta: dict[str, dict[str, Any]] = {}
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._rescan_records()
+        self._worker = threading.Thread(target=self._run, name="wgcni-reconcile", daemon=True)
+        self._worker.start()
+        if self.monitor_netlink:
+            self._monitor = threading.Thread(target=self._watch_netlink, name="wgcni-netlink", daemon=True)
+            self._monitor.start()
+        self.peer_source.start(self.on_nodes)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        self.peer_source.stop()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        self.appliers.wireguard.close()
+
+    # ---- events (any thread) ----------------------------------------------------------------------------
+
+    def _enqueue(self, event: Callable[[], None] | None = None, out_of_sync: tuple[str, ...] = ()) -> int:
+        with self._wake:
+            if event is not None:
+                self._events.append(event)
+            self._out_of_sync.update(out_of_sync)
+            self._wake.notify_all()
+            return self.generation + 1
+
+    def wait_for_pass(self, after_generation: int, timeout: float) -> bool:
+        deadline = self.clock() + timeout
+        with self._wake:
+            while self.generation < after_generation:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
+        return True
+
+    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.2) -> None:
+        """A notification from the plugin: re-read that record now and apply."""
+        generation = self._enqueue(lambda: self._load_record(network, container_id, ifname))
+        self.wait_for_pass(generation, wait)
+
+    def on_nodes(self, nodes: dict[str, RemoteNode], complete: bool) -> None:
+        """From the peer source. Peers are pruned only once a complete list has been seen."""
+        def apply() -> None:
+            if complete:
+                self.peers_complete = True
+                self.model.replace_remote_nodes(nodes)
+            else:
+                self.model.update_remote_nodes(nodes)
+        self._enqueue(apply)
+
+    def _wireguard_exited(self, code: int) -> None:
+        self._enqueue(out_of_sync=("device",))
+
+    def trigger_resync(self) -> int:
+        return self._enqueue(out_of_sync=("firewall", "device", "sysctls", "peers", "routes", "rules"))
+
+    # ---- worker -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        now = self.clock()
+        next_rescan = now + self.settings.record_rescan_interval
+        next_resync = now + self.settings.resync_interval
+        retry_at: float | None = now
+        while not self._stopping.is_set():
+            with self._wake:
+                while not self._events and not self._out_of_sync and not self._stopping.is_set():
+                    deadline = min(next_rescan, next_resync, retry_at if retry_at is not None else next_resync)
+                    remaining = deadline - self.clock()
+                    if remaining <= 0:
+                        break
+                    self._wake.wait(remaining)
+                events, self._events = self._events, []
+                out_of_sync, self._out_of_sync = self._out_of_sync, set()
+            if self._stopping.is_set():
+                return
+            now = self.clock()
+            for event in events:
+                try:
+                    event()
+                except Exception as error:  # noqa: BLE001 - a bad record or peer list must not stop the loop
+                    log.error("%s", error)
+            if now >= next_rescan:
+                self._rescan_records()
+                next_rescan = now + self.settings.record_rescan_interval
+            if now >= next_resync:
+                out_of_sync.update(("firewall", "device", "sysctls", "peers", "routes", "rules"))
+                next_resync = now + self.settings.resync_interval
+            if out_of_sync:
+                self.reconciler.mark_out_of_sync(*sorted(out_of_sync))
+            result = self.reconciler.reconcile()
+            if result.error is None:
+                retry_at = None
+                self._retry_index = 0
+                if result.applied:
+                    log.info("applied %s", ", ".join(f"{k}={v}" for k, v in result.applied.items()))
+            else:
+                retry_at = self.clock() + RETRY_DELAYS[min(self._retry_index, len(RETRY_DELAYS) - 1)]
+                self._retry_index += 1
+            with self._wake:
+                self.last_error = result.error
+                self.last_pass_at = time.time()
+                self.generation += 1
+                self._wake.notify_all()
+            self._publish()
+
+    def _load_record(self, network: str, container_id: str, ifname: str) -> None:
+        from cni_plugin.records import RecordError
+
+        key = record_key(network, container_id, ifname)
+        try:
+            record = self.records.read(network, container_id, ifname)
+        except RecordError as error:
+            log.error("pod record %s: %s (ignored until it is valid)", key, error)
+            return
+        if record is None:
+            self.model.remove_local_pod(key)
+            self.records_meta.pop(key, None)
+        else:
+            self.model.set_local_pod(key, record["ips"])
+            self.records_meta[key] = _record_meta(record)
+
+    def _rescan_records(self) -> None:
+        errors: list[str] = []
+        records = self.records.list(errors=errors)
+        local: dict[str, list[str]] = {}
+        meta: dict[str, dict[str, Any]] = {}
+        for record in records:
+            key = record_key(record["network"], record["containerID"], record["ifname"])
+            try:
+                ipaddresses = [str(ipaddress.ip_address(ip)) for ip in record["ips"]]
+            except ValueError:
+                errors.append(f"{key}: invalid IP in {record['ips']!r}")
+                continue
+            local[key] = ipaddresses
+            meta[key] = _record_meta(record)
+        for error in errors:
+            if error not in self.record_errors:
+                log.error("pod record %s", error)
+        self.record_errors = errors
+        self.model.replace_local_pods(local)
+        self.records_meta = meta
+
+    def _publish(self) -> None:
+        announcement = LocalAnnouncement(
+            name=self.settings.node_name,
+            public_key=self.key.public_key,
+            endpoint_ip=self.environment.endpoint,
+            endpoint_port=self.settings.listen_port,
+            node_ips=self.environment.node_ips,
+            pod_ips=frozenset(str(ip) for ip in self.model.local_pod_ips),
+            mtu=self.environment.mtu,
+            ready=self.reconciler.converged,
+            message=self.last_error or "dataplane programmed",
+        )
+        if announcement != self._last_announcement:
+            self._last_announcement = announcement
+            try:
+                self.peer_source.publish(announcement)
+            except Exception as error:  # noqa: BLE001 - the source retries; never stop the worker
+                log.error("publishing this node's state: %s", error)
+
+    # ---- netlink monitor --------------------------------------------------------------------------------
+
+    def _watch_netlink(self) -> None:
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl import (
+            RTMGRP_IPV4_ROUTE,
+            RTMGRP_IPV4_RULE,
+            RTMGRP_IPV6_ROUTE,
+            RTMGRP_IPV6_RULE,
+            RTMGRP_LINK,
+        )
+
+        table = self.settings.route_table
+        with IPRoute() as ipr:
+            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
+            while not self._stopping.is_set():
+                for message in ipr.get():
+                    event = message["event"]
+                    if event in ("RTM_DELLINK", "RTM_NEWLINK") and message.get("ifname") == self.settings.interface:
+                        if event == "RTM_DELLINK" or not message["flags"] & 1:
+                            self._enqueue(out_of_sync=("device",))
+                    elif event == "RTM_DELRULE" and message.get("table") == table:
+                        self._enqueue(out_of_sync=("rules",))
+                    elif event == "RTM_DELROUTE" and message.get("table") == table:
+                        prefix = ipaddress.ip_network(f"{message.get('dst')}/{message['dst_len']}", strict=False)
+                        self._enqueue(lambda prefix=prefix: self._route_removed(prefix))
+
+    def _route_removed(self, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        """Worker thread: a route left our table; repair it if we still want it (our own deletes are not)."""
+        if prefix in self.model.routes:
+            self.reconciler.mark_out_of_sync("routes")
+
+    # ---- queries (any thread; read-only snapshots) ------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        converged = self.reconciler.converged
+        problems = self.model.problems()
+        source_error = getattr(self.peer_source, "error", None)
+        if self.last_error:
+            message = f"reconcile error (retrying): {self.last_error}"
+        elif not self.peers_complete:
+            message = "waiting for the first complete peer list"
+        elif problems:
+            message = f"dataplane programmed; {len(problems)} problem(s): {problems[0].message}"
+        else:
+            message = "dataplane programmed"
+        sync_status = getattr(self.peer_source, "status", None)
+        return {
+            "ready": converged and self.generation > 0,
+            "dataplane_programmed": converged,
+            "message": message,
+            "node": self.settings.node_name,
+            "publicKey": self.key.public_key,
+            "keyFingerprint": key_fingerprint(self.key.public_key),
+            "backend": self.appliers.wireguard.kind,
+            "interface": self.settings.interface,
+            "listenPort": self.settings.listen_port,
+            "endpoint": self.environment.endpoint,
+            "nodeIPs": sorted(self.environment.node_ips),
+            "mtu": self.environment.mtu,
+            "mtuReason": self.environment.mtu_reason,
+            "underlayInterface": self.environment.underlay_interface,
+            "azure": self.environment.azure,
+            "azureReason": self.environment.azure_reason,
+            "hostEncryption": self.host_encryption,
+            "fwmark": f"{self.settings.fwmark:#x}",
+            "routeTable": self.settings.route_table,
+            "rulePriority": self.settings.rule_priority,
+            "inSync": dict(self.reconciler.in_sync),
+            "peersComplete": self.peers_complete,
+            "peerSourceError": source_error,
+            "sync": _plain(sync_status),
+            "counts": {
+                "peers": len(self.model.peers),
+                "remoteNodes": len(self.model.remote_nodes),
+                "localPods": len(self.model.local_records),
+                "routes": len(self.model.routes),
+            },
+            "problems": [{"kind": p.kind, "subject": p.subject, "message": p.message} for p in problems],
+            "recordErrors": list(self.record_errors),
+            "lastError": self.last_error,
+            "passes": self.reconciler.passes,
+            "errors": self.reconciler.errors,
+            "generation": self.generation,
+        }
+
+    def check(self, ips: list[str]) -> dict[str, Any]:
+        """Are these local pod IPs programmed (local, throw route, in no peer) and is everything in sync?"""
+        missing: list[str] = []
+        for text in ips:
+            try:
+                ip = ipaddress.ip_address(text)
+            except ValueError:
+                missing.append(text)
+                continue
+            if self.model.owner_of(ip) != LOCAL or self.model.routes.get(host_prefix(ip)) is not RouteKind.THROW:
+                missing.append(text)
+        programmed = not missing and self.reconciler.converged
+        if missing:
+            message = f"not programmed yet: {', '.join(missing)}"
+        elif not self.reconciler.converged:
+            message = f"dataplane not in sync: {self.last_error or 'reconciling'}"
+        else:
+            message = "programmed"
+        return {"programmed": programmed, "missing": missing, "message": message}
+
+    def peers(self) -> list[dict[str, Any]]:
+        device = self.appliers.wireguard.read()
+        live = device.peers if device is not None else {}
+        pod_ips = _pod_ips_by_node(self.model.remote_nodes)
+        out = []
+        for key, peer in sorted(self.model.peers.items(), key=lambda item: item[1].node):
+            state = live.get(key)
+            out.append({
+                "node": peer.node,
+                "publicKey": key,
+                "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}",
+                "allowedIPs": sorted(str(p) for p in peer.allowed_ips),
+                "programmed": state is not None and state.allowed_ips == peer.allowed_ips,
+                "latestHandshake": state.latest_handshake if state else 0.0,
+                "rxBytes": state.rx_bytes if state else 0,
+                "txBytes": state.tx_bytes if state else 0,
+                "podIPs": sorted(pod_ips.get(peer.node, [])),
+            })
+        return out
+
+    def routes(self) -> list[dict[str, Any]]:
+        out = []
+        for prefix, kind in sorted(self.model.routes.items(), key=lambda item: (item[0].version, item[0])):
+            owner = self.model.owner_of(prefix.network_address)
+            out.append({"prefix": str(prefix), "kind": kind.value,
+                        "owner": "local" if owner == LOCAL else owner})
+        return out
+
+    def pods(self) -> list[dict[str, Any]]:
+        return [dict(meta, key=key) for key, meta in sorted(self.records_meta.items())]
+
+
+def _record_meta(record: dict[str, Any]) -> dict[str, Any]:
+    return {field: record.get(field) for field in ("network", "containerID", "ifname", "podNamespace", "podName",
+                                                    "ips", "netns")}
+
+
+def _pod_ips_by_node(nodes: dict[str, RemoteNode]) -> dict[str, list[str]]:
+    return {name: list(node.pod_ips) for name, node in nodes.items()}
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(value)
+    return str(value)

@@ -1,0 +1,150 @@
+"""The hook's local API: a Unix stream socket (mode 0600), one JSON request line -> one JSON answer line.
+
+Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods. Every answer has `ok`; on
+`ok: false` an `error` a person can act on. A malformed request never reaches the daemon and never kills the server.
+`request()` is the client used by the CLI (the plugin has its own stdlib client).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20
+_RECORD_FIELDS = ("network", "containerID", "ifname")
+
+
+class ApiError(ValueError):
+    pass
+
+
+def _require_record_key(request: dict[str, Any]) -> tuple[str, str, str]:
+    values = []
+    for field in _RECORD_FIELDS:
+        value = request.get(field)
+        if not isinstance(value, str) or not value:
+            raise ApiError(f"{request.get('op')}: '{field}' must be a non-empty string")
+        values.append(value)
+    return values[0], values[1], values[2]
+
+
+def answer(daemon: Any, request: object) -> dict[str, Any]:
+    """The answer to one decoded request."""
+    if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+        return {"ok": False, "error": 'request must be a JSON object with an "op" string'}
+    op = request["op"]
+    try:
+        if op in ("pod-added", "pod-deleted"):
+            network, container_id, ifname = _require_record_key(request)
+            daemon.pod_changed(network, container_id, ifname)
+            return {"ok": True}
+        if op == "check":
+            ips = request.get("ips")
+            if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
+                raise ApiError("check: 'ips' must be a list of strings")
+            return {"ok": True, **daemon.check(ips)}
+        if op == "status":
+            return {"ok": True, **daemon.status()}
+        if op == "peers":
+            return {"ok": True, "peers": daemon.peers()}
+        if op == "routes":
+            return {"ok": True, "routes": daemon.routes()}
+        if op == "pods":
+            return {"ok": True, "pods": daemon.pods()}
+        if op == "resync":
+            daemon.trigger_resync()
+            return {"ok": True}
+    except ApiError as error:
+        return {"ok": False, "error": str(error)}
+    except Exception as error:  # noqa: BLE001 - the server answers, logs, and keeps serving
+        log.exception("local API %s failed", op)
+        return {"ok": False, "error": f"{op} failed in the hook: {error}"}
+    return {"ok": False, "error": f"unknown op {op!r}; known: pod-added, pod-deleted, check, status, peers, "
+                                  "routes, pods, resync"}
+
+
+class LocalApiServer:
+    def __init__(self, socket_path: Path, daemon: Any) -> None:
+        self.socket_path = Path(socket_path)
+        self.daemon = daemon
+        self._server: socketserver.ThreadingUnixStreamServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        daemon = self.daemon
+
+        class Handler(socketserver.StreamRequestHandler):
+            timeout = 5
+
+            def handle(self) -> None:
+                try:
+                    line = self.rfile.readline(MAX_REQUEST + 1)
+                except OSError:
+                    return
+                if len(line) > MAX_REQUEST:
+                    reply: dict[str, Any] = {"ok": False, "error": "request larger than 1 MiB"}
+                else:
+                    try:
+                        reply = answer(daemon, json.loads(line))
+                    except (ValueError, UnicodeDecodeError):
+                        reply = {"ok": False, "error": "request is not one line of JSON"}
+                try:
+                    self.wfile.write(json.dumps(reply).encode() + b"\n")
+                except OSError:
+                    pass
+
+        self.socket_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self._remove_stale_socket()
+        old_umask = os.umask(0o177)
+        try:
+            server = socketserver.ThreadingUnixStreamServer(str(self.socket_path), Handler)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="wgcni-local-api", daemon=True)
+        self._thread.start()
+
+    def _remove_stale_socket(self) -> None:
+        if not self.socket_path.exists():
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(self.socket_path))
+        except OSError:
+            self.socket_path.unlink(missing_ok=True)  # nobody listens: a leftover of a dead hook
+            return
+        finally:
+            probe.close()
+        raise ApiError(f"{self.socket_path}: another wgcni-node is already serving here")
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self.socket_path.unlink(missing_ok=True)
+
+
+def request(socket_path: Path, payload: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request and return the answer; raises OSError when the hook is not there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        connection.connect(str(socket_path))
+        connection.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = connection.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
