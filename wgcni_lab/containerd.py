@@ -156,7 +156,7 @@ class Containerd:
         self.state_dir = self.base_dir / "state"
         self._process: subprocess.Popen[bytes] | None = None
         self._client: CriClient | None = None
-        self._mountpoint_guards: list[_MountpointGuard] = []
+        self._mountpoint_guards: list[SharedMountpoint] = []
         if len(str(self.address).encode()) > 100:
             raise ValueError(f"{self.address}: too long for a Unix socket path (with its .ttrpc twin)")
 
@@ -199,7 +199,7 @@ class Containerd:
             private_dirs.append(str(private))
         if self.mount_namespace is None:
             for mountpoint in PRIVATE_MOUNTPOINTS:
-                self._mountpoint_guards.append(_MountpointGuard.hold(Path(mountpoint)))
+                self._mountpoint_guards.append(SharedMountpoint.hold(Path(mountpoint)))
         else:
             self._require_node_mountpoints()
         self.config_path.write_text(self._config_toml(image.name))
@@ -460,13 +460,16 @@ def _pod(status: SandboxStatus) -> Pod:
     )
 
 
-class _MountpointGuard:
+class SharedMountpoint:
     """Keeps a shared mountpoint directory (/run/containerd, /var/lib/cni) alive while an instance uses it.
 
-    Each user holds a shared flock on the directory. On release, the directory is removed only if this
-    instance created it, nobody else holds it (exclusive lock granted) and it is empty — removing a directory
-    that another live mount namespace uses as a mountpoint would detach that namespace's mount.
+    Each user holds a shared flock on the directory. A directory that did not exist is created with a marker
+    (an extended attribute, or failing that the creator's own memory). On release the directory is removed
+    only if it carries the marker, is empty and nobody else holds it (exclusive lock granted): removing a
+    directory that another live mount namespace uses as a mountpoint would detach that namespace's mount.
     """
+
+    MARKER = "user.wgcni-lab.created"
 
     def __init__(self, path: Path, fd: int, created: bool) -> None:
         self.path = path
@@ -474,7 +477,7 @@ class _MountpointGuard:
         self._created = created
 
     @classmethod
-    def hold(cls, path: Path) -> _MountpointGuard:
+    def hold(cls, path: Path) -> SharedMountpoint:
         while True:
             created = False
             try:
@@ -489,14 +492,25 @@ class _MountpointGuard:
             except FileNotFoundError:
                 same = False
             if same:
+                if created:
+                    try:
+                        os.setxattr(fd, cls.MARKER, b"1")
+                    except OSError:  # no user xattrs on this file system: only the creator can remove it
+                        pass
                 return cls(path, fd, created)
             os.close(fd)  # removed by its last user between our mkdir and our lock: start over
+
+    def _marked(self) -> bool:
+        try:
+            return os.getxattr(self._fd, self.MARKER) == b"1"
+        except OSError:
+            return self._created
 
     def release(self) -> None:
         if self._fd is None:
             return
         try:
-            if self._created:
+            if self._created or self._marked():
                 try:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     os.rmdir(self.path)

@@ -21,7 +21,14 @@ import pytest
 from tests.runtime.helpers import create_netns, delete_netns
 from wgcni_lab import pause
 from wgcni_lab.buildcache import CACHE_ENV
-from wgcni_lab.containerd import CGROUP_ROOT, PRIVATE_MOUNTPOINTS, Containerd, link_cni_plugins, write_conflist
+from wgcni_lab.containerd import (
+    CGROUP_ROOT,
+    PRIVATE_MOUNTPOINTS,
+    Containerd,
+    SharedMountpoint,
+    link_cni_plugins,
+    write_conflist,
+)
 from wgcni_lab.cri import RUNTIME_SERVICE, cri_descriptor
 
 KUBELET_SANDBOX_CALLS = {"Version", "Status", "RunPodSandbox", "StopPodSandbox", "RemovePodSandbox",
@@ -165,3 +172,19 @@ def test_containerd_runs_inside_a_node_mount_namespace(tmp_path_factory, node_ne
         holder.kill()
         holder.wait()
     assert {path: os.path.exists(path) for path in node_only} == host_before
+
+
+def test_a_shared_mountpoint_is_removed_by_its_last_user_only(tmp_path: Path) -> None:
+    created_here = tmp_path / "run-containerd"
+    first, second = SharedMountpoint.hold(created_here), SharedMountpoint.hold(created_here)
+
+    first.release()
+    assert created_here.is_dir(), "still the mountpoint of the second instance"
+    second.release()  # not its creator, but the directory carries the creator's marker
+    assert not created_here.exists()
+
+    preexisting = tmp_path / "var-lib-cni"
+    preexisting.mkdir()
+    guard = SharedMountpoint.hold(preexisting)
+    guard.release()
+    assert preexisting.is_dir(), "a directory that existed before is never removed"
