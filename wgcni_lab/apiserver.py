@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import ctypes
 import json
 import re
 import socket
@@ -41,6 +42,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 JSON = dict[str, Any]
+CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -708,10 +710,44 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
 
+@dataclass(frozen=True)
+class NamespacedListener:
+    """An extra address to serve on inside another network namespace (e.g. the lab's VNet, so that hooks running
+    in node namespaces reach the server while the test process talks to it on loopback)."""
+
+    netns: str  # a name under /run/netns or a path
+    host: str
+    port: int
+
+
+def _bind_in_namespace(listener: NamespacedListener, api: ApiServer) -> _HttpServer:
+    """Create the listening socket inside `listener.netns`: setns() applies to the calling thread only, so the
+    bind happens on a short-lived thread; the socket stays in that namespace whoever serves it."""
+    result: list[_HttpServer | BaseException] = []
+
+    def bind() -> None:
+        try:
+            path = listener.netns if "/" in listener.netns else f"/run/netns/{listener.netns}"
+            with open(path) as namespace:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {path} failed")
+            result.append(_HttpServer((listener.host, listener.port), api))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            result.append(error)
+
+    thread = threading.Thread(target=bind, name="apiserver-bind")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
 @dataclass
 class ApiServer:
     """The test API server. Use as a context manager or call start()/stop(); `url` is what the client's
-    Configuration.host takes."""
+    Configuration.host takes. `also_listen` serves the same store in other network namespaces too."""
 
     crds: list[JSON] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -719,8 +755,11 @@ class ApiServer:
     history_window: int = 10_000
     bookmark_interval: float = 1.0
     default_watch_timeout: float = 1800.0
+    also_listen: list[NamespacedListener] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if any(listener.port == 0 for listener in self.also_listen):
+            raise ValueError("a namespaced listener needs a fixed port (it must stay the same across restarts)")
         types = [NODES] + [rtype for crd in self.crds for rtype in resource_types_from_crd(crd)]
         self.store = Store(types, self.history_window)
         self.requests: collections.deque[RequestRecord] = collections.deque(maxlen=100_000)
@@ -729,24 +768,33 @@ class ApiServer:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._watchers: set[Watcher] = set()
-        self._http: _HttpServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[tuple[_HttpServer, threading.Thread]] = []
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> ApiServer:
-        self._http = _HttpServer((self.host, self.port), self)
-        self.port = self._http.server_address[1]
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"apiserver:{self.port}", daemon=True)
-        self._thread.start()
+        try:
+            primary = _HttpServer((self.host, self.port), self)
+            self.port = primary.server_address[1]
+            self._serve(primary)
+            for listener in self.also_listen:
+                self._serve(_bind_in_namespace(listener, self))
+        except BaseException:
+            self.stop()
+            raise
         return self
 
+    def _serve(self, http: _HttpServer) -> None:
+        thread = threading.Thread(target=http.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name=f"apiserver:{http.server_address[1]}", daemon=True)
+        thread.start()
+        self._servers.append((http, thread))
+
     def stop(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._thread.join()
-            self._http = None
+        for http, thread in self._servers:
+            http.shutdown()
+            http.server_close()
+            thread.join()
+        self._servers.clear()
         self.cut_watches()
         self.drop_connections()
 

@@ -3,7 +3,11 @@ list and watch with resourceVersion, bookmarks, 410 Gone, patches, owner-referen
 
 from __future__ import annotations
 
+import json
 import pathlib
+import secrets
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +16,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from wgcni_lab.apiserver import ApiServer
+from wgcni_lab.apiserver import ApiServer, NamespacedListener
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
 GROUP, VERSION, PLURAL = "wgcni.io", "v1alpha1", "wireguardnodes"
@@ -268,3 +272,28 @@ def test_delete_with_stale_precondition_is_409(core):
     assert raised.value.status == 409
     core.delete_node("node-a")
     assert core.list_node().items == []
+
+
+@pytest.mark.netns
+def test_also_listens_inside_another_network_namespace(core):
+    namespace = f"wgcni-api-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+        port = 20000 + secrets.randbelow(20000)
+        with ApiServer(also_listen=[NamespacedListener(namespace, "127.0.0.1", port)]) as server:
+            make_node(client.CoreV1Api(client.ApiClient(client.Configuration(host=server.url))), "node-a")
+            probe = subprocess.run(
+                ["ip", "netns", "exec", namespace, sys.executable, "-c",
+                 f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/api/v1/nodes')"
+                 ".read().decode())"], capture_output=True, text=True, timeout=30)
+            assert probe.returncode == 0, probe.stderr
+            assert [item["metadata"]["name"] for item in json.loads(probe.stdout)["items"]] == ["node-a"]
+            server.restart()
+            probe = subprocess.run(
+                ["ip", "netns", "exec", namespace, sys.executable, "-c",
+                 f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/version')"],
+                capture_output=True, text=True, timeout=30)
+            assert probe.returncode == 0, probe.stderr
+    finally:
+        subprocess.run(["ip", "netns", "delete", namespace], check=False)
