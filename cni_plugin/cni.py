@@ -4,15 +4,13 @@ It parses and validates the environment and the network configuration, hands one
 prints the result in the input's cniVersion, and turns every failure into a CNI error object on stdout with a
 spec code (1 version, 4 environment, 6 decode, 7 configuration, 50/51 STATUS, 100+ wgcni's own) and exit 1.
 Nothing escapes as a traceback: unexpected exceptions become code 999 and their traceback goes to the log file.
-Standard library only.
+Standard library only (and not even ``json``: see cni_plugin/cjson.py).
 """
 
-from __future__ import annotations
-
 import io
-import json
 import os
 
+from cni_plugin import cjson
 from cni_plugin.filelog import LEVELS, FileLog
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -166,17 +164,13 @@ def error_object(cni_version: str, code: int, msg: str, details: str = "") -> di
 
 
 def _write(stdout: io.IOBase, obj: dict) -> int:
-    stdout.write(json.dumps(obj, indent=1) + "\n")
+    stdout.write(cjson.dumps(obj) + "\n")
     stdout.flush()
     return 0
 
 
 def _identity(env: dict) -> str:
     return f"container={env.get('CNI_CONTAINERID', '')!r:.80} ifname={env.get('CNI_IFNAME', '')!r:.20}"
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _decode_stdin(stdin: io.IOBase) -> dict:
@@ -186,7 +180,7 @@ def _decode_stdin(stdin: io.IOBase) -> dict:
     if not data.strip():
         raise CniError(ERR_DECODE, "no network configuration on stdin")
     try:
-        raw = json.loads(data, parse_constant=_reject_constant)
+        raw = cjson.loads(data)
     except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CniError(ERR_DECODE, "network configuration on stdin is not valid JSON", str(error)[:200]) from None
     if not isinstance(raw, dict):

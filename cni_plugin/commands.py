@@ -5,9 +5,7 @@ DEL removes the record; CHECK compares record, prevResult and the hook's view; S
 additions. VERSION is answered by the dispatcher without loading this module. Standard library only.
 """
 
-from __future__ import annotations
-
-import ipaddress
+import _socket
 
 from cni_plugin import notify
 from cni_plugin.cni import (
@@ -208,13 +206,30 @@ def pod_ips(prev_result: dict) -> list[str]:
     addresses = set()
     for index, entry in enumerate(entries):
         address = entry.get("address") if isinstance(entry, dict) else None
-        if not isinstance(address, str) or "/" not in address:
-            raise CniError(ERR_INVALID_CONFIG, f"prevResult.ips[{index}].address is not an address with prefix")
-        try:
-            addresses.add(ipaddress.ip_interface(address).ip)
-        except ValueError as error:
-            raise CniError(ERR_INVALID_CONFIG, f"prevResult.ips[{index}].address is invalid", str(error)) from None
-    return [str(ip) for ip in sorted(addresses, key=lambda ip: (ip.version, ip))]
+        parsed = parse_cidr_host(address) if isinstance(address, str) else None
+        if parsed is None:
+            raise CniError(ERR_INVALID_CONFIG, f"prevResult.ips[{index}].address is not an IP address with prefix",
+                           f"got {address!r:.60}")
+        addresses.add(parsed)
+    return [_socket.inet_ntop(family, packed) for family, packed in sorted(addresses)]
+
+
+def parse_cidr_host(cidr: str) -> tuple[int, bytes] | None:
+    """``"10.240.0.65/16"`` -> (family, packed host address); None when it is not an address with a valid prefix.
+
+    The C resolver functions (inet_pton/inet_ntop) parse and print the canonical form instead of ``ipaddress``,
+    which costs ~3 ms to import (it pulls in re and functools) on the plugin's start-up path. IPv4 families sort
+    before IPv6 (AF_INET 2 < AF_INET6 10), addresses of one family in numeric order.
+    """
+    address, slash, prefix = cidr.partition("/")
+    family = _socket.AF_INET6 if ":" in address else _socket.AF_INET
+    max_prefix = 128 if family == _socket.AF_INET6 else 32
+    if not slash or not prefix.isascii() or not prefix.isdigit() or len(prefix) > 3 or int(prefix) > max_prefix:
+        return None
+    try:
+        return family, _socket.inet_pton(family, address)
+    except OSError:
+        return None
 
 
 def valid_attachments(raw: dict) -> set[tuple[str, str]]:

@@ -8,8 +8,6 @@ processes anyway. Each line is one ``write`` on an ``O_APPEND`` descriptor (whol
 rotation renames the file to ``<file>.1`` under an ``flock`` of the file being rotated.
 """
 
-from __future__ import annotations
-
 import fcntl
 import os
 import time

@@ -4,8 +4,6 @@ The CNI path imports only the standard library (enforced by tests/unit/test_laye
 for the CLI.
 """
 
-from __future__ import annotations
-
 import io
 import os
 import sys

