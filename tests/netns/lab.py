@@ -140,6 +140,9 @@ class Lab:
         node.exec("ip", "link", "set", "lo", "up")
         node.exec("ip", "addr", "add", f"{ip}/{PREFIX_LEN}", "dev", "eth0")
         node.exec("ip", "link", "set", "eth0", "up")
+        # IPv4 lab: no IPv6 link-local chatter on the capture, no addresses appearing late in route snapshots
+        node.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        node.exec("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
         node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         node.exec("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")  # strict, as on many distros
         node.exec("sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1")
