@@ -185,7 +185,7 @@ class Daemon:
                 self._wake.wait(remaining)
         return True
 
-    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.2) -> None:
+    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15) -> None:
         """A notification from the plugin: re-read that record now and apply."""
         generation = self._enqueue(lambda: self._load_record(network, container_id, ifname))
         self.wait_for_pass(generation, wait)

@@ -1,0 +1,233 @@
+"""The daemon on fakes: record notifications and rescans, peer lists (no pruning before complete), outside events,
+the local API answers (including malformed requests), publishing, and the static peer source."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from cni_plugin.records import RecordStore, utc_now_rfc3339
+from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from node_hook.config import Settings
+from node_hook.daemon import Daemon, _Appliers
+from node_hook.detect import Environment
+from node_hook.keys import load_or_create
+from node_hook.local_api import LocalApiServer, answer, request
+from node_hook.model import LocalAnnouncement, RemoteNode
+from node_hook.static_peers import PeersFileError, StaticPeerSource, parse_peers
+
+KEY_B = "B" * 43 + "="
+
+
+class ManualPeerSource:
+    def __init__(self) -> None:
+        self.on_nodes: Callable[[dict[str, RemoteNode], bool], None] | None = None
+        self.published: list[LocalAnnouncement] = []
+        self.stopped = False
+
+    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
+        self.on_nodes = on_nodes
+
+    def publish(self, announcement: LocalAnnouncement) -> None:
+        self.published.append(announcement)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def node_b(pods: set[str]) -> RemoteNode:
+    return RemoteNode("b", KEY_B, "10.240.0.35", 51820, frozenset({"10.240.0.35"}), frozenset(pods), 1.0)
+
+
+def write_record(store: RecordStore, container_id: str, ips: list[str]) -> None:
+    now = utc_now_rfc3339()
+    with store.lock():
+        store.write({"format": 1, "network": "azure", "containerID": container_id, "ifname": "eth0",
+                     "netns": "/var/run/netns/x", "podNamespace": "default", "podName": container_id,
+                     "podUID": None, "ips": ips, "cniVersion": "0.3.0", "prevResult": {}, "created": now,
+                     "updated": now})
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.settings = Settings(node_name="a", state_dir=tmp / "state", socket=tmp / "hook.sock",
+                                 record_rescan_interval=0.2, resync_interval=60)
+        self.key = load_or_create(self.settings.key_file)
+        self.environment = Environment("10.240.0.4", frozenset({"10.240.0.4"}), "eth0", 1500, True,
+                                       "test", 1340, "test")
+        self.wg = FakeWireGuard()
+        self.routing = FakeRouting(self.settings.route_table)
+        self.sysctls = FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0", "net/ipv4/conf/wgcni0/rp_filter": "1"},
+                                   self.settings.sysctl_originals_file)
+        self.source = ManualPeerSource()
+        self.store = RecordStore(str(self.settings.state_dir))
+        self.daemon = Daemon(self.settings, self.key, self.environment, self.source,
+                             _Appliers(self.wg, self.routing, FakeFirewall(), self.sysctls),
+                             record_store=self.store, monitor_netlink=False)
+
+    def settle(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"not reached; status: {self.daemon.status()}")
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    harness.daemon.start()
+    try:
+        yield harness
+    finally:
+        harness.daemon.stop()
+
+
+def routes(h: Harness) -> dict[str, str]:
+    return {str(prefix): kind for prefix, kind in h.routing.routes.items()}
+
+
+def test_notification_applies_the_record_at_once(harness: Harness) -> None:
+    write_record(harness.store, "c1", ["10.240.0.9"])
+    harness.daemon.pod_changed("azure", "c1", "eth0", wait=5)
+    assert routes(harness)["10.240.0.9/32"] == "throw"
+    assert harness.daemon.check(["10.240.0.9"]) == {"programmed": True, "missing": [], "message": "programmed"}
+    with harness.store.lock():
+        harness.store.remove("azure", "c1", "eth0")
+    harness.daemon.pod_changed("azure", "c1", "eth0", wait=5)
+    assert "10.240.0.9/32" not in routes(harness)
+    assert harness.daemon.check(["10.240.0.9"])["missing"] == ["10.240.0.9"]
+
+
+def test_records_are_found_by_the_rescan_without_a_notification(harness: Harness) -> None:
+    write_record(harness.store, "c2", ["10.240.0.10"])
+    harness.settle(lambda: routes(harness).get("10.240.0.10/32") == "throw")
+    assert harness.daemon.pods()[0]["podName"] == "c2"
+
+
+def test_invalid_record_is_reported_and_never_programmed(harness: Harness) -> None:
+    directory = harness.settings.records_dir / "azure"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "bad@eth0.json").write_text("{not json")
+    harness.settle(lambda: harness.daemon.record_errors != [])
+    assert "bad@eth0.json" in harness.daemon.record_errors[0]
+    assert routes(harness) == {}
+
+
+def test_peers_are_not_pruned_before_a_complete_list(harness: Harness) -> None:
+    assert harness.source.on_nodes is not None
+    harness.source.on_nodes({"b": node_b({"10.240.0.70"})}, False)
+    harness.settle(lambda: KEY_B in (harness.wg.device.peers if harness.wg.device else {}))
+    harness.source.on_nodes({}, False)  # partial: b stays
+    time.sleep(0.1)
+    assert KEY_B in harness.wg.device.peers  # type: ignore[union-attr]
+    assert not harness.daemon.status()["peersComplete"]
+    harness.source.on_nodes({}, True)  # complete and empty: b goes
+    harness.settle(lambda: KEY_B not in harness.wg.device.peers)  # type: ignore[union-attr]
+    assert harness.daemon.status()["peersComplete"]
+
+
+def test_publishes_local_pods_key_and_readiness(harness: Harness) -> None:
+    write_record(harness.store, "c3", ["10.240.0.11"])
+    harness.daemon.pod_changed("azure", "c3", "eth0", wait=5)
+    harness.settle(lambda: bool(harness.source.published) and
+                   harness.source.published[-1].pod_ips == frozenset({"10.240.0.11"}))
+    last = harness.source.published[-1]
+    assert last.public_key == harness.key.public_key and last.ready and last.mtu == 1340
+
+
+def test_failure_is_retried_and_reported_then_clears(harness: Harness) -> None:
+    harness.settle(lambda: harness.daemon.status()["ready"])
+    harness.routing.fail_next.add("apply")
+    harness.source.on_nodes({"b": node_b({"10.240.0.70"})}, True)  # type: ignore[misc]
+    harness.settle(lambda: harness.routing.routes.get(ipaddress.ip_network("10.240.0.70/32")) == "dev")
+    harness.settle(lambda: harness.daemon.status()["ready"])
+    assert harness.daemon.reconciler.errors == 1 and harness.daemon.status()["lastError"] is None
+
+
+def test_outside_deletion_of_the_device_is_repaired_with_the_same_key(harness: Harness) -> None:
+    harness.settle(lambda: harness.daemon.status()["ready"])
+    before = harness.wg.device.public_key  # type: ignore[union-attr]
+    harness.wg.device = None
+    harness.daemon._enqueue(out_of_sync=("device",))  # what the netlink monitor does on RTM_DELLINK
+    harness.settle(lambda: harness.wg.device is not None)
+    assert harness.wg.device.public_key == before == harness.key.public_key  # type: ignore[union-attr]
+
+
+def test_local_api_over_the_socket(harness: Harness) -> None:
+    server = LocalApiServer(harness.settings.socket, harness.daemon)
+    server.start()
+    try:
+        assert os.stat(harness.settings.socket).st_mode & 0o777 == 0o600
+        write_record(harness.store, "c4", ["10.240.0.12"])
+        assert request(harness.settings.socket, {"op": "pod-added", "network": "azure", "containerID": "c4",
+                                                 "ifname": "eth0"}) == {"ok": True}
+        harness.settle(lambda: request(harness.settings.socket, {"op": "check", "ips": ["10.240.0.12"]})["programmed"])
+        status = request(harness.settings.socket, {"op": "status"})
+        assert status["ok"] and status["node"] == "a" and status["counts"]["localPods"] == 1
+        assert request(harness.settings.socket, {"op": "routes"})["routes"] == [
+            {"prefix": "10.240.0.12/32", "kind": "throw", "owner": "local"}]
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(str(harness.settings.socket))
+            raw.sendall(b"this is not json\n")
+            reply = json.loads(raw.makefile().readline())
+        assert reply == {"ok": False, "error": "request is not one line of JSON"}
+        assert request(harness.settings.socket, {"op": "status"})["ok"]  # still serving
+        with pytest.raises(Exception, match="already serving"):
+            LocalApiServer(harness.settings.socket, harness.daemon).start()
+    finally:
+        server.stop()
+    assert not harness.settings.socket.exists()
+
+
+@pytest.mark.parametrize("request_,error", [
+    ([], 'request must be a JSON object with an "op" string'),
+    ({"op": "pod-added", "network": "azure"}, "pod-added: 'containerID' must be a non-empty string"),
+    ({"op": "check", "ips": "10.0.0.1"}, "check: 'ips' must be a list of strings"),
+    ({"op": "frobnicate"}, "unknown op 'frobnicate'"),
+])
+def test_bad_requests_get_actionable_errors(harness: Harness, request_: object, error: str) -> None:
+    reply = answer(harness.daemon, request_)
+    assert reply["ok"] is False and error in reply["error"]
+
+
+def test_static_peers_file_parsing_and_errors(tmp_path: Path) -> None:
+    text = json.dumps({"nodes": [{"name": "b", "publicKey": KEY_B, "endpoint": "10.240.0.35",
+                                  "nodeIPs": ["10.240.0.35"], "podIPs": ["10.240.0.70"], "podIPsChangedAt": 5}]})
+    assert parse_peers(text, "f")["b"] == RemoteNode("b", KEY_B, "10.240.0.35", 51820, frozenset({"10.240.0.35"}),
+                                                   frozenset({"10.240.0.70"}), 5.0)
+    for bad, needle in (("[]", "expected"), ('{"nodes": [{"name": "b", "podIPs": ["x"]}]}', "podIPs"),
+                        ('{"nodes": [{}]}', "name"), ("{", "not JSON")):
+        with pytest.raises(PeersFileError, match=needle):
+            parse_peers(bad, "f")
+
+
+def test_static_source_rereads_on_change_and_keeps_last_good(tmp_path: Path) -> None:
+    peers = tmp_path / "peers.json"
+    seen: list[tuple[dict[str, RemoteNode], bool]] = []
+    source = StaticPeerSource(peers, tmp_path / "announce.json", poll_interval=0.02)
+    source.start(lambda nodes, complete: seen.append((nodes, complete)))
+    try:
+        assert seen == [] and "no such file" in (source.error or "")
+        peers.write_text(json.dumps({"nodes": [{"name": "b", "publicKey": KEY_B, "endpoint": "10.240.0.35"}]}))
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(seen[-1][0]) == {"b"} and seen[-1][1] is True
+        peers.write_text("{broken")
+        while source.error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(seen) == 1 and "not JSON" in (source.error or "")
+        source.publish(LocalAnnouncement("a", "K", "10.240.0.4", 51820, frozenset({"10.240.0.4"}),
+                                         frozenset({"10.240.0.9"}), 1340, True, "ok"))
+        assert json.loads((tmp_path / "announce.json").read_text())["podIPs"] == ["10.240.0.9"]
+    finally:
+        source.stop()
