@@ -49,6 +49,7 @@ OPT_OUT_LABEL = "wgcni.io/wireguard"  # on the Node; the value "disabled" opts t
 OPT_OUT_VALUE = "disabled"
 PUBLIC_KEY_ANNOTATION = "wgcni.io/public-key"  # on the Node, for visibility; absent when the node has no key
 MANAGED_BY = {"app.kubernetes.io/managed-by": "wgcni-node"}
+USER_AGENT = "wgcni-node"
 
 JSON = dict[str, Any]
 OnNodes = Callable[[dict[str, RemoteNode], bool], None]
@@ -335,6 +336,7 @@ class KubernetesPeerSource:
         self.node_name = node_name
         self.settings = settings
         self.clock = clock
+        api_client.user_agent = f"{USER_AGENT}/{node_name}"  # the API server's logs and audit name the caller
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.status = SyncStatus()

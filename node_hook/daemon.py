@@ -4,7 +4,7 @@ Only the worker thread touches the model and the appliers' write paths. Other th
 netlink monitor, wireguard-go watcher) enqueue events and wake it:
 - a pod notification re-reads that one record and applies at once (the caller waits up to a bound for the pass);
 - the records directory is rescanned every `recordRescanInterval` (the record, not the notification, is the truth);
-- netlink says our device, a rule pointing at our table, or a route we want in it was removed, or wireguard-go
+- netlink says our device or its address, a rule pointing at our table, or a route we want in it was removed, or wireguard-go
   exited -> that aspect is marked out of sync and repaired in the next pass (well within 2 s), with the same key;
 - every `resyncInterval` every aspect is read back in full and diffed;
 - a failed pass is retried after a short backoff (max 1 s) and reads back what failed.
@@ -239,6 +239,7 @@ class Daemon:
                 next_resync = now + self.settings.resync_interval
             if out_of_sync:
                 self.reconciler.mark_out_of_sync(*sorted(out_of_sync))
+            self.reconciler.prune = self.peers_complete
             result = self.reconciler.reconcile()
             if result.error is None:
                 retry_at = None
@@ -316,6 +317,7 @@ class Daemon:
     def _watch_netlink(self) -> None:
         from pyroute2 import IPRoute
         from pyroute2.netlink.rtnl import (
+            RTMGRP_IPV4_IFADDR,
             RTMGRP_IPV4_ROUTE,
             RTMGRP_IPV4_RULE,
             RTMGRP_IPV6_ROUTE,
@@ -325,13 +327,18 @@ class Daemon:
 
         table = self.settings.route_table
         with IPRoute() as ipr:
-            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
+            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+                     | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
+            wireguard_index = (ipr.link_lookup(ifname=self.settings.interface) or [None])[0]
             while not self._stopping.is_set():
                 for message in ipr.get():
                     event = message["event"]
                     if event in ("RTM_DELLINK", "RTM_NEWLINK") and message.get("ifname") == self.settings.interface:
+                        wireguard_index = message["index"]
                         if event == "RTM_DELLINK" or not message["flags"] & 1:
                             self._enqueue(out_of_sync=("device",))
+                    elif event == "RTM_DELADDR" and message["index"] == wireguard_index:
+                        self._enqueue(out_of_sync=("routes",))
                     elif event == "RTM_DELRULE" and message.get("table") == table:
                         self._enqueue(out_of_sync=("rules",))
                     elif event == "RTM_DELROUTE" and message.get("table") == table:

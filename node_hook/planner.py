@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from node_hook.apply.dataplane import (
+    DEVICE_ADDRESS,
     FOREIGN_ROUTE,
+    AddDeviceAddress,
     AddRule,
     DeleteRoute,
     DeleteRule,
@@ -38,6 +40,7 @@ from node_hook.model import DesiredPeer, IPNetwork, RouteKind
 APPLY_ORDER: tuple[str, ...] = (
     "firewall",  # rp_filter marks and the WireGuard port first: nothing below may make plaintext replies drop
     "device",  # the WireGuard device (key, port, fwmark, MTU, up) before anything refers to it
+    "device_address",  # its link-scope address, without which the reverse-path check drops what it receives
     "sysctls",  # src_valid_mark (so the marks count in the reverse-path check) and the device's rp_filter
     "peer_reshape",  # a peer's new prefixes that only regroup IPs it already has: no IP ever has no peer
     "peer_removals",  # IPs leave old peers (and IPs that became local leave every peer) before anyone gains them
@@ -53,6 +56,7 @@ APPLY_ORDER: tuple[str, ...] = (
 class Plan:
     firewall: FirewallSpec | None = None
     device: DeviceSpec | None = None
+    device_address: list[RoutingOp] = field(default_factory=list)
     sysctls: dict[str, str] = field(default_factory=dict)
     peer_reshape: list[PeerOp] = field(default_factory=list)
     peer_removals: list[PeerOp] = field(default_factory=list)
@@ -167,6 +171,10 @@ def plan_rules(desired: frozenset[RuleSpec], actual: frozenset[RuleSpec]) -> lis
     ops: list[RoutingOp] = [DeleteRule(rule) for rule in sorted(actual - desired, key=order)]
     ops += [AddRule(rule) for rule in sorted(desired - actual, key=order)]
     return ops
+
+
+def plan_device_address(addresses: frozenset[IPNetwork]) -> list[RoutingOp]:
+    return [] if DEVICE_ADDRESS in addresses else [AddDeviceAddress(DEVICE_ADDRESS)]
 
 
 def plan_sysctls(desired: Mapping[str, str], actual: Mapping[str, str | None]) -> dict[str, str]:

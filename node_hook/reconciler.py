@@ -22,12 +22,13 @@ from node_hook.apply.dataplane import (
     RuleSpec,
     SysctlApplier,
 )
-from node_hook.apply.wireguard import DeviceSpec, PeerState, WireGuardBackend
-from node_hook.model import DesiredPeer, IPNetwork, NodeModel
+from node_hook.apply.wireguard import DeviceSpec, PeerState, RemovePeer, WireGuardBackend
+from node_hook.model import DesiredPeer, IPNetwork, NodeModel, RouteKind
 from node_hook.planner import (
     APPLY_ORDER,
     Plan,
     plan_device,
+    plan_device_address,
     plan_firewall,
     plan_peers,
     plan_routes,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ASPECTS = ("firewall", "device", "sysctls", "peers", "routes", "rules")
 _ASPECT_OF_STEP = {
-    "firewall": "firewall", "device": "device", "sysctls": "sysctls", "peer_reshape": "peers",
+    "firewall": "firewall", "device": "device", "device_address": "routes", "sysctls": "sysctls", "peer_reshape": "peers",
     "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes", "route_sets": "routes",
     "rules": "rules",
 }
@@ -91,6 +92,10 @@ class Reconciler:
         self._firewall_listing: str | None = None
         self.passes = 0
         self.errors = 0
+        # False until the peer source delivered its first complete list: peers and routes the model does not know
+        # (yet) are then left alone, so a restarted hook never wipes a live mesh (the routes to pods it knows, and
+        # local pods' throw routes, are still programmed).
+        self.prune = True
 
     def mark_out_of_sync(self, *aspects: str) -> None:
         for aspect in aspects or ASPECTS:
@@ -143,10 +148,12 @@ class Reconciler:
                 table = self.routing.read()
                 self._routes = dict(table.routes)
                 self._rules = table.rules
+                plan.device_address = plan_device_address(table.device_addresses)
                 route_scope = None
             plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, self._routes, route_scope)
             if not self.in_sync["rules"]:
                 plan.rules = plan_rules(self.targets.rules, self._rules)
+            held_back = False if self.prune else self._hold_back_pruning(plan)
             # An aspect is in sync again only once all its steps below have been applied.
             touched = {_ASPECT_OF_STEP[name] for name, _ in plan.steps()}
             for aspect in touched:
@@ -160,6 +167,8 @@ class Reconciler:
             self._remember(plan, peer_scope, route_scope)
             for aspect in ASPECTS:
                 self.in_sync[aspect] = True
+            if held_back:  # the kernel still holds what was not pruned: read it back once pruning is allowed
+                self.in_sync["peers"] = self.in_sync["routes"] = False
             return PassResult(applied, None, tuple(full))
         except Exception as error:  # noqa: BLE001 - every applier error is reported once and retried in full
             aspect = _ASPECT_OF_STEP.get(step)
@@ -168,6 +177,16 @@ class Reconciler:
             message = f"{step}: {error}"
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
             return PassResult(applied, message, tuple(full))
+
+    def _hold_back_pruning(self, plan: Plan) -> bool:
+        """Drop peer removals and deletions of `dev` routes from `plan`; True when something was dropped.
+        (Deleting a `throw` route changes nothing for traffic: without a route the lookup leaves the table too.)"""
+        peer_removals = [op for op in plan.peer_removals if not isinstance(op, RemovePeer)]
+        route_deletes = [op for op in plan.route_deletes
+                         if self._routes.get(op.prefix) != RouteKind.WIREGUARD.value]  # type: ignore[union-attr]
+        held_back = len(peer_removals) != len(plan.peer_removals) or len(route_deletes) != len(plan.route_deletes)
+        plan.peer_removals, plan.route_deletes = peer_removals, route_deletes
+        return held_back
 
     def _step_done(self, name: str, count: int) -> None:
         if self.on_step is not None:

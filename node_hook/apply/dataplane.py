@@ -17,6 +17,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 FOREIGN_ROUTE = "foreign"  # a route in our table that we did not put there in this shape (gets replaced/deleted)
 
+# The WireGuard device's own address. The kernel's reverse-path check drops every packet arriving on a device
+# without any IPv4 address unless rp_filter is 0 (Calico #8039/#8772), and rp_filter cannot be lowered below
+# net.ipv4.conf.all.rp_filter; so the device gets the IPv4 "dummy address" of RFC 7600 (192.0.0.8/32), with
+# scope link: it is never chosen as a source for traffic leaving the node and clashes with no VNet address.
+DEVICE_ADDRESS = ipaddress.ip_network("192.0.0.8/32")
+
 
 @dataclass(frozen=True)
 class RuleSpec:
@@ -40,6 +46,7 @@ class TableState:
 
     routes: dict[IPNetwork, str] = field(default_factory=dict)
     rules: frozenset[RuleSpec] = frozenset()
+    device_addresses: frozenset[IPNetwork] = frozenset()  # addresses on the WireGuard device
 
 
 @dataclass(frozen=True)
@@ -65,11 +72,18 @@ class DeleteRule:
     rule: RuleSpec
 
 
-RoutingOp = SetRoute | DeleteRoute | AddRule | DeleteRule
+@dataclass(frozen=True)
+class AddDeviceAddress:
+    """Put `prefix` (scope link) on the WireGuard device."""
+
+    prefix: IPNetwork
+
+
+RoutingOp = SetRoute | DeleteRoute | AddRule | DeleteRule | AddDeviceAddress
 
 
 class RoutingApplier(Protocol):
-    """Routes in one table and rules pointing at it, in the current network namespace."""
+    """Routes in one table, rules pointing at it and the WireGuard device's address, in the current namespace."""
 
     def read(self) -> TableState: ...
 

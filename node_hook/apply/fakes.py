@@ -3,8 +3,8 @@
 - `FakeWireGuard`: a device whose peers own AllowedIPs the way WireGuard's allowed-IPs trie does (a prefix
   belongs to at most one peer; giving it to a peer takes it from the other), `RemoveAllowedIPs` works like the
   userspace backend's zero-key peer (the temporary peer takes the prefixes from whoever holds them, then is deleted).
-- `FakeRouting`: one table of routes (replace semantics) and the rules pointing at it; deleting a missing route or
-  rule and adding an existing rule succeed, as in the real applier.
+- `FakeRouting`: one table of routes (replace semantics), the rules pointing at it and the device's addresses;
+  deleting a missing route or rule and adding an existing rule or address succeed, as in the real applier.
 - `FakeFirewall`, `FakeSysctls`: an nftables table rendered to a listing; sysctls with persisted originals.
 
 `fail_next` is a set of operation names; the next call of such an operation raises `InjectedFailure` (for
@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from node_hook.apply.dataplane import (
+    AddDeviceAddress,
     AddRule,
     DeleteRoute,
     DeleteRule,
@@ -134,10 +135,11 @@ class FakeRouting(_FailNext):
         self.table = table
         self.routes: dict[IPNetwork, str] = {}
         self.rules: set[RuleSpec] = set()
+        self.device_addresses: set[IPNetwork] = set()
 
     def read(self) -> TableState:
         self._maybe_fail("read")
-        return TableState(dict(self.routes), frozenset(self.rules))
+        return TableState(dict(self.routes), frozenset(self.rules), frozenset(self.device_addresses))
 
     def apply(self, ops: list[RoutingOp]) -> None:
         for index, op in enumerate(ops):
@@ -151,6 +153,8 @@ class FakeRouting(_FailNext):
                 self.rules.add(op.rule)
             elif isinstance(op, DeleteRule):
                 self.rules.discard(op.rule)
+            elif isinstance(op, AddDeviceAddress):
+                self.device_addresses.add(op.prefix)
 
     def flush(self) -> None:
         self._maybe_fail("flush")

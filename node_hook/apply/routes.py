@@ -1,4 +1,4 @@
-"""Routing applier (pyroute2): the routes in the hook's table and the rules that point at it.
+"""Routing applier (pyroute2): the routes in the hook's table, the rules that point at it, the device's address.
 
 Only the hook's table and rules whose table is the hook's table are read, changed or flushed; the main table and
 every other rule are never touched. A `dev <wg>` route is a unicast route out of the WireGuard device; a `throw`
@@ -17,6 +17,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from node_hook.apply.dataplane import (
     FOREIGN_ROUTE,
+    AddDeviceAddress,
     AddRule,
     DeleteRoute,
     DeleteRule,
@@ -27,6 +28,7 @@ from node_hook.apply.dataplane import (
 )
 from node_hook.model import RouteKind
 
+RT_SCOPE_LINK = 253
 RTN_UNICAST = 1
 RTN_THROW = 9
 FIB_RULE_INVERT = 0x2
@@ -70,7 +72,11 @@ class PyrouteRouting:
                     continue
                 rules.add(RuleSpec(family, message.get("priority") or 0, message.get("fwmark") or 0,
                                    message.get("fwmask") or 0, self.table, bool(message["flags"] & FIB_RULE_INVERT)))
-        return TableState(routes, frozenset(rules))
+        addresses = frozenset(
+            ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}")
+            for message in (self._ipr.get_addr(index=ifindex) if ifindex is not None else ())
+        )
+        return TableState(routes, frozenset(rules), addresses)
 
     def apply(self, ops: list[RoutingOp]) -> None:
         ifindex: int | None = None
@@ -92,6 +98,13 @@ class PyrouteRouting:
                 self._ignore({errno.EEXIST}, self._ipr.rule, "add", **self._rule_args(op.rule))
             elif isinstance(op, DeleteRule):
                 self._ignore(_ALREADY_GONE, self._ipr.rule, "del", **self._rule_args(op.rule))
+            elif isinstance(op, AddDeviceAddress):
+                found = self._ipr.link_lookup(ifname=self.ifname)
+                if not found:
+                    raise RuntimeError(f"cannot address {self.ifname}: no such device")
+                self._ignore({errno.EEXIST}, self._ipr.addr, "add", index=found[0],
+                             address=str(op.prefix.network_address), prefixlen=op.prefix.prefixlen,
+                             scope=RT_SCOPE_LINK)
 
     @staticmethod
     def _rule_args(rule: RuleSpec) -> dict[str, int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node_hook.apply.dataplane import FirewallSpec
+from node_hook.apply.dataplane import DEVICE_ADDRESS, FirewallSpec
 from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard, render_firewall
 from node_hook.apply.wireguard import DeviceSpec
 from node_hook.keys import public_key_of
@@ -55,6 +55,7 @@ class Node:
             key: peer.endpoint for key, peer in self.model.peers.items()}
         assert self.routing.routes == {prefix: kind.value for prefix, kind in self.model.routes.items()}
         assert self.routing.rules == set(self.targets.rules)
+        assert self.routing.device_addresses == {DEVICE_ADDRESS}
         assert self.firewall.listing == render_firewall(self.targets.firewall)
         assert {k: self.sysctls.values[k] for k in SYSCTLS} == SYSCTLS
 
@@ -141,6 +142,7 @@ def test_device_deleted_outside_is_recreated_with_the_same_key_and_peers(node: N
     node.reconciler.reconcile()
     node.wg.device = None
     node.routing.routes = {p: k for p, k in node.routing.routes.items() if k == "throw"}  # dev routes die with it
+    node.routing.device_addresses.clear()  # and so does its address
     node.reconciler.mark_out_of_sync("device")
     assert node.reconciler.reconcile().error is None
     node.assert_converged()
@@ -173,3 +175,25 @@ def test_sysctl_originals_are_remembered_and_restored(node: Node) -> None:
     node.sysctls.restore()
     assert node.sysctls.values["net/ipv4/conf/all/src_valid_mark"] == "0"
     assert not node.sysctls.originals_file.exists()
+
+
+def test_without_pruning_unknown_peers_and_routes_stay_until_pruning_is_allowed(node: Node) -> None:
+    node.populate()
+    node.reconciler.reconcile()
+    restarted = Node.__new__(Node)  # a new hook process on the same kernel state, before the first complete list
+    restarted.__dict__.update(node.__dict__)
+    restarted.model = NodeModel("a", local_node_ips=["10.240.0.4"])
+    restarted.model.set_local_pod("p1@eth0", ["10.240.0.9"])
+    restarted.reconciler = Reconciler(restarted.model, node.targets, node.wg, node.routing, node.firewall,
+                                      node.sysctls)
+    restarted.reconciler.prune = False
+    assert restarted.reconciler.reconcile().error is None
+    assert set(node.wg.device.peers) == {KEY_B, KEY_C}  # type: ignore[union-attr]
+    assert ipaddress.ip_network("10.240.0.70/32") in node.routing.routes
+    restarted.model.set_remote_node(RemoteNode("b", KEY_B, "10.240.0.35", 51820, frozenset({"10.240.0.35"}),
+                                               frozenset({"10.240.0.70", "10.240.0.71", "10.240.0.12"}), 1.0))
+    restarted.reconciler.prune = True  # the first complete list: c is gone
+    assert restarted.reconciler.reconcile().error is None
+    assert set(node.wg.device.peers) == {KEY_B}  # type: ignore[union-attr]
+    assert ipaddress.ip_network("10.240.0.20/32") not in node.routing.routes
+    restarted.assert_converged()
