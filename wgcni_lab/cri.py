@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
 
 CRI_PACKAGE = "runtime.v1"
 RUNTIME_SERVICE = f"{CRI_PACKAGE}.RuntimeService"
@@ -77,7 +77,8 @@ class SandboxStatus:
 
     `pid` is the sandbox (pause) process as seen from the runtime's PID namespace, so `/proc/<pid>/ns/net`
     reaches the pod's network namespace from any mount namespace; `netns_path` is where containerd mounted
-    it (only visible inside the runtime's mount namespace). Both are 0/"" once the sandbox is stopped.
+    it (only visible inside the runtime's mount namespace). Once the sandbox is stopped, `pid` is 0 and `ip` is
+    empty.
     """
 
     id: str
@@ -106,7 +107,7 @@ def _descriptor_from(binary: str, size: int, mtime_ns: int) -> bytes:
         if raw and inflater.eof:
             try:
                 candidate = descriptor_pb2.FileDescriptorProto.FromString(raw)
-            except Exception:  # not a descriptor: protobuf raises its own DecodeError family
+            except message.DecodeError:  # some other gzipped data
                 candidate = None
             if candidate is not None and candidate.package == CRI_PACKAGE and candidate.service:
                 return _without_gogo(candidate).SerializeToString()
