@@ -1,0 +1,256 @@
+"""`wgcni-lab`: an AKS-like cluster with wgcni on one Linux machine (see wgcni_lab.lab for what it builds).
+
+    wgcni-lab up [--nodes N] [--pods-per-node M]     bring the lab up (leaves it running)
+    wgcni-lab status [--json]                        nodes and pods
+    wgcni-lab pod-add NODE / pod-del POD             create / delete a pod the way kubelet does (prints its JSON)
+    wgcni-lab exec NODE|POD -- CMD...                run a host command in a node (its netns and mount namespace)
+                                                     or a pod (its netns); exits with the command's exit code
+    wgcni-lab capture [--seconds S]                  what crosses the VNet bridge (tcpdump)
+    wgcni-lab down                                   remove everything, also after a crash or a half-finished up
+
+Every error is one line on stderr and a non-zero exit code. The lab dir is /run/wgcni-lab (or $WGCNI_LAB_DIR, or
+--lab-dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wgcni_lab import lab
+
+REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "wireguard-go",
+                  "wg", "nft", "gcc")
+
+
+class LabGroup(click.Group):
+    """Turns LabError (and OSError) into one line on stderr instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except lab.LabError as error:
+            raise click.ClickException(str(error)) from None
+        except OSError as error:
+            where = f": {error.filename}" if error.filename else ""
+            raise click.ClickException(f"{error.strerror or error}{where}") from None
+
+
+@click.group(cls=LabGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--lab-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help=f"the lab's state directory  [default: ${lab.LAB_DIR_ENV} or {lab.DEFAULT_LAB_DIR}]")
+@click.pass_context
+def main(ctx: click.Context, lab_dir: Path | None) -> None:
+    """wgcni-lab: an AKS-like cluster with wgcni in network namespaces on this machine."""
+    ctx.obj = (lab_dir or lab.lab_dir_from_environment()).absolute()
+
+
+def _preflight(plugin: Path, hook: Path) -> None:
+    if os.geteuid() != 0:
+        raise lab.LabError("the lab creates namespaces and mounts: run it as root")
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise lab.LabError(f"missing tools: {', '.join(missing)} (run `make deps`)")
+    if not (plugin / "wgcni").is_file() and not (plugin.is_file() and os.access(plugin, os.X_OK)):
+        raise lab.LabError(f"plugin {plugin} not found: run `make build` (or pass --plugin)")
+    if not (hook.is_file() and os.access(hook, os.X_OK)):
+        raise lab.LabError(f"hook {hook} not found: run `make build` (or pass --hook)")
+    for name in ("ptp", "host-local", "portmap", "loopback"):
+        from wgcni_lab.containerd import REFERENCE_PLUGIN_DIR
+
+        if not (REFERENCE_PLUGIN_DIR / name).exists():
+            raise lab.LabError(f"{REFERENCE_PLUGIN_DIR / name} missing: install containernetworking-plugins")
+
+
+@main.command()
+@click.option("--nodes", type=click.IntRange(1, lab.MAX_NODES), default=3, show_default=True)
+@click.option("--pods-per-node", type=click.IntRange(0, lab.MAX_PODS), default=2, show_default=True)
+@click.option("--plugin", type=click.Path(path_type=Path), default=lab.DEFAULT_PLUGIN, show_default=True,
+              help="the wgcni plugin (bundle dir or file) install-cni puts on each node")
+@click.option("--hook", type=click.Path(path_type=Path), default=lab.DEFAULT_HOOK, show_default=True,
+              help="the wgcni-node executable each node runs")
+@click.option("--timeout", type=click.FloatRange(min=10), default=300, show_default=True, help="seconds")
+@click.pass_obj
+def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, timeout: float) -> None:
+    """Bring the lab up and leave it running."""
+    plugin, hook = plugin.absolute(), hook.absolute()
+    _preflight(plugin, hook)
+    if lab.load_state(lab_dir) is not None or lab_dir.exists():
+        raise lab.LabError(f"a lab already exists in {lab_dir}: `wgcni-lab down` first")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(lab_dir), "daemon", "--nodes", str(nodes),
+         "--pods-per-node", str(pods_per_node), "--plugin", str(plugin), "--hook", str(hook),
+         "--parent", str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    started = time.monotonic()
+    assert daemon.stdout is not None
+    for line in daemon.stdout:
+        line = line.rstrip("\n")
+        if line == "ready":
+            click.echo(f"lab up in {time.monotonic() - started:.1f}s: `wgcni-lab status`; remove with `wgcni-lab down`")
+            return
+        if line.startswith("error: "):
+            daemon.wait(timeout)
+            raise lab.LabError(f"up failed (everything it made is removed): {line[len('error: '):]}")
+        click.echo(line)
+    daemon.wait(timeout)
+    raise lab.LabError(f"the lab daemon exited ({daemon.returncode}) before the lab was up")
+
+
+@main.command(hidden=True)
+@click.option("--nodes", type=int, required=True)
+@click.option("--pods-per-node", type=int, required=True)
+@click.option("--plugin", type=click.Path(path_type=Path), required=True)
+@click.option("--hook", type=click.Path(path_type=Path), required=True)
+@click.option("--parent", type=int, required=True)
+@click.pass_obj
+def daemon(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, parent: int) -> None:
+    """The lab daemon (started by `up`)."""
+    from wgcni_lab.daemon import serve
+
+    sys.exit(serve(lab_dir, nodes, pods_per_node, plugin, hook, parent))
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_obj
+def status(lab_dir: Path, as_json: bool) -> None:
+    """Nodes and pods of the lab."""
+    state = lab.require_state(lab_dir)
+    report = lab.status(state)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"lab {state.id} ({report['phase']}): VNet {report['subnet']} on bridge {report['bridge']} "
+               f"(netns {report['bridge_netns']}), API server {report['apiserver'] or '-'}")
+    click.echo("")
+    click.echo(_table([("NODE", "IP", "NETNS", "WIREGUARD", "HOOK SOCKET")] + [
+        (node["name"], node["ip"], node["netns"], f"{node['wg_interface']}:{node['wg_port']}", node["hook_socket"])
+        for node in report["nodes"]]))
+    click.echo("")
+    if report["pods"]:
+        click.echo(_table([("POD", "NODE", "IP", "NETNS")] + [
+            (pod["name"], pod["node"], pod["ip"], pod["netns"]) for pod in report["pods"]]))
+    else:
+        click.echo("no pods (`wgcni-lab pod-add NODE`)")
+
+
+def _require_up(lab_dir: Path) -> lab.LabState:
+    state = lab.require_state(lab_dir)
+    if state.phase != "up":
+        raise lab.LabError(f"the lab in {lab_dir} is not up (phase {state.phase}): `wgcni-lab down`, then `up`")
+    return state
+
+
+@main.command("pod-add")
+@click.argument("node")
+@click.pass_obj
+def pod_add(lab_dir: Path, node: str) -> None:
+    """Create a pod on NODE (CRI RunPodSandbox) and print it as JSON."""
+    click.echo(json.dumps(lab.add_pod(_require_up(lab_dir), node)))
+
+
+@main.command("pod-del")
+@click.argument("pod")
+@click.pass_obj
+def pod_del(lab_dir: Path, pod: str) -> None:
+    """Delete POD (CRI StopPodSandbox + RemovePodSandbox) and print it as JSON."""
+    click.echo(json.dumps(lab.delete_pod(_require_up(lab_dir), pod)))
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("target")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_obj
+def exec_(lab_dir: Path, target: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a node (network + mount namespace) or a pod (network namespace); exit with its code."""
+    if command[:1] == ("--",):
+        command = command[1:]
+    if not command:
+        raise lab.LabError("exec: give a command after --, e.g. `wgcni-lab exec node-1 -- wg show`")
+    state = _require_up(lab_dir)
+    if target in {node.name for node in state.nodes}:
+        argv, env = [*lab.node_enter_argv(state, state.node(target)), *command], lab.node_env()
+    else:
+        _, pod = lab.find_pod(state, target)
+        argv, env = ["nsenter", f"--net={pod['netns']}", "--", *command], dict(os.environ)
+    sys.stdout.flush()
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as error:
+        raise lab.LabError(f"cannot run nsenter: {error.strerror}") from None
+
+
+@main.command()
+@click.option("--seconds", type=click.FloatRange(0.5, 600), default=3.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per packet")
+@click.pass_obj
+def capture(lab_dir: Path, seconds: float, as_json: bool) -> None:
+    """Capture what crosses the VNet bridge for SECONDS (IP packets; ARP left out) and print it."""
+    from wgcni_lab.wire import capture_bridge
+
+    packets = capture_bridge(_require_up(lab_dir), seconds)
+    for packet in packets:
+        click.echo(json.dumps(packet) if as_json else packet["line"])
+    if not as_json:
+        click.echo(f"{len(packets)} packets in {seconds:g}s on {lab.BRIDGE}", err=True)
+
+
+@main.command()
+@click.pass_obj
+def down(lab_dir: Path) -> None:
+    """Remove the lab: processes, namespaces, mounts, cgroups, state. Idempotent."""
+    state = lab.load_state(lab_dir)
+    if state is None:
+        if lab_dir.exists():
+            lab.remove_tree(lab_dir)
+        click.echo(f"no lab in {lab_dir}: nothing to remove")
+        return
+    _stop_daemon(state)
+    problems = lab.teardown(state)
+    if problems:
+        raise lab.LabError("down left something behind: " + "; ".join(problems))
+    click.echo(f"lab {state.id} removed")
+
+
+def _stop_daemon(state: lab.LabState, timeout: float = 60.0) -> None:
+    """Ask the lab daemon to tear down (SIGTERM) and wait for it; kill it if it does not finish."""
+    pid = state.daemon_pid
+    if not pid or not _is_lab_daemon(pid, state):
+        return
+    os.kill(pid, 15)
+    deadline = time.monotonic() + timeout
+    while _is_lab_daemon(pid, state):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            break
+        time.sleep(0.05)
+
+
+def _is_lab_daemon(pid: int, state: lab.LabState) -> bool:
+    """A live (not zombie) process whose command line is this lab's daemon."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        process_state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return process_state != "Z" and b"daemon" in argv and state.lab_dir.encode() in argv
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,664 @@
+"""The local lab's topology and lifecycle: an AKS-like cluster of network-namespace nodes on one machine.
+
+Layout (everything is named after the lab's random id, so two labs never collide):
+- a VNet namespace `wgl-<id>-vnet` holding the bridge `vnet0` — the bridge is not in the root namespace, so lab
+  traffic never touches the host's links, sysctls or firewall;
+- N nodes, each a network namespace `wgl-<id>-node-<i>` with `eth0` on the bridge and an AKS node-subnet address
+  from 10.240.0.0/16 (10.240.0.4, .35, .66 ...: AKS reserves maxPods=30 secondary IPs after each node), plus a
+  private mount namespace held by a small holder process: its own tmpfs `/run` (so `/run/wgcni`, `/run/containerd`
+  and `/var/run/wireguard` are per node and every node uses the default interface name `wgcni0`) and copy-on-write
+  overlays of `/etc`, `/opt` and `/var/lib` (its own `/etc/cni/net.d`, `/opt/cni/bin`, `/var/lib/wgcni`,
+  `/var/lib/cni`); all of it vanishes with the node;
+- per node a private containerd (CRI) as on an AKS node, whose conflist is AKS-shaped (`"name": "azure"`,
+  cniVersion 0.3.0, `azure-vnet` then `portmap`): the `azure-vnet` executable in the node's `/opt/cni/bin` is the
+  reference `ptp` plugin with `host-local` IPAM, which gives pods veths and /32 host routes as azure-vnet's
+  transparent mode does. Pod IPs come from the same /16 as the nodes and are scattered across nodes the way
+  Azure's node-subnet mode ends up after churn: the AKS secondary-IP slots are dealt round-robin, so no node owns
+  an aggregatable block;
+- per node `wgcni-node install-cni` (as the DaemonSet's init container) and `wgcni-node run` on the userspace
+  backend, host encryption on, syncing peers through the test API server (`wgcni_lab.apiserver`), which the lab
+  daemon serves on 127.0.0.1:6443 inside every node namespace (so API traffic never crosses the bridge);
+- pods are created as kubelet creates them: CRI RunPodSandbox on the node's containerd (StopPodSandbox +
+  RemovePodSandbox to delete).
+
+State: `<lab dir>/state.json` (default lab dir /run/wgcni-lab, or $WGCNI_LAB_DIR) is written *before* each thing
+is created, so `teardown()` can remove everything a crashed or half-finished `up` left, from what it finds on the
+machine: processes whose command line names the lab dir or that live in a lab namespace, the runtimes' cgroups,
+the namespaces, and the lab dir. Pods are not kept in the state: containerd is asked (ListPodSandbox).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from node_hook.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LAB_DIR = Path("/run/wgcni-lab")
+LAB_DIR_ENV = "WGCNI_LAB_DIR"
+STATE_FILE = "state.json"
+STATE_FORMAT = 1
+
+DEFAULT_PLUGIN = REPO / "dist" / "wgcni"  # the one-directory bundle `make build` produces (install-cni copies it)
+DEFAULT_HOOK = REPO / "dist" / "bin" / "wgcni-node"
+DIST_BIN = REPO / "dist" / "bin"  # on PATH inside nodes, as the DaemonSet image has the binaries on PATH
+CRD_FILE = REPO / "conf" / "crd.yaml"
+
+VNET = ipaddress.ip_network("10.240.0.0/16")
+GATEWAY = "10.240.0.1"  # Azure's subnet gateway; ptp puts it on each pod's host-side veth
+FIRST_NODE_HOST = 4  # Azure reserves .0-.3 of a subnet
+MAX_PODS = 30  # AKS default maxPods with Azure CNI: each node gets its address + 30 secondary IPs
+MAX_NODES = 64
+BRIDGE = "vnet0"
+NODE_UPLINK_MTU = 1500
+API_PORT_IN_NODE = 6443
+NETWORK = "azure"
+HOOK_DEFAULTS = Settings(node_name="lab")
+WG_INTERFACE = HOOK_DEFAULTS.interface
+WG_PORT = HOOK_DEFAULTS.listen_port
+HOOK_SOCKET_IN_NODE = HOOK_DEFAULTS.socket
+POD_VETH_PREFIX = "veth"  # ptp names host-side veths veth<hex> (azure-vnet: azv<hash>)
+POD_NAMESPACE = "default"
+POD_LABELS = {"app.kubernetes.io/part-of": "wgcni-lab"}
+_POD_NAME = re.compile(r"^(?P<node>node-\d+)-pod(?P<index>\d+)$")
+
+# Run by the holder of a node's mount namespace (argv: lab dir). The lab dir is reached again through the working
+# directory after /run is replaced, and bound back at its own path: containerd's state must have the same path
+# inside the node and outside.
+NODE_MOUNTS_SCRIPT = r"""
+set -e
+lab_dir="$1"
+cd "$lab_dir"
+mount -t tmpfs -o mode=0755 wgcni-lab-node /run
+if [ ! -d "$lab_dir" ]; then mkdir -p "$lab_dir" && mount --no-canonicalize --bind . "$lab_dir"; fi
+for directory in etc opt var/lib; do
+  layer="/run/.wgcni-lab-node/$(echo "$directory" | tr / -)"
+  mkdir -p "$layer/upper" "$layer/work"
+  mount -t overlay wgcni-lab-node -o "lowerdir=/$directory,upperdir=$layer/upper,workdir=$layer/work" "/$directory"
+done
+mkdir -p /etc/cni/net.d /opt/cni/bin /var/lib/cni /var/lib/wgcni /run/containerd /run/wgcni /run/wireguard
+cd /
+echo ready
+exec sleep infinity </dev/null >/dev/null 2>&1
+"""
+
+
+class LabError(RuntimeError):
+    """A lab operation failed; the message is one line a person can act on."""
+
+
+# ---- state ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class NodeState:
+    name: str
+    ip: str
+    netns: str
+    pod_ips: list[str]
+    holder_pid: int = 0
+    hook_pid: int = 0
+
+    def directory(self, lab_dir: Path) -> Path:
+        return lab_dir / "nodes" / self.name
+
+    def containerd_dir(self, lab_dir: Path) -> Path:
+        return self.directory(lab_dir) / "containerd"
+
+    @property
+    def root(self) -> Path:
+        """The node's file system as the host reaches it (through the holder of its mount namespace)."""
+        return Path(f"/proc/{self.holder_pid}/root")
+
+    @property
+    def mount_namespace(self) -> str:
+        return f"/proc/{self.holder_pid}/ns/mnt"
+
+    @property
+    def hook_socket(self) -> Path:
+        """The hook's socket, reachable from the host."""
+        return self.root / str(HOOK_SOCKET_IN_NODE).lstrip("/")
+
+
+@dataclass
+class LabState:
+    id: str
+    lab_dir: str
+    vnet_netns: str
+    nodes: list[NodeState]
+    cgroup_prefix: str
+    plugin: str
+    hook: str
+    daemon_pid: int = 0
+    apiserver_url: str = ""
+    phase: str = "creating"  # creating -> up
+    format: int = STATE_FORMAT
+
+    @property
+    def path(self) -> Path:
+        return Path(self.lab_dir)
+
+    def node(self, name: str) -> NodeState:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise LabError(f"no node {name!r} in the lab (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def cgroup_parent(self, node: NodeState) -> str:
+        return f"/{self.cgroup_prefix}-{node.name}"
+
+    def save(self) -> None:
+        path = self.path / STATE_FILE
+        temporary = path.with_name(f".{STATE_FILE}.{secrets.token_hex(4)}")
+        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(temporary, path)
+
+
+def lab_dir_from_environment() -> Path:
+    return Path(os.environ.get(LAB_DIR_ENV) or DEFAULT_LAB_DIR)
+
+
+def load_state(lab_dir: Path) -> LabState | None:
+    """The lab's state, or None when no lab (not even a half-created one) is there."""
+    try:
+        raw = json.loads((lab_dir / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise LabError(f"{lab_dir / STATE_FILE} is unreadable ({error}); remove {lab_dir} by hand") from None
+    if raw.get("format") != STATE_FORMAT:
+        raise LabError(f"{lab_dir / STATE_FILE} has format {raw.get('format')!r}, this wgcni-lab reads "
+                       f"{STATE_FORMAT}; remove {lab_dir} by hand")
+    raw["nodes"] = [NodeState(**node) for node in raw["nodes"]]
+    return LabState(**raw)
+
+
+def require_state(lab_dir: Path) -> LabState:
+    state = load_state(lab_dir)
+    if state is None:
+        raise LabError(f"no lab in {lab_dir}: start one with `wgcni-lab up`")
+    return state
+
+
+# ---- addressing -----------------------------------------------------------------------------------------------------
+
+def node_ip(index: int) -> str:
+    """AKS node-subnet mode: node i (0-based) at .4 + 31*i, each followed by its 30 secondary IPs."""
+    return str(VNET.network_address + FIRST_NODE_HOST + (MAX_PODS + 1) * index)
+
+
+def pod_ip_pools(nodes: int) -> list[list[str]]:
+    """Each node's pod IPs: the AKS secondary-IP slots of all nodes, dealt round-robin, so pod IPs are scattered
+    across nodes (no node holds an aggregatable block), all from the nodes' /16."""
+    slots = [str(ipaddress.ip_address(node_ip(index)) + offset)
+             for index in range(nodes) for offset in range(1, MAX_PODS + 1)]
+    return [slots[index::nodes] for index in range(nodes)]
+
+
+def base_conflist(pool: Iterable[str]) -> dict[str, Any]:
+    """The node's conflist as AKS provisioning writes it (name "azure", cniVersion 0.3.0, azure-vnet then portmap),
+    where `azure-vnet` is ptp + host-local over the node's pod IPs (one single-address range per IP)."""
+    ranges = [{"subnet": str(VNET), "rangeStart": ip, "rangeEnd": ip, "gateway": GATEWAY} for ip in pool]
+    return {
+        "cniVersion": "0.3.0",
+        "name": NETWORK,
+        "plugins": [
+            {"type": "azure-vnet", "mode": "transparent", "ipMasq": False, "mtu": NODE_UPLINK_MTU,
+             "ipam": {"type": "host-local", "ranges": [ranges], "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+        ],
+    }
+
+
+def hook_config(node: NodeState) -> dict[str, Any]:
+    """The hook's settings in a node, as the DaemonSet's ConfigMap would carry them for the lab."""
+    return {
+        "nodeName": node.name,
+        "endpoint": node.ip,
+        "backend": "userspace",
+        "azure": False,
+        "hostEncryption": True,
+        "podInterfacePrefixes": [POD_VETH_PREFIX],
+        "metricsAddress": "127.0.0.1:9820",
+        "logLevel": "info",
+    }
+
+
+def kubeconfig(node: NodeState) -> dict[str, Any]:
+    server = f"http://127.0.0.1:{API_PORT_IN_NODE}"
+    return {
+        "apiVersion": "v1", "kind": "Config", "current-context": "lab",
+        "clusters": [{"name": "lab", "cluster": {"server": server}}],
+        "users": [{"name": node.name, "user": {}}],
+        "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": node.name}}],
+    }
+
+
+# ---- commands in namespaces -----------------------------------------------------------------------------------------
+
+def run(argv: list[str], timeout: float = 60, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except FileNotFoundError:
+        raise LabError(f"{argv[0]}: not installed (run `make deps`)") from None
+    except subprocess.TimeoutExpired:
+        raise LabError(f"{' '.join(argv)}: no answer within {timeout}s") from None
+    if check and result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise LabError(f"{' '.join(argv)}: exit {result.returncode}: {message[-1] if message else ''}")
+    return result
+
+
+def in_netns(netns: str, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return run(["ip", "netns", "exec", netns, *argv], **kwargs)
+
+
+def node_enter_argv(state: LabState, node: NodeState) -> list[str]:
+    """nsenter into a node: its network namespace and its private mount namespace."""
+    return ["nsenter", f"--net=/run/netns/{node.netns}", f"--mount={node.mount_namespace}", "--"]
+
+
+def node_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KUBERNETES_")}
+    env["PATH"] = f"{DIST_BIN}:{env.get('PATH', '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin')}"
+    return env
+
+
+def in_node(state: LabState, node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return run([*node_enter_argv(state, node), *argv], env=node_env(), **kwargs)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---- bring-up steps (run by the lab daemon, wgcni_lab.daemon) -------------------------------------------------------
+
+def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path) -> LabState:
+    lab_id = secrets.token_hex(3)
+    pools = pod_ip_pools(nodes)
+    return LabState(
+        id=lab_id,
+        lab_dir=str(lab_dir),
+        vnet_netns=f"wgl-{lab_id}-vnet",
+        nodes=[NodeState(name=f"node-{index + 1}", ip=node_ip(index), netns=f"wgl-{lab_id}-node-{index + 1}",
+                         pod_ips=pools[index]) for index in range(nodes)],
+        cgroup_prefix=f"wgcni-lab-{lab_id}",
+        plugin=str(plugin),
+        hook=str(hook),
+    )
+
+
+def create_vnet(state: LabState) -> None:
+    run(["ip", "netns", "add", state.vnet_netns])
+    in_netns(state.vnet_netns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                                "net.ipv6.conf.default.disable_ipv6=1"])
+    in_netns(state.vnet_netns, ["ip", "link", "set", "lo", "up"])
+    in_netns(state.vnet_netns, ["ip", "link", "add", BRIDGE, "type", "bridge"])
+    in_netns(state.vnet_netns, ["ip", "link", "set", BRIDGE, "up"])
+
+
+def create_node_network(state: LabState, node: NodeState) -> None:
+    """The node's namespace with eth0 on the VNet bridge (IPv6 off, so the bridge carries only what the lab sends)."""
+    run(["ip", "netns", "add", node.netns])
+    in_netns(node.netns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+    in_netns(node.netns, ["ip", "link", "set", "lo", "up"])
+    in_netns(state.vnet_netns, ["ip", "link", "add", node.name, "mtu", str(NODE_UPLINK_MTU), "type", "veth",
+                                "peer", "name", "eth0", "netns", node.netns])
+    in_netns(state.vnet_netns, ["ip", "link", "set", node.name, "master", BRIDGE, "up"])
+    in_netns(node.netns, ["ip", "addr", "add", f"{node.ip}/{VNET.prefixlen}", "dev", "eth0"])
+    in_netns(node.netns, ["ip", "link", "set", "eth0", "up"])
+
+
+def start_node_mounts(state: LabState, node: NodeState) -> subprocess.Popen[str]:
+    """Start the holder of the node's private mount namespace; returns once its mounts are in place."""
+    holder = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{node.netns}", "--", "unshare", "--mount", "--propagation", "private", "--",
+         "sh", "-c", NODE_MOUNTS_SCRIPT, f"wgcni-lab-{node.name}", state.lab_dir],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    node.holder_pid = holder.pid
+    state.save()
+    line = holder.stdout.readline().strip() if holder.stdout else ""
+    if line != "ready":
+        holder.kill()
+        error = holder.stderr.read().strip() if holder.stderr else ""
+        holder.wait()
+        raise LabError(f"{node.name}: setting up its mount namespace failed: {error or 'no output'}")
+    holder.stdout.close()
+    holder.stderr.close()
+    return holder
+
+
+def prepare_node_cni(node: NodeState) -> None:
+    """What AKS node provisioning leaves on a node: the CNI plugins and the azure conflist."""
+    from wgcni_lab.containerd import REFERENCE_PLUGIN_DIR, link_cni_plugins, write_conflist
+
+    link_cni_plugins(node.root / "opt/cni/bin", extra={"azure-vnet": REFERENCE_PLUGIN_DIR / "ptp"})
+    write_conflist(node.root / "etc/cni/net.d", base_conflist(node.pod_ips))
+
+
+def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untyped-def]
+    from wgcni_lab.containerd import Containerd
+
+    return Containerd(node.containerd_dir(state.path), name=node.name, cni_conf_dir=Path("/etc/cni/net.d"),
+                      cni_bin_dir=Path("/opt/cni/bin"), netns=node.netns, mount_namespace=node.mount_namespace,
+                      cgroup_parent=state.cgroup_parent(node))
+
+
+def install_cni(state: LabState, node: NodeState) -> None:
+    """`wgcni-node install-cni` in the node, as the DaemonSet's init container runs it."""
+    in_node(state, node, [state.hook, "install-cni", "--plugin", state.plugin], timeout=120)
+
+
+def start_hook(state: LabState, node: NodeState) -> subprocess.Popen[bytes]:
+    directory = node.directory(state.path)
+    config, kube = directory / "wgcni-node.json", directory / "kubeconfig"
+    config.write_text(json.dumps(hook_config(node), indent=2) + "\n")
+    kube.write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
+    env = dict(node_env(), KUBECONFIG=str(kube))
+    with open(directory / "wgcni-node.log", "ab") as log:
+        hook = subprocess.Popen([*node_enter_argv(state, node), state.hook, "run", "--config", str(config)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+    node.hook_pid = hook.pid
+    state.save()
+    return hook
+
+
+def hook_request(node: NodeState, op: str, timeout: float = 5.0) -> dict[str, Any] | None:
+    """One request to the node's hook; None while it does not answer."""
+    from node_hook.local_api import request
+
+    try:
+        answer = request(node.hook_socket, {"op": op}, timeout=timeout)
+    except (OSError, ValueError):
+        return None
+    return answer if answer.get("ok") else None
+
+
+def wait_hook_ready(state: LabState, node: NodeState, hook: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    def ready() -> bool:
+        if hook.poll() is not None:
+            log = (node.directory(state.path) / "wgcni-node.log").read_text(errors="replace").strip().splitlines()
+            raise LabError(f"{node.name}: wgcni-node exited ({hook.returncode}): {log[-1] if log else 'no log'}")
+        status = hook_request(node, "status")
+        return bool(status and status.get("ready"))
+
+    wait_until(ready, timeout, f"wgcni-node on {node.name} to be ready", interval=0.1)
+
+
+def wait_chained(containerd: Any) -> None:
+    """containerd has loaded the conflist with wgcni chained after azure-vnet."""
+    def chained(loaded: dict[str, Any]) -> bool:
+        for network in loaded.get("Networks") or []:
+            config = network.get("Config") or {}
+            if config.get("Name") == NETWORK:
+                types = [plugin.get("Network", {}).get("type") for plugin in config.get("Plugins") or []]
+                return types == ["azure-vnet", "wgcni", "portmap"]
+        return False
+
+    containerd.wait_cni_config(chained, timeout=30)
+
+
+# ---- pods ------------------------------------------------------------------------------------------------------------
+
+def cri_client(state: LabState, node: NodeState):  # type: ignore[no-untyped-def]
+    from wgcni_lab.cri import CriClient
+
+    return CriClient(node.containerd_dir(state.path) / "containerd.sock", timeout=60.0)
+
+
+def _pod_json(node: NodeState, status: Any) -> dict[str, Any]:
+    return {"name": status.name, "node": node.name, "netns": f"/proc/{status.pid}/ns/net", "ip": status.ip,
+            "id": status.id, "namespace": status.namespace, "uid": status.uid}
+
+
+def node_pods(state: LabState, node: NodeState) -> list[dict[str, Any]]:
+    """The node's running pods, from its containerd (sandboxes in READY state)."""
+    from wgcni_lab.cri import CriError
+
+    try:
+        with cri_client(state, node) as cri:
+            sandboxes = [s for s in cri.list_pod_sandboxes(labels=POD_LABELS) if s.state == "SANDBOX_READY"]
+            pods = [_pod_json(node, cri.pod_sandbox_status(sandbox.id)) for sandbox in sandboxes]
+    except CriError as error:
+        raise LabError(f"{node.name}: containerd does not answer: {error.details or error}") from None
+    return sorted(pods, key=lambda pod: _pod_order(pod["name"]))
+
+
+def _pod_order(name: str) -> tuple[str, int]:
+    match = _POD_NAME.match(name)
+    return (match["node"], int(match["index"])) if match else (name, 0)
+
+
+def all_pods(state: LabState) -> list[dict[str, Any]]:
+    return [pod for node in state.nodes for pod in node_pods(state, node)]
+
+
+def add_pod(state: LabState, node_name: str) -> dict[str, Any]:
+    """RunPodSandbox on the node's containerd, as kubelet does (the CNI ADD chain runs: azure-vnet, wgcni, portmap)."""
+    from wgcni_lab.cri import CriError
+
+    node = state.node(node_name)
+    taken = [_pod_order(pod["name"])[1] for pod in node_pods(state, node)]
+    name = f"{node.name}-pod{max(taken, default=0) + 1}"
+    try:
+        with cri_client(state, node) as cri:
+            sandbox = cri.run_pod_sandbox(name=name, namespace=POD_NAMESPACE, uid=secrets.token_hex(16),
+                                          labels=POD_LABELS, cgroup_parent=state.cgroup_parent(node))
+            return _pod_json(node, cri.pod_sandbox_status(sandbox))
+    except CriError as error:
+        raise LabError(f"{node.name}: RunPodSandbox failed: {error.details or error}") from None
+
+
+def find_pod(state: LabState, name: str) -> tuple[NodeState, dict[str, Any]]:
+    match = _POD_NAME.match(name)
+    candidates = [state.node(match["node"])] if match and match["node"] in {n.name for n in state.nodes} else []
+    for node in candidates or state.nodes:
+        for pod in node_pods(state, node):
+            if pod["name"] == name:
+                return node, pod
+    raise LabError(f"no pod {name!r} in the lab (see `wgcni-lab status`)")
+
+
+def delete_pod(state: LabState, name: str) -> dict[str, Any]:
+    """StopPodSandbox then RemovePodSandbox, as kubelet does (CNI DEL runs twice, the second without a netns)."""
+    from wgcni_lab.cri import CriError
+
+    node, pod = find_pod(state, name)
+    try:
+        with cri_client(state, node) as cri:
+            cri.stop_pod_sandbox(pod["id"])
+            cri.remove_pod_sandbox(pod["id"])
+    except CriError as error:
+        raise LabError(f"{node.name}: deleting {name} failed: {error.details or error}") from None
+    return pod
+
+
+# ---- status and convergence ------------------------------------------------------------------------------------------
+
+def status(state: LabState) -> dict[str, Any]:
+    nodes = []
+    for node in state.nodes:
+        nodes.append({
+            "name": node.name, "netns": node.netns, "ip": node.ip, "wg_interface": WG_INTERFACE,
+            "wg_port": WG_PORT, "hook_socket": str(node.hook_socket),
+            "hook_socket_in_node": str(HOOK_SOCKET_IN_NODE), "mount_namespace": node.mount_namespace,
+            "containerd_socket": str(node.containerd_dir(state.path) / "containerd.sock"),
+        })
+    return {"bridge": BRIDGE, "bridge_netns": state.vnet_netns, "subnet": str(VNET), "lab_dir": state.lab_dir,
+            "phase": state.phase, "apiserver": state.apiserver_url, "nodes": nodes, "pods": all_pods(state)}
+
+
+def mesh_converged(state: LabState, pods: list[dict[str, Any]]) -> bool:
+    """Every hook reports every other node as a programmed peer whose AllowedIPs are exactly that node's IP and
+    the pods on it (the hooks' own view; the tests check the kernel/wireguard-go side independently)."""
+    expected = {node.name: {node.ip} | {pod["ip"] for pod in pods if pod["node"] == node.name} for node in state.nodes}
+    for node in state.nodes:
+        answer = hook_request(node, "peers")
+        if answer is None:
+            return False
+        peers = {peer["node"]: peer for peer in answer["peers"]}
+        for other in state.nodes:
+            if other.name == node.name:
+                continue
+            peer = peers.get(other.name)
+            if peer is None or not peer["programmed"] or covered(peer["allowedIPs"]) != expected[other.name]:
+                return False
+    return True
+
+
+def covered(prefixes: Iterable[str]) -> set[str]:
+    """The host addresses the prefixes cover (lab prefixes are small: pod and node /32s, aggregated)."""
+    return {str(address) for prefix in prefixes for address in ipaddress.ip_network(prefix)}
+
+
+# ---- teardown ------------------------------------------------------------------------------------------------------
+
+def _proc_entries() -> dict[int, tuple[int, list[bytes], str]]:
+    """pid -> (parent pid, argv, state) of every process."""
+    out: dict[int, tuple[int, list[bytes], str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(entry.name)] = (int(fields[1]), argv, fields[0])
+    return out
+
+
+def _netns_pids(netns: str) -> set[int]:
+    result = run(["ip", "netns", "pids", netns], check=False)
+    return {int(pid) for pid in result.stdout.split()} if result.returncode == 0 else set()
+
+
+def _cgroup_pids(cgroup_parent: str) -> set[int]:
+    from wgcni_lab.containerd import CGROUP_ROOT
+
+    pids: set[int] = set()
+    relative = cgroup_parent.strip("/")
+    for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else ():
+        top = hierarchy / relative
+        if top.is_dir() and not top.is_symlink():
+            for procs in top.rglob("cgroup.procs"):
+                try:
+                    pids.update(int(pid) for pid in procs.read_text().split())
+                except OSError:
+                    continue
+    return pids
+
+
+def lab_processes(state: LabState) -> set[int]:
+    """Every live process of the lab: command line naming the lab dir, in a lab namespace or a lab cgroup, and all
+    their descendants. Zombies are left out (they hold nothing; their parent reaps them)."""
+    table = _proc_entries()
+    marker = state.lab_dir.encode()
+    found = {pid for pid, (_, argv, _) in table.items()
+             if any(arg == marker or arg.startswith(marker + b"/") for arg in argv)}
+    for netns in lab_namespaces(state):
+        found |= _netns_pids(netns)
+    for node in state.nodes:
+        found |= _cgroup_pids(state.cgroup_parent(node))
+    found.discard(os.getpid())
+    changed = True
+    while changed:
+        changed = False
+        for pid, (parent, _, _) in table.items():
+            if parent in found and pid not in found:
+                found.add(pid)
+                changed = True
+    return {pid for pid in found if pid in table and table[pid][2] != "Z" and pid != os.getpid()}
+
+
+def lab_namespaces(state: LabState) -> list[str]:
+    """The lab's named network namespaces that exist: those in the state and any other with the lab's prefix."""
+    listed = run(["ip", "netns", "list"], check=False).stdout.split("\n")
+    existing = {line.split()[0] for line in listed if line.strip()}
+    prefix = f"wgl-{state.id}-"
+    return sorted(name for name in existing if name.startswith(prefix))
+
+
+def kill_processes(pids: set[int], timeout: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                os.waitpid(pid, os.WNOHANG)  # our own child (the lab daemon's): reap it
+            except ChildProcessError:
+                pass
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break
+            if state == "Z":
+                break
+            time.sleep(0.01)
+
+
+def teardown(state: LabState, exclude: Iterable[int] = ()) -> list[str]:
+    """Remove everything of the lab that exists (idempotent): runtimes and pods, every lab process, the
+    namespaces, the cgroups and the lab dir. Returns problems (empty = all gone)."""
+    from wgcni_lab.containerd import Containerd
+
+    problems: list[str] = []
+    skip = set(exclude)
+    for _ in range(3):  # processes can be starting while we look (a runtime spawning a shim): look again
+        pids = lab_processes(state) - skip
+        if not pids:
+            break
+        kill_processes(pids)
+    for node in state.nodes:
+        base = node.containerd_dir(state.path)
+        try:
+            Containerd(base, name=node.name, cgroup_parent=state.cgroup_parent(node)).stop(remove_pods=False)
+        except Exception as error:  # noqa: BLE001 - keep removing the rest; reported below
+            problems.append(f"{node.name} runtime: {error}")
+    for netns in lab_namespaces(state):
+        result = run(["ip", "netns", "delete", netns], check=False)
+        if result.returncode != 0:
+            problems.append(f"netns {netns}: {result.stderr.strip()}")
+    left = lab_processes(state) - skip
+    if left:
+        problems.append(f"processes still running: {sorted(left)}")
+    try:
+        remove_tree(state.path)
+    except OSError as error:
+        problems.append(f"{state.path}: {error}")
+    return problems
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf, also through the read-only directories containerd's native snapshotter leaves."""
+    if not path.exists():
+        return
+    for directory, subdirs, _files in os.walk(path):
+        for subdir in subdirs:
+            full = os.path.join(directory, subdir)
+            if not os.path.islink(full):
+                os.chmod(full, 0o700)
+    shutil.rmtree(path)
