@@ -42,8 +42,14 @@ venv: $(STAMPS)/venv
 build: $(STAMPS)/venv
 	PY=$(PY) bash packaging/build.sh
 
-test: build
+# The host suite, then the kernel WireGuard tests inside a qemu VM running Debian's kernel (tests/vm/README.md).
+test: test-host test-vm
+
+test-host: build
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-vm: build
+	$(PY) tests/vm/kernel_vm.py pytest
 
 bench: build
 	$(PY) -m bench.run
