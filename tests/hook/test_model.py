@@ -35,6 +35,9 @@ def test_aggregate_covers_exactly_the_addresses(offsets: set[int]) -> None:
     base = int(ipaddress.ip_address("10.240.0.0"))
     ips = {ipaddress.ip_address(base + offset) for offset in offsets}
     prefixes = aggregate(ips)
+    assert prefixes == frozenset(ipaddress.collapse_addresses(ips))  # the library's answer
+    v6 = {ipaddress.ip_address(f"fd00::{offset:x}") for offset in offsets}
+    assert aggregate(v6) == frozenset(ipaddress.collapse_addresses(v6))
     covered = {address for prefix in prefixes for address in prefix}
     assert covered == ips
     # minimal: no two prefixes are siblings that could merge into their parent
