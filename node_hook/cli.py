@@ -67,6 +67,7 @@ def run(config: Path | None) -> None:
     from node_hook.detect import DetectError, detect
     from node_hook.keys import KeyFileError, load_or_create
     from node_hook.local_api import ApiError, LocalApiServer
+    from node_hook.metrics import HookMetrics, MetricsServer
 
     settings = _settings(config)
     setup_logging(settings)
@@ -87,12 +88,21 @@ def run(config: Path | None) -> None:
             source = KubernetesPeerSource(settings.node_name, api_client_from_environment())
         except Exception as error:  # noqa: BLE001 - kube config problems are one line for the operator
             raise click.ClickException(f"Kubernetes client: {error}") from None
-    daemon = Daemon(settings, key, environment, source)
+    metrics = HookMetrics()
+    daemon = Daemon(settings, key, environment, source, observer=metrics)
+    metrics.attach(daemon)
     server = LocalApiServer(settings.socket, daemon)
+    metrics_server = MetricsServer(settings.metrics_address, metrics) if settings.metrics_address else None
     try:
         server.start()
     except (ApiError, OSError) as error:
         raise click.ClickException(str(error)) from None
+    if metrics_server is not None:
+        try:
+            metrics_server.start()
+        except (OSError, ValueError) as error:
+            server.stop()
+            raise click.ClickException(f"metricsAddress {settings.metrics_address}: {error}") from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -104,6 +114,8 @@ def run(config: Path | None) -> None:
         stop.wait()
     finally:
         log.info("stopping")
+        if metrics_server is not None:
+            metrics_server.stop()
         server.stop()
         daemon.stop()
 

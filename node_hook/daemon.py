@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import ipaddress
 import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from node_hook.apply.dataplane import FirewallSpec
 from node_hook.apply.wireguard import DeviceSpec, WireGuardBackend
 from node_hook.config import Settings
 from node_hook.detect import Environment, kernel_wireguard_available
+from node_hook.install import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
 from node_hook.keys import NodeKey
 from node_hook.model import LOCAL, LocalAnnouncement, NodeModel, RemoteNode, RouteKind, host_prefix
 from node_hook.planner import desired_rules
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 FIREWALL_TABLE = "wgcni"
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+WORKER_REQUEST_TIMEOUT = 10.0  # a read-back asked of the worker (diagnose) waits at most this for a busy pass
+RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older session can no longer carry data
 
 
 def record_key(network: str, container_id: str, ifname: str) -> str:
@@ -93,12 +98,16 @@ class Daemon:
         record_store: Any = None,
         monitor_netlink: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        observer: Any = None,
+        cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR,
     ) -> None:
         self.settings = settings
         self.key = key
         self.environment = environment
         self.peer_source = peer_source
         self.clock = clock
+        self.observer = observer  # node_hook.metrics.HookMetrics: told, on the worker, what was seen and applied
+        self.cni_conf_dir = cni_conf_dir  # where `diagnose` looks for the conflist's wgcni entry
         self.host_encryption = host_encryption_enabled(settings, environment)
         self.model = NodeModel(settings.node_name, environment.node_ips, self.host_encryption,
                                settings.persistent_keepalive)
@@ -187,12 +196,15 @@ class Daemon:
 
     def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15) -> None:
         """A notification from the plugin: re-read that record now and apply."""
-        generation = self._enqueue(lambda: self._load_record(network, container_id, ifname))
+        seen_at = time.monotonic()
+        generation = self._enqueue(lambda: self._load_record(network, container_id, ifname, seen_at))
         self.wait_for_pass(generation, wait)
 
     def on_nodes(self, nodes: dict[str, RemoteNode], complete: bool) -> None:
         """From the peer source. Peers are pruned only once a complete list has been seen."""
         def apply() -> None:
+            if self.observer is not None:
+                self.observer.remote_nodes_received(self.model.remote_nodes, nodes)
             if complete:
                 self.peers_complete = True
                 self.model.replace_remote_nodes(nodes)
@@ -240,7 +252,10 @@ class Daemon:
             if out_of_sync:
                 self.reconciler.mark_out_of_sync(*sorted(out_of_sync))
             self.reconciler.prune = self.peers_complete
+            started = time.monotonic()
             result = self.reconciler.reconcile()
+            if self.observer is not None:
+                self.observer.pass_done(result, time.monotonic() - started)
             if result.error is None:
                 retry_at = None
                 self._retry_index = 0
@@ -256,10 +271,12 @@ class Daemon:
                 self._wake.notify_all()
             self._publish()
 
-    def _load_record(self, network: str, container_id: str, ifname: str) -> None:
+    def _load_record(self, network: str, container_id: str, ifname: str, seen_at: float) -> None:
         from cni_plugin.records import RecordError
 
         key = record_key(network, container_id, ifname)
+        if self.observer is not None:
+            self.observer.pod_seen(key, seen_at)
         try:
             record = self.records.read(network, container_id, ifname)
         except RecordError as error:
@@ -289,6 +306,13 @@ class Daemon:
         for error in errors:
             if error not in self.record_errors:
                 log.error("pod record %s", error)
+        if self.observer is not None:
+            seen_at = time.monotonic()
+            for key in meta.keys() ^ self.records_meta.keys():
+                self.observer.pod_seen(key, seen_at)
+            for key in meta.keys() & self.records_meta.keys():
+                if meta[key]["ips"] != self.records_meta[key]["ips"]:
+                    self.observer.pod_seen(key, seen_at)
         self.record_errors = errors
         self.model.replace_local_pods(local)
         self.records_meta = meta
@@ -424,33 +448,103 @@ class Daemon:
             message = "programmed"
         return {"programmed": programmed, "missing": missing, "message": message}
 
-    def peers(self) -> list[dict[str, Any]]:
+    def peers(self, offset: int = 0, limit: int | None = None, node: str | None = None) -> dict[str, Any]:
+        """Peers sorted by node name, `limit` of them from `offset` (all without a limit), and a summary of all.
+
+        Only the returned page is rendered (AllowedIPs, pod IPs): at 5 000 peers the answer stays small and fast.
+        """
         device = self.appliers.wireguard.read()
         live = device.peers if device is not None else {}
-        pod_ips = _pod_ips_by_node(self.model.remote_nodes)
+        desired = self.model.peers
+        selected = [peer for peer in desired.values() if node is None or peer.node == node]
+        end = None if limit is None else offset + limit
+        page = (sorted(selected, key=lambda peer: peer.node)[offset:end] if end is None
+                else heapq.nsmallest(end, selected, key=lambda peer: peer.node)[offset:])
+        remote = self.model.remote_nodes
+        now = time.time()
         out = []
-        for key, peer in sorted(self.model.peers.items(), key=lambda item: item[1].node):
-            state = live.get(key)
+        for peer in page:
+            state = live.get(peer.public_key)
+            node_info = remote.get(peer.node)
             out.append({
                 "node": peer.node,
-                "publicKey": key,
+                "publicKey": peer.public_key,
                 "endpoint": f"{peer.endpoint[0]}:{peer.endpoint[1]}",
                 "allowedIPs": sorted(str(p) for p in peer.allowed_ips),
                 "programmed": state is not None and state.allowed_ips == peer.allowed_ips,
                 "latestHandshake": state.latest_handshake if state else 0.0,
                 "rxBytes": state.rx_bytes if state else 0,
                 "txBytes": state.tx_bytes if state else 0,
-                "podIPs": sorted(pod_ips.get(peer.node, [])),
+                "persistentKeepalive": peer.persistent_keepalive,
+                "podIPs": sorted(node_info.pod_ips) if node_info else [],
+                "nodeIPs": sorted(node_info.node_ips) if node_info else [],
             })
-        return out
+        programmed = recent = never = 0
+        for key, peer in desired.items():
+            state = live.get(key)
+            if state is None:
+                continue
+            programmed += state.allowed_ips == peer.allowed_ips
+            never += state.latest_handshake == 0
+            recent += 0 < now - state.latest_handshake <= RECENT_HANDSHAKE_SECONDS
+        summary = {"peers": len(desired), "programmed": programmed, "handshakeRecent": recent,
+                   "handshakeNever": never, "devicePeers": len(live)}
+        return {"peers": out, "total": len(selected), "offset": offset, "summary": summary}
 
-    def routes(self) -> list[dict[str, Any]]:
+    def routes(self, offset: int = 0, limit: int | None = None, owner: str | None = None) -> dict[str, Any]:
+        """Routes in the table ordered by address, `limit` of them from `offset`, each with its owner: `local`
+        (with the pod's namespace/name from its record) or the remote node; `owner` filters (node name or local)."""
+        def order(item: tuple[Any, RouteKind]) -> tuple[int, Any]:
+            return item[0].version, item[0]
+
+        routes = self.model.routes
+        by_kind: dict[str, int] = {}
+        for kind in routes.values():
+            by_kind[kind.value] = by_kind.get(kind.value, 0) + 1
+        items: Any = routes.items()
+        if owner is not None:
+            wanted = LOCAL if owner == "local" else owner
+            items = [item for item in items if self.model.owner_of(item[0].network_address) == wanted]
+        total = len(items)
+        end = None if limit is None else offset + limit
+        page = sorted(items, key=order)[offset:end] if end is None else heapq.nsmallest(end, items, key=order)[offset:]
+        pod_of_ip = {ip: f"{meta.get('podNamespace') or '-'}/{meta.get('podName') or meta.get('containerID')}"
+                     for meta in self.records_meta.values() for ip in meta.get("ips") or ()}
         out = []
-        for prefix, kind in sorted(self.model.routes.items(), key=lambda item: (item[0].version, item[0])):
-            owner = self.model.owner_of(prefix.network_address)
-            out.append({"prefix": str(prefix), "kind": kind.value,
-                        "owner": "local" if owner == LOCAL else owner})
-        return out
+        for prefix, kind in page:
+            holder = self.model.owner_of(prefix.network_address)
+            entry = {"prefix": str(prefix), "kind": kind.value, "owner": "local" if holder == LOCAL else holder}
+            if holder == LOCAL and str(prefix.network_address) in pod_of_ip:
+                entry["pod"] = pod_of_ip[str(prefix.network_address)]
+            out.append(entry)
+        return {"routes": out, "total": total, "offset": offset, "byKind": by_kind}
+
+    def on_worker(self, function: Callable[[], Any], timeout: float = WORKER_REQUEST_TIMEOUT) -> Any:
+        """Run `function` on the worker thread (the only user of the appliers' netlink sockets) and return its
+        result; raises TimeoutError when the worker does not get to it in time."""
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def event() -> None:
+            try:
+                outcome["value"] = function()
+            except Exception as error:  # noqa: BLE001 - handed back to the asking thread
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        self._enqueue(event)
+        if not done.wait(timeout):
+            raise TimeoutError(f"the reconcile worker did not answer within {timeout:.0f} s (a long pass?)")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def diagnose(self) -> dict[str, Any]:
+        """Read the dataplane back (on the worker) and list what is wrong: node_hook/diagnose.py."""
+        from node_hook.diagnose import diagnose
+
+        return self.on_worker(lambda: diagnose(self))
 
     def pods(self) -> list[dict[str, Any]]:
         return [dict(meta, key=key) for key, meta in sorted(self.records_meta.items())]
@@ -459,10 +553,6 @@ class Daemon:
 def _record_meta(record: dict[str, Any]) -> dict[str, Any]:
     return {field: record.get(field) for field in ("network", "containerID", "ifname", "podNamespace", "podName",
                                                     "ips", "netns")}
-
-
-def _pod_ips_by_node(nodes: dict[str, RemoteNode]) -> dict[str, list[str]]:
-    return {name: list(node.pod_ips) for name, node in nodes.items()}
 
 
 def _plain(value: Any) -> Any:

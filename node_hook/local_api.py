@@ -1,7 +1,8 @@
 """The hook's local API: a Unix stream socket (mode 0600), one JSON request line -> one JSON answer line.
 
-Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods. Every answer has `ok`; on
-`ok: false` an `error` a person can act on. A malformed request never reaches the daemon and never kills the server.
+Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods, diagnose, resync. `peers` and
+`routes` take optional `offset`, `limit` and a filter (`node` / `owner`) so that answers stay small at 5 000 peers.
+Every answer has `ok`; on `ok: false` an `error` a person can act on. A malformed request never reaches the daemon and never kills the server.
 `request()` is the client used by the CLI (the plugin has its own stdlib client).
 """
 
@@ -36,6 +37,17 @@ def _require_record_key(request: dict[str, Any]) -> tuple[str, str, str]:
     return values[0], values[1], values[2]
 
 
+def _paging(request: dict[str, Any], filter_field: str) -> dict[str, Any]:
+    offset, limit, value = request.get("offset", 0), request.get("limit"), request.get(filter_field)
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ApiError(f"{request['op']}: 'offset' must be a non-negative integer")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ApiError(f"{request['op']}: 'limit' must be a non-negative integer or absent (all)")
+    if value is not None and not isinstance(value, str):
+        raise ApiError(f"{request['op']}: '{filter_field}' must be a string")
+    return {"offset": offset, "limit": limit, filter_field: value}
+
+
 def answer(daemon: Any, request: object) -> dict[str, Any]:
     """The answer to one decoded request."""
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
@@ -54,11 +66,15 @@ def answer(daemon: Any, request: object) -> dict[str, Any]:
         if op == "status":
             return {"ok": True, **daemon.status()}
         if op == "peers":
-            return {"ok": True, "peers": daemon.peers()}
+            paging = _paging(request, "node")  # computed on the worker: it alone mutates the model
+            return {"ok": True, **daemon.on_worker(lambda: daemon.peers(**paging))}
         if op == "routes":
-            return {"ok": True, "routes": daemon.routes()}
+            paging = _paging(request, "owner")
+            return {"ok": True, **daemon.on_worker(lambda: daemon.routes(**paging))}
         if op == "pods":
             return {"ok": True, "pods": daemon.pods()}
+        if op == "diagnose":
+            return {"ok": True, **daemon.diagnose()}
         if op == "resync":
             daemon.trigger_resync()
             return {"ok": True}
@@ -68,7 +84,7 @@ def answer(daemon: Any, request: object) -> dict[str, Any]:
         log.exception("local API %s failed", op)
         return {"ok": False, "error": f"{op} failed in the hook: {error}"}
     return {"ok": False, "error": f"unknown op {op!r}; known: pod-added, pod-deleted, check, status, peers, "
-                                  "routes, pods, resync"}
+                                  "routes, pods, diagnose, resync"}
 
 
 class LocalApiServer:

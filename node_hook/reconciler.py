@@ -61,6 +61,7 @@ class PassResult:
     applied: dict[str, int]  # step -> number of ops (1 for firewall/device)
     error: str | None  # the one error of this pass (the pass stops at the first)
     full: tuple[str, ...]  # aspects that were read back in full
+    failed_step: str | None = None  # the step `error` happened in (metrics count errors by step)
 
 
 def _as_state(peer: DesiredPeer) -> PeerState:
@@ -176,7 +177,7 @@ class Reconciler:
             self.errors += 1
             message = f"{step}: {error}"
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
-            return PassResult(applied, message, tuple(full))
+            return PassResult(applied, message, tuple(full), step)
 
     def _hold_back_pruning(self, plan: Plan) -> bool:
         """Drop peer removals and deletions of `dev` routes from `plan`; True when something was dropped.

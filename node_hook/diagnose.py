@@ -1,0 +1,287 @@
+"""`wgcni check` on the hook side: read the node back and say, one finding per failure mode, what is wrong and what
+to do.
+
+Runs on the daemon's worker thread (`Daemon.diagnose` → `Daemon.on_worker`), the only thread that may use the
+appliers' netlink sockets. The dataplane findings reuse the planner: whatever the planner would still change
+against a full read-back is, by definition, what is missing or wrong right now (the hook repairs such drift within
+a pass, so a finding here means it keeps coming back or the repair keeps failing).
+
+A finding is `{"check", "severity", "message", "fix"}`; severity `error` and `warning` make `wgcni check` exit 1,
+`info` (a node deliberately without WireGuard, for instance) is shown but does not.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from pathlib import Path
+from typing import Any
+
+from node_hook.apply.dataplane import AddDeviceAddress, AddRule, DeleteRoute, DeleteRule, SetRoute
+from node_hook.apply.wireguard import RemovePeer
+from node_hook.detect import AZURE_UNDERLAY_LOSS, WIREGUARD_OVERHEAD
+from node_hook.install import active_config, has_entry
+from node_hook.keys import public_key_of
+from node_hook.planner import plan_device_address, plan_peers, plan_routes, plan_rules, plan_sysctls
+
+SYS_CLASS_NET = Path("/sys/class/net")
+CHECKS = ("sync", "reconcile", "device", "mtu", "peers", "rules", "routes", "sysctls", "firewall", "conflicts",
+          "handshakes", "records", "conflist")
+HANDSHAKE_REJECT_AFTER = 180.0  # WireGuard's REJECT_AFTER_TIME: older session keys no longer carry data
+EXAMPLES = 3  # a finding names at most this many peers/prefixes, then "and N more"
+LOGS = "kubectl -n kube-system logs ds/wgcni-node -c wgcni-node"
+
+
+def _finding(check: str, severity: str, message: str, fix: str) -> dict[str, str]:
+    return {"check": check, "severity": severity, "message": message, "fix": fix}
+
+
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:EXAMPLES])
+    return shown + (f" and {len(items) - EXAMPLES} more" if len(items) > EXAMPLES else "")
+
+
+def underlay_mtu(interface: str, sys_class_net: Path | None = None) -> int | None:
+    """The underlay interface's MTU now (None when it is gone)."""
+    try:
+        return int(((sys_class_net or SYS_CLASS_NET) / interface / "mtu").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def diagnose(daemon: Any) -> dict[str, Any]:
+    """All findings for this node, plus the names of the checks that ran."""
+    findings: list[dict[str, str]] = []
+    findings += _sync(daemon)
+    findings += _reconcile(daemon)
+    device = daemon.appliers.wireguard.read()
+    findings += _device(daemon, device)
+    findings += _mtu(daemon, device)
+    findings += _peers(daemon, device)
+    table = daemon.appliers.routing.read()
+    findings += _rules(daemon, table)
+    findings += _routes(daemon, table)
+    findings += _sysctls(daemon)
+    findings += _firewall(daemon)
+    findings += _conflicts(daemon)
+    findings += _handshakes(daemon, device)
+    findings += _records(daemon)
+    findings += _conflist(Path(daemon.cni_conf_dir))
+    return {"findings": findings, "checks": list(CHECKS)}
+
+
+def _sync(daemon: Any) -> list[dict[str, str]]:
+    source_error = getattr(daemon.peer_source, "error", None)
+    status = getattr(daemon.peer_source, "status", None)
+    out = []
+    if not daemon.peers_complete:
+        why = f" ({source_error})" if source_error else ""
+        out.append(_finding("sync", "error", f"no complete peer list yet{why}: peers are added but none is pruned",
+                            "check that the hook reaches the API server and its RBAC (conf/rbac.yaml); " + LOGS))
+    elif source_error:
+        out.append(_finding("sync", "warning", f"peer source: {source_error} (the last good list stays in force)",
+                            "fix the peer source; " + LOGS))
+    if status is not None and getattr(status, "last_error", "") and not getattr(status, "published", True):
+        out.append(_finding("sync", "warning", f"this node's state is not published yet: {status.last_error}",
+                            "other nodes keep the old view of this node until it is; check API access: " + LOGS))
+    invalid = getattr(status, "invalid_objects", None) or {}
+    if invalid:
+        names = [f"{name} ({why})" for name, why in sorted(invalid.items())]
+        out.append(_finding("sync", "warning", f"{len(invalid)} WireguardNode object(s) ignored: {_some(names)}",
+                            "kubectl get wireguardnodes -o yaml; the owning node's hook rewrites its object"))
+    return out
+
+
+def _reconcile(daemon: Any) -> list[dict[str, str]]:
+    if daemon.last_error:
+        return [_finding("reconcile", "error", f"the last dataplane pass failed: {daemon.last_error} (retrying)",
+                         "see the error; " + LOGS)]
+    return []
+
+
+def _device(daemon: Any, device: Any) -> list[dict[str, str]]:
+    spec = daemon.targets.device
+    if device is None:
+        return [_finding("device", "error", f"WireGuard device {spec.name} does not exist",
+                         f"the hook recreates it; if it keeps disappearing, look for another agent removing it; {LOGS}")]
+    wrong = []
+    if not device.up:
+        wrong.append("is down")
+    if device.public_key != public_key_of(spec.private_key):
+        wrong.append("holds another key than this node's")
+    if device.listen_port != spec.listen_port:
+        wrong.append(f"listens on {device.listen_port}, not {spec.listen_port}")
+    if device.fwmark != spec.fwmark:
+        wrong.append(f"has fwmark {device.fwmark:#x}, not {spec.fwmark:#x}")
+    if wrong:
+        return [_finding("device", "error", f"WireGuard device {spec.name} " + "; ".join(wrong),
+                         "the hook resets it; something else is configuring the device: " + LOGS)]
+    return []
+
+
+def _mtu(daemon: Any, device: Any) -> list[dict[str, str]]:
+    environment = daemon.environment
+    out = []
+    if device is not None and device.mtu != environment.mtu:
+        out.append(_finding("mtu", "error", f"device MTU is {device.mtu}, the hook wants {environment.mtu} "
+                            f"({environment.mtu_reason})", "the hook resets it; something else changes it: " + LOGS))
+    current = underlay_mtu(environment.underlay_interface)
+    if current is None:
+        return out
+    version = ipaddress.ip_address(environment.endpoint).version
+    needed = environment.mtu + WIREGUARD_OVERHEAD[version] + (AZURE_UNDERLAY_LOSS if environment.azure else 0)
+    if current < needed:
+        out.append(_finding("mtu", "error", f"underlay {environment.underlay_interface} MTU is {current}, but "
+                            f"WireGuard MTU {environment.mtu} needs {needed}: large packets are dropped",
+                            "restart wgcni-node to detect the MTU again, or lower 'mtu' in the settings"))
+    elif current != environment.underlay_mtu:
+        out.append(_finding("mtu", "warning", f"underlay {environment.underlay_interface} MTU changed from "
+                            f"{environment.underlay_mtu} to {current} since start",
+                            "restart wgcni-node so the WireGuard MTU follows it"))
+    return out
+
+
+def _peers(daemon: Any, device: Any) -> list[dict[str, str]]:
+    if device is None:
+        return []
+    reshape, removals, adds = plan_peers(daemon.model.peers, device.peers)
+    desired = daemon.model.peers
+    missing = sorted({desired[op.public_key].node for op in reshape + removals + adds if op.public_key in desired})
+    extra = sorted(op.public_key[:8] + "..." for op in removals if isinstance(op, RemovePeer))
+    out = []
+    if missing:
+        out.append(_finding("peers", "error", f"{len(missing)} peer(s) missing or with wrong AllowedIPs/endpoint on "
+                            f"the device: {_some(missing)}", "the hook repairs peers each pass; " + LOGS))
+    if extra and daemon.peers_complete:
+        out.append(_finding("peers", "warning", f"{len(extra)} unknown peer(s) on the device: {_some(extra)}",
+                            "the hook removes them; something else adds peers to the device"))
+    return out
+
+
+def _rules(daemon: Any, table: Any) -> list[dict[str, str]]:
+    ops = plan_rules(daemon.targets.rules, table.rules)
+    missing = [op.rule.describe() for op in ops if isinstance(op, AddRule)]
+    foreign = [op.rule.describe() for op in ops if isinstance(op, DeleteRule)]
+    out = []
+    if missing:
+        out.append(_finding("rules", "error", f"ip rule missing: {_some(missing)}; pod traffic bypasses WireGuard",
+                            "the hook re-adds it within seconds; if it keeps disappearing, another agent deletes "
+                            "rules pointing at table " + str(daemon.settings.route_table)))
+    if foreign:
+        out.append(_finding("rules", "warning", f"unexpected rule(s) pointing at table "
+                            f"{daemon.settings.route_table}: {_some(foreign)}", "the hook removes them"))
+    return out
+
+
+def _routes(daemon: Any, table: Any) -> list[dict[str, str]]:
+    deletes, sets = plan_routes(daemon.model.routes, table.routes)
+    wrong = [f"{op.prefix} ({op.kind.value})" for op in sets if isinstance(op, SetRoute)]
+    extra = [str(op.prefix) for op in deletes if isinstance(op, DeleteRoute)]
+    out = []
+    if wrong:
+        out.append(_finding("routes", "error", f"{len(wrong)} route(s) missing or wrong in table "
+                            f"{daemon.settings.route_table}: {_some(wrong)}",
+                            "the hook repairs the table each pass; if routes keep disappearing, another agent "
+                            f"flushes table {daemon.settings.route_table}"))
+    if extra and daemon.peers_complete:
+        out.append(_finding("routes", "warning", f"{len(extra)} route(s) in table {daemon.settings.route_table} "
+                            f"that the hook does not want: {_some(extra)}", "the hook removes them"))
+    if any(isinstance(op, AddDeviceAddress) for op in plan_device_address(table.device_addresses)):
+        out.append(_finding("routes", "error", f"{daemon.settings.interface} lost its address; the reverse-path "
+                            "check drops tunnelled replies", "the hook re-adds it; " + LOGS))
+    return out
+
+
+def _sysctls(daemon: Any) -> list[dict[str, str]]:
+    wanted = daemon.targets.sysctls
+    actual = daemon.appliers.sysctls.read(sorted(wanted))
+    wrong = [f"{name.replace('/', '.')} is {actual.get(name)}, needs {value}"
+             for name, value in plan_sysctls(wanted, actual).items()]
+    if wrong:
+        return [_finding("sysctls", "error", "; ".join(wrong), "the hook sets them each pass; another agent "
+                         "(sysctl.d, a node tuning DaemonSet) resets them; make it leave these keys alone")]
+    return []
+
+
+def _firewall(daemon: Any) -> list[dict[str, str]]:
+    if daemon.appliers.firewall.read() is None:
+        name = daemon.targets.firewall.table
+        return [_finding("firewall", "error", f"nftables table inet {name} is missing: WireGuard's own packets "
+                         "are not marked and may loop", "the hook recreates it; something flushes the ruleset "
+                         "(nft flush ruleset / iptables-restore with nft backend?)")]
+    return []
+
+
+def _conflicts(daemon: Any) -> list[dict[str, str]]:
+    out = []
+    by_kind: dict[str, list[str]] = {}
+    for problem in daemon.model.problems():
+        by_kind.setdefault(problem.kind, []).append(problem.message)
+    if "key-conflict" in by_kind:
+        out.append(_finding("conflicts", "error", "; ".join(by_kind["key-conflict"][:EXAMPLES]),
+                            "two nodes share a private key (cloned disk image?): delete /var/lib/wgcni/private.key "
+                            "on all but one and restart their wgcni-node"))
+    if "ip-conflict" in by_kind:
+        claims = by_kind["ip-conflict"]
+        out.append(_finding("conflicts", "error", f"{len(claims)} IP(s) claimed by more than one node: "
+                            f"{_some(claims)}", "a stale pod record on the losing node; run 'wgcni pods' there "
+                            "and remove the pod, or wait for the CNI GC"))
+    if "no-endpoint" in by_kind:
+        out.append(_finding("conflicts", "warning", _some(by_kind["no-endpoint"]),
+                            "that node's hook has not published an endpoint; check it with 'wgcni status' there"))
+    if "no-key" in by_kind:
+        out.append(_finding("conflicts", "info", f"{len(by_kind['no-key'])} node(s) without WireGuard (opted out "
+                            f"or not running wgcni): {_some(by_kind['no-key'])}",
+                            "intended for nodes labelled wgcni.io/wireguard=disabled; otherwise check their hook"))
+    return out
+
+
+def _handshakes(daemon: Any, device: Any) -> list[dict[str, str]]:
+    if device is None:
+        return []
+    now = time.time()
+    never, stale = [], []
+    for key, peer in daemon.model.peers.items():
+        state = device.peers.get(key)
+        if state is None:
+            continue
+        if state.latest_handshake == 0 and state.tx_bytes > 0:
+            never.append(peer.node)
+        elif (peer.persistent_keepalive and state.latest_handshake
+              and now - state.latest_handshake > HANDSHAKE_REJECT_AFTER + peer.persistent_keepalive):
+            stale.append(f"{peer.node} ({now - state.latest_handshake:.0f}s ago)")
+    out = []
+    if never:
+        out.append(_finding("handshakes", "warning", f"no handshake with {len(never)} peer(s) although packets "
+                            f"were sent: {_some(sorted(never))}", "check that UDP "
+                            f"{daemon.settings.listen_port} is open between the nodes (NSG) and that the peer's "
+                            "published key is the one its device holds ('wgcni status' there)"))
+    if stale:
+        out.append(_finding("handshakes", "warning", f"{len(stale)} peer(s) with keepalive have a stale handshake: "
+                            f"{_some(sorted(stale))}", "the peer is down or UDP is blocked on the way; check it"))
+    return out
+
+
+def _records(daemon: Any) -> list[dict[str, str]]:
+    if daemon.record_errors:
+        return [_finding("records", "warning", f"{len(daemon.record_errors)} pod record(s) unreadable: "
+                         f"{_some(daemon.record_errors)}", "those pods are not programmed; recreate the pods or "
+                         "remove the broken files under <stateDir>/pods")]
+    return []
+
+
+def _conflist(conf_dir: Path) -> list[dict[str, str]]:
+    path = active_config(conf_dir)
+    if path is None:
+        return [_finding("conflist", "error", f"no CNI config in {conf_dir}: the runtime cannot start pods",
+                         "Azure CNS writes it at node start; check the node's CNI installation")]
+    try:
+        text = path.read_text()
+    except OSError as error:
+        return [_finding("conflist", "warning", f"cannot read {path}: {error.strerror}",
+                         "mount the CNI config dir into the hook (conf/daemonset.yaml) to check it")]
+    if not has_entry(text):
+        return [_finding("conflist", "error", f"{path} has no wgcni entry: new pods start without encryption",
+                         "check the install-cni-watch container (kubectl -n kube-system logs ds/wgcni-node -c "
+                         "install-cni-watch); 'wgcni-node install-cni' re-inserts it")]
+    return []
