@@ -51,13 +51,25 @@ def loads(data: bytes | str) -> object:
         raise ValueError("JSON text starts with a byte-order mark")
     start = len(text) - len(text.lstrip(_WHITESPACE))
     try:
-        value, end = _scan_once(text, start)
+        value, end = _scan(text, start)
     except StopIteration as stop:
         _raise_decode_error("Expecting value", text, stop.value)
     rest = len(text) - len(text[end:].lstrip(_WHITESPACE))
     if rest != len(text):
         _raise_decode_error("Extra data", text, rest)
     return value
+
+
+def _scan(text: str, start: int) -> tuple[object, int]:
+    try:
+        return _scan_once(text, start)
+    except SystemError:
+        # _json raises syntax errors as json.decoder.JSONDecodeError, which CPython 3.11 looks up in sys.modules
+        # only (raise_errmsg); when json was never imported it fails without an exception. Import it on this error
+        # path and scan again to get the real error.
+        import json.decoder  # noqa: F401
+
+        return _scan_once(text, start)
 
 
 def dumps(value: object, sort_keys: bool = False) -> str:

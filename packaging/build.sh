@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the self-contained binaries with PyInstaller (what `make build` runs as `PY=.venv/bin/python bash packaging/build.sh`):
+# Build the self-contained binaries with PyInstaller; `make build` runs `PY=.venv/bin/python bash packaging/build.sh`.
 #   dist/wgcni/       the CNI plugin bundle (executable `wgcni` + _internal/), dist/bin/wgcni -> ../wgcni/wgcni
-#   dist/wgcni-node/  the node hook bundle, dist/bin/wgcni-node -> ../wgcni-node/wgcni-node (when node_hook/cli.py exists)
+#   dist/wgcni-node/  the node hook bundle, dist/bin/wgcni-node -> ../wgcni-node/wgcni-node
+#                     (built once node_hook/cli.py exists)
 # Each bundle is built into a temporary directory and swapped in only when complete, so a failed build never leaves
 # a half-written bundle behind, and a bundle is rebuilt only when its inputs changed (sources, spec, this script).
 set -euo pipefail

@@ -9,6 +9,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import _socket
 
@@ -110,3 +113,16 @@ def test_address_parser_agrees_with_ipaddress(address, prefix):
                                   "01.2.3.4/8", "fe80::1%eth0/64", "10.0.0.1/+8", "10.0.0.1/ 8"])
 def test_address_parser_refuses(cidr):
     assert parse_cidr_host(cidr) is None
+
+
+def test_syntax_errors_are_reported_in_a_process_that_never_imported_json():
+    """_json finds JSONDecodeError only in sys.modules: the plugin's process has not imported json."""
+    code = ("import sys; from cni_plugin import cjson\n"
+            "assert 'json' not in sys.modules\n"
+            "try:\n    cjson.loads(b'{\"a\": }')\n"
+            "except ValueError as error:\n    print(type(error).__name__, error)\n")
+    repo = str(pathlib.Path(__file__).resolve().parents[2])
+    process = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": repo}, capture_output=True,
+                             text=True, timeout=60)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.startswith("JSONDecodeError Expecting value")

@@ -54,12 +54,15 @@ class FakeHook:
                     except OSError:
                         pass  # the client gave up waiting (its timeout), as a real hook sees it too
 
+        class Server(socketserver.ThreadingUnixStreamServer):
+            request_queue_size = 256  # kubelet starts many pods at once; the default backlog of 5 would refuse them
+            daemon_threads = True
+
         old_umask = os.umask(0o177)  # the real hook's socket is 0600
         try:
-            self._server = socketserver.ThreadingUnixStreamServer(self.socket_path, Handler)
+            self._server = Server(self.socket_path, Handler)
         finally:
             os.umask(old_umask)
-        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
