@@ -544,17 +544,15 @@ class KubernetesPeerSource:
                 if own is None:
                     own = self._read_own_object()
                 if own is None:
+                    # Owned by the Node as it is now: a cached copy may be of a Node deleted meanwhile, and an
+                    # object owned by a vanished Node is garbage-collected at once.
+                    node = self._read_node()
+                    owner["uid"] = node["metadata"]["uid"]
                     self._spend_write()
                     own = self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
                         "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                         "metadata": {"name": self.node_name, "labels": MANAGED_BY, "ownerReferences": [owner]},
                     }, _request_timeout=self.settings.request_timeout)
-                    self._remember_write(own)
-                if owner["uid"] not in {ref.get("uid") for ref in own["metadata"].get("ownerReferences") or []}:
-                    own["metadata"]["ownerReferences"] = [owner]
-                    self._spend_write()
-                    own = self.custom.replace_cluster_custom_object(
-                        GROUP, VERSION, PLURAL, self.node_name, own, _request_timeout=self.settings.request_timeout)
                     self._remember_write(own)
                 status = published_status(announcement, opted_out, changed_at, own.get("status"), self.clock())
                 if own.get("status") == status:

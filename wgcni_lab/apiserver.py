@@ -155,10 +155,12 @@ class Fault:
     code: int
     methods: frozenset[str] | None
     path_contains: str | None
+    user_agent_prefix: str | None
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.methods is None or method in self.methods) and (
-            self.path_contains is None or self.path_contains in path)
+    def matches(self, method: str, path: str, user_agent: str) -> bool:
+        return ((self.methods is None or method in self.methods)
+                and (self.path_contains is None or self.path_contains in path)
+                and (self.user_agent_prefix is None or user_agent.startswith(self.user_agent_prefix)))
 
 
 @dataclass
@@ -445,7 +447,9 @@ class Store:
                                {"name": name, "group": rtype.group, "kind": rtype.plural})
             self._record(rtype, "ADDED", obj, None)
             self.objects[key] = obj
-            return copy.deepcopy(obj)
+            created = copy.deepcopy(obj)
+            self._collect_orphan(rtype, key)
+            return created
 
     def update(self, rtype: ResourceType, name: str, body: JSON, subresource: str | None,
                expected_version: str | None) -> JSON:
@@ -466,7 +470,9 @@ class Store:
             previous = copy.deepcopy(current)
             self._record(rtype, "MODIFIED", updated, previous)
             self.objects[key] = updated
-            return copy.deepcopy(updated)
+            result = copy.deepcopy(updated)
+            self._collect_orphan(rtype, key)
+            return result
 
     @staticmethod
     def _merge_update(rtype: ResourceType, current: JSON, body: JSON, subresource: str | None) -> JSON:
@@ -561,6 +567,17 @@ class Store:
                     self._record(rtype, "MODIFIED", obj, previous)
                 else:
                     pending.append(self._delete_locked(rtype, key)["metadata"]["uid"])
+
+    def _collect_orphan(self, rtype: ResourceType, key: tuple[str, str]) -> None:
+        """Must hold the lock. An object whose owner references all name objects that do not exist is deleted,
+        as the garbage collector does when it sees a dependent of a vanished owner."""
+        references = self.objects[key]["metadata"].get("ownerReferences") or []
+        if not references:
+            return
+        live = {obj["metadata"]["uid"] for obj in self.objects.values()}
+        if not any(reference.get("uid") in live for reference in references):
+            deleted = self._delete_locked(rtype, key)
+            self._collect_garbage(deleted["metadata"]["uid"])
 
     def compact(self) -> None:
         """Forget the whole history: every watch or exact list from an older resourceVersion gets 410 Gone."""
@@ -820,10 +837,12 @@ class ApiServer:
 
     # --- fault injection ---------------------------------------------------------------------------------------
     def fail_next(self, count: int = 1, code: int = 500, methods: set[str] | None = None,
-                  path_contains: str | None = None) -> None:
-        """The next `count` requests with one of `methods` whose path contains `path_contains` get `code`."""
+                  path_contains: str | None = None, user_agent_prefix: str | None = None) -> None:
+        """The next `count` requests with one of `methods` whose path contains `path_contains` and whose
+        User-Agent starts with `user_agent_prefix` (e.g. only the hooks', not the test's own client) get `code`."""
         with self._lock:
-            self._faults.append(Fault(count, code, frozenset(methods) if methods else None, path_contains))
+            self._faults.append(Fault(count, code, frozenset(methods) if methods else None, path_contains,
+                                      user_agent_prefix))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -880,7 +899,7 @@ class ApiServer:
         try:
             if self._delay:
                 time.sleep(self._delay)
-            fault = self._take_fault(method, url.path)
+            fault = self._take_fault(method, url.path, request.headers.get("User-Agent") or "")
             if fault is not None:
                 raise ApiError(fault, HTTPStatus(fault).phrase.replace(" ", ""),
                                f"injected fault: {fault} {HTTPStatus(fault).phrase}")
@@ -909,10 +928,10 @@ class ApiServer:
         with self._lock:
             self.requests.append(RequestRecord(method, path, code, time.monotonic(), is_watch))
 
-    def _take_fault(self, method: str, path: str) -> int | None:
+    def _take_fault(self, method: str, path: str, user_agent: str) -> int | None:
         with self._lock:
             for fault in self._faults:
-                if fault.remaining > 0 and fault.matches(method, path):
+                if fault.remaining > 0 and fault.matches(method, path, user_agent):
                     fault.remaining -= 1
                     return fault.code
             self._faults = [fault for fault in self._faults if fault.remaining > 0]

@@ -144,6 +144,14 @@ def test_deleting_node_garbage_collects_owned_object(core, custom):
     assert names == ["unowned"]
 
 
+def test_object_whose_owner_is_gone_is_garbage_collected_at_once(core, custom):
+    node = make_node(core, "node-a")
+    core.delete_node("node-a")
+    created = custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("node-a", owner=node))
+    assert created["metadata"]["name"] == "node-a"
+    assert custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"] == []
+
+
 def test_list_then_watch_from_resource_version_sees_only_later_changes(core, custom):
     custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("before"))
     listing = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)

@@ -283,14 +283,14 @@ def _verb(record) -> tuple[str, str]:
 def test_rbac_grants_exactly_what_the_sync_uses(server, core, custom, make_source):
     node = create_node(core, "node-a")
     create_node(core, "node-b")
-    # an object left behind by an earlier Node of the same name: the hook must re-own it (update)
+    # node-a's object exists already (a hook restart): status written; node-b's does not: created
     custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "WireguardNode",
         "metadata": {"name": "node-a", "ownerReferences": [
-            {"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": "an-earlier-node"}]}})
+            {"apiVersion": "v1", "kind": "Node", "name": "node-a", "uid": node.metadata.uid}]}})
     test_client_requests = len(server.requests)
     source_a, _ = make_source("node-a")
-    source_b, _ = make_source("node-b")  # node-b's object does not exist: created
+    source_b, _ = make_source("node-b")
     source_a.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
     source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
     wait_for(lambda: source_a.status.published and source_b.status.published, what="both published")

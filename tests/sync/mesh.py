@@ -1,0 +1,368 @@
+"""A multi-node mesh for the sync tests: simulated AKS nodes whose hooks find each other only through the test
+Kubernetes API server, with pods created the way kubelet creates them.
+
+- a "vnet" network namespace holds a bridge (the VNet, 10.240.0.0/16) and the API server's second listener
+  (10.240.255.254:6443, reached by every node); the test process talks to the same server on loopback;
+- each node is a network namespace on the bridge (10.240.0.4, .5, ...; proxy ARP on its uplink stands in for the
+  VNet delivering a pod IP to its VM) with a Node object in the API, its own
+  containerd (CRI) whose CNI chain is AKS-shaped — `ptp` + `host-local` standing in for azure-vnet (a veth and
+  a /32 host route per pod, pod IPs from the node subnet's /16), then `wgcni` (the plugin, run from source by a
+  small wrapper so the tests do not depend on the pyinstaller build), then `portmap` — and its own
+  `wgcni-node run` on the userspace backend (unique interface name: /var/run/wireguard is shared), pointed at
+  the API server by a kubeconfig and without a peers file, so `node_hook.cluster` is its peer source;
+- assertions use independent tools: `wg show ... dump` and `ip route show table ...` in the node namespaces,
+  ping from the pods' namespaces, tcpdump on the bridge.
+
+Everything carries a per-run random suffix and is removed by `close()`, also after failures.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubernetes import client
+
+from node_hook.cluster import GROUP, PLURAL, VERSION, api_client_for_url
+from tests.sync.helpers import CRD
+from wgcni_lab.apiserver import ApiServer, NamespacedListener
+from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+SUBNET = ipaddress.IPv4Network("10.240.0.0/16")
+API_ADDRESS = "10.240.255.254"
+API_PORT = 6443
+POD_GATEWAY = "10.240.255.1"  # ptp puts the IPAM gateway on every host veth; outside every node's pod range
+ROUTE_TABLE = 51820
+LISTEN_PORT = 51820
+NETWORK = "azure"
+
+PLUGIN_WRAPPER = """#!{python} -S
+# The wgcni plugin from the source tree (stdlib only on the CNI path, so -S is enough).
+import sys
+sys.path.insert(0, {repo!r})
+from cni_plugin.main import main
+main()
+"""
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: exit {result.returncode}: {result.stderr.strip()}")
+    return result.stdout
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class MeshPod:
+    name: str
+    node: MeshNode
+    sandbox: Pod
+
+    @property
+    def ip(self) -> str:
+        return self.sandbox.ip
+
+    def exec(self, *args: str, check: bool = True, timeout: float = 30) -> str:
+        return sh("nsenter", f"--net={self.sandbox.netns_proc_path}", "--", *args, check=check, timeout=timeout)
+
+    def ping(self, ip: str, count: int = 1, timeout: float = 2) -> bool:
+        result = subprocess.run(
+            ["nsenter", f"--net={self.sandbox.netns_proc_path}", "--", "ping", "-n", "-q", "-c", str(count),
+             "-W", str(int(timeout)), ip], capture_output=True, text=True, timeout=timeout * count + 10)
+        return result.returncode == 0
+
+
+@dataclass
+class MeshNode:
+    name: str
+    ip: str
+    netns: str
+    wg: str
+    directory: Path
+    pod_range: tuple[str, str]
+    containerd: Containerd | None = None
+    hook: subprocess.Popen | None = None
+    pods: dict[str, MeshPod] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "hook.sock"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / "state"
+
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "hook.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "hook.log"
+
+    def exec(self, *args: str, check: bool = True, timeout: float = 30) -> str:
+        return sh("ip", "netns", "exec", self.netns, *args, check=check, timeout=timeout)
+
+    def hook_api(self, op: str, **fields: object) -> dict:
+        from node_hook.local_api import request
+
+        return request(self.socket, {"op": op, **fields})
+
+    def wg_peers(self) -> dict[str, set[str]]:
+        """Public key -> every address its AllowedIPs cover, as `wg show dump` reports them (not the hook)."""
+        lines = sh("wg", "show", self.wg, "dump", check=False).splitlines()[1:]
+        peers = {}
+        for line in lines:
+            fields = line.split("\t")
+            allowed = fields[3]
+            peers[fields[0]] = set() if allowed == "(none)" else _addresses(allowed.split(","))
+        return peers
+
+    def wg_routes(self) -> dict[str, str]:
+        """Address -> route type ('unicast' through the WireGuard device, 'throw', ...) in the hook's table."""
+        result = subprocess.run(["ip", "-n", self.netns, "-j", "route", "show", "table", str(ROUTE_TABLE)],
+                                capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            if "does not exist" in result.stderr:  # no route in the table (yet)
+                return {}
+            raise RuntimeError(f"ip route show table {ROUTE_TABLE} in {self.netns}: {result.stderr.strip()}")
+        routes = json.loads(result.stdout or "[]")
+        return {address: route.get("type", "unicast") for route in routes
+                for address in _addresses([route["dst"]])}
+
+
+def _addresses(prefixes: list[str]) -> set[str]:
+    return {str(address) for prefix in prefixes for address in ipaddress.ip_network(prefix)}
+
+
+class Mesh:
+    """See the module docstring. `add_node` and `run_pod` build it; `expected_*` say what must be programmed."""
+
+    def __init__(self, root: Path, bookmark_interval: float = 1.0):
+        self.root = root
+        self.suffix = secrets.token_hex(3)
+        self.vnet = f"s4vnet-{self.suffix}"
+        self.bridge = "br0"
+        self.nodes: dict[str, MeshNode] = {}
+        self.namespaces: list[str] = []
+        self.server: ApiServer | None = None
+        self._uid_counter = 0
+        sh("ip", "netns", "add", self.vnet)
+        self.namespaces.append(self.vnet)
+        self._vnet("ip", "link", "set", "lo", "up")
+        self._vnet("ip", "link", "add", self.bridge, "type", "bridge")
+        self._vnet("ip", "addr", "add", f"{API_ADDRESS}/{SUBNET.prefixlen}", "dev", self.bridge)
+        self._vnet("ip", "link", "set", self.bridge, "up")
+        self.server = ApiServer(crds=[CRD], bookmark_interval=bookmark_interval,
+                                also_listen=[NamespacedListener(self.vnet, API_ADDRESS, API_PORT)]).start()
+        self.api_client = api_client_for_url(self.server.url)
+        self.core = client.CoreV1Api(self.api_client)
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.kubeconfig = root / "kubeconfig"
+        self.kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "mesh",
+            "clusters": [{"name": "mesh", "cluster": {"server": f"http://{API_ADDRESS}:{API_PORT}"}}],
+            "users": [{"name": "hook", "user": {}}],
+            "contexts": [{"name": "mesh", "context": {"cluster": "mesh", "user": "hook"}}],
+        }))
+        self.plugin = root / "wgcni-plugin"
+        self.plugin.write_text(PLUGIN_WRAPPER.format(python=PYTHON, repo=str(REPO)))
+        self.plugin.chmod(0o755)
+
+    def _vnet(self, *args: str) -> str:
+        return sh("ip", "netns", "exec", self.vnet, *args)
+
+    # ---- nodes ------------------------------------------------------------------------------------------
+
+    def add_node(self, name: str, index: int, labels: dict[str, str] | None = None) -> MeshNode:
+        """Node `index` gets 10.240.0.(4+index) and the pod range 10.240.(1+index).10-.250."""
+        ip = str(SUBNET.network_address + 4 + index)
+        pod_range = (f"10.240.{1 + index}.10", f"10.240.{1 + index}.250")
+        netns = f"s4{name}-{self.suffix}"
+        directory = self.root / name
+        directory.mkdir()
+        sh("ip", "netns", "add", netns)
+        self.namespaces.append(netns)
+        node = MeshNode(name, ip, netns, f"wgs{index}{self.suffix}"[:15], directory, pod_range)
+        self.nodes[name] = node
+        uplink = f"s4u{index}{self.suffix}"[:15]
+        self._vnet("ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        self._vnet("ip", "link", "set", uplink, "master", self.bridge, "up")
+        node.exec("ip", "link", "set", "lo", "up")
+        # An IPv4-only VNet, as in tests/netns/lab.py. (With IPv6 on, wireguard-go's TUN device gets an
+        # fe80::/64 address that node_hook/apply/routes.py's read() rejects as "host bits set": reported.)
+        node.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        node.exec("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        node.exec("ip", "addr", "add", f"{ip}/{SUBNET.prefixlen}", "dev", "eth0")
+        node.exec("ip", "link", "set", "eth0", "up")
+        # The Azure VNet delivers a pod IP to the VM that holds it; here the node answers ARP on the bridge for
+        # the pods it routes (their /32 routes point at veths), which is what plaintext (opted-out) paths need.
+        node.exec("sysctl", "-qw", "net.ipv4.conf.eth0.proxy_arp=1")
+        self.core.create_node(client.V1Node(
+            metadata=client.V1ObjectMeta(name=name, labels=labels),
+            status=client.V1NodeStatus(addresses=[client.V1NodeAddress(type="InternalIP", address=ip)])))
+        self._start_containerd(node)
+        self.write_hook_config(node)
+        self.start_hook(node)
+        return node
+
+    def _start_containerd(self, node: MeshNode) -> None:
+        node.containerd = Containerd(node.directory / "ctrd", name=node.name, netns=node.netns)
+        link_cni_plugins(node.containerd.cni_bin_dir, {"wgcni": self.plugin})
+        self.write_conflist(node, *node.pod_range)
+        node.containerd.start()
+        node.containerd.wait_cni_config()
+
+    def write_conflist(self, node: MeshNode, range_start: str, range_end: str) -> None:
+        """AKS-shaped chain (name "azure", cniVersion 1.0.0): ptp + host-local for azure-vnet, wgcni, portmap."""
+        conflist = {
+            "cniVersion": "1.0.0", "name": NETWORK,
+            "plugins": [
+                {"type": "ptp", "ipMasq": False, "mtu": 1500, "ipam": {
+                    "type": "host-local", "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": [[{"subnet": str(SUBNET), "rangeStart": range_start, "rangeEnd": range_end,
+                                 "gateway": POD_GATEWAY}]]}},
+                {"type": "wgcni", "stateDir": str(node.state_dir), "hookSocket": str(node.socket),
+                 "logFile": str(node.directory / "plugin.log")},
+                {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+            ],
+        }
+        node.containerd.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+        write_conflist(node.containerd.cni_conf_dir, conflist)
+
+    def use_pod_range(self, node: MeshNode, range_start: str, range_end: str) -> None:
+        """Rewrite the node's conflist with another host-local range and wait until containerd loaded it."""
+        self.write_conflist(node, range_start, range_end)
+
+        def loaded(config: dict) -> bool:
+            return range_start in json.dumps(config)
+
+        node.containerd.wait_cni_config(loaded)
+
+    def write_hook_config(self, node: MeshNode) -> None:
+        node.config_file.write_text(json.dumps({
+            "nodeName": node.name, "stateDir": str(node.state_dir), "socket": str(node.socket),
+            "interface": node.wg, "listenPort": LISTEN_PORT, "endpoint": node.ip, "routeTable": ROUTE_TABLE,
+            "hostEncryption": True, "azure": False, "podInterfacePrefixes": ["veth"],
+            "resyncInterval": 30, "recordRescanInterval": 2, "logLevel": "info",
+        }))
+
+    def start_hook(self, node: MeshNode) -> None:
+        with open(node.log_file, "ab") as log:
+            node.hook = subprocess.Popen(
+                ["ip", "netns", "exec", node.netns, PYTHON, "-m", "node_hook.cli", "run", "--config",
+                 str(node.config_file)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env=dict(os.environ, PYTHONPATH=str(REPO), KUBECONFIG=str(self.kubeconfig)))
+        wait_until(lambda: node.socket.exists() or node.hook.poll() is not None, 30, f"{node.name} hook socket")
+        if node.hook.poll() is not None:
+            raise AssertionError(f"hook {node.name} exited: {node.log_file.read_text()[-3000:]}")
+
+    def stop_hook(self, node: MeshNode) -> None:
+        if node.hook is None:
+            return
+        if node.hook.poll() is None:
+            node.hook.send_signal(signal.SIGTERM)
+            try:
+                node.hook.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                node.hook.kill()
+                node.hook.wait()
+        node.hook = None
+
+    # ---- pods -------------------------------------------------------------------------------------------
+
+    def run_pod(self, node: MeshNode, name: str) -> MeshPod:
+        self._uid_counter += 1
+        sandbox = node.containerd.run_pod(name, "default", f"{self.suffix}-{self._uid_counter:04d}")
+        pod = MeshPod(name, node, sandbox)
+        node.pods[name] = pod
+        return pod
+
+    def delete_pod(self, pod: MeshPod) -> None:
+        pod.node.containerd.stop_pod(pod.sandbox.id)
+        del pod.node.pods[pod.name]
+
+    # ---- what must be programmed ------------------------------------------------------------------------
+
+    def keys(self) -> dict[str, str]:
+        """Node name -> the public key it published."""
+        items = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
+        return {item["metadata"]["name"]: (item.get("status") or {}).get("publicKey", "") for item in items}
+
+    def encrypted_nodes(self) -> set[str]:
+        return {name for name, key in self.keys().items() if key and name in self.nodes}
+
+    def mesh_matches_truth(self, nodes: list[MeshNode] | None = None) -> bool | str:
+        """Every node's WireGuard peers and table hold exactly the other nodes' current pods: a peer per
+        encrypted node with exactly its pod IPs and node IP, a device route for each of those, no device route
+        for anything else (an opted-out node has no peer at all). Returns True or what differs."""
+        try:
+            keys = self.keys()
+        except Exception as error:  # noqa: BLE001 - the API server may be restarting under a fault test
+            return f"API not answering: {error}"
+        encrypted = {name for name, key in keys.items() if key and name in self.nodes}
+        for node in nodes or list(self.nodes.values()):
+            peers = node.wg_peers()
+            routes = node.wg_routes()
+            if node.name not in encrypted:  # an opted-out node sends everything in plaintext
+                expected_peers: dict[str, set[str]] = {}
+            else:  # host encryption: a peer's AllowedIPs and device routes are its pods and its node IP
+                expected_peers = {keys[other.name]: {pod.ip for pod in other.pods.values()} | {other.ip}
+                                  for other in self.nodes.values() if other is not node and other.name in encrypted}
+            if peers != expected_peers:
+                return f"{node.name}: peers {peers} != {expected_peers}"
+            want_dev = set().union(*expected_peers.values()) if expected_peers else set()
+            have_dev = {dst for dst, kind in routes.items() if kind == "unicast"}
+            if have_dev != want_dev:
+                return f"{node.name}: device routes {sorted(have_dev)} != {sorted(want_dev)}"
+        return True
+
+    # ---- teardown ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        errors: list[str] = []
+        for node in self.nodes.values():
+            try:
+                self.stop_hook(node)
+                if node.containerd is not None:
+                    node.containerd.stop()
+                if node.config_file.exists():
+                    node.exec(PYTHON, "-m", "node_hook.cli", "cleanup", "--config", str(node.config_file),
+                              check=False)
+            except Exception as error:  # noqa: BLE001 - keep tearing down the rest, report at the end
+                errors.append(f"{node.name}: {error}")
+        if self.server is not None:
+            self.server.stop()
+            self.api_client.close()
+        for namespace in reversed(self.namespaces):
+            for pid in sh("ip", "netns", "pids", namespace, check=False).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            sh("ip", "netns", "del", namespace, check=False)
+        self.namespaces.clear()
+        if errors:
+            raise RuntimeError("; ".join(errors))
