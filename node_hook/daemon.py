@@ -139,6 +139,9 @@ class Daemon:
         self.records = record_store
         self.monitor_netlink = monitor_netlink
         self._lock = threading.Lock()
+        # Held by the worker while it changes the model (events, rescans) and by other threads while they read
+        # more than one value of it (status): a consistent view, and no "dict changed size during iteration".
+        self._model_lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._events: list[Callable[[], None]] = []
         self._out_of_sync: set[str] = set()
@@ -238,14 +241,15 @@ class Daemon:
             if self._stopping.is_set():
                 return
             now = self.clock()
-            for event in events:
-                try:
-                    event()
-                except Exception as error:  # noqa: BLE001 - a bad record or peer list must not stop the loop
-                    log.error("%s", error)
-            if now >= next_rescan:
-                self._rescan_records()
-                next_rescan = now + self.settings.record_rescan_interval
+            with self._model_lock:
+                for event in events:
+                    try:
+                        event()
+                    except Exception as error:  # noqa: BLE001 - a bad record or peer list must not stop the loop
+                        log.error("%s", error)
+                if now >= next_rescan:
+                    self._rescan_records()
+                    next_rescan = now + self.settings.record_rescan_interval
             if now >= next_resync:
                 out_of_sync.update(("firewall", "device", "sysctls", "peers", "routes", "rules"))
                 next_resync = now + self.settings.resync_interval
@@ -378,7 +382,14 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         converged = self.reconciler.converged
-        problems = self.model.problems()
+        with self._model_lock:
+            problems = self.model.problems()
+            counts = {
+                "peers": len(self.model.peers),
+                "remoteNodes": len(self.model.remote_nodes),
+                "localPods": len(self.model.local_records),
+                "routes": len(self.model.routes),
+            }
         source_error = getattr(self.peer_source, "error", None)
         if self.last_error:
             message = f"reconcile error (retrying): {self.last_error}"
@@ -414,12 +425,7 @@ class Daemon:
             "peersComplete": self.peers_complete,
             "peerSourceError": source_error,
             "sync": _plain(sync_status),
-            "counts": {
-                "peers": len(self.model.peers),
-                "remoteNodes": len(self.model.remote_nodes),
-                "localPods": len(self.model.local_records),
-                "routes": len(self.model.routes),
-            },
+            "counts": counts,
             "problems": [{"kind": p.kind, "subject": p.subject, "message": p.message} for p in problems],
             "recordErrors": list(self.record_errors),
             "lastError": self.last_error,
