@@ -11,6 +11,7 @@ import json
 import click
 
 from cni_plugin import __version__
+from cni_plugin.cli_hook import HOOK_COMMANDS, programmed_ips, socket_option
 from cni_plugin.cni import DEFAULT_STATE_DIR, SUPPORTED_VERSIONS
 from cni_plugin.records import RecordStore, valid_network
 
@@ -33,8 +34,10 @@ def version() -> None:
               help="The plugin's stateDir.")
 @click.option("--network", default=None, help="Only this CNI network.")
 @click.option("--json", "as_json", is_flag=True, help="A stable JSON array of objects instead of a table.")
-def pods(state_dir: str, network: str | None, as_json: bool) -> None:
-    """List the pod attachments the plugin has recorded on this node."""
+@socket_option
+def pods(state_dir: str, network: str | None, as_json: bool, socket_path: str) -> None:
+    """List the pod attachments the plugin has recorded on this node, and whether the hook programmed them
+    (`programmed`: true/false, null when the hook cannot be asked)."""
     if network is not None and not valid_network(network):
         raise click.BadParameter(f"{network!r} is not a valid network name", param_hint="--network")
     problems: list[str] = []
@@ -42,17 +45,25 @@ def pods(state_dir: str, network: str | None, as_json: bool) -> None:
     for problem in problems:
         click.echo(f"wgcni: skipped {problem}", err=True)
     rows = [{field: record.get(field) for field in POD_FIELDS} for record in records]
+    programmed = programmed_ips(socket_path, sorted({ip for row in rows for ip in row["ips"]})) if rows else None
+    for row in rows:
+        row["programmed"] = None if programmed is None else all(ip in programmed for ip in row["ips"])
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = [("NETWORK", "POD", "CONTAINER", "IFNAME", "IPS", "UPDATED")]
+    table = [("NETWORK", "POD", "CONTAINER", "IFNAME", "IPS", "UPDATED")
+             + (("PROGRAMMED",) if programmed is not None else ())]
     for row in rows:
         pod = f"{row['podNamespace']}/{row['podName']}" if row["podName"] else "-"
         table.append((row["network"], pod, row["containerID"][:13], row["ifname"], ",".join(row["ips"]) or "-",
-                      row["updated"]))
+                      row["updated"]) + (("yes" if row["programmed"] else "NO",) if programmed is not None else ()))
     widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
     for line in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+for command in HOOK_COMMANDS:
+    cli.add_command(command)
 
 
 def run(argv: list[str]) -> int:

@@ -1,0 +1,329 @@
+"""Operator commands that ask the node hook (`wgcni-node`) over its local API: status, peers, routes, check.
+
+Registered into the `wgcni` click group by cni_plugin/cli.py. They use the plugin's own standard-library client
+(cni_plugin/notify.py), so the plugin bundle needs nothing of node_hook. Every command has `--json` with a stable
+shape; human output is aligned `key: value` blocks in the manner of `wg show`, or tables.
+
+Sizes. On a node with 5 000 peers the hook renders only the page asked for (`--limit`, default 50, `--offset`,
+`--all`) and sends a summary of all peers, so `wgcni peers` stays fast and its output readable.
+
+`wgcni check` exit codes (for scripts): 0 nothing wrong, 1 problems found (errors or warnings; `info` findings do
+not count), 2 the check could not run (hook not reachable, or its answer unusable).
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import json
+import os
+import time
+from typing import Any
+
+import click
+
+from cni_plugin.cni import DEFAULT_HOOK_SOCKET
+from cni_plugin.notify import HookProtocolError, HookUnavailable, request
+
+SOCKET_ENV = "WGCNI_HOOK_SOCKET"
+QUERY_TIMEOUT = 15.0  # the hook answers from its worker thread; a long pass on a big node may delay it
+DEFAULT_LIMIT = 50
+EXIT_OK, EXIT_PROBLEMS, EXIT_UNCHECKED = 0, 1, 2
+HOOK_DOWN_FIX = ("start it: on AKS 'kubectl -n kube-system get pods -o wide -l app.kubernetes.io/name=wgcni' and "
+                 "'kubectl -n kube-system logs ds/wgcni-node -c wgcni-node'; elsewhere 'wgcni-node run'")
+LOGS_FIX = "see 'kubectl -n kube-system logs ds/wgcni-node -c wgcni-node'"
+
+socket_option = click.option("--socket", "socket_path", envvar=SOCKET_ENV, default=DEFAULT_HOOK_SOCKET,
+                             show_default=True, type=click.Path(dir_okay=False),
+                             help=f"The hook's local API socket (or ${SOCKET_ENV}).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Stable JSON instead of text.")
+
+
+class HookQueryError(click.ClickException):
+    """The hook could not be asked (exit 1 for status/peers/routes; check turns it into exit 2)."""
+
+
+def ask(socket_path: str, message: dict[str, Any]) -> dict[str, Any]:
+    """The hook's answer to `message`, or a HookQueryError with one line a person can act on."""
+    try:
+        answer = request(socket_path, message, QUERY_TIMEOUT)
+    except HookUnavailable as error:
+        raise HookQueryError(f"the hook is not answering: {error}; {HOOK_DOWN_FIX}") from None
+    except HookProtocolError as error:
+        raise HookQueryError(f"the hook answered something unusable: {error}") from None
+    if not answer["ok"]:
+        raise HookQueryError(f"the hook refused {message['op']}: {answer.get('error', 'no reason given')}")
+    return answer
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _block(title: str, pairs: list[tuple[str, str]]) -> None:
+    """`title` then indented, aligned `label: value` lines, like `wg show`."""
+    click.echo(title)
+    width = max((len(label) for label, _ in pairs), default=0)
+    for label, value in pairs:
+        click.echo(f"  {(label + ':').ljust(width + 1)} {value}")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    lines = [header, *rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    for line in lines:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+def _page_options(function: Any) -> Any:
+    function = click.option("--all", "show_all", is_flag=True, help="Everything, no limit.")(function)
+    function = click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0),
+                            help="Skip this many first.")(function)
+    function = click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(min=0),
+                            help="Show at most this many.")(function)
+    return function
+
+
+def _paging(offset: int, limit: int, show_all: bool) -> dict[str, Any]:
+    return {"offset": offset} if show_all else {"offset": offset, "limit": limit}
+
+
+def _more_hint(shown: int, offset: int, total: int, what: str) -> None:
+    rest = total - offset - shown
+    if rest > 0:
+        click.echo(f"... {rest} more {what}: --offset {offset + shown}, or --all")
+
+
+# ---- formatting helpers -------------------------------------------------------------------------------------
+
+
+def human_duration(seconds: float) -> str:
+    """`1 hour, 2 minutes, 3 seconds`, as `wg show` prints handshake ages."""
+    seconds = int(max(0, seconds))
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        count, seconds = divmod(seconds, size)
+        if count:
+            parts.append(f"{count} {unit}{'s' if count != 1 else ''}")
+    return ", ".join(parts) if parts else "0 seconds"
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def handshake_text(latest: float, now: float) -> str:
+    return "never" if not latest else f"{human_duration(now - latest)} ago"
+
+
+def annotate_allowed_ips(prefixes: list[str], pod_ips: list[str], node_ips: list[str]) -> list[dict[str, Any]]:
+    """Each AllowedIPs prefix with how many of the peer's pod IPs and which of its node IPs it covers, so nobody
+    maps addresses by hand. Prefixes of one peer are disjoint: each address is placed by bisection."""
+    networks = sorted((ipaddress.ip_network(prefix) for prefix in prefixes),
+                      key=lambda network: (network.version, int(network.network_address)))
+    starts = [(network.version, int(network.network_address)) for network in networks]
+    out = [{"prefix": str(network), "pods": 0, "nodeIPs": []} for network in networks]
+
+    def place(address_text: str) -> dict[str, Any] | None:
+        address = ipaddress.ip_address(address_text)
+        index = bisect.bisect_right(starts, (address.version, int(address))) - 1
+        if index >= 0 and address in networks[index]:
+            return out[index]
+        return None
+
+    for address in pod_ips:
+        entry = place(address)
+        if entry is not None:
+            entry["pods"] += 1
+    for address in node_ips:
+        entry = place(address)
+        if entry is not None:
+            entry["nodeIPs"].append(address)
+    return out
+
+
+def _allowed_text(entry: dict[str, Any]) -> str:
+    what = []
+    if entry["pods"]:
+        what.append("1 pod" if entry["pods"] == 1 else f"{entry['pods']} pods")
+    if entry["nodeIPs"]:
+        what.append("node IP")
+    return f"{entry['prefix']} ({', '.join(what) or 'neither pod nor node IP'})"
+
+
+# ---- commands -----------------------------------------------------------------------------------------------
+
+
+@click.command()
+@socket_option
+@json_option
+def status(socket_path: str, as_json: bool) -> None:
+    """This node's wgcni state: key, backend, device, MTU and why, routing, encryption, sync, counts."""
+    answer = ask(socket_path, {"op": "status"})
+    answer.pop("ok")
+    if as_json:
+        _emit_json(answer)
+        return
+    sync = answer.get("sync") or {}
+    counts = answer["counts"]
+    if answer["peersComplete"]:
+        sync_text = "peers synced"
+    else:
+        sync_text = "waiting for the first complete peer list"
+    if sync:
+        sync_text += (f"; own state {'published' if sync.get('published') else 'not published yet'}; "
+                      f"{sync.get('writes', 0)} writes, {sync.get('write_errors', 0)} write errors, "
+                      f"{sync.get('watch_errors', 0)} watch errors")
+        if sync.get("opted_out"):
+            sync_text += "; this node is opted out (wgcni.io/wireguard=disabled)"
+    if answer.get("peerSourceError"):
+        sync_text += f"; source error: {answer['peerSourceError']}"
+    out_of_sync = sorted(aspect for aspect, ok in answer["inSync"].items() if not ok)
+    pairs = [
+        ("state", ("ready" if answer["ready"] else "NOT READY") + f" ({answer['message']})"),
+        ("public key", f"{answer['publicKey']} (fingerprint {answer['keyFingerprint']})"),
+        ("backend", answer["backend"]),
+        ("device", f"{answer['interface']}, listening on {answer['endpoint']}:{answer['listenPort']}"),
+        ("mtu", f"{answer['mtu']} ({answer['mtuReason']})"),
+        ("underlay", f"{answer['underlayInterface']}; azure: {'yes' if answer['azure'] else 'no'} "
+                     f"({answer['azureReason']})"),
+        ("routing", f"rule {answer['rulePriority']}: not fwmark {answer['fwmark']}/{answer['fwmark']} lookup "
+                    f"{answer['routeTable']}"),
+        ("host encryption", "on" if answer["hostEncryption"] else "off"),
+        ("dataplane", "in sync" if not out_of_sync else f"out of sync: {', '.join(out_of_sync)}"),
+        ("sync", sync_text),
+        ("counts", f"{counts['peers']} peers, {counts['remoteNodes']} remote nodes, {counts['localPods']} local "
+                   f"pods, {counts['routes']} routes"),
+        ("passes", f"{answer['passes']} ({answer['errors']} failed)"),
+    ]
+    if answer["lastError"]:
+        pairs.append(("last error", answer["lastError"]))
+    for problem in answer["problems"][:5]:
+        pairs.append(("problem", problem["message"]))
+    if len(answer["problems"]) > 5:
+        pairs.append(("problem", f"... and {len(answer['problems']) - 5} more: wgcni check"))
+    for error in answer["recordErrors"][:5]:
+        pairs.append(("bad record", error))
+    _block(f"node: {answer['node']}", pairs)
+
+
+@click.command()
+@socket_option
+@json_option
+@_page_options
+@click.option("--node", default=None, help="Only the peer of this node.")
+def peers(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bool, node: str | None) -> None:
+    """WireGuard peers: node, endpoint, latest handshake, transfer, AllowedIPs and what they are."""
+    message: dict[str, Any] = {"op": "peers", **_paging(offset, limit, show_all)}
+    if node is not None:
+        message["node"] = node
+    answer = ask(socket_path, message)
+    rows = []
+    for peer in answer["peers"]:
+        row = {field: peer.get(field) for field in ("node", "publicKey", "endpoint", "programmed", "latestHandshake",
+                                                    "rxBytes", "txBytes", "persistentKeepalive")}
+        row["allowedIPs"] = annotate_allowed_ips(peer["allowedIPs"], peer.get("podIPs", []), peer.get("nodeIPs", []))
+        rows.append(row)
+    if as_json:
+        _emit_json({"peers": rows, "total": answer["total"], "offset": answer["offset"],
+                    "summary": answer["summary"]})
+        return
+    summary = answer["summary"]
+    click.echo(f"{summary['peers']} peers: {summary['programmed']} programmed, {summary['handshakeRecent']} with a "
+               f"handshake in the last 3 minutes, {summary['handshakeNever']} never"
+               + (f"; {answer['total']} match --node" if node is not None else ""))
+    now = time.time()
+    for row in rows:
+        click.echo()
+        pairs = [
+            ("public key", row["publicKey"]),
+            ("endpoint", row["endpoint"]),
+            ("allowed ips", ", ".join(_allowed_text(entry) for entry in row["allowedIPs"]) or "(none)"),
+            ("latest handshake", handshake_text(row["latestHandshake"], now)),
+            ("transfer", f"{human_bytes(row['rxBytes'])} received, {human_bytes(row['txBytes'])} sent"),
+            ("state", "programmed" if row["programmed"] else "NOT programmed (device differs; see wgcni check)"),
+        ]
+        if row["persistentKeepalive"]:
+            pairs.append(("persistent keepalive", f"every {row['persistentKeepalive']} seconds"))
+        _block(f"peer: {row['node']}", pairs)
+    _more_hint(len(rows), offset, answer["total"], "peers")
+
+
+@click.command()
+@socket_option
+@json_option
+@_page_options
+@click.option("--owner", default=None, help="Only routes of this node, or 'local' for this node's pods.")
+def routes(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bool, owner: str | None) -> None:
+    """Routes in the hook's table: prefix, dev (into WireGuard) or throw (main table), and whose it is."""
+    message: dict[str, Any] = {"op": "routes", **_paging(offset, limit, show_all)}
+    if owner is not None:
+        message["owner"] = owner
+    answer = ask(socket_path, message)
+    rows = [{"prefix": route["prefix"], "kind": route["kind"], "owner": route["owner"], "pod": route.get("pod")}
+            for route in answer["routes"]]
+    if as_json:
+        _emit_json({"routes": rows, "total": answer["total"], "offset": answer["offset"],
+                    "byKind": answer["byKind"]})
+        return
+    by_kind = answer["byKind"]
+    click.echo(f"{sum(by_kind.values())} routes: {by_kind.get('dev', 0)} into WireGuard (dev), "
+               f"{by_kind.get('throw', 0)} leave the table (throw)"
+               + (f"; {answer['total']} owned by {owner}" if owner is not None else ""))
+    _table(("PREFIX", "KIND", "OWNER", "POD"),
+           [(row["prefix"], row["kind"], row["owner"] or "-", row["pod"] or "-") for row in rows])
+    _more_hint(len(rows), offset, answer["total"], "routes")
+
+
+@click.command()
+@socket_option
+@json_option
+@click.pass_context
+def check(ctx: click.Context, socket_path: str, as_json: bool) -> None:
+    """Diagnose the known failure modes, one line each: what is wrong and what to do.
+
+    Exit code: 0 nothing wrong, 1 problems found, 2 could not check (hook not reachable)."""
+    try:
+        answer = ask(socket_path, {"op": "diagnose"})
+    except HookQueryError as error:
+        findings = [{"check": "hook", "severity": "error", "message": error.format_message(),
+                     "fix": HOOK_DOWN_FIX if "not answering" in error.format_message() else LOGS_FIX}]
+        _report(findings, [], EXIT_UNCHECKED, as_json)
+        ctx.exit(EXIT_UNCHECKED)
+    findings = answer["findings"]
+    code = EXIT_PROBLEMS if any(f["severity"] in ("error", "warning") for f in findings) else EXIT_OK
+    _report(findings, answer["checks"], code, as_json)
+    ctx.exit(code)
+
+
+_MARK = {"error": "FAIL", "warning": "WARN", "info": "info"}
+
+
+def _report(findings: list[dict[str, str]], checks: list[str], code: int, as_json: bool) -> None:
+    if as_json:
+        _emit_json({"exitCode": code, "ok": code == EXIT_OK, "checks": checks, "findings": findings})
+        return
+    for finding in findings:
+        click.echo(f"{_MARK.get(finding['severity'], finding['severity'])} {finding['check']}: "
+                   f"{finding['message']} -> {finding['fix']}")
+    if code == EXIT_OK:
+        click.echo(f"ok: {len(checks)} checks passed ({', '.join(checks)})")
+
+
+def programmed_ips(socket_path: str, ips: list[str]) -> set[str] | None:
+    """Which of `ips` the hook has programmed as local pods; None when the hook cannot be asked (for `wgcni pods`)."""
+    if not os.path.exists(socket_path):
+        return None
+    try:
+        answer = ask(socket_path, {"op": "check", "ips": ips})
+    except HookQueryError:
+        return None
+    return set(ips) - set(answer.get("missing", ips))
+
+
+HOOK_COMMANDS = (status, peers, routes, check)
