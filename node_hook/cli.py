@@ -125,7 +125,7 @@ def run(config: Path | None) -> None:
 def cleanup(config: Path | None) -> None:
     """Remove what the hook created (device, routes in its table, its rules, its nftables table) and restore the
     sysctls it changed. The key file and the pod records are kept."""
-    from node_hook.apply.firewall import FirewallError, NftFirewall
+    from node_hook.apply.firewall import NftFirewall
     from node_hook.apply.routes import PyrouteRouting
     from node_hook.apply.sysctl import Sysctls
     from node_hook.daemon import FIREWALL_TABLE, real_wireguard_backend
@@ -148,7 +148,7 @@ def cleanup(config: Path | None) -> None:
     for what, step in steps:
         try:
             step()
-        except (OSError, FirewallError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - every step is attempted; each failure is one line
             problems.append(f"{what}: {error}")
     if problems:
         raise click.ClickException("; ".join(problems))

@@ -72,9 +72,9 @@ class PyrouteRouting:
                     continue
                 rules.add(RuleSpec(family, message.get("priority") or 0, message.get("fwmark") or 0,
                                    message.get("fwmask") or 0, self.table, bool(message["flags"] & FIB_RULE_INVERT)))
-        addresses = frozenset(
-            ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}")
-            for message in (self._ipr.get_addr(index=ifindex) if ifindex is not None else ())
+        addresses = frozenset(  # IPv4 only: the device's IPv6 link-local address is the kernel's, not ours
+            ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}", strict=False)
+            for message in (self._ipr.get_addr(index=ifindex, family=socket.AF_INET) if ifindex is not None else ())
         )
         return TableState(routes, frozenset(rules), addresses)
 

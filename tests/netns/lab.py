@@ -140,9 +140,9 @@ class Lab:
         node.exec("ip", "link", "set", "lo", "up")
         node.exec("ip", "addr", "add", f"{ip}/{PREFIX_LEN}", "dev", "eth0")
         node.exec("ip", "link", "set", "eth0", "up")
-        # IPv4 lab: no IPv6 link-local chatter on the capture, no addresses appearing late in route snapshots
-        node.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-        node.exec("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        # IPv4 VNet: no IPv6 link-local chatter on the capture (the WireGuard device keeps its IPv6 link-local
+        # address, as on a real node)
+        node.exec("sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
         node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         node.exec("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")  # strict, as on many distros
         node.exec("sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1")
@@ -157,6 +157,7 @@ class Lab:
         sh("ip", "netns", "add", netns)
         self.namespaces.append(netns)
         node.exec("ip", "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        node.exec("sysctl", "-qw", f"net.ipv6.conf.{host_veth}.disable_ipv6=1")  # no late link-local routes
         node.exec("ip", "link", "set", host_veth, "up")
         node.exec("sysctl", "-qw", f"net.ipv4.conf.{host_veth}.proxy_arp=1")
         node.exec("ip", "route", "add", f"{ip}/32", "dev", host_veth)

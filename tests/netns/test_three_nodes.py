@@ -122,6 +122,9 @@ def test_programmed_state_seen_by_independent_tools(lab: Lab) -> None:
     for ip in PODS["a"]:
         assert f"throw {ip}" in table
     assert a.exec("sysctl", "-n", "net.ipv4.conf.all.src_valid_mark").stdout.strip() == "1"
+    addresses = a.exec("ip", "addr", "show", a.wg).stdout
+    assert "inet 192.0.0.8/32 scope link" in addresses  # the RFC 7600 address rp_filter needs
+    assert "inet6 fe80:" in addresses  # the kernel's own link-local address coexists with ours
     assert "table inet wgcni" in a.exec("nft", "list", "tables").stdout
     status = a.api("status")
     assert status["mtu"] == 1440 and "1500 - 60" in status["mtuReason"] and status["backend"] == "userspace"
