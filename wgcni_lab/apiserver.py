@@ -844,6 +844,11 @@ class ApiServer:
             self._faults.append(Fault(count, code, frozenset(methods) if methods else None, path_contains,
                                       user_agent_prefix))
 
+    def pending_faults(self) -> int:
+        """Injected failures not served yet."""
+        with self._lock:
+            return sum(fault.remaining for fault in self._faults)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
