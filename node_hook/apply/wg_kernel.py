@@ -1,0 +1,538 @@
+"""Kernel WireGuard backend: the device is a `wireguard` link (rtnetlink) configured over WireGuard generic netlink.
+
+Implements `node_hook.apply.wireguard.WireGuardBackend` with pyroute2. Peer ops are turned into WG_CMD_SET_DEVICE
+messages carrying many peers each (pyroute2's `WireGuard.set()` sends one peer per message, so the messages are
+built here), split at `MAX_MESSAGE_BYTES` the way wg(8) splits them: a peer whose AllowedIPs do not fit is continued
+in the next message without the replace flag.
+
+Removing single AllowedIPs without a window in which the peer's other IPs are unreachable:
+* kernels with WGALLOWEDIP_F_REMOVE_ME (Linux 6.16+) remove exactly those prefixes from that peer;
+* older kernels (probed once per backend: they reject the unknown attribute with EINVAL) get the prefixes moved to
+  a temporary peer with the all-zero public key (adding a prefix to a peer takes it from its current owner
+  atomically), which is deleted again at the end of the same message. The peer itself is never rebuilt and never
+  given a replace-AllowedIPs, so its remaining prefixes stay in the routing trie throughout.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg, nla
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
+from pyroute2.netlink.generic.wireguard import wgmsg
+
+from node_hook.apply.wireguard import (
+    DeviceSpec,
+    DeviceState,
+    IPNetwork,
+    PeerOp,
+    PeerState,
+    RemoveAllowedIPs,
+    RemovePeer,
+    UpsertPeer,
+)
+from node_hook.keys import public_key_of
+
+log = logging.getLogger(__name__)
+
+WG_GENL_NAME = "wireguard"
+WG_GENL_VERSION = 1
+WG_CMD_GET_DEVICE = 0
+WG_CMD_SET_DEVICE = 1
+WGPEER_F_REMOVE_ME = 0x1
+WGPEER_F_REPLACE_ALLOWEDIPS = 0x2
+WGPEER_F_UPDATE_ONLY = 0x4
+WGALLOWEDIP_F_REMOVE_ME = 0x1
+IFF_UP = 0x1
+
+# The temporary peer that takes prefixes away from a peer on kernels without WGALLOWEDIP_F_REMOVE_ME. Nobody holds
+# its private key, so it can never complete a handshake; if a crash ever left it behind, the planner sees a peer
+# nobody wants and removes it.
+TEMPORARY_PEER_KEY = base64.b64encode(bytes(32)).decode()
+
+# Upper bound for one SET_DEVICE message (well below the netlink socket buffers; wg(8) uses pages of 4 KiB).
+MAX_MESSAGE_BYTES = 32 * 1024
+# Encoded sizes used to split messages (struct nlattr headers included, rounded up to 4 bytes).
+_PEER_BASE_BYTES = 4 + (4 + 32) + (4 + 4) + (4 + 28) + (4 + 4) + 4  # nest, key, flags, endpoint, keepalive, ips nest
+_ALLOWED_IP_BYTES = {4: 4 + 8 + 8 + 8 + 8, 6: 4 + 8 + 20 + 8 + 8}  # nest, family, address, cidr, flags
+_MESSAGE_BASE_BYTES = 16 + 4 + 20 + 4  # nlmsghdr, genlmsghdr, ifname, peers nest
+
+
+class KernelWireGuardError(RuntimeError):
+    """A kernel WireGuard operation failed; the message names the device and what was attempted."""
+
+
+class _AllowedIP(nla):
+    """WGPEER_A_ALLOWEDIPS entry. pyroute2's `wgpeer_allowedip` lacks WGALLOWEDIP_A_FLAGS (the per-IP remove flag)
+    and decodes the address to a hexdump string; this class adds the attribute and keeps the raw address."""
+
+    prefix = "WGALLOWEDIP_A_"
+    nla_flags = NLA_F_NESTED
+    nla_map = (
+        ("WGALLOWEDIP_A_UNSPEC", "none"),
+        ("WGALLOWEDIP_A_FAMILY", "uint16"),
+        ("WGALLOWEDIP_A_IPADDR", "cdata"),
+        ("WGALLOWEDIP_A_CIDR_MASK", "uint8"),
+        ("WGALLOWEDIP_A_FLAGS", "uint32"),
+    )
+
+
+class _Peer(nla):
+    """WGDEVICE_A_PEERS entry; the key, endpoint and handshake encodings are pyroute2's own."""
+
+    prefix = "WGPEER_A_"
+    nla_flags = NLA_F_NESTED
+    nla_map = (
+        ("WGPEER_A_UNSPEC", "none"),
+        ("WGPEER_A_PUBLIC_KEY", "parse_peer_key"),
+        ("WGPEER_A_PRESHARED_KEY", "parse_peer_key"),
+        ("WGPEER_A_FLAGS", "uint32"),
+        ("WGPEER_A_ENDPOINT", "parse_endpoint"),
+        ("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", "uint16"),
+        ("WGPEER_A_LAST_HANDSHAKE_TIME", "parse_handshake_time"),
+        ("WGPEER_A_RX_BYTES", "uint64"),
+        ("WGPEER_A_TX_BYTES", "uint64"),
+        ("WGPEER_A_ALLOWEDIPS", "*allowed_ip"),
+        ("WGPEER_A_PROTOCOL_VERSION", "uint32"),
+    )
+    parse_peer_key = wgmsg.wgdevice_peer.parse_peer_key
+    parse_endpoint = staticmethod(wgmsg.wgdevice_peer.parse_endpoint)
+    endpoint_ipv4 = wgmsg.wgdevice_peer.endpoint_ipv4
+    endpoint_ipv6 = wgmsg.wgdevice_peer.endpoint_ipv6
+    parse_handshake_time = wgmsg.wgdevice_peer.parse_handshake_time
+    allowed_ip = _AllowedIP
+
+
+class WireGuardMessage(genlmsg):
+    """A WireGuard generic netlink message (pyroute2's `wgmsg` layout with the complete AllowedIP attribute set).
+    A separate class rather than a `wgmsg` subclass: pyroute2 caches compiled attribute tables per class hierarchy."""
+
+    prefix = "WGDEVICE_A_"
+    nla_map = (
+        ("WGDEVICE_A_UNSPEC", "none"),
+        ("WGDEVICE_A_IFINDEX", "uint32"),
+        ("WGDEVICE_A_IFNAME", "asciiz"),
+        ("WGDEVICE_A_PRIVATE_KEY", "parse_wg_key"),
+        ("WGDEVICE_A_PUBLIC_KEY", "parse_wg_key"),
+        ("WGDEVICE_A_FLAGS", "uint32"),
+        ("WGDEVICE_A_LISTEN_PORT", "uint16"),
+        ("WGDEVICE_A_FWMARK", "uint32"),
+        ("WGDEVICE_A_PEERS", "*peer"),
+    )
+    parse_wg_key = wgmsg.parse_wg_key
+    peer = _Peer
+
+
+class _AsyncWireGuardSocket(AsyncGenericNetlinkSocket):
+    # A missing family is an expected answer (probe on a node without the module), not an error to log.
+    module_err_level = "debug"
+
+
+class WireGuardSocket(GenericNetlinkSocket):
+    """Generic netlink socket bound to the wireguard family with `WireGuardMessage` as its parser."""
+
+    async_class = _AsyncWireGuardSocket
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bind(WG_GENL_NAME, WireGuardMessage)
+
+    def get_device(self, ifname: str) -> list[WireGuardMessage]:
+        """All dump parts of WG_CMD_GET_DEVICE (the kernel splits large devices over several messages)."""
+        request = WireGuardMessage()
+        request["cmd"] = WG_CMD_GET_DEVICE
+        request["version"] = WG_GENL_VERSION
+        request["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
+        return list(self.nlm_request(request, msg_type=self.prid, msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+
+    def set_device(self, message: WireGuardMessage) -> None:
+        message["cmd"] = WG_CMD_SET_DEVICE
+        message["version"] = WG_GENL_VERSION
+        tuple(self.nlm_request(message, msg_type=self.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
+
+
+def kernel_wireguard_available() -> bool:
+    """True when the kernel has WireGuard: the `wireguard` generic netlink family resolves (resolving it makes the
+    kernel autoload the module when it is installed but not loaded)."""
+    try:
+        socket = WireGuardSocket()
+    except (NetlinkError, OSError):
+        return False
+    socket.close()
+    return True
+
+
+def resolve_backend_kind(setting: str) -> str:
+    """The backend the `backend` setting means on this node: `auto` is `kernel` when kernel WireGuard is available,
+    else `userspace`; `kernel` and `userspace` mean themselves."""
+    if setting == "auto":
+        return "kernel" if kernel_wireguard_available() else "userspace"
+    if setting in ("kernel", "userspace"):
+        return setting
+    raise ValueError(f"unknown WireGuard backend {setting!r} (kernel, userspace or auto)")
+
+
+def encode_key(raw: bytes) -> str:
+    if len(raw) != 32:
+        raise ValueError(f"a WireGuard key is 32 bytes, got {len(raw)}")
+    return base64.b64encode(raw).decode()
+
+
+def _allowed_ip_attrs(prefix: IPNetwork, remove: bool) -> dict:
+    family = AF_INET if prefix.version == 4 else AF_INET6
+    attrs = [
+        ["WGALLOWEDIP_A_FAMILY", family],
+        ["WGALLOWEDIP_A_IPADDR", prefix.network_address.packed],
+        ["WGALLOWEDIP_A_CIDR_MASK", prefix.prefixlen],
+    ]
+    if remove:
+        attrs.append(["WGALLOWEDIP_A_FLAGS", WGALLOWEDIP_F_REMOVE_ME])
+    return {"attrs": attrs}
+
+
+@dataclass
+class PeerWrite:
+    """One peer entry of a SET_DEVICE message, before encoding."""
+
+    public_key: str
+    flags: int = 0
+    endpoint: tuple[str, int] | None = None
+    persistent_keepalive: int | None = None
+    allowed_ips: list[IPNetwork] = field(default_factory=list)
+    remove_allowed_ips: bool = False  # every allowed IP carries WGALLOWEDIP_F_REMOVE_ME
+
+    def encoded_size(self, allowed_ips: list[IPNetwork] | None = None) -> int:
+        ips = self.allowed_ips if allowed_ips is None else allowed_ips
+        return _PEER_BASE_BYTES + sum(_ALLOWED_IP_BYTES[ip.version] for ip in ips)
+
+    def attrs(self) -> dict:
+        attrs: list = [["WGPEER_A_PUBLIC_KEY", self.public_key], ["WGPEER_A_FLAGS", self.flags]]
+        if self.endpoint is not None:
+            attrs.append(["WGPEER_A_ENDPOINT", {"addr": self.endpoint[0], "port": self.endpoint[1]}])
+        if self.persistent_keepalive is not None:
+            attrs.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", self.persistent_keepalive])
+        if self.allowed_ips:
+            attrs.append(
+                ["WGPEER_A_ALLOWEDIPS", [_allowed_ip_attrs(ip, self.remove_allowed_ips) for ip in self.allowed_ips]]
+            )
+        return {"attrs": attrs}
+
+
+def plan_peer_writes(ops: list[PeerOp], per_ip_remove: bool) -> list[PeerWrite]:
+    """Translate planner ops into peer entries, in order. Pure: unit-tested without a kernel.
+
+    Without per-IP removal, a `RemoveAllowedIPs` becomes "give these prefixes to the temporary peer"; a prefix
+    that an earlier op of the same batch already gave to another peer is no longer the named peer's, so it is left
+    alone (the kernel's per-IP remove is a no-op there too). `split_messages` deletes the temporary peer at the end
+    of every message that used it."""
+    writes: list[PeerWrite] = []
+    given_in_batch: dict[IPNetwork, str] = {}
+    for op in ops:
+        if isinstance(op, UpsertPeer):
+            flags = WGPEER_F_REPLACE_ALLOWEDIPS if op.replace_allowed_ips else 0
+            writes.append(
+                PeerWrite(
+                    public_key=op.public_key,
+                    flags=flags,
+                    endpoint=op.endpoint,
+                    persistent_keepalive=op.persistent_keepalive,
+                    allowed_ips=list(op.allowed_ips),
+                )
+            )
+            for prefix in op.allowed_ips:
+                given_in_batch[prefix] = op.public_key
+        elif isinstance(op, RemoveAllowedIPs):
+            prefixes = [p for p in op.allowed_ips if given_in_batch.get(p, op.public_key) == op.public_key]
+            for prefix in prefixes:
+                given_in_batch.pop(prefix, None)
+            if not prefixes:
+                continue
+            if per_ip_remove:
+                writes.append(
+                    PeerWrite(
+                        public_key=op.public_key,
+                        flags=WGPEER_F_UPDATE_ONLY,
+                        allowed_ips=prefixes,
+                        remove_allowed_ips=True,
+                    )
+                )
+            else:
+                writes.append(PeerWrite(public_key=TEMPORARY_PEER_KEY, allowed_ips=prefixes))
+        elif isinstance(op, RemovePeer):
+            writes.append(PeerWrite(public_key=op.public_key, flags=WGPEER_F_REMOVE_ME))
+            given_in_batch = {p: k for p, k in given_in_batch.items() if k != op.public_key}
+        else:
+            raise TypeError(f"unknown peer op {op!r}")
+    return writes
+
+
+def split_messages(writes: list[PeerWrite], limit: int = MAX_MESSAGE_BYTES) -> list[list[PeerWrite]]:
+    """Pack peer entries into messages of at most `limit` bytes. A peer whose AllowedIPs overflow continues in the
+    next message without REPLACE_ALLOWEDIPS (which would drop what the previous message added). Every message that
+    hands prefixes to the temporary peer ends by deleting it."""
+    messages: list[list[PeerWrite]] = []
+    current: list[PeerWrite] = []
+    size = _MESSAGE_BASE_BYTES
+    removal = PeerWrite(public_key=TEMPORARY_PEER_KEY, flags=WGPEER_F_REMOVE_ME)
+    reserve = removal.encoded_size()
+
+    def finish() -> None:
+        nonlocal current, size
+        if any(w.public_key == TEMPORARY_PEER_KEY and not w.flags & WGPEER_F_REMOVE_ME for w in current):
+            current.append(removal)
+        if current:
+            messages.append(current)
+        current, size = [], _MESSAGE_BASE_BYTES
+
+    for write in writes:
+        remaining = list(write.allowed_ips)
+        first = True
+        while True:
+            room = limit - size - write.encoded_size([]) - reserve
+            fitting: list[IPNetwork] = []
+            used = 0
+            for prefix in remaining:
+                cost = _ALLOWED_IP_BYTES[prefix.version]
+                if used + cost > room:
+                    break
+                fitting.append(prefix)
+                used += cost
+            if remaining and not fitting and current:
+                finish()
+                continue
+            if not remaining and room < 0:
+                finish()
+                continue
+            flags = write.flags if first else write.flags & ~WGPEER_F_REPLACE_ALLOWEDIPS
+            part = PeerWrite(
+                public_key=write.public_key,
+                flags=flags,
+                endpoint=write.endpoint,
+                persistent_keepalive=write.persistent_keepalive,
+                allowed_ips=fitting,
+                remove_allowed_ips=write.remove_allowed_ips,
+            )
+            current.append(part)
+            size += part.encoded_size()
+            remaining = remaining[len(fitting) :]
+            first = False
+            if not remaining:
+                break
+            finish()
+    finish()
+    return messages
+
+
+def build_set_message(ifname: str, writes: list[PeerWrite]) -> WireGuardMessage:
+    message = WireGuardMessage()
+    message["attrs"].append(["WGDEVICE_A_IFNAME", ifname])
+    message["attrs"].append(["WGDEVICE_A_PEERS", [w.attrs() for w in writes]])
+    return message
+
+
+def _key_text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def parse_device(ifname: str, parts: list[WireGuardMessage], mtu: int, up: bool) -> DeviceState:
+    """Merge the dump parts into one DeviceState (a peer may continue in the next part with more AllowedIPs)."""
+    device = parts[0]
+    public_key = device.get_attr("WGDEVICE_A_PUBLIC_KEY")
+    peers: dict[str, dict] = {}
+    for part in parts:
+        for peer in part.get_attr("WGDEVICE_A_PEERS") or []:
+            key = _key_text(peer.get_attr("WGPEER_A_PUBLIC_KEY"))
+            entry = peers.get(key)
+            if entry is None:
+                endpoint_attr = peer.get_attr("WGPEER_A_ENDPOINT")
+                handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+                entry = peers[key] = {
+                    "endpoint": (endpoint_attr["addr"], endpoint_attr["port"]) if endpoint_attr else None,
+                    "keepalive": peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0,
+                    "handshake": (handshake["tv_sec"] + handshake["tv_nsec"] / 1e9) if handshake else 0.0,
+                    "rx": peer.get_attr("WGPEER_A_RX_BYTES") or 0,
+                    "tx": peer.get_attr("WGPEER_A_TX_BYTES") or 0,
+                    "allowed": set(),
+                }
+            for allowed in peer.get_attr("WGPEER_A_ALLOWEDIPS") or []:
+                family = allowed.get_attr("WGALLOWEDIP_A_FAMILY")
+                address = inet_ntop(family, allowed.get_attr("WGALLOWEDIP_A_IPADDR"))
+                cidr = allowed.get_attr("WGALLOWEDIP_A_CIDR_MASK")
+                entry["allowed"].add(ipaddress.ip_network(f"{address}/{cidr}"))
+    return DeviceState(
+        name=ifname,
+        public_key=_key_text(public_key) if public_key else "",
+        listen_port=device.get_attr("WGDEVICE_A_LISTEN_PORT") or 0,
+        fwmark=device.get_attr("WGDEVICE_A_FWMARK") or 0,
+        mtu=mtu,
+        up=up,
+        peers={
+            key: PeerState(
+                public_key=key,
+                endpoint=entry["endpoint"],
+                allowed_ips=frozenset(entry["allowed"]),
+                persistent_keepalive=entry["keepalive"],
+                latest_handshake=entry["handshake"],
+                rx_bytes=entry["rx"],
+                tx_bytes=entry["tx"],
+            )
+            for key, entry in peers.items()
+        },
+    )
+
+
+class KernelWireGuard:
+    """A kernel WireGuard device in the current network namespace (see `WireGuardBackend`)."""
+
+    kind = "kernel"
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self._ipr = IPRoute()
+        self._genl: WireGuardSocket | None = None
+        self._per_ip_remove: bool | None = None  # probed on first use
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def _link(self):
+        try:
+            links = self._ipr.link("get", ifname=self.ifname)
+        except NetlinkError as error:
+            if error.code == errno.ENODEV:
+                return None
+            raise
+        return links[0] if links else None
+
+    @staticmethod
+    def _link_kind(link) -> str | None:
+        info = link.get_attr("IFLA_LINKINFO")
+        return info.get_attr("IFLA_INFO_KIND") if info else None
+
+    def _socket(self) -> WireGuardSocket:
+        if self._genl is None:
+            try:
+                self._genl = WireGuardSocket()
+            except NetlinkError as error:
+                raise KernelWireGuardError(f"kernel WireGuard is not available: {error}") from error
+        return self._genl
+
+    def read(self) -> DeviceState | None:
+        link = self._link()
+        if link is None:
+            return None
+        if self._link_kind(link) != "wireguard":
+            raise KernelWireGuardError(f"{self.ifname} exists but is a {self._link_kind(link)} link, not wireguard")
+        try:
+            parts = self._socket().get_device(self.ifname)
+        except NetlinkError as error:
+            if error.code == errno.ENODEV:  # removed between the two reads
+                return None
+            raise KernelWireGuardError(f"reading {self.ifname}: {error}") from error
+        return parse_device(self.ifname, parts, link.get_attr("IFLA_MTU"), bool(link["flags"] & IFF_UP))
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def ensure_device(self, spec: DeviceSpec) -> None:
+        if spec.name != self.ifname:
+            raise ValueError(f"backend for {self.ifname} was given a spec for {spec.name}")
+        link = self._link()
+        if link is None:
+            try:
+                self._ipr.link("add", ifname=self.ifname, kind="wireguard")
+            except NetlinkError as error:
+                raise KernelWireGuardError(f"creating wireguard link {self.ifname}: {error}") from error
+            link = self._link()
+        elif self._link_kind(link) != "wireguard":
+            raise KernelWireGuardError(f"{self.ifname} exists but is a {self._link_kind(link)} link, not wireguard")
+        current = self.read()
+        if current is None:
+            raise KernelWireGuardError(f"{self.ifname} disappeared while it was being configured")
+        message = WireGuardMessage()
+        message["attrs"].append(["WGDEVICE_A_IFNAME", self.ifname])
+        wanted_public = public_key_of(spec.private_key)
+        if current.public_key != wanted_public:
+            message["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", encode_key(spec.private_key)])
+        if current.listen_port != spec.listen_port:
+            message["attrs"].append(["WGDEVICE_A_LISTEN_PORT", spec.listen_port])
+        if current.fwmark != spec.fwmark:
+            message["attrs"].append(["WGDEVICE_A_FWMARK", spec.fwmark])
+        if len(message["attrs"]) > 1:
+            try:
+                self._socket().set_device(message)
+            except NetlinkError as error:
+                raise KernelWireGuardError(
+                    f"configuring {self.ifname} (port {spec.listen_port}, fwmark {spec.fwmark:#x}): {error}"
+                ) from error
+        if current.mtu != spec.mtu or not current.up:
+            try:
+                self._ipr.link("set", index=link["index"], mtu=spec.mtu, state="up")
+            except NetlinkError as error:
+                raise KernelWireGuardError(f"setting {self.ifname} mtu {spec.mtu} up: {error}") from error
+
+    def apply_peer_ops(self, ops: list[PeerOp]) -> None:
+        if not ops:
+            return
+        per_ip_remove = False
+        if any(isinstance(op, RemoveAllowedIPs) for op in ops):
+            per_ip_remove = self.per_ip_remove_supported()
+        for writes in split_messages(plan_peer_writes(ops, per_ip_remove)):
+            try:
+                self._socket().set_device(build_set_message(self.ifname, writes))
+            except NetlinkError as error:
+                keys = ", ".join(sorted({w.public_key for w in writes}))
+                raise KernelWireGuardError(f"updating peers of {self.ifname} ({keys}): {error}") from error
+
+    def per_ip_remove_supported(self) -> bool:
+        """Whether the kernel has WGALLOWEDIP_F_REMOVE_ME, probed once on this device: the temporary peer is
+        created, asked to drop a prefix it does not hold (a no-op where the flag exists; EINVAL where the
+        attribute is unknown), and deleted."""
+        if self._per_ip_remove is None:
+            probe = [
+                PeerWrite(public_key=TEMPORARY_PEER_KEY),
+                PeerWrite(
+                    public_key=TEMPORARY_PEER_KEY,
+                    flags=WGPEER_F_UPDATE_ONLY,
+                    allowed_ips=[ipaddress.ip_network("0.0.0.0/32")],
+                    remove_allowed_ips=True,
+                ),
+                PeerWrite(public_key=TEMPORARY_PEER_KEY, flags=WGPEER_F_REMOVE_ME),
+            ]
+            socket = self._socket()
+            try:
+                socket.set_device(build_set_message(self.ifname, probe))
+                self._per_ip_remove = True
+            except NetlinkError as error:
+                if error.code != errno.EINVAL:
+                    raise KernelWireGuardError(f"probing per-IP removal on {self.ifname}: {error}") from error
+                # The kernel stopped at the flagged entry after creating the temporary peer: delete it.
+                socket.set_device(build_set_message(self.ifname, probe[2:]))
+                self._per_ip_remove = False
+            log.info(
+                "%s: kernel %s per-AllowedIP removal", self.ifname, "supports" if self._per_ip_remove else "lacks"
+            )
+        return self._per_ip_remove
+
+    def delete_device(self) -> None:
+        link = self._link()
+        if link is None:
+            return
+        if self._link_kind(link) != "wireguard":
+            raise KernelWireGuardError(f"refusing to delete {self.ifname}: it is a {self._link_kind(link)} link")
+        try:
+            self._ipr.link("del", index=link["index"])
+        except NetlinkError as error:
+            if error.code != errno.ENODEV:
+                raise KernelWireGuardError(f"deleting {self.ifname}: {error}") from error
+
+    def close(self) -> None:
+        if self._genl is not None:
+            self._genl.close()
+            self._genl = None
+        self._ipr.close()
