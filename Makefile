@@ -54,5 +54,12 @@ test-vm: build
 bench: build
 	$(PY) -m bench.run
 
+# The local lab (wgcni_lab): 3 nodes x 2 pods, cross-node pings, a capture of the VNet bridge; left running.
+demo: build
+	$(PY) -m wgcni_lab.demo
+
+demo-down: $(STAMPS)/venv
+	$(PY) -m wgcni_lab.cli down
+
 clean:
 	rm -rf build dist .build

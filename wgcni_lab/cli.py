@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ class LabGroup(click.Group):
 @click.option("--lab-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help=f"the lab's state directory  [default: ${lab.LAB_DIR_ENV} or {lab.DEFAULT_LAB_DIR}]")
 @click.pass_context
-def main(ctx: click.Context, lab_dir: Path | None) -> None:
+def cli(ctx: click.Context, lab_dir: Path | None) -> None:
     """wgcni-lab: an AKS-like cluster with wgcni in network namespaces on this machine."""
     ctx.obj = (lab_dir or lab.lab_dir_from_environment()).absolute()
 
@@ -70,7 +71,7 @@ def _preflight(plugin: Path, hook: Path) -> None:
             raise lab.LabError(f"{REFERENCE_PLUGIN_DIR / name} missing: install containernetworking-plugins")
 
 
-@main.command()
+@cli.command()
 @click.option("--nodes", type=click.IntRange(1, lab.MAX_NODES), default=3, show_default=True)
 @click.option("--pods-per-node", type=click.IntRange(0, lab.MAX_PODS), default=2, show_default=True)
 @click.option("--plugin", type=click.Path(path_type=Path), default=lab.DEFAULT_PLUGIN, show_default=True,
@@ -107,7 +108,7 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, 
     raise lab.LabError(f"the lab daemon exited ({daemon.returncode}) before the lab was up")
 
 
-@main.command(hidden=True)
+@cli.command(hidden=True)
 @click.option("--nodes", type=int, required=True)
 @click.option("--pods-per-node", type=int, required=True)
 @click.option("--plugin", type=click.Path(path_type=Path), required=True)
@@ -126,7 +127,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-@main.command()
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
 def status(lab_dir: Path, as_json: bool) -> None:
@@ -157,7 +158,7 @@ def _require_up(lab_dir: Path) -> lab.LabState:
     return state
 
 
-@main.command("pod-add")
+@cli.command("pod-add")
 @click.argument("node")
 @click.pass_obj
 def pod_add(lab_dir: Path, node: str) -> None:
@@ -165,7 +166,7 @@ def pod_add(lab_dir: Path, node: str) -> None:
     click.echo(json.dumps(lab.add_pod(_require_up(lab_dir), node)))
 
 
-@main.command("pod-del")
+@cli.command("pod-del")
 @click.argument("pod")
 @click.pass_obj
 def pod_del(lab_dir: Path, pod: str) -> None:
@@ -173,7 +174,7 @@ def pod_del(lab_dir: Path, pod: str) -> None:
     click.echo(json.dumps(lab.delete_pod(_require_up(lab_dir), pod)))
 
 
-@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("target")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
@@ -196,22 +197,26 @@ def exec_(lab_dir: Path, target: str, command: tuple[str, ...]) -> None:
         raise lab.LabError(f"cannot run nsenter: {error.strerror}") from None
 
 
-@main.command()
+@cli.command()
 @click.option("--seconds", type=click.FloatRange(0.5, 600), default=3.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per packet")
 @click.pass_obj
 def capture(lab_dir: Path, seconds: float, as_json: bool) -> None:
-    """Capture what crosses the VNet bridge for SECONDS (IP packets; ARP left out) and print it."""
+    """Capture what crosses the VNet bridge for SECONDS (IP packets; ARP left out) and print it. Says
+    "capturing on ..." on stderr once tcpdump listens."""
     from wgcni_lab.wire import capture_bridge
 
-    packets = capture_bridge(_require_up(lab_dir), seconds)
+    def listening() -> None:
+        click.echo(f"capturing on {lab.BRIDGE} for {seconds:g}s", err=True)  # callers wait for this line
+
+    packets = capture_bridge(_require_up(lab_dir), seconds, listening)
     for packet in packets:
         click.echo(json.dumps(packet) if as_json else packet["line"])
     if not as_json:
         click.echo(f"{len(packets)} packets in {seconds:g}s on {lab.BRIDGE}", err=True)
 
 
-@main.command()
+@cli.command()
 @click.pass_obj
 def down(lab_dir: Path) -> None:
     """Remove the lab: processes, namespaces, mounts, cgroups, state. Idempotent."""
@@ -231,25 +236,31 @@ def down(lab_dir: Path) -> None:
 def _stop_daemon(state: lab.LabState, timeout: float = 60.0) -> None:
     """Ask the lab daemon to tear down (SIGTERM) and wait for it; kill it if it does not finish."""
     pid = state.daemon_pid
-    if not pid or not _is_lab_daemon(pid, state):
+    if not pid or not lab.is_lab_daemon(pid, state):
         return
-    os.kill(pid, 15)
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _is_lab_daemon(pid, state):
+    while lab.is_lab_daemon(pid, state):
         if time.monotonic() > deadline:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.05)
 
 
-def _is_lab_daemon(pid: int, state: lab.LabState) -> bool:
-    """A live (not zombie) process whose command line is this lab's daemon."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every error (usage or operation) is one line on stderr, exit code 2 for usage, else 1."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        process_state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return process_state != "Z" and b"daemon" in argv and state.lab_dir.encode() in argv
+        cli.main(args=argv, prog_name="wgcni-lab", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("wgcni-lab: aborted", err=True)
+        sys.exit(1)
+    except click.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "wgcni-lab"
+        click.echo(f"wgcni-lab: {error.format_message()} (see '{command} --help')", err=True)
+        sys.exit(error.exit_code)
+    except click.ClickException as error:
+        click.echo(f"wgcni-lab: {error.format_message()}", err=True)
+        sys.exit(error.exit_code)
 
 
 if __name__ == "__main__":

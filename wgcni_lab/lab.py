@@ -568,13 +568,23 @@ def _cgroup_pids(cgroup_parent: str) -> set[int]:
     return pids
 
 
+def is_lab_daemon(pid: int, state: LabState) -> bool:
+    """`pid` is a live (not zombie) process running this lab's daemon."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        process_state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return process_state != "Z" and b"daemon" in argv and state.lab_dir.encode() in argv
+
+
 def lab_processes(state: LabState) -> set[int]:
-    """Every live process of the lab: command line naming the lab dir, in a lab namespace or a lab cgroup, and all
-    their descendants. Zombies are left out (they hold nothing; their parent reaps them)."""
+    """Every live process of the lab: the lab daemon, whatever runs in a lab namespace (node mount holders,
+    containerds and their shims, hooks, wireguard-go) or a lab cgroup (the pods), and all their descendants — also
+    when the daemon crashed and they were orphaned. Zombies are left out (they hold nothing). `wgcni-lab` commands
+    (which name the lab dir too) are not lab processes."""
     table = _proc_entries()
-    marker = state.lab_dir.encode()
-    found = {pid for pid, (_, argv, _) in table.items()
-             if any(arg == marker or arg.startswith(marker + b"/") for arg in argv)}
+    found = {state.daemon_pid} if state.daemon_pid and is_lab_daemon(state.daemon_pid, state) else set()
     for netns in lab_namespaces(state):
         found |= _netns_pids(netns)
     for node in state.nodes:

@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable
 
 from wgcni_lab import lab
 
@@ -43,8 +43,9 @@ def parse_line(line: str) -> dict[str, Any] | None:
             "length": int(length[1]) if length else None, "line": line.strip()}
 
 
-def capture_bridge(state: lab.LabState, seconds: float) -> list[dict[str, Any]]:
-    """Capture IP packets on the VNet bridge for `seconds`."""
+def capture_bridge(state: lab.LabState, seconds: float,
+                   on_listening: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """Capture IP packets on the VNet bridge for `seconds` (counted from when tcpdump listens: `on_listening`)."""
     capture = subprocess.Popen(
         ["ip", "netns", "exec", state.vnet_netns, "tcpdump", "-i", lab.BRIDGE, "-nn", "-q", "-tt", "-l",
          "--immediate-mode", "not", "arp"],
@@ -60,6 +61,7 @@ def capture_bridge(state: lab.LabState, seconds: float) -> list[dict[str, Any]]:
         else:
             capture.wait(5)
             raise lab.LabError(f"tcpdump on {lab.BRIDGE} failed: {' '.join(said) or 'no output'}")
+        on_listening()
         time.sleep(seconds)
         capture.send_signal(signal.SIGINT)
         output, _ = capture.communicate(timeout=10)

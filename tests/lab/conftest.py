@@ -1,0 +1,145 @@
+"""Fixtures of the lab tests: the `wgcni-lab` CLI run against a lab dir of its own, and a footprint of a lab (its
+namespaces, processes, mounts, cgroups) to prove that `down` leaves nothing behind.
+
+Other engineers' tests run on the same machine at the same time, so the footprint only counts what belongs to this
+lab: namespaces with its id, processes whose network namespace is one of the lab's (nodes, VNet, pods) or whose
+command line names its lab dir, mounts naming its dir or id, its cgroups, and root-namespace links with lab names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from wgcni_lab import lab
+
+LAB_LINK_NAMES = ("vnet0", "node-", "wgcni", "eth0")
+
+
+class Cli:
+    """Runs `wgcni-lab --lab-dir DIR ...` as a person would."""
+
+    def __init__(self, lab_dir: Path) -> None:
+        self.lab_dir = lab_dir
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(self.lab_dir), *args]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"wgcni-lab {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args).stdout)
+
+    def state(self) -> lab.LabState:
+        state = lab.load_state(self.lab_dir)
+        assert state is not None
+        return state
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class Footprint:
+    namespaces: set[str]
+    processes: dict[int, str]
+    mounts: list[str]
+    cgroups: list[str]
+    links: set[str]
+
+
+def _netns_inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _live_processes() -> dict[int, tuple[str, int | None]]:
+    """pid -> (command line, network namespace inode) of every live (non-zombie) process."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            if stat[0] == "Z":
+                continue
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[int(entry.name)] = (cmdline, _netns_inode(f"/proc/{entry.name}/ns/net"))
+    return out
+
+
+def root_links() -> set[str]:
+    return {link["ifname"] for link in json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True,
+                                                                 text=True, check=True).stdout)}
+
+
+def footprint(lab_id: str, lab_dir: Path, netns_inodes: set[int]) -> Footprint:
+    """Everything of the lab `lab_id` that exists right now."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+    namespaces = {line.split()[0] for line in listed if line.startswith(f"wgl-{lab_id}-")}
+    processes = {pid: cmdline for pid, (cmdline, inode) in _live_processes().items()
+                 if inode in netns_inodes or str(lab_dir) in cmdline}
+    mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if str(lab_dir) in line or f"wgl-{lab_id}" in line]
+    cgroups = [str(path) for hierarchy in Path("/sys/fs/cgroup").iterdir() if hierarchy.is_dir()
+               for path in hierarchy.glob(f"wgcni-lab-{lab_id}-*")]
+    links = {name for name in root_links() if name.startswith(LAB_LINK_NAMES)}
+    return Footprint(namespaces, processes, mounts, cgroups, links)
+
+
+def lab_netns_inodes(cli: Cli) -> set[int]:
+    """The network namespaces of a running lab: VNet, nodes, pods."""
+    state = cli.state()
+    paths = [f"/run/netns/{state.vnet_netns}"] + [f"/run/netns/{node.netns}" for node in state.nodes]
+    paths += [pod["netns"] for pod in lab.all_pods(state)] if state.phase == "up" else []
+    return {inode for inode in map(_netns_inode, paths) if inode is not None}
+
+
+@pytest.fixture(scope="module")
+def lab_parent() -> Iterator[Path]:
+    """A short private directory the lab dirs of a module live in."""
+    path = Path(tempfile.mkdtemp(prefix="wgl-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def built() -> None:
+    """The lab installs the built plugin and runs the built hook, as a DaemonSet would: fail (never skip) without."""
+    for path in (lab.DEFAULT_PLUGIN / "wgcni", lab.DEFAULT_HOOK):
+        if not (path.exists() and os.access(path, os.X_OK)):
+            pytest.fail(f"{path} is missing: run `make build` first")
+
+
+def force_down(cli: Cli) -> None:
+    """Remove a lab whatever state a failed test left it in."""
+    if cli.lab_dir.exists():
+        subprocess.run(cli.argv("down"), capture_output=True, timeout=180)

@@ -1,0 +1,211 @@
+"""The local lab end to end through its CLI: `wgcni-lab up` with 3 nodes x 2 pods, the exact status shape, encrypted
+cross-node pod traffic on the VNet bridge, pods added and deleted the way kubelet does it (the other nodes' peers
+follow), exec exit codes, one-line errors, and `down` leaving nothing — also after a crash in the middle of `up`.
+
+Facts are checked with independent tools inside the nodes (`wg show ... dump`, `ip route show table ...`, ping,
+tcpdump on the bridge), not with the hooks' own reports. The tests share one lab (module scope) and run in file
+order; the `down` test comes last.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from tests.lab.conftest import Cli, footprint, force_down, lab_netns_inodes, root_links, wait_for
+from wgcni_lab import lab
+from wgcni_lab.wire import only_wireguard_between_nodes
+
+pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
+
+ROUTE_TABLE = lab.HOOK_DEFAULTS.route_table
+NODE_KEYS = {"name", "netns", "ip", "wg_interface", "wg_port", "hook_socket"}
+POD_KEYS = {"name", "node", "netns", "ip"}
+
+
+@pytest.fixture(scope="module")
+def cli(lab_parent, built) -> Cli:  # type: ignore[no-untyped-def]
+    cli = Cli(lab_parent / "lab")
+    links_before = root_links()
+    try:
+        cli.run("up", "--nodes", "3", "--pods-per-node", "2", timeout=300)
+        cli.links_before = links_before  # type: ignore[attr-defined]
+        yield cli
+    finally:
+        force_down(cli)
+
+
+def wg_dump(cli: Cli, node: str) -> dict[str, set[str]]:
+    """endpoint address -> the addresses its peer's AllowedIPs cover, as wireguard-go on `node` has them."""
+    lines = cli.run("exec", node, "--", "wg", "show", lab.WG_INTERFACE, "dump").stdout.splitlines()[1:]
+    peers = {}
+    for line in lines:
+        _key, _psk, endpoint, allowed, *_ = line.split("\t")
+        peers[endpoint.rsplit(":", 1)[0]] = lab.covered(allowed.split(",")) if allowed != "(none)" else set()
+    return peers
+
+
+def tunnel_routes(cli: Cli, node: str) -> set[str]:
+    """Addresses routed into the tunnel in the hook's table on `node`."""
+    routes = json.loads(cli.run("exec", node, "--", "ip", "-j", "route", "show", "table", str(ROUTE_TABLE)).stdout)
+    return {address for route in routes if route.get("dev") == lab.WG_INTERFACE and route.get("type", "unicast")
+            == "unicast" for address in lab.covered([route["dst"] if "/" in route["dst"] else route["dst"] + "/32"])}
+
+
+def programmed_everywhere(cli: Cli, ip: str, owner_ip: str | None) -> bool:
+    """On every node but the owner, `ip` is routed into the tunnel and allowed on the owner's peer only (owner None:
+    on no node and no peer at all)."""
+    status = cli.json("status", "--json")
+    for node in status["nodes"]:
+        if node["ip"] == owner_ip:
+            continue
+        peers = wg_dump(cli, node["name"])
+        holders = {endpoint for endpoint, covered in peers.items() if ip in covered}
+        routed = ip in tunnel_routes(cli, node["name"])
+        if owner_ip is None and (holders or routed):
+            return False
+        if owner_ip is not None and (holders != {owner_ip} or not routed):
+            return False
+    return True
+
+
+def test_status_json_has_the_exact_shape_and_aks_addressing(cli: Cli) -> None:
+    status = cli.json("status", "--json")
+
+    assert {"bridge", "nodes", "pods"} <= set(status) and isinstance(status["bridge"], str)
+    assert [node["name"] for node in status["nodes"]] == ["node-1", "node-2", "node-3"]
+    assert [node["ip"] for node in status["nodes"]] == ["10.240.0.4", "10.240.0.35", "10.240.0.66"]
+    for node in status["nodes"]:
+        assert NODE_KEYS <= set(node)
+        assert all(isinstance(node[key], str) for key in NODE_KEYS - {"wg_port"}) and node["wg_port"] == 51820
+        assert node["wg_interface"] == "wgcni0", "each node has its own /var/run/wireguard: the default name"
+    assert len(status["pods"]) == 6
+    for pod in status["pods"]:
+        assert POD_KEYS <= set(pod) and all(isinstance(pod[key], str) for key in POD_KEYS)
+        assert ipaddress.ip_address(pod["ip"]) in lab.VNET
+    assert len({pod["ip"] for pod in status["pods"]}) == 6
+    by_node = {node["name"]: [ipaddress.ip_address(p["ip"]) for p in status["pods"] if p["node"] == node["name"]]
+               for node in status["nodes"]}
+    assert all(len(ips) == 2 for ips in by_node.values())
+    for name, ips in by_node.items():  # scattered: the span of one node's pods holds another node's pods
+        others = [ip for other, other_ips in by_node.items() if other != name for ip in other_ips]
+        assert any(min(ips) < ip < max(ips) for ip in others), f"{name}'s pods form a block: {ips}"
+    human = cli.run("status").stdout
+    assert "node-2" in human and status["pods"][0]["name"] in human
+
+
+def test_cross_node_pod_traffic_crosses_the_bridge_only_as_wireguard(cli: Cli) -> None:
+    pods = cli.json("status", "--json")["pods"]
+    first = {}
+    for pod in pods:
+        first.setdefault(pod["node"], pod)
+    ring = list(first.values())
+    capture = subprocess.Popen(cli.argv("capture", "--seconds", "8", "--json"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert capture.stderr is not None and "capturing on" in capture.stderr.readline()  # tcpdump listens
+        for index, source in enumerate(ring):
+            target = ring[(index + 1) % len(ring)]
+            ping = cli.run("exec", source["name"], "--", "ping", "-c", "3", "-i", "0.2", "-W", "2", target["ip"],
+                           check=False)
+            assert ping.returncode == 0, f"{source['name']} -> {target['ip']}: {ping.stdout}{ping.stderr}"
+        output, _ = capture.communicate(timeout=30)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+            capture.wait()
+    packets = [json.loads(line) for line in output.splitlines()]
+
+    assert len(packets) >= 18, "3 pairs x 3 echo requests and replies, each one UDP datagram"
+    assert only_wireguard_between_nodes(cli.state(), packets) == []
+    pod_ips = {pod["ip"] for pod in pods}
+    assert not [packet for packet in packets if packet["src"] in pod_ips or packet["dst"] in pod_ips]
+
+
+def test_exec_runs_in_the_node_or_pod_and_passes_the_exit_code(cli: Cli) -> None:
+    pod = cli.json("status", "--json")["pods"][0]
+
+    assert cli.run("exec", "node-2", "--", "sh", "-c", "exit 7", check=False).returncode == 7
+    assert cli.run("exec", pod["name"], "--", "sh", "-c", "exit 3", check=False).returncode == 3
+    assert cli.run("exec", "node-2", "--", "wg", "show", "wgcni0", "listen-port").stdout.strip() == "51820"
+    assert cli.run("exec", "node-2", "--", "test", "-S", "/run/wgcni/hook.sock", check=False).returncode == 0
+    assert "10.240.0.35/16" in cli.run("exec", "node-2", "--", "ip", "-o", "addr", "show", "eth0").stdout
+    assert f"{pod['ip']}/" in cli.run("exec", pod["name"], "--", "ip", "-o", "addr", "show", "eth0").stdout
+    conflist = json.loads(cli.run("exec", "node-2", "--", "cat", "/etc/cni/net.d/10-azure.conflist").stdout)
+    assert (conflist["name"], conflist["cniVersion"]) == ("azure", "0.3.0")
+    assert [plugin["type"] for plugin in conflist["plugins"]] == ["azure-vnet", "wgcni", "portmap"]
+    assert not os.path.exists("/etc/cni/net.d/10-azure.conflist"), "the node's CNI dirs are its own"
+
+
+def test_pod_add_and_del_update_the_peers_on_the_other_nodes(cli: Cli) -> None:
+    added = json.loads(cli.run("pod-add", "node-2").stdout)
+    assert added["node"] == "node-2" and POD_KEYS <= set(added)
+
+    wait_for(lambda: programmed_everywhere(cli, added["ip"], "10.240.0.35"), 20, "the new pod's IP on every peer")
+    source = next(pod for pod in cli.json("status", "--json")["pods"] if pod["node"] == "node-1")
+    assert cli.run("exec", source["name"], "--", "ping", "-c", "1", "-W", "2", added["ip"], check=False).returncode == 0
+
+    deleted = json.loads(cli.run("pod-del", added["name"]).stdout)
+    assert deleted["name"] == added["name"] and deleted["ip"] == added["ip"]
+    wait_for(lambda: programmed_everywhere(cli, added["ip"], None), 20, "the deleted pod's IP gone everywhere")
+    assert added["name"] not in {pod["name"] for pod in cli.json("status", "--json")["pods"]}
+
+
+@pytest.mark.parametrize("args", [
+    ("pod-add", "node-9"), ("pod-del", "no-such-pod"), ("exec", "no-such-target", "--", "true"),
+    ("up", "--nodes", "0"), ("up", "--pods-per-node", "31"), ("up",),
+], ids=["pod-add-unknown-node", "pod-del-unknown-pod", "exec-unknown", "up-zero-nodes", "up-too-many-pods",
+        "up-while-up"])
+def test_bad_input_is_one_line_without_traceback(cli: Cli, args: tuple[str, ...]) -> None:
+    result = cli.run(*args, check=False)
+
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_down_leaves_nothing(cli: Cli) -> None:
+    state = cli.state()
+    inodes = lab_netns_inodes(cli)
+    before = footprint(state.id, cli.lab_dir, inodes)
+    assert len(before.namespaces) == 4 and before.processes and before.cgroups, "the footprint sees the lab"
+
+    cli.run("down", timeout=180)
+
+    after = footprint(state.id, cli.lab_dir, inodes)
+    assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
+    assert after.links <= cli.links_before  # type: ignore[attr-defined]
+    assert not cli.lab_dir.exists()
+    assert "nothing to remove" in cli.run("down").stdout, "down is idempotent"
+
+
+def test_down_after_a_crash_in_the_middle_of_up(lab_parent, built) -> None:  # type: ignore[no-untyped-def]
+    cli = Cli(lab_parent / "crashed")
+    up = subprocess.Popen(cli.argv("up", "--nodes", "2", "--pods-per-node", "1"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:  # midway: the first node's runtime runs, the rest is still to come
+            if "containerd (CRI) up" in line:
+                break
+        state = cli.state()
+        inodes = lab_netns_inodes(cli)
+        assert state.phase == "creating" and footprint(state.id, cli.lab_dir, inodes).processes
+        os.kill(state.daemon_pid, signal.SIGKILL)  # the lab daemon crashes: nothing tears down on its own
+        up.kill()
+        up.wait(30)
+
+        result = cli.run("down", timeout=180)
+
+        assert f"lab {state.id} removed" in result.stdout
+        after = footprint(state.id, cli.lab_dir, inodes)
+        assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
+        assert not cli.lab_dir.exists()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        force_down(cli)
