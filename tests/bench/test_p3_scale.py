@@ -1,0 +1,40 @@
+"""P3's quick mode (correctness only: the synthetic cluster, the worker subprocess, the checks of the fakes against
+the model after every event), plus the properties of the synthetic layouts the figures depend on."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from bench import p3_scale
+
+
+def test_quick_run_measures_every_size_and_event() -> None:
+    rows = p3_scale.run(quick=True)
+    cases = [entry["case"] for entry in rows]
+    for nodes in p3_scale.QUICK_SIZES:
+        label = f"{nodes} nodes x {p3_scale.QUICK_PODS} scattered"
+        for title in ("full plan from scratch", *p3_scale.EVENT_ROWS, "full resync, nothing changed", "peak RSS"):
+            assert f"{label}: {title}" in cases
+    raw = rows[0]["raw"]
+    assert [size["nodes"] for size in raw] == [*p3_scale.QUICK_SIZES, p3_scale.QUICK_SIZES[-1]]
+    for size in raw:
+        assert size["routes"] == size["nodes"] * (p3_scale.QUICK_PODS + 1) - 1  # remote pods + node IPs, local pods
+        assert size["full_applied"]["peer_adds"] == size["nodes"] - 1
+        assert size["full_applied"]["resync"] == 0
+        assert all(len(samples) == p3_scale.QUICK_REPEATS for samples in size["events_ms"].values())
+        assert size["rss_peak_mb"] >= size["rss_imports_mb"] > 0
+    scattered, batched = raw[-2], raw[-1]
+    assert scattered["allowed_ips"] == (scattered["nodes"] - 1) * (p3_scale.QUICK_PODS + 1)  # nothing aggregates
+    assert batched["allowed_ips"] < scattered["allowed_ips"]
+
+
+def test_layouts_give_every_node_distinct_addresses() -> None:
+    for layout in ("scattered", "batch16"):
+        local, remote = p3_scale.synthetic_cluster(40, 250, layout)
+        addresses = [ip for ips in local.values() for ip in ips]
+        addresses += [ip for node in remote.values() for ip in node.pod_ips]
+        assert len(addresses) == len(set(addresses)) == 40 * 250
+    scattered = sorted(int(ipaddress.ip_address(ip)) for ip in p3_scale.remote_node(3, 40, 250, "scattered").pod_ips)
+    assert all(b - a == 40 for a, b in zip(scattered, scattered[1:]))  # no two adjacent: every IP its own /32
+    batched = sorted(int(ipaddress.ip_address(ip)) for ip in p3_scale.remote_node(3, 40, 250, "batch16").pod_ips)
+    assert batched[:16] == list(range(batched[0], batched[0] + 16)) and batched[0] % 16 == 0
