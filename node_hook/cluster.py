@@ -214,7 +214,8 @@ def api_client_for_url(url: str) -> client.ApiClient:
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 class Backoff:
-    """Exponential backoff with full jitter: the n-th delay is uniform in [0, min(max, initial * 2**n)]."""
+    """Exponential backoff with jitter: the n-th delay is uniform in [c/2, c] with c = min(max, initial * 2**n), so
+    hooks that failed together (an API server restart) do not come back together."""
 
     def __init__(self, initial: float, maximum: float):
         self.initial, self.maximum, self.attempt = initial, maximum, 0

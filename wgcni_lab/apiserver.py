@@ -28,9 +28,12 @@ from __future__ import annotations
 import collections
 import copy
 import ctypes
+import errno
 import json
 import re
+import logging
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -40,6 +43,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 CLONE_NEWNET = 0x40000000
@@ -725,6 +730,15 @@ class _HttpServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], api: ApiServer):
         self.api = api
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Connections cut by fault injection, restarts or clients going away are normal here; anything else is
+        logged (the base class would print a traceback to stderr)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)) or (
+                isinstance(error, OSError) and error.errno in (errno.EBADF, errno.ENOTCONN)):
+            return
+        log.exception("test API server: error while serving %s", client_address)
 
 
 @dataclass(frozen=True)
