@@ -301,3 +301,18 @@ def test_rbac_grants_exactly_what_the_sync_uses(server, core, custom, make_sourc
     assert used <= _granted(), used - _granted()
     assert _granted() <= used, f"granted but never used: {_granted() - used}"
 
+
+
+def test_periodic_relist_is_a_safety_net(core, make_source):
+    create_node(core, "node-a")
+    create_node(core, "node-b")
+    source_b, _ = make_source("node-b")
+    source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
+    source_a, seen_by_a = make_source("node-a", SyncSettings(**{**FAST.__dict__, "resync_interval": 1.0}))
+    wait_for(lambda: seen_pod_ips(seen_by_a, "node-b") == {"10.240.0.9"}, what="first view")
+    calls = len(seen_by_a.calls)
+    relists = source_a.status.relists
+    wait_for(lambda: source_a.status.relists >= relists + 4, timeout=10, what="relists every second")
+    assert len(seen_by_a.calls) > calls, "each relist hands the complete set over again"
+    assert seen_by_a.latest["node-b"].pod_ips == {"10.240.0.9"}
+    assert source_a.status.watch_errors == 0
