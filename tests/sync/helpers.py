@@ -18,8 +18,9 @@ from node_hook.model import LocalAnnouncement, RemoteNode
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
 
-FAST = SyncSettings(watch_timeout_seconds=5, request_timeout=2.0, watch_read_margin=2.0, resync_interval=60.0,
-                    backoff_initial=0.05, backoff_max=0.4)
+# Short intervals for tests; writes at 10/s except where the production rate (2/s) is what is tested.
+FAST = SyncSettings(max_writes_per_second=10.0, watch_timeout_seconds=5, request_timeout=2.0, watch_read_margin=2.0,
+                    resync_interval=60.0, backoff_initial=0.05, backoff_max=0.4)
 
 
 def new_key() -> str:

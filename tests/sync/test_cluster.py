@@ -50,7 +50,8 @@ def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, cust
 
 def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(server, core, custom, make_source):
     create_node(core, "node-a")
-    source, _ = make_source("node-a")
+    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 2.0}))
+    assert SyncSettings().max_writes_per_second == 2.0, "the production default is what this test checks"
     key = new_key()
     source.publish(announcement("node-a", key, set()))
     wait_for(lambda: source.status.published, what="first publish")
@@ -76,7 +77,7 @@ def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(s
 def test_conflict_storm_and_server_errors_never_lose_the_update(server, core, custom, make_source):
     create_node(core, "node-a")
     # Failed writes count against the write rate too; a higher rate keeps this test short.
-    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 20.0}))
+    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
     key = new_key()
     source.publish(announcement("node-a", key, {"10.240.0.70"}))
     wait_for(lambda: source.status.published, what="first publish")
