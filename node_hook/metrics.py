@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import collections
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any, Iterable
@@ -169,8 +170,7 @@ class HookMetrics:
                 continue
             snapshot.programmed_peers += state.allowed_ips == peer.allowed_ips
             snapshot.peers.append((peer.node, state.latest_handshake, state.rx_bytes, state.tx_bytes))
-        for kind in daemon.model.routes.values():
-            snapshot.routes_by_kind[kind.value] = snapshot.routes_by_kind.get(kind.value, 0) + 1
+        snapshot.routes_by_kind = {kind.value: count for kind, count in collections.Counter(daemon.model.routes.values()).items()}
         return snapshot
 
 
