@@ -210,10 +210,6 @@ class Mesh:
         self._vnet("ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns)
         self._vnet("ip", "link", "set", uplink, "master", self.bridge, "up")
         node.exec("ip", "link", "set", "lo", "up")
-        # An IPv4-only VNet, as in tests/netns/lab.py. (With IPv6 on, wireguard-go's TUN device gets an
-        # fe80::/64 address that node_hook/apply/routes.py's read() rejects as "host bits set": reported.)
-        node.exec("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
-        node.exec("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
         node.exec("ip", "addr", "add", f"{ip}/{SUBNET.prefixlen}", "dev", "eth0")
         node.exec("ip", "link", "set", "eth0", "up")
         # The Azure VNet delivers a pod IP to the VM that holds it; here the node answers ARP on the bridge for
