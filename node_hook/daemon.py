@@ -504,10 +504,11 @@ class Daemon:
         (a node name or `local`) selects one group.
 
         Walking the groups in order costs O(nodes + offset + limit), not a sort of every route: at 5 000 nodes x
-        250 pod IPs (1.25 M routes) a sorted page took seconds; this takes milliseconds.
+        30 pod IPs (150 000 routes) a page sorted by address took 645 ms of the answer (linear in routes, so
+        seconds at 250 pods per node); this takes 12-30 ms.
         """
         routes = self.model.routes
-        by_kind = {kind.value: count for kind, count in Counter(routes.values()).items()}  # C loop: 1.25 M routes in 86 ms
+        by_kind = {kind.value: count for kind, count in Counter(routes.values()).items()}  # 1.25 M routes: 86 ms
         remote = self.model.remote_nodes
         if owner is None:
             groups = [LOCAL, *sorted(remote)]

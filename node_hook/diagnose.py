@@ -139,7 +139,8 @@ def _device(o: Observed) -> list[dict[str, str]]:
     spec, device = o.targets.device, o.device
     if device is None:
         return [_finding("device", "error", f"WireGuard device {spec.name} does not exist",
-                         f"the hook recreates it; if it keeps disappearing, look for another agent removing it; {LOGS}")]
+                         "the hook recreates it; if it keeps disappearing, look for another agent removing it; "
+                         + LOGS)]
     wrong = []
     if not device.up:
         wrong.append("is down")

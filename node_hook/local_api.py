@@ -2,7 +2,8 @@
 
 Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods, diagnose, resync. `peers` and
 `routes` take optional `offset`, `limit` and a filter (`node` / `owner`) so that answers stay small at 5 000 peers.
-Every answer has `ok`; on `ok: false` an `error` a person can act on. A malformed request never reaches the daemon and never kills the server.
+Every answer has `ok`; on `ok: false` an `error` a person can act on. A malformed request never reaches the
+daemon and never kills the server.
 `request()` is the client used by the CLI (the plugin has its own stdlib client).
 """
 

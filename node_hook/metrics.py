@@ -170,7 +170,8 @@ class HookMetrics:
                 continue
             snapshot.programmed_peers += state.allowed_ips == peer.allowed_ips
             snapshot.peers.append((peer.node, state.latest_handshake, state.rx_bytes, state.tx_bytes))
-        snapshot.routes_by_kind = {kind.value: count for kind, count in collections.Counter(daemon.model.routes.values()).items()}
+        kinds = collections.Counter(daemon.model.routes.values())
+        snapshot.routes_by_kind = {kind.value: count for kind, count in kinds.items()}
         return snapshot
 
 
