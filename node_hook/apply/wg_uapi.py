@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import subprocess
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from pyroute2 import IPRoute
 from node_hook.apply.wireguard import (
     DeviceSpec,
     DeviceState,
+    IPNetwork,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
@@ -57,6 +59,22 @@ def key_to_hex(key: str) -> str:
 
 def hex_to_key(value: str) -> str:
     return base64.b64encode(bytes.fromhex(value)).decode()
+
+
+def prefix_text(prefix: IPNetwork) -> str:
+    """`10.0.0.1/32` for UAPI. Formats the packed address in C: `str(prefix)` is Python code and was 45 % of the
+    CPU time of programming 125 000 AllowedIPs (bench/p3b_uapi.py); this halves it."""
+    family = AF_INET6 if prefix.version == 6 else AF_INET
+    return f"{inet_ntop(family, prefix.network_address.packed)}/{prefix.prefixlen}"
+
+
+def parse_prefix(text: str) -> IPNetwork:
+    """The inverse of `prefix_text` for what wireguard-go prints (always the network address). Parses with inet_pton
+    instead of `ipaddress.ip_network(text)`: 3x faster, which dominates reading back a device with 1 M AllowedIPs."""
+    address, _, length = text.partition("/")
+    if ":" in address:
+        return ipaddress.IPv6Network((int.from_bytes(inet_pton(AF_INET6, address), "big"), int(length)))
+    return ipaddress.IPv4Network((int.from_bytes(inet_pton(AF_INET, address), "big"), int(length)))
 
 
 def format_endpoint(endpoint: tuple[str, int]) -> str:
@@ -138,10 +156,10 @@ def peer_op_lines(ops: list[PeerOp]) -> list[str]:
             lines.append(f"persistent_keepalive_interval={op.persistent_keepalive}")
             if op.replace_allowed_ips:
                 lines.append("replace_allowed_ips=true")
-            lines += [f"allowed_ip={prefix}" for prefix in op.allowed_ips]
+            lines += [f"allowed_ip={prefix_text(prefix)}" for prefix in op.allowed_ips]
         elif isinstance(op, RemoveAllowedIPs):
             lines.append(f"public_key={ZERO_KEY_HEX}")
-            lines += [f"allowed_ip={prefix}" for prefix in op.allowed_ips]
+            lines += [f"allowed_ip={prefix_text(prefix)}" for prefix in op.allowed_ips]
             lines += [f"public_key={ZERO_KEY_HEX}", "remove=true"]
         elif isinstance(op, RemovePeer):
             lines += [f"public_key={key_to_hex(op.public_key)}", "remove=true"]
@@ -257,7 +275,7 @@ class UserspaceWireGuard:
             states[key] = PeerState(
                 public_key=key,
                 endpoint=parse_endpoint(endpoint) if endpoint else None,
-                allowed_ips=frozenset(ipaddress.ip_network(p) for p in peer["allowed_ip"]),  # type: ignore[union-attr]
+                allowed_ips=frozenset(parse_prefix(p) for p in peer["allowed_ip"]),  # type: ignore[union-attr]
                 persistent_keepalive=int(str(peer.get("persistent_keepalive_interval", "0"))),
                 latest_handshake=int(str(peer.get("last_handshake_time_sec", "0")))
                 + int(str(peer.get("last_handshake_time_nsec", "0"))) / 1e9,
