@@ -17,7 +17,15 @@ import re
 import statistics
 from types import ModuleType
 
-MODULE_NAME = re.compile(r"p(\d+)_\w+")
+MODULE_NAME = re.compile(r"p(\d+)([a-z]?)_\w+")  # p3_scale -> P3, p3b_uapi -> P3b
+
+
+def order_key(key: str) -> tuple[int, str]:
+    """Sort key of a benchmark key: P2 < P3 < P3b < P4."""
+    match = re.fullmatch(r"P(\d+)([a-z]?)", key)
+    if match is None:
+        raise ValueError(f"not a benchmark key: {key!r}")
+    return int(match.group(1)), match.group(2)
 
 
 def discover() -> dict[str, str]:
@@ -26,8 +34,8 @@ def discover() -> dict[str, str]:
     for module in pkgutil.iter_modules(__path__):
         match = MODULE_NAME.fullmatch(module.name)
         if match:
-            found[f"P{int(match.group(1))}"] = f"{__name__}.{module.name}"
-    return dict(sorted(found.items(), key=lambda item: int(item[0][1:])))
+            found[f"P{int(match.group(1))}{match.group(2)}"] = f"{__name__}.{module.name}"
+    return dict(sorted(found.items(), key=lambda item: order_key(item[0])))
 
 
 def load(module_name: str) -> ModuleType:

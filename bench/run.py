@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     available = bench.discover()
-    wanted = [key.strip().upper() for key in options.only.split(",") if key.strip()] or list(available)
+    wanted = [key.strip().capitalize() for key in options.only.split(",") if key.strip()] or list(available)
     unknown = [key for key in wanted if key not in available]
     if unknown:
         parser.error(f"unknown benchmark {', '.join(unknown)}; available: {', '.join(available)}")

@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 def test_discovery_finds_the_plugin_benchmark_by_module_name():
     found = bench.discover()
     assert found["P1"] == "bench.p1_plugin"
-    assert list(found) == sorted(found, key=lambda key: int(key[1:]))
+    assert list(found) == sorted(found, key=bench.order_key)
 
 
 def test_rows_and_percentiles():
