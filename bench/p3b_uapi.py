@@ -1,0 +1,307 @@
+"""P3b: programming the P3 state into a real wireguard-go through the UAPI backend, beside `wg setconf` of the same
+configuration in the same run; and the kernel backend's cost model (netlink messages and bytes per operation).
+
+Userspace part (in a network namespace created for the run and removed afterwards, one wireguard-go for the run):
+- full program: the planner's ops for N peers x 250 pod IPs (from the P3 synthetic cluster, scattered layout: every
+  IP its own AllowedIP) applied to an empty device by `UserspaceWireGuard.apply_peer_ops` (one UAPI transaction),
+  versus `wg setconf` of a config file holding exactly the same peers (the file is written before the clock starts);
+  the device is emptied (`replace_peers`) before every run and checked afterwards;
+- one pod IP added to / removed from a loaded device: the backend's incremental op versus `wg set ... allowed-ips`
+  with the peer's whole new list (what an agent that replaces a peer's AllowedIPs on every change sends);
+- reading the whole device back (the full resync): `read()` versus `wg show <dev> dump`.
+Medians of CPU time summed over the hook's process, `wg` and wireguard-go (see `Clock`); the baseline of each
+row and the ratio are in the note, with the wall-time ratio (target: UAPI within 2x of wg setconf).
+
+Kernel part (pure, no kernel needed): the messages `node_hook.apply.wg_kernel` builds for the same operations
+(`plan_peer_writes` + `split_messages` + `build_set_message`), encoded by pyroute2 and counted.
+
+Run: `python -m bench.p3b_uapi` (as root) or `python -m bench.run --only P3b`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import row
+from bench.p3_scale import synthetic_cluster
+from node_hook.apply import wg_kernel
+from node_hook.apply.wg_uapi import UserspaceWireGuard
+from node_hook.apply.wireguard import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.model import NodeModel
+from node_hook.planner import plan_peers
+
+TITLE = "wireguard-go via the UAPI backend vs wg setconf; kernel backend netlink cost model"
+SIZES = (50, 500, 5000)
+PODS_PER_NODE = 250
+FULL_REPEATS = {50: 5, 500: 3, 5000: 1}
+EVENT_REPEATS = 15
+QUICK_SIZES = (5, 20)
+QUICK_PODS = 4
+TARGET_RATIO = 2.0
+PORT = 51899
+FWMARK = 0x100000
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.netns.conftest import entered_namespace  # noqa: E402  (the namespace helper the netns tests use)
+
+
+def desired_peers(nodes: int, pods: int) -> dict:
+    _, remote = synthetic_cluster(nodes + 1, pods, "scattered")
+    model = NodeModel("node-00000")
+    model.replace_remote_nodes(remote)
+    return model.peers
+
+
+def full_ops(peers: dict) -> list[PeerOp]:
+    """What the reconciler sends to an empty device."""
+    reshape, removals, adds = plan_peers(peers, {})
+    return reshape + removals + adds
+
+
+def config_text(private_key: bytes, peers: dict) -> str:
+    lines = ["[Interface]", f"PrivateKey = {base64.b64encode(private_key).decode()}", f"ListenPort = {PORT}",
+             f"FwMark = {FWMARK:#x}"]
+    for peer in peers.values():
+        lines += ["", "[Peer]", f"PublicKey = {peer.public_key}", f"Endpoint = {peer.endpoint[0]}:{peer.endpoint[1]}",
+                  "AllowedIPs = " + ", ".join(str(prefix) for prefix in sorted(peer.allowed_ips))]
+    return "\n".join(lines) + "\n"
+
+
+def _thread_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of `pid` (schedstat: nanoseconds, unlike the 10 ms ticks of /proc/<pid>/stat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that just ended
+    return total
+
+
+class Clock:
+    """Wall time and CPU time of one operation, CPU summed over everybody doing the work: this process (the
+    hook's Python), its waited-for children (`wg`) and wireguard-go. The machine is shared with other builds, so
+    the wall time of two processes taking turns on a busy CPU measures the neighbours' load more than the work;
+    the verdicts use the CPU sums, the wall times are reported beside them."""
+
+    def __init__(self, wireguard_go_pid: int) -> None:
+        self.pid = wireguard_go_pid
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+
+    def measure(self, name: str, action) -> None:  # type: ignore[no-untyped-def]
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own, server, wall = time.process_time(), _thread_cpu_ns(self.pid), time.perf_counter()
+        action()
+        wall = time.perf_counter() - wall
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (time.process_time() - own + (_thread_cpu_ns(self.pid) - server) / 1e9
+               + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
+        self.samples.setdefault(name, []).append((cpu, wall))
+
+    def cpu(self, name: str) -> list[float]:
+        return [cpu for cpu, _ in self.samples[name]]
+
+    def wall(self, name: str) -> list[float]:
+        return [wall for _, wall in self.samples[name]]
+
+
+def _wg(*args: str) -> str:
+    return subprocess.run(["wg", *args], check=True, capture_output=True, text=True, timeout=600).stdout
+
+
+class Device:
+    """One wireguard-go in the current (benchmark) namespace, driven through the hook's backend."""
+
+    def __init__(self, ifname: str, work: Path) -> None:
+        self.ifname = ifname
+        self.private_key = hashlib.sha256(f"p3b {ifname}".encode()).digest()
+        self.backend = UserspaceWireGuard(ifname, log_file=work / "wireguard-go.log")
+        self.backend.ensure_device(DeviceSpec(ifname, self.private_key, PORT, FWMARK, 1340))
+
+    def clear(self) -> None:
+        self.backend.client.set(["replace_peers=true"])
+
+    def counts(self) -> tuple[int, int]:
+        """(peers, AllowedIPs) on the device, from `wg show dump` (independent of the backend under test)."""
+        lines = _wg("show", self.ifname, "dump").splitlines()[1:]
+        allowed = sum(len(line.split("\t")[3].split(",")) for line in lines if line.split("\t")[3] != "(none)")
+        return len(lines), allowed
+
+    def close(self) -> None:
+        self.backend.delete_device()
+        self.backend.close()
+
+
+def measure_userspace(device: Device, nodes: int, pods: int, full_repeats: int, event_repeats: int,
+                      work: Path) -> dict:
+    peers = desired_peers(nodes, pods)
+    ops = full_ops(peers)
+    expected = (len(peers), sum(len(peer.allowed_ips) for peer in peers.values()))
+    config = work / f"setconf-{nodes}.conf"
+    config.write_text(config_text(device.private_key, peers))
+    config.chmod(0o600)
+    pid = device.backend.pid
+    assert pid is not None, "wireguard-go is not running"
+    clock = Clock(pid)
+    for _ in range(full_repeats):
+        device.clear()
+        clock.measure("full uapi", lambda: device.backend.apply_peer_ops(ops))
+        assert device.counts() == expected, "UAPI backend did not program every peer and AllowedIP"
+        device.clear()
+        clock.measure("full setconf", lambda: _wg("setconf", device.ifname, str(config)))
+        assert device.counts() == expected, "wg setconf did not program every peer and AllowedIP"
+    # the device now holds the full state; events against it
+    peer = next(iter(peers.values()))
+    have = sorted(peer.allowed_ips, key=lambda prefix: int(prefix.network_address))
+    for attempt in range(event_repeats):
+        extra = ipaddress.ip_network(f"100.64.{attempt // 250}.{attempt % 250}/32")
+        add = [UpsertPeer(peer.public_key, peer.endpoint, (extra,), False, 0)]
+        clock.measure("uapi add", lambda: device.backend.apply_peer_ops(add))
+        clock.measure("uapi remove",
+                      lambda: device.backend.apply_peer_ops([RemoveAllowedIPs(peer.public_key, (extra,))]))
+        with_extra = ",".join(str(prefix) for prefix in [*have, extra])
+        without = ",".join(str(prefix) for prefix in have)
+        clock.measure("wg set add", lambda: _wg("set", device.ifname, "peer", peer.public_key, "allowed-ips",
+                                                with_extra))
+        clock.measure("wg set remove", lambda: _wg("set", device.ifname, "peer", peer.public_key, "allowed-ips",
+                                                   without))
+    assert device.counts() == expected, "events left the device changed"
+    for _ in range(max(1, full_repeats)):
+        state: list = []
+        clock.measure("read()", lambda: state.append(device.backend.read()))
+        assert state[0] is not None and len(state[0].peers) == expected[0]
+        clock.measure("wg show dump", lambda: _wg("show", device.ifname, "dump"))
+    device.backend.apply_peer_ops([RemovePeer(key) for key in peers])
+    return {"nodes": nodes, "pods": pods, "peers": expected[0], "allowed_ips": expected[1],
+            "cpu_s": {name: clock.cpu(name) for name in clock.samples},
+            "wall_s": {name: clock.wall(name) for name in clock.samples}}
+
+
+# ---- kernel backend cost model -----------------------------------------------------------------------------
+
+def _encoded_size(writes: list[wg_kernel.PeerWrite], cache: dict) -> int:
+    """Bytes of the SET_DEVICE message pyroute2 encodes for `writes` (memoised by the message's shape: messages
+    of a full plan differ only in keys and addresses)."""
+    shape = tuple((w.flags, w.endpoint is not None, w.persistent_keepalive is not None, w.remove_allowed_ips,
+                   tuple(prefix.version for prefix in w.allowed_ips)) for w in writes)
+    if shape not in cache:
+        message = wg_kernel.build_set_message("wgcni0", writes)
+        message["cmd"] = wg_kernel.WG_CMD_SET_DEVICE
+        message["version"] = wg_kernel.WG_GENL_VERSION
+        message["header"]["type"] = 0x10
+        message.encode()
+        cache[shape] = len(message.data)
+    return cache[shape]
+
+
+def kernel_cost(ops: list[PeerOp], per_ip_remove: bool, cache: dict) -> tuple[int, int]:
+    """(messages, bytes) the kernel backend sends for `ops`."""
+    messages = wg_kernel.split_messages(wg_kernel.plan_peer_writes(ops, per_ip_remove))
+    return len(messages), sum(_encoded_size(writes, cache) for writes in messages)
+
+
+def kernel_cost_model(nodes: int, pods: int) -> dict:
+    peers = desired_peers(nodes, pods)
+    cache: dict = {}
+    peer = next(iter(peers.values()))
+    extra = ipaddress.ip_network("100.64.0.1/32")
+    one = (extra,)
+    joined = UpsertPeer(peer.public_key, peer.endpoint, tuple(peer.allowed_ips), True, 0)
+    replace_all = UpsertPeer(peer.public_key, peer.endpoint, tuple(sorted(peer.allowed_ips - {min(peer.allowed_ips)})),
+                             True, 0)
+    allowed = sum(len(p.allowed_ips) for p in peers.values())
+    # a dump carries every peer and AllowedIP once: the same attributes as a SET_DEVICE that programs them all, plus
+    # per peer the handshake time, rx/tx counters and protocol version (4+16, 2x(4+8), 4+4 bytes)
+    full = kernel_cost(full_ops(peers), True, cache)
+    dump_bytes = full[1] + len(peers) * (20 + 24 + 8)
+    return {
+        "nodes": nodes, "allowed_ips": allowed,
+        "full program": full,
+        "pod IP added": kernel_cost([UpsertPeer(peer.public_key, peer.endpoint, one, False, 0)], True, cache),
+        "pod IP removed (per-IP remove flag, Linux 6.16+)": kernel_cost([RemoveAllowedIPs(peer.public_key, one)],
+                                                                         True, cache),
+        "pod IP removed (zero-key peer, older kernels)": kernel_cost([RemoveAllowedIPs(peer.public_key, one)], False,
+                                                                    cache),
+        "pod IP removed by replacing the peer's list (Calico)": kernel_cost([replace_all], True, cache),
+        "node joined": kernel_cost([joined], True, cache),
+        "node left": kernel_cost([RemovePeer(peer.public_key)], True, cache),
+        "whole-device dump (a resync read-back)": (full[0], dump_bytes),
+    }
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------
+
+def run(quick: bool) -> list[dict]:
+    for tool in ("wg", "wireguard-go", "ip"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"P3b needs {tool} on PATH")
+    if os.geteuid() != 0:
+        raise RuntimeError("P3b needs root (it creates a network namespace)")
+    sizes = QUICK_SIZES if quick else SIZES
+    pods = QUICK_PODS if quick else PODS_PER_NODE
+    results = []
+    work = Path(tempfile.mkdtemp(prefix="wgcni-p3b-"))
+    try:
+        with entered_namespace("p3b") as namespace:
+            device = Device(f"p3b{namespace[-6:]}", work)
+            try:
+                for nodes in sizes:
+                    results.append(measure_userspace(device, nodes, pods, 1 if quick else FULL_REPEATS[nodes],
+                                                     2 if quick else EVENT_REPEATS, work))
+            finally:
+                device.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    comparisons = (
+        ("full program", "full uapi", "full setconf", "wg setconf of the same config", True),
+        ("one pod IP added (incremental op)", "uapi add", "wg set add", "wg set <peer> allowed-ips <whole list>",
+         False),
+        ("one pod IP removed (incremental op)", "uapi remove", "wg set remove",
+         "wg set <peer> allowed-ips <whole list>", False),
+        ("read back the whole device (resync)", "read()", "wg show dump", "wg show <dev> dump", False),
+    )
+    for result in results:
+        label = f"{result['peers']} peers x {result['allowed_ips'] // max(result['peers'], 1)} IPs"
+        for title, ours, theirs, baseline, targeted in comparisons:
+            mine = [cpu * 1000 for cpu in result["cpu_s"][ours]]
+            base = [cpu * 1000 for cpu in result["cpu_s"][theirs]]
+            ratio = statistics.median(mine) / max(statistics.median(base), 1e-9)
+            wall_ratio = statistics.median(result["wall_s"][ours]) / max(statistics.median(result["wall_s"][theirs]),
+                                                                         1e-9)
+            entry = row(f"{label}: {title}, UAPI backend", mine,
+                        note=f"cpu ms; baseline {baseline} p50 {statistics.median(base):.1f} ms, ratio {ratio:.2f}; "
+                             f"wall ratio {wall_ratio:.2f}")
+            entry["baseline_p50"], entry["ratio"], entry["wall_ratio"] = (round(statistics.median(base), 3),
+                                                                          round(ratio, 3), round(wall_ratio, 3))
+            if targeted and not quick:
+                entry["target"], entry["met"] = f"ratio<={TARGET_RATIO:g}", ratio <= TARGET_RATIO
+            rows.append(entry)
+    models = [kernel_cost_model(nodes, pods) for nodes in sizes]
+    for operation, value in models[-1].items():  # the table shows the largest size; the JSON has every size
+        if operation in ("nodes", "allowed_ips"):
+            continue
+        messages, size = value
+        entry = row(f"kernel, {sizes[-1]} peers x {pods}: {operation}", [size / 1024], unit="KiB",
+                    note=f"{messages} netlink message{'s' if messages != 1 else ''}")
+        entry["messages"], entry["bytes"] = messages, size
+        rows.append(entry)
+    rows[0]["raw"] = {"userspace": results, "kernel": models}
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
