@@ -1,0 +1,158 @@
+"""P8: the debug CLI, the hook's local API answers and a metrics scrape on a node with 5 000 peers.
+
+A real `Daemon` (appliers on the in-memory fakes, as in P3) holds 5 000 remote nodes x 30 pod IPs (the AKS default
+of max pods with Azure CNI; scattered /32s, 150 000 routes) and serves its local API and `/metrics` on loopback.
+Measured, as wall time on the shared machine (median and p99 of repeated calls):
+- local API `peers` (a page of 50 plus the summary of all), `routes` (a page of 50), `status`, `diagnose`;
+- the CLI in-process (`cni_plugin.cli.run`, without the interpreter start-up that P1 measures): `wgcni peers`,
+  `wgcni routes`, `wgcni check`;
+- one scrape of `/metrics` with the per-peer series (15 000 of them) and without (`?per_peer=0`).
+Quick mode: 200 nodes x 4 pods, 3 calls each.
+
+Run: `python -m bench.p8_observe` (prints JSON) or through `python -m bench.run --only P8`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import ipaddress
+import json
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from bench import row
+from cni_plugin.cli import run as wgcni
+from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from node_hook.config import Settings
+from node_hook.daemon import Daemon, _Appliers
+from node_hook.detect import Environment
+from node_hook.keys import load_or_create
+from node_hook.local_api import LocalApiServer, request
+from node_hook.metrics import HookMetrics, MetricsServer
+from node_hook.model import LocalAnnouncement, RemoteNode
+
+TITLE = "Debug CLI, local API and metrics at 5 000 peers (wall ms)"
+NODES, PODS, REPEATS = 5000, 30, 15
+QUICK_NODES, QUICK_PODS, QUICK_REPEATS = 200, 4, 3
+POD_BASE = int(ipaddress.IPv4Address("10.0.0.0"))
+NODE_BASE = int(ipaddress.IPv4Address("172.16.0.0"))
+TARGETS_MS = {  # p50 targets: an operator command answers well within a second, a scrape well within its timeout
+    "api peers page": 250, "api routes page": 250, "api status": 50, "api diagnose": 2000, "cli peers": 500,
+    "cli routes": 500, "cli check": 2000, "scrape /metrics": 1000, "scrape /metrics?per_peer=0": 250,
+}
+
+
+class _StaticSource:
+    def __init__(self, nodes: dict[str, RemoteNode]) -> None:
+        self.nodes = nodes
+
+    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
+        on_nodes(self.nodes, True)
+
+    def publish(self, announcement: LocalAnnouncement) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
+def _cluster(nodes: int, pods: int) -> dict[str, RemoteNode]:
+    out = {}
+    for index in range(nodes):
+        node_ip = str(ipaddress.IPv4Address(NODE_BASE + index))
+        pod_ips = frozenset(str(ipaddress.IPv4Address(POD_BASE + pod * nodes + index)) for pod in range(pods))
+        key = f"{index:042d}A="
+        out[f"node-{index:04d}"] = RemoteNode(f"node-{index:04d}", key, node_ip, 51820, frozenset({node_ip}), pod_ips,
+                                              1.0)
+    return out
+
+
+def _timed(samples: int, call: Callable[[], object]) -> list[float]:
+    out = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def _cli(*args: str) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = wgcni(list(args))
+    if code != 0:
+        raise RuntimeError(f"wgcni {' '.join(args)} exited {code}")
+
+
+def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
+    root = Path(tempfile.mkdtemp(prefix="wgcni-p8-"))
+    settings = Settings(node_name="bench", state_dir=root / "state", socket=root / "hook.sock",
+                        record_rescan_interval=10, resync_interval=600)
+    conf_dir = root / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "10-azure.conflist").write_text(json.dumps({"cniVersion": "0.3.0", "name": "azure", "plugins": [
+        {"type": "azure-vnet"}, {"type": "wgcni"}]}))
+    environment = Environment("172.31.0.1", frozenset({"172.31.0.1"}), "p8-no-such-link", 1500, False, "bench",
+                              1440, "bench")
+    metrics = HookMetrics()
+    wireguard = FakeWireGuard()
+    daemon = Daemon(settings, load_or_create(settings.key_file), environment, _StaticSource(_cluster(nodes, pods)),
+                    _Appliers(wireguard, FakeRouting(settings.route_table), FakeFirewall(),
+                              FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0",
+                                           "net/ipv4/conf/wgcni0/rp_filter": "1"}, settings.sysctl_originals_file)),
+                    monitor_netlink=False, observer=metrics, cni_conf_dir=conf_dir)
+    metrics.attach(daemon)
+    api = LocalApiServer(settings.socket, daemon)
+    http = MetricsServer("127.0.0.1:0", metrics)
+    daemon.start()
+    try:
+        api.start()
+        http.start()
+        deadline = time.monotonic() + 600
+        # every peer on the device and the pass that put them there finished (the model fills before the pass)
+        while not (wireguard.device is not None and len(wireguard.device.peers) == nodes
+                   and daemon.reconciler.converged):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the hook did not program the cluster within 600 s")
+            time.sleep(0.05)
+        socket = str(settings.socket)
+        url = "http://{}:{}/metrics".format(*http.address)
+        results = {
+            "api peers page": _timed(repeats, lambda: request(socket, {"op": "peers", "limit": 50})),
+            "api routes page": _timed(repeats, lambda: request(socket, {"op": "routes", "limit": 50})),
+            "api status": _timed(repeats, lambda: request(socket, {"op": "status"})),
+            "api diagnose": _timed(repeats, lambda: request(socket, {"op": "diagnose"})),
+            "cli peers": _timed(repeats, lambda: _cli("peers", "--socket", socket)),
+            "cli routes": _timed(repeats, lambda: _cli("routes", "--socket", socket)),
+            "cli check": _timed(repeats, lambda: _cli("check", "--socket", socket)),
+            "scrape /metrics": _timed(repeats, lambda: urllib.request.urlopen(url, timeout=30).read()),
+            "scrape /metrics?per_peer=0": _timed(repeats,
+                                                 lambda: urllib.request.urlopen(url + "?per_peer=0", timeout=30).read()),
+        }
+        return results
+    finally:
+        http.stop()
+        api.stop()
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(quick: bool) -> list[dict]:
+    nodes, pods, repeats = (QUICK_NODES, QUICK_PODS, QUICK_REPEATS) if quick else (NODES, PODS, REPEATS)
+    results = measure(nodes, pods, repeats)
+    note = f"{nodes} peers x {pods} pod IPs"
+    return [row(case, samples, "ms", target_p50=None if quick else TARGETS_MS[case], note=note)
+            for case, samples in results.items()]
+
+
+def main() -> None:
+    print(json.dumps(run("--quick" in sys.argv[1:]), indent=2))
+
+
+if __name__ == "__main__":
+    main()
