@@ -5,7 +5,7 @@ Each step prints the `wgcni-lab` command it runs, so a person can repeat it by h
 2. `wgcni-lab status`;
 3. pings from a pod on every node to a pod on the next node, while `wgcni-lab capture` records the VNet bridge:
    every packet on the wire must be WireGuard UDP between node addresses (the pods' ICMP never appears in clear);
-4. per node, `wgcni status` and `wgcni peers` when the debug CLI has them, else `wg show`;
+4. per node, `wgcni status`, `wgcni peers` and `wgcni check` when the debug CLI has them, else `wg show`;
 5. how to explore the lab and how to stop it (`make demo-down`).
 Exits non-zero when a step fails (the lab is left for inspection; `make demo-down` removes it).
 """
@@ -75,15 +75,19 @@ def main() -> int:
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert capture.stderr is not None
     print(f"  {capture.stderr.readline().strip()}")  # tcpdump listens: start pinging
-    failed = []
-    for source, target in cross_node_pings(pods):
+    pings = []
+    for source, target in cross_node_pings(pods):  # all at once, well inside the capture
         command = ["exec", source["name"], "--", "ping", "-c", str(PINGS), "-i", "0.2", "-W", "2", target["ip"]]
         show(command)
-        result = wgcni_lab(*command, check=False, quiet=True)
-        summary = [line for line in result.stdout.splitlines() if "packets transmitted" in line]
+        pings.append((source, target, subprocess.Popen([*lab_command(), *command], stdout=subprocess.PIPE,
+                                                       stderr=subprocess.PIPE, text=True)))
+    failed = []
+    for source, target, ping in pings:
+        stdout, stderr = ping.communicate()
+        summary = [line for line in stdout.splitlines() if "packets transmitted" in line]
         print(f"  {source['name']} ({source['ip']}, {source['node']}) -> {target['name']} ({target['ip']}, "
-              f"{target['node']}): {summary[0] if summary else result.stderr.strip()}")
-        if result.returncode != 0:
+              f"{target['node']}): {summary[0] if summary else stderr.strip()}")
+        if ping.returncode != 0:
             failed.append(f"{source['name']} -> {target['name']}")
     output, errors = capture.communicate()
     if capture.returncode != 0:
@@ -102,7 +106,7 @@ def main() -> int:
 
     heading("4. what each node's wgcni sees")
     debug_cli = wgcni_lab("exec", "node-1", "--", "wgcni", "--help", check=False, quiet=True).stdout
-    commands = [["wgcni", name] for name in ("status", "peers") if f"  {name} " in debug_cli]
+    commands = [["wgcni", name] for name in ("status", "peers", "check") if f"  {name} " in debug_cli]
     for node in state.nodes:
         for command in commands or [["wg", "show", lab.WG_INTERFACE]]:
             wgcni_lab("exec", node.name, "--", *command, check=False)
@@ -112,7 +116,7 @@ def main() -> int:
     hints = [
         ("status", "nodes, pods, namespaces (--json for scripts)"),
         ("exec node-1 -- wg show", "WireGuard on a node (each node has its own /var/run/wireguard)"),
-        ("exec node-1 -- wgcni status", "the node's wgcni (also: wgcni peers, wgcni pods, wgcni check)"),
+        ("exec node-1 -- wgcni status", "the node's wgcni (see `wgcni --help` for the other commands)"),
         (f"exec node-1 -- ip route show table {lab.HOOK_DEFAULTS.route_table}", "what goes into the tunnel"),
         (f"exec {source['name']} -- ping {target['ip']}", "from a pod to a pod on another node"),
         ("pod-add node-2", "a pod made the way kubelet makes one (CRI RunPodSandbox)"),

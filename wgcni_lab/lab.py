@@ -5,10 +5,10 @@ Layout (everything is named after the lab's random id, so two labs never collide
   traffic never touches the host's links, sysctls or firewall;
 - N nodes, each a network namespace `wgl-<id>-node-<i>` with `eth0` on the bridge and an AKS node-subnet address
   from 10.240.0.0/16 (10.240.0.4, .35, .66 ...: AKS reserves maxPods=30 secondary IPs after each node), plus a
-  private mount namespace held by a small holder process: its own tmpfs `/run` (so `/run/wgcni`, `/run/containerd`
-  and `/var/run/wireguard` are per node and every node uses the default interface name `wgcni0`) and copy-on-write
-  overlays of `/etc`, `/opt` and `/var/lib` (its own `/etc/cni/net.d`, `/opt/cni/bin`, `/var/lib/wgcni`,
-  `/var/lib/cni`); all of it vanishes with the node;
+  private mount namespace held by a small holder process: its own sysfs, its own tmpfs `/run` (so `/run/wgcni`,
+  `/run/containerd` and `/var/run/wireguard` are per node and every node uses the default interface name `wgcni0`)
+  and copy-on-write overlays of `/etc`, `/opt` and `/var/lib` (its own `/etc/cni/net.d`, `/opt/cni/bin`,
+  `/var/lib/wgcni`, `/var/lib/cni`); all of it vanishes with the node;
 - per node a private containerd (CRI) as on an AKS node, whose conflist is AKS-shaped (`"name": "azure"`,
   cniVersion 0.3.0, `azure-vnet` then `portmap`): the `azure-vnet` executable in the node's `/opt/cni/bin` is the
   reference `ptp` plugin with `host-local` IPAM, which gives pods veths and /32 host routes as azure-vnet's
@@ -75,7 +75,8 @@ _POD_NAME = re.compile(r"^(?P<node>node-\d+)-pod(?P<index>\d+)$")
 
 # Run by the holder of a node's mount namespace (argv: lab dir). The lab dir is reached again through the working
 # directory after /run is replaced, and bound back at its own path: containerd's state must have the same path
-# inside the node and outside.
+# inside the node and outside. /sys is the node's own sysfs (its eth0's MTU, as `ip netns exec` does it), with the
+# host's cgroup tree moved back under it for runc.
 NODE_MOUNTS_SCRIPT = r"""
 set -e
 lab_dir="$1"
@@ -87,6 +88,10 @@ for directory in etc opt var/lib; do
   mkdir -p "$layer/upper" "$layer/work"
   mount -t overlay wgcni-lab-node -o "lowerdir=/$directory,upperdir=$layer/upper,workdir=$layer/work" "/$directory"
 done
+mkdir -p /run/.wgcni-lab-node/cgroup
+mount --rbind /sys/fs/cgroup /run/.wgcni-lab-node/cgroup
+mount -t sysfs wgcni-lab-node /sys
+mount --move /run/.wgcni-lab-node/cgroup /sys/fs/cgroup
 mkdir -p /etc/cni/net.d /opt/cni/bin /var/lib/cni /var/lib/wgcni /run/containerd /run/wgcni /run/wireguard
 cd /
 echo ready

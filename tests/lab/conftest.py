@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -50,7 +50,8 @@ class Cli:
         return state
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition", interval: float = 0.05):  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition",
+             interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

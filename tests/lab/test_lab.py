@@ -142,6 +142,13 @@ def test_exec_runs_in_the_node_or_pod_and_passes_the_exit_code(cli: Cli) -> None
     assert not os.path.exists("/etc/cni/net.d/10-azure.conflist"), "the node's CNI dirs are its own"
 
 
+def test_every_node_passes_its_own_wgcni_check(cli: Cli) -> None:
+    """The debug CLI in each node (its private /run/wgcni socket, its own sysfs and conflist) finds nothing wrong."""
+    for node in ("node-1", "node-2", "node-3"):
+        check = cli.run("exec", node, "--", "wgcni", "check", check=False)
+        assert check.returncode == 0, f"{node}: {check.stdout}{check.stderr}"
+
+
 def test_pod_add_and_del_update_the_peers_on_the_other_nodes(cli: Cli) -> None:
     added = json.loads(cli.run("pod-add", "node-2").stdout)
     assert added["node"] == "node-2" and POD_KEYS <= set(added)
