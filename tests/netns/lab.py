@@ -5,9 +5,10 @@
 - pods are namespaces plumbed like azure-vnet transparent mode: host veth `azv<hash>` with proxy_arp and a /32
   route in the node's main table; pod side `eth0` with the pod IP, `169.254.1.1` as gateway via a static
   neighbour entry to the host veth's MAC; both veth ends MTU 1500;
-- each node runs its own `wgcni-node run` (userspace backend, unique interface name: /var/run/wireguard is not
-  per namespace), with pod records written through `cni_plugin.records` and peers fed through a peers file built
-  from the hooks' own announcements (the stand-in for the Kubernetes sync of the next layer).
+- each node runs its own `wgcni-node run` on the lab's backend (userspace: wireguard-go, unique interface name as
+  /var/run/wireguard is not per namespace; kernel: in the VM tier), with pod records written through
+  `cni_plugin.records` and peers fed through a peers file built from the hooks' own announcements (the stand-in
+  for the Kubernetes sync of the next layer).
 
 Everything is named with a per-run random suffix and removed by `close()`, also after failures.
 """
@@ -31,10 +32,13 @@ from node_hook.local_api import request
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 PREFIX_LEN = 16
+# Every wait and subprocess timeout is stretched by this factor; the VM tier (software-emulated CPU, Python ~18x
+# slower) sets it, so the same tests prove the same behaviour there, only with longer patience.
+TIME_SCALE = float(os.environ.get("WGCNI_TEST_TIME_SCALE", "1"))
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout * TIME_SCALE)
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {result.returncode}: {result.stderr.strip()}")
     return result
@@ -45,6 +49,7 @@ def in_ns(namespace: str, *args: str, check: bool = True, timeout: float = 30) -
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -108,8 +113,11 @@ class Node:
 
 
 class Lab:
-    def __init__(self, root: Path, listen_port: int = 51820, host_encryption: bool = True) -> None:
+    def __init__(
+        self, root: Path, listen_port: int = 51820, host_encryption: bool = True, backend: str = "userspace"
+    ) -> None:
         self.root = root
+        self.backend = backend  # the hooks' WireGuard backend: userspace (wireguard-go) or kernel
         self.suffix = secrets.token_hex(3)
         self.vnet = f"h3vnet-{self.suffix}"
         self.bridge = "vnet0"
@@ -212,6 +220,7 @@ class Lab:
             "nodeName": node.name, "stateDir": str(node.state_dir), "socket": str(node.socket),
             "interface": node.wg, "listenPort": self.listen_port, "endpoint": node.ip,
             "hostEncryption": self.host_encryption, "azure": False, "peersFile": str(node.peers_file),
+            "backend": self.backend,
             "announceFile": str(node.announce_file), "resyncInterval": 30, "recordRescanInterval": 2,
             "logLevel": "info", **overrides,
         }

@@ -1,4 +1,5 @@
-"""Three simulated AKS nodes, each with its own `wgcni-node run` on the userspace backend, proven on real packets.
+"""Three simulated AKS nodes, each with its own `wgcni-node run`, proven on real packets — once per WireGuard backend
+(userspace with wireguard-go on the host; kernel inside the VM tier, tests/vm/README.md).
 
 Asserted with independent tools (`wg show`, `ip rule/route`, `nft`, tcpdump on the VNet bridge, ping, TCP):
 encryption on the wire, same-node bypass, exact MTU, full-size TCP, IP moves, repair after outside damage, cleanup.
@@ -19,6 +20,7 @@ from typing import Iterator
 import pytest
 
 from tests.netns.lab import PYTHON, Lab, Node, in_ns, wait_until
+from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
 
 pytestmark = pytest.mark.netns
 
@@ -39,10 +41,12 @@ def snapshot(node: Node) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
+@pytest.fixture(scope="module", params=BACKEND_PARAMS)
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    if request.param == "kernel":
+        require_kernel_wireguard()
     root = Path(tempfile.mkdtemp(prefix="h3lab-"))
-    lab = Lab(root)
+    lab = Lab(root, backend=request.param)
     try:
         for name, ip in NODES.items():
             lab.add_node(name, ip)
@@ -124,10 +128,11 @@ def test_programmed_state_seen_by_independent_tools(lab: Lab) -> None:
     assert a.exec("sysctl", "-n", "net.ipv4.conf.all.src_valid_mark").stdout.strip() == "1"
     addresses = a.exec("ip", "addr", "show", a.wg).stdout
     assert "inet 192.0.0.8/32 scope link" in addresses  # the RFC 7600 address rp_filter needs
-    assert "inet6 fe80:" in addresses  # the kernel's own link-local address coexists with ours
+    if lab.backend == "userspace":  # kernel WireGuard links (ARPHRD_NONE, no hardware address) get no link-local
+        assert "inet6 fe80:" in addresses  # the kernel's own link-local address coexists with ours
     assert "table inet wgcni" in a.exec("nft", "list", "tables").stdout
     status = a.api("status")
-    assert status["mtu"] == 1440 and "1500 - 60" in status["mtuReason"] and status["backend"] == "userspace"
+    assert status["mtu"] == 1440 and "1500 - 60" in status["mtuReason"] and status["backend"] == lab.backend
 
 
 def test_cross_node_traffic_is_encrypted_on_the_wire(lab: Lab) -> None:
@@ -255,6 +260,8 @@ def _repaired(lab: Lab, node: Node, key: str) -> None:
 
 @pytest.mark.parametrize("damage", ["device", "rule", "route", "wireguard-go"])
 def test_outside_damage_is_repaired_with_the_same_key(lab: Lab, damage: str) -> None:
+    if damage == "wireguard-go" and lab.backend != "userspace":
+        pytest.skip("kernel WireGuard has no wireguard-go process")
     a = lab.nodes["a"]
     key = public_key(a)
     started = time.monotonic()
@@ -278,7 +285,9 @@ def test_outside_damage_is_repaired_with_the_same_key(lab: Lab, damage: str) -> 
 def test_cleanup_leaves_the_node_as_found(lab: Lab) -> None:
     b = lab.nodes["b"]  # its pods are the ones it started with (the moved pod came and went)
     lab.stop_hook(b)
-    assert "wireguard-go" in process_names(b).values()  # the device outlives the hook, like a kernel device
+    if lab.backend == "userspace":
+        assert "wireguard-go" in process_names(b).values()  # the device outlives the hook, like a kernel device
+    assert b.wg in snapshot(b)["links"].split()
     result = lab.cleanup_node(b)
     assert result.returncode == 0, result.stderr
     after = snapshot(b)

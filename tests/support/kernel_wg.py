@@ -29,6 +29,11 @@ def require_kernel_wireguard() -> None:
     pytest.skip("no kernel WireGuard on this host (runs in the VM tier: make test-vm)")
 
 
+# Parameters for a fixture that runs the same dataplane tests on both WireGuard backends: the kernel variant carries
+# the kernel_wg marker (so the VM tier selects it) and must call `require_kernel_wireguard()` before building.
+BACKEND_PARAMS = ["userspace", pytest.param("kernel", marks=pytest.mark.kernel_wg)]
+
+
 def unique_name(prefix: str) -> str:
     """An interface or namespace name unique to this run (interface names stay within 15 characters)."""
     return f"{prefix}{secrets.token_hex(4)}"[:15]
