@@ -1,0 +1,204 @@
+"""P4: TCP throughput pod -> pod across two nodes through the wgcni mesh, beside a hand-configured WireGuard tunnel
+between the same two node namespaces, in the same run; and DF packets of exactly the chosen MTU.
+
+Set-up (tests/netns/lab.py, everything in namespaces created for the run and removed afterwards): a VNet bridge, two
+node namespaces (10.240.0.4, 10.240.0.35) with one pod each (10.240.0.70 on a, 10.240.0.71 on b, plumbed like
+azure-vnet transparent mode), each node running its own `wgcni-node run` on the userspace backend (wireguard-go),
+peers fed from each other's announcements. Host encryption is off here, so the baseline tunnel's own UDP between
+the node IPs is not routed into the mesh.
+
+- mesh: `iperf3` from pod a to pod b (the path: pod veth -> node a policy routing -> wireguard-go -> VNet ->
+  wireguard-go -> node b -> pod veth), at the MTU the hook chose;
+- baseline: a second wireguard-go device in each node namespace configured by hand with `wg set` (its own keys and
+  port, tunnel addresses 192.168.77.1/.2), `iperf3` node a -> node b through it, at each of `BASELINE_MTUS`; the best
+  of them is the baseline (1440 is the largest that does not fragment on the 1500-byte VNet);
+- mesh and baseline runs alternate, `REPEATS` times each; medians are compared (target >= 95 %);
+- `ping -M do` from pod a to pod b with a payload filling exactly the hook's MTU: packets lost (target 0), and one
+  byte more must be refused locally (the MTU is exact, not just small enough).
+The machine is shared with other builds: both wireguard-go processes compete for two cores with them, so the
+absolute numbers vary from run to run; the ratio of alternating runs is what this benchmark reports.
+
+Run: `python -m bench.p4_throughput` (as root) or `python -m bench.run --only P4`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import row
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.netns.lab import Lab, in_ns, sh, wait_until  # noqa: E402  (the namespace lab of the netns tests)
+
+TITLE = "pod-to-pod TCP through the mesh (userspace) vs a hand-configured wg tunnel, same namespaces"
+NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}
+PODS = {"a": "10.240.0.70", "b": "10.240.0.71"}
+TUNNEL = ("192.168.77.1", "192.168.77.2")
+BASELINE_PORT = 51821
+BASELINE_MTUS = (1420, 1440)  # wg-quick's default, and the largest that fits a 1500-byte underlay over IPv4
+SECONDS = 4
+REPEATS = 3
+PINGS = 50
+QUICK_SECONDS = 1
+QUICK_REPEATS = 1
+QUICK_PINGS = 5
+TARGET_RATIO = 0.95
+
+
+def iperf3(namespace: str, server: str, port: int, seconds: int) -> float:
+    """Received Mbit/s of one TCP stream over `seconds` (a first second, slow start, runs before and is left out)."""
+    deadline = time.monotonic() + 10
+    while True:
+        done = in_ns(namespace, "iperf3", "-c", server, "-p", str(port), "-t", str(seconds + 1), "-O", "1", "-J",
+                     check=False, timeout=seconds + 30)
+        report = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+        if done.returncode == 0 and "error" not in report:
+            return report["end"]["sum_received"]["bits_per_second"] / 1e6
+        if time.monotonic() > deadline:  # the server may still be starting
+            raise RuntimeError(f"iperf3 to {server}:{port} failed: {done.stdout[-500:]} {done.stderr[-500:]}")
+        time.sleep(0.2)
+
+
+class Baseline:
+    """A hand-configured WireGuard tunnel between the two node namespaces (wireguard-go + wg set)."""
+
+    def __init__(self, lab: Lab, work: Path) -> None:
+        self.nodes = [lab.nodes["a"], lab.nodes["b"]]
+        # one name per node: wireguard-go's UAPI socket path (/var/run/wireguard/<name>.sock) is not per namespace
+        self.names = {node.name: f"base{lab.suffix}{node.name}"[:15] for node in self.nodes}
+        self.processes: list[subprocess.Popen[bytes]] = []
+        keys = []
+        for node in self.nodes:
+            private = work / f"{node.name}.key"
+            private.write_text(sh("wg", "genkey").stdout)
+            private.chmod(0o600)
+            public = subprocess.run(["wg", "pubkey"], input=private.read_text(), capture_output=True, text=True,
+                                    check=True).stdout.strip()
+            keys.append((private, public))
+        for index, node in enumerate(self.nodes):
+            other = 1 - index
+            ifname = self.names[node.name]
+            process = subprocess.Popen(["ip", "netns", "exec", node.netns, "wireguard-go", "-f", ifname],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       env=dict(os.environ, LOG_LEVEL="error"))
+            self.processes.append(process)
+            wait_until(lambda: node.exec("ip", "link", "show", ifname, check=False).returncode == 0, 10,
+                       what=f"baseline wireguard-go in {node.name}")
+            node.exec("wg", "set", ifname, "listen-port", str(BASELINE_PORT), "private-key", str(keys[index][0]),
+                      "peer", keys[other][1], "endpoint", f"{self.nodes[other].ip}:{BASELINE_PORT}",
+                      "allowed-ips", f"{TUNNEL[other]}/32")
+            node.exec("ip", "addr", "add", f"{TUNNEL[index]}/30", "dev", ifname)
+            node.exec("ip", "link", "set", ifname, "up")
+
+    def set_mtu(self, mtu: int) -> None:
+        for node in self.nodes:
+            node.exec("ip", "link", "set", self.names[node.name], "mtu", str(mtu))
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.exec("ip", "link", "del", self.names[node.name], check=False)  # wireguard-go exits with its TUN
+        for process in self.processes:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def df_pings(lab: Lab, mtu: int, count: int) -> tuple[int, int, bool]:
+    """(sent, lost) of DF pings filling exactly `mtu` from pod a to pod b, and whether one byte more is refused."""
+    source = lab.nodes["a"].pods["pa"].netns
+    exact = in_ns(source, "ping", "-c", str(count), "-i", "0.01", "-W", "2", "-M", "do", "-s", str(mtu - 28),
+                  PODS["b"], check=False, timeout=60)
+    received = int(exact.stdout.split(" received")[0].rsplit(",", 1)[1].strip()) if " received" in exact.stdout else 0
+    too_big = in_ns(source, "ping", "-c", "1", "-W", "2", "-M", "do", "-s", str(mtu - 27), PODS["b"], check=False)
+    return count, count - received, too_big.returncode != 0 and f"mtu = {mtu}" in too_big.stdout
+
+
+def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> dict:
+    for tool in ("iperf3", "wireguard-go", "wg", "ping"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"P4 needs {tool} on PATH")
+    work = Path(tempfile.mkdtemp(prefix="wgcni-p4-"))
+    lab = Lab(work / "lab", host_encryption=False)
+    servers: list[subprocess.Popen[bytes]] = []
+    baseline: Baseline | None = None
+    try:
+        for name, ip in NODES.items():
+            lab.add_node(name, ip)
+        for name, ip in PODS.items():
+            lab.add_pod(lab.nodes[name], ip, name=f"p{name}")
+        for node in lab.nodes.values():
+            lab.start_hook(node)
+        lab.sync_peers()
+        lab.wait_converged(timeout=30)
+        mtu = lab.nodes["a"].api("status")["mtu"]
+        baseline = Baseline(lab, work)
+        pod_b, node_b = lab.nodes["b"].pods["pb"].netns, lab.nodes["b"].netns
+        for namespace, port in ((pod_b, 5201), (node_b, 5202)):
+            servers.append(subprocess.Popen(["ip", "netns", "exec", namespace, "iperf3", "-s", "-p", str(port)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        pod_a, node_a = lab.nodes["a"].pods["pa"].netns, lab.nodes["a"].netns
+        mesh: list[float] = []
+        tunnel: dict[int, list[float]] = {value: [] for value in mtus}
+        for _ in range(repeats):
+            mesh.append(iperf3(pod_a, PODS["b"], 5201, seconds))
+            for value in mtus:
+                baseline.set_mtu(value)
+                tunnel[value].append(iperf3(node_a, TUNNEL[1], 5202, seconds))
+        sent, lost, exact = df_pings(lab, mtu, pings)
+        return {"mtu": mtu, "mesh_mbit_s": mesh, "baseline_mbit_s": {str(k): v for k, v in tunnel.items()},
+                "df_pings_sent": sent, "df_pings_lost": lost, "one_byte_more_refused": exact, "seconds": seconds}
+    finally:
+        for server in servers:
+            server.terminate()
+            try:
+                server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        if baseline is not None:
+            baseline.close()
+        try:
+            lab.close()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(quick: bool) -> list[dict]:
+    result = measure(QUICK_SECONDS if quick else SECONDS, QUICK_REPEATS if quick else REPEATS,
+                     QUICK_PINGS if quick else PINGS, BASELINE_MTUS[-1:] if quick else BASELINE_MTUS)
+    best_mtu, best = max(((int(value), statistics.median(samples))
+                          for value, samples in result["baseline_mbit_s"].items()), key=lambda item: item[1])
+    mesh = statistics.median(result["mesh_mbit_s"])
+    ratio = mesh / best
+    entry = row(f"pod a -> pod b through the mesh (MTU {result['mtu']})", result["mesh_mbit_s"], unit="Mbit/s",
+                note=f"baseline hand-configured wg tunnel, best MTU {best_mtu}: {best:.0f} Mbit/s; ratio {ratio:.3f}")
+    entry["baseline_p50"], entry["ratio"] = round(best, 1), round(ratio, 4)
+    if not quick:
+        entry["target"], entry["met"] = f"ratio>={TARGET_RATIO:g}", ratio >= TARGET_RATIO
+    entry["raw"] = result
+    rows = [entry]
+    for value, samples in result["baseline_mbit_s"].items():
+        rows.append(row(f"node a -> node b, hand-configured wg tunnel (baseline), MTU {value}", samples,
+                        unit="Mbit/s"))
+    pings = row(f"DF pings of exactly {result['mtu']} bytes, pod a -> pod b: lost", [result["df_pings_lost"]],
+                unit="packets", target_p50=None if quick else 0,
+                note=f"of {result['df_pings_sent']}; one byte more refused locally: {result['one_byte_more_refused']}")
+    if not result["one_byte_more_refused"]:
+        pings["met"] = False
+    rows.append(pings)
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run("--quick" in sys.argv), indent=2))

@@ -1,0 +1,34 @@
+"""P4's quick mode (correctness only): two lab nodes with their hooks and one pod each, TCP through the mesh and
+through the hand-configured baseline tunnel both carry data, DF packets of exactly the MTU pass and one byte more is
+refused, and nothing of the run is left behind."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from bench import p4_throughput
+
+pytestmark = pytest.mark.netns
+
+
+def _leftovers() -> tuple[str, str]:
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return ("\n".join(line for line in namespaces.splitlines() if line.startswith("h3")),
+            "\n".join(line for line in links.splitlines() if "base" in line))
+
+
+def test_quick_run_measures_both_paths_and_cleans_up() -> None:
+    before = _leftovers()
+    rows = p4_throughput.run(quick=True)
+    raw = rows[0]["raw"]
+    assert raw["mtu"] == 1440  # 1500-byte VNet - 60 (WireGuard over IPv4), not Azure here
+    assert all(rate > 1 for rate in raw["mesh_mbit_s"])
+    assert all(rate > 1 for samples in raw["baseline_mbit_s"].values() for rate in samples)
+    assert raw["df_pings_lost"] == 0 and raw["one_byte_more_refused"]
+    assert rows[0]["ratio"] > 0
+    after = _leftovers()
+    assert set(after[0].splitlines()) <= set(before[0].splitlines())  # other tests' namespaces may come and go
+    assert after[1] == before[1]
