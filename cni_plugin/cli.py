@@ -11,7 +11,7 @@ import json
 import click
 
 from cni_plugin import __version__
-from cni_plugin.cli_hook import HOOK_COMMANDS, programmed_ips, socket_option
+from cni_plugin.cli_hook import HOOK_COMMANDS, HookQueryError, programmed_ips, socket_option
 from cni_plugin.cni import DEFAULT_STATE_DIR, SUPPORTED_VERSIONS
 from cni_plugin.records import RecordStore, valid_network
 
@@ -73,6 +73,9 @@ def run(argv: list[str]) -> int:
     except click.exceptions.Abort:
         click.echo("wgcni: aborted", err=True)
         return 1
+    except HookQueryError as error:  # already says what to do; --help would not help
+        click.echo(f"wgcni: {error.format_message()}", err=True)
+        return error.exit_code
     except click.ClickException as error:
         click.echo(f"wgcni: {error.format_message()} (see 'wgcni --help')", err=True)
         return error.exit_code

@@ -29,9 +29,10 @@ SOCKET_ENV = "WGCNI_HOOK_SOCKET"
 QUERY_TIMEOUT = 15.0  # the hook answers from its worker thread; a long pass on a big node may delay it
 DEFAULT_LIMIT = 50
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNCHECKED = 0, 1, 2
-HOOK_DOWN_FIX = ("start it: on AKS 'kubectl -n kube-system get pods -o wide -l app.kubernetes.io/name=wgcni' and "
-                 "'kubectl -n kube-system logs ds/wgcni-node -c wgcni-node'; elsewhere 'wgcni-node run'")
-LOGS_FIX = "see 'kubectl -n kube-system logs ds/wgcni-node -c wgcni-node'"
+HOOK_DOWN_FIX = ("is wgcni-node running on this node? On AKS: kubectl -n kube-system get pods -o wide "
+                 "-l app.kubernetes.io/name=wgcni, then kubectl -n kube-system logs <that pod> -c wgcni-node; "
+                 "elsewhere start 'wgcni-node run'")
+LOGS_FIX = "see kubectl -n kube-system logs <the wgcni-node pod of this node> -c wgcni-node"
 
 socket_option = click.option("--socket", "socket_path", envvar=SOCKET_ENV, default=DEFAULT_HOOK_SOCKET,
                              show_default=True, type=click.Path(dir_okay=False),
@@ -40,7 +41,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Stable JSON 
 
 
 class HookQueryError(click.ClickException):
-    """The hook could not be asked (exit 1 for status/peers/routes; check turns it into exit 2)."""
+    """The hook could not be asked (exit 1 for status/peers/routes; check turns it into exit 2). The message is the
+    problem and what to do; `problem` and `fix` are the two halves."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+        self.fix = fix
 
 
 def ask(socket_path: str, message: dict[str, Any]) -> dict[str, Any]:
@@ -48,11 +55,12 @@ def ask(socket_path: str, message: dict[str, Any]) -> dict[str, Any]:
     try:
         answer = request(socket_path, message, QUERY_TIMEOUT)
     except HookUnavailable as error:
-        raise HookQueryError(f"the hook is not answering: {error}; {HOOK_DOWN_FIX}") from None
+        raise HookQueryError(f"the hook is not answering: {error}", HOOK_DOWN_FIX) from None
     except HookProtocolError as error:
-        raise HookQueryError(f"the hook answered something unusable: {error}") from None
+        raise HookQueryError(f"the hook answered something unusable: {error}", LOGS_FIX) from None
     if not answer["ok"]:
-        raise HookQueryError(f"the hook refused {message['op']}: {answer.get('error', 'no reason given')}")
+        raise HookQueryError(f"the hook refused {message['op']}: {answer.get('error', 'no reason given')}",
+                             LOGS_FIX)
     return answer
 
 
@@ -291,8 +299,7 @@ def check(ctx: click.Context, socket_path: str, as_json: bool) -> None:
     try:
         answer = ask(socket_path, {"op": "diagnose"})
     except HookQueryError as error:
-        findings = [{"check": "hook", "severity": "error", "message": error.format_message(),
-                     "fix": HOOK_DOWN_FIX if "not answering" in error.format_message() else LOGS_FIX}]
+        findings = [{"check": "hook", "severity": "error", "message": error.problem, "fix": error.fix}]
         _report(findings, [], EXIT_UNCHECKED, as_json)
         ctx.exit(EXIT_UNCHECKED)
     findings = answer["findings"]

@@ -125,7 +125,8 @@ def test_hook_down_is_one_line_and_check_exits_2(hook: Hook, capsys: pytest.Capt
     assert len(err.splitlines()) == 1 and "the hook is not answering" in err and "does not exist" in err
     code, out, _ = hook.cli("check", capsys=capsys)
     assert code == 2
-    assert out.startswith("FAIL hook: the hook is not answering") and "-> start it" in out
+    assert out.startswith("FAIL hook: the hook is not answering") and "-> is wgcni-node running" in out
+    assert len(out.splitlines()) == 1 and out.count("wgcni-node running") == 1
     code, out, _ = hook.cli("check", "--json", capsys=capsys)
     answer = json.loads(out)
     assert code == 2 and answer["exitCode"] == 2 and answer["ok"] is False
