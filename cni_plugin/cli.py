@@ -73,6 +73,9 @@ def run(argv: list[str]) -> int:
     except click.exceptions.Abort:
         click.echo("wgcni: aborted", err=True)
         return 1
+    except click.exceptions.NoArgsIsHelpError as error:  # plain `wgcni`: the help, not an error line around it
+        click.echo(error.format_message())
+        return 0
     except HookQueryError as error:  # already says what to do; --help would not help
         click.echo(f"wgcni: {error.format_message()}", err=True)
         return error.exit_code

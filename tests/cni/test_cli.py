@@ -65,6 +65,12 @@ def test_pods_of_an_empty_node(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == []
 
 
+def test_no_arguments_print_the_help(capsys):
+    assert run([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: wgcni") and "pods" in out and "version" in out
+
+
 @pytest.mark.parametrize("argv", [["--bogus"], ["pods", "--jsn"], ["nosuch"], ["pods", "--network", "../x"]])
 def test_bad_usage_is_one_line_without_traceback(argv, capsys):
     assert run(argv) == 2
