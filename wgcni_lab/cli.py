@@ -149,6 +149,8 @@ def status(lab_dir: Path, as_json: bool) -> None:
             (pod["name"], pod["node"], pod["ip"], pod["netns"]) for pod in report["pods"]]))
     else:
         click.echo("no pods (`wgcni-lab pod-add NODE`)")
+    for problem in report["problems"]:
+        click.echo(f"problem: {problem}")
 
 
 def _require_up(lab_dir: Path) -> lab.LabState:

@@ -500,7 +500,9 @@ def delete_pod(state: LabState, name: str) -> dict[str, Any]:
 # ---- status and convergence ------------------------------------------------------------------------------------------
 
 def status(state: LabState) -> dict[str, Any]:
-    nodes = []
+    """The lab as `wgcni-lab status --json` shows it; a node whose runtime does not answer is listed under
+    `problems` (its pods are then missing from `pods`)."""
+    nodes, pods, problems = [], [], []
     for node in state.nodes:
         nodes.append({
             "name": node.name, "netns": node.netns, "ip": node.ip, "wg_interface": WG_INTERFACE,
@@ -508,8 +510,13 @@ def status(state: LabState) -> dict[str, Any]:
             "hook_socket_in_node": str(HOOK_SOCKET_IN_NODE), "mount_namespace": node.mount_namespace,
             "containerd_socket": str(node.containerd_dir(state.path) / "containerd.sock"),
         })
+        try:
+            pods += node_pods(state, node)
+        except LabError as error:
+            problems.append(str(error))
     return {"bridge": BRIDGE, "bridge_netns": state.vnet_netns, "subnet": str(VNET), "lab_dir": state.lab_dir,
-            "phase": state.phase, "apiserver": state.apiserver_url, "nodes": nodes, "pods": all_pods(state)}
+            "phase": state.phase, "apiserver": state.apiserver_url, "nodes": nodes, "pods": pods,
+            "problems": problems}
 
 
 def mesh_converged(state: LabState, pods: list[dict[str, Any]]) -> bool:

@@ -14,9 +14,11 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
+from node_hook.local_api import request
 from tests.lab.conftest import Cli, footprint, force_down, lab_netns_inodes, root_links, wait_for
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
@@ -134,6 +136,8 @@ def test_exec_runs_in_the_node_or_pod_and_passes_the_exit_code(cli: Cli) -> None
     assert cli.run("exec", pod["name"], "--", "sh", "-c", "exit 3", check=False).returncode == 3
     assert cli.run("exec", "node-2", "--", "wg", "show", "wgcni0", "listen-port").stdout.strip() == "51820"
     assert cli.run("exec", "node-2", "--", "test", "-S", "/run/wgcni/hook.sock", check=False).returncode == 0
+    node = cli.json("status", "--json")["nodes"][1]
+    assert request(Path(node["hook_socket"]), {"op": "status"})["node"] == "node-2", "reachable from the host"
     assert "10.240.0.35/16" in cli.run("exec", "node-2", "--", "ip", "-o", "addr", "show", "eth0").stdout
     assert f"{pod['ip']}/" in cli.run("exec", pod["name"], "--", "ip", "-o", "addr", "show", "eth0").stdout
     conflist = json.loads(cli.run("exec", "node-2", "--", "cat", "/etc/cni/net.d/10-azure.conflist").stdout)
@@ -188,6 +192,32 @@ def test_down_leaves_nothing(cli: Cli) -> None:
     assert after.links <= cli.links_before  # type: ignore[attr-defined]
     assert not cli.lab_dir.exists()
     assert "nothing to remove" in cli.run("down").stdout, "down is idempotent"
+
+
+def test_up_interrupted_midway_removes_what_it_made(lab_parent, built) -> None:  # type: ignore[no-untyped-def]
+    """`up` killed (Ctrl-C, a closed terminal): the lab daemon notices and tears down; `down` finds nothing."""
+    cli = Cli(lab_parent / "interrupted")
+    up = subprocess.Popen(cli.argv("up", "--nodes", "2", "--pods-per-node", "1"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            if "containerd (CRI) up" in line:
+                break
+        state = cli.state()
+        inodes = lab_netns_inodes(cli)
+        up.kill()
+        up.wait(30)
+
+        wait_for(lambda: not cli.lab_dir.exists() and not footprint(state.id, cli.lab_dir, inodes).processes, 60,
+                 "the lab daemon to remove the half-made lab and exit")
+        after = footprint(state.id, cli.lab_dir, inodes)
+        assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
+        assert "nothing to remove" in cli.run("down").stdout
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        force_down(cli)
 
 
 def test_down_after_a_crash_in_the_middle_of_up(lab_parent, built) -> None:  # type: ignore[no-untyped-def]
