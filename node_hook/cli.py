@@ -5,42 +5,16 @@ Errors are one line on stderr with a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-import sys
 import threading
-import time
 from pathlib import Path
 
 import click
 
 from node_hook.config import ConfigError, Settings, load_settings
 from node_hook.install import install_cni, uninstall_cni
-
-
-class JsonLinesFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(JsonLinesFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
+from node_hook.logs import redact_everywhere, setup_logging
 
 
 def _settings(config: Path | None) -> Settings:
@@ -77,6 +51,7 @@ def run(config: Path | None) -> None:
         environment = detect(settings)
     except (KeyFileError, DetectError, OSError) as error:
         raise click.ClickException(str(error)) from None
+    redact_everywhere(key.private)
     if settings.peers_file is not None:
         from node_hook.static_peers import StaticPeerSource
 
