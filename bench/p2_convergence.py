@@ -40,10 +40,10 @@ TIMEOUT = 30.0
 ROUTE_TABLE = lab.HOOK_DEFAULTS.route_table
 
 
-def dataplane(state: lab.LabState, node: lab.NodeState) -> tuple[dict[str, set[str]], set[str]]:
+def dataplane(node: lab.NodeState) -> tuple[dict[str, set[str]], set[str]]:
     """(endpoint address -> addresses its peer allows, addresses routed into the tunnel) on `node`."""
     script = f"wg show {lab.WG_INTERFACE} dump; echo ---; ip -j route show table {ROUTE_TABLE}"
-    output = lab.in_node(state, node, ["sh", "-c", script]).stdout
+    output = lab.in_node(node, ["sh", "-c", script]).stdout
     dump, routes = output.split("---\n", 1)
     peers = {}
     for line in dump.splitlines()[1:]:
@@ -65,7 +65,7 @@ def owned_by(ip: str, owner_ip: str | None) -> Callable[[tuple[dict[str, set[str
     return check
 
 
-def time_until(state: lab.LabState, nodes: list[lab.NodeState], done: Callable, started: float,
+def time_until(nodes: list[lab.NodeState], done: Callable, started: float,
                poll_times: list[float]) -> float:
     """Seconds from `started` until `done` holds on every node (each node's time is its first satisfied poll);
     the duration of every poll goes to `poll_times` (the resolution of the figure)."""
@@ -74,7 +74,7 @@ def time_until(state: lab.LabState, nodes: list[lab.NodeState], done: Callable, 
     while pending:
         for name, node in list(pending.items()):
             polled = time.monotonic()
-            view = dataplane(state, node)
+            view = dataplane(node)
             poll_times.append(time.monotonic() - polled)
             if done(view):
                 converged[name] = time.monotonic() - started
@@ -129,19 +129,19 @@ def samples(rounds: int, poll_times: list[float]) -> dict[str, list[float]]:
         for _ in range(rounds):
             asked = time.monotonic()
             pod = lab.add_pod(state, a.name)
-            measured["add"].append(time_until(state, [b, c], owned_by(pod["ip"], a.ip), asked, poll_times))
+            measured["add"].append(time_until([b, c], owned_by(pod["ip"], a.ip), asked, poll_times))
             asked = _delete(state, a, pod)
-            measured["del"].append(time_until(state, [b, c], owned_by(pod["ip"], None), asked, poll_times))
+            measured["del"].append(time_until([b, c], owned_by(pod["ip"], None), asked, poll_times))
 
             pod = lab.add_pod(state, a.name)
-            time_until(state, [b, c], owned_by(pod["ip"], a.ip), time.monotonic(), poll_times)
+            time_until([b, c], owned_by(pod["ip"], a.ip), time.monotonic(), poll_times)
             set_pool(state, b, [pod["ip"]])
             _delete(state, a, pod)
             asked = time.monotonic()
             moved = lab.add_pod(state, b.name)
             if moved["ip"] != pod["ip"]:
                 raise lab.LabError(f"the move gave {moved['ip']}, not {pod['ip']}")
-            measured["move"].append(time_until(state, [a, c], owned_by(pod["ip"], b.ip), asked, poll_times))
+            measured["move"].append(time_until([a, c], owned_by(pod["ip"], b.ip), asked, poll_times))
             set_pool(state, b, b.pod_ips)
             _delete(state, b, moved)
     finally:

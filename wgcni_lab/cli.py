@@ -188,7 +188,7 @@ def exec_(lab_dir: Path, target: str, command: tuple[str, ...]) -> None:
         raise lab.LabError("exec: give a command after --, e.g. `wgcni-lab exec node-1 -- wg show`")
     state = _require_up(lab_dir)
     if target in {node.name for node in state.nodes}:
-        argv, env = [*lab.node_enter_argv(state, state.node(target)), *command], lab.node_env()
+        argv, env = [*lab.node_enter_argv(state.node(target)), *command], lab.node_env()
     else:
         _, pod = lab.find_pod(state, target)
         argv, env = ["nsenter", f"--net={pod['netns']}", "--", *command], dict(os.environ)

@@ -38,7 +38,7 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -268,7 +268,7 @@ def in_netns(netns: str, argv: list[str], **kwargs: Any) -> subprocess.Completed
     return run(["ip", "netns", "exec", netns, *argv], **kwargs)
 
 
-def node_enter_argv(state: LabState, node: NodeState) -> list[str]:
+def node_enter_argv(node: NodeState) -> list[str]:
     """nsenter into a node: its network namespace and its private mount namespace."""
     return ["nsenter", f"--net=/run/netns/{node.netns}", f"--mount={node.mount_namespace}", "--"]
 
@@ -279,8 +279,9 @@ def node_env() -> dict[str, str]:
     return env
 
 
-def in_node(state: LabState, node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return run([*node_enter_argv(state, node), *argv], env=node_env(), **kwargs)
+def in_node(node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a command in the node (its netns and mount namespace)."""
+    return run([*node_enter_argv(node), *argv], env=node_env(), **kwargs)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -370,7 +371,7 @@ def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untype
 
 def install_cni(state: LabState, node: NodeState) -> None:
     """`wgcni-node install-cni` in the node, as the DaemonSet's init container runs it."""
-    in_node(state, node, [state.hook, "install-cni", "--plugin", state.plugin], timeout=120)
+    in_node(node, [state.hook, "install-cni", "--plugin", state.plugin], timeout=120)
 
 
 def start_hook(state: LabState, node: NodeState) -> subprocess.Popen[bytes]:
@@ -380,7 +381,7 @@ def start_hook(state: LabState, node: NodeState) -> subprocess.Popen[bytes]:
     kube.write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
     env = dict(node_env(), KUBECONFIG=str(kube))
     with open(directory / "wgcni-node.log", "ab") as log:
-        hook = subprocess.Popen([*node_enter_argv(state, node), state.hook, "run", "--config", str(config)],
+        hook = subprocess.Popen([*node_enter_argv(node), state.hook, "run", "--config", str(config)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
     node.hook_pid = hook.pid
     state.save()
