@@ -137,7 +137,10 @@ def plan_peers(
 
 
 def _prefix_order(prefix: IPNetwork) -> tuple[int, int, int]:
-    return (prefix.version, int(prefix.network_address), prefix.prefixlen)
+    # The same tuple as (prefix.version, int(prefix.network_address), prefix.prefixlen), read from the attributes
+    # those properties return (ipaddress in CPython 3.11, which the hook pins): sorting 1.25 M prefixes, the full
+    # plan at 5 000 x 250, takes 5x less time (bench/p3_scale.py; 200 000 prefixes: 0.20 s -> 0.04 s).
+    return (prefix._version, prefix.network_address._ip, prefix._prefixlen)
 
 
 def plan_routes(

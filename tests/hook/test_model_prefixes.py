@@ -1,0 +1,55 @@
+"""The model's fast prefix objects (built from ints, hash computed once) behave exactly like `ipaddress` networks,
+and its integer address keys round-trip (the representation behind bench/p3_scale.py's figures)."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node_hook.model import _V6, _address, _key_of, _network, address_key, parse_addresses
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.tuples(st.just(4), st.integers(0, 2**32 - 1), st.integers(0, 32)),
+    st.tuples(st.just(6), st.integers(0, 2**128 - 1), st.integers(0, 128)),
+))
+def test_fast_prefixes_equal_the_stdlib_ones(case: tuple[int, int, int]) -> None:
+    version, value, length = case
+    kind = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+    reference = kind((value, length), strict=False)
+    key = int(reference.network_address) | (_V6 if version == 6 else 0)
+    ours = _network(key, length)
+    assert ours == reference and reference == ours and hash(ours) == hash(reference)
+    assert str(ours) == str(reference) and ours.prefixlen == reference.prefixlen
+    assert {ours: 1}[reference] == 1 and reference in frozenset({ours})
+    assert list(itertools.islice(ours.hosts(), 3)) == list(itertools.islice(reference.hosts(), 3))
+    assert ours.broadcast_address == reference.broadcast_address
+    if length:
+        assert ours.supernet() == reference.supernet()
+    assert ours.subnet_of(reference) and reference.subnet_of(ours)
+
+
+@pytest.mark.parametrize("text", ["10.240.0.70", "0.0.0.0", "255.255.255.255", "fd00::5", "::", "::ffff:1.2.3.4"])
+def test_address_keys_round_trip_and_never_collide_across_families(text: str) -> None:
+    address = ipaddress.ip_address(text)
+    assert address_key(text) == _key_of(address) and _address(address_key(text)) == address
+    assert (address_key(text) >= _V6) == (address.version == 6)
+
+
+@pytest.mark.parametrize("text", ["10.240.0.070", "10.240.0", " 10.0.0.1", "", "fd00::/64", "10.0.0.256"])
+def test_textual_addresses_are_as_strict_as_ipaddress(text: str) -> None:
+    with pytest.raises(ValueError, match="is not an IP address"):
+        parse_addresses([text], "test")
+    with pytest.raises(ValueError):
+        ipaddress.ip_address(text)
+
+
+def test_scoped_addresses_are_refused() -> None:
+    """Stricter than `ipaddress` (which accepts a zone): a pod or node IP never carries one."""
+    with pytest.raises(ValueError, match="is not an IP address"):
+        parse_addresses(["fe80::1%eth0"], "test")
