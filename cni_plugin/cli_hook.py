@@ -125,6 +125,10 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def handshake_text(latest: float, now: float) -> str:
     return "never" if not latest else f"{human_duration(now - latest)} ago"
 
@@ -158,7 +162,7 @@ def annotate_allowed_ips(prefixes: list[str], pod_ips: list[str], node_ips: list
 def _allowed_text(entry: dict[str, Any]) -> str:
     what = []
     if entry["pods"]:
-        what.append("1 pod" if entry["pods"] == 1 else f"{entry['pods']} pods")
+        what.append(plural(entry["pods"], "pod"))
     if entry["nodeIPs"]:
         what.append("node IP")
     return f"{entry['prefix']} ({', '.join(what) or 'neither pod nor node IP'})"
@@ -205,8 +209,8 @@ def status(socket_path: str, as_json: bool) -> None:
         ("host encryption", "on" if answer["hostEncryption"] else "off"),
         ("dataplane", "in sync" if not out_of_sync else f"out of sync: {', '.join(out_of_sync)}"),
         ("sync", sync_text),
-        ("counts", f"{counts['peers']} peers, {counts['remoteNodes']} remote nodes, {counts['localPods']} local "
-                   f"pods, {counts['routes']} routes"),
+        ("counts", f"{plural(counts['peers'], 'peer')}, {plural(counts['remoteNodes'], 'remote node')}, "
+                   f"{plural(counts['localPods'], 'local pod')}, {plural(counts['routes'], 'route')}"),
         ("passes", f"{answer['passes']} ({answer['errors']} failed)"),
     ]
     if answer["lastError"]:
@@ -242,7 +246,7 @@ def peers(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bo
                     "summary": answer["summary"]})
         return
     summary = answer["summary"]
-    click.echo(f"{summary['peers']} peers: {summary['programmed']} programmed, {summary['handshakeRecent']} with a "
+    click.echo(f"{plural(summary['peers'], 'peer')}: {summary['programmed']} programmed, {summary['handshakeRecent']} with a "
                f"handshake in the last 3 minutes, {summary['handshakeNever']} never"
                + (f"; {answer['total']} match --node" if node is not None else ""))
     now = time.time()
@@ -280,7 +284,7 @@ def routes(socket_path: str, as_json: bool, limit: int, offset: int, show_all: b
                     "byKind": answer["byKind"]})
         return
     by_kind = answer["byKind"]
-    click.echo(f"{sum(by_kind.values())} routes: {by_kind.get('dev', 0)} into WireGuard (dev), "
+    click.echo(f"{plural(sum(by_kind.values()), 'route')}: {by_kind.get('dev', 0)} into WireGuard (dev), "
                f"{by_kind.get('throw', 0)} leave the table (throw)"
                + (f"; {answer['total']} owned by {owner}" if owner is not None else ""))
     _table(("PREFIX", "KIND", "OWNER", "POD"),
