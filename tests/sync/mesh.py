@@ -339,6 +339,9 @@ class Mesh:
 
     def close(self) -> None:
         errors: list[str] = []
+        for node in self.nodes.values():  # every hook starts stopping at once; each is then waited for
+            if node.hook is not None and node.hook.poll() is None:
+                node.hook.send_signal(signal.SIGTERM)
         for node in self.nodes.values():
             try:
                 self.stop_hook(node)
