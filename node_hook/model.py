@@ -184,6 +184,21 @@ def _network(key: int, prefixlen: int) -> IPNetwork:
     return _HashedIPv6Network._of(key ^ _V6, prefixlen) if key >= _V6 else _HashedIPv4Network._of(key, prefixlen)
 
 
+def prefix_from_text(text: str) -> IPNetwork:
+    """`10.0.0.0/28` (or a bare address) as the model's prefix object: 4x cheaper than `ipaddress.ip_network`, which
+    dominated reading back a device with 1 M AllowedIPs. Strict: host bits must be zero. Raises ValueError."""
+    address, slash, length = text.partition("/")
+    try:
+        key = address_key(address)
+        bits = 128 if key >= _V6 else 32
+        prefixlen = int(length) if slash else bits
+    except (OSError, ValueError):
+        raise ValueError(f"{text!r} is not an IP prefix") from None
+    if not 0 <= prefixlen <= bits or key & ((1 << (bits - prefixlen)) - 1):
+        raise ValueError(f"{text!r} is not an IP prefix (length out of range or host bits set)")
+    return _network(key, prefixlen)
+
+
 def _host_network(key: int) -> IPNetwork:
     return _network(key, 128 if key >= _V6 else 32)
 

@@ -23,10 +23,10 @@ import os
 import signal
 import socket
 import subprocess
-from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 import threading
 import time
 from pathlib import Path
+from socket import AF_INET, AF_INET6, inet_ntop
 from typing import Callable
 
 from pyroute2 import IPRoute
@@ -42,6 +42,7 @@ from node_hook.apply.wireguard import (
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
+from node_hook.model import prefix_from_text
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,10 @@ def prefix_text(prefix: IPNetwork) -> str:
 
 
 def parse_prefix(text: str) -> IPNetwork:
-    """The inverse of `prefix_text` for what wireguard-go prints (always the network address). Parses with inet_pton
-    instead of `ipaddress.ip_network(text)`: 3x faster, which dominates reading back a device with 1 M AllowedIPs."""
-    address, _, length = text.partition("/")
-    if ":" in address:
-        return ipaddress.IPv6Network((int.from_bytes(inet_pton(AF_INET6, address), "big"), int(length)))
-    return ipaddress.IPv4Network((int.from_bytes(inet_pton(AF_INET, address), "big"), int(length)))
+    """The inverse of `prefix_text` for what wireguard-go prints (always the network address), built the model's
+    way (`prefix_from_text`): 4x cheaper than `ipaddress.ip_network(text)`, which was 90 % of reading back a device
+    with 75 000 AllowedIPs (bench/p3b_uapi.py)."""
+    return prefix_from_text(text)
 
 
 def format_endpoint(endpoint: tuple[str, int]) -> str:

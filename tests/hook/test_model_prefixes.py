@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_hook.model import _V6, _address, _key_of, _network, address_key, parse_addresses
+from node_hook.model import _V6, _address, _key_of, _network, address_key, parse_addresses, prefix_from_text
 
 
 @settings(max_examples=300, deadline=None)
@@ -53,3 +53,19 @@ def test_scoped_addresses_are_refused() -> None:
     """Stricter than `ipaddress` (which accepts a zone): a pod or node IP never carries one."""
     with pytest.raises(ValueError, match="is not an IP address"):
         parse_addresses(["fe80::1%eth0"], "test")
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1/32", "10.0.0.0/28", "0.0.0.0/0", "10.0.0.9", "fd00::/64", "fd00::5/128",
+                                  "::/0"])
+def test_prefix_from_text_equals_ip_network(text: str) -> None:
+    ours = prefix_from_text(text)
+    assert ours == ipaddress.ip_network(text) and hash(ours) == hash(ipaddress.ip_network(text))
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1/28", "10.0.0.0/33", "fd00::1/64", "fd00::/129", "x/1", "10.0.0.0/-1",
+                                  "10.0.0.0/", "/32"])
+def test_prefix_from_text_refuses_what_ip_network_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="is not an IP prefix"):
+        prefix_from_text(text)
+    with pytest.raises(ValueError):
+        ipaddress.ip_network(text)
