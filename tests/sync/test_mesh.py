@@ -16,6 +16,7 @@ import pytest
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, USER_AGENT, VERSION
+from tests.sync.helpers import new_key
 from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime]
@@ -205,3 +206,49 @@ def test_deleting_a_node_removes_it_everywhere_and_it_comes_back(mesh):
     mesh.core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name="node-c")))
     wait_until(lambda: mesh.keys().get("node-c") == key_c, CONVERGE, "node-c republished with the same key")
     converge(mesh, "node-c back everywhere")
+
+
+def _rogue(mesh: Mesh, name: str, status: dict) -> None:
+    """A WireguardNode that no hook writes (an impostor or a stale copy), owned by a Node of its own."""
+    node = mesh.core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name)))
+    mesh.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "WireguardNode", "metadata": {"name": name, "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node.metadata.uid}]}})
+    obj = mesh.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+    mesh.custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, name, {**obj, "status": status})
+
+
+def test_key_and_ip_claimed_twice_follow_the_conflict_rules(mesh):
+    node_a, node_b, node_c = (mesh.nodes[name] for name in ("node-a", "node-b", "node-c"))
+    pod_a = mesh.run_pod(node_a, "claimed-a")
+    pod_b = mesh.run_pod(node_b, "claimed-b")
+    converge(mesh, "before the conflicts")
+    keys = mesh.keys()
+    # A second node claims node-b's key: neither is programmed anywhere, node-b's pods go plaintext, reported.
+    _rogue(mesh, "rogue-key", {"publicKey": keys["node-b"], "endpoint": {"address": "10.240.0.200", "port": 51820},
+                               "nodeIPs": ["10.240.0.200"], "podIPPrefixes": [], "podIPsChangedAt":
+                               "2000-01-01T00:00:00.000000Z"})
+    try:
+        for node in (node_a, node_c):
+            wait_until(lambda node=node: keys["node-b"] not in node.wg_peers()
+                       and node.wg_routes().get(pod_b.ip) == "throw", CONVERGE, f"{node.name} drops node-b's key")
+        problems = node_a.hook_api("status")["problems"]
+        assert any(problem["kind"] == "key-conflict" for problem in problems), problems
+    finally:
+        mesh.core.delete_node("rogue-key")
+    converge(mesh, "node-b's key unique again")
+    # A later claim of pod_a's IP by another node wins on every other node (latest podIPsChangedAt).
+    rogue_key = new_key()
+    _rogue(mesh, "rogue-ip", {"publicKey": rogue_key, "endpoint": {"address": "10.240.0.201", "port": 51820},
+                              "nodeIPs": ["10.240.0.201"], "podIPPrefixes": [f"{pod_a.ip}/32"],
+                              "podIPsChangedAt": "2099-01-01T00:00:00.000000Z"})
+    try:
+        for node in (node_b, node_c):
+            wait_until(lambda node=node: pod_a.ip in node.wg_peers().get(rogue_key, set())
+                       and pod_a.ip not in node.wg_peers().get(keys["node-a"], set()), CONVERGE,
+                       f"{node.name} routes the IP to the later claim")
+        assert pod_a.ip not in node_a.wg_peers().get(rogue_key, set()), "a local pod IP is never routed away"
+    finally:
+        mesh.core.delete_node("rogue-ip")
+    converge(mesh, "the IP back at node-a")
+    assert pod_b.ping(pod_a.ip)
