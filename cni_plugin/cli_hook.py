@@ -4,8 +4,9 @@ Registered into the `wgcni` click group by cni_plugin/cli.py. They use the plugi
 (cni_plugin/notify.py), so the plugin bundle needs nothing of node_hook. Every command has `--json` with a stable
 shape; human output is aligned `key: value` blocks in the manner of `wg show`, or tables.
 
-Sizes. On a node with 5 000 peers the hook renders only the page asked for (`--limit`, default 50, `--offset`,
-`--all`) and sends a summary of all peers, so `wgcni peers` stays fast and its output readable.
+Sizes. On a node with 5 000 peers the hook renders only the page asked for (`--limit`, default 50; `--offset` for
+peers, the keyset cursor `--after NODE` for routes) and sends a summary of all, so `wgcni peers` and `wgcni routes`
+stay fast and readable; `--all` fetches every page in turn, each far below the client's answer size limit.
 
 `wgcni check` exit codes (for scripts): 0 nothing wrong, 1 problems found (errors or warnings; `info` findings do
 not count), 2 the check could not run (hook not reachable, or its answer unusable).
@@ -28,6 +29,8 @@ from cni_plugin.notify import HookProtocolError, HookUnavailable, request
 SOCKET_ENV = "WGCNI_HOOK_SOCKET"
 QUERY_TIMEOUT = 15.0  # the hook answers from its worker thread; a long pass on a big node may delay it
 DEFAULT_LIMIT = 50
+PEERS_PAGE = 100  # with --all: peers per request (100 x 250 pod IPs stays far below the client's 4 MiB answer limit)
+ROUTES_PAGE = 5000  # with --all: routes per request (~350 KiB of JSON)
 EXIT_OK, EXIT_PROBLEMS, EXIT_UNCHECKED = 0, 1, 2
 HOOK_DOWN_FIX = ("is wgcni-node running on this node? On AKS: kubectl -n kube-system get pods -o wide "
                  "-l app.kubernetes.io/name=wgcni, then kubectl -n kube-system logs <that pod> -c wgcni-node; "
@@ -76,30 +79,29 @@ def _block(title: str, pairs: list[tuple[str, str]]) -> None:
         click.echo(f"  {(label + ':').ljust(width + 1)} {value}")
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    lines = [header, *rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    for line in lines:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+class _Table:
+    """Aligned columns, written page by page: widths come from the header and the first page and only grow."""
+
+    def __init__(self, header: tuple[str, ...]) -> None:
+        self.header = header
+        self.widths: list[int] | None = None
+
+    def write(self, rows: list[tuple[str, ...]]) -> None:
+        if self.widths is None:
+            self.widths = [max(len(line[column]) for line in [self.header, *rows]) for column in range(len(self.header))]
+            rows = [self.header, *rows]
+        for line in rows:
+            self.widths = [max(width, len(cell)) for width, cell in zip(self.widths, line)]
+            click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, self.widths)).rstrip())
 
 
-def _page_options(function: Any) -> Any:
-    function = click.option("--all", "show_all", is_flag=True, help="Everything, no limit.")(function)
-    function = click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0),
-                            help="Skip this many first.")(function)
-    function = click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(min=0),
-                            help="Show at most this many.")(function)
-    return function
+def _limit_option(function: Any) -> Any:
+    return click.option("--limit", default=DEFAULT_LIMIT, show_default=True, type=click.IntRange(min=1),
+                        help="Show about this many (a page).")(function)
 
 
-def _paging(offset: int, limit: int, show_all: bool) -> dict[str, Any]:
-    return {"offset": offset} if show_all else {"offset": offset, "limit": limit}
-
-
-def _more_hint(shown: int, offset: int, total: int, what: str) -> None:
-    rest = total - offset - shown
-    if rest > 0:
-        click.echo(f"... {rest} more {what}: --offset {offset + shown}, or --all")
+def _all_option(function: Any) -> Any:
+    return click.option("--all", "show_all", is_flag=True, help="Everything, fetched page by page.")(function)
 
 
 # ---- formatting helpers -------------------------------------------------------------------------------------
@@ -224,72 +226,116 @@ def status(socket_path: str, as_json: bool) -> None:
     _block(f"node: {answer['node']}", pairs)
 
 
-@click.command()
-@socket_option
-@json_option
-@_page_options
-@click.option("--node", default=None, help="Only the peer of this node.")
-def peers(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bool, node: str | None) -> None:
-    """WireGuard peers: node, endpoint, latest handshake, transfer, AllowedIPs and what they are."""
-    message: dict[str, Any] = {"op": "peers", **_paging(offset, limit, show_all)}
-    if node is not None:
-        message["node"] = node
-    answer = ask(socket_path, message)
+def _peer_rows(answer: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for peer in answer["peers"]:
         row = {field: peer.get(field) for field in ("node", "publicKey", "endpoint", "programmed", "latestHandshake",
                                                     "rxBytes", "txBytes", "persistentKeepalive")}
         row["allowedIPs"] = annotate_allowed_ips(peer["allowedIPs"], peer.get("podIPs", []), peer.get("nodeIPs", []))
         rows.append(row)
-    if as_json:
-        _emit_json({"peers": rows, "total": answer["total"], "offset": answer["offset"],
-                    "summary": answer["summary"]})
-        return
-    summary = answer["summary"]
-    click.echo(f"{plural(summary['peers'], 'peer')}: {summary['programmed']} programmed, {summary['handshakeRecent']} with a "
-               f"handshake in the last 3 minutes, {summary['handshakeNever']} never"
-               + (f"; {answer['total']} match --node" if node is not None else ""))
-    now = time.time()
-    for row in rows:
-        click.echo()
-        pairs = [
-            ("public key", row["publicKey"]),
-            ("endpoint", row["endpoint"]),
-            ("allowed ips", ", ".join(_allowed_text(entry) for entry in row["allowedIPs"]) or "(none)"),
-            ("latest handshake", handshake_text(row["latestHandshake"], now)),
-            ("transfer", f"{human_bytes(row['rxBytes'])} received, {human_bytes(row['txBytes'])} sent"),
-            ("state", "programmed" if row["programmed"] else "NOT programmed (device differs; see wgcni check)"),
-        ]
-        if row["persistentKeepalive"]:
-            pairs.append(("persistent keepalive", f"every {row['persistentKeepalive']} seconds"))
-        _block(f"peer: {row['node']}", pairs)
-    _more_hint(len(rows), offset, answer["total"], "peers")
+    return rows
+
+
+def _print_peer(row: dict[str, Any], now: float) -> None:
+    pairs = [
+        ("public key", row["publicKey"]),
+        ("endpoint", row["endpoint"]),
+        ("allowed ips", ", ".join(_allowed_text(entry) for entry in row["allowedIPs"]) or "(none)"),
+        ("latest handshake", handshake_text(row["latestHandshake"], now)),
+        ("transfer", f"{human_bytes(row['rxBytes'])} received, {human_bytes(row['txBytes'])} sent"),
+        ("state", "programmed" if row["programmed"] else "NOT programmed (device differs; see wgcni check)"),
+    ]
+    if row["persistentKeepalive"]:
+        pairs.append(("persistent keepalive", f"every {row['persistentKeepalive']} seconds"))
+    click.echo()
+    _block(f"peer: {row['node']}", pairs)
 
 
 @click.command()
 @socket_option
 @json_option
-@_page_options
-@click.option("--owner", default=None, help="Only routes of this node, or 'local' for this node's pods.")
-def routes(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bool, owner: str | None) -> None:
-    """Routes in the hook's table: prefix, dev (into WireGuard) or throw (main table), and whose it is."""
-    message: dict[str, Any] = {"op": "routes", **_paging(offset, limit, show_all)}
-    if owner is not None:
-        message["owner"] = owner
-    answer = ask(socket_path, message)
-    rows = [{"prefix": route["prefix"], "kind": route["kind"], "owner": route["owner"], "pod": route.get("pod")}
-            for route in answer["routes"]]
+@_limit_option
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0), help="Skip this many first.")
+@_all_option
+@click.option("--node", default=None, help="Only the peer of this node.")
+def peers(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bool, node: str | None) -> None:
+    """WireGuard peers: node, endpoint, latest handshake, transfer, AllowedIPs and what they are."""
+    message: dict[str, Any] = {"op": "peers", "offset": offset, "limit": PEERS_PAGE if show_all else limit}
+    if node is not None:
+        message["node"] = node
+    first: dict[str, Any] | None = None
+    collected: list[dict[str, Any]] = []
+    while True:
+        answer = ask(socket_path, message)
+        rows = _peer_rows(answer)
+        if first is None:
+            first = answer
+            if not as_json:
+                summary = answer["summary"]
+                click.echo(f"{plural(summary['peers'], 'peer')}: {summary['programmed']} programmed, "
+                           f"{summary['handshakeRecent']} with a handshake in the last 3 minutes, "
+                           f"{summary['handshakeNever']} never"
+                           + (f"; {answer['total']} match --node" if node is not None else ""))
+        if as_json:
+            collected += rows
+        else:
+            now = time.time()
+            for row in rows:
+                _print_peer(row, now)
+        message["offset"] += len(rows)
+        if not show_all or not rows or message["offset"] >= answer["total"]:
+            break
     if as_json:
-        _emit_json({"routes": rows, "total": answer["total"], "offset": answer["offset"],
-                    "byKind": answer["byKind"]})
+        _emit_json({"peers": collected, "total": first["total"], "offset": offset, "summary": first["summary"]})
         return
-    by_kind = answer["byKind"]
-    click.echo(f"{plural(sum(by_kind.values()), 'route')}: {by_kind.get('dev', 0)} into WireGuard (dev), "
-               f"{by_kind.get('throw', 0)} leave the table (throw)"
-               + (f"; {answer['total']} owned by {owner}" if owner is not None else ""))
-    _table(("PREFIX", "KIND", "OWNER", "POD"),
-           [(row["prefix"], row["kind"], row["owner"] or "-", row["pod"] or "-") for row in rows])
-    _more_hint(len(rows), offset, answer["total"], "routes")
+    rest = answer["total"] - message["offset"]
+    if rest > 0:
+        click.echo(f"... {plural(rest, 'more peer')}: --offset {message['offset']}, or --all")
+
+
+@click.command()
+@socket_option
+@json_option
+@_limit_option
+@click.option("--after", default=None, metavar="OWNER", help="Start after this owner's routes (the cursor the "
+              "previous page printed).")
+@_all_option
+@click.option("--owner", default=None, help="Only routes of this node, or 'local' for this node's pods.")
+def routes(socket_path: str, as_json: bool, limit: int, after: str | None, show_all: bool, owner: str | None) -> None:
+    """Routes in the hook's table: prefix, dev (into WireGuard) or throw (main table), and whose it is.
+
+    Grouped by owner: this node's pods first, then each node by name; a page holds whole groups."""
+    message: dict[str, Any] = {"op": "routes", "limit": ROUTES_PAGE if show_all else limit}
+    for field, value in (("owner", owner), ("after", after)):
+        if value is not None:
+            message[field] = value
+    table = _Table(("PREFIX", "KIND", "OWNER", "POD"))
+    first: dict[str, Any] | None = None
+    collected: list[dict[str, Any]] = []
+    while True:
+        answer = ask(socket_path, message)
+        rows = [{"prefix": route["prefix"], "kind": route["kind"], "owner": route["owner"], "pod": route.get("pod")}
+                for route in answer["routes"]]
+        if first is None:
+            first = answer
+            if not as_json:
+                by_kind = answer["byKind"]
+                click.echo(f"{plural(sum(by_kind.values()), 'route')}: {by_kind.get('dev', 0)} into WireGuard (dev), "
+                           f"{by_kind.get('throw', 0)} leave the table (throw)"
+                           + (f"; {answer['total']} owned by {owner}" if owner is not None else ""))
+        if as_json:
+            collected += rows
+        else:
+            table.write([(row["prefix"], row["kind"], row["owner"], row["pod"] or "-") for row in rows])
+        if not show_all or answer["next"] is None:
+            break
+        message["after"] = answer["next"]
+    if as_json:
+        _emit_json({"routes": collected, "total": first["total"], "next": None if show_all else answer["next"],
+                    "byKind": first["byKind"]})
+        return
+    if answer["next"] is not None and not show_all:
+        click.echo(f"... more routes: --after {answer['next']}, or --all")
 
 
 @click.command()

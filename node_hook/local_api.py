@@ -1,7 +1,8 @@
 """The hook's local API: a Unix stream socket (mode 0600), one JSON request line -> one JSON answer line.
 
-Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods, diagnose, resync. `peers` and
-`routes` take optional `offset`, `limit` and a filter (`node` / `owner`) so that answers stay small at 5 000 peers.
+Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods, diagnose, resync. `peers` takes
+optional `offset`, `limit` and `node`; `routes` optional `limit`, `owner` and the keyset cursor `after`; so answers
+stay small at 5 000 peers.
 Every answer has `ok`; on `ok: false` an `error` a person can act on. A malformed request never reaches the
 daemon and never kills the server.
 `request()` is the client used by the CLI (the plugin has its own stdlib client).
@@ -38,15 +39,19 @@ def _require_record_key(request: dict[str, Any]) -> tuple[str, str, str]:
     return values[0], values[1], values[2]
 
 
-def _paging(request: dict[str, Any], filter_field: str) -> dict[str, Any]:
-    offset, limit, value = request.get("offset", 0), request.get("limit"), request.get(filter_field)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ApiError(f"{request['op']}: 'offset' must be a non-negative integer")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ApiError(f"{request['op']}: 'limit' must be a non-negative integer or absent (all)")
+def _integer(request: dict[str, Any], field: str, default: int | None, minimum: int) -> int | None:
+    value = request.get(field, default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ApiError(f"{request['op']}: '{field}' must be an integer >= {minimum}"
+                       + (" or absent (all)" if default is None else ""))
+    return value
+
+
+def _text(request: dict[str, Any], field: str) -> str | None:
+    value = request.get(field)
     if value is not None and not isinstance(value, str):
-        raise ApiError(f"{request['op']}: '{filter_field}' must be a string")
-    return {"offset": offset, "limit": limit, filter_field: value}
+        raise ApiError(f"{request['op']}: '{field}' must be a string")
+    return value
 
 
 def answer(daemon: Any, request: object) -> dict[str, Any]:
@@ -67,11 +72,13 @@ def answer(daemon: Any, request: object) -> dict[str, Any]:
         if op == "status":
             return {"ok": True, **daemon.status()}
         if op == "peers":
-            paging = _paging(request, "node")  # computed on the worker: it alone mutates the model
-            return {"ok": True, **daemon.on_worker(lambda: daemon.peers(**paging))}
+            peers_page = {"offset": _integer(request, "offset", 0, 0), "limit": _integer(request, "limit", None, 0),
+                          "node": _text(request, "node")}  # computed on the worker: it alone mutates the model
+            return {"ok": True, **daemon.on_worker(lambda: daemon.peers(**peers_page))}
         if op == "routes":
-            paging = _paging(request, "owner")
-            return {"ok": True, **daemon.on_worker(lambda: daemon.routes(**paging))}
+            routes_page = {"limit": _integer(request, "limit", None, 1), "owner": _text(request, "owner"),
+                           "after": _text(request, "after")}
+            return {"ok": True, **daemon.on_worker(lambda: daemon.routes(**routes_page))}
         if op == "pods":
             return {"ok": True, "pods": daemon.pods()}
         if op == "diagnose":

@@ -78,11 +78,13 @@ def test_peers_paging_and_node_filter(hook: Hook, capsys: pytest.CaptureFixture[
     mesh(hook)
     code, out, _ = hook.cli("peers", "--limit", "1", capsys=capsys)
     assert code == 0 and "peer: node-b" in out and "peer: node-c" not in out
-    assert out.rstrip().endswith("... 1 more peers: --offset 1, or --all")
+    assert out.rstrip().endswith("... 1 more peer: --offset 1, or --all")
     code, out, _ = hook.cli("peers", "--limit", "1", "--offset", "1", "--json", capsys=capsys)
     assert [peer["node"] for peer in json.loads(out)["peers"]] == ["node-c"]
     code, out, _ = hook.cli("peers", "--node", "node-c", "--json", capsys=capsys)
     assert [peer["node"] for peer in json.loads(out)["peers"]] == ["node-c"] and json.loads(out)["total"] == 1
+    code, out, _ = hook.cli("peers", "--all", "--json", capsys=capsys)
+    assert [peer["node"] for peer in json.loads(out)["peers"]] == ["node-b", "node-c"]
 
 
 def test_routes_human_and_json_name_the_local_pod(hook: Hook, capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,6 +102,26 @@ def test_routes_human_and_json_name_the_local_pod(hook: Hook, capsys: pytest.Cap
         "PREFIX          KIND  OWNER   POD",
         "10.240.0.90/32  dev   node-c  -",
     ]
+
+
+def test_routes_pages_end_at_owner_groups_and_continue_after_them(hook: Hook,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    mesh(hook)
+    code, out, _ = hook.cli("routes", "--limit", "2", capsys=capsys)
+    assert code == 0
+    assert out.splitlines()[2:] == [  # the local group (1 route) is not enough: node-b's whole group follows
+        "10.240.0.9/32   throw  local   shop/web",
+        "10.240.0.70/32  dev    node-b  -",
+        "10.240.0.71/32  dev    node-b  -",
+        "... more routes: --after node-b, or --all",
+    ]
+    code, out, _ = hook.cli("routes", "--limit", "2", "--after", "node-b", "--json", capsys=capsys)
+    answer = json.loads(out)
+    assert [route["prefix"] for route in answer["routes"]] == ["10.240.0.90/32"] and answer["next"] is None
+    code, out, _ = hook.cli("routes", "--limit", "1", "--all", "--json", capsys=capsys)
+    assert len(json.loads(out)["routes"]) == json.loads(out)["total"] == 4
+    code, out, _ = hook.cli("routes", "--limit", "1", "--all", capsys=capsys)
+    assert len(out.splitlines()) == 1 + 1 + 4 and "more routes" not in out
 
 
 def test_pods_show_the_programmed_state_when_the_hook_answers(hook: Hook, capsys: pytest.CaptureFixture[str]) -> None:

@@ -50,8 +50,9 @@ def test_the_hook_answers_a_page_and_a_summary(big_hook: Hook) -> None:
     assert answer["total"] == PEERS and len(answer["peers"]) == 50 and answer["summary"]["programmed"] == PEERS
     assert [peer["node"] for peer in answer["peers"]] == [f"node-{index:04d}" for index in range(50)]
     assert len(json.dumps(answer)) < 64 * 1024
-    routes = request(big_hook.settings.socket, {"op": "routes", "limit": 20, "offset": 100})
-    assert routes["total"] == PEERS * PODS_PER_NODE and len(routes["routes"]) == 20
+    routes = request(big_hook.settings.socket, {"op": "routes", "limit": 20, "after": "node-0100"})
+    assert routes["total"] == PEERS * PODS_PER_NODE and len(routes["routes"]) == 20  # 5 whole groups of 4
+    assert routes["routes"][0]["owner"] == "node-0101" and routes["next"] == "node-0105"
     assert routes["byKind"] == {"dev": PEERS * PODS_PER_NODE}
 
 
@@ -61,7 +62,12 @@ def test_the_cli_output_is_bounded(big_hook: Hook, capsys: pytest.CaptureFixture
     assert len(out.splitlines()) <= 1 + 50 * 8 + 1
     assert out.rstrip().endswith(f"... {PEERS - 50} more peers: --offset 50, or --all")
     code, out, _ = big_hook.cli("routes", "--limit", "10", capsys=capsys)
-    assert code == 0 and len(out.splitlines()) == 1 + 1 + 10 + 1
+    assert code == 0 and len(out.splitlines()) == 1 + 1 + 12 + 1  # whole groups of 4
+    code, out, _ = big_hook.cli("routes", "--all", "--json", capsys=capsys)  # several pages of whole groups
+    listed = json.loads(out)["routes"]
+    assert len(listed) == PEERS * PODS_PER_NODE == len({route["prefix"] for route in listed})
+    code, out, _ = big_hook.cli("peers", "--all", "--json", capsys=capsys)
+    assert [peer["node"] for peer in json.loads(out)["peers"]] == [f"node-{index:04d}" for index in range(PEERS)]
     code, out, _ = big_hook.cli("peers", "--node", "node-4999", "--json", capsys=capsys)
     assert [peer["node"] for peer in json.loads(out)["peers"]] == ["node-4999"]
     code, out, _ = big_hook.cli("check", capsys=capsys)
