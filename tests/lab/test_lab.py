@@ -148,9 +148,17 @@ def test_exec_runs_in_the_node_or_pod_and_passes_the_exit_code(cli: Cli) -> None
 
 def test_every_node_passes_its_own_wgcni_check(cli: Cli) -> None:
     """The debug CLI in each node (its private /run/wgcni socket, its own sysfs and conflist) finds nothing wrong."""
-    for node in ("node-1", "node-2", "node-3"):
-        check = cli.run("exec", node, "--", "wgcni", "check", check=False)
-        assert check.returncode == 0, f"{node}: {check.stdout}{check.stderr}"
+    last = {}
+
+    def all_pass() -> bool:  # a transient finding (a pass in flight on a loaded machine) may clear: poll
+        for node in ("node-1", "node-2", "node-3"):
+            last[node] = cli.run("exec", node, "--", "wgcni", "check", check=False)
+        return all(check.returncode == 0 for check in last.values())
+
+    try:
+        wait_for(all_pass, 15, "wgcni check to pass on every node", interval=0.5)
+    except AssertionError:
+        raise AssertionError({node: check.stdout + check.stderr for node, check in last.items()}) from None
 
 
 def test_pod_add_and_del_update_the_peers_on_the_other_nodes(cli: Cli) -> None:
