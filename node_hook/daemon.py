@@ -281,8 +281,6 @@ class Daemon:
         from cni_plugin.records import RecordError
 
         key = record_key(network, container_id, ifname)
-        if self.observer is not None:
-            self.observer.pod_seen(key, seen_at)
         try:
             record = self.records.read(network, container_id, ifname)
         except RecordError as error:
@@ -294,6 +292,8 @@ class Daemon:
         else:
             self.model.set_local_pod(key, record["ips"])
             self.records_meta[key] = _record_meta(record)
+        if self.observer is not None:  # a change the next successful pass applies
+            self.observer.pod_seen(key, seen_at)
 
     def _rescan_records(self) -> None:
         errors: list[str] = []

@@ -94,6 +94,16 @@ def test_pod_convergence_is_observed_from_notification_to_applied(hook: Hook) ->
     assert 0 <= value(samples, "wgcni_pod_convergence_seconds_sum") < 5
 
 
+def test_an_unreadable_record_is_not_counted_as_converged(hook: Hook) -> None:
+    hook.add_pod("web", ["10.240.0.9"])
+    hook.converged()
+    count = value(scrape(hook), "wgcni_pod_convergence_seconds_count")
+    (hook.settings.records_dir / "azure" / "c-bad@eth0.json").write_text("{not json")
+    hook.daemon.pod_changed("azure", "c-bad", "eth0", wait=5)
+    hook.converged()
+    assert value(scrape(hook), "wgcni_pod_convergence_seconds_count") == count
+
+
 def test_remote_convergence_is_observed_from_publication_but_not_for_the_initial_sync(hook: Hook) -> None:
     hook.nodes(remote("node-b", "B", "10.240.0.35", {"10.240.0.70"}, changed_at=1.0))  # published long ago
     hook.converged()
