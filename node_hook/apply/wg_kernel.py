@@ -57,6 +57,9 @@ IFF_UP = 0x1
 # nobody wants and removes it.
 TEMPORARY_PEER_KEY = base64.b64encode(bytes(32)).decode()
 
+# Prefix the per-IP-removal probe gives to the temporary peer and removes again (RFC 3849 documentation range).
+PROBE_PREFIX = "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff/128"
+
 # Upper bound for one SET_DEVICE message (well below the netlink socket buffers; wg(8) uses pages of 4 KiB).
 MAX_MESSAGE_BYTES = 32 * 1024
 # Encoded sizes used to split messages (struct nlattr headers included, rounded up to 4 bytes).
@@ -491,15 +494,16 @@ class KernelWireGuard:
 
     def per_ip_remove_supported(self) -> bool:
         """Whether the kernel has WGALLOWEDIP_F_REMOVE_ME, probed once on this device: the temporary peer is
-        created, asked to drop a prefix it does not hold (a no-op where the flag exists; EINVAL where the
-        attribute is unknown), and deleted."""
+        created holding one prefix of the IPv6 documentation range (which no peer legitimately holds), asked to
+        drop it with the flag (EINVAL where the attribute is unknown), and deleted."""
         if self._per_ip_remove is None:
+            probe_prefix = [ipaddress.ip_network(PROBE_PREFIX)]
             probe = [
-                PeerWrite(public_key=TEMPORARY_PEER_KEY),
+                PeerWrite(public_key=TEMPORARY_PEER_KEY, allowed_ips=probe_prefix),
                 PeerWrite(
                     public_key=TEMPORARY_PEER_KEY,
                     flags=WGPEER_F_UPDATE_ONLY,
-                    allowed_ips=[ipaddress.ip_network("0.0.0.0/32")],
+                    allowed_ips=probe_prefix,
                     remove_allowed_ips=True,
                 ),
                 PeerWrite(public_key=TEMPORARY_PEER_KEY, flags=WGPEER_F_REMOVE_ME),

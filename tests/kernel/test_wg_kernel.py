@@ -25,6 +25,8 @@ from node_hook.apply.wg_kernel import (
     resolve_backend_kind,
 )
 from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.config import Settings
+from node_hook.daemon import real_wireguard_backend
 from tests.support.kernel_wg import ip, unique_name
 
 pytestmark = [pytest.mark.kernel_wg, pytest.mark.usefixtures("kernel_wireguard")]
@@ -73,6 +75,14 @@ def test_auto_resolves_to_kernel_in_the_vm():
     assert wg_kernel.kernel_wireguard_available()
     assert resolve_backend_kind("auto") == "kernel"
     assert resolve_backend_kind("userspace") == "userspace"
+
+
+def test_the_daemon_picks_the_kernel_backend_for_auto_in_the_vm(wg_ifname):
+    backend = real_wireguard_backend(Settings(backend="auto", interface=wg_ifname), on_exit=lambda code: None)
+    try:
+        assert isinstance(backend, KernelWireGuard) and backend.kind == "kernel"
+    finally:
+        backend.close()
 
 
 def test_device_created_configured_and_deleted(backend, wg_ifname):

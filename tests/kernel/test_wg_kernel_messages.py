@@ -25,6 +25,8 @@ from node_hook.apply.wg_kernel import (
     split_messages,
 )
 from node_hook.apply.wireguard import RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.config import Settings
+from node_hook.daemon import real_wireguard_backend
 from tests.support import kernel_wg
 from tests.support.kernel_wg import REQUIRE_ENV
 
@@ -197,6 +199,16 @@ def test_backend_choice_on_this_host():
     assert wg_kernel.resolve_backend_kind("kernel") == "kernel"
     with pytest.raises(ValueError, match="unknown WireGuard backend"):
         wg_kernel.resolve_backend_kind("kernl")
+
+
+def test_the_daemon_picks_the_userspace_backend_for_auto_on_a_host_without_kernel_wireguard():
+    if wg_kernel.kernel_wireguard_available():
+        pytest.skip("this host has kernel WireGuard (the VM tier checks the kernel choice)")
+    backend = real_wireguard_backend(Settings(backend="auto", interface="wgk-auto"), on_exit=lambda code: None)
+    try:
+        assert backend.kind == "userspace"
+    finally:
+        backend.close()
 
 
 def test_host_without_kernel_wireguard_skips_kernel_tests_and_the_vm_fails_them(monkeypatch):

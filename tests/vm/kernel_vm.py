@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -109,6 +110,9 @@ echo $? > /share/exit-code
 sync
 poweroff -f
 """
+
+
+TERMINAL_CONTROL = re.compile(rb"\x1b(?:\[[0-9;?]*[A-Za-z]|[A-Za-z])")
 
 
 def log(message: str) -> None:
@@ -274,8 +278,15 @@ def run_in_vm(command: str, image: Path, timeout_s: int, memory: str, cpus: int)
             "-virtfs", f"local,path={share},mount_tag=vmshare,security_model=none,multidevs=remap",
         ]
         started = time.monotonic()
-        # stdin is not the terminal: qemu's -nographic stdio mux must not read the caller's keyboard.
-        process = subprocess.run(argv, stdin=subprocess.DEVNULL)
+        # stdin is not the terminal: qemu's -nographic stdio mux must not read the caller's keyboard. The serial
+        # console is passed through line by line, without the firmware's terminal control sequences.
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = TERMINAL_CONTROL.sub(lambda m: b"\n" if m.group() == b"\x1bc" else b"", line)  # reset: new line
+            sys.stdout.buffer.write(line.replace(b"\r", b""))
+            sys.stdout.buffer.flush()
+        process.wait()
         elapsed = time.monotonic() - started
         exit_file = share / "exit-code"
         if process.returncode == 124:
