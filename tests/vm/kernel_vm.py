@@ -284,7 +284,7 @@ def run_in_vm(command: str, image: Path, timeout_s: int, memory: str, cpus: int)
         assert process.stdout is not None
         for line in process.stdout:
             line = TERMINAL_CONTROL.sub(lambda m: b"\n" if m.group() == b"\x1bc" else b"", line)  # reset: new line
-            sys.stdout.buffer.write(line.replace(b"\r", b""))
+            sys.stdout.buffer.write(line.replace(b"\r\n", b"\n"))
             sys.stdout.buffer.flush()
         process.wait()
         elapsed = time.monotonic() - started
