@@ -6,7 +6,8 @@ built here), split at `MAX_MESSAGE_BYTES` the way wg(8) splits them: a peer whos
 in the next message without the replace flag.
 
 Removing single AllowedIPs without a window in which the peer's other IPs are unreachable:
-* kernels with WGALLOWEDIP_F_REMOVE_ME (Linux 6.16+) remove exactly those prefixes from that peer;
+* kernels with WGALLOWEDIP_F_REMOVE_ME (added upstream in 2025; Debian 12's 6.1 and 6.12 lack it) remove exactly
+  those prefixes from that peer;
 * older kernels (probed once per backend: they reject the unknown attribute with EINVAL) get the prefixes moved to
   a temporary peer with the all-zero public key (adding a prefix to a peer takes it from its current owner
   atomically), which is deleted again at the end of the same message. The peer itself is never rebuilt and never
@@ -20,7 +21,7 @@ import errno
 import ipaddress
 import logging
 from dataclasses import dataclass, field
-from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
+from socket import AF_INET, AF_INET6, inet_ntop
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg, nla
