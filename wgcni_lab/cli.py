@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import click
 
 from wgcni_lab import lab
 
+TEARDOWN_WAIT = 120.0  # seconds a failed `up` waits for the daemon to remove what it made
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "wireguard-go",
                   "wg", "nft", "gcc")
 
@@ -78,7 +80,8 @@ def _preflight(plugin: Path, hook: Path) -> None:
               help="the wgcni plugin (bundle dir or file) install-cni puts on each node")
 @click.option("--hook", type=click.Path(path_type=Path), default=lab.DEFAULT_HOOK, show_default=True,
               help="the wgcni-node executable each node runs")
-@click.option("--timeout", type=click.FloatRange(min=10), default=300, show_default=True, help="seconds")
+@click.option("--timeout", type=click.FloatRange(min=10), default=300, show_default=True,
+              help="seconds until a lab that is not up yet is given up (and removed)")
 @click.pass_obj
 def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, timeout: float) -> None:
     """Bring the lab up and leave it running."""
@@ -94,17 +97,25 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, 
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     started = time.monotonic()
-    assert daemon.stdout is not None
-    for line in daemon.stdout:
-        line = line.rstrip("\n")
-        if line == "ready":
-            click.echo(f"lab up in {time.monotonic() - started:.1f}s: `wgcni-lab status`; remove with `wgcni-lab down`")
-            return
-        if line.startswith("error: "):
-            daemon.wait(timeout)
-            raise lab.LabError(f"up failed (everything it made is removed): {line[len('error: '):]}")
-        click.echo(line)
-    daemon.wait(timeout)
+    watchdog = threading.Timer(timeout, daemon.terminate)  # SIGTERM: the daemon removes what it made and exits
+    watchdog.start()
+    try:
+        assert daemon.stdout is not None
+        for line in daemon.stdout:
+            line = line.rstrip("\n")
+            if line == "ready":
+                click.echo(f"lab up in {time.monotonic() - started:.1f}s: `wgcni-lab status`; "
+                           "remove with `wgcni-lab down`")
+                return
+            if line.startswith("error: "):
+                daemon.wait(TEARDOWN_WAIT)
+                raise lab.LabError(f"up failed (everything it made is removed): {line[len('error: '):]}")
+            click.echo(line)
+    finally:
+        watchdog.cancel()
+    daemon.wait(TEARDOWN_WAIT)
+    if time.monotonic() - started >= timeout:
+        raise lab.LabError(f"the lab was not up within {timeout:g}s (everything it made is removed); see --timeout")
     raise lab.LabError(f"the lab daemon exited ({daemon.returncode}) before the lab was up")
 
 

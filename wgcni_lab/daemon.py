@@ -29,8 +29,8 @@ PR_SET_CHILD_SUBREAPER = 36
 READY = "ready"
 
 
-class Stop(Exception):
-    """SIGTERM/SIGINT arrived: stop what is being done and tear down."""
+class Stop(BaseException):
+    """SIGTERM/SIGINT arrived: stop what is being done and tear down (a BaseException: no handler swallows it)."""
 
 
 def _prctl(option: int, value: int) -> None:
