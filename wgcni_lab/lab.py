@@ -508,7 +508,8 @@ def status(state: LabState) -> dict[str, Any]:
         nodes.append({
             "name": node.name, "netns": node.netns, "ip": node.ip, "wg_interface": WG_INTERFACE,
             "wg_port": WG_PORT, "hook_socket": str(node.hook_socket),
-            "hook_socket_in_node": str(HOOK_SOCKET_IN_NODE), "mount_namespace": node.mount_namespace,
+            "hook_socket_in_node": str(HOOK_SOCKET_IN_NODE), "hook_pid": node.hook_pid,
+            "mount_namespace": node.mount_namespace,
             "containerd_socket": str(node.containerd_dir(state.path) / "containerd.sock"),
         })
         try:
