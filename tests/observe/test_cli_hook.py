@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from cni_plugin.cli_hook import annotate_allowed_ips, human_bytes, human_duration
+from cni_plugin.notify import request
 from tests.observe.conftest import Hook, key_of, remote
 
 
@@ -290,3 +291,15 @@ def test_formatting_helpers() -> None:
     assert annotate_allowed_ips(["fd00::/127", "10.0.0.0/30"], ["10.0.0.1", "10.0.0.2", "fd00::1"], ["10.0.0.3"]) == [
         {"prefix": "10.0.0.0/30", "pods": 2, "nodeIPs": ["10.0.0.3"]}, {"prefix": "fd00::/127", "pods": 1,
                                                                         "nodeIPs": []}]
+
+
+@pytest.mark.parametrize("request_,error", [
+    ({"op": "peers", "offset": -1}, "peers: 'offset' must be an integer >= 0"),
+    ({"op": "peers", "limit": "10"}, "peers: 'limit' must be an integer >= 0 or absent (all)"),
+    ({"op": "peers", "node": 7}, "peers: 'node' must be a string"),
+    ({"op": "routes", "limit": 0}, "routes: 'limit' must be an integer >= 1 or absent (all)"),
+    ({"op": "routes", "after": ["node-b"]}, "routes: 'after' must be a string"),
+])
+def test_bad_paging_requests_get_one_line_errors(hook: Hook, request_: dict, error: str) -> None:
+    answer = request(str(hook.settings.socket), request_, 5.0)
+    assert answer == {"ok": False, "error": error}
