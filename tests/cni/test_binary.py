@@ -157,6 +157,13 @@ def test_sigkill_at_random_instants_never_leaves_a_torn_record(wgcni, settings):
     previous_ips = None
     outcomes = {"completed": 0, "killed": 0}
     record_path = os.path.join(settings["stateDir"], "pods", "azure", f"{CONTAINER_ID}@eth0.json")
+    # Spread the kills over a whole run as long as one takes on this machine right now (load varies a lot).
+    durations = []
+    for _ in range(3):
+        started = time.monotonic()
+        assert call(wgcni, "ADD", settings, "0.3.0", contents[0], container_id="calibration").code == 0
+        durations.append(time.monotonic() - started)
+    window = 1.5 * sorted(durations)[1]
     for attempt in range(80):
         new_prev = contents[attempt % 2]
         stdin = plugin_stdin(AZURE_CONFLIST, "0.3.0", settings, new_prev)
@@ -164,7 +171,7 @@ def test_sigkill_at_random_instants_never_leaves_a_torn_record(wgcni, settings):
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         process.stdin.write(stdin)
         process.stdin.close()
-        time.sleep(rng.uniform(0, 0.04))  # spans start-up, the locked write and the notification
+        time.sleep(rng.uniform(0, window))  # spans start-up, the locked write and the notification
         process.send_signal(signal.SIGKILL)
         outcomes["completed" if process.wait() == 0 else "killed"] += 1
         if not os.path.exists(record_path):
@@ -179,10 +186,10 @@ def test_sigkill_at_random_instants_never_leaves_a_torn_record(wgcni, settings):
                                      (entry["address"] for entry in new_prev["ips"])]
         previous_ips = record["ips"]
         assert store.read("azure", CONTAINER_ID, "eth0") is not None
-    assert outcomes["killed"] > 10 and outcomes["completed"] > 0, outcomes  # the instants really were spread
+    assert outcomes["killed"] >= 5 and outcomes["completed"] >= 1, outcomes  # the instants really were spread
     # The lock died with its holders and the next writer cleans up any temp file they left.
     assert call(wgcni, "ADD", settings, "0.3.0", contents[0]).code == 0
-    assert sorted(os.listdir(os.path.dirname(record_path))) == [f"{CONTAINER_ID}@eth0.json"]
+    assert sorted(os.listdir(os.path.dirname(record_path))) == [f"{CONTAINER_ID}@eth0.json", "calibration@eth0.json"]
 
 
 # -- concurrency ----------------------------------------------------------------------------------------------------
@@ -213,7 +220,9 @@ def test_200_concurrent_adds_and_dels_leave_exact_records(wgcni, settings):
         expected = {containers[index]: [prev_for(index, 2)["ips"][0]["address"].split("/")[0]]
                     for index in range(1, 200, 2)}
         assert record_ips(settings) == expected
-        # Notifications are best effort (250 ms each on a loaded machine); the records above are the truth.
-        assert hook.ops().count("pod-added") > 0 and hook.ops().count("pod-deleted") > 0
+        # Every ADD and every DEL that removed a record notified the hook: answered, or given up after 250 ms
+        # and logged (best effort on a loaded machine; the records above are the truth).
+        given_up = open(settings["logFile"]).read().count("not delivered")
+        assert len(hook.requests) + given_up >= 200 + 100 + 100
     directory = os.path.join(settings["stateDir"], "pods", "azure")
     assert not [name for name in os.listdir(directory) if name.startswith(".tmp")]
