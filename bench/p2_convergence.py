@@ -5,8 +5,9 @@ Brings up a 3-node lab (`wgcni-lab up`, in a lab dir of its own), then measures,
         `wg show dump`) and routed into the tunnel (`ip route show table 51820`);
 - del:  StopPodSandbox asked on A -> the IP is in no peer and no tunnel route on any other node;
 - move: the IP of a pod on A goes to a new pod on B, as when Azure moves a secondary IP between NICs: B's IPAM pool is
-        set to that one IP (conflist rewrite, before the clock starts), the pod on A is deleted, then RunPodSandbox is
-        asked on B -> on every node but B the IP is on B's peer only.
+        set to that one IP (a CNS-style conflist rewrite that B's `install-cni --watch` re-chains, before the clock
+        starts), the pod on A is deleted, then RunPodSandbox is asked on B -> on every node but B the IP is on B's
+        peer only.
 The clock starts when kubelet would ask the runtime, so each time includes the runtime's own work and the CNI chain
 (RunPodSandbox alone takes about 120 ms here).
 The state of every other node is read with independent tools (nsenter + wg + ip) in a polling loop; the duration of
@@ -85,22 +86,23 @@ def time_until(nodes: list[lab.NodeState], done: Callable, started: float,
 
 
 def set_pool(state: lab.LabState, node: lab.NodeState, pool: list[str]) -> None:
-    """Rewrite the node's IPAM pool in its active conflist (keeping the wgcni entry) and wait for containerd."""
-    path = node.root / "etc/cni/net.d/10-azure.conflist"
-    conflist = json.loads(path.read_text())
-    ranges = lab.base_conflist(pool)["plugins"][0]["ipam"]["ranges"]
-    conflist["plugins"][0]["ipam"]["ranges"] = ranges
-    write_conflist(path.parent, conflist)
+    """Azure CNS rewrites the node's conflist (here with a new IPAM pool, and without wgcni, as CNS writes it); the
+    node's `install-cni --watch` chains wgcni in again; wait until containerd has loaded exactly that."""
+    conflist = lab.base_conflist(pool)
+    ranges = conflist["plugins"][0]["ipam"]["ranges"]
+    write_conflist(node.root / "etc/cni/net.d", conflist)
     with lab.cri_client(state, node) as cri:
         deadline = time.monotonic() + TIMEOUT
         while True:
             loaded = cri.status(verbose=True)["info"].get("cniconfig", {})
             sources = [json.loads(plugin["Source"]) for network in loaded.get("Networks") or []
-                       for plugin in (network.get("Config") or {}).get("Plugins") or [] if plugin.get("Source")]
-            if any(source.get("ipam", {}).get("ranges") == ranges for source in sources):
+                       if (network.get("Config") or {}).get("Name") == lab.NETWORK
+                       for plugin in network["Config"].get("Plugins") or [] if plugin.get("Source")]
+            if [source.get("type") for source in sources] == ["azure-vnet", "wgcni", "portmap"] and \
+                    sources[0].get("ipam", {}).get("ranges") == ranges:
                 return
             if time.monotonic() > deadline:
-                raise lab.LabError(f"{node.name}: containerd did not reload the conflist")
+                raise lab.LabError(f"{node.name}: containerd did not load the rewritten conflist with wgcni")
             time.sleep(0.02)
 
 

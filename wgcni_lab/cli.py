@@ -216,13 +216,16 @@ def exec_(lab_dir: Path, target: str, command: tuple[str, ...]) -> None:
 @click.pass_obj
 def capture(lab_dir: Path, seconds: float, as_json: bool) -> None:
     """Capture what crosses the VNet bridge for SECONDS (IP packets; ARP left out) and print it. Says
-    "capturing on ..." on stderr once tcpdump listens."""
+    "capturing on ..." on stderr once tcpdump listens; SIGINT or SIGTERM ends it early (what it has is printed)."""
     from wgcni_lab.wire import capture_bridge
 
     def listening() -> None:
         click.echo(f"capturing on {lab.BRIDGE} for {seconds:g}s", err=True)  # callers wait for this line
 
-    packets = capture_bridge(_require_up(lab_dir), seconds, listening)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    packets = capture_bridge(_require_up(lab_dir), seconds, listening, stop)
     for packet in packets:
         click.echo(json.dumps(packet) if as_json else packet["line"])
     if not as_json:

@@ -86,9 +86,10 @@ def bring_up(state: lab.LabState, pods_per_node: int) -> ApiServer:
         runtime = lab.node_containerd(state, node)
         runtime.start()
         runtimes[node.name] = runtime
+        lab.write_node_config(node)
         lab.install_cni(state, node)
         progress(f"{node.name}: containerd (CRI) up, wgcni installed after azure-vnet in /etc/cni/net.d")
-    hooks = {node.name: lab.start_hook(state, node) for node in state.nodes}
+    hooks = {node.name: lab.start_node_agents(state, node) for node in state.nodes}
     for node in state.nodes:
         lab.wait_hook_ready(state, node, hooks[node.name])
         lab.wait_chained(runtimes[node.name])

@@ -22,7 +22,7 @@ from wgcni_lab import lab
 
 NODES = 3
 PODS_PER_NODE = 2
-CAPTURE_SECONDS = 4
+CAPTURE_SECONDS = 60  # an upper bound: the demo stops the capture once the pings are done
 PINGS = 5
 
 
@@ -69,12 +69,12 @@ def main() -> int:
     wgcni_lab("status")
     pods = json.loads(wgcni_lab("status", "--json", quiet=True).stdout)["pods"]
 
-    heading(f"3. cross-node pod pings while capturing {CAPTURE_SECONDS}s on the VNet bridge")
+    heading("3. cross-node pod pings while capturing on the VNet bridge")
     show(["capture", "--seconds", str(CAPTURE_SECONDS), "--json"])
     capture = subprocess.Popen([*lab_command(), "capture", "--seconds", str(CAPTURE_SECONDS), "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert capture.stderr is not None
-    print(f"  {capture.stderr.readline().strip()}")  # tcpdump listens: start pinging
+    print(f"  {capture.stderr.readline().strip()} (stopped once the pings are done)")  # tcpdump listens: ping now
     pings = []
     for source, target in cross_node_pings(pods):  # all at once, well inside the capture
         command = ["exec", source["name"], "--", "ping", "-c", str(PINGS), "-i", "0.2", "-W", "2", target["ip"]]
@@ -89,6 +89,7 @@ def main() -> int:
               f"{target['node']}): {summary[0] if summary else stderr.strip()}")
         if ping.returncode != 0:
             failed.append(f"{source['name']} -> {target['name']}")
+    capture.terminate()  # ends the capture early; it prints what it has
     output, errors = capture.communicate()
     if capture.returncode != 0:
         raise SystemExit(f"demo: the capture failed: {errors.strip()}")

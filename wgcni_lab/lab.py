@@ -15,9 +15,11 @@ Layout (everything is named after the lab's random id, so two labs never collide
   transparent mode does. Pod IPs come from the same /16 as the nodes and are scattered across nodes the way
   Azure's node-subnet mode ends up after churn: the AKS secondary-IP slots are dealt round-robin, so no node owns
   an aggregatable block;
-- per node `wgcni-node install-cni` (as the DaemonSet's init container) and `wgcni-node run` on the userspace
-  backend, host encryption on, syncing peers through the test API server (`wgcni_lab.apiserver`), which the lab
-  daemon serves on 127.0.0.1:6443 inside every node namespace (so API traffic never crosses the bridge);
+- per node what the DaemonSet runs, with its settings in the node's `/etc/wgcni/config.yaml`: `wgcni-node
+  install-cni --wait` (the init container), then `wgcni-node run` on the userspace backend, host encryption on, and
+  `wgcni-node install-cni --watch` (which re-inserts the entry when the conflist is rewritten, as Azure CNS does);
+  the hook syncs peers through the test API server (`wgcni_lab.apiserver`), which the lab daemon serves on
+  127.0.0.1:6443 inside every node namespace (so API traffic never crosses the bridge);
 - pods are created as kubelet creates them: CRI RunPodSandbox on the node's containerd (StopPodSandbox +
   RemovePodSandbox to delete).
 
@@ -68,6 +70,7 @@ HOOK_DEFAULTS = Settings(node_name="lab")
 WG_INTERFACE = HOOK_DEFAULTS.interface
 WG_PORT = HOOK_DEFAULTS.listen_port
 HOOK_SOCKET_IN_NODE = HOOK_DEFAULTS.socket
+NODE_CONFIG_DIR = Path("/etc/wgcni")  # the DaemonSet mounts the ConfigMap's config.yaml here
 POD_VETH_PREFIX = "veth"  # ptp names host-side veths veth<hex> (azure-vnet: azv<hash>)
 POD_NAMESPACE = "default"
 POD_LABELS = {"app.kubernetes.io/part-of": "wgcni-lab"}
@@ -369,22 +372,36 @@ def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untype
                       cgroup_parent=state.cgroup_parent(node))
 
 
+def write_node_config(node: NodeState) -> None:
+    """The ConfigMap's config.yaml and the API credentials, where the DaemonSet mounts them in the node."""
+    directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(json.dumps(hook_config(node), indent=2) + "\n")  # JSON is YAML
+    (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
+
+
 def install_cni(state: LabState, node: NodeState) -> None:
-    """`wgcni-node install-cni` in the node, as the DaemonSet's init container runs it."""
-    in_node(node, [state.hook, "install-cni", "--plugin", state.plugin], timeout=120)
+    """`wgcni-node install-cni --wait`, as the DaemonSet's init container runs it."""
+    in_node(node, [state.hook, "install-cni", "--wait", "--config", str(NODE_CONFIG_DIR / "config.yaml"),
+                   "--plugin", state.plugin], timeout=120)
 
 
-def start_hook(state: LabState, node: NodeState) -> subprocess.Popen[bytes]:
-    directory = node.directory(state.path)
-    config, kube = directory / "wgcni-node.json", directory / "kubeconfig"
-    config.write_text(json.dumps(hook_config(node), indent=2) + "\n")
-    kube.write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
-    env = dict(node_env(), KUBECONFIG=str(kube))
-    with open(directory / "wgcni-node.log", "ab") as log:
-        hook = subprocess.Popen([*node_enter_argv(node), state.hook, "run", "--config", str(config)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
+def _start_in_node(state: LabState, node: NodeState, argv: list[str], log_name: str,
+                   env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(node.directory(state.path) / log_name, "ab") as log:
+        return subprocess.Popen([*node_enter_argv(node), *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=env or node_env(), start_new_session=True)
+
+
+def start_node_agents(state: LabState, node: NodeState) -> subprocess.Popen[bytes]:
+    """The DaemonSet's two long-running containers: `wgcni-node run` (returned) and `install-cni --watch`."""
+    config = str(NODE_CONFIG_DIR / "config.yaml")
+    hook = _start_in_node(state, node, [state.hook, "run", "--config", config], "wgcni-node.log",
+                          env=dict(node_env(), KUBECONFIG=str(NODE_CONFIG_DIR / "kubeconfig")))
     node.hook_pid = hook.pid
     state.save()
+    _start_in_node(state, node, [state.hook, "install-cni", "--watch", "--config", config, "--plugin", state.plugin],
+                   "install-cni-watch.log")
     return hook
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
+import threading
 from typing import Any, Callable
 
 from wgcni_lab import lab
@@ -43,9 +43,10 @@ def parse_line(line: str) -> dict[str, Any] | None:
             "length": int(length[1]) if length else None, "line": line.strip()}
 
 
-def capture_bridge(state: lab.LabState, seconds: float,
-                   on_listening: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
-    """Capture IP packets on the VNet bridge for `seconds` (counted from when tcpdump listens: `on_listening`)."""
+def capture_bridge(state: lab.LabState, seconds: float, on_listening: Callable[[], None] = lambda: None,
+                   stop: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Capture IP packets on the VNet bridge for `seconds` (counted from when tcpdump listens: `on_listening`), or
+    until `stop` is set."""
     capture = subprocess.Popen(
         ["ip", "netns", "exec", state.vnet_netns, "tcpdump", "-i", lab.BRIDGE, "-nn", "-q", "-tt", "-l",
          "--immediate-mode", "not", "arp"],
@@ -62,7 +63,7 @@ def capture_bridge(state: lab.LabState, seconds: float,
             capture.wait(5)
             raise lab.LabError(f"tcpdump on {lab.BRIDGE} failed: {' '.join(said) or 'no output'}")
         on_listening()
-        time.sleep(seconds)
+        (stop or threading.Event()).wait(seconds)
         capture.send_signal(signal.SIGINT)
         output, _ = capture.communicate(timeout=10)
     finally:

@@ -107,7 +107,7 @@ def test_cross_node_pod_traffic_crosses_the_bridge_only_as_wireguard(cli: Cli) -
     for pod in pods:
         first.setdefault(pod["node"], pod)
     ring = list(first.values())
-    capture = subprocess.Popen(cli.argv("capture", "--seconds", "8", "--json"), stdout=subprocess.PIPE,
+    capture = subprocess.Popen(cli.argv("capture", "--seconds", "120", "--json"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         assert capture.stderr is not None and "capturing on" in capture.stderr.readline()  # tcpdump listens
@@ -116,6 +116,7 @@ def test_cross_node_pod_traffic_crosses_the_bridge_only_as_wireguard(cli: Cli) -
             ping = cli.run("exec", source["name"], "--", "ping", "-c", "3", "-i", "0.2", "-W", "2", target["ip"],
                            check=False)
             assert ping.returncode == 0, f"{source['name']} -> {target['ip']}: {ping.stdout}{ping.stderr}"
+        capture.terminate()  # the capture ends early on SIGTERM and prints what it saw
         output, _ = capture.communicate(timeout=30)
     finally:
         if capture.poll() is None:
