@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import pathlib
+import threading
 import time
 
 import yaml
@@ -315,3 +316,36 @@ def test_periodic_relist_is_a_safety_net(core, make_source):
     assert len(seen_by_a.calls) > calls, "each relist hands the complete set over again"
     assert seen_by_a.latest["node-b"].pod_ips == {"10.240.0.9"}
     assert source_a.status.watch_errors == 0
+
+
+def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custom, make_source):
+    create_node(core, "node-a")
+    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
+    key = new_key()
+    source.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_for(lambda: source.status.published, what="first publish")
+    stop = threading.Event()
+
+    def meddle() -> None:  # another writer bumping the object's resourceVersion as fast as it can
+        index = 0
+        while not stop.is_set():
+            index += 1
+            custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a",
+                                               {"metadata": {"labels": {"touched": str(index)}}})
+
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    started = time.monotonic()
+    try:
+        base = ipaddress.IPv4Address("10.240.2.0")
+        for index in range(1, 31):
+            source.publish(announcement("node-a", key, {str(base + n) for n in range(index)}))
+            time.sleep(0.03)
+        wait_for(lambda: source.status.published, timeout=20, what="published despite the concurrent writer")
+    finally:
+        stop.set()
+        meddler.join()
+    status = object_of(custom, "node-a")["status"]
+    assert expand_prefixes(status["podIPPrefixes"], 1 << 16) == {str(base + n) for n in range(30)}
+    conflicts = [r for r in server.requests if r.at >= started and r.code == 409 and r.method == "PUT"]
+    assert conflicts, "the concurrent writer caused no conflict: the test did not test what it says"
