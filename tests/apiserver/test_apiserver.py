@@ -305,3 +305,20 @@ def test_also_listens_inside_another_network_namespace(core):
             assert probe.returncode == 0, probe.stderr
     finally:
         subprocess.run(["ip", "netns", "delete", namespace], check=False)
+
+
+def test_delay_applies_to_every_request_until_cleared(server, core):
+    server.set_delay(0.3)
+    started = time.monotonic()
+    core.list_node()
+    assert time.monotonic() - started >= 0.3
+    server.clear_faults()
+    started = time.monotonic()
+    core.list_node()
+    assert time.monotonic() - started < 0.3
+
+
+def test_watch_ends_cleanly_at_timeout_seconds(core):
+    started = time.monotonic()
+    events = list(watch.Watch().stream(core.list_node, resource_version="1", timeout_seconds=1))
+    assert events == [] and 0.9 <= time.monotonic() - started < 5
