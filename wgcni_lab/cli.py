@@ -66,9 +66,9 @@ def _preflight(plugin: Path, hook: Path) -> None:
         raise lab.LabError(f"plugin {plugin} not found: run `make build` (or pass --plugin)")
     if not (hook.is_file() and os.access(hook, os.X_OK)):
         raise lab.LabError(f"hook {hook} not found: run `make build` (or pass --hook)")
-    for name in ("ptp", "host-local", "portmap", "loopback"):
-        from wgcni_lab.containerd import REFERENCE_PLUGIN_DIR
+    from wgcni_lab.containerd import REFERENCE_PLUGIN_DIR, REFERENCE_PLUGINS
 
+    for name in REFERENCE_PLUGINS:
         if not (REFERENCE_PLUGIN_DIR / name).exists():
             raise lab.LabError(f"{REFERENCE_PLUGIN_DIR / name} missing: install containernetworking-plugins")
 
