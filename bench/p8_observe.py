@@ -131,8 +131,8 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
             "cli routes": _timed(repeats, lambda: _cli("routes", "--socket", socket)),
             "cli check": _timed(repeats, lambda: _cli("check", "--socket", socket)),
             "scrape /metrics": _timed(repeats, lambda: urllib.request.urlopen(url, timeout=30).read()),
-            "scrape /metrics?per_peer=0": _timed(repeats,
-                                                 lambda: urllib.request.urlopen(url + "?per_peer=0", timeout=30).read()),
+            "scrape /metrics?per_peer=0": _timed(
+                repeats, lambda: urllib.request.urlopen(url + "?per_peer=0", timeout=30).read()),
         }
         return results
     finally:

@@ -88,8 +88,8 @@ class _Table:
 
     def write(self, rows: list[tuple[str, ...]]) -> None:
         if self.widths is None:
-            self.widths = [max(len(line[column]) for line in [self.header, *rows]) for column in range(len(self.header))]
             rows = [self.header, *rows]
+            self.widths = [max(len(line[column]) for line in rows) for column in range(len(self.header))]
         for line in rows:
             self.widths = [max(width, len(cell)) for width, cell in zip(self.widths, line)]
             click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, self.widths)).rstrip())
