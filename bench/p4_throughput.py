@@ -1,21 +1,24 @@
-"""P4: TCP throughput pod -> pod across two nodes through the wgcni mesh, beside a hand-configured WireGuard tunnel
-between the same two node namespaces, in the same run; and DF packets of exactly the chosen MTU.
+"""P4: TCP throughput pod -> pod across two nodes through the wgcni mesh, beside the same traffic over a
+hand-configured WireGuard tunnel between the same two nodes, in the same run; and DF packets of exactly the MTU.
 
 Set-up (tests/netns/lab.py, everything in namespaces created for the run and removed afterwards): a VNet bridge, two
-node namespaces (10.240.0.4, 10.240.0.35) with one pod each (10.240.0.70 on a, 10.240.0.71 on b, plumbed like
-azure-vnet transparent mode), each node running its own `wgcni-node run` on the userspace backend (wireguard-go),
-peers fed from each other's announcements. Host encryption is off here, so the baseline tunnel's own UDP between
-the node IPs is not routed into the mesh.
+node namespaces (10.240.0.4, 10.240.0.35), each running its own `wgcni-node run` on the userspace backend
+(wireguard-go), peers fed from each other's announcements; pods plumbed like azure-vnet transparent mode (veth
+`azv...`, proxy ARP, a /32 route in the node's main table, MTU 1500).
 
-- mesh: `iperf3` from pod a to pod b (the path: pod veth -> node a policy routing -> wireguard-go -> VNet ->
-  wireguard-go -> node b -> pod veth), at the MTU the hook chose;
-- baseline: a second wireguard-go device in each node namespace configured by hand with `wg set` (its own keys and
-  port, tunnel addresses 192.168.77.1/.2), `iperf3` node a -> node b through it, at each of `BASELINE_MTUS`; the best
-  of them is the baseline (1440 is the largest that does not fragment on the 1500-byte VNet);
-- mesh and baseline runs alternate, `REPEATS` times each; medians are compared (target >= 95 %);
-- `ping -M do` from pod a to pod b with a payload filling exactly the hook's MTU: packets lost (target 0), and one
+- mesh: `iperf3` from pod A (10.240.0.70, on node a) to pod B (10.240.0.71, on node b), which the hooks programmed:
+  pod veth -> node a's rule and table -> the hook's wireguard-go -> VNet -> wireguard-go -> node b -> pod veth, at
+  the MTU the hook chose, with its MSS clamp;
+- baseline: the same path without wgcni: a second pair of pods plumbed the same way (C 10.240.0.80 on a, D
+  10.240.0.81 on b) that the hooks are not told about, and a second wireguard-go device in each node namespace
+  configured by hand (`wg set`: own keys and port, the other node's pod as AllowedIP, a plain /32 route in the main
+  table), at each of `BASELINE_MTUS` (path MTU discovery sizes the pods' segments); the best is the baseline
+  (1440 is the largest that does not fragment on the 1500-byte VNet over IPv4);
+- mesh and baseline runs alternate, `REPEATS` times each; the medians are compared (target >= 95 %);
+- `ping -M do` from pod A to pod B with a payload filling exactly the hook's MTU: packets lost (target 0), and one
   byte more must be refused locally (the MTU is exact, not just small enough).
-The machine is shared with other builds: both wireguard-go processes compete for two cores with them, so the
+Host encryption is off in this lab, so the baseline tunnel's UDP between the node IPs is not routed into the mesh.
+The machine is shared with other builds: the four wireguard-go processes compete with them for two cores, so the
 absolute numbers vary from run to run; the ratio of alternating runs is what this benchmark reports.
 
 Run: `python -m bench.p4_throughput` (as root) or `python -m bench.run --only P4`.
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
+import resource
 import shutil
 import statistics
 import subprocess
@@ -41,8 +44,8 @@ from tests.netns.lab import Lab, in_ns, sh, wait_until  # noqa: E402  (the names
 
 TITLE = "pod-to-pod TCP through the mesh (userspace) vs a hand-configured wg tunnel, same namespaces"
 NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}
-PODS = {"a": "10.240.0.70", "b": "10.240.0.71"}
-TUNNEL = ("192.168.77.1", "192.168.77.2")
+PODS = {"a": "10.240.0.70", "b": "10.240.0.71"}  # known to the hooks: through the mesh
+BASELINE_PODS = {"a": "10.240.0.80", "b": "10.240.0.81"}  # unknown to the hooks: through the hand-made tunnel
 BASELINE_PORT = 51821
 BASELINE_MTUS = (1420, 1440)  # wg-quick's default, and the largest that fits a 1500-byte underlay over IPv4
 SECONDS = 4
@@ -54,22 +57,58 @@ QUICK_PINGS = 5
 TARGET_RATIO = 0.95
 
 
-def iperf3(namespace: str, server: str, port: int, seconds: int) -> float:
-    """Received Mbit/s of one TCP stream over `seconds` (a first second, slow start, runs before and is left out)."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time so far of every thread of `pids` (schedstat, nanosecond resolution)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return total / 1e9
+
+
+def wireguard_go_pid(namespace: str, ifname: str) -> int:
+    for pid in sh("ip", "netns", "pids", namespace).stdout.split():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2:-1] == [ifname.encode()]:
+                return int(pid)
+        except FileNotFoundError:
+            continue
+    raise RuntimeError(f"no wireguard-go for {ifname} in {namespace}")
+
+
+def iperf3_with_cpu(namespace: str, server: str, port: int, seconds: int, pids: list[int]) -> tuple[float, float]:
+    """(Mbit/s, CPU ms per GB received) of one run; the CPU is that of `pids` (both wireguard-go and the iperf3
+    server) plus the iperf3 client, so the cost per byte is comparable even when the neighbours' load changes."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = _cpu_seconds(pids)
+    rate, received = iperf3(namespace, server, port, seconds)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (_cpu_seconds(pids) - before + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
+    return rate, cpu * 1000 / (received / 1e9)
+
+
+def iperf3(namespace: str, server: str, port: int, seconds: int) -> tuple[float, int]:
+    """(received Mbit/s, bytes received) of one TCP stream over `seconds` (a first second, slow start, runs before
+    and is left out of the rate; the bytes are the whole run's)."""
     deadline = time.monotonic() + 10
     while True:
         done = in_ns(namespace, "iperf3", "-c", server, "-p", str(port), "-t", str(seconds + 1), "-O", "1", "-J",
                      check=False, timeout=seconds + 30)
         report = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
         if done.returncode == 0 and "error" not in report:
-            return report["end"]["sum_received"]["bits_per_second"] / 1e6
+            received = report["end"]["sum_received"]
+            return received["bits_per_second"] / 1e6, sum(interval["sum"]["bytes"] for interval in report["intervals"])
         if time.monotonic() > deadline:  # the server may still be starting
             raise RuntimeError(f"iperf3 to {server}:{port} failed: {done.stdout[-500:]} {done.stderr[-500:]}")
         time.sleep(0.2)
 
 
 class Baseline:
-    """A hand-configured WireGuard tunnel between the two node namespaces (wireguard-go + wg set)."""
+    """A hand-configured WireGuard tunnel between the two node namespaces (wireguard-go + wg set) carrying the
+    baseline pods' traffic through plain main-table routes."""
 
     def __init__(self, lab: Lab, work: Path) -> None:
         self.nodes = [lab.nodes["a"], lab.nodes["b"]]
@@ -95,9 +134,9 @@ class Baseline:
                        what=f"baseline wireguard-go in {node.name}")
             node.exec("wg", "set", ifname, "listen-port", str(BASELINE_PORT), "private-key", str(keys[index][0]),
                       "peer", keys[other][1], "endpoint", f"{self.nodes[other].ip}:{BASELINE_PORT}",
-                      "allowed-ips", f"{TUNNEL[other]}/32")
-            node.exec("ip", "addr", "add", f"{TUNNEL[index]}/30", "dev", ifname)
+                      "allowed-ips", f"{BASELINE_PODS[self.nodes[other].name]}/32")
             node.exec("ip", "link", "set", ifname, "up")
+            node.exec("ip", "route", "add", f"{BASELINE_PODS[self.nodes[other].name]}/32", "dev", ifname)
 
     def set_mtu(self, mtu: int) -> None:
         for node in self.nodes:
@@ -142,21 +181,32 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
         lab.sync_peers()
         lab.wait_converged(timeout=30)
         mtu = lab.nodes["a"].api("status")["mtu"]
+        for name, ip in BASELINE_PODS.items():  # after the last sync_peers: the other hook never learns them
+            lab.add_pod(lab.nodes[name], ip, name=f"base{name}")
         baseline = Baseline(lab, work)
-        pod_b, node_b = lab.nodes["b"].pods["pb"].netns, lab.nodes["b"].netns
-        for namespace, port in ((pod_b, 5201), (node_b, 5202)):
+        pod_b, base_b = lab.nodes["b"].pods["pb"].netns, lab.nodes["b"].pods["baseb"].netns
+        for namespace, port in ((pod_b, 5201), (base_b, 5202)):
             servers.append(subprocess.Popen(["ip", "netns", "exec", namespace, "iperf3", "-s", "-p", str(port)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        pod_a, node_a = lab.nodes["a"].pods["pa"].netns, lab.nodes["a"].netns
+        pod_a, base_a = lab.nodes["a"].pods["pa"].netns, lab.nodes["a"].pods["basea"].netns
+        mesh_pids = [wireguard_go_pid(node.netns, node.wg) for node in lab.nodes.values()] + [servers[0].pid]
+        base_pids = [process.pid for process in baseline.processes] + [servers[1].pid]
         mesh: list[float] = []
+        mesh_cpu: list[float] = []
         tunnel: dict[int, list[float]] = {value: [] for value in mtus}
+        tunnel_cpu: dict[int, list[float]] = {value: [] for value in mtus}
         for _ in range(repeats):
-            mesh.append(iperf3(pod_a, PODS["b"], 5201, seconds))
+            rate, cost = iperf3_with_cpu(pod_a, PODS["b"], 5201, seconds, mesh_pids)
+            mesh.append(rate)
+            mesh_cpu.append(cost)
             for value in mtus:
                 baseline.set_mtu(value)
-                tunnel[value].append(iperf3(node_a, TUNNEL[1], 5202, seconds))
+                rate, cost = iperf3_with_cpu(base_a, BASELINE_PODS["b"], 5202, seconds, base_pids)
+                tunnel[value].append(rate)
+                tunnel_cpu[value].append(cost)
         sent, lost, exact = df_pings(lab, mtu, pings)
         return {"mtu": mtu, "mesh_mbit_s": mesh, "baseline_mbit_s": {str(k): v for k, v in tunnel.items()},
+                "mesh_cpu_ms_per_gb": mesh_cpu, "baseline_cpu_ms_per_gb": {str(k): v for k, v in tunnel_cpu.items()},
                 "df_pings_sent": sent, "df_pings_lost": lost, "one_byte_more_refused": exact, "seconds": seconds}
     finally:
         for server in servers:
@@ -181,7 +231,7 @@ def run(quick: bool) -> list[dict]:
                           for value, samples in result["baseline_mbit_s"].items()), key=lambda item: item[1])
     mesh = statistics.median(result["mesh_mbit_s"])
     ratio = mesh / best
-    entry = row(f"pod a -> pod b through the mesh (MTU {result['mtu']})", result["mesh_mbit_s"], unit="Mbit/s",
+    entry = row(f"pod A -> pod B through the mesh (MTU {result['mtu']})", result["mesh_mbit_s"], unit="Mbit/s",
                 note=f"baseline hand-configured wg tunnel, best MTU {best_mtu}: {best:.0f} Mbit/s; ratio {ratio:.3f}")
     entry["baseline_p50"], entry["ratio"] = round(best, 1), round(ratio, 4)
     if not quick:
@@ -189,9 +239,15 @@ def run(quick: bool) -> list[dict]:
     entry["raw"] = result
     rows = [entry]
     for value, samples in result["baseline_mbit_s"].items():
-        rows.append(row(f"node a -> node b, hand-configured wg tunnel (baseline), MTU {value}", samples,
+        rows.append(row(f"pod C -> pod D, hand-configured wg tunnel (baseline), MTU {value}", samples,
                         unit="Mbit/s"))
-    pings = row(f"DF pings of exactly {result['mtu']} bytes, pod a -> pod b: lost", [result["df_pings_lost"]],
+    mesh_cost = statistics.median(result["mesh_cpu_ms_per_gb"])
+    base_cost = statistics.median(result["baseline_cpu_ms_per_gb"][str(best_mtu)])
+    cost = row("CPU per GB through the mesh (wireguard-go x2 + iperf3)", result["mesh_cpu_ms_per_gb"], unit="ms/GB",
+               note=f"baseline tunnel at MTU {best_mtu}: {base_cost:.0f} ms/GB; ratio {mesh_cost / base_cost:.3f}")
+    cost["baseline_p50"], cost["ratio"] = round(base_cost, 1), round(mesh_cost / base_cost, 4)
+    rows.append(cost)
+    pings = row(f"DF pings of exactly {result['mtu']} bytes, pod A -> pod B: lost", [result["df_pings_lost"]],
                 unit="packets", target_p50=None if quick else 0,
                 note=f"of {result['df_pings_sent']}; one byte more refused locally: {result['one_byte_more_refused']}")
     if not result["one_byte_more_refused"]:

@@ -1,5 +1,5 @@
-"""P4's quick mode (correctness only): two lab nodes with their hooks and one pod each, TCP through the mesh and
-through the hand-configured baseline tunnel both carry data, DF packets of exactly the MTU pass and one byte more is
+"""P4's quick mode (correctness only): two lab nodes with their hooks, TCP between the hooks' pods through the mesh
+and between the other two pods through the hand-configured baseline tunnel both carry data (with their CPU cost), DF packets of exactly the MTU pass and one byte more is
 refused, and nothing of the run is left behind."""
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def test_quick_run_measures_both_paths_and_cleans_up() -> None:
     assert raw["mtu"] == 1440  # 1500-byte VNet - 60 (WireGuard over IPv4), not Azure here
     assert all(rate > 1 for rate in raw["mesh_mbit_s"])
     assert all(rate > 1 for samples in raw["baseline_mbit_s"].values() for rate in samples)
+    assert all(cost > 0 for cost in raw["mesh_cpu_ms_per_gb"])
+    assert all(cost > 0 for samples in raw["baseline_cpu_ms_per_gb"].values() for cost in samples)
     assert raw["df_pings_lost"] == 0 and raw["one_byte_more_refused"]
     assert rows[0]["ratio"] > 0
     after = _leftovers()
