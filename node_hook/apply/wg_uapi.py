@@ -42,7 +42,7 @@ from node_hook.apply.wireguard import (
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
-from node_hook.model import prefix_from_text
+from node_hook.model import paused_gc, prefix_from_text
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +256,10 @@ class UserspaceWireGuard:
     # ---- WireGuardBackend ------------------------------------------------------------------------------
 
     def read(self) -> DeviceState | None:
+        with paused_gc():  # 1.25 M AllowedIPs (5 000 x 250): 13.4 -> 3.6 s CPU with GC paused (see model.paused_gc)
+            return self._read()
+
+    def _read(self) -> DeviceState | None:
         with self._lock:
             links = self._ipr.link_lookup(ifname=self.ifname)
             if not links:
@@ -267,6 +271,18 @@ class UserspaceWireGuard:
             link = self._ipr.get_links(links[0])[0]
         private_hex = device.get("private_key", "")
         public_key = public_key_of(bytes.fromhex(private_hex)) if private_hex else ""
+        return DeviceState(
+            name=self.ifname,
+            public_key=public_key,
+            listen_port=int(device.get("listen_port", "0")),
+            fwmark=int(device.get("fwmark", "0")),
+            mtu=link.get("mtu"),
+            up=bool(link["flags"] & 1),
+            peers=self._peer_states(peers),
+        )
+
+    @staticmethod
+    def _peer_states(peers: list[dict[str, object]]) -> dict[str, PeerState]:
         states: dict[str, PeerState] = {}
         for peer in peers:
             key = hex_to_key(str(peer["public_key"]))
@@ -281,15 +297,7 @@ class UserspaceWireGuard:
                 rx_bytes=int(str(peer.get("rx_bytes", "0"))),
                 tx_bytes=int(str(peer.get("tx_bytes", "0"))),
             )
-        return DeviceState(
-            name=self.ifname,
-            public_key=public_key,
-            listen_port=int(device.get("listen_port", "0")),
-            fwmark=int(device.get("fwmark", "0")),
-            mtu=link.get("mtu"),
-            up=bool(link["flags"] & 1),
-            peers=states,
-        )
+        return states
 
     def ensure_device(self, spec: DeviceSpec) -> None:
         with self._lock:
