@@ -303,7 +303,7 @@ def run_in_vm(command: str, image: Path, timeout_s: int, memory: str, cpus: int)
 def pytest_command(repo: Path, pytest_args: list[str]) -> str:
     python = repo / ".venv" / "bin" / "python"
     args = [
-        str(python), "-m", "pytest", "-m", "kernel_wg", "-v", "-p", "no:cacheprovider",
+        str(python), "-m", "pytest", "-m", "kernel_wg", "-v", "-p", "no:cacheprovider", "--durations=10",
         "--timeout", "900", *KERNEL_TEST_PATHS, *pytest_args,
     ]
     return (
