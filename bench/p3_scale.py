@@ -278,7 +278,8 @@ def rows_for(sizes: list[dict], quick: bool, brief: bool = False) -> list[dict]:
         label = f"{size['nodes']} nodes x {size['pods_per_node']} {size['layout']}"
         full = size["full_model_cpu_s"] + size["full_pass_cpu_s"]
         wall = size["full_model_wall_s"] + size["full_pass_wall_s"]
-        rows.append(row(f"{label}: full plan from scratch", [full], unit="s", target_p50=None if quick else TARGET_FULL_S,
+        rows.append(row(f"{label}: full plan from scratch", [full], unit="s",
+                        target_p50=None if quick else TARGET_FULL_S,
                         note=f"model {size['full_model_cpu_s']:.2f} + first pass {size['full_pass_cpu_s']:.2f} s cpu; "
                              f"{size['allowed_ips']} AllowedIPs, {size['routes']} routes; wall {wall:.2f} s"))
         for title, names in EVENT_ROWS.items():
@@ -290,7 +291,8 @@ def rows_for(sizes: list[dict], quick: bool, brief: bool = False) -> list[dict]:
             ratio = statistics.median(samples) / max(statistics.median(base), 1e-9)
             rows.append(row(f"{label}: {title}", samples, unit="ms",
                             target_p50=TARGET_EVENT_MS if "pod" in title and not quick else None,
-                            note=f"x{ratio:.2f} vs {smallest['nodes']} nodes; wall p50 {statistics.median(walls):.2f} ms"))
+                            note=f"x{ratio:.2f} vs {smallest['nodes']} nodes; "
+                                 f"wall p50 {statistics.median(walls):.2f} ms"))
         if not brief:
             rows.append(row(f"{label}: full resync, nothing changed", size["resync_cpu_s"], unit="s",
                             note=f"wall p50 {statistics.median(size['resync_wall_s']):.2f} s"))

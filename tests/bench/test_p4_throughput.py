@@ -1,6 +1,6 @@
-"""P4's quick mode (correctness only): two lab nodes with their hooks, TCP between the hooks' pods through the mesh
-and between the other two pods through the hand-configured baseline tunnel both carry data (with their CPU cost), DF packets of exactly the MTU pass and one byte more is
-refused, and nothing of the run is left behind."""
+"""P4's quick mode (correctness only): two lab nodes with their hooks; TCP between the hooks' pods through the mesh
+and between the other two pods through the hand-configured baseline tunnel both carry data (with their CPU cost);
+DF packets of exactly the MTU pass and one byte more is refused; nothing of the run is left behind."""
 
 from __future__ import annotations
 
