@@ -439,14 +439,15 @@ class Daemon:
     def check(self, ips: list[str]) -> dict[str, Any]:
         """Are these local pod IPs programmed (local, throw route, in no peer) and is everything in sync?"""
         missing: list[str] = []
-        for text in ips:
-            try:
-                ip = ipaddress.ip_address(text)
-            except ValueError:
-                missing.append(text)
-                continue
-            if self.model.owner_of(ip) != LOCAL or self.model.routes.get(host_prefix(ip)) is not RouteKind.THROW:
-                missing.append(text)
+        with self._model_lock:  # asked from the API thread while the worker applies events
+            for text in ips:
+                try:
+                    ip = ipaddress.ip_address(text)
+                except ValueError:
+                    missing.append(text)
+                    continue
+                if self.model.owner_of(ip) != LOCAL or self.model.routes.get(host_prefix(ip)) is not RouteKind.THROW:
+                    missing.append(text)
         programmed = not missing and self.reconciler.converged
         if missing:
             message = f"not programmed yet: {', '.join(missing)}"
