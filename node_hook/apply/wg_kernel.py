@@ -173,16 +173,6 @@ def kernel_wireguard_available() -> bool:
     return True
 
 
-def resolve_backend_kind(setting: str) -> str:
-    """The backend the `backend` setting means on this node: `auto` is `kernel` when kernel WireGuard is available,
-    else `userspace`; `kernel` and `userspace` mean themselves."""
-    if setting == "auto":
-        return "kernel" if kernel_wireguard_available() else "userspace"
-    if setting in ("kernel", "userspace"):
-        return setting
-    raise ValueError(f"unknown WireGuard backend {setting!r} (kernel, userspace or auto)")
-
-
 def encode_key(raw: bytes) -> str:
     if len(raw) != 32:
         raise ValueError(f"a WireGuard key is 32 bytes, got {len(raw)}")
