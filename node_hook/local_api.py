@@ -95,11 +95,18 @@ def answer(daemon: Any, request: object) -> dict[str, Any]:
                                   "routes, pods, diagnose, resync"}
 
 
+class _Server(socketserver.ThreadingUnixStreamServer):
+    # kubelet starts many pods at once: with socketserver's default backlog of 5 a burst of plugin notifications is
+    # refused and waits for the next record rescan instead of being applied at once.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 class LocalApiServer:
     def __init__(self, socket_path: Path, daemon: Any) -> None:
         self.socket_path = Path(socket_path)
         self.daemon = daemon
-        self._server: socketserver.ThreadingUnixStreamServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -129,11 +136,10 @@ class LocalApiServer:
         self._remove_stale_socket()
         old_umask = os.umask(0o177)
         try:
-            server = socketserver.ThreadingUnixStreamServer(str(self.socket_path), Handler)
+            server = _Server(str(self.socket_path), Handler)
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
-        server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name="wgcni-local-api", daemon=True)
         self._thread.start()

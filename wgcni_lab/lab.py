@@ -7,7 +7,7 @@ Layout (everything is named after the lab's random id, so two labs never collide
   from 10.240.0.0/16 (10.240.0.4, .35, .66 ...: AKS reserves maxPods=30 secondary IPs after each node), plus a
   private mount namespace held by a small holder process: its own sysfs, its own tmpfs `/run` (so `/run/wgcni`,
   `/run/containerd` and `/var/run/wireguard` are per node and every node uses the default interface name `wgcni0`)
-  and copy-on-write overlays of `/etc`, `/opt` and `/var/lib` (its own `/etc/cni/net.d`, `/opt/cni/bin`,
+  and copy-on-write overlays of `/etc`, `/opt`, `/var/lib` and `/var/log` (its own `/etc/cni/net.d`, `/opt/cni/bin`,
   `/var/lib/wgcni`, `/var/lib/cni`); all of it vanishes with the node;
 - per node a private containerd (CRI) as on an AKS node, whose conflist is AKS-shaped (`"name": "azure"`,
   cniVersion 0.3.0, `azure-vnet` then `portmap`): the `azure-vnet` executable in the node's `/opt/cni/bin` is the
@@ -86,7 +86,7 @@ lab_dir="$1"
 cd "$lab_dir"
 mount -t tmpfs -o mode=0755 wgcni-lab-node /run
 if [ ! -d "$lab_dir" ]; then mkdir -p "$lab_dir" && mount --no-canonicalize --bind . "$lab_dir"; fi
-for directory in etc opt var/lib; do
+for directory in etc opt var/lib var/log; do
   layer="/run/.wgcni-lab-node/$(echo "$directory" | tr / -)"
   mkdir -p "$layer/upper" "$layer/work"
   mount -t overlay wgcni-lab-node -o "lowerdir=/$directory,upperdir=$layer/upper,workdir=$layer/work" "/$directory"

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import socket
+import socketserver
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -231,3 +232,22 @@ def test_static_source_rereads_on_change_and_keeps_last_good(tmp_path: Path) -> 
         assert json.loads((tmp_path / "announce.json").read_text())["podIPs"] == ["10.240.0.9"]
     finally:
         source.stop()
+
+
+def test_local_api_takes_a_burst_of_plugin_connections_before_accepting(tmp_path: Path) -> None:
+    """kubelet starts many pods at once: connections queued before the server accepts are not refused."""
+    from node_hook.local_api import _Server
+
+    path = tmp_path / "hook.sock"
+    server = _Server(str(path), socketserver.StreamRequestHandler)  # listening, never accepting
+    clients = []
+    try:
+        for _ in range(200):
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(client)
+            client.setblocking(False)
+            client.connect(str(path))  # BlockingIOError here once the backlog is full
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
