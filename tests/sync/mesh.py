@@ -6,8 +6,8 @@ Kubernetes API server, with pods created the way kubelet creates them.
 - each node is a network namespace on the bridge (10.240.0.4, .5, ...; proxy ARP on its uplink stands in for the
   VNet delivering a pod IP to its VM) with a Node object in the API, its own
   containerd (CRI) whose CNI chain is AKS-shaped — `ptp` + `host-local` standing in for azure-vnet (a veth and
-  a /32 host route per pod, pod IPs from the node subnet's /16), then `wgcni` (the plugin, run from source by a
-  small wrapper so the tests do not depend on the pyinstaller build), then `portmap` — and its own
+  a /32 host route per pod, pod IPs from the node subnet's /16), then `wgcni` (the built plugin, dist/bin/wgcni,
+  as kubelet would run it), then `portmap` — and its own
   `wgcni-node run` on the userspace backend (unique interface name: /var/run/wireguard is shared), pointed at
   the API server by a kubeconfig and without a peers file, so `node_hook.cluster` is its peer source;
 - assertions use independent tools: `wg show ... dump` and `ip route show table ...` in the node namespaces,
@@ -32,6 +32,7 @@ from pathlib import Path
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, VERSION, api_client_for_url
+from tests.support.binaries import built_binary
 from tests.sync.helpers import CRD
 from wgcni_lab.apiserver import ApiServer, NamespacedListener
 from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist
@@ -45,14 +46,6 @@ POD_GATEWAY = "10.240.255.1"  # ptp puts the IPAM gateway on every host veth; ou
 ROUTE_TABLE = 51820
 LISTEN_PORT = 51820
 NETWORK = "azure"
-
-PLUGIN_WRAPPER = """#!{python} -S
-# The wgcni plugin from the source tree (stdlib only on the CNI path, so -S is enough).
-import sys
-sys.path.insert(0, {repo!r})
-from cni_plugin.main import main
-main()
-"""
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30, env: dict[str, str] | None = None) -> str:
@@ -186,9 +179,7 @@ class Mesh:
             "users": [{"name": "hook", "user": {}}],
             "contexts": [{"name": "mesh", "context": {"cluster": "mesh", "user": "hook"}}],
         }))
-        self.plugin = root / "wgcni-plugin"
-        self.plugin.write_text(PLUGIN_WRAPPER.format(python=PYTHON, repo=str(REPO)))
-        self.plugin.chmod(0o755)
+        self.plugin = Path(built_binary("wgcni"))
 
     def _vnet(self, *args: str) -> str:
         return sh("ip", "netns", "exec", self.vnet, *args)
