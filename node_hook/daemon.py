@@ -112,7 +112,7 @@ class Daemon:
         self.cni_conf_dir = cni_conf_dir  # where `diagnose` looks for the conflist's wgcni entry
         self.host_encryption = host_encryption_enabled(settings, environment)
         self.model = NodeModel(settings.node_name, environment.node_ips, self.host_encryption,
-                               settings.persistent_keepalive)
+                               settings.persistent_keepalive, local_public_key=key.public_key)
         if appliers is None:
             from node_hook.apply.firewall import NftFirewall
             from node_hook.apply.routes import PyrouteRouting

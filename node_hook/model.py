@@ -281,6 +281,7 @@ class NodeModel:
         local_node_ips: Iterable[str] = (),
         host_encryption: bool = True,
         persistent_keepalive: int = 0,
+        local_public_key: str = "",
     ) -> None:
         self.node_name = node_name
         self.host_encryption = host_encryption
@@ -294,7 +295,9 @@ class NodeModel:
         self._contested: set[int] = set()  # addresses claimed by more than one remote node
         self._owner: dict[int, str] = {}  # LOCAL or a remote node name, for every claimed/local address
         self._owned: dict[str, set[int]] = {}  # remote node -> addresses it wins
-        self._key_holders: dict[str, set[str]] = {}
+        # Our own key counts as held by this node: a remote node publishing it (a cloned disk, a copied state dir)
+        # is a key conflict like any other, never a peer (the kernel would silently ignore it anyway).
+        self._key_holders: dict[str, set[str]] = {local_public_key: {node_name}} if local_public_key else {}
         self._peer_of_node: dict[str, str] = {}  # node -> key it is programmed under (usable nodes only)
         self.peers: dict[str, DesiredPeer] = {}
         self.routes: dict[IPNetwork, RouteKind] = {}

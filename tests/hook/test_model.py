@@ -133,6 +133,17 @@ def test_duplicate_key_means_neither_is_a_peer_and_ips_throw() -> None:
     assert net("10.240.0.80/32") not in model.routes
 
 
+def test_a_remote_node_publishing_our_own_key_is_a_conflict_not_a_peer() -> None:
+    model = NodeModel("a", local_public_key=KEY_B)
+    model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35"))
+    assert model.peers == {}
+    assert model.routes[net("10.240.0.70/32")] is RouteKind.THROW
+    (problem,) = model.problems()
+    assert problem.kind == "key-conflict" and problem.subject == "a, b"
+    model.remove_remote_node("b")
+    assert model.problems() == [] and model.peers == {}
+
+
 def test_mixed_cluster_node_without_key_is_plaintext_and_reported() -> None:
     model = NodeModel("a")
     model.set_remote_node(node("b", "", ["10.240.0.70"], "10.240.0.35"))
