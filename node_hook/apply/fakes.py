@@ -175,7 +175,7 @@ class FakeRouting(_FailNext):
             if index == 1 or len(ops) == 1:
                 self._maybe_fail("apply")
             if isinstance(op, SetRoute):
-                self.routes[op.prefix] = op.kind.value
+                self.routes[op.prefix] = op.kind._value_  # `.value`, without the property's cost
             elif isinstance(op, DeleteRoute):
                 self.routes.pop(op.prefix, None)
             elif isinstance(op, AddRule):
