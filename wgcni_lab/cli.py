@@ -88,7 +88,8 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, 
     plugin, hook = plugin.absolute(), hook.absolute()
     _preflight(plugin, hook)
     if lab.load_state(lab_dir) is not None or lab_dir.exists():
-        raise lab.LabError(f"a lab already exists in {lab_dir}: `wgcni-lab down` first")
+        raise lab.LabError(f"a lab already exists in {lab_dir}: `wgcni-lab down` first, or run a second lab beside it "
+                           f"with another --lab-dir (or ${lab.LAB_DIR_ENV})")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(lab_dir), "daemon", "--nodes", str(nodes),
          "--pods-per-node", str(pods_per_node), "--plugin", str(plugin), "--hook", str(hook),

@@ -61,7 +61,8 @@ def cross_node_pings(pods: list[dict]) -> list[tuple[dict, dict]]:
 def main() -> int:
     heading("1. bring up an AKS-like cluster: 3 nodes, each with containerd, wgcni and 2 pods")
     if lab.load_state(lab.lab_dir_from_environment()) is not None:
-        print("(a lab from an earlier run is still up: removing it first)")
+        print(f"(a lab is already up in {lab.lab_dir_from_environment()}, from an earlier `make demo` or another "
+              f"checkout: removing it first; to keep it, run the demo with {lab.LAB_DIR_ENV}=<another dir>)")
         wgcni_lab("down")
     wgcni_lab("up", "--nodes", str(NODES), "--pods-per-node", str(PODS_PER_NODE))
 
