@@ -248,8 +248,9 @@ def _sysctls(o: Observed) -> list[dict[str, str]]:
     wrong = [f"{name.replace('/', '.')} is {actual.get(name)}, needs {value}"
              for name, value in plan_sysctls(wanted, actual).items()]
     if wrong:
-        return [_finding("sysctls", "error", "; ".join(wrong), "the hook sets them each pass; another agent "
-                         "(sysctl.d, a node tuning DaemonSet) resets them; make it leave these keys alone")]
+        return [_finding("sysctls", "error", "; ".join(wrong), "the hook restores them at its next full resync "
+                         "(resyncInterval, 90 s by default); if they keep coming back, another agent (sysctl.d, a "
+                         "node tuning DaemonSet) resets them: make it leave these keys alone")]
     return []
 
 
