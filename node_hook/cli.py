@@ -28,7 +28,7 @@ config_option = click.option("--config", "config", type=click.Path(path_type=Pat
                              help="settings file (YAML or JSON); defaults apply without one")
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """wgcni-node: the node hook of wgcni (WireGuard for Azure CNI)."""
 
