@@ -28,6 +28,7 @@ from typing import Any
 import click
 
 from wgcni_lab import lab
+from wgcni_lab.cleanup import remove_tree
 
 TEARDOWN_WAIT = 120.0  # seconds a failed `up` waits for the daemon to remove what it made
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "wireguard-go",
@@ -240,7 +241,7 @@ def down(lab_dir: Path) -> None:
     state = lab.load_state(lab_dir)
     if state is None:
         if lab_dir.exists():
-            lab.remove_tree(lab_dir)
+            remove_tree(lab_dir)
         click.echo(f"no lab in {lab_dir}: nothing to remove")
         return
     _stop_daemon(state)

@@ -28,7 +28,6 @@ import fcntl
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import time
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import grpc
 
+from wgcni_lab.cleanup import kill_processes, remove_tree
 from wgcni_lab.cri import CriClient, CriError, PortMapping, SandboxStatus
 from wgcni_lab.pause import PauseImage, pause_image
 
@@ -331,12 +331,12 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
         if self._process is not None:
             _terminate(self._process, timeout)
             self._process = None
-        _kill_processes(self.runtime_pids(), timeout)
+        kill_processes(self.runtime_pids(), timeout)
         self._remove_cgroups()
         for guard in self._mountpoint_guards:
             guard.release()
         self._mountpoint_guards = []
-        _remove_tree(self.base_dir)
+        remove_tree(self.base_dir)
         if problems:
             raise ContainerdError(f"containerd {self.name}: pods could not be removed cleanly: " + "; ".join(problems))
 
@@ -532,48 +532,11 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
             process.wait()
 
 
-def _kill_processes(pids: list[int], timeout: float) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            try:  # our own child: reap it; anyone else's: its parent or init will
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            if _is_zombie(pid):
-                break
-            time.sleep(0.01)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _rmdir_quietly(path: Path) -> None:
     try:
         path.rmdir()
     except OSError:
         pass
-
-
-def _remove_tree(path: Path) -> None:
-    """rm -rf that also copes with read-only directories (the native snapshotter makes some)."""
-    if not path.exists():
-        return
-    for directory, subdirs, _files in os.walk(path):
-        for subdir in subdirs:
-            full = os.path.join(directory, subdir)
-            if not os.path.islink(full):
-                os.chmod(full, 0o700)
-    shutil.rmtree(path)
 
 
 def _toml(value: object) -> str:

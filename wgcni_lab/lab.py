@@ -36,8 +36,6 @@ import json
 import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from node_hook.config import Settings
+from wgcni_lab.cleanup import kill_processes, process_state, remove_tree
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LAB_DIR = Path("/run/wgcni-lab")
@@ -603,10 +602,9 @@ def is_lab_daemon(pid: int, state: LabState) -> bool:
     """`pid` is a live (not zombie) process running this lab's daemon."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        process_state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    except OSError:
         return False
-    return process_state != "Z" and b"daemon" in argv and state.lab_dir.encode() in argv
+    return process_state(pid) not in (None, "Z") and b"daemon" in argv and state.lab_dir.encode() in argv
 
 
 def lab_processes(state: LabState) -> set[int]:
@@ -639,28 +637,6 @@ def lab_namespaces(state: LabState) -> list[str]:
     return sorted(name for name in existing if name.startswith(prefix))
 
 
-def kill_processes(pids: set[int], timeout: float = 10.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                os.waitpid(pid, os.WNOHANG)  # our own child (the lab daemon's): reap it
-            except ChildProcessError:
-                pass
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                break
-            if state == "Z":
-                break
-            time.sleep(0.01)
-
-
 def teardown(state: LabState, exclude: Iterable[int] = ()) -> list[str]:
     """Remove everything of the lab that exists (idempotent): runtimes and pods, every lab process, the
     namespaces, the cgroups and the lab dir. Returns problems (empty = all gone)."""
@@ -691,15 +667,3 @@ def teardown(state: LabState, exclude: Iterable[int] = ()) -> list[str]:
     except OSError as error:
         problems.append(f"{state.path}: {error}")
     return problems
-
-
-def remove_tree(path: Path) -> None:
-    """rm -rf, also through the read-only directories containerd's native snapshotter leaves."""
-    if not path.exists():
-        return
-    for directory, subdirs, _files in os.walk(path):
-        for subdir in subdirs:
-            full = os.path.join(directory, subdir)
-            if not os.path.islink(full):
-                os.chmod(full, 0o700)
-    shutil.rmtree(path)
