@@ -23,6 +23,7 @@ import yaml
 
 from wgcni_lab import lab
 from wgcni_lab.apiserver import NODES, ApiServer, NamespacedListener
+from wgcni_lab.polling import wait_until
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -99,7 +100,8 @@ def bring_up(state: lab.LabState, pods_per_node: int) -> ApiServer:
             pod = lab.add_pod(state, node.name)
             progress(f"{node.name}: pod {pod['name']} {pod['ip']} (CRI RunPodSandbox)")
     pods = lab.all_pods(state)
-    lab.wait_until(lambda: lab.mesh_converged(state, pods), 60, "every hook to program every peer", interval=0.1)
+    wait_until(lambda: lab.mesh_converged(state, pods), 60, "every hook to program every peer", interval=0.1,
+               error=lab.LabError)
     state.phase = "up"
     state.save()
     return api

@@ -37,13 +37,13 @@ import os
 import re
 import secrets
 import subprocess
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from node_hook.config import Settings
 from wgcni_lab.cleanup import kill_processes, process_state, remove_tree
+from wgcni_lab.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LAB_DIR = Path("/run/wgcni-lab")
@@ -286,17 +286,6 @@ def in_node(node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.Compl
     return run([*node_enter_argv(node), *argv], env=node_env(), **kwargs)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 # ---- bring-up steps (run by the lab daemon, wgcni_lab.daemon) -------------------------------------------------------
 
 def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path) -> LabState:
@@ -423,7 +412,7 @@ def wait_hook_ready(state: LabState, node: NodeState, hook: subprocess.Popen[byt
         status = hook_request(node, "status")
         return bool(status and status.get("ready"))
 
-    wait_until(ready, timeout, f"wgcni-node on {node.name} to be ready", interval=0.1)
+    wait_until(ready, timeout, f"wgcni-node on {node.name} to be ready", interval=0.1, error=LabError)
 
 
 def wait_chained(containerd: Any) -> None:

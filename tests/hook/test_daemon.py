@@ -23,6 +23,7 @@ from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, answer, request
 from node_hook.model import LocalAnnouncement, RemoteNode
 from node_hook.static_peers import PeersFileError, StaticPeerSource, parse_peers
+from tests.support.polling import wait_until
 
 KEY_B = "B" * 43 + "="
 
@@ -74,12 +75,8 @@ class Harness:
                              record_store=self.store, monitor_netlink=False)
 
     def settle(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"not reached; status: {self.daemon.status()}")
+        wait_until(predicate, timeout, "the daemon's state", interval=0.01,
+                   detail=lambda: f"status {self.daemon.status()}")
 
 
 @pytest.fixture
@@ -219,13 +216,10 @@ def test_static_source_rereads_on_change_and_keeps_last_good(tmp_path: Path) -> 
     try:
         assert seen == [] and "no such file" in (source.error or "")
         peers.write_text(json.dumps({"nodes": [{"name": "b", "publicKey": KEY_B, "endpoint": "10.240.0.35"}]}))
-        deadline = time.monotonic() + 5
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: seen, 5, "the peers file read", interval=0.01)
         assert set(seen[-1][0]) == {"b"} and seen[-1][1] is True
         peers.write_text("{broken")
-        while source.error is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: source.error, 5, "the broken peers file reported", interval=0.01)
         assert len(seen) == 1 and "not JSON" in (source.error or "")
         source.publish(LocalAnnouncement("a", "K", "10.240.0.4", 51820, frozenset({"10.240.0.4"}),
                                          frozenset({"10.240.0.9"}), 1340, True, "ok"))

@@ -15,6 +15,7 @@ import pytest
 
 import node_hook.install as installer
 from node_hook.install import BACKUP_SUFFIX, PluginSettings, Watcher
+from tests.support.polling import wait_until
 
 DATA = Path(__file__).parents[1] / "cni" / "data"  # the AKS conflists, shared with the plugin's tests
 DEADLINE = 10.0  # seconds; the watcher normally reacts within milliseconds (inotify) or one poll interval
@@ -30,11 +31,7 @@ def _chained(path: Path) -> bool:
 
 
 def _wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+    wait_until(condition, DEADLINE, what, interval=0.005)
 
 
 @pytest.fixture(params=["inotify", "polling"])

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from node_hook.local_api import request
-from tests.lab.conftest import Cli, footprint, force_down, lab_netns_inodes, root_links, wait_for
+from tests.lab.conftest import Cli, footprint, force_down, lab_netns_inodes, root_links
+from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
 
@@ -157,7 +158,7 @@ def test_every_node_passes_its_own_wgcni_check(cli: Cli) -> None:
         return all(check.returncode == 0 for check in last.values())
 
     try:
-        wait_for(all_pass, 15, "wgcni check to pass on every node", interval=0.5)
+        wait_until(all_pass, 15, "wgcni check to pass on every node", interval=0.5)
     except AssertionError:
         raise AssertionError({node: check.stdout + check.stderr for node, check in last.items()}) from None
 
@@ -166,13 +167,13 @@ def test_pod_add_and_del_update_the_peers_on_the_other_nodes(cli: Cli) -> None:
     added = json.loads(cli.run("pod-add", "node-2").stdout)
     assert added["node"] == "node-2" and POD_KEYS <= set(added)
 
-    wait_for(lambda: programmed_everywhere(cli, added["ip"], "10.240.0.35"), 20, "the new pod's IP on every peer")
+    wait_until(lambda: programmed_everywhere(cli, added["ip"], "10.240.0.35"), 20, "the new pod's IP on every peer")
     source = next(pod for pod in cli.json("status", "--json")["pods"] if pod["node"] == "node-1")
     assert cli.run("exec", source["name"], "--", "ping", "-c", "1", "-W", "2", added["ip"], check=False).returncode == 0
 
     deleted = json.loads(cli.run("pod-del", added["name"]).stdout)
     assert deleted["name"] == added["name"] and deleted["ip"] == added["ip"]
-    wait_for(lambda: programmed_everywhere(cli, added["ip"], None), 20, "the deleted pod's IP gone everywhere")
+    wait_until(lambda: programmed_everywhere(cli, added["ip"], None), 20, "the deleted pod's IP gone everywhere")
     assert added["name"] not in {pod["name"] for pod in cli.json("status", "--json")["pods"]}
 
 
@@ -217,8 +218,8 @@ def test_up_interrupted_midway_removes_what_it_made(lab_parent, built) -> None: 
         up.kill()
         up.wait(30)
 
-        wait_for(lambda: not cli.lab_dir.exists() and not footprint(state.id, cli.lab_dir, inodes).processes, 60,
-                 "the lab daemon to remove the half-made lab and exit")
+        wait_until(lambda: not cli.lab_dir.exists() and not footprint(state.id, cli.lab_dir, inodes).processes, 60,
+                   "the lab daemon to remove the half-made lab and exit")
         after = footprint(state.id, cli.lab_dir, inodes)
         assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
         assert "nothing to remove" in cli.run("down").stdout

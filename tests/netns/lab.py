@@ -28,13 +28,11 @@ from pathlib import Path
 
 from cni_plugin.records import RecordStore, utc_now_rfc3339
 from node_hook.local_api import request
+from tests.support.polling import TIME_SCALE, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 PREFIX_LEN = 16
-# Every wait and subprocess timeout is stretched by this factor; the VM tier (software-emulated CPU, Python ~18x
-# slower) sets it, so the same tests prove the same behaviour there, only with longer patience.
-TIME_SCALE = float(os.environ.get("WGCNI_TEST_TIME_SCALE", "1"))
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -46,18 +44,6 @@ def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
 
 def in_ns(namespace: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return sh("ip", "netns", "exec", namespace, *args, check=check, timeout=timeout)
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
-    timeout *= TIME_SCALE
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @dataclass
@@ -295,7 +281,7 @@ class Lab:
                     if covered != {pod.ip for pod in other.pods.values()} | {other.ip}:
                         return False
             return True
-        wait_until(done, timeout, 0.1, what="all hooks converged")
+        wait_until(done, timeout, "all hooks converged", interval=0.1)
 
     # ---- teardown ---------------------------------------------------------------------------------------
 

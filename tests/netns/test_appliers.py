@@ -25,7 +25,7 @@ from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, 
 from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
 from node_hook.planner import desired_rules
-from tests.netns.lab import wait_until
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.netns
 

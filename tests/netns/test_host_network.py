@@ -18,7 +18,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.netns.lab import PYTHON, Lab, in_ns, wait_until
+from tests.netns.lab import PYTHON, Lab, in_ns
+from tests.support.polling import wait_until
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
 
 pytestmark = pytest.mark.netns

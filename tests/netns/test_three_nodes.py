@@ -19,7 +19,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.netns.lab import PYTHON, Lab, Node, in_ns, wait_until
+from tests.netns.lab import PYTHON, Lab, Node, in_ns
+from tests.support.polling import wait_until
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
 
 pytestmark = pytest.mark.netns

@@ -7,7 +7,6 @@ with the wgcni entry, and a fake /sys/class/net whose underlay MTU matches the e
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,6 +23,7 @@ from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer
 from node_hook.metrics import HookMetrics, MetricsServer
 from node_hook.model import LocalAnnouncement, RemoteNode
+from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 AKS_CONFLIST = REPO / "tests" / "cni" / "data" / "azure-linux.conflist"
@@ -110,12 +110,8 @@ class Hook:
         self.daemon.pod_changed("azure", f"c-{name}", "eth0", wait=5)
 
     def settle(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"not reached; status: {self.daemon.status()}")
+        wait_until(predicate, timeout, "the daemon's state", interval=0.01,
+                   detail=lambda: f"status {self.daemon.status()}")
 
     def converged(self) -> None:
         generation = self.daemon.generation

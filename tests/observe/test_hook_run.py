@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_hook.keys import load_existing
-from tests.netns.lab import PYTHON, REPO, Lab, Node, in_ns, wait_until
+from tests.netns.lab import PYTHON, REPO, Lab, Node, in_ns
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.netns
 

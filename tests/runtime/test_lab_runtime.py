@@ -13,13 +13,13 @@ import os
 import signal
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from tests.runtime.helpers import create_netns, delete_netns
+from tests.support.polling import wait_until
 from wgcni_lab import pause
 from wgcni_lab.buildcache import CACHE_ENV
 from wgcni_lab.containerd import (
@@ -138,10 +138,8 @@ def test_stop_after_a_crash_leaves_no_process_mount_cgroup_or_state(tmp_path_fac
         assert _cgroup_dirs(containerd.cgroup_parent)
 
         os.kill(containerd.pid, signal.SIGKILL)  # the runtime dies; its shims and pods live on
-        deadline = time.monotonic() + 10
-        while _alive(containerd.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not _alive(containerd.pid) and all(_alive(pod.pid) for pod in pods)
+        wait_until(lambda: not _alive(containerd.pid), 10, "containerd to die", interval=0.01)
+        assert all(_alive(pod.pid) for pod in pods)
         recovered = Containerd(base, name="crash")  # as `wgcni-lab down` would after its own crash
         assert recovered.cgroup_parent == containerd.cgroup_parent
         recovered.stop()

@@ -1,4 +1,4 @@
-"""Helpers of the Kubernetes sync tests: the CRD, fast sync settings, keys, waiting, a recorder of what a peer
+"""Helpers of the Kubernetes sync tests: the CRD, fast sync settings, keys, a recorder of what a peer
 source hands the hook, nodes and announcements."""
 
 from __future__ import annotations
@@ -7,8 +7,6 @@ import base64
 import os
 import pathlib
 import threading
-import time
-from collections.abc import Callable
 
 import yaml
 from kubernetes import client
@@ -25,17 +23,6 @@ FAST = SyncSettings(max_writes_per_second=10.0, watch_timeout_seconds=5, request
 
 def new_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Recorder:

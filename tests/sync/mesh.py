@@ -25,7 +25,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, VERSION, api_client_for_url
 from tests.support.binaries import built_binary
+from tests.support.polling import wait_until
 from tests.sync.helpers import CRD
 from wgcni_lab.apiserver import ApiServer, NamespacedListener
 from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist
@@ -53,17 +53,6 @@ def sh(*args: str, check: bool = True, timeout: float = 30, env: dict[str, str] 
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: exit {result.returncode}: {result.stderr.strip()}")
     return result.stdout
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @dataclass

@@ -12,7 +12,8 @@ import yaml
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
-from tests.sync.helpers import FAST, announcement, create_node, new_key, wait_for
+from tests.sync.helpers import FAST, announcement, create_node, new_key
+from tests.support.polling import wait_until
 
 OWN_OBJECT = "/wireguardnodes/node-a"
 
@@ -34,7 +35,7 @@ def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, cust
     source_b, seen_by_b = make_source("node-b")
     source_a.publish(announcement("node-a", key_a, {"10.240.0.70", "10.240.0.71", "fd00::7"}))
     source_b.publish(announcement("node-b", key_b, {"10.240.0.9"}, endpoint="10.240.0.35"))
-    wait_for(lambda: "node-a" in (seen_by_b.latest or {}) and "node-b" in (seen_by_a.latest or {}), what="peers")
+    wait_until(lambda: "node-a" in (seen_by_b.latest or {}) and "node-b" in (seen_by_a.latest or {}), what="peers")
     remote_a = seen_by_b.latest["node-a"]
     assert remote_a.public_key == key_a and remote_a.endpoint_ip == "10.240.0.4"
     assert remote_a.pod_ips == {"10.240.0.70", "10.240.0.71", "fd00::7"}
@@ -46,7 +47,7 @@ def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, cust
     assert obj["status"]["conditions"][0]["type"] == "Ready" and obj["status"]["conditions"][0]["status"] == "True"
     assert core.read_node("node-a").metadata.annotations[PUBLIC_KEY_ANNOTATION] == key_a
     assert all(complete for _, complete in seen_by_b.calls)
-    wait_for(lambda: source_a.status.published, what="published flag")
+    wait_until(lambda: source_a.status.published, what="published flag")
 
 
 def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(server, core, custom, make_source):
@@ -55,7 +56,7 @@ def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(s
     assert SyncSettings().max_writes_per_second == 2.0, "the production default is what this test checks"
     key = new_key()
     source.publish(announcement("node-a", key, set()))
-    wait_for(lambda: source.status.published, what="first publish")
+    wait_until(lambda: source.status.published, what="first publish")
     started = time.monotonic()
     ips: set[str] = set()
     base = ipaddress.IPv4Address("10.240.1.0")
@@ -65,7 +66,7 @@ def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(s
             ips.discard(str(base + 3 * (index - 2)))
         source.publish(announcement("node-a", key, ips))
         time.sleep(0.02)
-    wait_for(lambda: source.status.published, what="churn published")
+    wait_until(lambda: source.status.published, what="churn published")
     published = object_of(custom, "node-a")["status"]
     assert expand_prefixes(published["podIPPrefixes"], 1 << 16) == ips
     writes = [record.at for record in server.writes(OWN_OBJECT, since=started)]
@@ -81,11 +82,11 @@ def test_conflict_storm_and_server_errors_never_lose_the_update(server, core, cu
     source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
     key = new_key()
     source.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_for(lambda: source.status.published, what="first publish")
+    wait_until(lambda: source.status.published, what="first publish")
     server.fail_next(12, code=409, methods={"PUT"}, path_contains=OWN_OBJECT)
     server.fail_next(6, code=500, methods={"PUT", "GET"}, path_contains=OWN_OBJECT)
     source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71"}))
-    wait_for(lambda: source.status.published, timeout=20, what="publish through the storm")
+    wait_until(lambda: source.status.published, timeout=20, what="publish through the storm")
     assert object_of(custom, "node-a")["status"]["podIPPrefixes"] == ["10.240.0.70/31"]
     assert source.status.write_errors >= 1
 
@@ -94,11 +95,11 @@ def test_someone_elses_edit_of_the_object_is_repaired(core, custom, make_source)
     create_node(core, "node-a")
     source, _ = make_source("node-a")
     source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
-    wait_for(lambda: source.status.published, what="first publish")
+    wait_until(lambda: source.status.published, what="first publish")
     custom.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, "node-a",
                                               {"status": {"podIPPrefixes": ["10.240.0.0/24"], "podIPCount": 256}})
-    wait_for(lambda: object_of(custom, "node-a")["status"]["podIPPrefixes"] == ["10.240.0.70/32"],
-             what="the hook's own state written back")
+    wait_until(lambda: object_of(custom, "node-a")["status"]["podIPPrefixes"] == ["10.240.0.70/32"],
+               what="the hook's own state written back")
     assert object_of(custom, "node-a")["status"]["podIPCount"] == 1
 
 
@@ -109,19 +110,19 @@ def test_cut_watch_and_410_relist_keep_peers_exact(server, core, make_source):
     source_b, seen_by_b = make_source("node-b")
     key = new_key()
     source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
+    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
     server.cut_watches()
     source_a.publish(announcement("node-a", key, {"10.240.0.71"}))
-    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.71"}, what="view after cut")
+    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.71"}, what="view after cut")
     relists = source_b.status.relists
     # Watches go down and stay down while node-a changes and the history is compacted: resuming is 410 Gone.
     server.fail_next(10_000, code=503, methods={"GET"}, path_contains="/wireguardnodes")
     server.cut_watches()
     source_a.publish(announcement("node-a", key, {"10.240.0.72"}))
-    wait_for(lambda: source_a.status.published, what="publish during outage")
+    wait_until(lambda: source_a.status.published, what="publish during outage")
     server.compact()
     server.clear_faults()
-    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.72"}, what="view after 410")
+    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.72"}, what="view after 410")
     assert source_b.status.relists > relists
 
 
@@ -132,13 +133,13 @@ def test_restart_during_publish_converges(server, core, custom, make_source):
     _, seen_by_b = make_source("node-b")
     key = new_key()
     source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
+    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
     server.stop()
     source_a.publish(announcement("node-a", key, {"10.240.0.90"}))
     time.sleep(0.5)  # the writer fails against a closed port and keeps the announcement
     server.store.compact()
     server.start()
-    wait_for(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.90"}, timeout=15, what="view after restart")
+    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.90"}, timeout=15, what="view after restart")
     assert source_a.status.write_errors >= 1
 
 
@@ -148,10 +149,10 @@ def test_peers_are_handed_over_only_after_a_complete_list(server, core, custom, 
     for name in ("node-b", "node-c"):
         source, _ = make_source(name)
         source.publish(announcement(name, new_key(), {f"10.240.0.{10 + len(name)}"}))
-        wait_for(lambda: source.status.published, what=f"{name} published")
+        wait_until(lambda: source.status.published, what=f"{name} published")
     server.fail_next(4, code=500, methods={"GET"}, path_contains="/wireguardnodes")
     _, seen_by_a = make_source("node-a")
-    wait_for(lambda: seen_by_a.calls, what="first hand-over")
+    wait_until(lambda: seen_by_a.calls, what="first hand-over")
     first_nodes, complete = seen_by_a.calls[0]
     assert complete and set(first_nodes) == {"node-b", "node-c"}
 
@@ -163,17 +164,17 @@ def test_opt_out_label_publishes_no_key_and_peers_go_plaintext(core, custom, mak
     _, seen_by_b = make_source("node-b")
     key_a = new_key()
     source_a.publish(announcement("node-a", key_a, {"10.240.0.70"}))
-    wait_for(lambda: (seen_by_b.latest or {}).get("node-a") and seen_by_b.latest["node-a"].public_key == key_a,
-             what="key seen")
+    wait_until(lambda: (seen_by_b.latest or {}).get("node-a") and seen_by_b.latest["node-a"].public_key == key_a,
+               what="key seen")
     core.patch_node("node-a", {"metadata": {"labels": {"wgcni.io/wireguard": "disabled"}}})
-    wait_for(lambda: seen_by_b.latest["node-a"].public_key == "", what="opted-out node seen without key")
+    wait_until(lambda: seen_by_b.latest["node-a"].public_key == "", what="opted-out node seen without key")
     status = object_of(custom, "node-a")["status"]
     assert status["encryption"] == "OptedOut" and status["podIPPrefixes"] == ["10.240.0.70/32"]
-    wait_for(lambda: PUBLIC_KEY_ANNOTATION not in (core.read_node("node-a").metadata.annotations or {}),
-             what="annotation removed")
+    wait_until(lambda: PUBLIC_KEY_ANNOTATION not in (core.read_node("node-a").metadata.annotations or {}),
+               what="annotation removed")
     assert source_a.status.opted_out
     core.patch_node("node-a", {"metadata": {"labels": {"wgcni.io/wireguard": None}}})
-    wait_for(lambda: seen_by_b.latest["node-a"].public_key == key_a, what="key back")
+    wait_until(lambda: seen_by_b.latest["node-a"].public_key == key_a, what="key back")
 
 
 def test_opted_out_node_hands_its_hook_no_remote_keys(core, make_source):
@@ -182,7 +183,7 @@ def test_opted_out_node_hands_its_hook_no_remote_keys(core, make_source):
     source_b, _ = make_source("node-b")
     source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
     _, seen_by_a = make_source("node-a")
-    wait_for(lambda: "node-b" in (seen_by_a.latest or {}), what="node-b seen")
+    wait_until(lambda: "node-b" in (seen_by_a.latest or {}), what="node-b seen")
     assert seen_by_a.latest["node-b"].public_key == ""
     assert seen_by_a.latest["node-b"].pod_ips == {"10.240.0.9"}
 
@@ -193,9 +194,9 @@ def test_node_deletion_garbage_collects_object_and_peer_disappears(core, custom,
     source_a, _ = make_source("node-a")
     _, seen_by_b = make_source("node-b")
     source_a.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
-    wait_for(lambda: "node-a" in (seen_by_b.latest or {}), what="node-a seen")
+    wait_until(lambda: "node-a" in (seen_by_b.latest or {}), what="node-a seen")
     core.delete_node("node-a")
-    wait_for(lambda: "node-a" not in seen_by_b.latest, what="node-a gone")
+    wait_until(lambda: "node-a" not in seen_by_b.latest, what="node-a gone")
     assert [o["metadata"]["name"] for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]] == []
 
 
@@ -203,9 +204,9 @@ def test_own_object_deleted_is_recreated(core, custom, make_source):
     create_node(core, "node-a")
     source, _ = make_source("node-a")
     source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
-    wait_for(lambda: source.status.published, what="published")
+    wait_until(lambda: source.status.published, what="published")
     custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a")
-    wait_for(lambda: _exists_with_ips(custom, "node-a", ["10.240.0.70/32"]), what="recreated")
+    wait_until(lambda: _exists_with_ips(custom, "node-a", ["10.240.0.70/32"]), what="recreated")
 
 
 def _exists_with_ips(custom, name, prefixes):
@@ -218,9 +219,9 @@ def _exists_with_ips(custom, name, prefixes):
 def test_publish_waits_for_its_node_to_exist(core, custom, make_source):
     source, _ = make_source("node-a")
     source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
-    wait_for(lambda: source.status.write_errors >= 1, what="a failed attempt without a Node")
+    wait_until(lambda: source.status.write_errors >= 1, what="a failed attempt without a Node")
     create_node(core, "node-a")
-    wait_for(lambda: _exists_with_ips(custom, "node-a", ["10.240.0.70/32"]), what="object once the Node exists")
+    wait_until(lambda: _exists_with_ips(custom, "node-a", ["10.240.0.70/32"]), what="object once the Node exists")
 
 
 def test_invalid_objects_are_ignored_and_reported(core, custom, make_source):
@@ -231,7 +232,7 @@ def test_invalid_objects_are_ignored_and_reported(core, custom, make_source):
     bad["status"] = {"publicKey": "not-a-key", "podIPPrefixes": ["10.240.0.5/32"]}
     custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, "node-x", bad)
     source_b, seen_by_b = make_source("node-b")
-    wait_for(lambda: seen_by_b.calls, what="hand-over")
+    wait_until(lambda: seen_by_b.calls, what="hand-over")
     assert "node-x" not in seen_by_b.latest
     assert "node-x" in source_b.status.invalid_objects
 
@@ -245,9 +246,9 @@ def test_ip_moving_between_nodes_carries_a_later_claim(core, make_source):
     key_a, key_b = new_key(), new_key()
     source_a.publish(announcement("node-a", key_a, {"10.240.0.70"}))
     source_b.publish(announcement("node-b", key_b, set(), endpoint="10.240.0.35"))
-    wait_for(lambda: seen_pod_ips(seen_by_c, "node-a") == {"10.240.0.70"}, what="A owns the IP")
+    wait_until(lambda: seen_pod_ips(seen_by_c, "node-a") == {"10.240.0.70"}, what="A owns the IP")
     source_b.publish(announcement("node-b", key_b, {"10.240.0.70"}, endpoint="10.240.0.35"))  # reused on B first
-    wait_for(lambda: seen_pod_ips(seen_by_c, "node-b") == {"10.240.0.70"}, what="B claims the IP")
+    wait_until(lambda: seen_pod_ips(seen_by_c, "node-b") == {"10.240.0.70"}, what="B claims the IP")
     latest = seen_by_c.latest
     assert latest["node-b"].pod_ips_changed_at > latest["node-a"].pod_ips_changed_at
 
@@ -255,7 +256,7 @@ def test_ip_moving_between_nodes_carries_a_later_claim(core, make_source):
 def test_stop_is_prompt_even_with_open_watches(make_source, core):
     create_node(core, "node-a")
     source, recorder = make_source("node-a", SyncSettings(**{**FAST.__dict__, "watch_timeout_seconds": 300}))
-    wait_for(lambda: recorder.calls, what="synced")
+    wait_until(lambda: recorder.calls, what="synced")
     started = time.monotonic()
     source.stop()
     assert time.monotonic() - started < 2.0
@@ -293,7 +294,7 @@ def test_rbac_grants_exactly_what_the_sync_uses(server, core, custom, make_sourc
     source_b, _ = make_source("node-b")
     source_a.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
     source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
-    wait_for(lambda: source_a.status.published and source_b.status.published, what="both published")
+    wait_until(lambda: source_a.status.published and source_b.status.published, what="both published")
     owners = object_of(custom, "node-a")["metadata"]["ownerReferences"]
     assert [owner["uid"] for owner in owners] == [node.metadata.uid]
     used = {_verb(record) for record in list(server.requests)[test_client_requests:]
@@ -309,10 +310,10 @@ def test_periodic_relist_is_a_safety_net(core, make_source):
     source_b, _ = make_source("node-b")
     source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
     source_a, seen_by_a = make_source("node-a", SyncSettings(**{**FAST.__dict__, "resync_interval": 1.0}))
-    wait_for(lambda: seen_pod_ips(seen_by_a, "node-b") == {"10.240.0.9"}, what="first view")
+    wait_until(lambda: seen_pod_ips(seen_by_a, "node-b") == {"10.240.0.9"}, what="first view")
     calls = len(seen_by_a.calls)
     relists = source_a.status.relists
-    wait_for(lambda: source_a.status.relists >= relists + 4, timeout=10, what="relists every second")
+    wait_until(lambda: source_a.status.relists >= relists + 4, timeout=10, what="relists every second")
     assert len(seen_by_a.calls) > calls, "each relist hands the complete set over again"
     assert seen_by_a.latest["node-b"].pod_ips == {"10.240.0.9"}
     assert source_a.status.watch_errors == 0
@@ -323,7 +324,7 @@ def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custo
     source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
     key = new_key()
     source.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_for(lambda: source.status.published, what="first publish")
+    wait_until(lambda: source.status.published, what="first publish")
     stop = threading.Event()
 
     def meddle() -> None:  # another writer bumping the object's resourceVersion as fast as it can
@@ -341,7 +342,7 @@ def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custo
         for index in range(1, 31):
             source.publish(announcement("node-a", key, {str(base + n) for n in range(index)}))
             time.sleep(0.03)
-        wait_for(lambda: source.status.published, timeout=20, what="published despite the concurrent writer")
+        wait_until(lambda: source.status.published, timeout=20, what="published despite the concurrent writer")
     finally:
         stop.set()
         meddler.join()

@@ -16,8 +16,9 @@ import pytest
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, USER_AGENT, VERSION
+from tests.support.polling import wait_until
 from tests.sync.helpers import new_key
-from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod, wait_until
+from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime]
 
@@ -41,11 +42,8 @@ def mesh() -> Iterator[Mesh]:
 
 
 def converge(mesh: Mesh, what: str) -> None:
-    deadline = time.monotonic() + CONVERGE
-    while (difference := mesh.mesh_matches_truth()) is not True:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not converged after {CONVERGE}s: {difference}")
-        time.sleep(0.1)
+    wait_until(lambda: mesh.mesh_matches_truth() is True, CONVERGE, f"{what} to converge", interval=0.1,
+               detail=mesh.mesh_matches_truth)
 
 
 class Capture:

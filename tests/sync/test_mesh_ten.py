@@ -12,7 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.sync.mesh import Mesh, wait_until
+from tests.support.polling import wait_until
+from tests.sync.mesh import Mesh
 from tests.sync.test_mesh import CONVERGE, Capture, converge
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
