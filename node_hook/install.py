@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -316,16 +317,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes, like: os.stat_result | None, mode: int = 0o644) -> None:
-    """Replace `path` with `data` via a temp file in the same directory; owner and mode copied from `like`."""
+@contextmanager
+def _replacing(path: Path) -> Iterator[BinaryIO]:
+    """Write `path`'s new content into the yielded file, a temp file in the same directory: when the block ends it
+    is fsynced and renamed over `path` (and the directory fsynced); if the block fails it is removed and `path` is
+    left as it was."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
-            if like is not None:
-                os.fchown(handle.fileno(), like.st_uid, like.st_gid)
-            os.fchmod(handle.fileno(), stat.S_IMODE(like.st_mode) if like is not None else mode)
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException:
@@ -333,6 +334,15 @@ def _atomic_write(path: Path, data: bytes, like: os.stat_result | None, mode: in
             os.unlink(temp)
         raise
     _fsync_dir(path.parent)
+
+
+def _atomic_write(path: Path, data: bytes, like: os.stat_result | None, mode: int = 0o644) -> None:
+    """Replace `path` with `data` atomically; owner and mode copied from `like`."""
+    with _replacing(path) as handle:
+        handle.write(data)
+        if like is not None:
+            os.fchown(handle.fileno(), like.st_uid, like.st_gid)
+        os.fchmod(handle.fileno(), stat.S_IMODE(like.st_mode) if like is not None else mode)
 
 
 @contextmanager
@@ -522,18 +532,9 @@ def install_plugin(source: Path, bin_dir: Path) -> bool:
     if (destination.is_file() and not destination.is_symlink() and os.access(destination, os.X_OK)
             and _digest(destination) == _digest(source)):
         return False
-    fd, temp = tempfile.mkstemp(dir=bin_dir, prefix=f".{PLUGIN_TYPE}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:
-            shutil.copyfileobj(original, handle, 1 << 20)
-            os.fchmod(handle.fileno(), 0o755)
-            os.fsync(handle.fileno())
-        os.replace(temp, destination)
-    except BaseException:
-        with _ignoring(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_dir(bin_dir)
+    with _replacing(destination) as handle, open(source, "rb") as original:
+        shutil.copyfileobj(original, handle, 1 << 20)
+        os.fchmod(handle.fileno(), 0o755)
     shutil.rmtree(bundles, ignore_errors=True)
     return True
 
