@@ -29,19 +29,6 @@ AKS_CONFLISTS = sorted(DATA.glob("*.conflist"))
 SETTINGS = PluginSettings()
 
 
-@pytest.fixture
-def node(tmp_path):
-    """A node's CNI dirs (conf, bin) and a plugin executable to install."""
-    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
-    conf_dir.mkdir()
-    bin_dir.mkdir()
-    plugin = tmp_path / "dist" / "wgcni"
-    plugin.parent.mkdir()
-    plugin.write_text("#!/bin/sh\necho wgcni-plugin-v1\n")
-    plugin.chmod(0o700)
-    return conf_dir, bin_dir, plugin
-
-
 def _snapshot(*directories: Path) -> dict[str, tuple[bytes | str, int]]:
     """Every entry below the directories: content (or symlink target) and mode."""
     result = {}

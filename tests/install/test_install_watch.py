@@ -35,18 +35,14 @@ def _wait_for(condition, what: str) -> None:
 
 
 @pytest.fixture(params=["inotify", "polling"])
-def watched_node(request, tmp_path, monkeypatch):
+def watched_node(request, node, monkeypatch):
     """A node's CNI dirs with the watcher running in a thread; stopped and joined whatever the test does."""
     if request.param == "polling":  # inotify unavailable: the watcher must fall back to polling
         def no_inotify(*_args, **_kwargs):
             raise OSError(24, "Too many open files")
 
         monkeypatch.setattr(installer.ctypes, "CDLL", no_inotify)
-    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
-    conf_dir.mkdir()
-    bin_dir.mkdir()
-    plugin = tmp_path / "wgcni"
-    plugin.write_text("#!/bin/sh\nexit 0\n")
+    conf_dir, bin_dir, plugin = node
     conflist = conf_dir / "10-azure.conflist"
     conflist.write_bytes((DATA / "azure-linux.conflist").read_bytes())
     passes = []
@@ -111,12 +107,8 @@ def test_deleted_plugin_binary_comes_back_at_the_next_pass(watched_node):
     _wait_for(lambda: len(passes) > seen and (bin_dir / "wgcni").exists(), "the plugin to be reinstalled")
 
 
-def test_cli_watch_runs_until_sigterm(tmp_path):
-    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
-    conf_dir.mkdir()
-    bin_dir.mkdir()
-    plugin = tmp_path / "wgcni"
-    plugin.write_text("#!/bin/sh\nexit 0\n")
+def test_cli_watch_runs_until_sigterm(node):
+    conf_dir, bin_dir, plugin = node
     conflist = conf_dir / "10-azure.conflist"  # appears only after the watcher started, as CNS may do at boot
     command = [sys.executable, "-c", "from node_hook.install import install_cni; install_cni()", "--watch",
                "--conf-dir", str(conf_dir), "--bin-dir", str(bin_dir), "--plugin", str(plugin)]
@@ -134,12 +126,8 @@ def test_cli_watch_runs_until_sigterm(tmp_path):
             process.wait()
 
 
-def test_cli_wait_returns_once_the_conflist_appears_and_is_chained(tmp_path):
-    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
-    conf_dir.mkdir()
-    bin_dir.mkdir()
-    plugin = tmp_path / "wgcni"
-    plugin.write_text("#!/bin/sh\nexit 0\n")
+def test_cli_wait_returns_once_the_conflist_appears_and_is_chained(node):
+    conf_dir, bin_dir, plugin = node
     conflist = conf_dir / "10-azure.conflist"
     command = [sys.executable, "-c", "from node_hook.install import install_cni; install_cni()", "--wait",
                "--conf-dir", str(conf_dir), "--bin-dir", str(bin_dir), "--plugin", str(plugin)]
