@@ -10,7 +10,8 @@ a throwaway VM:
   modules.alias made by `depmod` for just that subset, so the kernel's module autoloading works inside the VM), and
   `/init`.
 * `/init` loads the modules, mounts the host's `/` read-only over virtio-9p with a tmpfs overlay on top, mounts
-  proc/sys/dev/run/tmp, and runs `command.sh` (written by the runner into a second, writable 9p share) chrooted
+  proc/sys/dev/run (not a fresh /tmp: the overlay already keeps the VM's writes private, and the repository under
+  test may itself live in /tmp, as a CI clone can), and runs `command.sh` (written by the runner into a second, writable 9p share) chrooted
   into that overlay. It writes the command's exit code into the share and powers off. `panic=-1` plus
   `-no-reboot` make a dead init end qemu.
 * `run` / `pytest` boot that VM under `timeout` (TCG: KVM does not work on these machines), stream the serial
@@ -100,7 +101,6 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
-mount -t tmpfs tmpfs /newroot/tmp
 mkdir -p /newroot/run/vmshare /newroot/run/netns
 mount --bind /share /newroot/run/vmshare
 ip link set lo up
