@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import pathlib
-import shutil
-import tempfile
 
 import pytest
+
+from tests.support.tempdir import short_temp_dir
 
 
 @pytest.fixture
 def short_tmp():
     """A short temporary directory (Unix socket paths are limited to 107 bytes); removed afterwards."""
-    path = pathlib.Path(tempfile.mkdtemp(prefix="wgcni-"))
-    try:
+    with short_temp_dir("wgcni-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
+from tests.support.tempdir import short_temp_dir
 from wgcni_lab import lab
 
 LAB_LINK_NAMES = ("vnet0", "node-", "wgcni", "eth0")
@@ -112,11 +111,8 @@ def lab_netns_inodes(cli: Cli) -> set[int]:
 @pytest.fixture(scope="module")
 def lab_parent() -> Iterator[Path]:
     """A short private directory the lab dirs of a module live in."""
-    path = Path(tempfile.mkdtemp(prefix="wgl-test-"))
-    try:
+    with short_temp_dir("wgl-test-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,15 +6,15 @@ from __future__ import annotations
 import ctypes
 import os
 import secrets
-import shutil
 import signal
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from tests.support.tempdir import short_temp_dir
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -65,8 +65,5 @@ def netns() -> Iterator[str]:
 
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="h3-"))
-    try:
+    with short_temp_dir("h3-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)

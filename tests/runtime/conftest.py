@@ -7,14 +7,13 @@ Everything a test creates lives in a short temp dir or a uniquely named network 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from tests.runtime.helpers import BUILT_PLUGIN, build_libcni_driver, create_netns, delete_netns
+from tests.support.tempdir import short_temp_dir
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +27,8 @@ def plugin_binary() -> Path:
 @pytest.fixture(scope="module")
 def module_tmp() -> Iterator[Path]:
     """A short temp dir for the module (Unix socket paths must stay under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="wgcni-rt-"))
-    try:
+    with short_temp_dir("wgcni-rt-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
