@@ -40,7 +40,9 @@ from pathlib import Path
 from bench import row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.netns.lab import Lab, in_ns, sh, wait_until  # noqa: E402  (the namespace lab of the netns tests)
+from tests.netns.lab import Lab  # noqa: E402  (the namespace lab of the netns tests)
+from tests.support.netns import in_ns, sh  # noqa: E402
+from tests.support.polling import wait_until  # noqa: E402
 
 TITLE = "pod-to-pod TCP through the mesh (userspace) vs a hand-configured wg tunnel, same namespaces"
 NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}

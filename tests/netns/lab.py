@@ -19,31 +19,18 @@ import hashlib
 import json
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cni_plugin.records import RecordStore, utc_now_rfc3339
-from node_hook.local_api import request
-from tests.support.polling import TIME_SCALE, wait_until
+from tests.support.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge
+from tests.support.polling import wait_until
+from tests.support.tempdir import short_temp_dir
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
 PREFIX_LEN = 16
-
-
-def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout * TIME_SCALE)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: {result.returncode}: {result.stderr.strip()}")
-    return result
-
-
-def in_ns(namespace: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return sh("ip", "netns", "exec", namespace, *args, check=check, timeout=timeout)
 
 
 @dataclass
@@ -57,27 +44,11 @@ class Pod:
 
 
 @dataclass
-class Node:
-    name: str
-    ip: str
-    netns: str
-    wg: str
-    directory: Path
-    hook: subprocess.Popen | None = None
+class Node(HookNode):
+    """A lab node; its hook reads peers from `peers_file` and writes its announcement to `announce_file`."""
+
     pods: dict[str, Pod] = field(default_factory=dict)
     pod_ips_changed_at: float = 0.0
-
-    @property
-    def state_dir(self) -> Path:
-        return self.directory / "state"
-
-    @property
-    def socket(self) -> Path:
-        return self.directory / "hook.sock"
-
-    @property
-    def config_file(self) -> Path:
-        return self.directory / "config.json"
 
     @property
     def peers_file(self) -> Path:
@@ -86,16 +57,6 @@ class Node:
     @property
     def announce_file(self) -> Path:
         return self.directory / "announce.json"
-
-    @property
-    def log_file(self) -> Path:
-        return self.directory / "hook.log"
-
-    def api(self, op: str, **fields: object) -> dict:
-        return request(self.socket, {"op": op, **fields})
-
-    def exec(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return in_ns(self.netns, *args, check=check, timeout=timeout)
 
 
 class Lab:
@@ -110,13 +71,9 @@ class Lab:
         self.listen_port = listen_port
         self.host_encryption = host_encryption
         self.nodes: dict[str, Node] = {}
-        self.namespaces: list[str] = []
+        self.namespaces = Namespaces()
         self._pod_counter = 0
-        sh("ip", "netns", "add", self.vnet)
-        self.namespaces.append(self.vnet)
-        in_ns(self.vnet, "ip", "link", "add", self.bridge, "type", "bridge")
-        in_ns(self.vnet, "ip", "link", "set", self.bridge, "up")
-        in_ns(self.vnet, "ip", "link", "set", "lo", "up")
+        new_bridge_namespace(self.namespaces, self.vnet, self.bridge)
 
     # ---- topology ---------------------------------------------------------------------------------------
 
@@ -125,15 +82,9 @@ class Lab:
         wg = f"wg{name[:3]}{self.suffix}"[:15]
         directory = self.root / name
         directory.mkdir(parents=True)
-        sh("ip", "netns", "add", netns)
-        self.namespaces.append(netns)
+        self.namespaces.add(netns)
         node = Node(name, ip, netns, wg, directory)
-        uplink = f"up{name[:4]}{self.suffix}"[:15]
-        in_ns(self.vnet, "ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        in_ns(self.vnet, "ip", "link", "set", uplink, "master", self.bridge, "up")
-        node.exec("ip", "link", "set", "lo", "up")
-        node.exec("ip", "addr", "add", f"{ip}/{PREFIX_LEN}", "dev", "eth0")
-        node.exec("ip", "link", "set", "eth0", "up")
+        plug_into_bridge(self.vnet, self.bridge, f"up{name[:4]}{self.suffix}"[:15], netns, f"{ip}/{PREFIX_LEN}")
         # IPv4 VNet: no IPv6 link-local chatter on the capture (the WireGuard device keeps its IPv6 link-local
         # address, as on a real node)
         node.exec("sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
@@ -148,8 +99,7 @@ class Lab:
         name = name or f"pod{self._pod_counter}"
         netns = f"h3{name}-{self.suffix}"
         host_veth = "azv" + hashlib.sha1(f"default.{name}.{self.suffix}".encode()).hexdigest()[:11]
-        sh("ip", "netns", "add", netns)
-        self.namespaces.append(netns)
+        self.namespaces.add(netns)
         node.exec("ip", "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         node.exec("sysctl", "-qw", f"net.ipv6.conf.{host_veth}.disable_ipv6=1")  # no late link-local routes
         node.exec("ip", "link", "set", host_veth, "up")
@@ -195,8 +145,7 @@ class Lab:
         pod.node.pod_ips_changed_at = time.time()
         self.notify(pod, "pod-deleted")
         pod.node.exec("ip", "link", "del", pod.host_veth, check=False)
-        sh("ip", "netns", "del", pod.netns, check=False)
-        self.namespaces.remove(pod.netns)
+        self.namespaces.delete(pod.netns)
         del pod.node.pods[pod.name]
 
     # ---- hooks ------------------------------------------------------------------------------------------
@@ -213,33 +162,11 @@ class Lab:
         node.config_file.write_text(json.dumps(config, indent=1))
 
     def start_hook(self, node: Node) -> None:
+        """Start the node's hook (on the lab's default config unless one was written) and wait for its first pass."""
         if not node.config_file.exists():
             self.write_config(node)
-        log = open(node.log_file, "ab")
-        node.hook = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, PYTHON, "-m", "node_hook.cli", "run", "--config",
-             str(node.config_file)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
-        log.close()
-        wait_until(lambda: node.socket.exists() or node.hook.poll() is not None, 20, what=f"{node.name} socket")
-        if node.hook.poll() is not None:
-            raise AssertionError(f"hook {node.name} exited: {node.log_file.read_text()[-2000:]}")
+        node.start_hook()
         wait_until(lambda: node.api("status")["generation"] > 0, 20, what=f"{node.name} first pass")
-
-    def stop_hook(self, node: Node) -> None:
-        if node.hook is None:
-            return
-        if node.hook.poll() is None:
-            node.hook.send_signal(signal.SIGTERM)
-            try:
-                node.hook.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.hook.kill()
-                node.hook.wait()
-        node.hook = None
-
-    def cleanup_node(self, node: Node) -> subprocess.CompletedProcess[str]:
-        return node.exec(PYTHON, "-m", "node_hook.cli", "cleanup", "--config", str(node.config_file), check=False)
 
     def sync_peers(self) -> None:
         """Write each node's peers file from the other hooks' announcements and this lab's pod bookkeeping."""
@@ -287,19 +214,34 @@ class Lab:
 
     def close(self) -> None:
         for node in self.nodes.values():
-            self.stop_hook(node)
+            node.stop_hook()
             if node.config_file.exists():
-                self.cleanup_node(node)
-        for namespace in reversed(self.namespaces):
-            # a process left in a namespace keeps it alive after `ip netns del`: end ours first
-            pids = sh("ip", "netns", "pids", namespace, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            sh("ip", "netns", "del", namespace, check=False)
-        self.namespaces.clear()
+                node.cleanup()
+        self.namespaces.close()
+
+
+@contextmanager
+def running_lab(nodes: dict[str, str], pods: dict[str, list[str]], prepare: Callable[[Lab], None] = lambda lab: None,
+                **options: object) -> Iterator[Lab]:
+    """A lab (`options` as Lab takes them) with these nodes (name -> IP) and pods (node name -> pod IPs), `prepare`
+    run on it before the hooks start, then every hook running with the peers synced and converged. Closed and its
+    directory removed afterwards, also when set-up or the test fails."""
+    with short_temp_dir("h3lab-") as root:
+        lab = Lab(root, **options)  # type: ignore[arg-type]
+        try:
+            for name, ip in nodes.items():
+                lab.add_node(name, ip)
+            for name, ips in pods.items():
+                for ip in ips:
+                    lab.add_pod(lab.nodes[name], ip)
+            prepare(lab)
+            for node in lab.nodes.values():
+                lab.start_hook(node)
+            lab.sync_peers()
+            lab.wait_converged()
+            yield lab
+        finally:
+            lab.close()
 
 
 def _hosts(prefix: str) -> list[str]:

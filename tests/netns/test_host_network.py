@@ -11,16 +11,15 @@ sets loose rp_filter on the WireGuard device, so the tunnelled reply is accepted
 from __future__ import annotations
 
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.netns.lab import PYTHON, Lab, in_ns
-from tests.support.polling import wait_until
+from tests.netns.lab import Lab, running_lab
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
+from tests.support.netns import PYTHON, in_ns
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -44,23 +43,9 @@ connection.sendall(b"hello"); print(connection.recv(200).decode())
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     if request.param == "kernel":
         require_kernel_wireguard()
-    root = Path(tempfile.mkdtemp(prefix="h3lab-"))
-    lab = Lab(root, host_encryption=False, backend=request.param)
-    try:
-        a = lab.add_node("a", "10.240.0.4")
-        b = lab.add_node("b", "10.240.0.35")
-        lab.add_pod(a, "10.240.0.70")
-        lab.add_pod(b, "10.240.0.71")
-        for node in (a, b):
-            lab.start_hook(node)
-        lab.sync_peers()
-        lab.wait_converged()
+    with running_lab({"a": "10.240.0.4", "b": "10.240.0.35"}, {"a": ["10.240.0.70"], "b": ["10.240.0.71"]},
+                     host_encryption=False, backend=request.param) as lab:
         yield lab
-    finally:
-        try:
-            lab.close()
-        finally:
-            subprocess.run(["rm", "-rf", str(root)])
 
 
 def echo(server_netns: str, client_netns: str, target: str) -> str:
@@ -100,7 +85,7 @@ def test_hook_restart_keeps_the_key_the_device_and_the_traffic(lab: Lab) -> None
     pinger = subprocess.Popen(["ip", "netns", "exec", pod_a.netns, "ping", "-c", "30", "-i", "0.1", "-W", "1",
                                pod_b.ip], stdout=subprocess.PIPE, text=True)
     time.sleep(0.3)
-    lab.stop_hook(a)
+    a.stop_hook()
     lab.start_hook(a)
     output = pinger.communicate(timeout=30)[0]
     assert " 0% packet loss" in output, output  # the device (wireguard-go or kernel) kept serving without a hook

@@ -12,16 +12,16 @@ import hashlib
 import json
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from tests.netns.lab import PYTHON, Lab, Node, in_ns
-from tests.support.polling import wait_until
+from tests.netns.lab import Lab, Node, running_lab
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
+from tests.support.netns import PYTHON, in_ns
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -46,25 +46,11 @@ def snapshot(node: Node) -> dict[str, str]:
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     if request.param == "kernel":
         require_kernel_wireguard()
-    root = Path(tempfile.mkdtemp(prefix="h3lab-"))
-    lab = Lab(root, backend=request.param)
-    try:
-        for name, ip in NODES.items():
-            lab.add_node(name, ip)
-        for name, ips in PODS.items():
-            for ip in ips:
-                lab.add_pod(lab.nodes[name], ip)
+    def take_snapshots(lab: Lab) -> None:
         lab.before = {name: snapshot(node) for name, node in lab.nodes.items()}  # type: ignore[attr-defined]
-        for node in lab.nodes.values():
-            lab.start_hook(node)
-        lab.sync_peers()
-        lab.wait_converged()
+
+    with running_lab(NODES, PODS, take_snapshots, backend=request.param) as lab:
         yield lab
-    finally:
-        try:
-            lab.close()
-        finally:
-            subprocess.run(["rm", "-rf", str(root)])
 
 
 def pod(lab: Lab, ip: str):  # type: ignore[no-untyped-def]
@@ -285,11 +271,11 @@ def test_outside_damage_is_repaired_with_the_same_key(lab: Lab, damage: str) -> 
 
 def test_cleanup_leaves_the_node_as_found(lab: Lab) -> None:
     b = lab.nodes["b"]  # its pods are the ones it started with (the moved pod came and went)
-    lab.stop_hook(b)
+    b.stop_hook()
     if lab.backend == "userspace":
         assert "wireguard-go" in process_names(b).values()  # the device outlives the hook, like a kernel device
     assert b.wg in snapshot(b)["links"].split()
-    result = lab.cleanup_node(b)
+    result = b.cleanup()
     assert result.returncode == 0, result.stderr
     after = snapshot(b)
     for aspect, before in lab.before["b"].items():  # type: ignore[attr-defined]

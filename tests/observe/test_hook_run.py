@@ -9,15 +9,14 @@ import json
 import os
 import re
 import subprocess
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_hook.keys import load_existing
-from tests.netns.lab import PYTHON, REPO, Lab, Node, in_ns
+from tests.netns.lab import Lab, Node, running_lab
+from tests.support.netns import PYTHON, REPO, in_ns
 from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.netns
@@ -37,24 +36,12 @@ except urllib.error.HTTPError as error:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    root = Path(tempfile.mkdtemp(prefix="h8lab-"))
-    lab = Lab(root)
-    try:
-        for name, ip in NODES.items():
-            node = lab.add_node(name, ip)
-            lab.write_config(node, metricsAddress=METRICS, logLevel="debug", logFormat="json")
-            for pod_ip in PODS[name]:
-                lab.add_pod(node, pod_ip)
+    def configure(lab: Lab) -> None:
         for node in lab.nodes.values():
-            lab.start_hook(node)
-        lab.sync_peers()
-        lab.wait_converged()
+            lab.write_config(node, metricsAddress=METRICS, logLevel="debug", logFormat="json")
+
+    with running_lab(NODES, PODS, configure) as lab:
         yield lab
-    finally:
-        try:
-            lab.close()
-        finally:
-            subprocess.run(["rm", "-rf", str(root)])
 
 
 def fetch(node: Node, path: str) -> tuple[int, str]:
@@ -104,7 +91,7 @@ def test_no_log_line_of_the_run_holds_the_private_key(lab: Lab) -> None:
         secrets[name] = [base64.b64encode(private).decode(), private.hex()]
     for node in lab.nodes.values():
         node.api("resync")
-        lab.stop_hook(node)  # the shutdown is logged too
+        node.stop_hook()  # the shutdown is logged too
     for name, node in lab.nodes.items():
         logs = [node.log_file] + sorted(node.state_dir.glob("*.log"))
         text = "".join(path.read_text(errors="replace") for path in logs)

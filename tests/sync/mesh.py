@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import secrets
 import signal
 import subprocess
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,13 +32,13 @@ from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, VERSION, api_client_for_url
 from tests.support.binaries import built_binary
+from tests.support.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge, sh
 from tests.support.polling import wait_until
+from tests.support.tempdir import short_temp_dir
 from tests.sync.helpers import CRD
 from wgcni_lab.apiserver import ApiServer, NamespacedListener
 from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist
 
-REPO = Path(__file__).resolve().parents[2]
-PYTHON = sys.executable
 SUBNET = ipaddress.IPv4Network("10.240.0.0/16")
 API_ADDRESS = "10.240.255.254"
 API_PORT = 6443
@@ -46,13 +46,6 @@ POD_GATEWAY = "10.240.255.1"  # ptp puts the IPAM gateway on every host veth; ou
 ROUTE_TABLE = 51820
 LISTEN_PORT = 51820
 NETWORK = "azure"
-
-
-def sh(*args: str, check: bool = True, timeout: float = 30, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: exit {result.returncode}: {result.stderr.strip()}")
-    return result.stdout
 
 
 @dataclass
@@ -65,9 +58,6 @@ class MeshPod:
     def ip(self) -> str:
         return self.sandbox.ip
 
-    def exec(self, *args: str, check: bool = True, timeout: float = 30) -> str:
-        return sh("nsenter", f"--net={self.sandbox.netns_proc_path}", "--", *args, check=check, timeout=timeout)
-
     def ping(self, ip: str, count: int = 1, timeout: float = 2) -> bool:
         result = subprocess.run(
             ["nsenter", f"--net={self.sandbox.netns_proc_path}", "--", "ping", "-n", "-q", "-c", str(count),
@@ -76,44 +66,16 @@ class MeshPod:
 
 
 @dataclass
-class MeshNode:
-    name: str
-    ip: str
-    netns: str
-    wg: str
-    directory: Path
-    pod_range: tuple[str, str]
+class MeshNode(HookNode):
+    """A mesh node: its pods come from `pod_range` through its own containerd's CNI chain."""
+
+    pod_range: tuple[str, str] = field(default=("", ""), kw_only=True)
     containerd: Containerd | None = None
-    hook: subprocess.Popen | None = None
     pods: dict[str, MeshPod] = field(default_factory=dict)
-
-    @property
-    def socket(self) -> Path:
-        return self.directory / "hook.sock"
-
-    @property
-    def state_dir(self) -> Path:
-        return self.directory / "state"
-
-    @property
-    def config_file(self) -> Path:
-        return self.directory / "hook.json"
-
-    @property
-    def log_file(self) -> Path:
-        return self.directory / "hook.log"
-
-    def exec(self, *args: str, check: bool = True, timeout: float = 30) -> str:
-        return sh("ip", "netns", "exec", self.netns, *args, check=check, timeout=timeout)
-
-    def hook_api(self, op: str, **fields: object) -> dict:
-        from node_hook.local_api import request
-
-        return request(self.socket, {"op": op, **fields})
 
     def wg_peers(self) -> dict[str, set[str]]:
         """Public key -> every address its AllowedIPs cover, as `wg show dump` reports them (not the hook)."""
-        lines = sh("wg", "show", self.wg, "dump", check=False).splitlines()[1:]
+        lines = sh("wg", "show", self.wg, "dump", check=False).stdout.splitlines()[1:]
         peers = {}
         for line in lines:
             fields = line.split("\t")
@@ -147,15 +109,11 @@ class Mesh:
         self.vnet = f"s4vnet-{self.suffix}"
         self.bridge = "br0"
         self.nodes: dict[str, MeshNode] = {}
-        self.namespaces: list[str] = []
+        self.namespaces = Namespaces()
         self.server: ApiServer | None = None
         self._uid_counter = 0
-        sh("ip", "netns", "add", self.vnet)
-        self.namespaces.append(self.vnet)
-        self._vnet("ip", "link", "set", "lo", "up")
-        self._vnet("ip", "link", "add", self.bridge, "type", "bridge")
-        self._vnet("ip", "addr", "add", f"{API_ADDRESS}/{SUBNET.prefixlen}", "dev", self.bridge)
-        self._vnet("ip", "link", "set", self.bridge, "up")
+        new_bridge_namespace(self.namespaces, self.vnet, self.bridge)
+        in_ns(self.vnet, "ip", "addr", "add", f"{API_ADDRESS}/{SUBNET.prefixlen}", "dev", self.bridge)
         self.server = ApiServer(crds=[CRD], bookmark_interval=bookmark_interval,
                                 also_listen=[NamespacedListener(self.vnet, API_ADDRESS, API_PORT)]).start()
         self.api_client = api_client_for_url(self.server.url)
@@ -170,9 +128,6 @@ class Mesh:
         }))
         self.plugin = Path(built_binary("wgcni"))
 
-    def _vnet(self, *args: str) -> str:
-        return sh("ip", "netns", "exec", self.vnet, *args)
-
     # ---- nodes ------------------------------------------------------------------------------------------
 
     def add_node(self, name: str, index: int, labels: dict[str, str] | None = None) -> MeshNode:
@@ -182,16 +137,10 @@ class Mesh:
         netns = f"s4{name}-{self.suffix}"
         directory = self.root / name
         directory.mkdir()
-        sh("ip", "netns", "add", netns)
-        self.namespaces.append(netns)
-        node = MeshNode(name, ip, netns, f"wgs{index}{self.suffix}"[:15], directory, pod_range)
+        self.namespaces.add(netns)
+        node = MeshNode(name, ip, netns, f"wgs{index}{self.suffix}"[:15], directory, pod_range=pod_range)
         self.nodes[name] = node
-        uplink = f"s4u{index}{self.suffix}"[:15]
-        self._vnet("ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        self._vnet("ip", "link", "set", uplink, "master", self.bridge, "up")
-        node.exec("ip", "link", "set", "lo", "up")
-        node.exec("ip", "addr", "add", f"{ip}/{SUBNET.prefixlen}", "dev", "eth0")
-        node.exec("ip", "link", "set", "eth0", "up")
+        plug_into_bridge(self.vnet, self.bridge, f"s4u{index}{self.suffix}"[:15], netns, f"{ip}/{SUBNET.prefixlen}")
         # The Azure VNet delivers a pod IP to the VM that holds it; here the node answers ARP on the bridge for
         # the pods it routes (their /32 routes point at veths), which is what plaintext (opted-out) paths need.
         node.exec("sysctl", "-qw", "net.ipv4.conf.eth0.proxy_arp=1")
@@ -200,7 +149,7 @@ class Mesh:
             status=client.V1NodeStatus(addresses=[client.V1NodeAddress(type="InternalIP", address=ip)])))
         self._start_containerd(node)
         self.write_hook_config(node)
-        self.start_hook(node)
+        node.start_hook(env={"KUBECONFIG": str(self.kubeconfig)}, timeout=30)
         return node
 
     def _start_containerd(self, node: MeshNode) -> None:
@@ -243,29 +192,6 @@ class Mesh:
             "hostEncryption": True, "azure": False, "podInterfacePrefixes": ["veth"],
             "resyncInterval": 30, "recordRescanInterval": 2, "logLevel": "info",
         }))
-
-    def start_hook(self, node: MeshNode) -> None:
-        with open(node.log_file, "ab") as log:
-            node.hook = subprocess.Popen(
-                ["ip", "netns", "exec", node.netns, PYTHON, "-m", "node_hook.cli", "run", "--config",
-                 str(node.config_file)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                env=dict(os.environ, PYTHONPATH=str(REPO), KUBECONFIG=str(self.kubeconfig)))
-        wait_until(lambda: node.socket.exists() or node.hook.poll() is not None, 30, f"{node.name} hook socket")
-        if node.hook.poll() is not None:
-            raise AssertionError(f"hook {node.name} exited: {node.log_file.read_text()[-3000:]}")
-
-    def stop_hook(self, node: MeshNode) -> None:
-        if node.hook is None:
-            return
-        if node.hook.poll() is None:
-            node.hook.send_signal(signal.SIGTERM)
-            try:
-                node.hook.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                node.hook.kill()
-                node.hook.wait()
-        node.hook = None
 
     # ---- pods -------------------------------------------------------------------------------------------
 
@@ -324,24 +250,31 @@ class Mesh:
                 node.hook.send_signal(signal.SIGTERM)
         for node in self.nodes.values():
             try:
-                self.stop_hook(node)
+                node.stop_hook()
                 if node.containerd is not None:
                     node.containerd.stop()
                 if node.config_file.exists():
-                    node.exec(PYTHON, "-m", "node_hook.cli", "cleanup", "--config", str(node.config_file),
-                              check=False)
+                    node.cleanup()
             except Exception as error:  # noqa: BLE001 - keep tearing down the rest, report at the end
                 errors.append(f"{node.name}: {error}")
         if self.server is not None:
             self.server.stop()
             self.api_client.close()
-        for namespace in reversed(self.namespaces):
-            for pid in sh("ip", "netns", "pids", namespace, check=False).split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            sh("ip", "netns", "del", namespace, check=False)
-        self.namespaces.clear()
+        self.namespaces.close()
         if errors:
             raise RuntimeError("; ".join(errors))
+
+
+@contextmanager
+def running_mesh(names: list[str], timeout: float) -> Iterator[Mesh]:
+    """A mesh of these nodes (the i-th gets index i) whose keys are all published within `timeout`. Closed and its
+    directory removed afterwards, also when set-up or the test fails."""
+    with short_temp_dir("s4m-") as root:
+        mesh = Mesh(root)
+        try:
+            for index, name in enumerate(names):
+                mesh.add_node(name, index)
+            wait_until(lambda: len(mesh.encrypted_nodes()) == len(names), timeout, f"{len(names)} published keys")
+            yield mesh
+        finally:
+            mesh.close()

@@ -5,11 +5,8 @@ convergence to exactly the truth after API faults during pod churn."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -18,7 +15,7 @@ from kubernetes import client
 from node_hook.cluster import GROUP, PLURAL, USER_AGENT, VERSION
 from tests.support.polling import wait_until
 from tests.sync.helpers import new_key
-from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod
+from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod, running_mesh
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime]
 
@@ -27,18 +24,8 @@ CONVERGE = 20.0  # seconds; the measured convergence is about a second, this bou
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    root = Path(tempfile.mkdtemp(prefix="s4m-"))
-    lab = Mesh(root)
-    try:
-        for index, name in enumerate(("node-a", "node-b", "node-c")):
-            lab.add_node(name, index)
-        wait_until(lambda: len(lab.encrypted_nodes()) == 3, CONVERGE, "three published keys")
-        yield lab
-    finally:
-        try:
-            lab.close()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+    with running_mesh(["node-a", "node-b", "node-c"], CONVERGE) as mesh:
+        yield mesh
 
 
 def converge(mesh: Mesh, what: str) -> None:
@@ -79,7 +66,7 @@ def test_cross_node_pods_reach_each_other_encrypted(mesh):
     assert not plaintext, plaintext[:5]
     assert any(f".{LISTEN_PORT}:" in line and "UDP" in line for line in capture.packets)
     for node in mesh.nodes.values():
-        handshakes = node.exec("wg", "show", node.wg, "latest-handshakes").split()
+        handshakes = node.exec("wg", "show", node.wg, "latest-handshakes").stdout.split()
         assert handshakes and all(int(value) > 0 for value in handshakes[1::2]), handshakes
 
 
@@ -129,7 +116,7 @@ def test_opted_out_node_is_reached_in_plaintext_and_reported(mesh):
     try:
         wait_until(lambda: "node-c" not in mesh.encrypted_nodes(), CONVERGE, "node-c publishes no key")
         converge(mesh, "node-c in plaintext")
-        status = node_a.hook_api("status")
+        status = node_a.api("status")
         assert any(problem["kind"] == "no-key" and problem["subject"] == "node-c" for problem in status["problems"])
         obj = mesh.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, "node-c")
         assert obj["status"]["encryption"] == "OptedOut"
@@ -167,8 +154,8 @@ def test_faults_during_churn_converge_to_exactly_the_truth(mesh):
     converge(mesh, "exact mesh after faults")
     assert server.pending_faults() == 0, "every injected failure reached a hook"
     for node in nodes:
-        wait_until(lambda node=node: node.hook_api("status")["sync"]["published"], CONVERGE, f"{node.name} published")
-        status = node.hook_api("status")["sync"]
+        wait_until(lambda node=node: node.api("status")["sync"]["published"], CONVERGE, f"{node.name} published")
+        status = node.api("status")["sync"]
         assert status["watch_errors"] > 0 and status["relists"] > 1, status
 
 
@@ -231,7 +218,7 @@ def test_key_and_ip_claimed_twice_follow_the_conflict_rules(mesh):
         for node in (node_a, node_c):
             wait_until(lambda node=node: keys["node-b"] not in node.wg_peers()
                        and node.wg_routes().get(pod_b.ip) == "throw", CONVERGE, f"{node.name} drops node-b's key")
-        problems = node_a.hook_api("status")["problems"]
+        problems = node_a.api("status")["problems"]
         assert any(problem["kind"] == "key-conflict" for problem in problems), problems
     finally:
         mesh.core.delete_node("rogue-key")

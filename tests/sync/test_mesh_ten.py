@@ -4,16 +4,13 @@ pod churn across many nodes under a restart and a cut watch converges again."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from tests.support.polling import wait_until
-from tests.sync.mesh import Mesh
+from tests.sync.mesh import Mesh, running_mesh
 from tests.sync.test_mesh import CONVERGE, Capture, converge
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
@@ -23,18 +20,8 @@ NODES = 10
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
-    root = Path(tempfile.mkdtemp(prefix="s4t-"))
-    lab = Mesh(root)
-    try:
-        for index in range(NODES):
-            lab.add_node(f"node-{index}", index)
-        wait_until(lambda: len(lab.encrypted_nodes()) == NODES, 60, "ten published keys")
-        yield lab
-    finally:
-        try:
-            lab.close()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+    with running_mesh([f"node-{index}" for index in range(NODES)], 60) as mesh:
+        yield mesh
 
 
 def test_ten_node_mesh_is_exact_encrypted_and_survives_churn_with_faults(mesh):

@@ -1,0 +1,146 @@
+"""Network-namespace building blocks shared by the hook's dataplane lab (tests/netns/lab.py) and the Kubernetes sync
+mesh (tests/sync/mesh.py): commands in namespaces, a VNet bridge namespace with node namespaces plugged into it, a
+simulated node with its own `wgcni-node run`, and a teardown that leaves no namespace or process behind.
+
+Command timeouts are stretched by the tests' time scale (tests/support/polling.py), like every wait.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from node_hook.local_api import request
+from tests.support.polling import TIME_SCALE, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command; with `check`, a non-zero exit raises with its stderr."""
+    result = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout * TIME_SCALE, env=env)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: exit {result.returncode}: {result.stderr.strip()}")
+    return result
+
+
+def in_ns(namespace: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return sh("ip", "netns", "exec", namespace, *args, check=check, timeout=timeout)
+
+
+class Namespaces:
+    """The named network namespaces a test made, in creation order; `close()` ends every process still inside one
+    (a process keeps a namespace alive after `ip netns del`) and deletes them, newest first."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def add(self, name: str) -> str:
+        sh("ip", "netns", "add", name)
+        self.names.append(name)
+        return name
+
+    def delete(self, name: str) -> None:
+        sh("ip", "netns", "del", name, check=False)
+        self.names.remove(name)
+
+    def close(self) -> None:
+        for name in reversed(self.names):
+            for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            sh("ip", "netns", "del", name, check=False)
+        self.names.clear()
+
+
+def new_bridge_namespace(namespaces: Namespaces, name: str, bridge: str) -> str:
+    """The VNet: a namespace holding an up bridge (and loopback)."""
+    namespaces.add(name)
+    in_ns(name, "ip", "link", "set", "lo", "up")
+    in_ns(name, "ip", "link", "add", bridge, "type", "bridge")
+    in_ns(name, "ip", "link", "set", bridge, "up")
+    return name
+
+
+def plug_into_bridge(vnet: str, bridge: str, uplink: str, netns: str, address: str) -> None:
+    """Give `netns` an up `eth0` with `address` (CIDR) and loopback, its veth peer `uplink` a port of `bridge`."""
+    in_ns(vnet, "ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns)
+    in_ns(vnet, "ip", "link", "set", uplink, "master", bridge, "up")
+    in_ns(netns, "ip", "link", "set", "lo", "up")
+    in_ns(netns, "ip", "addr", "add", address, "dev", "eth0")
+    in_ns(netns, "ip", "link", "set", "eth0", "up")
+
+
+@dataclass
+class HookNode:
+    """A simulated node: its network namespace, its WireGuard interface name (unique per run: /var/run/wireguard is
+    not per namespace), and a directory with its hook's config, state, socket and log."""
+
+    name: str
+    ip: str
+    netns: str
+    wg: str
+    directory: Path
+    hook: subprocess.Popen | None = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / "state"
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "hook.sock"
+
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "config.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "hook.log"
+
+    def exec(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return in_ns(self.netns, *args, check=check, timeout=timeout)
+
+    def api(self, op: str, **fields: object) -> dict:
+        """Ask the hook's local API."""
+        return request(self.socket, {"op": op, **fields})
+
+    def start_hook(self, env: dict[str, str] | None = None, timeout: float = 20) -> None:
+        """`wgcni-node run` on `config_file` in the node's namespace (from the sources, output to `log_file`);
+        returns once its local API socket exists, fails the test with the log's tail if it exits first."""
+        with open(self.log_file, "ab") as log:
+            self.hook = subprocess.Popen(
+                ["ip", "netns", "exec", self.netns, PYTHON, "-m", "node_hook.cli", "run", "--config",
+                 str(self.config_file)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+        hook = self.hook
+        wait_until(lambda: self.socket.exists() or hook.poll() is not None, timeout, f"{self.name} hook socket")
+        if hook.poll() is not None:
+            raise AssertionError(f"hook {self.name} exited: {self.log_file.read_text()[-3000:]}")
+
+    def stop_hook(self, timeout: float = 20) -> None:
+        """SIGTERM the hook and wait for it (SIGKILL after `timeout`); nothing if it is not running."""
+        if self.hook is None:
+            return
+        if self.hook.poll() is None:
+            self.hook.send_signal(signal.SIGTERM)
+            try:
+                self.hook.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.hook.kill()
+                self.hook.wait()
+        self.hook = None
+
+    def cleanup(self) -> subprocess.CompletedProcess[str]:
+        """`wgcni-node cleanup` with the node's config: removes what the hook made in the namespace."""
+        return self.exec(PYTHON, "-m", "node_hook.cli", "cleanup", "--config", str(self.config_file), check=False)
