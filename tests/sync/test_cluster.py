@@ -27,6 +27,13 @@ def seen_pod_ips(recorder, name):
     return latest[name].pod_ips if name in latest else None
 
 
+def two_nodes(core, make_source):
+    """node-a and node-b in the API, each with a running peer source: source_a, seen_by_a, source_b, seen_by_b."""
+    create_node(core, "node-a")
+    create_node(core, "node-b")
+    return (*make_source("node-a"), *make_source("node-b"))
+
+
 def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, custom, make_source):
     node_a = create_node(core, "node-a")
     create_node(core, "node-b")
@@ -104,10 +111,7 @@ def test_someone_elses_edit_of_the_object_is_repaired(core, custom, make_source)
 
 
 def test_cut_watch_and_410_relist_keep_peers_exact(server, core, make_source):
-    create_node(core, "node-a")
-    create_node(core, "node-b")
-    source_a, _ = make_source("node-a")
-    source_b, seen_by_b = make_source("node-b")
+    source_a, _, source_b, seen_by_b = two_nodes(core, make_source)
     key = new_key()
     source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
     wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
@@ -127,10 +131,7 @@ def test_cut_watch_and_410_relist_keep_peers_exact(server, core, make_source):
 
 
 def test_restart_during_publish_converges(server, core, custom, make_source):
-    create_node(core, "node-a")
-    create_node(core, "node-b")
-    source_a, _ = make_source("node-a")
-    _, seen_by_b = make_source("node-b")
+    source_a, _, _, seen_by_b = two_nodes(core, make_source)
     key = new_key()
     source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
     wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
@@ -158,10 +159,7 @@ def test_peers_are_handed_over_only_after_a_complete_list(server, core, custom, 
 
 
 def test_opt_out_label_publishes_no_key_and_peers_go_plaintext(core, custom, make_source):
-    create_node(core, "node-a")
-    create_node(core, "node-b")
-    source_a, seen_by_a = make_source("node-a")
-    _, seen_by_b = make_source("node-b")
+    source_a, _, _, seen_by_b = two_nodes(core, make_source)
     key_a = new_key()
     source_a.publish(announcement("node-a", key_a, {"10.240.0.70"}))
     wait_until(lambda: (seen_by_b.latest or {}).get("node-a") and seen_by_b.latest["node-a"].public_key == key_a,
@@ -189,10 +187,7 @@ def test_opted_out_node_hands_its_hook_no_remote_keys(core, make_source):
 
 
 def test_node_deletion_garbage_collects_object_and_peer_disappears(core, custom, make_source):
-    create_node(core, "node-a")
-    create_node(core, "node-b")
-    source_a, _ = make_source("node-a")
-    _, seen_by_b = make_source("node-b")
+    source_a, _, _, seen_by_b = two_nodes(core, make_source)
     source_a.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
     wait_until(lambda: "node-a" in (seen_by_b.latest or {}), what="node-a seen")
     core.delete_node("node-a")
