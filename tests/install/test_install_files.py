@@ -29,6 +29,13 @@ AKS_CONFLISTS = sorted(DATA.glob("*.conflist"))
 SETTINGS = PluginSettings()
 
 
+def _aks_conflist(conf_dir: Path) -> Path:
+    """Put AKS's conflist (azure-linux) on the node as 10-azure.conflist, as the node image does."""
+    conflist = conf_dir / "10-azure.conflist"
+    conflist.write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    return conflist
+
+
 def _snapshot(*directories: Path) -> dict[str, tuple[bytes | str, int]]:
     """Every entry below the directories: content (or symlink target) and mode."""
     result = {}
@@ -69,8 +76,7 @@ def test_install_then_uninstall_restores_every_aks_conflist_byte_for_byte(node, 
 
 def test_install_is_idempotent_and_touches_nothing_the_second_time(node):
     conf_dir, bin_dir, plugin = node
-    conflist = conf_dir / "10-azure.conflist"
-    conflist.write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    conflist = _aks_conflist(conf_dir)
     install(conf_dir, bin_dir, plugin, SETTINGS)
     inodes = {path.name: path.stat().st_ino for path in [*conf_dir.iterdir(), *bin_dir.iterdir()]}
     before = _snapshot(conf_dir, bin_dir)
@@ -96,7 +102,7 @@ def test_changed_settings_update_the_entry_in_place(node):
 
 def test_only_the_first_config_by_name_is_edited(node):
     conf_dir, bin_dir, plugin = node
-    (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    _aks_conflist(conf_dir)
     overlay = (DATA / "azure-linux-swift-overlay.conflist").read_bytes()
     (conf_dir / "15-azure-swift-overlay.conflist").write_bytes(overlay)
     (conf_dir / "05-notes.txt").write_text("not a CNI config")
@@ -126,7 +132,7 @@ def test_only_the_first_config_by_name_is_edited(node):
 )
 def test_refusal_changes_nothing(node, name, content, message):
     conf_dir, bin_dir, plugin = node
-    (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    _aks_conflist(conf_dir)
     (conf_dir / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     before = _snapshot(conf_dir, bin_dir)
     with pytest.raises(InstallError, match=message):
@@ -152,7 +158,7 @@ def test_symlinked_config_is_refused(node, tmp_path):
 
 def test_missing_plugin_is_refused_before_the_conflist_is_touched(node, tmp_path):
     conf_dir, bin_dir, _ = node
-    (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    _aks_conflist(conf_dir)
     before = _snapshot(conf_dir, bin_dir)
     with pytest.raises(InstallError, match="not found"):
         install(conf_dir, bin_dir, tmp_path / "missing", SETTINGS)
@@ -161,8 +167,7 @@ def test_missing_plugin_is_refused_before_the_conflist_is_touched(node, tmp_path
 
 def test_rewrite_by_the_owner_refreshes_the_backup(node):
     conf_dir, bin_dir, plugin = node
-    conflist = conf_dir / "10-azure.conflist"
-    conflist.write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    conflist = _aks_conflist(conf_dir)
     install(conf_dir, bin_dir, plugin, SETTINGS)
     regenerated = (DATA / "azure-linux-swift-overlay.conflist").read_bytes()
     conflist.write_bytes(regenerated)  # Azure CNS regenerates the file without wgcni
@@ -174,8 +179,7 @@ def test_rewrite_by_the_owner_refreshes_the_backup(node):
 
 def test_uninstall_keeps_later_edits_and_removes_only_the_entry(node):
     conf_dir, bin_dir, plugin = node
-    conflist = conf_dir / "10-azure.conflist"
-    conflist.write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    conflist = _aks_conflist(conf_dir)
     install(conf_dir, bin_dir, plugin, SETTINGS)
     edited = json.loads(conflist.read_text())
     edited["plugins"].append({"type": "bandwidth"})
@@ -188,8 +192,7 @@ def test_uninstall_keeps_later_edits_and_removes_only_the_entry(node):
 
 def test_uninstall_leaves_a_file_rewritten_without_wgcni_alone(node):
     conf_dir, bin_dir, plugin = node
-    conflist = conf_dir / "10-azure.conflist"
-    conflist.write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    conflist = _aks_conflist(conf_dir)
     install(conf_dir, bin_dir, plugin, SETTINGS)
     regenerated = (DATA / "azure-linux-swift.conflist").read_bytes()
     conflist.write_bytes(regenerated)
@@ -200,7 +203,7 @@ def test_uninstall_leaves_a_file_rewritten_without_wgcni_alone(node):
 
 def test_uninstall_when_nothing_is_installed_changes_nothing(node):
     conf_dir, bin_dir, _ = node
-    (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    _aks_conflist(conf_dir)
     before = _snapshot(conf_dir, bin_dir)
     assert uninstall(conf_dir, bin_dir) == []
     assert _snapshot(conf_dir, bin_dir) == before
@@ -218,7 +221,7 @@ def _bundle(root: Path, marker: str) -> Path:
 
 def test_one_directory_bundle_is_installed_behind_an_atomic_symlink(node, tmp_path):
     conf_dir, bin_dir, _ = node
-    (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    _aks_conflist(conf_dir)
     first = _bundle(tmp_path / "v1" / "wgcni", "one")
     install(conf_dir, bin_dir, first, SETTINGS)
     assert (bin_dir / "wgcni").is_symlink()
@@ -243,7 +246,7 @@ def test_one_directory_bundle_is_installed_behind_an_atomic_symlink(node, tmp_pa
 
 def test_bundle_without_its_executable_is_refused(node, tmp_path):
     conf_dir, bin_dir, _ = node
-    (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    _aks_conflist(conf_dir)
     empty = tmp_path / "bundle"
     empty.mkdir()
     with pytest.raises(InstallError, match="no executable wgcni"):
@@ -287,7 +290,7 @@ def test_cli_install_and_uninstall(node, tmp_path):
 )
 def test_cli_errors_are_one_line_without_traceback(node, arguments, message):
     conf_dir, bin_dir, plugin = node
-    (conf_dir / "10-azure.conflist").write_bytes((DATA / "azure-linux.conflist").read_bytes())
+    _aks_conflist(conf_dir)
     base = {"--conf-dir": str(conf_dir), "--bin-dir": str(bin_dir), "--plugin": str(plugin)}
     base.update(dict(zip(arguments[::2], arguments[1::2])))
     command = [sys.executable, "-c", "from node_hook.install import install_cni; install_cni()",

@@ -27,6 +27,17 @@ def seen_pod_ips(recorder, name):
     return latest[name].pod_ips if name in latest else None
 
 
+def fast_writer_published(core, make_source):
+    """node-a in the API with a peer source that has published its first announcement (10.240.0.70): source, key.
+    Failed writes count against the write rate too; 50 writes/s keeps the fault tests short."""
+    create_node(core, "node-a")
+    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
+    key = new_key()
+    source.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_until(lambda: source.status.published, what="first publish")
+    return source, key
+
+
 def two_nodes(core, make_source):
     """node-a and node-b in the API, each with a running peer source: source_a, seen_by_a, source_b, seen_by_b."""
     create_node(core, "node-a")
@@ -84,12 +95,7 @@ def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(s
 
 
 def test_conflict_storm_and_server_errors_never_lose_the_update(server, core, custom, make_source):
-    create_node(core, "node-a")
-    # Failed writes count against the write rate too; a higher rate keeps this test short.
-    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
-    key = new_key()
-    source.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_until(lambda: source.status.published, what="first publish")
+    source, key = fast_writer_published(core, make_source)
     server.fail_next(12, code=409, methods={"PUT"}, path_contains=OWN_OBJECT)
     server.fail_next(6, code=500, methods={"PUT", "GET"}, path_contains=OWN_OBJECT)
     source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71"}))
@@ -315,11 +321,7 @@ def test_periodic_relist_is_a_safety_net(core, make_source):
 
 
 def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custom, make_source):
-    create_node(core, "node-a")
-    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
-    key = new_key()
-    source.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_until(lambda: source.status.published, what="first publish")
+    source, key = fast_writer_published(core, make_source)
     stop = threading.Event()
 
     def meddle() -> None:  # another writer bumping the object's resourceVersion as fast as it can
