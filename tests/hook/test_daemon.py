@@ -23,25 +23,10 @@ from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, answer, request
 from node_hook.model import LocalAnnouncement, RemoteNode
 from node_hook.static_peers import PeersFileError, StaticPeerSource, parse_peers
+from tests.support.peer_source import ManualPeerSource
 from tests.support.polling import wait_until
 
 KEY_B = "B" * 43 + "="
-
-
-class ManualPeerSource:
-    def __init__(self) -> None:
-        self.on_nodes: Callable[[dict[str, RemoteNode], bool], None] | None = None
-        self.published: list[LocalAnnouncement] = []
-        self.stopped = False
-
-    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
-        self.on_nodes = on_nodes
-
-    def publish(self, announcement: LocalAnnouncement) -> None:
-        self.published.append(announcement)
-
-    def stop(self) -> None:
-        self.stopped = True
 
 
 def node_b(pods: set[str]) -> RemoteNode:

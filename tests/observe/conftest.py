@@ -22,7 +22,8 @@ from node_hook.detect import Environment
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer
 from node_hook.metrics import HookMetrics, MetricsServer
-from node_hook.model import LocalAnnouncement, RemoteNode
+from node_hook.model import RemoteNode
+from tests.support.peer_source import ManualPeerSource
 from tests.support.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,24 +38,6 @@ def remote(name: str, letter: str, node_ip: str, pod_ips: set[str], changed_at: 
            key: str | None = None) -> RemoteNode:
     return RemoteNode(name, key if key is not None else key_of(letter), node_ip, 51820, frozenset({node_ip}),
                       frozenset(pod_ips), changed_at)
-
-
-class ManualPeerSource:
-    """A peer source the test drives; `error`/`status` are what the daemon and metrics read from real sources."""
-
-    def __init__(self) -> None:
-        self.on_nodes: Callable[[dict[str, RemoteNode], bool], None] | None = None
-        self.error: str | None = None
-        self.status: object = None
-
-    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
-        self.on_nodes = on_nodes
-
-    def publish(self, announcement: LocalAnnouncement) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
 
 
 class Hook:
