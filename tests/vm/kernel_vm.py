@@ -74,7 +74,7 @@ AUTOLOAD_MODULE_DIRS = (
 
 # Where the kernel_wg tests live: the backend's own tests and the dataplane tests that run on both backends.
 KERNEL_TEST_PATHS = ("tests/kernel", "tests/netns")
-# Stretch factor for the dataplane tests' waits (tests/netns/lab.py): Python under TCG is ~18x slower.
+# Stretch factor for the tests' waits and command timeouts (tests/support/polling.py): Python under TCG is ~18x slower.
 TIME_SCALE = 10
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
