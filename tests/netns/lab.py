@@ -73,7 +73,7 @@ class Lab:
         self.nodes: dict[str, Node] = {}
         self.namespaces = Namespaces()
         self._pod_counter = 0
-        new_bridge_namespace(self.namespaces, self.vnet, self.bridge)
+        new_bridge_namespace(self.namespaces, self.vnet, self.bridge, ipv4_only=True)
 
     # ---- topology ---------------------------------------------------------------------------------------
 
@@ -84,10 +84,10 @@ class Lab:
         directory.mkdir(parents=True)
         self.namespaces.add(netns)
         node = Node(name, ip, netns, wg, directory)
-        plug_into_bridge(self.vnet, self.bridge, f"up{name[:4]}{self.suffix}"[:15], netns, f"{ip}/{PREFIX_LEN}")
         # IPv4 VNet: no IPv6 link-local chatter on the capture (the WireGuard device keeps its IPv6 link-local
         # address, as on a real node)
-        node.exec("sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
+        plug_into_bridge(self.vnet, self.bridge, f"up{name[:4]}{self.suffix}"[:15], netns, f"{ip}/{PREFIX_LEN}",
+                         ipv4_only=True)
         node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         node.exec("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")  # strict, as on many distros
         node.exec("sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1")

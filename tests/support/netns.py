@@ -61,20 +61,26 @@ class Namespaces:
         self.names.clear()
 
 
-def new_bridge_namespace(namespaces: Namespaces, name: str, bridge: str) -> str:
-    """The VNet: a namespace holding an up bridge (and loopback)."""
+def new_bridge_namespace(namespaces: Namespaces, name: str, bridge: str, ipv4_only: bool = False) -> str:
+    """The VNet: a namespace holding an up bridge (and loopback). `ipv4_only`: no link in it ever gets IPv6, so no
+    link-local chatter (MLD reports of links just brought up) reaches a capture on the bridge."""
     namespaces.add(name)
+    if ipv4_only:
+        in_ns(name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
     in_ns(name, "ip", "link", "set", "lo", "up")
     in_ns(name, "ip", "link", "add", bridge, "type", "bridge")
     in_ns(name, "ip", "link", "set", bridge, "up")
     return name
 
 
-def plug_into_bridge(vnet: str, bridge: str, uplink: str, netns: str, address: str) -> None:
-    """Give `netns` an up `eth0` with `address` (CIDR) and loopback, its veth peer `uplink` a port of `bridge`."""
+def plug_into_bridge(vnet: str, bridge: str, uplink: str, netns: str, address: str, ipv4_only: bool = False) -> None:
+    """Give `netns` an up `eth0` with `address` (CIDR) and loopback, its veth peer `uplink` a port of `bridge`.
+    `ipv4_only`: IPv6 is off on that eth0 before it comes up (the node's other links keep theirs)."""
     in_ns(vnet, "ip", "link", "add", uplink, "type", "veth", "peer", "name", "eth0", "netns", netns)
     in_ns(vnet, "ip", "link", "set", uplink, "master", bridge, "up")
     in_ns(netns, "ip", "link", "set", "lo", "up")
+    if ipv4_only:
+        in_ns(netns, "sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1")
     in_ns(netns, "ip", "addr", "add", address, "dev", "eth0")
     in_ns(netns, "ip", "link", "set", "eth0", "up")
 
