@@ -26,6 +26,7 @@ from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
 from node_hook.planner import desired_rules
 from tests.support.polling import wait_until
+from wgcni_lab.cleanup import process_state
 
 pytestmark = pytest.mark.netns
 
@@ -125,8 +126,7 @@ def test_close_leaves_wireguard_go_serving_and_a_new_backend_adopts_it(netns: st
         assert os.path.exists(f"/proc/{pid}")  # the same process still serves the device, peers intact
         assert set(successor.read().peers) == {peer}
         successor.delete_device()
-        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
-                   5, what="adopted wireguard-go ended by delete_device")
+        wait_until(lambda: process_state(pid) in (None, "Z"), 5, what="adopted wireguard-go ended by delete_device")
         assert not (SOCKET_DIR / f"{ifname}.sock").exists()
     finally:
         subprocess.run(["ip", "link", "del", ifname], capture_output=True)  # ends wireguard-go if still there
