@@ -45,6 +45,16 @@ def two_nodes(core, make_source):
     return (*make_source("node-a"), *make_source("node-b"))
 
 
+def node_a_seen_by_b(core, make_source):
+    """two_nodes() after node-b saw node-a's first announcement (a new key, 10.240.0.70): source_a, source_b,
+    seen_by_b, key."""
+    source_a, _, source_b, seen_by_b = two_nodes(core, make_source)
+    key = new_key()
+    source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
+    return source_a, source_b, seen_by_b, key
+
+
 def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, custom, make_source):
     node_a = create_node(core, "node-a")
     create_node(core, "node-b")
@@ -117,10 +127,7 @@ def test_someone_elses_edit_of_the_object_is_repaired(core, custom, make_source)
 
 
 def test_cut_watch_and_410_relist_keep_peers_exact(server, core, make_source):
-    source_a, _, source_b, seen_by_b = two_nodes(core, make_source)
-    key = new_key()
-    source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
+    source_a, source_b, seen_by_b, key = node_a_seen_by_b(core, make_source)
     server.cut_watches()
     source_a.publish(announcement("node-a", key, {"10.240.0.71"}))
     wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.71"}, what="view after cut")
@@ -137,10 +144,7 @@ def test_cut_watch_and_410_relist_keep_peers_exact(server, core, make_source):
 
 
 def test_restart_during_publish_converges(server, core, custom, make_source):
-    source_a, _, _, seen_by_b = two_nodes(core, make_source)
-    key = new_key()
-    source_a.publish(announcement("node-a", key, {"10.240.0.70"}))
-    wait_until(lambda: seen_pod_ips(seen_by_b, "node-a") == {"10.240.0.70"}, what="first view")
+    source_a, _, seen_by_b, key = node_a_seen_by_b(core, make_source)
     server.stop()
     source_a.publish(announcement("node-a", key, {"10.240.0.90"}))
     time.sleep(0.5)  # the writer fails against a closed port and keeps the announcement
