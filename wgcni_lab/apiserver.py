@@ -721,6 +721,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise ApiError(400, "BadRequest", "the request body is not valid JSON") from None
 
+    def read_object(self) -> dict[str, Any]:
+        """The body of a create or an update: a JSON object."""
+        body = self.read_body()
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the request body must be an object")
+        return body
+
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -980,17 +987,12 @@ class ApiServer:
             if method == "GET":
                 return 200, self._list(rtype, query)
             if method == "POST":
-                body = request.read_body()
-                if not isinstance(body, dict):
-                    raise ApiError(400, "BadRequest", "the request body must be an object")
-                return 201, store.create(rtype, body)
+                return 201, store.create(rtype, request.read_object())
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a collection here")
         if method == "GET":
             return 200, store.get(rtype, name)
         if method == "PUT":
-            body = request.read_body()
-            if not isinstance(body, dict):
-                raise ApiError(400, "BadRequest", "the request body must be an object")
+            body = request.read_object()
             expected = (body.get("metadata") or {}).get("resourceVersion")
             return 200, store.update(rtype, name, body, subresource, expected)
         if method == "PATCH":
