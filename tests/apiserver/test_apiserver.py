@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 import yaml
@@ -322,3 +324,14 @@ def test_watch_ends_cleanly_at_timeout_seconds(core):
     started = time.monotonic()
     events = list(watch.Watch().stream(core.list_node, resource_version="1", timeout_seconds=1))
     assert events == [] and 0.9 <= time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/api/v1/nodes"), ("PUT", "/api/v1/nodes/node-a")])
+def test_create_and_update_bodies_must_be_json_objects(server, core, method, path):
+    make_node(core, "node-a")
+    request = urllib.request.Request(server.url + path, data=b"[1, 2]", method=method,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        urllib.request.urlopen(request, timeout=5)
+    assert raised.value.code == 400
+    assert json.loads(raised.value.read())["message"] == "the request body must be an object"
