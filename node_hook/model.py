@@ -88,15 +88,23 @@ class Problem:
     message: str
 
 
+# More route prefixes changed than this since the last `take_changes()` and the model stops listing them: the next
+# pass diffs every route (against the reconciler's cache; no read-back) instead of the model holding a set as large
+# as the table. At 5 000 x 250 scattered pod IPs a full plan listed 1.25 M prefixes: 40 MB, twice over while
+# `take_changes()` copied them (bench/p3_scale.py). Events change a few hundred at most (a node of 250 pods).
+CHANGED_ROUTES_LISTED = 65_536
+
+
 @dataclass(frozen=True)
 class Changes:
-    """Peer keys and route prefixes whose desired state may differ from what was last handed out."""
+    """Peer keys and route prefixes whose desired state may differ from what was last handed out.
+    `route_prefixes` is None when more than CHANGED_ROUTES_LISTED changed: any route may have."""
 
     peer_keys: frozenset[str]
-    route_prefixes: frozenset[IPNetwork]
+    route_prefixes: frozenset[IPNetwork] | None
 
     def __bool__(self) -> bool:
-        return bool(self.peer_keys or self.route_prefixes)
+        return bool(self.peer_keys) or self.route_prefixes is None or bool(self.route_prefixes)
 
 
 # ---- addresses as integer keys ------------------------------------------------------------------------------
@@ -124,26 +132,29 @@ def _address(key: int) -> IPAddress:
     return ipaddress.IPv6Address(key ^ _V6) if key >= _V6 else ipaddress.IPv4Address(key)
 
 
-# Every prefix the model hands out is ONE int whose value is chosen so that its hash - computed in C, as for any
-# int - is exactly the hash of the equal `ipaddress` network, `hash(int(network_address) ^ int(netmask))`, and so
-# that it still decodes to (address, prefix length): CPython hashes a non-negative int as its value modulo the
-# prime 2**61 - 1, so the value is `address ^ netmask` plus a multiple of that prime that encodes the prefix length.
-# Measured at 5 000 nodes x 250 scattered pod IPs (bench/p3_scale.py): 72 instead of 224 bytes per prefix (the
-# previous IPv4Network subclass held an IPv4Address, a netmask and a cached hash in its instance dict), and
-# hashing, equality between the model's prefixes and every set and dict operation on them run in C.
+# Every prefix the model hands out is ONE int, `address ^ netmask + 2**61-1 * (1 + order)`, where `order` packs
+# (IPv6?, network address, prefix length) as `ipaddress` sorts networks. CPython hashes a non-negative int as its
+# value modulo the prime 2**61 - 1, so this int hashes - in C, like any int - exactly as the equal `ipaddress`
+# network does (`hash(int(network_address) ^ int(netmask))`), compares as int in network order, and decodes back
+# to (address, prefix length). Measured at 5 000 nodes x 250 scattered pod IPs (bench/p3_scale.py): 64 instead of
+# 224 bytes per prefix (the previous IPv4Network subclass held an IPv4Address, a netmask and a cached hash in its
+# instance dict); hashing, equality, sorting and every set and dict operation on the model's prefixes run in C.
 _HASH_MODULUS = (1 << 61) - 1  # sys.hash_info.modulus of 64-bit CPython (checked at import below)
-_V6_TAG_SHIFT = 68  # an IPv6 `address ^ netmask` (< 2**128) divided by the modulus stays below 2**67
+_V6_SHIFT = 68  # the order of an IPv6 prefix is shifted past `address ^ netmask` (< 2**128) // modulus (< 2**67)
+_V6_FLAG = 1 << 136  # in the order: IPv6 prefixes after every IPv4 one, as ipaddress's (version, ...) ordering
 _MASKS = {bits: tuple(((1 << length) - 1) << (bits - length) for length in range(bits + 1)) for bits in (32, 128)}
 _MASKS4, _MASKS6 = _MASKS[32], _MASKS[128]
+_ADDRESS6 = (1 << 128) - 1
 
 
 class _PackedNetwork(int):
-    """Base of the two packed prefix classes: an int (its identity, hash and equality) that is also the `ipaddress`
-    network it subclasses. The stdlib network's methods read `network_address`, `netmask` and `_prefixlen`, decoded
-    here on demand; where `int` would come first in the method order (text, formatting, ordering) the network's
-    behaviour is restored. A packed prefix equals the stdlib network of the same prefix both ways (`int.__eq__`
-    answers NotImplemented, so the stdlib's `__eq__` decides) and hashes like it, so both mix in sets and dicts.
-    Never pass one where an int address is expected (`ipaddress.ip_network(prefix)` would read the int)."""
+    """Base of the two packed prefix classes: an int (its identity, hash, equality and ordering) that is also the
+    `ipaddress` network it subclasses. The stdlib network's methods read `network_address`, `netmask` and
+    `_prefixlen`, decoded here on demand; where `int` would come first in the method order (text, formatting,
+    pickling) the network's behaviour is restored. A packed prefix equals the stdlib network of the same prefix both
+    ways (`int.__eq__` answers NotImplemented, so the stdlib's `__eq__` decides), hashes like it and orders like it
+    (packed against packed in C, against a stdlib network through the stdlib's comparison), so both mix in sets,
+    dicts and sorts. Never pass one where an int address is expected (`ipaddress.ip_network(prefix)` reads the int)."""
 
     __slots__ = ()
     _stdlib: type
@@ -194,30 +205,27 @@ class _PackedNetwork(int):
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
 
-    __lt__ = ipaddress._BaseNetwork.__lt__
-    __gt__ = ipaddress._BaseNetwork.__gt__  # type: ignore[assignment]
-    __le__ = ipaddress._BaseNetwork.__le__  # type: ignore[assignment]
-    __ge__ = ipaddress._BaseNetwork.__ge__  # type: ignore[assignment]
     __reduce__ = ipaddress._IPAddressBase.__reduce__
 
 
 class _PackedIPv4Network(_PackedNetwork, ipaddress.IPv4Network):
-    """An IPv4 prefix as one int: `address ^ netmask + (prefixlen + 1) * 2**61-1`."""
+    """An IPv4 prefix as one int: `address ^ netmask + 2**61-1 * (1 + (address << 8 | prefixlen))`."""
 
     __slots__ = ()
     _stdlib = ipaddress.IPv4Network
 
     @classmethod
     def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv4Network":
-        return int.__new__(cls, (network_address ^ _MASKS4[prefixlen]) + _HASH_MODULUS * (prefixlen + 1))
+        return int.__new__(cls, (network_address ^ _MASKS4[prefixlen])
+                           + _HASH_MODULUS * (1 + (network_address << 8 | prefixlen)))
 
     def _decoded(self) -> tuple[int, int]:
-        tag, rest = divmod(self, _HASH_MODULUS)
-        return rest ^ _MASKS4[tag - 1], tag - 1
+        order = self // _HASH_MODULUS - 1  # `address ^ netmask` < 2**32 is the remainder
+        return order >> 8, order & 0xFF
 
 
 class _PackedIPv6Network(_PackedNetwork, ipaddress.IPv6Network):
-    """An IPv6 prefix as one int: `address ^ netmask + ((prefixlen + 1) << 68) * 2**61-1`."""
+    """An IPv6 prefix as one int: `address ^ netmask + 2**61-1 * (1 + (2**136 | address << 8 | prefixlen) << 68)`."""
 
     __slots__ = ()
     _stdlib = ipaddress.IPv6Network
@@ -225,30 +233,23 @@ class _PackedIPv6Network(_PackedNetwork, ipaddress.IPv6Network):
     @classmethod
     def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv6Network":
         return int.__new__(cls, (network_address ^ _MASKS6[prefixlen])
-                           + _HASH_MODULUS * (prefixlen + 1 << _V6_TAG_SHIFT))
+                           + _HASH_MODULUS * ((1 + (_V6_FLAG | network_address << 8 | prefixlen)) << _V6_SHIFT))
 
     def _decoded(self) -> tuple[int, int]:
-        tag = (self // _HASH_MODULUS) >> _V6_TAG_SHIFT
-        rest = self - _HASH_MODULUS * (tag << _V6_TAG_SHIFT)
-        return rest ^ _MASKS6[tag - 1], tag - 1
+        order = (self // _HASH_MODULUS >> _V6_SHIFT) - 1
+        return order >> 8 & _ADDRESS6, order & 0xFF
 
 
 assert sys.hash_info.modulus == _HASH_MODULUS, "packed prefixes need CPython's 64-bit int hash"
 
 
-def prefix_order(prefix: IPNetwork) -> int:
-    """Sort key of any prefix, packed or stdlib: (IPv6?, network address, prefix length) packed into one int, IPv4
-    keys below 2**40 (the smallest int objects: a full plan at 5 000 x 250 sorts 1.25 M routes by them at once).
-    Read from the int (packed) or from the attributes behind the properties (stdlib, CPython 3.11 as pinned):
-    sorting those routes took 1.21 s with a tuple of attributes, 0.47 s with one int."""
-    cls = type(prefix)
-    if cls is _PackedIPv4Network:
-        tag, rest = divmod(prefix, _HASH_MODULUS)
-        return (rest ^ _MASKS4[tag - 1]) << 8 | tag - 1
-    if cls is _PackedIPv6Network:
-        address, prefixlen = prefix._decoded()  # type: ignore[attr-defined]
-        return 1 << 136 | address << 8 | prefixlen
-    return (prefix._version == 6) << 136 | prefix.network_address._ip << 8 | prefix._prefixlen
+def prefix_order(prefix: IPNetwork) -> IPNetwork:
+    """Sort key of any prefix, packed or stdlib, in `ipaddress` order with IPv4 before IPv6: the packed prefix
+    itself (compared as int, in C, nothing allocated), a packed copy of a stdlib one. The planner sorts the model's
+    prefixes without a key at all; this is for lists that may hold prefixes read back from a device or table."""
+    if isinstance(prefix, _PackedNetwork):
+        return prefix
+    return _network(int(prefix.network_address) | (_V6 if prefix.version == 6 else 0), prefix.prefixlen)
 
 
 def _network(key: int, prefixlen: int) -> IPNetwork:
@@ -383,6 +384,7 @@ class NodeModel:
         self._dirty_keys: set[int] = set()
         self._changed_keys: set[str] = set()
         self._changed_prefixes: set[IPNetwork] = set()
+        self._changed_prefixes_overflowed = False  # more than CHANGED_ROUTES_LISTED: every route counts as changed
 
     # ---- events -------------------------------------------------------------------------------------------
 
@@ -480,9 +482,11 @@ class NodeModel:
                 self.set_remote_node(node)
 
     def take_changes(self) -> Changes:
-        changes = Changes(frozenset(self._changed_keys), frozenset(self._changed_prefixes))
+        changes = Changes(frozenset(self._changed_keys),
+                          None if self._changed_prefixes_overflowed else frozenset(self._changed_prefixes))
         self._changed_keys.clear()
         self._changed_prefixes.clear()
+        self._changed_prefixes_overflowed = False
         return changes
 
     # ---- queries ------------------------------------------------------------------------------------------
@@ -610,6 +614,9 @@ class NodeModel:
         settle_route = self._settle_route
         for key in route_keys:
             settle_route(key)
+        if len(self._changed_prefixes) > CHANGED_ROUTES_LISTED:
+            self._changed_prefixes_overflowed = True
+            self._changed_prefixes.clear()
 
     def _settle_peer(self, name: str) -> None:
         old_key = self._peer_of_node.pop(name, None)
