@@ -19,6 +19,7 @@ from node_hook.model import (
     _key_of,
     _network,
     address_key,
+    packed_prefix,
     parse_addresses,
     prefix_from_text,
     prefix_order,
@@ -99,3 +100,10 @@ def test_prefix_from_text_refuses_what_ip_network_refuses(text: str) -> None:
         prefix_from_text(text)
     with pytest.raises(ValueError):
         ipaddress.ip_network(text)
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1/32", "10.0.0.0/28", "0.0.0.0/0", "fd00::5/128", "fd00::/64", "::/0"])
+def test_packed_prefix_gives_the_wire_form_of_packed_and_stdlib_prefixes(text: str) -> None:
+    reference = ipaddress.ip_network(text)
+    wire = (reference.network_address.packed, reference.prefixlen)
+    assert packed_prefix(prefix_from_text(text)) == wire and packed_prefix(reference) == wire
