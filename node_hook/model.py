@@ -438,21 +438,25 @@ class NodeModel:
         if old is not None and (old is node or old == node):  # compared before parsing: a re-delivered node is cheap
             return
         new_node_keys = _parse_keys(node.node_ips, f"node {name} node IPs")
-        new_keys = _parse_keys(node.pod_ips, f"node {name} pod IPs") | new_node_keys
+        new_pod_keys = _parse_keys(node.pod_ips, f"node {name} pod IPs")
+        new_keys = new_pod_keys | new_node_keys
         if old is None:
-            old_keys: frozenset[int] = frozenset()
+            old_pod_keys: frozenset[int] = frozenset()
             old_node_keys: frozenset[int] = frozenset()
         else:
             old_node_keys = self._remote_node_keys[name]
-            old_keys = frozenset(address_key(ip) for ip in old.pod_ips) | old_node_keys
+            old_pod_keys = frozenset(address_key(ip) for ip in old.pod_ips)
+        old_keys = old_pod_keys | old_node_keys
         self._remotes[name] = node
         self._remote_node_keys[name] = new_node_keys
         for key in old_keys - new_keys:
             self._unclaim(key, name)
         for key in new_keys - old_keys:
             self._claim(key, name)
-        # An address that stayed but became (or stopped being) a node IP may change its route kind.
+        # An address that stayed but became (or stopped being) a node IP, or a node IP that became (or stopped
+        # being) also a pod IP, may change its route kind (found by tests/hook/test_model_incremental.py).
         self._dirty_keys.update(old_node_keys ^ new_node_keys)
+        self._dirty_keys.update((old_pod_keys ^ new_pod_keys) & (old_node_keys | new_node_keys))
         if old is None or old.pod_ips_changed_at != node.pod_ips_changed_at:
             # the winner of a contested address may change with the timestamp
             self._dirty_keys.update(key for key in new_keys if key in self._contested)
@@ -513,8 +517,10 @@ class NodeModel:
         return dict(self._remotes)
 
     def owner_of(self, ip: IPAddress) -> str | None:
-        """LOCAL, the remote node that owns `ip`, or None."""
-        return self._owner.get(_key_of(ip))
+        """LOCAL, the remote node that owns `ip`, or None. (This node's own IPs are LOCAL whether or not a remote
+        node ever claimed them: `_owner` only holds addresses some event touched.)"""
+        key = _key_of(ip)
+        return LOCAL if key in self._local_node_keys else self._owner.get(key)
 
     def node_of_key(self, public_key: str) -> str | None:
         peer = self.peers.get(public_key)
