@@ -354,8 +354,9 @@ class NodeModel:
     """Incrementally maintained desired peers and routes of this node.
 
     Internal state is kept per address key: who claims it (`_claims`: one node name, the common case, without a
-    container; IPs claimed by several nodes are listed in `_contested`), who owns it (`_owner`) and, per remote
-    node, the keys it owns (`_owned`). A remote node's update is diffed against its previous version, so it costs
+    container; IPs claimed by several nodes are listed in `_contested`) and, per remote node, the keys it owns
+    (`_owned`); who owns an address is derived from those and the local pods (`_winner`). A remote node's update
+    is diffed against its previous version, so it costs
     O(its addresses) and dirties only the addresses that changed; the peer's AllowedIPs are re-aggregated and its
     routes re-derived only where something they depend on changed.
     """
@@ -378,7 +379,6 @@ class NodeModel:
         self._remote_node_keys: dict[str, frozenset[int]] = {}  # node IPs of each remote node (a handful each)
         self._claims: dict[int, str | set[str]] = {}  # remote claimant(s) per address
         self._contested: set[int] = set()  # addresses claimed by more than one remote node
-        self._owner: dict[int, str] = {}  # LOCAL or a remote node name, for every claimed/local address
         self._owned: dict[str, set[int]] = {}  # remote node -> addresses it wins
         # Our own key counts as held by this node: a remote node publishing it (a cloned disk, a copied state dir)
         # is a key conflict like any other, never a peer (the kernel would silently ignore it anyway).
@@ -390,7 +390,11 @@ class NodeModel:
         # IPv4Network costs ~430 bytes and ~2.5 us to build; at 5 000 x 250 scattered pod IPs this halves both).
         self._host_prefixes: dict[int, IPNetwork] = {}
         self._dirty_nodes: set[str] = set()
-        self._dirty_keys: set[int] = set()
+        # Addresses whose owner may have changed -> their owner before the first such change (`_winner()` of the
+        # state then). Owners are not stored: `_winner()` derives them from the claims and the local pods, and a
+        # dict of 1.25 M owners cost 52 MB at 5 000 x 250 (bench/p3_scale.py). Every change of what `_winner()`
+        # reads is preceded by `_note()` of the addresses it touches.
+        self._dirty_keys: dict[int, str | None] = {}
         self._changed_keys: set[str] = set()
         self._changed_prefixes: set[IPNetwork] = set()
         self._changed_prefixes_overflowed = False  # more than CHANGED_ROUTES_LISTED: every route counts as changed
@@ -407,16 +411,17 @@ class NodeModel:
             self._local_records[record_key] = new
         else:
             self._local_records.pop(record_key, None)
+        note = self._note
         for key in old - new:
             count = self._local_count[key] - 1
             if count:
                 self._local_count[key] = count
             else:
+                note(key)
                 del self._local_count[key]
-                self._dirty_keys.add(key)
         for key in new - old:
+            note(key)
             self._local_count[key] = self._local_count.get(key, 0) + 1
-            self._dirty_keys.add(key)
         self._settle()
 
     def remove_local_pod(self, record_key: str) -> None:
@@ -447,19 +452,28 @@ class NodeModel:
             old_node_keys = self._remote_node_keys[name]
             old_pod_keys = frozenset(address_key(ip) for ip in old.pod_ips)
         old_keys = old_pod_keys | old_node_keys
-        self._remotes[name] = node
-        self._remote_node_keys[name] = new_node_keys
-        for key in old_keys - new_keys:
-            self._unclaim(key, name)
-        for key in new_keys - old_keys:
-            self._claim(key, name)
+        lost, gained = old_keys - new_keys, new_keys - old_keys
+        note = self._note
+        # Noted before anything `_winner()` reads changes (the node's timestamp decides contested addresses):
+        for key in lost:
+            note(key)
+        for key in gained:
+            note(key)
         # An address that stayed but became (or stopped being) a node IP, or a node IP that became (or stopped
         # being) also a pod IP, may change its route kind (found by tests/hook/test_model_incremental.py).
-        self._dirty_keys.update(old_node_keys ^ new_node_keys)
-        self._dirty_keys.update((old_pod_keys ^ new_pod_keys) & (old_node_keys | new_node_keys))
-        if old is None or old.pod_ips_changed_at != node.pod_ips_changed_at:
-            # the winner of a contested address may change with the timestamp
-            self._dirty_keys.update(key for key in new_keys if key in self._contested)
+        for key in (old_node_keys ^ new_node_keys) | ((old_pod_keys ^ new_pod_keys) & (old_node_keys | new_node_keys)):
+            note(key)
+        if old is not None and old.pod_ips_changed_at != node.pod_ips_changed_at:
+            # the winner of a contested address may change with the timestamp (new claims are noted above)
+            for key in old_keys & new_keys:
+                if key in self._contested:
+                    note(key)
+        self._remotes[name] = node
+        self._remote_node_keys[name] = new_node_keys
+        for key in lost:
+            self._unclaim(key, name)
+        for key in gained:
+            self._claim(key, name)
         if old is None or old.public_key != node.public_key:
             if old is not None:
                 self._release_key(old.public_key, name)
@@ -471,10 +485,14 @@ class NodeModel:
         self._settle()
 
     def remove_remote_node(self, name: str) -> None:
-        old = self._remotes.pop(name, None)
+        old = self._remotes.get(name)
         if old is None:
             return
-        for key in frozenset(address_key(ip) for ip in old.pod_ips) | self._remote_node_keys.pop(name):
+        keys = frozenset(address_key(ip) for ip in old.pod_ips) | self._remote_node_keys.pop(name)
+        for key in keys:
+            self._note(key)
+        del self._remotes[name]
+        for key in keys:
             self._unclaim(key, name)
         self._release_key(old.public_key, name)
         self._dirty_nodes.add(name)
@@ -517,10 +535,8 @@ class NodeModel:
         return dict(self._remotes)
 
     def owner_of(self, ip: IPAddress) -> str | None:
-        """LOCAL, the remote node that owns `ip`, or None. (This node's own IPs are LOCAL whether or not a remote
-        node ever claimed them: `_owner` only holds addresses some event touched.)"""
-        key = _key_of(ip)
-        return LOCAL if key in self._local_node_keys else self._owner.get(key)
+        """LOCAL, the remote node that owns `ip`, or None."""
+        return self._winner(_key_of(ip))
 
     def node_of_key(self, public_key: str) -> str | None:
         peer = self.peers.get(public_key)
@@ -541,7 +557,7 @@ class NodeModel:
                 out.append(Problem("no-endpoint", name, f"node {name} has no endpoint: its traffic stays plaintext"))
         for key in sorted(self._contested):
             ip = _address(key)
-            owner = self._owner.get(key)
+            owner = self._winner(key)
             winner = "this node" if owner == LOCAL else owner
             out.append(Problem("ip-conflict", str(ip), f"{ip} claimed by {', '.join(sorted(self._claims[key]))}; "
                                f"routed to {winner}"))
@@ -558,7 +574,6 @@ class NodeModel:
             self._contested.add(key)
         else:
             claim.add(name)
-        self._dirty_keys.add(key)
 
     def _unclaim(self, key: int, name: str) -> None:
         claim = self._claims[key]
@@ -569,7 +584,11 @@ class NodeModel:
             if len(claim) == 1:
                 self._claims[key] = next(iter(claim))
                 self._contested.discard(key)
-        self._dirty_keys.add(key)
+
+    def _note(self, key: int) -> None:
+        """`key`'s owner may be about to change: remember the owner it has now (once per settle)."""
+        if key not in self._dirty_keys:
+            self._dirty_keys[key] = self._winner(key)
 
     def _release_key(self, public_key: str, name: str) -> None:
         if not public_key:
@@ -596,13 +615,13 @@ class NodeModel:
 
     def _settle(self) -> None:
         """Recompute owners of dirty addresses, then the peers and routes they touch."""
-        route_keys: set[int] = self._dirty_keys
-        self._dirty_keys = set()
+        dirty = self._dirty_keys
+        self._dirty_keys = {}
+        route_keys = set(dirty)
         # This loop and the last one run once per address of a joining node (1.25 M times for a full plan at
         # 5 000 x 250): attributes are bound to locals and owned sets fetched, not setdefault()-allocated, per key.
-        owners, owned_by, dirty_nodes, winner = self._owner, self._owned, self._dirty_nodes, self._winner
-        for key in route_keys:
-            old_owner = owners.get(key)
+        owned_by, dirty_nodes, winner = self._owned, self._dirty_nodes, self._winner
+        for key, old_owner in dirty.items():
             new_owner = winner(key)
             if new_owner == old_owner:
                 continue
@@ -610,10 +629,8 @@ class NodeModel:
                 owned_by[old_owner].discard(key)
                 dirty_nodes.add(old_owner)
             if new_owner is None:
-                del owners[key]
                 self._host_prefixes.pop(key, None)
             else:
-                owners[key] = new_owner
                 if new_owner != LOCAL:
                     owned = owned_by.get(new_owner)
                     if owned is None:
@@ -668,7 +685,7 @@ class NodeModel:
         return prefix
 
     def _settle_route(self, key: int) -> None:
-        owner = self._owner.get(key)
+        owner = self._winner(key)
         kind: RouteKind | None
         if owner is None:
             kind = None
