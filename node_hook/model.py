@@ -255,9 +255,12 @@ def prefix_order(prefix: IPNetwork) -> IPNetwork:
 def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
     """(network address in network byte order, prefix length) of any prefix, as UAPI and netlink write them; for a
     packed prefix decoded once, without building an IPv4Address (programming 1.25 M AllowedIPs, bench/p3b_uapi.py)."""
-    if isinstance(prefix, _PackedNetwork):
-        address, prefixlen = prefix._decoded()
-        return address.to_bytes(prefix._max_prefixlen >> 3, "big"), prefixlen
+    if type(prefix) is _PackedIPv4Network:  # `_decoded()` inlined: a UAPI line in 0.73 instead of 0.85 us
+        order = prefix // _HASH_MODULUS - 1
+        return (order >> 8).to_bytes(4, "big"), order & 0xFF
+    if type(prefix) is _PackedIPv6Network:
+        address, prefixlen = prefix._decoded()  # type: ignore[attr-defined]
+        return address.to_bytes(16, "big"), prefixlen
     return prefix.network_address.packed, prefix.prefixlen
 
 
