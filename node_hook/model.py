@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import ipaddress
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -69,7 +70,7 @@ class RouteKind(str, Enum):
     THROW = "throw"  # leave the table: the main table decides (local veth route, or plaintext via eth0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DesiredPeer:
     node: str
     public_key: str
@@ -87,15 +88,23 @@ class Problem:
     message: str
 
 
+# More route prefixes changed than this since the last `take_changes()` and the model stops listing them: the next
+# pass diffs every route (against the reconciler's cache; no read-back) instead of the model holding a set as large
+# as the table. At 5 000 x 250 scattered pod IPs a full plan listed 1.25 M prefixes: 40 MB, twice over while
+# `take_changes()` copied them (bench/p3_scale.py). Events change a few hundred at most (a node of 250 pods).
+CHANGED_ROUTES_LISTED = 65_536
+
+
 @dataclass(frozen=True)
 class Changes:
-    """Peer keys and route prefixes whose desired state may differ from what was last handed out."""
+    """Peer keys and route prefixes whose desired state may differ from what was last handed out.
+    `route_prefixes` is None when more than CHANGED_ROUTES_LISTED changed: any route may have."""
 
     peer_keys: frozenset[str]
-    route_prefixes: frozenset[IPNetwork]
+    route_prefixes: frozenset[IPNetwork] | None
 
     def __bool__(self) -> bool:
-        return bool(self.peer_keys or self.route_prefixes)
+        return bool(self.peer_keys) or self.route_prefixes is None or bool(self.route_prefixes)
 
 
 # ---- addresses as integer keys ------------------------------------------------------------------------------
@@ -123,65 +132,141 @@ def _address(key: int) -> IPAddress:
     return ipaddress.IPv6Address(key ^ _V6) if key >= _V6 else ipaddress.IPv4Address(key)
 
 
-class _HashedIPv4Network(ipaddress.IPv4Network):
-    """An IPv4Network that computes its hash once, and that the model builds without parsing.
-
-    The stdlib's `__hash__` is Python code run on every dict and set access; a prefix the model hands out is hashed
-    ~9 times on its way through model, planner, reconciler and applier (measured: 0.14 us instead of 0.77 us per
-    hash, a full plan of 500 x 250 pod IPs 25 % faster). `_of` sets the three attributes `IPv4Network.__init__`
-    would set from an int that is already a network address: 1.4 us instead of 2.3 us, and 224 instead of 464 bytes
-    per object because `__init__` also stores a `hosts` closure in every /32 (`hosts()` below does its job); at
-    5 000 x 250 scattered pod IPs that is 290 MB less. Objects made by the stdlib's own methods (`supernet()`, ...)
-    go through `__init__` and are complete networks too."""
-
-    def __init__(self, address: object, strict: bool = True) -> None:
-        super().__init__(address, strict)
-        self._hash = super().__hash__()
-
-    @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_HashedIPv4Network":
-        network = cls.__new__(cls)
-        network.network_address = ipaddress.IPv4Address(network_address)
-        network.netmask, network._prefixlen = cls._make_netmask(prefixlen)
-        network._hash = hash(network_address ^ int(network.netmask))
-        return network
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def hosts(self):  # type: ignore[no-untyped-def]
-        if self._prefixlen >= 31:  # as IPv4Network.__init__ sets it up for /31 (RFC 3021) and /32
-            return [self.network_address] if self._prefixlen == 32 else iter(self)
-        return super().hosts()
+# Every prefix the model hands out is ONE int, `address ^ netmask + 2**61-1 * (1 + order)`, where `order` packs
+# (IPv6?, network address, prefix length) as `ipaddress` sorts networks. CPython hashes a non-negative int as its
+# value modulo the prime 2**61 - 1, so this int hashes - in C, like any int - exactly as the equal `ipaddress`
+# network does (`hash(int(network_address) ^ int(netmask))`), compares as int in network order, and decodes back
+# to (address, prefix length). Measured at 5 000 nodes x 250 scattered pod IPs (bench/p3_scale.py): 64 instead of
+# 224 bytes per prefix (the previous IPv4Network subclass held an IPv4Address, a netmask and a cached hash in its
+# instance dict); hashing, equality, sorting and every set and dict operation on the model's prefixes run in C.
+_HASH_MODULUS = (1 << 61) - 1  # sys.hash_info.modulus of 64-bit CPython (checked at import below)
+_V6_SHIFT = 68  # the order of an IPv6 prefix is shifted past `address ^ netmask` (< 2**128) // modulus (< 2**67)
+_V6_FLAG = 1 << 136  # in the order: IPv6 prefixes after every IPv4 one, as ipaddress's (version, ...) ordering
+_MASKS = {bits: tuple(((1 << length) - 1) << (bits - length) for length in range(bits + 1)) for bits in (32, 128)}
+_MASKS4, _MASKS6 = _MASKS[32], _MASKS[128]
+_ADDRESS6 = (1 << 128) - 1
 
 
-class _HashedIPv6Network(ipaddress.IPv6Network):
-    """The IPv6 counterpart of `_HashedIPv4Network`."""
+class _PackedNetwork(int):
+    """Base of the two packed prefix classes: an int (its identity, hash, equality and ordering) that is also the
+    `ipaddress` network it subclasses. The stdlib network's methods read `network_address`, `netmask` and
+    `_prefixlen`, decoded here on demand; where `int` would come first in the method order (text, formatting,
+    pickling) the network's behaviour is restored. A packed prefix equals the stdlib network of the same prefix both
+    ways (`int.__eq__` answers NotImplemented, so the stdlib's `__eq__` decides), hashes like it and orders like it
+    (packed against packed in C, against a stdlib network through the stdlib's comparison), so both mix in sets,
+    dicts and sorts. Never pass one where an int address is expected (`ipaddress.ip_network(prefix)` reads the int)."""
 
-    def __init__(self, address: object, strict: bool = True) -> None:
-        super().__init__(address, strict)
-        self._hash = super().__hash__()
+    __slots__ = ()
+    _stdlib: type
+    _max_prefixlen: int
+
+    def __new__(cls, address: object, strict: bool = True) -> "_PackedNetwork":
+        """Parses anything the stdlib network accepts (its own methods, e.g. `supernet()`, build prefixes so)."""
+        network = cls._stdlib(address, strict)
+        return cls._of(int(network.network_address), network.prefixlen)
+
+    def __init__(self, address: object = None, strict: bool = True) -> None:
+        """Nothing to set up: the int's value is the whole state."""
 
     @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_HashedIPv6Network":
-        network = cls.__new__(cls)
-        network.network_address = ipaddress.IPv6Address(network_address)
-        network.netmask, network._prefixlen = cls._make_netmask(prefixlen)
-        network._hash = hash(network_address ^ int(network.netmask))
-        return network
+    def _of(cls, network_address: int, prefixlen: int) -> "_PackedNetwork":
+        raise NotImplementedError
 
-    def __hash__(self) -> int:
-        return self._hash
+    def _decoded(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def network_address(self) -> IPAddress:  # type: ignore[override]
+        return self._address_class(self._decoded()[0])  # type: ignore[attr-defined]
+
+    @property
+    def _prefixlen(self) -> int:  # type: ignore[override]
+        return self._decoded()[1]
+
+    @property
+    def netmask(self) -> IPAddress:  # type: ignore[override]
+        return self._make_netmask(self._decoded()[1])[0]  # type: ignore[attr-defined]
 
     def hosts(self):  # type: ignore[no-untyped-def]
-        if self._prefixlen >= 127:
-            return [self.network_address] if self._prefixlen == 128 else iter(self)
-        return super().hosts()
+        prefixlen = self._decoded()[1]
+        if prefixlen == self._max_prefixlen:  # what the stdlib's __init__ sets up for a host prefix
+            return [self.network_address]
+        if prefixlen == self._max_prefixlen - 1:  # /31 and /127: both addresses (RFC 3021)
+            return iter(self)  # type: ignore[call-overload]
+        return self._stdlib.hosts(self)
+
+    def __str__(self) -> str:
+        address, prefixlen = self._decoded()
+        return f"{self._address_class(address)}/{prefixlen}"  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return f"{self._stdlib.__name__}({str(self)!r})"
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    __reduce__ = ipaddress._IPAddressBase.__reduce__
+
+
+class _PackedIPv4Network(_PackedNetwork, ipaddress.IPv4Network):
+    """An IPv4 prefix as one int: `address ^ netmask + 2**61-1 * (1 + (address << 8 | prefixlen))`."""
+
+    __slots__ = ()
+    _stdlib = ipaddress.IPv4Network
+
+    @classmethod
+    def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv4Network":
+        return int.__new__(cls, (network_address ^ _MASKS4[prefixlen])
+                           + _HASH_MODULUS * (1 + (network_address << 8 | prefixlen)))
+
+    def _decoded(self) -> tuple[int, int]:
+        order = self // _HASH_MODULUS - 1  # `address ^ netmask` < 2**32 is the remainder
+        return order >> 8, order & 0xFF
+
+
+class _PackedIPv6Network(_PackedNetwork, ipaddress.IPv6Network):
+    """An IPv6 prefix as one int: `address ^ netmask + 2**61-1 * (1 + (2**136 | address << 8 | prefixlen) << 68)`."""
+
+    __slots__ = ()
+    _stdlib = ipaddress.IPv6Network
+
+    @classmethod
+    def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv6Network":
+        return int.__new__(cls, (network_address ^ _MASKS6[prefixlen])
+                           + _HASH_MODULUS * ((1 + (_V6_FLAG | network_address << 8 | prefixlen)) << _V6_SHIFT))
+
+    def _decoded(self) -> tuple[int, int]:
+        order = (self // _HASH_MODULUS >> _V6_SHIFT) - 1
+        return order >> 8 & _ADDRESS6, order & 0xFF
+
+
+assert sys.hash_info.modulus == _HASH_MODULUS, "packed prefixes need CPython's 64-bit int hash"
+
+
+def prefix_order(prefix: IPNetwork) -> IPNetwork:
+    """Sort key of any prefix, packed or stdlib, in `ipaddress` order with IPv4 before IPv6: the packed prefix
+    itself (compared as int, in C, nothing allocated), a packed copy of a stdlib one. The planner sorts the model's
+    prefixes without a key at all; this is for lists that may hold prefixes read back from a device or table."""
+    if isinstance(prefix, _PackedNetwork):
+        return prefix
+    return _network(int(prefix.network_address) | (_V6 if prefix.version == 6 else 0), prefix.prefixlen)
+
+
+def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
+    """(network address in network byte order, prefix length) of any prefix, as UAPI and netlink write them; for a
+    packed prefix decoded once, without building an IPv4Address (programming 1.25 M AllowedIPs, bench/p3b_uapi.py)."""
+    if type(prefix) is _PackedIPv4Network:  # `_decoded()` inlined: a UAPI line in 0.73 instead of 0.85 us
+        order = prefix // _HASH_MODULUS - 1
+        return (order >> 8).to_bytes(4, "big"), order & 0xFF
+    if type(prefix) is _PackedIPv6Network:
+        address, prefixlen = prefix._decoded()  # type: ignore[attr-defined]
+        return address.to_bytes(16, "big"), prefixlen
+    return prefix.network_address.packed, prefix.prefixlen
 
 
 def _network(key: int, prefixlen: int) -> IPNetwork:
     """The prefix of `prefixlen` bits starting at `key`, which must be aligned (as `_blocks` yields them)."""
-    return _HashedIPv6Network._of(key ^ _V6, prefixlen) if key >= _V6 else _HashedIPv4Network._of(key, prefixlen)
+    return _PackedIPv6Network._of(key ^ _V6, prefixlen) if key >= _V6 else _PackedIPv4Network._of(key, prefixlen)
 
 
 def prefix_from_text(text: str) -> IPNetwork:
@@ -215,6 +300,9 @@ def _blocks(keys: Iterable[int]) -> Iterator[tuple[int, int]]:
         while index < count and ordered[index] == last + 1:
             last = ordered[index]
             index += 1
+        if first is last:  # an address alone (every one of them with scattered pod IPs): yield the caller's own int,
+            yield first, 128 if first >= _V6 else 32  # not an equal copy (32 bytes per address in the caches)
+            continue
         base, bits = (_V6, 128) if first >= _V6 else (0, 32)
         start, end = first - base, last - base
         while start <= end:
@@ -269,8 +357,9 @@ class NodeModel:
     """Incrementally maintained desired peers and routes of this node.
 
     Internal state is kept per address key: who claims it (`_claims`: one node name, the common case, without a
-    container; IPs claimed by several nodes are listed in `_contested`), who owns it (`_owner`) and, per remote
-    node, the keys it owns (`_owned`). A remote node's update is diffed against its previous version, so it costs
+    container; IPs claimed by several nodes are listed in `_contested`) and, per remote node, the keys it owns
+    (`_owned`); who owns an address is derived from those and the local pods (`_winner`). A remote node's update
+    is diffed against its previous version, so it costs
     O(its addresses) and dirties only the addresses that changed; the peer's AllowedIPs are re-aggregated and its
     routes re-derived only where something they depend on changed.
     """
@@ -293,7 +382,6 @@ class NodeModel:
         self._remote_node_keys: dict[str, frozenset[int]] = {}  # node IPs of each remote node (a handful each)
         self._claims: dict[int, str | set[str]] = {}  # remote claimant(s) per address
         self._contested: set[int] = set()  # addresses claimed by more than one remote node
-        self._owner: dict[int, str] = {}  # LOCAL or a remote node name, for every claimed/local address
         self._owned: dict[str, set[int]] = {}  # remote node -> addresses it wins
         # Our own key counts as held by this node: a remote node publishing it (a cloned disk, a copied state dir)
         # is a key conflict like any other, never a peer (the kernel would silently ignore it anyway).
@@ -305,9 +393,14 @@ class NodeModel:
         # IPv4Network costs ~430 bytes and ~2.5 us to build; at 5 000 x 250 scattered pod IPs this halves both).
         self._host_prefixes: dict[int, IPNetwork] = {}
         self._dirty_nodes: set[str] = set()
-        self._dirty_keys: set[int] = set()
+        # Addresses whose owner may have changed -> their owner before the first such change (`_winner()` of the
+        # state then). Owners are not stored: `_winner()` derives them from the claims and the local pods, and a
+        # dict of 1.25 M owners cost 52 MB at 5 000 x 250 (bench/p3_scale.py). Every change of what `_winner()`
+        # reads is preceded by `_note()` of the addresses it touches.
+        self._dirty_keys: dict[int, str | None] = {}
         self._changed_keys: set[str] = set()
         self._changed_prefixes: set[IPNetwork] = set()
+        self._changed_prefixes_overflowed = False  # more than CHANGED_ROUTES_LISTED: every route counts as changed
 
     # ---- events -------------------------------------------------------------------------------------------
 
@@ -321,16 +414,17 @@ class NodeModel:
             self._local_records[record_key] = new
         else:
             self._local_records.pop(record_key, None)
+        note = self._note
         for key in old - new:
             count = self._local_count[key] - 1
             if count:
                 self._local_count[key] = count
             else:
+                note(key)
                 del self._local_count[key]
-                self._dirty_keys.add(key)
         for key in new - old:
+            note(key)
             self._local_count[key] = self._local_count.get(key, 0) + 1
-            self._dirty_keys.add(key)
         self._settle()
 
     def remove_local_pod(self, record_key: str) -> None:
@@ -352,24 +446,37 @@ class NodeModel:
         if old is not None and (old is node or old == node):  # compared before parsing: a re-delivered node is cheap
             return
         new_node_keys = _parse_keys(node.node_ips, f"node {name} node IPs")
-        new_keys = _parse_keys(node.pod_ips, f"node {name} pod IPs") | new_node_keys
+        new_pod_keys = _parse_keys(node.pod_ips, f"node {name} pod IPs")
+        new_keys = new_pod_keys | new_node_keys
         if old is None:
-            old_keys: frozenset[int] = frozenset()
+            old_pod_keys: frozenset[int] = frozenset()
             old_node_keys: frozenset[int] = frozenset()
         else:
             old_node_keys = self._remote_node_keys[name]
-            old_keys = frozenset(address_key(ip) for ip in old.pod_ips) | old_node_keys
+            old_pod_keys = frozenset(address_key(ip) for ip in old.pod_ips)
+        old_keys = old_pod_keys | old_node_keys
+        lost, gained = old_keys - new_keys, new_keys - old_keys
+        note = self._note
+        # Noted before anything `_winner()` reads changes (the node's timestamp decides contested addresses):
+        for key in lost:
+            note(key)
+        for key in gained:
+            note(key)
+        # An address that stayed but became (or stopped being) a node IP, or a node IP that became (or stopped
+        # being) also a pod IP, may change its route kind (found by tests/hook/test_model_incremental.py).
+        for key in (old_node_keys ^ new_node_keys) | ((old_pod_keys ^ new_pod_keys) & (old_node_keys | new_node_keys)):
+            note(key)
+        if old is not None and old.pod_ips_changed_at != node.pod_ips_changed_at:
+            # the winner of a contested address may change with the timestamp (new claims are noted above)
+            for key in old_keys & new_keys:
+                if key in self._contested:
+                    note(key)
         self._remotes[name] = node
         self._remote_node_keys[name] = new_node_keys
-        for key in old_keys - new_keys:
+        for key in lost:
             self._unclaim(key, name)
-        for key in new_keys - old_keys:
+        for key in gained:
             self._claim(key, name)
-        # An address that stayed but became (or stopped being) a node IP may change its route kind.
-        self._dirty_keys.update(old_node_keys ^ new_node_keys)
-        if old is None or old.pod_ips_changed_at != node.pod_ips_changed_at:
-            # the winner of a contested address may change with the timestamp
-            self._dirty_keys.update(key for key in new_keys if key in self._contested)
         if old is None or old.public_key != node.public_key:
             if old is not None:
                 self._release_key(old.public_key, name)
@@ -381,10 +488,14 @@ class NodeModel:
         self._settle()
 
     def remove_remote_node(self, name: str) -> None:
-        old = self._remotes.pop(name, None)
+        old = self._remotes.get(name)
         if old is None:
             return
-        for key in frozenset(address_key(ip) for ip in old.pod_ips) | self._remote_node_keys.pop(name):
+        keys = frozenset(address_key(ip) for ip in old.pod_ips) | self._remote_node_keys.pop(name)
+        for key in keys:
+            self._note(key)
+        del self._remotes[name]
+        for key in keys:
             self._unclaim(key, name)
         self._release_key(old.public_key, name)
         self._dirty_nodes.add(name)
@@ -405,9 +516,11 @@ class NodeModel:
                 self.set_remote_node(node)
 
     def take_changes(self) -> Changes:
-        changes = Changes(frozenset(self._changed_keys), frozenset(self._changed_prefixes))
+        changes = Changes(frozenset(self._changed_keys),
+                          None if self._changed_prefixes_overflowed else frozenset(self._changed_prefixes))
         self._changed_keys.clear()
         self._changed_prefixes.clear()
+        self._changed_prefixes_overflowed = False
         return changes
 
     # ---- queries ------------------------------------------------------------------------------------------
@@ -426,7 +539,7 @@ class NodeModel:
 
     def owner_of(self, ip: IPAddress) -> str | None:
         """LOCAL, the remote node that owns `ip`, or None."""
-        return self._owner.get(_key_of(ip))
+        return self._winner(_key_of(ip))
 
     def node_of_key(self, public_key: str) -> str | None:
         peer = self.peers.get(public_key)
@@ -447,7 +560,7 @@ class NodeModel:
                 out.append(Problem("no-endpoint", name, f"node {name} has no endpoint: its traffic stays plaintext"))
         for key in sorted(self._contested):
             ip = _address(key)
-            owner = self._owner.get(key)
+            owner = self._winner(key)
             winner = "this node" if owner == LOCAL else owner
             out.append(Problem("ip-conflict", str(ip), f"{ip} claimed by {', '.join(sorted(self._claims[key]))}; "
                                f"routed to {winner}"))
@@ -464,7 +577,6 @@ class NodeModel:
             self._contested.add(key)
         else:
             claim.add(name)
-        self._dirty_keys.add(key)
 
     def _unclaim(self, key: int, name: str) -> None:
         claim = self._claims[key]
@@ -475,7 +587,11 @@ class NodeModel:
             if len(claim) == 1:
                 self._claims[key] = next(iter(claim))
                 self._contested.discard(key)
-        self._dirty_keys.add(key)
+
+    def _note(self, key: int) -> None:
+        """`key`'s owner may be about to change: remember the owner it has now (once per settle)."""
+        if key not in self._dirty_keys:
+            self._dirty_keys[key] = self._winner(key)
 
     def _release_key(self, public_key: str, name: str) -> None:
         if not public_key:
@@ -502,13 +618,13 @@ class NodeModel:
 
     def _settle(self) -> None:
         """Recompute owners of dirty addresses, then the peers and routes they touch."""
-        route_keys: set[int] = self._dirty_keys
-        self._dirty_keys = set()
+        dirty = self._dirty_keys
+        self._dirty_keys = {}
+        route_keys = set(dirty)
         # This loop and the last one run once per address of a joining node (1.25 M times for a full plan at
         # 5 000 x 250): attributes are bound to locals and owned sets fetched, not setdefault()-allocated, per key.
-        owners, owned_by, dirty_nodes, winner = self._owner, self._owned, self._dirty_nodes, self._winner
-        for key in route_keys:
-            old_owner = owners.get(key)
+        owned_by, dirty_nodes, winner = self._owned, self._dirty_nodes, self._winner
+        for key, old_owner in dirty.items():
             new_owner = winner(key)
             if new_owner == old_owner:
                 continue
@@ -516,10 +632,8 @@ class NodeModel:
                 owned_by[old_owner].discard(key)
                 dirty_nodes.add(old_owner)
             if new_owner is None:
-                del owners[key]
                 self._host_prefixes.pop(key, None)
             else:
-                owners[key] = new_owner
                 if new_owner != LOCAL:
                     owned = owned_by.get(new_owner)
                     if owned is None:
@@ -535,13 +649,15 @@ class NodeModel:
         settle_route = self._settle_route
         for key in route_keys:
             settle_route(key)
+        if len(self._changed_prefixes) > CHANGED_ROUTES_LISTED:
+            self._changed_prefixes_overflowed = True
+            self._changed_prefixes.clear()
 
     def _settle_peer(self, name: str) -> None:
         old_key = self._peer_of_node.pop(name, None)
-        old_peer = None
         if old_key is not None:
             if self.peers.get(old_key) is not None and self.peers[old_key].node == name:
-                old_peer = self.peers.pop(old_key)
+                del self.peers[old_key]
             self._changed_keys.add(old_key)
         owned = self._owned.get(name)
         if owned is not None and not owned:
@@ -550,13 +666,11 @@ class NodeModel:
             return
         node = self._remotes[name]
         assert node.endpoint_ip is not None
-        # Prefix objects are reused: host prefixes from the shared cache, wider ones from the previous version.
-        previous = {} if old_peer is None else {
-            (_key_of(prefix.network_address), prefix.prefixlen): prefix for prefix in old_peer.allowed_ips
-            if prefix.prefixlen != prefix.max_prefixlen}
+        # Host prefixes come from the cache shared with the routes (one object per address, not two).
+        host_prefix = self._host_prefix
         allowed_ips = frozenset(
-            self._host_prefix(first) if length == (128 if first >= _V6 else 32) else previous.get((first, length))
-            or _network(first, length) for first, length in _blocks(self._owned.get(name, ())))
+            host_prefix(first) if length == (128 if first >= _V6 else 32) else _network(first, length)
+            for first, length in _blocks(self._owned.get(name, ())))
         self.peers[node.public_key] = DesiredPeer(
             node=name,
             public_key=node.public_key,
@@ -574,7 +688,7 @@ class NodeModel:
         return prefix
 
     def _settle_route(self, key: int) -> None:
-        owner = self._owner.get(key)
+        owner = self._winner(key)
         kind: RouteKind | None
         if owner is None:
             kind = None

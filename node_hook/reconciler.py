@@ -148,10 +148,10 @@ class Reconciler:
             plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, self._peers,
                                                                                peer_scope)
             if self.in_sync["routes"] and self.in_sync["rules"]:
-                route_scope = changes.route_prefixes
+                route_scope = changes.route_prefixes  # None after a bulk change: every route against the cache
             else:
                 table = self.routing.read()
-                self._routes = dict(table.routes)
+                self._routes = table.routes  # a dict of its own per read(): no copy of 1.25 M routes at 5 000 x 250
                 self._rules = table.rules
                 plan.device_address = plan_device_address(table.device_addresses)
                 route_scope = None
@@ -221,8 +221,10 @@ class Reconciler:
                     self._peers.pop(key, None)
         desired_routes = self.model.routes
         if route_scope is None:
-            # `_value_` is what the `.value` property returns, read 3x faster (1.25 M routes at 5 000 x 250)
-            self._routes = {prefix: kind._value_ for prefix, kind in desired_routes.items()}
+            # Refilled in place, so the table read back and the new cache never both hold 1.25 M routes at
+            # 5 000 x 250; `_value_` is what the `.value` property returns, read 3x faster.
+            self._routes.clear()
+            self._routes.update((prefix, kind._value_) for prefix, kind in desired_routes.items())
         else:
             for prefix in route_scope:
                 if prefix in desired_routes:

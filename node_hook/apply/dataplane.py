@@ -42,14 +42,17 @@ class RuleSpec:
 
 @dataclass(frozen=True)
 class TableState:
-    """Routes in the hook's table (prefix -> RouteKind value or FOREIGN_ROUTE) and the rules that point at it."""
+    """Routes in the hook's table (prefix -> RouteKind value or FOREIGN_ROUTE) and the rules that point at it.
+    Every `read()` returns new containers that the caller may keep and change (the reconciler's cache does)."""
 
     routes: dict[IPNetwork, str] = field(default_factory=dict)
     rules: frozenset[RuleSpec] = frozenset()
     device_addresses: frozenset[IPNetwork] = frozenset()  # addresses on the WireGuard device
 
 
-@dataclass(frozen=True)
+# The route and peer ops have __slots__: a full plan at 5 000 x 250 builds 1.25 M of them at once (bench/p3_scale.py:
+# 56 instead of ~150 bytes each).
+@dataclass(frozen=True, slots=True)
 class SetRoute:
     """Create or replace the route for `prefix` in the table."""
 
@@ -57,7 +60,7 @@ class SetRoute:
     kind: RouteKind
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeleteRoute:
     prefix: IPNetwork
 

@@ -42,7 +42,7 @@ from node_hook.apply.wireguard import (
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
-from node_hook.model import paused_gc, prefix_from_text
+from node_hook.model import packed_prefix, paused_gc, prefix_from_text
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ def hex_to_key(value: str) -> str:
 def prefix_text(prefix: IPNetwork) -> str:
     """`10.0.0.1/32` for UAPI. Formats the packed address in C: `str(prefix)` is Python code and was 45 % of the
     CPU time of programming 125 000 AllowedIPs (bench/p3b_uapi.py); this halves it."""
-    family = AF_INET6 if prefix.version == 6 else AF_INET
-    return f"{inet_ntop(family, prefix.network_address.packed)}/{prefix.prefixlen}"
+    address, prefixlen = packed_prefix(prefix)
+    return f"{inet_ntop(AF_INET6 if len(address) == 16 else AF_INET, address)}/{prefixlen}"
 
 
 def parse_prefix(text: str) -> IPNetwork:

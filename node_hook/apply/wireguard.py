@@ -24,7 +24,7 @@ class DeviceSpec:
     mtu: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerState:
     """One peer as read back from the device."""
 
@@ -50,7 +50,7 @@ class DeviceState:
     peers: dict[str, PeerState] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UpsertPeer:
     """Create or update a peer. With `replace_allowed_ips` the list is the peer's whole set; otherwise it is added."""
 
@@ -61,7 +61,7 @@ class UpsertPeer:
     persistent_keepalive: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemoveAllowedIPs:
     """Take these prefixes away from a peer without touching its other AllowedIPs and without a window
     in which its other IPs are unreachable (per-IP remove flag where the kernel has it, else a temporary
@@ -71,7 +71,7 @@ class RemoveAllowedIPs:
     allowed_ips: tuple[IPNetwork, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RemovePeer:
     public_key: str
 

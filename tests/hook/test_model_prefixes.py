@@ -1,16 +1,29 @@
-"""The model's fast prefix objects (built from ints, hash computed once) behave exactly like `ipaddress` networks,
-and its integer address keys round-trip (the representation behind bench/p3_scale.py's figures)."""
+"""The model's packed prefixes (one int each, hashed in C) behave exactly like `ipaddress` networks - equality and
+hash both ways, text, formatting, ordering, pickling - and its integer address keys round-trip (the representation
+behind bench/p3_scale.py's figures)."""
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import itertools
+import pickle
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_hook.model import _V6, _address, _key_of, _network, address_key, parse_addresses, prefix_from_text
+from node_hook.model import (
+    _V6,
+    _address,
+    _key_of,
+    _network,
+    address_key,
+    packed_prefix,
+    parse_addresses,
+    prefix_from_text,
+    prefix_order,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -32,6 +45,25 @@ def test_fast_prefixes_equal_the_stdlib_ones(case: tuple[int, int, int]) -> None
     if length:
         assert ours.supernet() == reference.supernet()
     assert ours.subnet_of(reference) and reference.subnet_of(ours)
+    assert f"{ours}" == f"{reference}" and repr(ours) == repr(reference)
+    assert ours.with_prefixlen == reference.with_prefixlen
+    assert ours.network_address == reference.network_address and ours.netmask == reference.netmask
+    assert pickle.loads(pickle.dumps(ours)) == reference and copy.deepcopy(ours) == reference
+    assert prefix_order(ours) is ours and prefix_order(reference) == ours
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 32)), min_size=2, max_size=6, unique=True))
+def test_packed_prefixes_are_distinct_and_ordered_like_the_stdlib_ones(cases: list[tuple[int, int]]) -> None:
+    references = {ipaddress.IPv4Network(case, strict=False) for case in cases}
+    ours = {_network(int(reference.network_address), reference.prefixlen) for reference in references}
+    assert len(ours) == len(references) and ours == references
+    assert sorted(ours) == sorted(references) and sorted(ours, key=prefix_order) == sorted(references)
+    mixed = sorted(references)[::2] + sorted(ours)[1::2]
+    assert sorted(mixed, key=prefix_order) == sorted(references) == sorted(mixed)
+    assert _network(0, 32) != _network(_V6, 128) and _network(0, 0) != _network(_V6, 0)
+    assert sorted([_network(_V6, 0), _network(0, 32), _network(0, 0)], key=prefix_order) == [
+        ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("0.0.0.0/32"), ipaddress.ip_network("::/0")]
 
 
 @pytest.mark.parametrize("text", ["10.240.0.70", "0.0.0.0", "255.255.255.255", "fd00::5", "::", "::ffff:1.2.3.4"])
@@ -69,3 +101,10 @@ def test_prefix_from_text_refuses_what_ip_network_refuses(text: str) -> None:
         prefix_from_text(text)
     with pytest.raises(ValueError):
         ipaddress.ip_network(text)
+
+
+@pytest.mark.parametrize("text", ["10.0.0.1/32", "10.0.0.0/28", "0.0.0.0/0", "fd00::5/128", "fd00::/64", "::/0"])
+def test_packed_prefix_gives_the_wire_form_of_packed_and_stdlib_prefixes(text: str) -> None:
+    reference = ipaddress.ip_network(text)
+    wire = (reference.network_address.packed, reference.prefixlen)
+    assert packed_prefix(prefix_from_text(text)) == wire and packed_prefix(reference) == wire

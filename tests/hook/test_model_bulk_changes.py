@@ -1,0 +1,63 @@
+"""A bulk change (more than CHANGED_ROUTES_LISTED routes) is handed out as "every route may have changed" instead
+of a set as large as the table, and the reconciler then diffs every route against its cache without reading the
+table back (the memory bound behind bench/p3_scale.py's figures at 5 000 x 250)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from node_hook import model as model_module
+from node_hook.apply.dataplane import FirewallSpec
+from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from node_hook.apply.wireguard import DeviceSpec
+from node_hook.model import NodeModel, RemoteNode, RouteKind
+from node_hook.planner import desired_rules
+from node_hook.reconciler import Reconciler, Targets
+
+
+def _node(index: int, pods: range) -> RemoteNode:
+    return RemoteNode(f"node-{index}", f"{index:043d}=", f"172.16.0.{index}", 51820, frozenset({f"172.16.0.{index}"}),
+                      frozenset(f"10.{index}.0.{pod}" for pod in pods), 1.0)
+
+
+@pytest.fixture
+def small_limit(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(model_module, "CHANGED_ROUTES_LISTED", 8)
+    return 8
+
+
+def test_a_bulk_change_is_handed_out_as_every_route(small_limit: int) -> None:
+    model = NodeModel("local", ["172.16.0.250"])
+    model.set_remote_node(_node(1, range(1, 4)))
+    changes = model.take_changes()
+    assert changes.route_prefixes is not None and len(changes.route_prefixes) == 4  # 3 pods + node IP
+    model.set_remote_node(_node(2, range(1, 20)))
+    changes = model.take_changes()
+    assert changes.route_prefixes is None and changes
+    assert changes.peer_keys == {_node(2, range(0)).public_key}
+    model.set_remote_node(_node(2, range(1, 21)))  # listing resumes after the take
+    assert model.take_changes().route_prefixes == {ipaddress.ip_network("10.2.0.20/32")}
+
+
+def test_the_reconciler_diffs_every_route_against_its_cache_after_a_bulk_change(small_limit: int, tmp_path) -> None:
+    model = NodeModel("local", ["172.16.0.250"])
+    routing = FakeRouting()
+    wireguard = FakeWireGuard()
+    sysctls = {"net/ipv4/conf/all/src_valid_mark": "1"}
+    reconciler = Reconciler(model, Targets(DeviceSpec("wgcni0", bytes(range(32)), 51820, 0x100000, 1420),
+                                           desired_rules(99, 0x100000, 51820),
+                                           FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820), sysctls),
+                            wireguard, routing, FakeFirewall(), FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0"},
+                                                                           tmp_path / "sysctls.json"))
+    model.set_remote_node(_node(1, range(1, 4)))
+    assert reconciler.reconcile().error is None and reconciler.converged
+    model.set_remote_node(_node(2, range(1, 30)))
+    model.remove_remote_node("node-1")
+    routing.fail_next.add("read")  # a read-back would fail the pass: the bulk change must not need one
+    result = reconciler.reconcile()
+    assert result.error is None and "routes" not in result.full
+    assert result.applied["route_sets"] == 30 and result.applied["route_deletes"] == 4
+    assert routing.routes == {prefix: kind.value for prefix, kind in model.routes.items()}
+    assert all(kind is RouteKind.WIREGUARD for kind in model.routes.values()) and len(model.routes) == 30
