@@ -209,7 +209,8 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
         sent, lost, exact = df_pings(lab, mtu, pings)
         return {"mtu": mtu, "mesh_mbit_s": mesh, "baseline_mbit_s": {str(k): v for k, v in tunnel.items()},
                 "mesh_cpu_ms_per_gb": mesh_cpu, "baseline_cpu_ms_per_gb": {str(k): v for k, v in tunnel_cpu.items()},
-                "df_pings_sent": sent, "df_pings_lost": lost, "one_byte_more_refused": exact, "seconds": seconds}
+                "df_pings_sent": sent, "df_pings_lost": lost, "one_byte_more_refused": exact, "seconds": seconds,
+                "lab_suffix": lab.suffix}
     finally:
         for server in servers:
             server.terminate()

@@ -13,15 +13,13 @@ from bench import p4_throughput
 pytestmark = pytest.mark.netns
 
 
-def _leftovers() -> tuple[str, str]:
+def _namespaces_and_links() -> tuple[list[str], list[str]]:
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    return ("\n".join(line for line in namespaces.splitlines() if line.startswith("h3")),
-            "\n".join(line for line in links.splitlines() if "base" in line))
+    return namespaces.splitlines(), links.splitlines()
 
 
 def test_quick_run_measures_both_paths_and_cleans_up() -> None:
-    before = _leftovers()
     rows = p4_throughput.run(quick=True)
     raw = rows[0]["raw"]
     assert raw["mtu"] == 1440  # 1500-byte VNet - 60 (WireGuard over IPv4), not Azure here
@@ -31,6 +29,7 @@ def test_quick_run_measures_both_paths_and_cleans_up() -> None:
     assert all(cost > 0 for samples in raw["baseline_cpu_ms_per_gb"].values() for cost in samples)
     assert raw["df_pings_lost"] == 0 and raw["one_byte_more_refused"]
     assert rows[0]["ratio"] > 0
-    after = _leftovers()
-    assert set(after[0].splitlines()) <= set(before[0].splitlines())  # other tests' namespaces may come and go
-    assert after[1] == before[1]
+    # nothing of this run's lab is left (its names carry the lab's random suffix; other runs may come and go)
+    suffix = raw["lab_suffix"]
+    namespaces, links = _namespaces_and_links()
+    assert not [line for line in namespaces + links if suffix in line]
