@@ -29,6 +29,7 @@ from node_hook.apply.dataplane import (
     SetRoute,
     TableState,
 )
+from node_hook.apply.firewall import render_firewall
 from node_hook.apply.wireguard import (
     DeviceSpec,
     DeviceState,
@@ -189,39 +190,6 @@ class FakeRouting(_FailNext):
         self._maybe_fail("flush")
         self.routes.clear()
         self.rules.clear()
-
-
-def render_firewall(spec: FirewallSpec) -> str:
-    """The nftables ruleset text for `spec` (shared by the real applier and the fake): two tables, both named
-    `spec.table`, one `inet` (IP packets) and one `arp` (ARP requests take the same reverse-path check)."""
-    exempt = [f'iifname "{spec.wireguard_interface}" return', 'iifname "lo" return']
-    exempt += [f'iifname "{prefix}*" return' for prefix in spec.pod_interface_prefixes]
-    body = "\n\t\t".join(exempt)
-    mark = f"meta mark set meta mark | {spec.fwmark:#x}"
-    return (
-        f"table inet {spec.table} {{\n"
-        "\tchain raw-prerouting {\n"
-        "\t\ttype filter hook prerouting priority raw; policy accept;\n"
-        f"\t\t{body}\n"
-        f"\t\t{mark}\n"
-        "\t}\n"
-        "\tchain input {\n"
-        "\t\ttype filter hook input priority filter - 1; policy accept;\n"
-        f"\t\tudp dport {spec.listen_port} accept\n"
-        "\t}\n"
-        "\tchain forward {\n"
-        "\t\ttype filter hook forward priority mangle; policy accept;\n"
-        f'\t\toifname "{spec.wireguard_interface}" tcp flags syn tcp option maxseg size set rt mtu\n'
-        "\t}\n"
-        "}\n"
-        f"table arp {spec.table} {{\n"
-        "\tchain input {\n"
-        "\t\ttype filter hook input priority filter; policy accept;\n"
-        f"\t\t{body}\n"
-        f"\t\t{mark}\n"
-        "\t}\n"
-        "}\n"
-    )
 
 
 class FakeFirewall(_FailNext):

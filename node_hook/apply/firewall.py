@@ -1,6 +1,6 @@
 """Firewall applier: the hook's own nftables tables (`inet <table>`, `arp <table>`), replaced atomically.
 
-What the tables do (rendered by `render_firewall`, shared with the fake):
+What the tables do (rendered by `render_firewall`, which the fake shares):
 - raw PREROUTING: every packet that arrives on anything but lo, the WireGuard device or a pod veth gets the fwmark
   bit, so with `src_valid_mark=1` the reverse-path check of plaintext packets from the underlay (WireGuard's own
   UDP, nodes without a key, peers that have not programmed us yet) skips the hook's table and passes;
@@ -21,10 +21,42 @@ from __future__ import annotations
 import subprocess
 
 from node_hook.apply.dataplane import FirewallSpec
-from node_hook.apply.fakes import render_firewall
 
 
 FAMILIES = ("inet", "arp")
+
+
+def render_firewall(spec: FirewallSpec) -> str:
+    """The nftables ruleset text for `spec` (shared by the real applier and the fake): two tables, both named
+    `spec.table`, one `inet` (IP packets) and one `arp` (ARP requests take the same reverse-path check)."""
+    exempt = [f'iifname "{spec.wireguard_interface}" return', 'iifname "lo" return']
+    exempt += [f'iifname "{prefix}*" return' for prefix in spec.pod_interface_prefixes]
+    body = "\n\t\t".join(exempt)
+    mark = f"meta mark set meta mark | {spec.fwmark:#x}"
+    return (
+        f"table inet {spec.table} {{\n"
+        "\tchain raw-prerouting {\n"
+        "\t\ttype filter hook prerouting priority raw; policy accept;\n"
+        f"\t\t{body}\n"
+        f"\t\t{mark}\n"
+        "\t}\n"
+        "\tchain input {\n"
+        "\t\ttype filter hook input priority filter - 1; policy accept;\n"
+        f"\t\tudp dport {spec.listen_port} accept\n"
+        "\t}\n"
+        "\tchain forward {\n"
+        "\t\ttype filter hook forward priority mangle; policy accept;\n"
+        f'\t\toifname "{spec.wireguard_interface}" tcp flags syn tcp option maxseg size set rt mtu\n'
+        "\t}\n"
+        "}\n"
+        f"table arp {spec.table} {{\n"
+        "\tchain input {\n"
+        "\t\ttype filter hook input priority filter; policy accept;\n"
+        f"\t\t{body}\n"
+        f"\t\t{mark}\n"
+        "\t}\n"
+        "}\n"
+    )
 
 
 class FirewallError(RuntimeError):

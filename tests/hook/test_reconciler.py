@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from node_hook.apply.dataplane import DEVICE_ADDRESS, FirewallSpec
-from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard, render_firewall
+from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from node_hook.apply.firewall import render_firewall
 from node_hook.apply.wireguard import DeviceSpec
 from node_hook.keys import public_key_of
 from node_hook.model import NodeModel, RemoteNode
