@@ -19,7 +19,7 @@ import ipaddress
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -226,6 +226,30 @@ def status(socket_path: str, as_json: bool) -> None:
     _block(f"node: {answer['node']}", pairs)
 
 
+def _pages(socket_path: str, message: dict[str, Any], show_all: bool,
+           advance: Callable[[dict[str, Any], dict[str, Any]], bool]) -> Iterator[dict[str, Any]]:
+    """The hook's answers to `message`: the one page asked for, or with `show_all` every page in turn
+    (`advance` moves `message` past each answer, also the last one, whose position the caller prints as the
+    place to go on from, and says whether another page follows)."""
+    while True:
+        answer = ask(socket_path, message)
+        yield answer
+        if not advance(message, answer) or not show_all:
+            return
+
+
+def _next_offset(message: dict[str, Any], answer: dict[str, Any]) -> bool:
+    message["offset"] += len(answer["peers"])
+    return bool(answer["peers"]) and message["offset"] < answer["total"]
+
+
+def _next_cursor(message: dict[str, Any], answer: dict[str, Any]) -> bool:
+    if answer["next"] is None:
+        return False
+    message["after"] = answer["next"]
+    return True
+
+
 def _peer_rows(answer: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for peer in answer["peers"]:
@@ -265,8 +289,7 @@ def peers(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bo
         message["node"] = node
     first: dict[str, Any] | None = None
     collected: list[dict[str, Any]] = []
-    while True:
-        answer = ask(socket_path, message)
+    for answer in _pages(socket_path, message, show_all, _next_offset):
         rows = _peer_rows(answer)
         if first is None:
             first = answer
@@ -282,9 +305,6 @@ def peers(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bo
             now = time.time()
             for row in rows:
                 _print_peer(row, now)
-        message["offset"] += len(rows)
-        if not show_all or not rows or message["offset"] >= answer["total"]:
-            break
     if as_json:
         _emit_json({"peers": collected, "total": first["total"], "offset": offset, "summary": first["summary"]})
         return
@@ -312,8 +332,7 @@ def routes(socket_path: str, as_json: bool, limit: int, after: str | None, show_
     table = _Table(("PREFIX", "KIND", "OWNER", "POD"))
     first: dict[str, Any] | None = None
     collected: list[dict[str, Any]] = []
-    while True:
-        answer = ask(socket_path, message)
+    for answer in _pages(socket_path, message, show_all, _next_cursor):
         rows = [{"prefix": route["prefix"], "kind": route["kind"], "owner": route["owner"], "pod": route.get("pod")}
                 for route in answer["routes"]]
         if first is None:
@@ -327,9 +346,6 @@ def routes(socket_path: str, as_json: bool, limit: int, after: str | None, show_
             collected += rows
         else:
             table.write([(row["prefix"], row["kind"], row["owner"], row["pod"] or "-") for row in rows])
-        if not show_all or answer["next"] is None:
-            break
-        message["after"] = answer["next"]
     if as_json:
         _emit_json({"routes": collected, "total": first["total"], "next": None if show_all else answer["next"],
                     "byKind": first["byKind"]})
