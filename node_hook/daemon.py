@@ -209,7 +209,12 @@ class Daemon:
         """From the peer source. Peers are pruned only once a complete list has been seen."""
         def apply() -> None:
             if self.observer is not None:
-                self.observer.remote_nodes_received(self.model.remote_nodes, nodes)
+                # Only the nodes that are new objects: the peer source hands over the whole list on every event
+                # and re-delivers unchanged nodes as the same objects; comparing all their pod IP sets cost 42 ms
+                # per event at 5 000 x 250.
+                previous = self.model.remote_nodes
+                changed = {name: node for name, node in nodes.items() if previous.get(name) is not node}
+                self.observer.remote_nodes_received(previous, changed)
             if complete:
                 self.peers_complete = True
                 self.model.replace_remote_nodes(nodes)
