@@ -42,8 +42,6 @@ class Recorder:
             return self.calls[-1][0] if self.calls else None
 
 
-
-
 def create_node(core: client.CoreV1Api, name: str, labels: dict[str, str] | None = None) -> client.V1Node:
     return core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels)))
 
