@@ -68,12 +68,6 @@ class ResourceType:
         return f"{self.group}/{self.version}" if self.group else self.version
 
     @property
-    def collection_path(self) -> str:
-        if self.group:
-            return f"/apis/{self.group}/{self.version}/{self.plural}"
-        return f"/api/{self.version}/{self.plural}"
-
-    @property
     def qualified_name(self) -> str:
         return f"{self.plural}.{self.group}" if self.group else self.plural
 
