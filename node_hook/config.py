@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import re
 import socket
 from dataclasses import dataclass, field
@@ -240,7 +239,3 @@ def settings_as_mapping(settings: Settings) -> dict[str, Any]:
             value = ""
         out[by_field[item.name]] = value
     return out
-
-
-def dump_settings(settings: Settings) -> str:
-    return json.dumps(settings_as_mapping(settings), indent=2, sort_keys=True)
