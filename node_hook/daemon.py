@@ -200,7 +200,8 @@ class Daemon:
         return True
 
     def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15) -> None:
-        """A notification from the plugin: re-read that record now and apply."""
+        """A notification from the plugin: re-read that record now and answer once it is applied (at most `wait`
+        seconds), so a reused IP is local before the pod's first packet (docs/design.md, local API)."""
         seen_at = time.monotonic()
         generation = self._enqueue(lambda: self._load_record(network, container_id, ifname, seen_at))
         self.wait_for_pass(generation, wait)
