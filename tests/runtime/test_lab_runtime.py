@@ -22,6 +22,7 @@ from tests.runtime.helpers import create_netns, delete_netns
 from tests.support.polling import wait_until
 from wgcni_lab import pause
 from wgcni_lab.buildcache import CACHE_ENV
+from wgcni_lab.cleanup import process_state
 from wgcni_lab.containerd import (
     CGROUP_ROOT,
     PRIVATE_MOUNTPOINTS,
@@ -90,11 +91,7 @@ def node_netns() -> Iterator[str]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return process_state(pid) not in (None, "Z")
 
 
 def _host_mounts() -> str:
