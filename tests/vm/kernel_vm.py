@@ -27,7 +27,6 @@ import argparse
 import gzip
 import hashlib
 import lzma
-import os
 import re
 import shlex
 import shutil
