@@ -23,7 +23,6 @@ ERR_INVALID_ENVIRONMENT = 4
 ERR_IO = 5
 ERR_DECODE = 6
 ERR_INVALID_CONFIG = 7
-ERR_TRY_AGAIN_LATER = 11
 ERR_NOT_AVAILABLE = 50
 ERR_LIMITED_CONNECTIVITY = 51
 # wgcni's own codes (100+).
@@ -92,15 +91,14 @@ class NetConf:
 class Invocation:
     """The CNI_* environment of one call."""
 
-    __slots__ = ("command", "container_id", "netns", "ifname", "args", "path")
+    __slots__ = ("command", "container_id", "netns", "ifname", "args")
 
-    def __init__(self, command: str, container_id: str, netns: str, ifname: str, args: dict, path: str):
+    def __init__(self, command: str, container_id: str, netns: str, ifname: str, args: dict):
         self.command = command
         self.container_id = container_id
         self.netns = netns
         self.ifname = ifname
         self.args = args
-        self.path = path
 
 
 def dispatch(env: dict, stdin: io.IOBase, stdout: io.IOBase) -> int:
@@ -238,8 +236,7 @@ def parse_environment(env: dict, command: str) -> Invocation:
         missing = [name for name in required if not env.get(name)]
         if missing:
             raise CniError(ERR_INVALID_ENVIRONMENT, f"{command} needs {', '.join(missing)} in the environment")
-    return Invocation(command, container_id, netns, ifname, parse_cni_args(env.get("CNI_ARGS", "")),
-                      env.get("CNI_PATH", ""))
+    return Invocation(command, container_id, netns, ifname, parse_cni_args(env.get("CNI_ARGS", "")))
 
 
 def parse_cni_args(value: str) -> dict:
