@@ -26,9 +26,6 @@ class FileLog:
         self._fd: int | None = None
         self._disabled = not path
 
-    def debug(self, message: str) -> None:
-        self._emit(10, "DEBUG", message)
-
     def info(self, message: str) -> None:
         self._emit(20, "INFO", message)
 
@@ -57,10 +54,11 @@ class FileLog:
 
     def _open(self) -> int:
         if self._fd is None:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # first line ever: create the directory (not stat it on every invocation)
+                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             if os.fstat(fd).st_size >= self.max_bytes:
                 fd = self._rotate(fd)
             self._fd = fd

@@ -241,8 +241,11 @@ class StoreLock:
         self._fd = -1
 
     def __enter__(self) -> "StoreLock":
-        _make_private_dirs(self._store.pods_dir)
-        self._fd = os.open(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._fd = os.open(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:  # first writer on this node: create pods/ (not stat it on every ADD/DEL)
+            _make_private_dirs(self._store.pods_dir)
+            self._fd = os.open(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
