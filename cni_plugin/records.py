@@ -135,12 +135,16 @@ class RecordStore:
         """Atomically create or replace one record. The caller holds ``lock()``."""
         validate_record(record)
         directory = self.network_dir(record["network"])
-        _make_private_dirs(directory)
         _remove_stale_temp_files(directory)
         final_path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
         payload = cjson.dumps(record, sort_keys=True).encode() + b"\n"
         temp_path = os.path.join(directory, f"{TEMP_PREFIX}.{os.getpid()}.{os.urandom(4).hex()}")
-        fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(temp_path, flags, 0o600)
+        except FileNotFoundError:  # first record of this network: create its directory (not stat it on every ADD)
+            _make_private_dirs(directory)
+            fd = os.open(temp_path, flags, 0o600)
         try:
             try:
                 view = memoryview(payload)
