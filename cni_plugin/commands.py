@@ -211,7 +211,19 @@ def pod_ips(prev_result: dict) -> list[str]:
             raise CniError(ERR_INVALID_CONFIG, f"prevResult.ips[{index}].address is not an IP address with prefix",
                            f"got {address!r:.60}")
         addresses.add(parsed)
-    return [_socket.inet_ntop(family, packed) for family, packed in sorted(addresses)]
+    return [format_host(family, packed) for family, packed in sorted(addresses)]
+
+
+def format_host(family: int, packed: bytes) -> str:
+    """The address as ``ipaddress`` prints it (the form the hook and the API use). inet_ntop gives the same text
+    except for IPv6 addresses it prints with a dotted IPv4 tail (``::0.1.0.0``, ``::ffff:1.2.3.4``); only those
+    rare ones pay for importing ``ipaddress``."""
+    text = _socket.inet_ntop(family, packed)
+    if family == _socket.AF_INET6 and "." in text:
+        import ipaddress
+
+        text = str(ipaddress.IPv6Address(packed))
+    return text
 
 
 def parse_cidr_host(cidr: str) -> tuple[int, bytes] | None:

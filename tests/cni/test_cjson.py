@@ -13,13 +13,11 @@ import pathlib
 import subprocess
 import sys
 
-import _socket
-
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from cni_plugin import cjson
-from cni_plugin.commands import parse_cidr_host
+from cni_plugin.commands import format_host, parse_cidr_host
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
@@ -106,7 +104,7 @@ def test_address_parser_agrees_with_ipaddress(address, prefix):
         assert parsed is None, cidr
         return
     assert parsed is not None, cidr
-    assert _socket.inet_ntop(*parsed) == expected
+    assert format_host(*parsed) == expected
 
 
 @pytest.mark.parametrize("cidr", ["10.240.0.65", "10.240.0.65/", "10.240.0.65/33", "fd00::5/129", "1.2.3/8",
@@ -126,3 +124,9 @@ def test_syntax_errors_are_reported_in_a_process_that_never_imported_json():
                              text=True, timeout=60)
     assert process.returncode == 0, process.stderr
     assert process.stdout.startswith("JSONDecodeError Expecting value")
+
+
+@pytest.mark.parametrize("address", ["::1:0", "::ffff:102:304", "fd00::5", "10.240.0.65"])
+def test_host_addresses_are_printed_as_ipaddress_prints_them(address):
+    parsed = parse_cidr_host(f"{address}/64" if ":" in address else f"{address}/16")
+    assert parsed is not None and format_host(*parsed) == str(ipaddress.ip_address(address))
