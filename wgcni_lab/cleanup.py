@@ -1,5 +1,6 @@
-"""Host clean-up shared by the lab's teardown (wgcni_lab.lab) and each node's containerd (wgcni_lab.containerd):
-end a set of processes for good, and remove a directory tree that containerd's snapshotter made partly read-only."""
+"""Host clean-up shared by the lab's teardown (wgcni_lab.lab), each node's containerd (wgcni_lab.containerd) and the
+lab tests' footprint: one scan of /proc's process table, end a set of processes for good, and remove a directory
+tree that containerd's snapshotter made partly read-only."""
 
 from __future__ import annotations
 
@@ -7,8 +8,74 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """One process as /proc showed it during a scan."""
+
+    pid: int
+    parent: int
+    argv: tuple[bytes, ...]
+    state: str  # one letter: R, S, D, Z, ...
+    netns_inode: int | None  # None when the namespace could not be read (kernel threads, a process just gone)
+
+    @property
+    def live(self) -> bool:
+        """Not a zombie (a zombie holds no namespace, mount or file any more)."""
+        return self.state != "Z"
+
+    @property
+    def command_line(self) -> str:
+        """argv joined by spaces, for matching and for messages."""
+        return b" ".join(self.argv).decode(errors="replace")
+
+
+def netns_inode(path: str) -> int | None:
+    """The inode that identifies the network namespace at `path` (/proc/PID/ns/net, /run/netns/NAME, a pod's
+    netns path), or None when there is none."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def process_table() -> dict[int, ProcessInfo]:
+    """pid -> ProcessInfo of every process, from one pass over /proc (processes that end during the pass are
+    left out)."""
+    table: dict[int, ProcessInfo] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw_argv = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        argv = raw_argv.split(b"\0")
+        if argv[-1] == b"":
+            argv.pop()
+        table[int(entry.name)] = ProcessInfo(int(entry.name), int(fields[1]), tuple(argv), fields[0],
+                                             netns_inode(f"/proc/{entry.name}/ns/net"))
+    return table
+
+
+def with_descendants(roots: Iterable[int], table: Mapping[int, ProcessInfo]) -> set[int]:
+    """`roots` and every process in `table` that descends from one of them."""
+    children: dict[int, list[int]] = {}
+    for info in table.values():
+        children.setdefault(info.parent, []).append(info.pid)
+    found = set(roots)
+    pending = list(found)
+    while pending:
+        for child in children.get(pending.pop(), ()):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return found
 
 
 def process_state(pid: int) -> str | None:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import grpc
 
-from wgcni_lab.cleanup import kill_processes, remove_tree
+from wgcni_lab.cleanup import kill_processes, process_table, remove_tree, with_descendants
 from wgcni_lab.cri import CriClient, CriError, PortMapping, SandboxStatus
 from wgcni_lab.pause import PauseImage, pause_image
 
@@ -356,29 +356,9 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
         """This instance's containerd and shims (their command lines name our config or socket) and all their
         descendants (the pods' pause processes). Also finds them for an instance whose supervisor crashed."""
         markers = {str(self.address).encode(), str(self.config_path).encode()}
-        parents: dict[int, int] = {}
-        roots: list[int] = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-            if markers.intersection(cmdline.split(b"\0")):
-                roots.append(pid)
-        found = set(roots)
-        changed = True
-        while changed:
-            changed = False
-            for pid, parent in parents.items():
-                if parent in found and pid not in found:
-                    found.add(pid)
-                    changed = True
-        return sorted(found)
+        table = process_table()
+        roots = [info.pid for info in table.values() if markers.intersection(info.argv)]
+        return sorted(with_descendants(roots, table))
 
     def _remove_cgroups(self) -> None:
         relative = self.cgroup_parent.strip("/")

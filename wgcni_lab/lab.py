@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from node_hook.config import Settings
-from wgcni_lab.cleanup import kill_processes, process_state, remove_tree
+from wgcni_lab.cleanup import kill_processes, process_state, process_table, remove_tree, with_descendants
 from wgcni_lab.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -551,21 +551,6 @@ def covered(prefixes: Iterable[str]) -> set[str]:
 
 # ---- teardown ------------------------------------------------------------------------------------------------------
 
-def _proc_entries() -> dict[int, tuple[int, list[bytes], str]]:
-    """pid -> (parent pid, argv, state) of every process."""
-    out: dict[int, tuple[int, list[bytes], str]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[int(entry.name)] = (int(fields[1]), argv, fields[0])
-    return out
-
-
 def _netns_pids(netns: str) -> set[int]:
     result = run(["ip", "netns", "pids", netns], check=False)
     return {int(pid) for pid in result.stdout.split()} if result.returncode == 0 else set()
@@ -601,21 +586,15 @@ def lab_processes(state: LabState) -> set[int]:
     containerds and their shims, hooks, wireguard-go) or a lab cgroup (the pods), and all their descendants — also
     when the daemon crashed and they were orphaned. Zombies are left out (they hold nothing). `wgcni-lab` commands
     (which name the lab dir too) are not lab processes."""
-    table = _proc_entries()
-    found = {state.daemon_pid} if state.daemon_pid and is_lab_daemon(state.daemon_pid, state) else set()
+    table = process_table()
+    roots = {state.daemon_pid} if state.daemon_pid and is_lab_daemon(state.daemon_pid, state) else set()
     for netns in lab_namespaces(state):
-        found |= _netns_pids(netns)
+        roots |= _netns_pids(netns)
     for node in state.nodes:
-        found |= _cgroup_pids(state.cgroup_parent(node))
-    found.discard(os.getpid())
-    changed = True
-    while changed:
-        changed = False
-        for pid, (parent, _, _) in table.items():
-            if parent in found and pid not in found:
-                found.add(pid)
-                changed = True
-    return {pid for pid in found if pid in table and table[pid][2] != "Z" and pid != os.getpid()}
+        roots |= _cgroup_pids(state.cgroup_parent(node))
+    roots.discard(os.getpid())
+    found = with_descendants(roots, table)
+    return {pid for pid in found if pid in table and table[pid].live and pid != os.getpid()}
 
 
 def lab_namespaces(state: LabState) -> list[str]:

@@ -20,6 +20,7 @@ import pytest
 
 from tests.support.tempdir import short_temp_dir
 from wgcni_lab import lab
+from wgcni_lab.cleanup import netns_inode, process_table
 
 LAB_LINK_NAMES = ("vnet0", "node-", "wgcni", "eth0")
 
@@ -57,30 +58,6 @@ class Footprint:
     links: set[str]
 
 
-def _netns_inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None
-
-
-def _live_processes() -> dict[int, tuple[str, int | None]]:
-    """pid -> (command line, network namespace inode) of every live (non-zombie) process."""
-    out = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-            if stat[0] == "Z":
-                continue
-            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        out[int(entry.name)] = (cmdline, _netns_inode(f"/proc/{entry.name}/ns/net"))
-    return out
-
-
 def root_links() -> set[str]:
     return {link["ifname"] for link in json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True,
                                                                  text=True, check=True).stdout)}
@@ -90,8 +67,8 @@ def footprint(lab_id: str, lab_dir: Path, netns_inodes: set[int]) -> Footprint:
     """Everything of the lab `lab_id` that exists right now."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
     namespaces = {line.split()[0] for line in listed if line.startswith(f"wgl-{lab_id}-")}
-    processes = {pid: cmdline for pid, (cmdline, inode) in _live_processes().items()
-                 if inode in netns_inodes or str(lab_dir) in cmdline}
+    processes = {info.pid: info.command_line for info in process_table().values()
+                 if info.live and (info.netns_inode in netns_inodes or str(lab_dir) in info.command_line)}
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if str(lab_dir) in line or f"wgl-{lab_id}" in line]
     cgroups = [str(path) for hierarchy in Path("/sys/fs/cgroup").iterdir() if hierarchy.is_dir()
@@ -105,7 +82,7 @@ def lab_netns_inodes(cli: Cli) -> set[int]:
     state = cli.state()
     paths = [f"/run/netns/{state.vnet_netns}"] + [f"/run/netns/{node.netns}" for node in state.nodes]
     paths += [pod["netns"] for pod in lab.all_pods(state)] if state.phase == "up" else []
-    return {inode for inode in map(_netns_inode, paths) if inode is not None}
+    return {inode for inode in map(netns_inode, paths) if inode is not None}
 
 
 @pytest.fixture(scope="module")
