@@ -12,7 +12,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.runtime.helpers import BUILT_PLUGIN, build_libcni_driver, create_netns, delete_netns
+from tests.runtime.helpers import BUILT_PLUGIN, build_libcni_driver
+from tests.support.netns import Namespaces
 from tests.support.tempdir import short_temp_dir
 
 
@@ -33,19 +34,10 @@ def module_tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def netns_factory() -> Iterator:
-    """Create uniquely named network namespaces (loopback up); all are deleted after the test."""
-    created: list[str] = []
-
-    def make(prefix: str = "wgcni-rt") -> str:
-        name = create_netns(prefix)
-        created.append(name)
-        return name
-
-    try:
-        yield make
-    finally:
-        for name in created:
-            delete_netns(name)
+    """Create uniquely named network namespaces (loopback up); all are removed after the test, with any process
+    left inside."""
+    with Namespaces() as namespaces:
+        yield lambda prefix="wgcni-rt": namespaces.add_unique(prefix)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Helpers of the real-runtime tests: network namespaces, the invocation journal, AKS-shaped conflists, the
+"""Helpers of the real-runtime tests: the invocation journal, AKS-shaped conflists, the
 built plugin's location and the libcni driver build.
 
 The runtime and the reference plugins always run inside a "node" network namespace, never the host's:
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -22,21 +21,6 @@ BUILT_PLUGIN = REPO / "dist" / "bin" / "wgcni"
 DRIVER_SOURCE = Path(__file__).resolve().parent / "libcni_driver" / "main.go"
 GOPATH = Path("/usr/share/gocode")
 NETWORK = "azure"
-
-
-def create_netns(prefix: str) -> str:
-    name = f"{prefix}-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    except BaseException:
-        delete_netns(name)
-        raise
-    return name
-
-
-def delete_netns(name: str) -> None:
-    subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
 
 
 class Journal:

@@ -22,13 +22,12 @@ from tests.runtime.helpers import (
     NETWORK,
     Journal,
     aks_shaped_conflist,
-    create_netns,
-    delete_netns,
     journaling_plugin,
     plugin_settings,
     record_path,
 )
 from tests.support.fake_hook import FakeHook
+from tests.support.netns import Namespaces
 from wgcni_lab.containerd import Containerd, link_cni_plugins, write_conflist
 from wgcni_lab.cri import CriError, PortMapping
 
@@ -72,23 +71,22 @@ class CriNode:
 
 @pytest.fixture(scope="module")
 def cri_node(module_tmp: Path, plugin_binary: Path) -> Iterator[CriNode]:
-    netns = create_netns("wgcni-rt-node")
-    containerd = Containerd(module_tmp / "ctrd", name="rt", netns=netns)
-    settings = plugin_settings(module_tmp)
-    hook = FakeHook(settings["hookSocket"], settings["stateDir"])
-    try:
-        journal = Journal(module_tmp / "journal.jsonl")
-        wrapper = journaling_plugin(module_tmp / "wrapper", plugin_binary, journal.path)
-        link_cni_plugins(containerd.cni_bin_dir, {"wgcni": wrapper})
-        hook.start()
-        containerd.start()
-        yield CriNode(containerd, journal, settings, hook)
-    finally:
+    with Namespaces() as namespaces:
+        containerd = Containerd(module_tmp / "ctrd", name="rt", netns=namespaces.add_unique("wgcni-rt-node"))
+        settings = plugin_settings(module_tmp)
+        hook = FakeHook(settings["hookSocket"], settings["stateDir"])
         try:
-            containerd.stop()
+            journal = Journal(module_tmp / "journal.jsonl")
+            wrapper = journaling_plugin(module_tmp / "wrapper", plugin_binary, journal.path)
+            link_cni_plugins(containerd.cni_bin_dir, {"wgcni": wrapper})
+            hook.start()
+            containerd.start()
+            yield CriNode(containerd, journal, settings, hook)
         finally:
-            hook.stop()
-            delete_netns(netns)
+            try:
+                containerd.stop()
+            finally:
+                hook.stop()
 
 
 @pytest.fixture(params=["0.3.0", "1.0.0"])

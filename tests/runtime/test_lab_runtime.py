@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.runtime.helpers import create_netns, delete_netns
+from tests.support.netns import Namespaces
 from tests.support.polling import wait_until
 from wgcni_lab import pause
 from wgcni_lab.buildcache import CACHE_ENV
@@ -83,11 +83,8 @@ def _member(archive: Path, name: str) -> bytes:
 
 @pytest.fixture
 def node_netns() -> Iterator[str]:
-    name = create_netns("wgcni-rt-node")
-    try:
-        yield name
-    finally:
-        delete_netns(name)
+    with Namespaces() as namespaces:
+        yield namespaces.add_unique("wgcni-rt-node")
 
 
 def _alive(pid: int) -> bool:

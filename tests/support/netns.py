@@ -1,6 +1,7 @@
-"""Network-namespace building blocks shared by the hook's dataplane lab (tests/netns/lab.py) and the Kubernetes sync
-mesh (tests/sync/mesh.py): commands in namespaces, a VNet bridge namespace with node namespaces plugged into it, a
-simulated node with its own `wgcni-node run`, and a teardown that leaves no namespace or process behind.
+"""Network-namespace building blocks shared by the hook's dataplane lab (tests/netns/lab.py), the Kubernetes sync
+mesh (tests/sync/mesh.py) and the real-runtime tests (tests/runtime): commands in namespaces, a VNet bridge namespace
+with node namespaces plugged into it, a simulated node with its own `wgcni-node run`, and a teardown that leaves no
+namespace or process behind.
 
 Command timeouts are stretched by the tests' time scale (tests/support/polling.py), like every wait.
 """
@@ -8,6 +9,7 @@ Command timeouts are stretched by the tests' time scale (tests/support/polling.p
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from node_hook.local_api import request
 from tests.support.polling import TIME_SCALE, wait_until
+from wgcni_lab.cleanup import kill_processes
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -35,15 +38,29 @@ def in_ns(namespace: str, *args: str, check: bool = True, timeout: float = 30) -
 
 
 class Namespaces:
-    """The named network namespaces a test made, in creation order; `close()` ends every process still inside one
-    (a process keeps a namespace alive after `ip netns del`) and deletes them, newest first."""
+    """The named network namespaces a test made, in creation order; `close()` (also on leaving a `with` block) ends
+    every process still inside one (a process keeps a namespace alive after `ip netns del`) and deletes them, newest
+    first. The one way the suites create and remove their namespaces."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
 
+    def __enter__(self) -> Namespaces:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def add(self, name: str) -> str:
         sh("ip", "netns", "add", name)
         self.names.append(name)
+        return name
+
+    def add_unique(self, prefix: str) -> str:
+        """A namespace named `prefix-<random hex>` (no clash with another run or suite on the machine), loopback
+        up."""
+        name = self.add(f"{prefix}-{secrets.token_hex(4)}")
+        in_ns(name, "ip", "link", "set", "lo", "up")
         return name
 
     def delete(self, name: str) -> None:
@@ -52,11 +69,7 @@ class Namespaces:
 
     def close(self) -> None:
         for name in reversed(self.names):
-            for pid in sh("ip", "netns", "pids", name, check=False).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_processes(int(pid) for pid in sh("ip", "netns", "pids", name, check=False).stdout.split())
             sh("ip", "netns", "del", name, check=False)
         self.names.clear()
 
