@@ -118,9 +118,9 @@ def _delete(state: lab.LabState, node: lab.NodeState, pod: dict[str, Any]) -> tu
     return asked, stopped
 
 
-def samples(rounds: int, poll_times: list[float]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def samples(rounds: int, poll_times: list[float]) -> tuple[dict[str, list[float]], dict[str, list[float]], str]:
     """(convergence times, durations of the runtime call that started the clock), in seconds per scenario, `rounds`
-    each, in a lab of its own (removed afterwards)."""
+    each, in a lab of its own (removed afterwards), and that lab's id (the suffix of its namespaces' names)."""
     parent = Path(tempfile.mkdtemp(prefix="wgl-bench-"))
     lab_dir = parent / "lab"
     command = [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(lab_dir)]
@@ -157,7 +157,7 @@ def samples(rounds: int, poll_times: list[float]) -> tuple[dict[str, list[float]
     finally:
         subprocess.run([*command, "down"], capture_output=True, timeout=300)
         shutil.rmtree(parent, ignore_errors=True)
-    return measured, runtime
+    return measured, runtime, state.id
 
 
 RUNTIME_CALL = {"add": "RunPodSandbox", "del": "StopPodSandbox", "move": "RunPodSandbox"}
@@ -170,11 +170,12 @@ CASES = {
 
 def run(quick: bool) -> list[dict]:
     poll_times: list[float] = []
-    measured, runtime = samples(QUICK_ROUNDS if quick else ROUNDS, poll_times)
+    measured, runtime, lab_suffix = samples(QUICK_ROUNDS if quick else ROUNDS, poll_times)
     poll = f"one poll of a node p50 {statistics.median(poll_times) * 1000:.0f} ms"
-    return [row(CASES[name], [seconds * 1000.0 for seconds in values], "ms", target_p99=TARGET_P99_MS,
-                note=f"of which the {RUNTIME_CALL[name]} call p50 {statistics.median(runtime[name]) * 1000:.0f} ms; "
-                     f"{poll}")
+    return [{**row(CASES[name], [seconds * 1000.0 for seconds in values], "ms", target_p99=TARGET_P99_MS,
+                   note=f"of which the {RUNTIME_CALL[name]} call p50 {statistics.median(runtime[name]) * 1000:.0f} "
+                        f"ms; {poll}"),
+             "lab_suffix": lab_suffix}
             for name, values in measured.items()]
 
 
