@@ -4,12 +4,16 @@
 `json` (one object per line: `time` RFC 3339 UTC with milliseconds, `level`, `logger`, `message`, and `exception`
 when there is one), at `logLevel`.
 
-`redact_everywhere(private_key)` adds a filter that masks this node's private key in every record. The hook never
-formats its private key into a message (`NodeKey.__repr__` hides it, errors of the appliers never echo requests),
-and tests/observe/test_hook_run.py greps every log line of a full run for it. This filter is the second line:
-whatever a future message, a third-party library or an exception text might carry, the key's standard and URL-safe
-base64 and its hex form (the encodings of wg(8), the Kubernetes API and the UAPI) are replaced with `[redacted]`
-before any handler writes the record, in text and JSON formats alike.
+`redact_everywhere(private_key)` masks this node's private key in every log record the process creates. The hook
+never formats its private key into a message (`NodeKey.__repr__` hides it, errors of the appliers never echo
+requests), and tests/observe/test_hook_run.py greps every log line of a full run for it. The masking is the second
+line: whatever a future message, a third-party library or an exception text might carry, the key's standard and
+URL-safe base64 and its hex form (the encodings of wg(8), the Kubernetes API and the UAPI) are replaced with
+`[redacted]`. It happens where each record is made (the logging module's record factory), not in a handler or a
+logger filter, so it also holds for handlers added later and for records of any logger, propagated or not: the
+message is formatted with its arguments and masked, and the exception and stack texts are rendered and masked
+(formatters write the record's `exc_text` rather than formatting `exc_info` again, as logging.Formatter and
+JsonLinesFormatter do).
 """
 
 from __future__ import annotations
@@ -32,11 +36,10 @@ def encodings(secret: bytes) -> list[str]:
     return sorted(forms, key=len, reverse=True)  # longest first: a padded form is masked whole
 
 
-class SecretRedactor(logging.Filter):
-    """Masks the given secrets in a record's message (after %-formatting) and in its exception text."""
+class SecretRedactor:
+    """Masks the given secrets in a record's message (after %-formatting) and in its exception and stack texts."""
 
     def __init__(self, secrets: Iterable[bytes]) -> None:
-        super().__init__()
         self.forms = [form for secret in secrets for form in encodings(secret)]
 
     def _mask(self, text: str) -> str:
@@ -45,8 +48,12 @@ class SecretRedactor(logging.Filter):
                 text = text.replace(form, MASK)
         return text
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+    def redact(self, record: logging.LogRecord) -> None:
+        """Mask the secrets in `record`, in place."""
+        try:
+            message = record.getMessage()
+        except Exception:  # any error of the arguments' formatting: logging would print msg and args when emitting
+            message = f"{record.msg} (arguments that do not fit the message: {record.args!r})"
         masked = self._mask(message)
         if masked != message:
             record.msg, record.args = masked, None
@@ -56,7 +63,6 @@ class SecretRedactor(logging.Filter):
             record.exc_text = self._mask(record.exc_text)
         if record.stack_info:
             record.stack_info = self._mask(record.stack_info)
-        return True
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -89,8 +95,15 @@ def setup_logging(settings: Any) -> None:
 
 
 def redact_everywhere(secret: bytes) -> SecretRedactor:
-    """Install a redactor for `secret` on every handler of the root logger (where setup_logging puts its one)."""
+    """Mask `secret` in every log record created from now on, whichever logger makes it and whichever handler
+    writes it (a record factory wrapping the current one)."""
     redactor = SecretRedactor([secret])
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(redactor)
+    make_record = logging.getLogRecordFactory()
+
+    def make_redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        redactor.redact(record)
+        return record
+
+    logging.setLogRecordFactory(make_redacted_record)
     return redactor

@@ -19,14 +19,31 @@ SECRET = os.urandom(32)
 
 @pytest.fixture
 def stderr(capsys: pytest.CaptureFixture[str]) -> Iterator[Callable[[], str]]:
-    """What the handler setup_logging installs (on sys.stderr, captured) has written; root logger restored after."""
+    """What the handler setup_logging installs (on sys.stderr, captured) has written; the root logger and the record
+    factory (redact_everywhere wraps it) restored after."""
     root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
+    saved_handlers, saved_level, saved_factory = root.handlers[:], root.level, logging.getLogRecordFactory()
     try:
         yield lambda: capsys.readouterr().err
     finally:
+        logging.setLogRecordFactory(saved_factory)
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+
+
+class Collect(logging.Handler):
+    """A handler added after set-up, as a library or an operator's debugging session might: keeps what it writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:  # as logging's own handlers do: report on stderr, never raise into the caller
+            self.handleError(record)
 
 
 def log_everything() -> None:
@@ -66,3 +83,26 @@ def test_without_the_filter_the_same_lines_would_leak(stderr: Callable[[], str])
     output = stderr()
     assert base64.b64encode(SECRET).decode() in output and SECRET.hex() in output
     assert "debug line" in output
+
+
+def test_handlers_added_after_set_up_see_no_key_on_the_root_or_a_child_logger(stderr: Callable[[], str]) -> None:
+    setup_logging(Settings(log_format="text", log_level="info"))
+    redact_everywhere(SECRET)
+    on_root, on_child = Collect(), Collect()
+    logging.getLogger().addHandler(on_root)
+    child = logging.getLogger("wgcni-test")
+    child.addHandler(on_child)
+    try:
+        log_everything()
+        logging.getLogger("wgcni-test.grandchild").warning("propagated twice: %s", SECRET.hex().upper())
+        logging.getLogger("wgcni-test").info("unformattable %d", base64.b64encode(SECRET).decode())
+    finally:
+        logging.getLogger().removeHandler(on_root)
+        child.removeHandler(on_child)
+    written = {"stderr": stderr(), "root handler": "\n".join(on_root.lines), "child handler": "\n".join(on_child.lines)}
+    for where, text in written.items():
+        assert "key as argument: [redacted]" in text and "propagated twice: [redacted]" in text, where
+        assert "RuntimeError: wireguard-go refused private_key=[redacted]" in text, where
+        assert "unformattable %d (arguments that do not fit the message: ('[redacted]',))" in text, where
+        for form in encodings(SECRET):
+            assert form not in text, f"{where} saw the key"
