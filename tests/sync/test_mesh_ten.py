@@ -4,7 +4,6 @@ pod churn across many nodes under a restart and a cut watch converges again."""
 
 from __future__ import annotations
 
-import time
 from typing import Iterator
 
 import pytest
@@ -45,15 +44,12 @@ def test_ten_node_mesh_is_exact_encrypted_and_survives_churn_with_faults(mesh):
     converge(mesh, "ten-node mesh after churn with a restart and a cut watch")
 
 
-def test_ten_node_convergence_is_measured(mesh):
+def test_a_pod_added_on_one_node_reaches_the_nine_others(mesh):
+    """Correctness only: how fast is measured in bench/ (P2, P5)."""
     source, others = mesh.nodes["node-0"], [node for name, node in mesh.nodes.items() if name != "node-0"]
     key = mesh.keys()["node-0"]
-    samples = []
     for index in range(3):
-        started = time.monotonic()
         pod = mesh.run_pod(source, f"conv-{index}")
         wait_until(lambda: all(pod.ip in node.wg_peers().get(key, set()) and pod.ip in node.wg_routes()
                                for node in others), CONVERGE, "AllowedIP and route on nine nodes", interval=0.01)
-        samples.append(time.monotonic() - started)
         mesh.delete_pod(pod)
-    print(f"ten nodes, pod ADD -> AllowedIP+route on nine others: {[round(s, 3) for s in samples]} s")
