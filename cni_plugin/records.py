@@ -4,9 +4,11 @@ Layout and format are fixed in docs/design.md ("Pod records"):
 ``<stateDir>/pods/<network>/<containerID>@<ifname>.json``, one JSON object per attachment, mode 0600, written
 atomically (temp file in the same directory, fsync, rename, fsync of the directory) under an exclusive ``flock`` on
 ``<stateDir>/pods/.lock``. A crash at any instant leaves the old or the new record, never a torn one; readers skip
-``.tmp*`` files and never need the lock. Standard library only: this module is on the plugin's ADD/DEL path,
-where it avoids ``re`` and ``json`` for start-up time (see cni_plugin/cjson.py): names are checked against
-character sets.
+``.tmp*`` files and never need the lock. Temp files of writers that were killed are swept by a writer at most once
+per ``TEMP_SWEEP_INTERVAL`` per network (the mtime of ``<stateDir>/pods/.temp-sweep.<network>`` says when it last
+happened), so an ADD does not list a directory that holds every pod of the node; CNI GC sweeps every time.
+Standard library only: this module is on the plugin's ADD/DEL path, where it avoids ``re`` and ``json`` for start-up
+time (see cni_plugin/cjson.py): names are checked against character sets.
 """
 
 import errno
@@ -20,6 +22,8 @@ RECORD_FORMAT = 1
 RECORD_SUFFIX = ".json"
 TEMP_PREFIX = ".tmp"
 LOCK_NAME = ".lock"
+TEMP_SWEEP_STAMP_PREFIX = ".temp-sweep."
+TEMP_SWEEP_INTERVAL = 60.0  # seconds between two sweeps of one network's temp files by writers
 
 _ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
 _NAME_CHARS = _ALNUM | frozenset("_.-")
@@ -125,6 +129,11 @@ class RecordStore:
         _check_key(network, container_id, ifname)
         return os.path.join(self.pods_dir, network, record_file_name(container_id, ifname))
 
+    def temp_sweep_stamp(self, network: str) -> str:
+        """The file whose mtime is the last sweep of `network`'s temp files (outside the network's directory, which
+        holds records and temp files only; not a network name, so ``networks()`` never lists it)."""
+        return os.path.join(self.pods_dir, TEMP_SWEEP_STAMP_PREFIX + network)
+
     # -- writer side (the plugin) --------------------------------------------------------------------------------
 
     def lock(self) -> "StoreLock":
@@ -135,7 +144,7 @@ class RecordStore:
         """Atomically create or replace one record. The caller holds ``lock()``."""
         validate_record(record)
         directory = self.network_dir(record["network"])
-        _remove_stale_temp_files(directory)
+        _remove_stale_temp_files_when_due(directory, self.temp_sweep_stamp(record["network"]))
         final_path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
         payload = cjson.dumps(record, sort_keys=True).encode() + b"\n"
         temp_path = os.path.join(directory, f"{TEMP_PREFIX}.{os.getpid()}.{os.urandom(4).hex()}")
@@ -293,6 +302,26 @@ def _remove_stale_temp_files(directory: str) -> None:
     for entry in entries:
         if entry.startswith(TEMP_PREFIX):
             _unlink_if_present(os.path.join(directory, entry))
+
+
+def _remove_stale_temp_files_when_due(directory: str, stamp: str) -> None:
+    """Sweep ``directory``'s temp files when the last sweep (the mtime of ``stamp``) is ``TEMP_SWEEP_INTERVAL`` or
+    more ago, never happened, or lies in the future (the clock was set back); else one stat. Only safe while holding
+    the store lock."""
+    try:
+        since_last = time.time() - os.stat(stamp).st_mtime
+    except FileNotFoundError:
+        since_last = None
+    if since_last is not None and 0 <= since_last < TEMP_SWEEP_INTERVAL:
+        return
+    _remove_stale_temp_files(directory)
+    try:
+        os.utime(stamp)
+    except FileNotFoundError:
+        try:
+            os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        except FileNotFoundError:  # no pods/ yet: nothing to sweep either; the first record creates it
+            pass
 
 
 def _unlink_if_present(path: str) -> bool:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cni_plugin.records import RecordStore
+from cni_plugin.records import TEMP_SWEEP_INTERVAL, RecordStore
 from tests.cni.helpers import AZURE_CONFLIST, CONTAINER_ID, VERSIONS, aks_prev_result, cni_env, plugin_stdin
 from tests.support.binaries import built_binary
 from tests.support.fake_hook import FakeHook
@@ -187,7 +187,10 @@ def test_sigkill_at_random_instants_never_leaves_a_torn_record(wgcni, settings):
         previous_ips = record["ips"]
         assert store.read("azure", CONTAINER_ID, "eth0") is not None
     assert outcomes["killed"] >= 5 and outcomes["completed"] >= 1, outcomes  # the instants really were spread
-    # The lock died with its holders and the next writer cleans up any temp file they left.
+    # The lock died with its holders, and the first writer once the sweep interval is over (as if it were) removes
+    # any temp file they left.
+    stamp = store.temp_sweep_stamp("azure")
+    os.utime(stamp, (time.time() - TEMP_SWEEP_INTERVAL,) * 2)
     assert call(wgcni, "ADD", settings, "0.3.0", contents[0]).code == 0
     assert sorted(os.listdir(os.path.dirname(record_path))) == [f"{CONTAINER_ID}@eth0.json", "calibration@eth0.json"]
 

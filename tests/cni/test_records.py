@@ -6,12 +6,14 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
 from cni_plugin import notify
 from cni_plugin.filelog import FileLog
 from cni_plugin.records import (
+    TEMP_SWEEP_INTERVAL,
     RecordError,
     RecordStore,
     valid_container_id,
@@ -117,14 +119,53 @@ def test_write_refuses_an_invalid_record_and_leaves_no_file(store):
         os.path.join(store.pods_dir, "azure")) == []
 
 
-def test_write_replaces_atomically_and_cleans_stale_temp_files(store):
+def test_write_replaces_atomically(store):
     write(store, make_record())
-    directory = os.path.join(store.pods_dir, "azure")
-    with open(os.path.join(directory, ".tmp.999.dead"), "w") as handle:
-        handle.write("torn")
     write(store, make_record(ips=("10.240.0.7",)))
-    assert os.listdir(directory) == ["c1@eth0.json"]
+    assert os.listdir(os.path.join(store.pods_dir, "azure")) == ["c1@eth0.json"]
     assert store.read("azure", "c1", "eth0")["ips"] == ["10.240.0.7"]
+
+
+def _age_last_sweep(store, seconds, network="azure"):
+    stamp = store.temp_sweep_stamp(network)
+    os.utime(stamp, (time.time() - seconds,) * 2)
+
+
+def _stale_temp_file(store, name=".tmp.999.dead"):
+    path = os.path.join(store.pods_dir, "azure", name)
+    with open(path, "w") as handle:
+        handle.write("torn")
+    return path
+
+
+def test_writers_sweep_temp_files_of_killed_writers_at_most_once_per_interval(store):
+    write(store, make_record())  # the first write of the network: sweeps (nothing yet) and stamps
+    stamp = store.temp_sweep_stamp("azure")
+    assert os.path.dirname(stamp) == store.pods_dir and store.networks() == ["azure"]
+    stale = _stale_temp_file(store)
+
+    _age_last_sweep(store, TEMP_SWEEP_INTERVAL - 5)
+    write(store, make_record("c2"))
+    assert os.path.exists(stale), "swept again before the interval is over"
+
+    _age_last_sweep(store, TEMP_SWEEP_INTERVAL + 1)
+    write(store, make_record("c3"))
+    assert not os.path.exists(stale)
+    assert time.time() - os.stat(stamp).st_mtime < 5, "the sweep is stamped"
+    assert sorted(os.listdir(os.path.join(store.pods_dir, "azure"))) == ["c1@eth0.json", "c2@eth0.json",
+                                                                        "c3@eth0.json"]
+
+    stale = _stale_temp_file(store)
+    write(store, make_record("c4"))
+    assert os.path.exists(stale), "a sweep was just stamped"
+    _age_last_sweep(store, -3600)  # the clock was set back an hour since the last sweep
+    write(store, make_record("c5"))
+    assert not os.path.exists(stale)
+
+    stale = _stale_temp_file(store)
+    os.unlink(stamp)  # lost (or a store written by an older plugin)
+    write(store, make_record("c6"))
+    assert not os.path.exists(stale) and os.path.exists(stamp)
 
 
 def test_remove_all_except_keeps_listed_and_foreign_files(store):
