@@ -215,9 +215,10 @@ def measure_size(nodes: int, pods: int, layout: str, repeats: int) -> dict:
             event("remote pod deleted (whole node list delivered)", lambda: hook.model.replace_remote_nodes(remote))
 
             target = remote[names[(attempt * 7919 + 1) % len(names)]]
-            moving = sorted(node.pod_ips)[0]
-            source_without = replace(node, pod_ips=node.pod_ips - {moving}, pod_ips_changed_at=3.0 + attempt)
-            target_with = replace(target, pod_ips=target.pod_ips | {moving}, pod_ips_changed_at=3.0 + attempt)
+            moving_key = sorted(node.pod_ips)[0]
+            moving = str(moving_key.network_address)
+            source_without = replace(node, pod_ips=node.pod_ips - {moving_key}, pod_ips_changed_at=3.0 + attempt)
+            target_with = replace(target, pod_ips=target.pod_ips | {moving_key}, pod_ips_changed_at=3.0 + attempt)
             event("pod IP moved between remote nodes",
                   lambda: (hook.model.set_remote_node(source_without), hook.model.set_remote_node(target_with)))
             assert hook.covers(target, moving) and not hook.covers(node, moving), "the moved IP follows its node"

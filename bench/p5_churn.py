@@ -27,7 +27,7 @@ from kubernetes import client
 
 from bench import row
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
-from node_hook.model import LocalAnnouncement, RemoteNode
+from node_hook.model import LocalAnnouncement, RemoteNode, address_texts
 from wgcni_lab.apiserver import ApiServer
 
 TITLE = "API writes per node and events per hook under 50 pod changes/s per node (test API server + cluster.py)"
@@ -57,7 +57,7 @@ class View:
 
     def pods(self) -> dict[str, frozenset[str]]:
         with self.lock:
-            return {name: node.pod_ips for name, node in self.latest.items()}
+            return {name: frozenset(address_texts(node.pod_ips)) for name, node in self.latest.items()}
 
 
 def node_name(index: int) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from node_hook.model import LocalAnnouncement, RemoteNode
+from node_hook.model import IPNetwork, LocalAnnouncement, RemoteNode, prefix_keys
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,17 @@ def aggregate_pod_ips(ips: Iterable[str]) -> list[str]:
     return prefixes
 
 
-def expand_prefixes(prefixes: Iterable[str], limit: int) -> frozenset[str]:
-    """Every address of the published prefixes; ValueError when one is malformed or there are more than `limit`."""
-    addresses: set[str] = set()
+def expand_prefixes(prefixes: Iterable[str], limit: int) -> frozenset[IPNetwork]:
+    """The model's keys of every address of the published prefixes (parsed once here: the hook shares these
+    objects); ValueError when one is malformed or there are more than `limit`."""
+    keys: set[IPNetwork] = set()
     for text in prefixes:
-        network = ipaddress.ip_network(text, strict=True)
-        if len(addresses) + network.num_addresses > limit:
+        if not isinstance(text, str):
+            raise ValueError(f"pod IP prefix {text!r} is not a string")
+        keys.update(prefix_keys(text, limit - len(keys)))
+        if len(keys) > limit:
             raise ValueError(f"pod IP prefixes expand to more than {limit} addresses")
-        addresses.update(str(address) for address in network)
-    return frozenset(addresses)
+    return frozenset(keys)
 
 
 def _valid_public_key(key: str) -> bool:

@@ -33,7 +33,7 @@ from node_hook.config import Settings
 from node_hook.detect import Environment, kernel_wireguard_available
 from node_hook.install import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
 from node_hook.keys import NodeKey
-from node_hook.model import LOCAL, LocalAnnouncement, NodeModel, RemoteNode, RouteKind, host_prefix
+from node_hook.model import LOCAL, LocalAnnouncement, NodeModel, RemoteNode, RouteKind, address_texts, host_prefix
 from node_hook.planner import desired_rules
 from node_hook.reconciler import Reconciler, Targets
 
@@ -491,8 +491,8 @@ class Daemon:
                 "rxBytes": state.rx_bytes if state else 0,
                 "txBytes": state.tx_bytes if state else 0,
                 "persistentKeepalive": peer.persistent_keepalive,
-                "podIPs": sorted(node_info.pod_ips) if node_info else [],
-                "nodeIPs": sorted(node_info.node_ips) if node_info else [],
+                "podIPs": address_texts(node_info.pod_ips) if node_info else [],
+                "nodeIPs": address_texts(node_info.node_ips) if node_info else [],
             })
         programmed = recent = never = 0
         for key, peer in desired.items():
@@ -553,7 +553,7 @@ class Daemon:
             candidates = self.model.local_pod_ips
         else:
             node = remote[group]
-            candidates = frozenset(ipaddress.ip_address(ip) for ip in node.pod_ips | node.node_ips)
+            candidates = frozenset(key.network_address for key in node.pod_ips | node.node_ips)
         found = []
         for ip in sorted(candidates, key=lambda address: (address.version, address)):
             prefix = host_prefix(ip)

@@ -43,9 +43,16 @@ class RemoteNode:
     public_key: str  # base64 X25519; "" = no WireGuard on that node (mixed cluster or opted out)
     endpoint_ip: str | None  # underlay address peers send UDP to
     endpoint_port: int
-    node_ips: frozenset[str]
-    pod_ips: frozenset[str]  # host addresses, no prefix; the sync layer expands published prefixes
+    # The node's addresses as the model's keys (packed host prefixes, see `host_keys`): given as text, `ipaddress`
+    # addresses or keys, they are parsed once here - ValueError for anything that is not an address - so every later
+    # use (the model, the peers' AllowedIPs, the routes) shares these objects. `address_texts()` prints them.
+    node_ips: frozenset[IPNetwork]
+    pod_ips: frozenset[IPNetwork]  # host addresses; the sync layer expands published prefixes
     pod_ips_changed_at: float = 0.0  # unix time the node last changed its published pod IPs (conflict rule)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "node_ips", host_keys(self.node_ips, f"node {self.name} node IPs"))
+        object.__setattr__(self, "pod_ips", host_keys(self.pod_ips, f"node {self.name} pod IPs"))
 
 
 @dataclass(frozen=True)
@@ -107,29 +114,29 @@ class Changes:
         return bool(self.peer_keys) or self.route_prefixes is None or bool(self.route_prefixes)
 
 
-# ---- addresses as integer keys ------------------------------------------------------------------------------
-# Internally every address is one int ("key"): an IPv4 address is its value (< 2**32), an IPv6 address its value
-# plus 2**128, so both families share one dict without colliding. Measured (bench/p3_scale.py, 500 nodes x 250
-# pods): parsing with inet_pton is 10x faster than ipaddress.ip_address, and int keys hash in C where
-# IPv4Address/IPv4Network hash in Python; `ipaddress` objects are only built for what leaves the model.
+# ---- addresses as keys ----------------------------------------------------------------------------------------
+# Internally every address is ONE object, its host prefix packed into an int (`_PackedIPv4Network` below): the
+# address's key in every dict and set of the model, its route's prefix and - wherever it does not aggregate - its
+# AllowedIP, all at once. The sync layer parses published addresses into these keys (`host_keys`), so the inputs,
+# the claims, the peers' AllowedIPs, the routes and the reconciler's caches share one 32-byte object per address.
+# Measured at 5 000 nodes x 250 scattered pod IPs (bench/p3_scale.py): before, an address was a string in the input
+# (64 bytes), an int key (32) and a separate prefix object (32) with its own cache dict entry (~34).
+# Raw address values (`address_value`: an IPv4 address is its value, an IPv6 address its value plus 2**128, so the
+# families never collide) are only used to build and aggregate keys.
 
 _V6 = 1 << 128
 
 
-def address_key(text: str) -> int:
-    """The key of a textual address (as strict as `ipaddress.ip_address` - no leading zeros - and without the zone
-    it would accept: pod and node IPs never have one). Raises OSError for anything else."""
+def address_value(text: str) -> int:
+    """The raw value of a textual address (as strict as `ipaddress.ip_address` - no leading zeros - and without the
+    zone it would accept: pod and node IPs never have one). Raises OSError for anything else."""
     if ":" in text:
         return int.from_bytes(inet_pton(AF_INET6, text), "big") | _V6
     return int.from_bytes(inet_pton(AF_INET, text), "big")
 
 
-def _key_of(address: IPAddress) -> int:
+def _value_of(address: IPAddress) -> int:
     return int(address) | _V6 if address.version == 6 else int(address)
-
-
-def _address(key: int) -> IPAddress:
-    return ipaddress.IPv6Address(key ^ _V6) if key >= _V6 else ipaddress.IPv4Address(key)
 
 
 # Every prefix the model hands out is ONE int, `address ^ netmask + 2**61-1 * (1 + order)`, where `order` packs
@@ -265,7 +272,8 @@ def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
 
 
 def _network(key: int, prefixlen: int) -> IPNetwork:
-    """The prefix of `prefixlen` bits starting at `key`, which must be aligned (as `_blocks` yields them)."""
+    """The prefix of `prefixlen` bits starting at raw address value `key`, which must be aligned (as `_aggregate`
+    cuts them)."""
     return _PackedIPv6Network._of(key ^ _V6, prefixlen) if key >= _V6 else _PackedIPv4Network._of(key, prefixlen)
 
 
@@ -274,54 +282,126 @@ def prefix_from_text(text: str) -> IPNetwork:
     dominated reading back a device with 1 M AllowedIPs. Strict: host bits must be zero. Raises ValueError."""
     address, slash, length = text.partition("/")
     try:
-        key = address_key(address)
-        bits = 128 if key >= _V6 else 32
+        value = address_value(address)
+        bits = 128 if value >= _V6 else 32
         prefixlen = int(length) if slash else bits
     except (OSError, ValueError):
         raise ValueError(f"{text!r} is not an IP prefix") from None
-    if not 0 <= prefixlen <= bits or key & ((1 << (bits - prefixlen)) - 1):
+    if not 0 <= prefixlen <= bits or value & ((1 << (bits - prefixlen)) - 1):
         raise ValueError(f"{text!r} is not an IP prefix (length out of range or host bits set)")
-    return _network(key, prefixlen)
+    return _network(value, prefixlen)
 
 
-def _host_network(key: int) -> IPNetwork:
-    return _network(key, 128 if key >= _V6 else 32)
+def _host_network(value: int) -> IPNetwork:
+    return _network(value, 128 if value >= _V6 else 32)
 
 
-def _blocks(keys: Iterable[int]) -> Iterator[tuple[int, int]]:
-    """(first key, prefix length) of the fewest aligned blocks that cover exactly `keys` (what
-    `ipaddress.collapse_addresses` computes, on ints: runs of consecutive keys cut into aligned powers of two)."""
-    ordered = sorted(keys)
+def address_key(text: str) -> IPNetwork:
+    """The model's key of a textual address: its packed host prefix. Raises OSError for anything but an address."""
+    return _host_network(address_value(text))
+
+
+def _key_of(address: IPAddress) -> IPNetwork:
+    return _host_network(_value_of(address))
+
+
+# Packed IPv6 prefixes are the ints from here up; every packed IPv4 prefix is below 2**102.
+_PACKED_V6_FLOOR = _HASH_MODULUS * ((1 + _V6_FLAG) << _V6_SHIFT)
+# The packed host prefixes of consecutive addresses differ by exactly this (`address ^ netmask` falls by one, the
+# order rises by one address): runs of adjacent addresses are found on the keys themselves, without decoding them.
+_STEP4 = _HASH_MODULUS * 256 - 1
+_STEP6 = _HASH_MODULUS * (256 << _V6_SHIFT) - 1
+
+
+def _key_value(key: IPNetwork) -> int:
+    """The raw address value of a key (a packed host prefix)."""
+    if key < _PACKED_V6_FLOOR:
+        return (key // _HASH_MODULUS - 1) >> 8
+    return key._decoded()[0] | _V6  # type: ignore[attr-defined]
+
+
+def _address(key: IPNetwork) -> IPAddress:
+    value = _key_value(key)
+    return ipaddress.IPv6Address(value ^ _V6) if value >= _V6 else ipaddress.IPv4Address(value)
+
+
+def _is_key(value: object) -> bool:
+    """Whether `value` already is a key: a packed host prefix."""
+    kind = type(value)
+    if kind is _PackedIPv4Network:
+        return (value // _HASH_MODULUS - 1) & 0xFF == 32  # type: ignore[operator]
+    return kind is _PackedIPv6Network and value._decoded()[1] == 128  # type: ignore[union-attr]
+
+
+def host_keys(values: Iterable[object], what: str) -> frozenset[IPNetwork]:
+    """The keys of `values` - textual addresses, `ipaddress` addresses or host prefixes - as a frozenset; `values`
+    itself when it already is a frozenset of keys (a RemoteNode built from another's sets parses nothing again).
+    Raises ValueError naming the first value that is not an IP address."""
+    if isinstance(values, frozenset) and all(map(_is_key, values)):
+        return values
+    keys = set()
+    for value in values:
+        try:
+            if isinstance(value, str):
+                keys.add(address_key(value))
+            elif isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+                keys.add(_key_of(value))
+            elif _is_key(value):
+                keys.add(value)
+            elif isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)) \
+                    and value.prefixlen == value.max_prefixlen:
+                keys.add(_key_of(value.network_address))
+            else:
+                raise TypeError
+        except (OSError, TypeError):
+            raise ValueError(f"{what}: {value!r} is not an IP address") from None
+    return frozenset(keys)
+
+
+def prefix_keys(text: str, limit: int) -> list[IPNetwork]:
+    """The keys of every address of the prefix `text` (strict, as `prefix_from_text`); ValueError when it is
+    malformed or covers more than `limit` addresses. A host prefix - every published prefix with scattered pod
+    IPs - is its own key."""
+    prefix = prefix_from_text(text)
+    if _is_key(prefix):
+        return [prefix]
+    size = prefix.num_addresses
+    if size > limit:
+        raise ValueError(f"{text} covers more than {limit} addresses")
+    first = _value_of(prefix.network_address)
+    return [_host_network(first + offset) for offset in range(size)]
+
+
+def address_texts(keys: Iterable[IPNetwork]) -> list[str]:
+    """The addresses of keys as text, IPv4 first, each family in address order (for status and the CLI)."""
+    return [str(_address(key)) for key in sorted(keys)]
+
+
+def _aggregate(keys: Iterable[IPNetwork]) -> Iterator[IPNetwork]:
+    """The fewest aligned prefixes that cover exactly the addresses of `keys` (what `ipaddress.collapse_addresses`
+    computes): runs of consecutive addresses cut into aligned powers of two. An address alone - every one of them
+    with scattered pod IPs - is its own key, handed back as is (no equal copy in the peer's AllowedIPs)."""
+    ordered = sorted(keys)  # keys sort in address order, IPv4 first
     count = len(ordered)
     index = 0
     while index < count:
         first = last = ordered[index]
+        step = _STEP4 if first < _PACKED_V6_FLOOR else _STEP6
         index += 1
-        while index < count and ordered[index] == last + 1:
+        while index < count and ordered[index] == last + step:
             last = ordered[index]
             index += 1
-        if first is last:  # an address alone (every one of them with scattered pod IPs): yield the caller's own int,
-            yield first, 128 if first >= _V6 else 32  # not an equal copy (32 bytes per address in the caches)
+        if first is last:
+            yield first
             continue
-        base, bits = (_V6, 128) if first >= _V6 else (0, 32)
-        start, end = first - base, last - base
+        base, bits = (_V6, 128) if step == _STEP6 else (0, 32)
+        start, end = _key_value(first) - base, _key_value(last) - base
         while start <= end:
             size = start & -start if start else 1 << bits
             while size > end - start + 1:
                 size >>= 1
-            yield base + start, bits + 1 - size.bit_length()
+            yield _network(base + start, bits + 1 - size.bit_length())
             start += size
-
-
-def _parse_keys(values: Iterable[str], what: str) -> frozenset[int]:
-    """Keys of textual addresses; raises ValueError naming the bad value."""
-    out = set()
-    for value in values:
-        try:
-            out.add(address_key(value))
-        except (OSError, TypeError):
-            raise ValueError(f"{what}: {value!r} is not an IP address") from None
-    return frozenset(out)
 
 
 @contextmanager
@@ -341,24 +421,25 @@ def paused_gc() -> Iterator[None]:
 
 def aggregate(addresses: Iterable[IPAddress]) -> frozenset[IPNetwork]:
     """The fewest prefixes covering exactly these addresses, never one address more (v4 and v6 apart)."""
-    return frozenset(_network(key, length) for key, length in _blocks({_key_of(a) for a in addresses}))
+    return frozenset(_aggregate({_key_of(address) for address in addresses}))
 
 
 def host_prefix(address: IPAddress) -> IPNetwork:
-    return ipaddress.ip_network(address)
+    return _key_of(address)
 
 
 def parse_addresses(values: Iterable[str], what: str) -> frozenset[IPAddress]:
     """Parse host addresses; raises ValueError naming the bad value."""
-    return frozenset(_address(key) for key in _parse_keys(values, what))
+    return frozenset(_address(key) for key in host_keys(values, what))
 
 
 class NodeModel:
     """Incrementally maintained desired peers and routes of this node.
 
     Internal state is kept per address key: who claims it (`_claims`: one node name, the common case, without a
-    container; IPs claimed by several nodes are listed in `_contested`) and, per remote node, the keys it owns
-    (`_owned`); who owns an address is derived from those and the local pods (`_winner`). A remote node's update
+    container; IPs claimed by several nodes are listed in `_contested`) and, per remote node, the keys it claims but
+    does not win (`_lost`: none for most nodes); who owns an address is derived from those and the local pods
+    (`_winner`), and a node's owned addresses are its claims minus its losses (`_owned`). A remote node's update
     is diffed against its previous version, so it costs
     O(its addresses) and dirties only the addresses that changed; the peer's AllowedIPs are re-aggregated and its
     routes re-derived only where something they depend on changed.
@@ -375,29 +456,27 @@ class NodeModel:
         self.node_name = node_name
         self.host_encryption = host_encryption
         self.persistent_keepalive = persistent_keepalive
-        self._local_node_keys = _parse_keys(local_node_ips, "local node IP")
-        self._local_records: dict[str, frozenset[int]] = {}
-        self._local_count: dict[int, int] = {}
+        self._local_node_keys = host_keys(local_node_ips, "local node IP")
+        self._local_records: dict[str, frozenset[IPNetwork]] = {}
+        self._local_count: dict[IPNetwork, int] = {}
         self._remotes: dict[str, RemoteNode] = {}
-        self._remote_node_keys: dict[str, frozenset[int]] = {}  # node IPs of each remote node (a handful each)
-        self._claims: dict[int, str | set[str]] = {}  # remote claimant(s) per address
-        self._contested: set[int] = set()  # addresses claimed by more than one remote node
-        self._owned: dict[str, set[int]] = {}  # remote node -> addresses it wins
+        self._claims: dict[IPNetwork, str | set[str]] = {}  # remote claimant(s) per address
+        self._contested: set[IPNetwork] = set()  # addresses claimed by more than one remote node
+        # Remote node -> addresses it claims but does not win (local, or won by another claimant); only nodes with
+        # such addresses have an entry. A dict of every node's owned set cost 40 MB at 5 000 x 250 (bench/p3_scale.py).
+        self._lost: dict[str, set[IPNetwork]] = {}
         # Our own key counts as held by this node: a remote node publishing it (a cloned disk, a copied state dir)
         # is a key conflict like any other, never a peer (the kernel would silently ignore it anyway).
         self._key_holders: dict[str, set[str]] = {local_public_key: {node_name}} if local_public_key else {}
         self._peer_of_node: dict[str, str] = {}  # node -> key it is programmed under (usable nodes only)
         self.peers: dict[str, DesiredPeer] = {}
         self.routes: dict[IPNetwork, RouteKind] = {}
-        # One host prefix object per owned address, shared by its route and its peer's AllowedIPs (an
-        # IPv4Network costs ~430 bytes and ~2.5 us to build; at 5 000 x 250 scattered pod IPs this halves both).
-        self._host_prefixes: dict[int, IPNetwork] = {}
         self._dirty_nodes: set[str] = set()
         # Addresses whose owner may have changed -> their owner before the first such change (`_winner()` of the
         # state then). Owners are not stored: `_winner()` derives them from the claims and the local pods, and a
         # dict of 1.25 M owners cost 52 MB at 5 000 x 250 (bench/p3_scale.py). Every change of what `_winner()`
         # reads is preceded by `_note()` of the addresses it touches.
-        self._dirty_keys: dict[int, str | None] = {}
+        self._dirty_keys: dict[IPNetwork, str | None] = {}
         self._changed_keys: set[str] = set()
         self._changed_prefixes: set[IPNetwork] = set()
         self._changed_prefixes_overflowed = False  # more than CHANGED_ROUTES_LISTED: every route counts as changed
@@ -406,7 +485,7 @@ class NodeModel:
 
     def set_local_pod(self, record_key: str, ips: Iterable[str]) -> None:
         """A pod record on this node was created or updated (`ips`: its host addresses)."""
-        new = _parse_keys(ips, f"pod record {record_key}")
+        new = host_keys(ips, f"pod record {record_key}")
         old = self._local_records.get(record_key, frozenset())
         if new == old:
             return
@@ -445,15 +524,13 @@ class NodeModel:
         old = self._remotes.get(name)
         if old is not None and (old is node or old == node):  # compared before parsing: a re-delivered node is cheap
             return
-        new_node_keys = _parse_keys(node.node_ips, f"node {name} node IPs")
-        new_pod_keys = _parse_keys(node.pod_ips, f"node {name} pod IPs")
+        new_node_keys, new_pod_keys = node.node_ips, node.pod_ips
         new_keys = new_pod_keys | new_node_keys
         if old is None:
-            old_pod_keys: frozenset[int] = frozenset()
-            old_node_keys: frozenset[int] = frozenset()
+            old_pod_keys: frozenset[IPNetwork] = frozenset()
+            old_node_keys: frozenset[IPNetwork] = frozenset()
         else:
-            old_node_keys = self._remote_node_keys[name]
-            old_pod_keys = frozenset(address_key(ip) for ip in old.pod_ips)
+            old_node_keys, old_pod_keys = old.node_ips, old.pod_ips
         old_keys = old_pod_keys | old_node_keys
         lost, gained = old_keys - new_keys, new_keys - old_keys
         note = self._note
@@ -472,7 +549,6 @@ class NodeModel:
                 if key in self._contested:
                     note(key)
         self._remotes[name] = node
-        self._remote_node_keys[name] = new_node_keys
         for key in lost:
             self._unclaim(key, name)
         for key in gained:
@@ -491,12 +567,13 @@ class NodeModel:
         old = self._remotes.get(name)
         if old is None:
             return
-        keys = frozenset(address_key(ip) for ip in old.pod_ips) | self._remote_node_keys.pop(name)
+        keys = old.pod_ips | old.node_ips
         for key in keys:
             self._note(key)
         del self._remotes[name]
         for key in keys:
             self._unclaim(key, name)
+        self._lost.pop(name, None)
         self._release_key(old.public_key, name)
         self._dirty_nodes.add(name)
         self._settle()
@@ -568,7 +645,7 @@ class NodeModel:
 
     # ---- internals ----------------------------------------------------------------------------------------
 
-    def _claim(self, key: int, name: str) -> None:
+    def _claim(self, key: IPNetwork, name: str) -> None:
         claim = self._claims.get(key)
         if claim is None:
             self._claims[key] = name
@@ -578,7 +655,12 @@ class NodeModel:
         else:
             claim.add(name)
 
-    def _unclaim(self, key: int, name: str) -> None:
+    def _unclaim(self, key: IPNetwork, name: str) -> None:
+        lost = self._lost.get(name)
+        if lost is not None:
+            lost.discard(key)
+            if not lost:
+                del self._lost[name]
         claim = self._claims[key]
         if isinstance(claim, str):
             del self._claims[key]
@@ -588,7 +670,7 @@ class NodeModel:
                 self._claims[key] = next(iter(claim))
                 self._contested.discard(key)
 
-    def _note(self, key: int) -> None:
+    def _note(self, key: IPNetwork) -> None:
         """`key`'s owner may be about to change: remember the owner it has now (once per settle)."""
         if key not in self._dirty_keys:
             self._dirty_keys[key] = self._winner(key)
@@ -608,7 +690,7 @@ class NodeModel:
             return False
         return len(self._key_holders.get(node.public_key, ())) == 1
 
-    def _winner(self, key: int) -> str | None:
+    def _winner(self, key: IPNetwork) -> str | None:
         if key in self._local_count or key in self._local_node_keys:
             return LOCAL
         claim = self._claims.get(key)
@@ -616,35 +698,49 @@ class NodeModel:
             return claim
         return min(claim, key=lambda name: (-self._remotes[name].pod_ips_changed_at, name))
 
+    def _owned(self, name: str) -> frozenset[IPNetwork]:
+        """The addresses remote node `name` wins: its claims minus its losses."""
+        node = self._remotes.get(name)
+        if node is None:
+            return frozenset()
+        keys = node.pod_ips | node.node_ips if node.node_ips else node.pod_ips
+        lost = self._lost.get(name)
+        return keys - lost if lost else keys
+
     def _settle(self) -> None:
         """Recompute owners of dirty addresses, then the peers and routes they touch."""
         dirty = self._dirty_keys
         self._dirty_keys = {}
         route_keys = set(dirty)
-        # This loop and the last one run once per address of a joining node (1.25 M times for a full plan at
-        # 5 000 x 250): attributes are bound to locals and owned sets fetched, not setdefault()-allocated, per key.
-        owned_by, dirty_nodes, winner = self._owned, self._dirty_nodes, self._winner
+        # This loop runs once per address of a joining node (1.25 M times for a full plan at 5 000 x 250):
+        # attributes are bound to locals, and the common case (one claimant, who wins) is one failed dict lookup.
+        lost_by, claims, dirty_nodes, winner = self._lost, self._claims, self._dirty_nodes, self._winner
         for key, old_owner in dirty.items():
             new_owner = winner(key)
+            claim = claims.get(key)
+            if claim is not None:  # every claimant but the winner has the address among its losses
+                for name in (claim,) if isinstance(claim, str) else claim:
+                    lost = lost_by.get(name)
+                    if name == new_owner:
+                        if lost is not None and key in lost:
+                            lost.discard(key)
+                            if not lost:
+                                del lost_by[name]
+                    elif lost is None:
+                        lost_by[name] = {key}
+                    else:
+                        lost.add(key)
             if new_owner == old_owner:
                 continue
             if old_owner is not None and old_owner != LOCAL:
-                owned_by[old_owner].discard(key)
                 dirty_nodes.add(old_owner)
-            if new_owner is None:
-                self._host_prefixes.pop(key, None)
-            else:
-                if new_owner != LOCAL:
-                    owned = owned_by.get(new_owner)
-                    if owned is None:
-                        owned = owned_by[new_owner] = set()
-                    owned.add(key)
-                    dirty_nodes.add(new_owner)
+            if new_owner is not None and new_owner != LOCAL:
+                dirty_nodes.add(new_owner)
         for name in dirty_nodes:
             was_peer = name in self._peer_of_node
             self._settle_peer(name)
             if was_peer != (name in self._peer_of_node):  # usable or not: every route of its addresses flips
-                route_keys.update(owned_by.get(name, ()))
+                route_keys.update(self._owned(name))
         dirty_nodes.clear()
         settle_route = self._settle_route
         for key in route_keys:
@@ -659,35 +755,21 @@ class NodeModel:
             if self.peers.get(old_key) is not None and self.peers[old_key].node == name:
                 del self.peers[old_key]
             self._changed_keys.add(old_key)
-        owned = self._owned.get(name)
-        if owned is not None and not owned:
-            del self._owned[name]
         if not self._usable(name):
             return
         node = self._remotes[name]
         assert node.endpoint_ip is not None
-        # Host prefixes come from the cache shared with the routes (one object per address, not two).
-        host_prefix = self._host_prefix
-        allowed_ips = frozenset(
-            host_prefix(first) if length == (128 if first >= _V6 else 32) else _network(first, length)
-            for first, length in _blocks(self._owned.get(name, ())))
         self.peers[node.public_key] = DesiredPeer(
             node=name,
             public_key=node.public_key,
             endpoint=(node.endpoint_ip, node.endpoint_port),
-            allowed_ips=allowed_ips,
+            allowed_ips=frozenset(_aggregate(self._owned(name))),
             persistent_keepalive=self.persistent_keepalive,
         )
         self._peer_of_node[name] = node.public_key
         self._changed_keys.add(node.public_key)
 
-    def _host_prefix(self, key: int) -> IPNetwork:
-        prefix = self._host_prefixes.get(key)
-        if prefix is None:
-            prefix = self._host_prefixes[key] = _host_network(key)
-        return prefix
-
-    def _settle_route(self, key: int) -> None:
+    def _settle_route(self, key: IPNetwork) -> None:
         owner = self._winner(key)
         kind: RouteKind | None
         if owner is None:
@@ -696,20 +778,17 @@ class NodeModel:
             kind = RouteKind.THROW if key in self._local_count else None
         elif owner not in self._peer_of_node:
             kind = RouteKind.THROW
-        elif self.host_encryption or key not in self._remote_node_keys[owner]:
+        elif self.host_encryption or key not in self._remotes[owner].node_ips:
             kind = RouteKind.WIREGUARD
-        elif key in _parse_keys(self._remotes[owner].pod_ips, owner):  # a node IP that is also a pod IP (rare)
+        elif key in self._remotes[owner].pod_ips:  # a node IP that is also a pod IP (rare)
             kind = RouteKind.WIREGUARD
         else:
             kind = None  # a remote node IP without host encryption: main table, plaintext
-        prefix = self._host_prefixes.get(key) if owner is not None else None
-        if prefix is None:
-            prefix = self._host_prefix(key) if owner is not None else _host_network(key)
         routes = self.routes
-        if routes.get(prefix) == kind:
+        if routes.get(key) == kind:
             return
         if kind is None:
-            del routes[prefix]
+            del routes[key]
         else:
-            routes[prefix] = kind
-        self._changed_prefixes.add(prefix)
+            routes[key] = kind
+        self._changed_prefixes.add(key)

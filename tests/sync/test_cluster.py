@@ -12,6 +12,7 @@ import yaml
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
+from node_hook.model import address_texts, host_keys
 from tests.sync.helpers import FAST, announcement, create_node, new_key
 from tests.support.polling import wait_until
 
@@ -24,7 +25,7 @@ def object_of(custom, name):
 
 def seen_pod_ips(recorder, name):
     latest = recorder.latest or {}
-    return latest[name].pod_ips if name in latest else None
+    return set(address_texts(latest[name].pod_ips)) if name in latest else None
 
 
 def fast_writer_published(core, make_source):
@@ -66,7 +67,7 @@ def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, cust
     wait_until(lambda: "node-a" in (seen_by_b.latest or {}) and "node-b" in (seen_by_a.latest or {}), what="peers")
     remote_a = seen_by_b.latest["node-a"]
     assert remote_a.public_key == key_a and remote_a.endpoint_ip == "10.240.0.4"
-    assert remote_a.pod_ips == {"10.240.0.70", "10.240.0.71", "fd00::7"}
+    assert set(address_texts(remote_a.pod_ips)) == {"10.240.0.70", "10.240.0.71", "fd00::7"}
     assert "node-a" not in seen_by_a.latest, "a node is not its own peer"
     obj = object_of(custom, "node-a")
     assert obj["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Node", "name": "node-a",
@@ -96,7 +97,7 @@ def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(s
         time.sleep(0.02)
     wait_until(lambda: source.status.published, what="churn published")
     published = object_of(custom, "node-a")["status"]
-    assert expand_prefixes(published["podIPPrefixes"], 1 << 16) == ips
+    assert set(address_texts(expand_prefixes(published["podIPPrefixes"], 1 << 16))) == ips
     writes = [record.at for record in server.writes(OWN_OBJECT, since=started)]
     elapsed = time.monotonic() - started
     assert len(writes) <= 2 * elapsed + 1, (len(writes), elapsed)
@@ -193,7 +194,7 @@ def test_opted_out_node_hands_its_hook_no_remote_keys(core, make_source):
     _, seen_by_a = make_source("node-a")
     wait_until(lambda: "node-b" in (seen_by_a.latest or {}), what="node-b seen")
     assert seen_by_a.latest["node-b"].public_key == ""
-    assert seen_by_a.latest["node-b"].pod_ips == {"10.240.0.9"}
+    assert seen_by_a.latest["node-b"].pod_ips == host_keys({"10.240.0.9"}, "test")
 
 
 def test_node_deletion_garbage_collects_object_and_peer_disappears(core, custom, make_source):
@@ -320,7 +321,7 @@ def test_periodic_relist_is_a_safety_net(core, make_source):
     relists = source_a.status.relists
     wait_until(lambda: source_a.status.relists >= relists + 4, timeout=10, what="relists every second")
     assert len(seen_by_a.calls) > calls, "each relist hands the complete set over again"
-    assert seen_by_a.latest["node-b"].pod_ips == {"10.240.0.9"}
+    assert seen_by_a.latest["node-b"].pod_ips == host_keys({"10.240.0.9"}, "test")
     assert source_a.status.watch_errors == 0
 
 
@@ -348,6 +349,6 @@ def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custo
         stop.set()
         meddler.join()
     status = object_of(custom, "node-a")["status"]
-    assert expand_prefixes(status["podIPPrefixes"], 1 << 16) == {str(base + n) for n in range(30)}
+    assert set(address_texts(expand_prefixes(status["podIPPrefixes"], 1 << 16))) == {str(base + n) for n in range(30)}
     conflicts = [r for r in server.requests if r.at >= started and r.code == 409 and r.method == "PUT"]
     assert conflicts, "the concurrent writer caused no conflict: the test did not test what it says"

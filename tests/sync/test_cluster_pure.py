@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node_hook.cluster import aggregate_pod_ips, expand_prefixes, published_status, remote_node_from_object
+from node_hook.model import address_texts, host_keys
 from tests.sync.helpers import announcement, new_key
 
 ipv4_in_vnet = st.integers(min_value=0, max_value=2047).map(lambda n: str(ipaddress.IPv4Address("10.240.0.0") + n))
@@ -19,7 +20,7 @@ ipv6_in_pods = st.integers(min_value=0, max_value=1023).map(lambda n: str(ipaddr
 @given(st.sets(ipv4_in_vnet | ipv6_in_pods, max_size=300))
 def test_aggregation_is_exact_and_minimal(ips):
     prefixes = aggregate_pod_ips(ips)
-    assert expand_prefixes(prefixes, 1 << 20) == frozenset(ips)
+    assert expand_prefixes(prefixes, 1 << 20) == host_keys(ips, "test")
     networks = [ipaddress.ip_network(prefix) for prefix in prefixes]
     # minimal: no two prefixes could be merged into one
     for version in (4, 6):
@@ -41,7 +42,7 @@ def test_expansion_limit_and_malformed_prefixes():
         expand_prefixes(["10.0.0.0/8"], 65536)
     with pytest.raises(ValueError):
         expand_prefixes(["10.240.0.1/24"], 65536)  # host bits set: not something a node publishes
-    assert expand_prefixes(["10.240.0.0/31"], 2) == {"10.240.0.0", "10.240.0.1"}
+    assert address_texts(expand_prefixes(["10.240.0.0/31"], 2)) == ["10.240.0.0", "10.240.0.1"]
 
 
 def _object(status):
@@ -54,7 +55,8 @@ def test_remote_node_from_object():
                               opted_out=False, pod_ips_changed_at=1_700_000_000.25, previous=None, now=1.0)
     remote = remote_node_from_object(_object(status), 65536)
     assert remote.public_key == key and remote.endpoint_ip == "10.240.0.35" and remote.endpoint_port == 51820
-    assert remote.pod_ips == {"10.240.0.70", "10.240.0.71"} and remote.node_ips == {"10.240.0.35"}
+    assert address_texts(remote.pod_ips) == ["10.240.0.70", "10.240.0.71"]
+    assert address_texts(remote.node_ips) == ["10.240.0.35"]
     assert remote.pod_ips_changed_at == pytest.approx(1_700_000_000.25)
     assert status["podIPPrefixes"] == ["10.240.0.70/31"] and status["podIPCount"] == 2
     assert status["publicKeyPrefix"] == key[:8] and status["encryption"] == "WireGuard"
@@ -69,7 +71,7 @@ def test_object_without_status_is_not_a_node_yet_and_bad_objects_are_rejected():
     with pytest.raises(ValueError):
         remote_node_from_object(_object({"publicKey": "", "nodeIPs": ["not-an-ip"]}), 10)
     keyless = remote_node_from_object(_object({"publicKey": "", "nodeIPs": ["10.240.0.35"]}), 10)
-    assert keyless.public_key == "" and keyless.node_ips == {"10.240.0.35"}
+    assert keyless.public_key == "" and address_texts(keyless.node_ips) == ["10.240.0.35"]
 
 
 def test_opted_out_status_publishes_no_key():
