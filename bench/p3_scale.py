@@ -1,8 +1,10 @@
 """P3: the hook's model + planner + reconciler (appliers on fakes) at 50 / 500 / 5 000 nodes x 250 pod IPs.
 
 A synthetic cluster (no namespaces, no API server) drives the real `NodeModel`, planner and `Reconciler` over the
-in-memory fakes of every applier, exactly as the daemon does. Each size runs in its own subprocess so that its peak
-RSS is its own (`ru_maxrss`). Measured per size:
+fakes of every applier, exactly as the daemon does. The WireGuard device and routing table fakes - the kernel's
+memory in production - run in a child process (`bench/kernel_process.py`, reached through a pipe in bounded chunks,
+as netlink batches and dumps are), so the measured process holds only the hook. Each size runs in its own
+subprocess so that its peak RSS is its own (`ru_maxrss`). Measured per size:
 - full plan from scratch: the model takes the complete node list and the local pods, then the first reconcile pass
   reads the (empty) fakes, plans every peer and route and applies them — what a hook does when it starts;
 - one pod event (the median of many): a local pod added / deleted; a remote node gaining / losing one pod IP, both as
@@ -12,9 +14,10 @@ RSS is its own (`ru_maxrss`). Measured per size:
 - a full resync pass with nothing changed (every aspect read back from the fakes and diffed: the periodic safety
   net; Calico runs its equivalent every 90 s);
 - peak RSS of the process, beside the RSS of the same interpreter with the modules imported (the baseline).
-Times are CPU seconds of the (single-threaded) hook code — the machine is shared with other builds, so wall time
-would measure their load too; wall time is in the notes. After every step the fakes are checked against the model
-(the benchmark fails on a wrong result).
+Times are CPU seconds of the (single-threaded) hook process, including the encoding of what it sends to the kernel
+process (as a real applier encodes netlink messages) - the machine is shared with other builds, so wall time would
+measure their load too; wall time is in the notes. After every step the kernel process's state is checked against
+the model by digest (the benchmark fails on a wrong result).
 
 Pod IP layouts (docs/shared azure-cni.md): `scattered` — node-subnet mode at its worst: every pod IP a /32 that
 aggregates with nothing (node i's j-th pod is base + j*N + i), 1.25 M AllowedIPs and routes at 5 000 nodes;
@@ -45,7 +48,8 @@ from typing import Callable
 
 from bench import row
 from node_hook.apply.dataplane import FirewallSpec
-from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from bench.kernel_process import KernelProcess, state_digest
+from node_hook.apply.fakes import FakeFirewall, FakeSysctls
 from node_hook.apply.wireguard import DeviceSpec
 from node_hook.model import NodeModel, RemoteNode, RouteKind
 from node_hook.planner import desired_rules
@@ -106,12 +110,11 @@ def synthetic_cluster(nodes: int, pods: int, layout: str) -> tuple[dict[str, lis
 
 
 class Hook:
-    """The daemon's worker loop without threads: a model, a reconciler and the fakes it programs."""
+    """The daemon's worker loop without threads: a model, a reconciler and the kernel process it programs."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, kernel: KernelProcess) -> None:
         self.model = NodeModel("node-00000", local_node_ips=[str(ipaddress.IPv4Address(NODE_BASE))])
-        self.wireguard = FakeWireGuard(INTERFACE)
-        self.routing = FakeRouting(TABLE)
+        self.kernel = kernel
         sysctls = {"net/ipv4/conf/all/src_valid_mark": "1", f"net/ipv4/conf/{INTERFACE}/rp_filter": "2"}
         targets = Targets(
             DeviceSpec(INTERFACE, hashlib.sha256(b"node-0 private").digest(), PORT, FWMARK, 1340),
@@ -119,7 +122,7 @@ class Hook:
             FirewallSpec("wgcni", FWMARK, INTERFACE, ("azv",), PORT),
             sysctls,
         )
-        self.reconciler = Reconciler(self.model, targets, self.wireguard, self.routing, FakeFirewall(),
+        self.reconciler = Reconciler(self.model, targets, kernel.wireguard, kernel.routing, FakeFirewall(),
                                      FakeSysctls({name: "0" for name in sysctls}, state_dir / "sysctls.json"))
 
     def reconcile(self) -> dict[str, int]:
@@ -129,24 +132,16 @@ class Hook:
         return result.applied
 
     def verify(self) -> None:
-        """The fakes hold exactly what the model wants."""
-        device = self.wireguard.device
-        assert device is not None, "no device"
-        have = {key: peer.allowed_ips for key, peer in device.peers.items()}
-        want = {key: peer.allowed_ips for key, peer in self.model.peers.items()}
-        assert have == want, f"device peers differ from the model ({len(have)} vs {len(want)} peers)"
-        assert self.routing.routes == {prefix: kind.value for prefix, kind in self.model.routes.items()}, \
-            "table routes differ from the model"
+        """The kernel process holds exactly what the model wants (compared by digest, nothing copied)."""
+        model = self.model
+        want = state_digest({key: peer.allowed_ips for key, peer in model.peers.items()},
+                            ((prefix, kind._value_) for prefix, kind in model.routes.items()))
+        have = self.kernel.digest()
+        assert have == want, f"the device and table differ from the model ({have} vs {want}: peers, -, routes, -)"
 
     def covers(self, node: RemoteNode, address: str) -> bool:
         """Whether `node`'s peer on the device allows `address` and the table routes it into the tunnel."""
-        prefix = ipaddress.ip_network(address)
-        device = self.wireguard.device
-        assert device is not None
-        peer = device.peers.get(node.public_key)
-        allowed = peer is not None and any(prefix.subnet_of(p) for p in peer.allowed_ips if p.version == prefix.version)
-        routed = self.routing.routes.get(prefix) == RouteKind.WIREGUARD.value
-        return allowed and routed
+        return self.kernel.covers(node.public_key, ipaddress.ip_network(address))
 
 
 def _current_rss_mb() -> float:
@@ -170,10 +165,20 @@ def measure_size(nodes: int, pods: int, layout: str, repeats: int) -> dict:
     gc.collect()
     out: dict = {"nodes": nodes, "pods_per_node": pods, "layout": layout, "repeats": repeats,
                  "rss_imports_mb": _current_rss_mb()}
+    kernel = KernelProcess(INTERFACE, TABLE)  # forked first: it holds none of the hook's state
+    try:
+        _measure_with(kernel, nodes, pods, layout, repeats, out)
+        out["kernel_rss_peak_mb"], out["kernel_cpu_s"] = kernel.usage()
+    finally:
+        kernel.close()
+    return out
+
+
+def _measure_with(kernel: KernelProcess, nodes: int, pods: int, layout: str, repeats: int, out: dict) -> None:
     local, remote = synthetic_cluster(nodes, pods, layout)
     out["rss_inputs_mb"] = _current_rss_mb()
     with tempfile.TemporaryDirectory(prefix="wgcni-p3-") as state_dir:
-        hook = Hook(Path(state_dir))
+        hook = Hook(Path(state_dir), kernel)
 
         def build() -> None:
             hook.model.replace_local_pods(local)
@@ -187,6 +192,7 @@ def measure_size(nodes: int, pods: int, layout: str, repeats: int) -> dict:
         out["allowed_ips"] = sum(len(peer.allowed_ips) for peer in hook.model.peers.values())
         out["routes"] = len(hook.model.routes)
         out["rss_after_full_mb"] = _current_rss_mb()
+        out["rss_peak_full_mb"] = _peak_rss_mb()
         assert len(hook.model.peers) == nodes - 1, "every remote node is a peer"
 
         events: dict[str, list[tuple[float, float]]] = {}
@@ -234,6 +240,7 @@ def measure_size(nodes: int, pods: int, layout: str, repeats: int) -> dict:
             event("node left", lambda: hook.model.remove_remote_node(joining.name))
             assert joining.public_key not in hook.model.peers
         hook.verify()
+        out["rss_peak_events_mb"] = _peak_rss_mb()  # full plan and events; the resync's read-back comes next
 
         resync: list[tuple[float, float]] = []
         for _ in range(1 if nodes * pods > 200_000 else repeats):
@@ -247,7 +254,6 @@ def measure_size(nodes: int, pods: int, layout: str, repeats: int) -> dict:
     out["resync_cpu_s"] = [cpu for cpu, _ in resync]
     out["resync_wall_s"] = [wall for _, wall in resync]
     out["rss_peak_mb"] = _peak_rss_mb()
-    return out
 
 
 def measure_in_subprocess(nodes: int, pods: int, layout: str, repeats: int) -> dict:

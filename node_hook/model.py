@@ -259,6 +259,13 @@ def prefix_order(prefix: IPNetwork) -> IPNetwork:
     return _network(int(prefix.network_address) | (_V6 if prefix.version == 6 else 0), prefix.prefixlen)
 
 
+def prefix_of_order(value: int) -> IPNetwork:
+    """The prefix whose `prefix_order()` is the int `value` (a plain int crosses a pipe or a file in C; this
+    turns it back into the prefix)."""
+    kind = _PackedIPv4Network if value < _PACKED_V6_FLOOR else _PackedIPv6Network
+    return int.__new__(kind, value)  # type: ignore[no-any-return]
+
+
 def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
     """(network address in network byte order, prefix length) of any prefix, as UAPI and netlink write them; for a
     packed prefix decoded once, without building an IPv4Address (programming 1.25 M AllowedIPs, bench/p3b_uapi.py)."""
