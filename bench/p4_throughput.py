@@ -12,8 +12,15 @@ node namespaces (10.240.0.4, 10.240.0.35), each running its own `wgcni-node run`
 - baseline: the same path without wgcni: a second pair of pods plumbed the same way (C 10.240.0.80 on a, D
   10.240.0.81 on b) that the hooks are not told about, and a second wireguard-go device in each node namespace
   configured by hand (`wg set`: own keys and port, the other node's pod as AllowedIP, a plain /32 route in the main
-  table), at each of `BASELINE_MTUS` (path MTU discovery sizes the pods' segments); the best is the baseline
-  (1440 is the largest that does not fragment on the 1500-byte VNet over IPv4);
+  table), at each of `BASELINE_MTUS` (path MTU discovery sizes the pods' segments; pod C's cached path MTU is
+  flushed after each MTU change, or every run after the first would keep the previous MTU for 10 minutes); the best
+  is the baseline (1440 is the largest that does not fragment on the 1500-byte VNet over IPv4);
+- both tunnels' wireguard-go are started alike: each in its own session when the hook starts its own that way
+  (`wireguard_go_leads_session`). The session decides the CPU scheduling group: with the kernel's autogroup
+  scheduling (`kernel.sched_autogroup_enabled=1`, processes in the root cpu cgroup, as in this lab) every session is
+  one CFS group. A baseline sharing the benchmark's session (and so one group) with the iperf3 ends, against the
+  hook's wireguard-go in a group each, compared scheduling, not wgcni's path: it showed the mesh at 0.75-0.82 of the
+  baseline with 15-27 % more CPU per byte; with both alike the difference is gone (docs/benchmarks.md, P4);
 - mesh and baseline runs alternate, `REPEATS` times each; the medians are compared (target >= 95 %);
 - `ping -M do` from pod A to pod B with a payload filling exactly the hook's MTU: packets lost (target 0), and one
   byte more must be refused locally (the MTU is exact, not just small enough).
@@ -71,6 +78,20 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total / 1e9
 
 
+def wireguard_go_leads_session(pid: int) -> bool:
+    """Whether the process was started in a session of its own (setsid), i.e. is its own CPU scheduling group
+    under autogroup scheduling."""
+    return os.getsid(pid) == pid
+
+
+def autogroup_scheduling() -> str | None:
+    """`kernel.sched_autogroup_enabled` (read only), None on kernels without autogroup scheduling."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def wireguard_go_pid(namespace: str, ifname: str) -> int:
     for pid in sh("ip", "netns", "pids", namespace).stdout.split():
         try:
@@ -81,20 +102,22 @@ def wireguard_go_pid(namespace: str, ifname: str) -> int:
     raise RuntimeError(f"no wireguard-go for {ifname} in {namespace}")
 
 
-def iperf3_with_cpu(namespace: str, server: str, port: int, seconds: int, pids: list[int]) -> tuple[float, float]:
-    """(Mbit/s, CPU ms per GB received) of one run; the CPU is that of `pids` (both wireguard-go and the iperf3
-    server) plus the iperf3 client, so the cost per byte is comparable even when the neighbours' load changes."""
+def iperf3_with_cpu(namespace: str, server: str, port: int, seconds: int,
+                    pids: list[int]) -> tuple[float, float, int]:
+    """(Mbit/s, CPU ms per GB received, TCP retransmits) of one run; the CPU is that of `pids` (both wireguard-go
+    and the iperf3 server) plus the iperf3 client, so the cost per byte is comparable even when the neighbours'
+    load changes."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     before = _cpu_seconds(pids)
-    rate, received = iperf3(namespace, server, port, seconds)
+    rate, received, retransmits = iperf3(namespace, server, port, seconds)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (_cpu_seconds(pids) - before + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
-    return rate, cpu * 1000 / (received / 1e9)
+    return rate, cpu * 1000 / (received / 1e9), retransmits
 
 
-def iperf3(namespace: str, server: str, port: int, seconds: int) -> tuple[float, int]:
-    """(received Mbit/s, bytes received) of one TCP stream over `seconds` (a first second, slow start, runs before
-    and is left out of the rate; the bytes are the whole run's)."""
+def iperf3(namespace: str, server: str, port: int, seconds: int) -> tuple[float, int, int]:
+    """(received Mbit/s, bytes received, sender's retransmits) of one TCP stream over `seconds` (a first second,
+    slow start, runs before and is left out of the rate; the bytes and retransmits are the whole run's)."""
     deadline = time.monotonic() + 10
     while True:
         done = in_ns(namespace, "iperf3", "-c", server, "-p", str(port), "-t", str(seconds + 1), "-O", "1", "-J",
@@ -102,7 +125,8 @@ def iperf3(namespace: str, server: str, port: int, seconds: int) -> tuple[float,
         report = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
         if done.returncode == 0 and "error" not in report:
             received = report["end"]["sum_received"]
-            return received["bits_per_second"] / 1e6, sum(interval["sum"]["bytes"] for interval in report["intervals"])
+            received_bytes = sum(interval["sum"]["bytes"] for interval in report["intervals"])
+            return received["bits_per_second"] / 1e6, received_bytes, report["end"]["sum_sent"]["retransmits"]
         if time.monotonic() > deadline:  # the server may still be starting
             raise RuntimeError(f"iperf3 to {server}:{port} failed: {done.stdout[-500:]} {done.stderr[-500:]}")
         time.sleep(0.2)
@@ -110,10 +134,12 @@ def iperf3(namespace: str, server: str, port: int, seconds: int) -> tuple[float,
 
 class Baseline:
     """A hand-configured WireGuard tunnel between the two node namespaces (wireguard-go + wg set) carrying the
-    baseline pods' traffic through plain main-table routes."""
+    baseline pods' traffic through plain main-table routes. `own_session`: start each wireguard-go in a session of
+    its own, as the hook starts its own (the session is the CPU scheduling group under autogroup scheduling)."""
 
-    def __init__(self, lab: Lab, work: Path) -> None:
+    def __init__(self, lab: Lab, work: Path, own_session: bool) -> None:
         self.nodes = [lab.nodes["a"], lab.nodes["b"]]
+        self.source_pod = lab.nodes["a"].pods["basea"].netns
         # one name per node: wireguard-go's UAPI socket path (/var/run/wireguard/<name>.sock) is not per namespace
         self.names = {node.name: f"base{lab.suffix}{node.name}"[:15] for node in self.nodes}
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -130,7 +156,7 @@ class Baseline:
             ifname = self.names[node.name]
             process = subprocess.Popen(["ip", "netns", "exec", node.netns, "wireguard-go", "-f", ifname],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                       env=dict(os.environ, LOG_LEVEL="error"))
+                                       env=dict(os.environ, LOG_LEVEL="error"), start_new_session=own_session)
             self.processes.append(process)
             wait_until(lambda: node.exec("ip", "link", "show", ifname, check=False).returncode == 0, 10,
                        what=f"baseline wireguard-go in {node.name}")
@@ -141,8 +167,15 @@ class Baseline:
             node.exec("ip", "route", "add", f"{BASELINE_PODS[self.nodes[other].name]}/32", "dev", ifname)
 
     def set_mtu(self, mtu: int) -> None:
+        """Set both devices' MTU and forget the path MTU the source pod learned at the previous one (a raised MTU
+        sends no ICMP: without the flush, the pod would keep sending the smaller segments for 10 minutes)."""
         for node in self.nodes:
             node.exec("ip", "link", "set", self.names[node.name], "mtu", str(mtu))
+        in_ns(self.source_pod, "ip", "route", "flush", "cache")
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
 
     def close(self) -> None:
         for node in self.nodes:
@@ -185,30 +218,41 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
         mtu = lab.nodes["a"].api("status")["mtu"]
         for name, ip in BASELINE_PODS.items():  # after the last sync_peers: the other hook never learns them
             lab.add_pod(lab.nodes[name], ip, name=f"base{name}")
-        baseline = Baseline(lab, work)
+        mesh_wireguard = [wireguard_go_pid(node.netns, node.wg) for node in lab.nodes.values()]
+        own_session = wireguard_go_leads_session(mesh_wireguard[0])
+        baseline = Baseline(lab, work, own_session)
+        if {wireguard_go_leads_session(pid) for pid in mesh_wireguard + baseline.pids} != {own_session}:
+            raise RuntimeError("the mesh's and the baseline's wireguard-go are not scheduled alike (sessions differ)")
         pod_b, base_b = lab.nodes["b"].pods["pb"].netns, lab.nodes["b"].pods["baseb"].netns
         for namespace, port in ((pod_b, 5201), (base_b, 5202)):
             servers.append(subprocess.Popen(["ip", "netns", "exec", namespace, "iperf3", "-s", "-p", str(port)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         pod_a, base_a = lab.nodes["a"].pods["pa"].netns, lab.nodes["a"].pods["basea"].netns
-        mesh_pids = [wireguard_go_pid(node.netns, node.wg) for node in lab.nodes.values()] + [servers[0].pid]
-        base_pids = [process.pid for process in baseline.processes] + [servers[1].pid]
+        mesh_pids = mesh_wireguard + [servers[0].pid]
+        base_pids = baseline.pids + [servers[1].pid]
         mesh: list[float] = []
         mesh_cpu: list[float] = []
+        mesh_retransmits: list[int] = []
         tunnel: dict[int, list[float]] = {value: [] for value in mtus}
         tunnel_cpu: dict[int, list[float]] = {value: [] for value in mtus}
+        tunnel_retransmits: dict[int, list[int]] = {value: [] for value in mtus}
         for _ in range(repeats):
-            rate, cost = iperf3_with_cpu(pod_a, PODS["b"], 5201, seconds, mesh_pids)
+            rate, cost, retransmits = iperf3_with_cpu(pod_a, PODS["b"], 5201, seconds, mesh_pids)
             mesh.append(rate)
             mesh_cpu.append(cost)
+            mesh_retransmits.append(retransmits)
             for value in mtus:
                 baseline.set_mtu(value)
-                rate, cost = iperf3_with_cpu(base_a, BASELINE_PODS["b"], 5202, seconds, base_pids)
+                rate, cost, retransmits = iperf3_with_cpu(base_a, BASELINE_PODS["b"], 5202, seconds, base_pids)
                 tunnel[value].append(rate)
                 tunnel_cpu[value].append(cost)
+                tunnel_retransmits[value].append(retransmits)
         sent, lost, exact = df_pings(lab, mtu, pings)
         return {"mtu": mtu, "mesh_mbit_s": mesh, "baseline_mbit_s": {str(k): v for k, v in tunnel.items()},
                 "mesh_cpu_ms_per_gb": mesh_cpu, "baseline_cpu_ms_per_gb": {str(k): v for k, v in tunnel_cpu.items()},
+                "mesh_retransmits": mesh_retransmits,
+                "baseline_retransmits": {str(k): v for k, v in tunnel_retransmits.items()},
+                "wireguard_go_own_sessions": own_session, "sched_autogroup_enabled": autogroup_scheduling(),
                 "df_pings_sent": sent, "df_pings_lost": lost, "one_byte_more_refused": exact, "seconds": seconds,
                 "lab_suffix": lab.suffix}
     finally:
@@ -234,8 +278,11 @@ def run(quick: bool) -> list[dict]:
                           for value, samples in result["baseline_mbit_s"].items()), key=lambda item: item[1])
     mesh = statistics.median(result["mesh_mbit_s"])
     ratio = mesh / best
+    retransmits = (f"TCP retransmits per run (median): mesh {statistics.median(result['mesh_retransmits']):.0f}, "
+                   f"baseline {statistics.median(result['baseline_retransmits'][str(best_mtu)]):.0f}")
     entry = row(f"pod A -> pod B through the mesh (MTU {result['mtu']})", result["mesh_mbit_s"], unit="Mbit/s",
-                note=f"baseline hand-configured wg tunnel, best MTU {best_mtu}: {best:.0f} Mbit/s; ratio {ratio:.3f}")
+                note=f"baseline hand-configured wg tunnel, best MTU {best_mtu}: {best:.0f} Mbit/s; ratio {ratio:.3f}; "
+                     f"{retransmits}")
     entry["baseline_p50"], entry["ratio"] = round(best, 1), round(ratio, 4)
     if not quick:
         entry["target"], entry["met"] = f"ratio>={TARGET_RATIO:g}", ratio >= TARGET_RATIO

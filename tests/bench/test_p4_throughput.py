@@ -1,6 +1,7 @@
 """P4's quick mode (correctness only): two lab nodes with their hooks; TCP between the hooks' pods through the mesh
-and between the other two pods through the hand-configured baseline tunnel both carry data (with their CPU cost);
-DF packets of exactly the MTU pass and one byte more is refused; nothing of the run is left behind."""
+and between the other two pods through the hand-configured baseline tunnel both carry data (with their CPU cost and
+retransmits), both tunnels' wireguard-go started alike; DF packets of exactly the MTU pass and one byte more is
+refused; nothing of the run is left behind."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def test_quick_run_measures_both_paths_and_cleans_up() -> None:
     assert all(rate > 1 for samples in raw["baseline_mbit_s"].values() for rate in samples)
     assert all(cost > 0 for cost in raw["mesh_cpu_ms_per_gb"])
     assert all(cost > 0 for samples in raw["baseline_cpu_ms_per_gb"].values() for cost in samples)
+    assert len(raw["mesh_retransmits"]) == len(raw["mesh_mbit_s"])
+    assert all(count >= 0 for count in raw["mesh_retransmits"])
+    assert {mtu: len(counts) for mtu, counts in raw["baseline_retransmits"].items()} == {
+        mtu: len(samples) for mtu, samples in raw["baseline_mbit_s"].items()}
+    assert isinstance(raw["wireguard_go_own_sessions"], bool)  # measure() checked both tunnels are started alike
     assert raw["df_pings_lost"] == 0 and raw["one_byte_more_refused"]
     assert rows[0]["ratio"] > 0
     # nothing of this run's lab is left (its names carry the lab's random suffix; other runs may come and go)
