@@ -84,7 +84,7 @@ def observe(daemon: Any) -> Observed:
         sysctls=daemon.appliers.sysctls.read(sorted(daemon.targets.sysctls)),
         firewall_present=daemon.appliers.firewall.read() is not None,
         desired_peers=dict(daemon.model.peers),
-        desired_routes=dict(daemon.model.routes),
+        desired_routes=dict(daemon.model.routes.items()),  # a snapshot: the model's routes are derived on demand
         problems=daemon.model.problems(),
         peers_complete=daemon.peers_complete,
         last_error=daemon.last_error,

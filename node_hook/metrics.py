@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import collections
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any, Iterable
@@ -170,8 +169,7 @@ class HookMetrics:
                 continue
             snapshot.programmed_peers += state.allowed_ips == peer.allowed_ips
             snapshot.peers.append((peer.node, state.latest_handshake, state.rx_bytes, state.tx_bytes))
-        kinds = collections.Counter(daemon.model.routes.values())
-        snapshot.routes_by_kind = {kind.value: count for kind, count in kinds.items()}
+        snapshot.routes_by_kind = {kind.value: count for kind, count in daemon.model.route_counts().items()}
         return snapshot
 
 

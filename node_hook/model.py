@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from socket import AF_INET, AF_INET6, inet_pton
-from typing import Iterable, Iterator
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -96,22 +96,24 @@ class Problem:
 
 
 # More route prefixes changed than this since the last `take_changes()` and the model stops listing them: the next
-# pass diffs every route (against the reconciler's cache; no read-back) instead of the model holding a set as large
-# as the table. At 5 000 x 250 scattered pod IPs a full plan listed 1.25 M prefixes: 40 MB, twice over while
-# `take_changes()` copied them (bench/p3_scale.py). Events change a few hundred at most (a node of 250 pods).
+# pass reads the table back and diffs every route, instead of the model holding a dict as large as the table (at
+# 5 000 x 250 scattered pod IPs a full plan would list 1.25 M prefixes: bench/p3_scale.py). Events change a few
+# hundred at most (a node of 250 pods); only bulk changes - a hook starting, hundreds of nodes at once - overflow.
 CHANGED_ROUTES_LISTED = 65_536
 
 
 @dataclass(frozen=True)
 class Changes:
-    """Peer keys and route prefixes whose desired state may differ from what was last handed out.
-    `route_prefixes` is None when more than CHANGED_ROUTES_LISTED changed: any route may have."""
+    """What may differ from what was last handed out: peer keys, and route prefixes with the route each had then
+    (None: no route). The reconciler diffs those against the model when the table is in sync: what the model
+    wanted at the last pass is what the table holds. `previous_routes` is None when more than
+    CHANGED_ROUTES_LISTED changed: any route may have."""
 
     peer_keys: frozenset[str]
-    route_prefixes: frozenset[IPNetwork] | None
+    previous_routes: dict[IPNetwork, RouteKind | None] | None
 
     def __bool__(self) -> bool:
-        return bool(self.peer_keys) or self.route_prefixes is None or bool(self.route_prefixes)
+        return bool(self.peer_keys) or self.previous_routes is None or bool(self.previous_routes)
 
 
 # ---- addresses as keys ----------------------------------------------------------------------------------------
@@ -477,7 +479,7 @@ class NodeModel:
         self._key_holders: dict[str, set[str]] = {local_public_key: {node_name}} if local_public_key else {}
         self._peer_of_node: dict[str, str] = {}  # node -> key it is programmed under (usable nodes only)
         self.peers: dict[str, DesiredPeer] = {}
-        self.routes: dict[IPNetwork, RouteKind] = {}
+        self.routes = DesiredRoutes(self)
         self._dirty_nodes: set[str] = set()
         # Addresses whose owner may have changed -> their owner before the first such change (`_winner()` of the
         # state then). Owners are not stored: `_winner()` derives them from the claims and the local pods, and a
@@ -485,8 +487,9 @@ class NodeModel:
         # reads is preceded by `_note()` of the addresses it touches.
         self._dirty_keys: dict[IPNetwork, str | None] = {}
         self._changed_keys: set[str] = set()
-        self._changed_prefixes: set[IPNetwork] = set()
-        self._changed_prefixes_overflowed = False  # more than CHANGED_ROUTES_LISTED: every route counts as changed
+        # Addresses whose route may have changed since the last take_changes() -> their route then; None after
+        # more than CHANGED_ROUTES_LISTED (any route may have changed).
+        self._previous_routes: dict[IPNetwork, RouteKind | None] | None = {}
 
     # ---- events -------------------------------------------------------------------------------------------
 
@@ -600,11 +603,9 @@ class NodeModel:
                 self.set_remote_node(node)
 
     def take_changes(self) -> Changes:
-        changes = Changes(frozenset(self._changed_keys),
-                          None if self._changed_prefixes_overflowed else frozenset(self._changed_prefixes))
+        changes = Changes(frozenset(self._changed_keys), self._previous_routes)
         self._changed_keys.clear()
-        self._changed_prefixes.clear()
-        self._changed_prefixes_overflowed = False
+        self._previous_routes = {}
         return changes
 
     # ---- queries ------------------------------------------------------------------------------------------
@@ -678,9 +679,18 @@ class NodeModel:
                 self._contested.discard(key)
 
     def _note(self, key: IPNetwork) -> None:
-        """`key`'s owner may be about to change: remember the owner it has now (once per settle)."""
+        """`key`'s owner may be about to change: remember the owner it has now (once per settle) and its route."""
         if key not in self._dirty_keys:
-            self._dirty_keys[key] = self._winner(key)
+            owner = self._dirty_keys[key] = self._winner(key)
+            self._note_route(key, owner, owner in self._peer_of_node)
+
+    def _note_route(self, key: IPNetwork, owner: str | None, usable: bool) -> None:
+        """`key`'s route may be about to change: remember the route it has now (once per take_changes())."""
+        previous = self._previous_routes
+        if previous is not None and key not in previous:
+            previous[key] = self._kind_for(key, owner, usable)
+            if len(previous) > CHANGED_ROUTES_LISTED:
+                self._previous_routes = None
 
     def _release_key(self, public_key: str, name: str) -> None:
         if not public_key:
@@ -715,10 +725,9 @@ class NodeModel:
         return keys - lost if lost else keys
 
     def _settle(self) -> None:
-        """Recompute owners of dirty addresses, then the peers and routes they touch."""
+        """Recompute owners of dirty addresses, then the peers they touch (routes are derived: `DesiredRoutes`)."""
         dirty = self._dirty_keys
         self._dirty_keys = {}
-        route_keys = set(dirty)
         # This loop runs once per address of a joining node (1.25 M times for a full plan at 5 000 x 250):
         # attributes are bound to locals, and the common case (one claimant, who wins) is one failed dict lookup.
         lost_by, claims, dirty_nodes, winner = self._lost, self._claims, self._dirty_nodes, self._winner
@@ -746,15 +755,10 @@ class NodeModel:
         for name in dirty_nodes:
             was_peer = name in self._peer_of_node
             self._settle_peer(name)
-            if was_peer != (name in self._peer_of_node):  # usable or not: every route of its addresses flips
-                route_keys.update(self._owned(name))
+            if was_peer != (name in self._peer_of_node) and self._previous_routes is not None:
+                for key in self._owned(name):  # usable or not: every route of its addresses flips
+                    self._note_route(key, name, was_peer)
         dirty_nodes.clear()
-        settle_route = self._settle_route
-        for key in route_keys:
-            settle_route(key)
-        if len(self._changed_prefixes) > CHANGED_ROUTES_LISTED:
-            self._changed_prefixes_overflowed = True
-            self._changed_prefixes.clear()
 
     def _settle_peer(self, name: str) -> None:
         old_key = self._peer_of_node.pop(name, None)
@@ -776,26 +780,98 @@ class NodeModel:
         self._peer_of_node[name] = node.public_key
         self._changed_keys.add(node.public_key)
 
-    def _settle_route(self, key: IPNetwork) -> None:
-        owner = self._winner(key)
-        kind: RouteKind | None
+    def _kind_for(self, key: IPNetwork, owner: str | None, usable: bool) -> RouteKind | None:
+        """The route of `key` when `owner` owns it and is (`usable`) or is not a peer."""
         if owner is None:
-            kind = None
-        elif owner == LOCAL:
-            kind = RouteKind.THROW if key in self._local_count else None
-        elif owner not in self._peer_of_node:
-            kind = RouteKind.THROW
-        elif self.host_encryption or key not in self._remotes[owner].node_ips:
-            kind = RouteKind.WIREGUARD
-        elif key in self._remotes[owner].pod_ips:  # a node IP that is also a pod IP (rare)
-            kind = RouteKind.WIREGUARD
-        else:
-            kind = None  # a remote node IP without host encryption: main table, plaintext
-        routes = self.routes
-        if routes.get(key) == kind:
-            return
+            return None
+        if owner == LOCAL:
+            return RouteKind.THROW if key in self._local_count else None
+        if not usable:
+            return RouteKind.THROW
+        node = self._remotes[owner]
+        if self.host_encryption or key not in node.node_ips or key in node.pod_ips:  # pod IPs, and node IPs with
+            return RouteKind.WIREGUARD  # host encryption; a node IP that is also a pod IP (rare) too
+        return None  # a remote node IP without host encryption: main table, plaintext
+
+    def _route_kind(self, key: IPNetwork) -> RouteKind | None:
+        owner = self._winner(key)
+        return self._kind_for(key, owner, owner in self._peer_of_node)
+
+    def _iter_routes(self) -> Iterator[tuple[IPNetwork, RouteKind]]:
+        throw, wireguard = RouteKind.THROW, RouteKind.WIREGUARD
+        for key in self._local_count:
+            yield key, throw
+        for name, node in self._remotes.items():
+            if name not in self._peer_of_node:
+                for key in self._owned(name):
+                    yield key, throw
+            elif self.host_encryption or not node.node_ips:
+                for key in self._owned(name):
+                    yield key, wireguard
+            else:
+                node_ips, pod_ips = node.node_ips, node.pod_ips
+                for key in self._owned(name):
+                    if key not in node_ips or key in pod_ips:
+                        yield key, wireguard
+
+    def route_counts(self) -> dict[RouteKind, int]:
+        """Routes by kind, in O(nodes) (status, metrics)."""
+        throw, wireguard = len(self._local_count), 0
+        for name, node in self._remotes.items():
+            lost = self._lost.get(name, frozenset())
+            extra_node_ips = [key for key in node.node_ips if key not in node.pod_ips]
+            owned = len(node.pod_ips) + len(extra_node_ips) - len(lost)
+            if name not in self._peer_of_node:
+                throw += owned
+            elif self.host_encryption:
+                wireguard += owned
+            else:
+                wireguard += owned - sum(1 for key in extra_node_ips if key not in lost)
+        return {RouteKind.WIREGUARD: wireguard, RouteKind.THROW: throw}
+
+
+class DesiredRoutes(Mapping[IPNetwork, RouteKind]):
+    """The routes a `NodeModel` wants in the hook's table (prefix -> kind), derived on demand from its owners and
+    peers: `throw` for local pods, `dev` for addresses of remote peers (`throw` while their node is not a peer).
+    Not stored: at 5 000 x 250 scattered pod IPs a dict of the 1.25 M routes cost 42 MB (bench/p3_scale.py); a
+    lookup costs about 0.4 us, iteration goes node by node, `len()` is O(nodes)."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: NodeModel) -> None:
+        self._model = model
+
+    def __getitem__(self, prefix: IPNetwork) -> RouteKind:
+        kind = self._model._route_kind(prefix)
         if kind is None:
-            del routes[key]
-        else:
-            routes[key] = kind
-        self._changed_prefixes.add(key)
+            raise KeyError(prefix)
+        return kind
+
+    def get(self, prefix: IPNetwork, default: RouteKind | None = None) -> RouteKind | None:  # type: ignore[override]
+        kind = self._model._route_kind(prefix)
+        return default if kind is None else kind
+
+    def __contains__(self, prefix: object) -> bool:
+        return self._model._route_kind(prefix) is not None  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[IPNetwork]:
+        return (prefix for prefix, _ in self._model._iter_routes())
+
+    def __len__(self) -> int:
+        return sum(self._model.route_counts().values())
+
+    def items(self) -> ItemsView[IPNetwork, RouteKind]:
+        return _RouteItems(self)
+
+    def values(self) -> ValuesView[RouteKind]:
+        return _RouteKinds(self)
+
+
+class _RouteItems(ItemsView):  # type: ignore[type-arg]
+    def __iter__(self) -> Iterator[tuple[IPNetwork, RouteKind]]:
+        return self._mapping._model._iter_routes()  # type: ignore[no-any-return]
+
+
+class _RouteKinds(ValuesView):  # type: ignore[type-arg]
+    def __iter__(self) -> Iterator[RouteKind]:
+        return (kind for _, kind in self._mapping._model._iter_routes())

@@ -1,7 +1,8 @@
 """One reconcile pass: model changes + read-back -> planner -> appliers, with one in-sync flag per aspect.
 
-When an aspect is in sync, only the model's dirty peer keys / prefixes are diffed against a cache of what was
-last applied (O(change)). Any error, or an outside event (netlink: device, route or rule removed; wireguard-go
+When an aspect is in sync, only the model's dirty peer keys / prefixes are diffed against what was last applied
+(O(change)): for peers a cache of the desired peers of the last pass, for routes the kinds the model hands over with
+its changes (what it wanted at the last pass is what the table holds; no copy of a 1.25 M-route table is kept). Any error, or an outside event (netlink: device, route or rule removed; wireguard-go
 exited), clears that aspect's flag; the next pass reads the whole aspect back from the kernel and diffs all of it.
 An aspect whose ops were not all applied stays out of sync, so a pass that fails half-way converges on the next.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 from node_hook.apply.dataplane import (
     FirewallApplier,
@@ -27,6 +28,7 @@ from node_hook.model import DesiredPeer, IPNetwork, NodeModel, RouteKind, paused
 from node_hook.planner import (
     APPLY_ORDER,
     Plan,
+    RouteSets,
     plan_device,
     plan_device_address,
     plan_firewall,
@@ -88,7 +90,6 @@ class Reconciler:
         self.on_step = on_step
         self.in_sync = {aspect: False for aspect in ASPECTS}
         self._peers: dict[str, PeerState] = {}  # what the device holds, as far as we know (valid when in sync)
-        self._routes: dict[IPNetwork, str] = {}
         self._rules: frozenset[RuleSpec] = frozenset()
         self._firewall_listing: str | None = None
         self.passes = 0
@@ -147,18 +148,25 @@ class Reconciler:
                 peer_scope = None
             plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, self._peers,
                                                                                peer_scope)
+            if changes.previous_routes is None:  # a bulk change: any route may differ, read the table back
+                self.in_sync["routes"] = False
+                if "routes" not in full:
+                    full.append("routes")
+            actual_routes: Mapping[IPNetwork, str | None]
             if self.in_sync["routes"] and self.in_sync["rules"]:
-                route_scope = changes.route_prefixes  # None after a bulk change: every route against the cache
+                actual_routes = changes.previous_routes  # type: ignore[assignment]
+                route_scope: Iterable[IPNetwork] | None = actual_routes
             else:
                 table = self.routing.read()
-                self._routes = table.routes  # a dict of its own per read(): no copy of 1.25 M routes at 5 000 x 250
+                actual_routes = table.routes
                 self._rules = table.rules
                 plan.device_address = plan_device_address(table.device_addresses)
                 route_scope = None
-            plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, self._routes, route_scope)
+            plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, actual_routes, route_scope)
             if not self.in_sync["rules"]:
                 plan.rules = plan_rules(self.targets.rules, self._rules)
-            held_back = False if self.prune else self._hold_back_pruning(plan)
+            held_back = False if self.prune else self._hold_back_pruning(plan, actual_routes)
+            del actual_routes  # a read-back table (1.25 M routes at 5 000 x 250) is not kept past planning
             # An aspect is in sync again only once all its steps below have been applied.
             touched = {_ASPECT_OF_STEP[name] for name, _ in plan.steps()}
             for aspect in touched:
@@ -166,10 +174,10 @@ class Reconciler:
             for name, payload in plan.steps():
                 step = name
                 self._apply(name, payload)
-                count = len(payload) if isinstance(payload, (list, dict)) else 1  # type: ignore[arg-type]
+                count = len(payload) if isinstance(payload, (list, dict, RouteSets)) else 1  # type: ignore[arg-type]
                 applied[name] = count
                 self._step_done(name, count)
-            self._remember(plan, peer_scope, route_scope)
+            self._remember(peer_scope)
             for aspect in ASPECTS:
                 self.in_sync[aspect] = True
             if held_back:  # the kernel still holds what was not pruned: read it back once pruning is allowed
@@ -183,12 +191,12 @@ class Reconciler:
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
             return PassResult(applied, message, tuple(full), step)
 
-    def _hold_back_pruning(self, plan: Plan) -> bool:
+    def _hold_back_pruning(self, plan: Plan, actual_routes: Mapping[IPNetwork, str | None]) -> bool:
         """Drop peer removals and deletions of `dev` routes from `plan`; True when something was dropped.
         (Deleting a `throw` route changes nothing for traffic: without a route the lookup leaves the table too.)"""
         peer_removals = [op for op in plan.peer_removals if not isinstance(op, RemovePeer)]
         route_deletes = [op for op in plan.route_deletes
-                         if self._routes.get(op.prefix) != RouteKind.WIREGUARD.value]  # type: ignore[union-attr]
+                         if actual_routes.get(op.prefix) != RouteKind.WIREGUARD.value]  # type: ignore[union-attr]
         held_back = len(peer_removals) != len(plan.peer_removals) or len(route_deletes) != len(plan.route_deletes)
         plan.peer_removals, plan.route_deletes = peer_removals, route_deletes
         return held_back
@@ -207,9 +215,9 @@ class Reconciler:
         else:
             self.routing.apply(payload)  # type: ignore[arg-type]
 
-    def _remember(self, plan: Plan, peer_scope: frozenset[str] | None,
-                  route_scope: frozenset[IPNetwork] | None) -> None:
-        """After a fully applied pass the kernel holds the desired state for everything in scope."""
+    def _remember(self, peer_scope: frozenset[str] | None) -> None:
+        """After a fully applied pass the device holds the desired peers for everything in scope (the table needs no
+        record: the model's next changes carry the routes it wants now)."""
         desired_peers = self.model.peers
         if peer_scope is None:
             self._peers = {key: _as_state(peer) for key, peer in desired_peers.items()}
@@ -219,18 +227,6 @@ class Reconciler:
                     self._peers[key] = _as_state(desired_peers[key])
                 else:
                     self._peers.pop(key, None)
-        desired_routes = self.model.routes
-        if route_scope is None:
-            # Refilled in place, so the table read back and the new cache never both hold 1.25 M routes at
-            # 5 000 x 250; `_value_` is what the `.value` property returns, read 3x faster.
-            self._routes.clear()
-            self._routes.update((prefix, kind._value_) for prefix, kind in desired_routes.items())
-        else:
-            for prefix in route_scope:
-                if prefix in desired_routes:
-                    self._routes[prefix] = desired_routes[prefix].value
-                else:
-                    self._routes.pop(prefix, None)
         self._rules = self.targets.rules
 
 

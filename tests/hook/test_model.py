@@ -80,7 +80,7 @@ def test_ip_becoming_local_leaves_the_peer_and_throws() -> None:
     assert model.owner_of(ipaddress.ip_address("10.240.0.71")) == LOCAL
     changes = model.take_changes()
     assert changes.peer_keys == {KEY_B}
-    assert changes.route_prefixes == {net("10.240.0.71/32")}
+    assert changes.previous_routes == {net("10.240.0.71/32"): RouteKind.WIREGUARD}  # the route it had
     model.remove_local_pod("c1@eth0")
     assert model.peers[KEY_B].allowed_ips == {net("10.240.0.70/31"), net("10.240.0.35/32")}
     assert model.routes[net("10.240.0.71/32")] is RouteKind.WIREGUARD
@@ -169,7 +169,7 @@ def test_removing_a_node_removes_its_peer_and_routes() -> None:
     assert model.peers == {} and model.routes == {}
     changes = model.take_changes()
     assert changes.peer_keys == {KEY_B}
-    assert changes.route_prefixes == {net("10.240.0.70/32"), net("10.240.0.35/32")}
+    assert changes.previous_routes == {net("10.240.0.70/32"): RouteKind.WIREGUARD, net("10.240.0.35/32"): RouteKind.WIREGUARD}
 
 
 def test_key_change_replaces_the_peer() -> None:
@@ -191,7 +191,7 @@ def test_a_pod_event_touches_only_the_peer_that_owned_the_ip() -> None:
     model.set_local_pod("c@eth0", ["10.1.7.3"])
     changes = model.take_changes()
     assert changes.peer_keys == {f"{7:043d}="}
-    assert changes.route_prefixes == {net("10.1.7.3/32")}
+    assert changes.previous_routes == {net("10.1.7.3/32"): RouteKind.WIREGUARD}
 
 
 def test_bad_ip_in_a_record_is_a_clear_error() -> None:
