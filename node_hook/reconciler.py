@@ -23,7 +23,7 @@ from node_hook.apply.dataplane import (
     RuleSpec,
     SysctlApplier,
 )
-from node_hook.apply.wireguard import DeviceSpec, PeerState, RemovePeer, WireGuardBackend
+from node_hook.apply.wireguard import DeviceSpec, DeviceState, PeerState, RemovePeer, WireGuardBackend
 from node_hook.model import DesiredPeer, IPNetwork, NodeModel, RouteKind, paused_gc
 from node_hook.planner import (
     APPLY_ORDER,
@@ -118,12 +118,14 @@ class Reconciler:
         applied: dict[str, int] = {}
         full: list[str] = [aspect for aspect in ASPECTS if not self.in_sync[aspect]]
         step = "read"
+        device_state: DeviceState | None = None  # a device read back for the device step, reused for the peers
         try:
             step = "device"
             if not self.in_sync["device"]:
-                state = self.wireguard.read()
-                spec = plan_device(self.targets.device, state)
+                device_state = self.wireguard.read()
+                spec = plan_device(self.targets.device, device_state)
                 if spec is not None:
+                    device_state = None  # it has just changed
                     self.wireguard.ensure_device(spec)
                     applied["device"] = 1
                     self._step_done("device", 1)
@@ -140,14 +142,22 @@ class Reconciler:
                 plan.firewall = plan_firewall(self.targets.firewall, self.firewall.read(), self._firewall_listing)
             if not self.in_sync["sysctls"]:
                 plan.sysctls = plan_sysctls(self.targets.sysctls, self.sysctls.read(sorted(self.targets.sysctls)))
+            actual_peers: Mapping[str, PeerState]
             if self.in_sync["peers"]:
                 peer_scope = changes.peer_keys
+                actual_peers = self._peers
             else:
-                state = self.wireguard.read()
-                self._peers = dict(state.peers) if state is not None else {}
+                if device_state is None:
+                    device_state = self.wireguard.read()
+                actual_peers = device_state.peers if device_state is not None else {}
+                self._peers = {}  # refilled from the model once applied
                 peer_scope = None
-            plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, self._peers,
+            device_state = None
+            plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, actual_peers,
                                                                                peer_scope)
+            # A read-back device or table (1.25 M AllowedIPs or routes at 5 000 x 250) is not kept past planning,
+            # and the device's is let go before the table is read: a resync holds one of them at a time.
+            del actual_peers
             if changes.previous_routes is None:  # a bulk change: any route may differ, read the table back
                 self.in_sync["routes"] = False
                 if "routes" not in full:
@@ -157,16 +167,13 @@ class Reconciler:
                 actual_routes = changes.previous_routes  # type: ignore[assignment]
                 route_scope: Iterable[IPNetwork] | None = actual_routes
             else:
-                table = self.routing.read()
-                actual_routes = table.routes
-                self._rules = table.rules
-                plan.device_address = plan_device_address(table.device_addresses)
+                actual_routes = self._read_table(plan)
                 route_scope = None
             plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, actual_routes, route_scope)
             if not self.in_sync["rules"]:
                 plan.rules = plan_rules(self.targets.rules, self._rules)
             held_back = False if self.prune else self._hold_back_pruning(plan, actual_routes)
-            del actual_routes  # a read-back table (1.25 M routes at 5 000 x 250) is not kept past planning
+            del actual_routes
             # An aspect is in sync again only once all its steps below have been applied.
             touched = {_ASPECT_OF_STEP[name] for name, _ in plan.steps()}
             for aspect in touched:
@@ -190,6 +197,13 @@ class Reconciler:
             message = f"{step}: {error}"
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
             return PassResult(applied, message, tuple(full), step)
+
+    def _read_table(self, plan: Plan) -> dict[IPNetwork, str]:
+        """The table's routes; its rules and the device's address go into `plan` and the rule cache."""
+        table = self.routing.read()
+        self._rules = table.rules
+        plan.device_address = plan_device_address(table.device_addresses)
+        return table.routes
 
     def _hold_back_pruning(self, plan: Plan, actual_routes: Mapping[IPNetwork, str | None]) -> bool:
         """Drop peer removals and deletions of `dev` routes from `plan`; True when something was dropped.
