@@ -1,8 +1,8 @@
-"""P3's quick mode (correctness only: the synthetic cluster, the worker subprocess, the checks of the fakes against
-the model after every event), plus the properties of the synthetic layouts the figures depend on."""
+"""P3's quick mode (correctness only: the synthetic cluster, the worker subprocess, the checks of the kernel
+process's fakes against the model after every event), plus the properties of the synthetic layouts the figures
+depend on."""
 
 from __future__ import annotations
-
 
 from bench import p3_scale
 
@@ -12,7 +12,8 @@ def test_quick_run_measures_every_size_and_event() -> None:
     cases = [entry["case"] for entry in rows]
     for nodes in p3_scale.QUICK_SIZES:
         label = f"{nodes} nodes x {p3_scale.QUICK_PODS} scattered"
-        for title in ("full plan from scratch", *p3_scale.EVENT_ROWS, "full resync, nothing changed", "peak RSS"):
+        for title in ("full plan from scratch", *p3_scale.EVENT_ROWS, "full resync, nothing changed",
+                      "peak RSS of the hook, full plan and events", "peak RSS of the hook, with the resync's read-back"):
             assert f"{label}: {title}" in cases
     raw = rows[0]["raw"]
     assert [size["nodes"] for size in raw] == [*p3_scale.QUICK_SIZES, p3_scale.QUICK_SIZES[-1]]
@@ -21,7 +22,8 @@ def test_quick_run_measures_every_size_and_event() -> None:
         assert size["full_applied"]["peer_adds"] == size["nodes"] - 1
         assert size["full_applied"]["resync"] == 0
         assert all(len(samples) == p3_scale.QUICK_REPEATS for samples in size["events_ms"].values())
-        assert size["rss_peak_mb"] >= size["rss_imports_mb"] > 0
+        assert size["rss_peak_mb"] >= size["rss_peak_events_mb"] >= size["rss_imports_mb"] > 0
+        assert size["kernel_rss_peak_mb"] > 0 and size["kernel_cpu_s"] > 0
     scattered, batched = raw[-2], raw[-1]
     assert scattered["allowed_ips"] == (scattered["nodes"] - 1) * (p3_scale.QUICK_PODS + 1)  # nothing aggregates
     assert batched["allowed_ips"] < scattered["allowed_ips"]
