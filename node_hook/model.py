@@ -280,6 +280,17 @@ def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
     return prefix.network_address.packed, prefix.prefixlen
 
 
+def prefix_of_packed(address: bytes, prefixlen: int) -> IPNetwork:
+    """The inverse of `packed_prefix`: the model's prefix of a network address in network byte order (4 bytes IPv4,
+    16 IPv6) and a prefix length, without going through text (reading back a table of 1.25 M routes). Strict like
+    `prefix_from_text`: ValueError for another address size, a length out of range or host bits set."""
+    value = int.from_bytes(address, "big")
+    masks = _MASKS4 if len(address) == 4 else _MASKS6 if len(address) == 16 else None
+    if masks is None or not 0 <= prefixlen < len(masks) or value & ~masks[prefixlen]:
+        raise ValueError(f"{address.hex()}/{prefixlen} is not an IP prefix")
+    return (_PackedIPv4Network if len(address) == 4 else _PackedIPv6Network)._of(value, prefixlen)
+
+
 def _network(key: int, prefixlen: int) -> IPNetwork:
     """The prefix of `prefixlen` bits starting at raw address value `key`, which must be aligned (as `_aggregate`
     cuts them)."""
