@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import itertools
 import logging
 import os
 import signal
@@ -27,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 from socket import AF_INET, AF_INET6, inet_ntop
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from pyroute2 import IPRoute
 
@@ -87,82 +88,102 @@ def parse_endpoint(value: str) -> tuple[str, int]:
 
 
 class UapiClient:
-    """One request per connection, as `wg` does."""
+    """One request per connection, as `wg` does. Both directions stream: a request is written in chunks as its
+    lines are made and an answer is parsed line by line as it arrives, so programming or reading 1.25 M AllowedIPs
+    (5 000 x 250) never holds the whole text - before, a `set` held its lines, their join and its encoding (~150 MB
+    at that size) and a `get` the answer's bytes, text and line list (~200 MB) on top of what was parsed."""
+
+    SEND_CHUNK = 1 << 16
 
     def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
 
-    def _exchange(self, request: str) -> list[str]:
+    def _request(self, lines: Iterable[str]) -> Iterator[str]:
+        """Send the request made of `lines` and yield the answer's lines before its final `errno=`; UapiError for
+        a non-zero errno or an answer cut short."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             connection.settimeout(self.timeout)
             connection.connect(str(self.socket_path))
-            connection.sendall(request.encode())
-            chunks: list[bytes] = []
-            tail = b""
-            while not tail.endswith(b"\n\n"):
-                chunk = connection.recv(1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                tail = (tail + chunk)[-2:]
-        lines = b"".join(chunks).decode().split("\n")
-        lines = [line for line in lines if line]
-        if not lines or not lines[-1].startswith("errno="):
-            raise UapiError(f"{self.socket_path}: truncated answer")
-        code = int(lines[-1].split("=", 1)[1])
-        if code:
-            raise UapiError(f"{self.socket_path}: wireguard-go answered errno={code} ({os.strerror(code)})")
-        return lines[:-1]
+            pending: list[str] = []
+            size = 0
+            for line in lines:
+                pending.append(line)
+                size += len(line) + 1
+                if size >= self.SEND_CHUNK:
+                    connection.sendall(("\n".join(pending) + "\n").encode())
+                    pending.clear()
+                    size = 0
+            connection.sendall(("\n".join(pending) + "\n\n").encode() if pending else b"\n")
+            with connection.makefile("rb") as answer:
+                for raw in answer:
+                    line = raw.decode().rstrip("\n")
+                    if line.startswith("errno="):
+                        code = int(line[6:])
+                        if code:
+                            raise UapiError(f"{self.socket_path}: wireguard-go answered errno={code} "
+                                            f"({os.strerror(code)})")
+                        return
+                    if line:
+                        yield line
+        raise UapiError(f"{self.socket_path}: truncated answer")
 
     def alive(self) -> bool:
+        """Whether wireguard-go answers on the socket (the first line of a `get` is enough)."""
         try:
-            self._exchange("get=1\n\n")
+            answer = self._request(["get=1"])
+            try:
+                next(answer, None)
+            finally:
+                answer.close()
             return True
         except (OSError, UapiError):
             return False
 
-    def get(self) -> tuple[dict[str, str], list[dict[str, object]]]:
-        """(device fields, peers); each peer has its fields plus `allowed_ip`: list[str]."""
-        device: dict[str, str] = {}
-        peers: list[dict[str, object]] = []
-        current: dict[str, object] | None = None
-        for line in self._exchange("get=1\n\n"):
-            key, _, value = line.partition("=")
-            if key == "public_key":
-                current = {"public_key": value, "allowed_ip": []}
-                peers.append(current)
-            elif current is None:
-                device[key] = value
-            elif key == "allowed_ip":
-                current["allowed_ip"].append(value)  # type: ignore[union-attr]
-            else:
-                current[key] = value
-        return device, peers
+    def get(self) -> Iterator[str]:
+        """The lines of a `get`, as they arrive: the device's fields, then each peer's, from its `public_key`."""
+        return self._request(["get=1"])
 
-    def set(self, lines: list[str]) -> None:
-        self._exchange("set=1\n" + "".join(f"{line}\n" for line in lines) + "\n")
+    def set(self, lines: Iterable[str]) -> None:
+        for _ in self._request(itertools.chain(["set=1"], lines)):
+            pass
 
 
-def peer_op_lines(ops: list[PeerOp]) -> list[str]:
-    """The UAPI `set` lines for `ops`, in order."""
-    lines: list[str] = []
+def peer_op_lines(ops: Iterable[PeerOp]) -> Iterator[str]:
+    """The UAPI `set` lines for `ops`, in order, made as they are sent."""
     for op in ops:
         if isinstance(op, UpsertPeer):
-            lines.append(f"public_key={key_to_hex(op.public_key)}")
+            yield f"public_key={key_to_hex(op.public_key)}"
             if op.endpoint is not None:
-                lines.append(f"endpoint={format_endpoint(op.endpoint)}")
-            lines.append(f"persistent_keepalive_interval={op.persistent_keepalive}")
+                yield f"endpoint={format_endpoint(op.endpoint)}"
+            yield f"persistent_keepalive_interval={op.persistent_keepalive}"
             if op.replace_allowed_ips:
-                lines.append("replace_allowed_ips=true")
-            lines += [f"allowed_ip={prefix_text(prefix)}" for prefix in op.allowed_ips]
+                yield "replace_allowed_ips=true"
+            for prefix in op.allowed_ips:
+                yield f"allowed_ip={prefix_text(prefix)}"
         elif isinstance(op, RemoveAllowedIPs):
-            lines.append(f"public_key={ZERO_KEY_HEX}")
-            lines += [f"allowed_ip={prefix_text(prefix)}" for prefix in op.allowed_ips]
-            lines += [f"public_key={ZERO_KEY_HEX}", "remove=true"]
+            yield f"public_key={ZERO_KEY_HEX}"
+            for prefix in op.allowed_ips:
+                yield f"allowed_ip={prefix_text(prefix)}"
+            yield f"public_key={ZERO_KEY_HEX}"
+            yield "remove=true"
         elif isinstance(op, RemovePeer):
-            lines += [f"public_key={key_to_hex(op.public_key)}", "remove=true"]
-    return lines
+            yield f"public_key={key_to_hex(op.public_key)}"
+            yield "remove=true"
+
+
+def _peer_state(fields: dict[str, str], allowed: list[IPNetwork]) -> PeerState:
+    endpoint = fields.get("endpoint", "")
+    return PeerState(
+        public_key=hex_to_key(fields["public_key"]),
+        endpoint=parse_endpoint(endpoint) if endpoint else None,
+        allowed_ips=frozenset(allowed),
+        persistent_keepalive=int(fields.get("persistent_keepalive_interval", "0")),
+        latest_handshake=int(fields.get("last_handshake_time_sec", "0"))
+        + int(fields.get("last_handshake_time_nsec", "0")) / 1e9,
+        rx_bytes=int(fields.get("rx_bytes", "0")),
+        tx_bytes=int(fields.get("tx_bytes", "0")),
+    )
 
 
 class UserspaceWireGuard:
@@ -265,7 +286,7 @@ class UserspaceWireGuard:
             if not links:
                 return None
             try:
-                device, peers = self.client.get()
+                device, peers = self._parse(self.client.get())
             except (OSError, UapiError):
                 return None
             link = self._ipr.get_links(links[0])[0]
@@ -278,26 +299,35 @@ class UserspaceWireGuard:
             fwmark=int(device.get("fwmark", "0")),
             mtu=link.get("mtu"),
             up=bool(link["flags"] & 1),
-            peers=self._peer_states(peers),
+            peers=peers,
         )
 
     @staticmethod
-    def _peer_states(peers: list[dict[str, object]]) -> dict[str, PeerState]:
-        states: dict[str, PeerState] = {}
-        for peer in peers:
-            key = hex_to_key(str(peer["public_key"]))
-            endpoint = str(peer.get("endpoint", "")) or None
-            states[key] = PeerState(
-                public_key=key,
-                endpoint=parse_endpoint(endpoint) if endpoint else None,
-                allowed_ips=frozenset(parse_prefix(p) for p in peer["allowed_ip"]),  # type: ignore[union-attr]
-                persistent_keepalive=int(str(peer.get("persistent_keepalive_interval", "0"))),
-                latest_handshake=int(str(peer.get("last_handshake_time_sec", "0")))
-                + int(str(peer.get("last_handshake_time_nsec", "0"))) / 1e9,
-                rx_bytes=int(str(peer.get("rx_bytes", "0"))),
-                tx_bytes=int(str(peer.get("tx_bytes", "0"))),
-            )
-        return states
+    def _parse(lines: Iterator[str]) -> tuple[dict[str, str], dict[str, PeerState]]:
+        """(device fields, peers) of a `get` answer, each AllowedIP parsed as its line arrives."""
+        device: dict[str, str] = {}
+        peers: dict[str, PeerState] = {}
+        fields: dict[str, str] | None = None
+        allowed: list[IPNetwork] = []
+
+        def finish() -> None:
+            if fields is not None:
+                state = _peer_state(fields, allowed)
+                peers[state.public_key] = state
+
+        for line in lines:
+            key, _, value = line.partition("=")
+            if key == "allowed_ip" and fields is not None:
+                allowed.append(parse_prefix(value))
+            elif key == "public_key":
+                finish()
+                fields, allowed = {"public_key": value}, []
+            elif fields is None:
+                device[key] = value
+            else:
+                fields[key] = value
+        finish()
+        return device, peers
 
     def ensure_device(self, spec: DeviceSpec) -> None:
         with self._lock:

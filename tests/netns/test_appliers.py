@@ -20,7 +20,7 @@ from node_hook.apply.dataplane import AddRule, DeleteRoute, DeleteRule, Firewall
 from node_hook.apply.firewall import NftFirewall
 from node_hook.apply.routes import PyrouteRouting
 from node_hook.apply.sysctl import Sysctls
-from node_hook.apply.wg_uapi import SOCKET_DIR, UserspaceWireGuard
+from node_hook.apply.wg_uapi import SOCKET_DIR, UapiClient, UserspaceWireGuard
 from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
@@ -94,6 +94,22 @@ def test_userspace_device_and_peers_against_wireguard_go(backend: UserspaceWireG
     backend.ensure_device(DeviceSpec(backend.ifname, private, 51999, 0x100000, 1420))  # MTU change keeps peers
     state = backend.read()
     assert state.mtu == 1420 and set(state.peers) == {b}
+
+
+def test_userspace_streams_requests_and_answers_larger_than_a_chunk(backend: UserspaceWireGuard) -> None:
+    """30 000 AllowedIPs over 20 peers: the `set` is written in many chunks and the `get` parsed as it arrives; what
+    wireguard-go holds (read by `wg`) and what the backend reads back are exactly what was sent."""
+    backend.ensure_device(DeviceSpec(backend.ifname, bytes(PrivateKey.generate()), 51999, 0x100000, 1340))
+    keys = [new_key() for _ in range(20)]
+    wanted = {key: tuple(n(f"10.{64 + index}.{host >> 8}.{host & 255}/32") for host in range(1500))
+              for index, key in enumerate(keys)}
+    assert sum(len(f"allowed_ip={p}") for prefixes in wanted.values() for p in prefixes) > 10 * UapiClient.SEND_CHUNK
+    backend.apply_peer_ops([UpsertPeer(key, ("10.240.0.35", 51820), prefixes, True) for key, prefixes in wanted.items()])
+    shown = wg_show(backend.ifname)
+    assert {key: len(prefixes) for key, prefixes in shown.items()} == {key: 1500 for key in keys}
+    state = backend.read()
+    assert state is not None and {key: peer.allowed_ips for key, peer in state.peers.items()} == {
+        key: frozenset(prefixes) for key, prefixes in wanted.items()}
 
 
 def test_killed_wireguard_go_is_reported_and_restarted_with_the_same_key(backend: UserspaceWireGuard) -> None:
