@@ -63,3 +63,22 @@ def test_after_a_bulk_change_the_reconciler_reads_the_table_back_and_diffs_every
     assert result.applied["route_sets"] == 30 and result.applied["route_deletes"] == 5
     assert routing.routes == {prefix: kind.value for prefix, kind in model.routes.items()}
     assert all(kind is RouteKind.WIREGUARD for kind in model.routes.values()) and len(model.routes) == 30
+
+
+def test_a_complete_delivery_applies_removals_changes_and_additions_and_skips_the_same_objects() -> None:
+    first = {f"node-{index}": _node(index, range(1, 5)) for index in range(1, 6)}
+    model = NodeModel("local", ["172.16.0.250"])
+    model.replace_remote_nodes(first)
+    model.take_changes()
+    model.replace_remote_nodes(dict(first))  # the same objects again: nothing changes
+    assert not model.take_changes()
+    second = dict(first)
+    del second["node-2"]  # gone
+    second["node-3"] = _node(3, range(1, 7))  # changed
+    second["node-4"] = _node(4, range(1, 5))  # equal, another object
+    second["node-9"] = _node(9, range(1, 3))  # new
+    model.replace_remote_nodes(second)
+    scratch = NodeModel("local", ["172.16.0.250"])
+    scratch.replace_remote_nodes(second)
+    assert model.peers == scratch.peers and dict(model.routes.items()) == dict(scratch.routes.items())
+    assert set(model.remote_nodes) == {"node-1", "node-3", "node-4", "node-5", "node-9"}
