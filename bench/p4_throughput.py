@@ -21,7 +21,9 @@ node namespaces (10.240.0.4, 10.240.0.35), each running its own `wgcni-node run`
   one CFS group. A baseline sharing the benchmark's session (and so one group) with the iperf3 ends, against the
   hook's wireguard-go in a group each, compared scheduling, not wgcni's path: it showed the mesh at 0.75-0.82 of the
   baseline with 15-27 % more CPU per byte; with both alike the difference is gone (docs/benchmarks.md, P4);
-- mesh and baseline runs alternate, `REPEATS` times each; the medians are compared (target >= 95 %);
+- mesh and baseline runs alternate, `REPEATS` times each, each case opening a repeat in turn (a fixed order gave
+  the mesh every first slot, after the previous repeat's last baseline run); the medians are compared (target
+  >= 95 %);
 - `ping -M do` from pod A to pod B with a payload filling exactly the hook's MTU: packets lost (target 0), and one
   byte more must be refused locally (the MTU is exact, not just small enough).
 Host encryption is off in this lab, so the baseline tunnel's UDP between the node IPs is not routed into the mesh.
@@ -236,17 +238,20 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
         tunnel: dict[int, list[float]] = {value: [] for value in mtus}
         tunnel_cpu: dict[int, list[float]] = {value: [] for value in mtus}
         tunnel_retransmits: dict[int, list[int]] = {value: [] for value in mtus}
-        for _ in range(repeats):
-            rate, cost, retransmits = iperf3_with_cpu(pod_a, PODS["b"], 5201, seconds, mesh_pids)
-            mesh.append(rate)
-            mesh_cpu.append(cost)
-            mesh_retransmits.append(retransmits)
-            for value in mtus:
-                baseline.set_mtu(value)
-                rate, cost, retransmits = iperf3_with_cpu(base_a, BASELINE_PODS["b"], 5202, seconds, base_pids)
-                tunnel[value].append(rate)
-                tunnel_cpu[value].append(cost)
-                tunnel_retransmits[value].append(retransmits)
+        cases: list[int | None] = [None, *mtus]  # None: the mesh; a number: the baseline at that MTU
+        for repeat in range(repeats):
+            for case in cases[repeat % len(cases):] + cases[:repeat % len(cases)]:  # each case first in turn
+                if case is None:
+                    rate, cost, retransmits = iperf3_with_cpu(pod_a, PODS["b"], 5201, seconds, mesh_pids)
+                    mesh.append(rate)
+                    mesh_cpu.append(cost)
+                    mesh_retransmits.append(retransmits)
+                else:
+                    baseline.set_mtu(case)
+                    rate, cost, retransmits = iperf3_with_cpu(base_a, BASELINE_PODS["b"], 5202, seconds, base_pids)
+                    tunnel[case].append(rate)
+                    tunnel_cpu[case].append(cost)
+                    tunnel_retransmits[case].append(retransmits)
         sent, lost, exact = df_pings(lab, mtu, pings)
         return {"mtu": mtu, "mesh_mbit_s": mesh, "baseline_mbit_s": {str(k): v for k, v in tunnel.items()},
                 "mesh_cpu_ms_per_gb": mesh_cpu, "baseline_cpu_ms_per_gb": {str(k): v for k, v in tunnel_cpu.items()},
