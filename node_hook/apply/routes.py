@@ -5,14 +5,16 @@ every other rule are never touched. A `dev <wg>` route is a unicast route out of
 route makes the lookup leave the table (the main table then decides). Deleting what is already gone and adding
 what already exists succeed (ESRCH / ENOENT / EEXIST are "already done"), so a retried batch converges.
 
-The rare operations (rules, the device's address, the device lookup) go through pyroute2. The table's routes - as
-many as the cluster has pod IPs, 1.25 M at 5 000 nodes x 250 pods (issue 6) - do not: they are rtnetlink messages
-encoded here with `struct` and sent over a raw NETLINK_ROUTE socket in batches (`RouteNetlink`), and the table dump
-is decoded the same way. Deviation from pyroute2, measured in a namespace with a veth as the device (20 000 /32
-routes, bench/p3c_routes.py has the current numbers): pyroute2's `route("replace")` cost 287 us per route (5.7 s;
-~6 minutes for 1.25 M when a hook starts) and its table dump 87 us per route; its own `IPBatch` compiler 284 us and
-encoding its `rtmsg` objects directly 66 us per route - the cost is pyroute2's message machinery, so batching through
-pyroute2 does not help. `ip -batch` of the same routes costs 12.5 us per route.
+The rare operations (rules, the device's address) go through pyroute2. The table's routes - as many as the
+cluster has pod IPs, 1.25 M at 5 000 nodes x 250 pods (issue 6) - do not: they are rtnetlink messages encoded here
+with `struct` and sent over a raw NETLINK_ROUTE socket in batches (`RouteNetlink`), and the table dump is decoded the
+same way. Deviation from pyroute2, measured in a namespace with a veth as the device, 20 000 /32 routes, CPU (user +
+system) per route: pyroute2's `route("replace")` 370 us (~8 minutes for 1.25 M when a hook starts), its table dump
+106 us, its delete 363 us; its own `IPBatch` compiler costs the same and encoding its `rtmsg` objects directly 66 us -
+the cost is pyroute2's message machinery, so batching through pyroute2 does not help. Here: replace 5.0 us, dump
+3.1 us, delete 4.8 us; `ip -batch` of the same routes 12 us (bench/p3c_routes.py measures 12.5 k to 1.25 M routes).
+The device's index is looked up on the same socket too: pyroute2's `link_lookup` cost 0.8 ms of CPU, which was
+nearly all of applying one route for a pod event (0.02 ms without it).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from node_hook.apply.dataplane import (
     SetRoute,
     TableState,
 )
-from node_hook.model import IPNetwork, RouteKind, packed_prefix, prefix_of_packed
+from node_hook.model import IPNetwork, RouteKind, packed_prefix, paused_gc, prefix_of_packed
 
 RT_SCOPE_LINK = 253
 FIB_RULE_INVERT = 0x2
@@ -58,7 +60,9 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLM_F_REPLACE, NLM_F_CREATE = 0x100, 0x400
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200  # in an ack
 NLMSGERR_ATTR_MSG = 1
+RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+IFLA_IFNAME = 3
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA, RTA_NH_ID = 1, 4, 5, 9, 15, 18, 30
 _OTHER_NEXTHOP = frozenset({RTA_GATEWAY, RTA_MULTIPATH, RTA_VIA, RTA_NH_ID})  # not "straight out of the device"
 RTN_UNICAST, RTN_THROW = 1, 9
@@ -68,6 +72,7 @@ RT_TABLE_COMPAT = 252  # rtm_table of a route in a table > 255 (the id itself is
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _ATTRIBUTE = struct.Struct("=HH")  # rtattr: length, type
 _U32 = struct.Struct("=I")
 _ERROR = struct.Struct("=i")  # nlmsgerr.error: 0 (ack) or -errno
@@ -140,6 +145,29 @@ class RouteNetlink:
                         failures.append((index, code, self._reason(offset, length, flags)))
                 offset += (length + 3) & ~3
         return failures
+
+    def link_index(self, name: str) -> int | None:
+        """The index of the interface called `name` in the socket's namespace; None when there is none."""
+        encoded = name.encode() + b"\0"
+        attribute = _ATTRIBUTE.pack(4 + len(encoded), IFLA_IFNAME) + encoded + bytes(-len(encoded) % 4)
+        sequence = self.next_sequence()
+        self._socket.send(_HEADER.pack(16 + _IFINFOMSG.size + len(attribute), RTM_GETLINK, NLM_F_REQUEST, sequence, 0)
+                          + _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute)
+        while True:  # the kernel answers inside `send`, like an ack
+            received = self._receive(block=False)
+            offset = 0
+            while offset < received:
+                length, kind, flags, message_sequence, _ = _HEADER.unpack_from(self._buffer, offset)
+                if message_sequence == sequence:
+                    if kind == RTM_NEWLINK:
+                        return _IFINFOMSG.unpack_from(self._buffer, offset + 16)[2]
+                    if kind == NLMSG_ERROR:
+                        code = -_ERROR.unpack_from(self._buffer, offset + 16)[0]
+                        if code == errno.ENODEV:
+                            return None
+                        raise NetlinkError(code, f"looking up {name}: {os.strerror(code)}"
+                                                 f"{self._reason(offset, length, flags)}")
+                offset += (length + 3) & ~3
 
     def dump_routes(self, family: int, table: int) -> Iterator[tuple[memoryview, int, int]]:
         """The RTM_NEWROUTE messages of a route dump of `family` asked for table `table` (the kernel filters by it
@@ -297,17 +325,17 @@ class PyrouteRouting:
             raise
 
     def _ifindex(self) -> int | None:
-        found = self._ipr.link_lookup(ifname=self.ifname)
-        return found[0] if found else None
+        return self._netlink.link_index(self.ifname)
 
     def read(self) -> TableState:
         ifindex = self._ifindex()
         routes: dict[IPNetwork, str] = {}
-        for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
-            for buffer, start, end in self._netlink.dump_routes(family, self.table):
-                prefix, kind = self._decode_route(buffer, start, end, address_size, ifindex)
-                if kind is not None:
-                    routes[prefix] = kind
+        with paused_gc():  # a million new prefixes (GC-tracked ints): at 1.25 M routes 2.8 instead of 9.6 us per route
+            for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
+                for buffer, start, end in self._netlink.dump_routes(family, self.table):
+                    prefix, kind = self._decode_route(buffer, start, end, address_size, ifindex)
+                    if kind is not None:
+                        routes[prefix] = kind
         rules = set()
         for family in (4, 6):
             for message in self._ipr.get_rules(family=_FAMILY[family]):
@@ -364,9 +392,9 @@ class PyrouteRouting:
         for op in ops:
             if isinstance(op, SetRoute):
                 if ifindex is None and op.kind is not RouteKind.THROW:
+                    batch.send()  # the lookup is a message of its own: a batch's sequence numbers stay consecutive
                     ifindex = self._ifindex()
                     if ifindex is None:
-                        batch.send()
                         raise RuntimeError(f"cannot route {op.prefix} to {self.ifname}: no such device")
                 batch.set_route(op.prefix, op.kind, ifindex or 0)
             elif isinstance(op, DeleteRoute):
@@ -382,10 +410,10 @@ class PyrouteRouting:
         elif isinstance(op, DeleteRule):
             self._ignore(_ALREADY_GONE, self._ipr.rule, "del", **self._rule_args(op.rule))
         elif isinstance(op, AddDeviceAddress):
-            found = self._ipr.link_lookup(ifname=self.ifname)
-            if not found:
+            ifindex = self._ifindex()
+            if ifindex is None:
                 raise RuntimeError(f"cannot address {self.ifname}: no such device")
-            self._ignore({errno.EEXIST}, self._ipr.addr, "add", index=found[0],
+            self._ignore({errno.EEXIST}, self._ipr.addr, "add", index=ifindex,
                          address=str(op.prefix.network_address), prefixlen=op.prefix.prefixlen,
                          scope=RT_SCOPE_LINK)
 
