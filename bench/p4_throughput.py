@@ -20,7 +20,7 @@ node namespaces (10.240.0.4, 10.240.0.35), each running its own `wgcni-node run`
   scheduling (`kernel.sched_autogroup_enabled=1`, processes in the root cpu cgroup, as in this lab) every session is
   one CFS group. A baseline sharing the benchmark's session (and so one group) with the iperf3 ends, against the
   hook's wireguard-go in a group each, compared scheduling, not wgcni's path: it showed the mesh at 0.75-0.82 of the
-  baseline with 15-27 % more CPU per byte; with both alike the difference is gone (docs/benchmarks.md, P4);
+  baseline with 15-27 % more CPU per byte; started alike, both cost the same per byte (docs/benchmarks.md, P4);
 - mesh and baseline runs alternate, `REPEATS` times each, each case opening a repeat in turn (a fixed order gave
   the mesh every first slot, after the previous repeat's last baseline run); the medians are compared (target
   >= 95 %);
