@@ -133,17 +133,13 @@ class RouteNetlink:
         failures = []
         acked = 0
         while acked < count:
-            received = self._receive(block=False)
-            offset = 0
-            while offset < received:
-                length, kind, flags, sequence, _ = _HEADER.unpack_from(self._buffer, offset)
+            for offset, length, kind, flags, sequence in self._datagram(block=False):
                 index = (sequence - first_sequence) & 0xFFFFFFFF
                 if kind == NLMSG_ERROR and index < count:  # anything else: left from an earlier, interrupted call
                     acked += 1
-                    code = -_ERROR.unpack_from(self._buffer, offset + 16)[0]
+                    code = self._error_code(offset)
                     if code:
                         failures.append((index, code, self._reason(offset, length, flags)))
-                offset += (length + 3) & ~3
         return failures
 
     def link_index(self, name: str) -> int | None:
@@ -154,20 +150,17 @@ class RouteNetlink:
         self._socket.send(_HEADER.pack(16 + _IFINFOMSG.size + len(attribute), RTM_GETLINK, NLM_F_REQUEST, sequence, 0)
                           + _IFINFOMSG.pack(0, 0, 0, 0, 0) + attribute)
         while True:  # the kernel answers inside `send`, like an ack
-            received = self._receive(block=False)
-            offset = 0
-            while offset < received:
-                length, kind, flags, message_sequence, _ = _HEADER.unpack_from(self._buffer, offset)
-                if message_sequence == sequence:
-                    if kind == RTM_NEWLINK:
-                        return _IFINFOMSG.unpack_from(self._buffer, offset + 16)[2]
-                    if kind == NLMSG_ERROR:
-                        code = -_ERROR.unpack_from(self._buffer, offset + 16)[0]
-                        if code == errno.ENODEV:
-                            return None
-                        raise NetlinkError(code, f"looking up {name}: {os.strerror(code)}"
-                                                 f"{self._reason(offset, length, flags)}")
-                offset += (length + 3) & ~3
+            for offset, length, kind, flags, message_sequence in self._datagram(block=False):
+                if message_sequence != sequence:
+                    continue
+                if kind == RTM_NEWLINK:
+                    return _IFINFOMSG.unpack_from(self._buffer, offset + 16)[2]
+                if kind == NLMSG_ERROR:
+                    code = self._error_code(offset)
+                    if code == errno.ENODEV:
+                        return None
+                    raise NetlinkError(code, f"looking up {name}: {os.strerror(code)}"
+                                             f"{self._reason(offset, length, flags)}")
 
     def dump_routes(self, family: int, table: int) -> Iterator[tuple[memoryview, int, int]]:
         """The RTM_NEWROUTE messages of a route dump of `family` asked for table `table` (the kernel filters by it
@@ -180,34 +173,37 @@ class RouteNetlink:
         finished = False
         try:
             while not finished:
-                received = self._receive(block=True)
-                offset = 0
-                while offset < received:
-                    length, kind, flags, message_sequence, _ = _HEADER.unpack_from(self._buffer, offset)
-                    if message_sequence == sequence:
-                        if kind == RTM_NEWROUTE:
-                            yield self._view, offset, offset + length
-                        elif kind in (NLMSG_DONE, NLMSG_ERROR):
-                            finished = True
-                            code = -_ERROR.unpack_from(self._buffer, offset + 16)[0] if length >= 20 else 0
-                            if code and code != errno.ENOENT:  # ENOENT: "FIB table does not exist" (strict dumps)
-                                raise NetlinkError(code, f"dump of table {table}: {os.strerror(code)}"
-                                                         f"{self._reason(offset, length, flags)}")
-                            break
-                    offset += (length + 3) & ~3
+                for offset, length, kind, flags, message_sequence in self._datagram(block=True):
+                    if message_sequence != sequence:
+                        continue
+                    if kind == RTM_NEWROUTE:
+                        yield self._view, offset, offset + length
+                    elif kind in (NLMSG_DONE, NLMSG_ERROR):
+                        finished = True
+                        code = self._error_code(offset) if length >= 20 else 0
+                        if code and code != errno.ENOENT:  # ENOENT: "FIB table does not exist" (strict dumps)
+                            raise NetlinkError(code, f"dump of table {table}: {os.strerror(code)}"
+                                                     f"{self._reason(offset, length, flags)}")
+                        break
         finally:
-            if not finished:  # abandoned: read the dump to its end, or the socket refuses the next one (EBUSY)
-                self._drain(sequence)
+            while not finished:  # abandoned: read the dump to its end, or the socket refuses the next one (EBUSY)
+                finished = any(message_sequence == sequence and kind in (NLMSG_DONE, NLMSG_ERROR)
+                               for _, _, kind, _, message_sequence in self._datagram(block=True))
 
-    def _drain(self, sequence: int) -> None:
-        while True:
-            received = self._receive(block=True)
-            offset = 0
-            while offset < received:
-                length, kind, _, message_sequence, _ = _HEADER.unpack_from(self._buffer, offset)
-                if message_sequence == sequence and kind in (NLMSG_DONE, NLMSG_ERROR):
-                    return
-                offset += (length + 3) & ~3
+    def _datagram(self, block: bool) -> Iterator[tuple[int, int, int, int, int]]:
+        """(offset, length, type, flags, sequence) of each message of the next datagram received."""
+        received = self._receive(block)
+        offset = 0
+        while offset + _HEADER.size <= received:
+            length, kind, flags, sequence, _ = _HEADER.unpack_from(self._buffer, offset)
+            if length < _HEADER.size:
+                return
+            yield offset, length, kind, flags, sequence
+            offset += (length + 3) & ~3
+
+    def _error_code(self, offset: int) -> int:
+        """The errno of the NLMSG_ERROR or NLMSG_DONE message at `offset` (0: success)."""
+        return -_ERROR.unpack_from(self._buffer, offset + 16)[0]
 
     def _receive(self, block: bool) -> int:
         """One datagram into the buffer. Without `block`, waits at most ACK_WAIT_SECONDS for it."""
