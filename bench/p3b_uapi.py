@@ -75,7 +75,7 @@ def full_ops(peers: dict) -> list[PeerOp]:
 def config_text(private_key: bytes, peers: dict) -> str:
     lines = ["[Interface]", f"PrivateKey = {base64.b64encode(private_key).decode()}", f"ListenPort = {PORT}",
              f"FwMark = {FWMARK:#x}"]
-    for peer in peers.values():
+    for _, peer in sorted(peers.items()):  # the order the backend programs them in (the planner sorts by key)
         lines += ["", "[Peer]", f"PublicKey = {peer.public_key}", f"Endpoint = {peer.endpoint[0]}:{peer.endpoint[1]}",
                   "AllowedIPs = " + ", ".join(str(prefix) for prefix in sorted(peer.allowed_ips))]
     return "\n".join(lines) + "\n"
