@@ -9,10 +9,11 @@ The rare operations (rules, the device's address) go through pyroute2. The table
 cluster has pod IPs, 1.25 M at 5 000 nodes x 250 pods (issue 6) - do not: they are rtnetlink messages encoded here
 with `struct` and sent over a raw NETLINK_ROUTE socket in batches (`RouteNetlink`), and the table dump is decoded the
 same way. Deviation from pyroute2, measured in a namespace with a veth as the device, 20 000 /32 routes, CPU (user +
-system) per route: pyroute2's `route("replace")` 370 us (~8 minutes for 1.25 M when a hook starts), its table dump
-106 us, its delete 363 us; its own `IPBatch` compiler costs the same and encoding its `rtmsg` objects directly 66 us -
-the cost is pyroute2's message machinery, so batching through pyroute2 does not help. Here: replace 5.0 us, dump
-3.1 us, delete 4.8 us; `ip -batch` of the same routes 12 us (bench/p3c_routes.py measures 12.5 k to 1.25 M routes).
+system) per route, both in the same run: pyroute2's `route("replace")` 309 us (~6.5 minutes for 1.25 M when a hook
+starts), its table dump 81 us, its delete 267 us; its own `IPBatch` compiler costs the same and encoding its `rtmsg`
+objects directly 66 us - the cost is pyroute2's message machinery, so batching through pyroute2 does not help. Here:
+add 4.0 us (replacing an existing route 2.8 us), dump 3.2 us, delete 3.2 us; `ip -batch` of the same routes 11.5 us
+(bench/p3c_routes.py measures 12.5 k to 1.25 M routes).
 The device's index is looked up on the same socket too: pyroute2's `link_lookup` cost 0.8 ms of CPU, which was
 nearly all of applying one route for a pod event (0.02 ms without it).
 """
@@ -74,7 +75,7 @@ _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, po
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _ATTRIBUTE = struct.Struct("=HH")  # rtattr: length, type
-_U32 = struct.Struct("=I")
+_U16, _U32 = struct.Struct("=H"), struct.Struct("=I")
 _ERROR = struct.Struct("=i")  # nlmsgerr.error: 0 (ack) or -errno
 
 # One message per route: nlmsghdr, rtmsg, RTA_TABLE, RTA_DST and, for a `dev` route, RTA_OIF (every size a multiple
@@ -84,15 +85,22 @@ _ROUTE_MESSAGE = {
     for size in (4, 16) for with_device in (False, True)
 }
 
-# Route messages per `send`: the kernel handles a batch inside the `send` call and queues one ack per message (an
-# skb of its own: 832 bytes of receive buffer each, measured on Linux 6.18; RECEIVE_BUFFER_PER_ACK leaves room for
-# an error's reason), so a batch is bounded by what the receive buffer holds; 256 messages are 11-16 KiB to send.
-# Measured, CPU per replaced /32 route (50 000 routes, process user + system time, which includes the kernel's work):
-# 8.5 us one message per send, 6.3 us 16, 5.9 us 64, 6.0 us 256 and 1024; 4 096 exceed the send buffer (EMSGSIZE).
+# Acks: the kernel answers every message that fails with an error ack whether or not it asked for one, and
+# handles a batch's messages in order inside the `send` call; so only a batch's last message asks for an ack
+# (NLM_F_ACK): once it is read, every message before it was handled and each failure among them was read first
+# (an ack that does not fit the receive buffer is not lost silently: the next receive fails with ENOBUFS). Measured
+# against an ack for every message, 100 000 /32 routes, CPU (user + system) per route: replace 6.1 -> 4.2 us,
+# replacing existing routes 4.9 -> 2.7 us, delete 5.2 -> 3.2 us (the kernel's ack skbs and one receive call each).
+# Route messages per `send`: at worst every message fails and is acked (an skb of its own: 832 bytes of receive
+# buffer each, measured on Linux 6.18; RECEIVE_BUFFER_PER_ACK leaves room for an error's reason), so a batch is
+# bounded by what the receive buffer holds; 256 messages are 11-16 KiB to send. Measured with an ack per message,
+# CPU per replaced /32 route (50 000 routes): 8.5 us one message per send, 6.3 us 16, 5.9 us 64, 6.0 us 256 and 1024;
+# 4 096 exceed the send buffer (EMSGSIZE).
 BATCH_MESSAGES = 256
 RECEIVE_BUFFER = 4 << 20
 RECEIVE_BUFFER_PER_ACK = 1024
 ACK_WAIT_SECONDS = 10.0  # acks are queued before `send` returns: waiting at all means they were lost
+_FLAGS_OFFSET = 6  # of nlmsg_flags in a message
 
 
 class RouteNetlink:
@@ -126,21 +134,21 @@ class RouteNetlink:
         return self._sequence
 
     def transact(self, messages: bytes | bytearray, first_sequence: int, count: int) -> list[tuple[int, int, str]]:
-        """Send `count` messages (each with NLM_F_ACK, sequence numbers from `first_sequence` on) in one datagram
-        and read every ack back. Returns the failures as (index in the batch, errno, the kernel's reason or "")
-        in order. The kernel applies every message of the batch, including those after a failed one."""
+        """Send `count` messages (sequence numbers from `first_sequence` on, only the last with NLM_F_ACK) in one
+        datagram and read the acks back up to the last message's. Returns the failures as (index in the batch,
+        errno, the kernel's reason or "") in order. The kernel applies every message of the batch, including those
+        after a failed one."""
         self._socket.send(messages)
         failures = []
-        acked = 0
-        while acked < count:
+        while True:
             for offset, length, kind, flags, sequence in self._datagram(block=False):
                 index = (sequence - first_sequence) & 0xFFFFFFFF
                 if kind == NLMSG_ERROR and index < count:  # anything else: left from an earlier, interrupted call
-                    acked += 1
                     code = self._error_code(offset)
                     if code:
                         failures.append((index, code, self._reason(offset, length, flags)))
-        return failures
+                    if index == count - 1:
+                        return failures
 
     def link_index(self, name: str) -> int | None:
         """The index of the interface called `name` in the socket's namespace; None when there is none."""
@@ -249,6 +257,7 @@ class _RouteBatch:
         self._prefixes: list[IPNetwork] = []
         self._deletes = bytearray()  # 1 where the message is a delete (already gone is fine)
         self._first_sequence = 0
+        self._last_offset = 0  # of the last queued message in `_messages`
 
     def set_route(self, prefix: IPNetwork, kind: RouteKind, ifindex: int) -> None:
         """Queue `replace <prefix> table <table>` as `dev <ifindex>` or `throw`."""
@@ -257,13 +266,13 @@ class _RouteBatch:
         if kind is RouteKind.THROW:
             message = _ROUTE_MESSAGE[len(address), False]
             encoded = message.pack(
-                message.size, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                message.size, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
                 self._sequence(), 0, family, prefixlen, 0, 0, self._rtm_table, RTPROT_STATIC, RT_SCOPE_UNIVERSE,
                 RTN_THROW, 0, 8, RTA_TABLE, self.table, 4 + len(address), RTA_DST, address)
         else:
             message = _ROUTE_MESSAGE[len(address), True]
             encoded = message.pack(
-                message.size, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                message.size, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
                 self._sequence(), 0, family, prefixlen, 0, 0, self._rtm_table, RTPROT_STATIC, RT_SCOPE_UNIVERSE,
                 RTN_UNICAST, 0, 8, RTA_TABLE, self.table, 4 + len(address), RTA_DST, address, 8, RTA_OIF, ifindex)
         self._queue(encoded, prefix, False)
@@ -273,7 +282,7 @@ class _RouteBatch:
         address, prefixlen = packed_prefix(prefix)
         message = _ROUTE_MESSAGE[len(address), False]
         encoded = message.pack(
-            message.size, RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, self._sequence(), 0,
+            message.size, RTM_DELROUTE, NLM_F_REQUEST, self._sequence(), 0,
             socket.AF_INET if len(address) == 4 else socket.AF_INET6, prefixlen, 0, 0, self._rtm_table, 0,
             RT_SCOPE_NOWHERE, 0, 0, 8, RTA_TABLE, self.table, 4 + len(address), RTA_DST, address)
         self._queue(encoded, prefix, True)
@@ -285,6 +294,7 @@ class _RouteBatch:
         return sequence
 
     def _queue(self, encoded: bytes, prefix: IPNetwork, delete: bool) -> None:
+        self._last_offset = len(self._messages)
         self._messages += encoded
         self._prefixes.append(prefix)
         self._deletes.append(delete)
@@ -298,6 +308,8 @@ class _RouteBatch:
             return
         messages, prefixes, deletes = self._messages, self._prefixes, self._deletes
         self._messages, self._prefixes, self._deletes = bytearray(), [], bytearray()
+        flags = self._last_offset + _FLAGS_OFFSET  # the last message asks for the ack that closes the batch
+        _U16.pack_into(messages, flags, _U16.unpack_from(messages, flags)[0] | NLM_F_ACK)
         for index, code, reason in self.netlink.transact(messages, self._first_sequence, len(prefixes)):
             if deletes[index] and code in _ALREADY_GONE:
                 continue

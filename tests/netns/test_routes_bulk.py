@@ -151,11 +151,16 @@ def test_a_kernel_error_mid_batch_raises_with_the_routes_before_it_in_place(rout
     shown = table_routes(51820)
     assert {prefix: shown[prefix] for prefix in map(ipaddress.ip_network, map(str, before))} == shown_as(before)
     assert ipaddress.ip_network("10.4.0.1/32") not in shown
+    last = prefix_from_text("10.4.0.2/32")  # the failure is the batch's last message, the one asking for the ack
+    with pytest.raises(NetlinkError, match="10.4.0.2/32"):
+        routing.apply([SetRoute(prefix_from_text("10.5.1.1/32"), THROW), SetRoute(last, WIREGUARD)])
+    assert ipaddress.ip_network("10.5.1.1/32") in table_routes(51820)
     # the applier's socket holds no stale acks: the next apply and read are exact
     ip("link", "set", DEVICE, "up")
     routing.apply([SetRoute(failing, WIREGUARD), DeleteRoute(prefix_from_text("10.3.0.0/32"))])
     routes = routing.read().routes
-    assert routes[failing] == "dev" and prefix_from_text("10.3.0.0/32") not in routes and len(routes) == 600 + 1 + 5
+    assert routes[failing] == "dev" and prefix_from_text("10.3.0.0/32") not in routes
+    assert len(routes) == 600 + 1 + 5 + 1
 
 
 @pytest.mark.netns
