@@ -1,0 +1,246 @@
+"""P3c: programming the hook's routing table at P3's scale through the routing applier (`PyrouteRouting`: batched
+rtnetlink), beside `ip` doing the same to the same table in the same run.
+
+In a network namespace created for the run and removed afterwards, with a veth pair (both ends up) as the
+WireGuard device, for a node of an N-node cluster x 250 scattered pod IPs (P3's synthetic cluster: every remote pod
+IP and node IP a `dev` route, the node's own pods `throw`, ~N x 250 routes):
+- apply all: the planner's `route_sets` for an empty table (a `RouteSets`, as the reconciler hands it when a hook
+  starts) applied by `apply()`, versus `ip -batch` of a file replacing exactly the same routes (written before the
+  clock starts); the table is checked after each by counting `ip route show` lines;
+- one route added / removed on the loaded table: `apply([SetRoute])` / `apply([DeleteRoute])` versus
+  `ip route replace` / `ip route del` (one process each: what a per-event script pays);
+- read back the whole table (the resync): `read()` (decoded into the model's prefixes, checked equal to the model's
+  routes) versus `ip route show table` (text only);
+- flush (the hook removing itself): `flush()` versus `ip route flush table`;
+- the kernel memory the loaded table takes (Slab + VmallocUsed of /proc/meminfo before and after the first
+  apply-all; the machine is shared, so this is approximate).
+Medians of CPU time (user + system) of this process plus its waited-for children (`ip`): the kernel's work on the
+routes is system time of whoever sends them. The baseline of each row and the ratio are in the note, with the wall
+time ratio. Run: `python -m bench.p3c_routes` (as root) or `python -m bench.run --only P3c`.
+
+Duration: the three sizes took 81 s of wall time (83 s CPU) on the 2-core machine at load ~1, the 5 000-node size
+(1.25 M routes) 65 s of it - mostly `ip -batch`, the `ip route show` checks and building the synthetic cluster, not
+the applier; on a busy machine it takes longer. Other sizes: `python -m bench.p3c_routes --nodes 50 500 2000`.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import row
+from bench.p3_scale import SPARE_BASE, synthetic_cluster
+from node_hook.apply.dataplane import DeleteRoute, SetRoute
+from node_hook.apply.routes import PyrouteRouting
+from node_hook.model import NodeModel, RouteKind, prefix_of_packed
+from node_hook.planner import RouteSets, plan_routes
+
+TITLE = "routing table at scale: batched rtnetlink applier vs ip -batch"
+SIZES = (50, 500, 5000)
+PODS_PER_NODE = 250
+FULL_REPEATS = {50: 5, 500: 3}  # larger sizes: once
+EVENT_REPEATS = 15
+QUICK_SIZES = (2, 4)
+QUICK_PODS = 50
+TARGET_RATIO = 1.0  # applying all routes costs no more CPU than `ip -batch` of the same routes
+TABLE = 51820
+DEVICE = "p3c0"
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.netns.conftest import entered_namespace  # noqa: E402  (the namespace helper the netns tests use)
+
+
+class Clock:
+    """CPU (this process and its waited-for children) and wall time of named operations, in milliseconds."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+
+    def measure(self, name: str, action: Callable[[], object]) -> None:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own, wall = time.process_time(), time.perf_counter()
+        action()
+        wall = time.perf_counter() - wall
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (time.process_time() - own + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
+        self.samples.setdefault(name, []).append((cpu * 1000, wall * 1000))
+
+    def cpu(self, name: str) -> list[float]:
+        return [cpu for cpu, _ in self.samples[name]]
+
+    def wall(self, name: str) -> list[float]:
+        return [wall for _, wall in self.samples[name]]
+
+
+def planned_routes(nodes: int, pods: int) -> tuple[RouteSets, dict[RouteKind, int]]:
+    """The `route_sets` of a full plan against an empty table for node 0 of the synthetic cluster, and the number
+    of routes of each kind."""
+    local, remote = synthetic_cluster(nodes, pods, "scattered")
+    model = NodeModel("node-00000")
+    model.replace_remote_nodes(remote)
+    model.replace_local_pods(local)
+    deletes, sets = plan_routes(model.routes, {})
+    assert not deletes
+    return sets, model.route_counts()
+
+
+def batch_file(sets: RouteSets, path: Path) -> None:
+    """`ip -batch` commands that replace exactly the routes of `sets`."""
+    with path.open("w") as batch:
+        for op in sets:
+            if op.kind is RouteKind.THROW:
+                batch.write(f"route replace throw {op.prefix} table {TABLE}\n")
+            else:
+                batch.write(f"route replace {op.prefix} dev {DEVICE} table {TABLE}\n")
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=900).stdout
+
+
+def shown_routes() -> str:
+    """`ip route show` of the table, both families (a table that never held a route of a family does not exist)."""
+    text = ""
+    for family in ("-4", "-6"):
+        shown = subprocess.run(["ip", family, "route", "show", "table", str(TABLE)], capture_output=True, text=True,
+                               timeout=900)
+        if shown.returncode and "does not exist" not in shown.stderr:
+            shown.check_returncode()
+        text += shown.stdout
+    return text
+
+
+def table_counts() -> dict[RouteKind, int]:
+    """Routes of each kind in the table, counted on `ip route show` (independent of the applier)."""
+    lines = shown_routes().splitlines()
+    throw = sum(1 for line in lines if line.startswith("throw "))
+    device = sum(1 for line in lines if f" dev {DEVICE} " in f"{line} " and not line.startswith("throw "))
+    assert throw + device == len(lines), "the table holds routes that are neither ours nor throw"
+    return {RouteKind.WIREGUARD: device, RouteKind.THROW: throw}
+
+
+def kernel_memory_kib() -> int:
+    fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    return sum(int(fields[name].split()[0]) for name in ("Slab", "VmallocUsed"))
+
+
+def flush_with_ip() -> None:
+    for family in ("-4", "-6"):
+        flushed = subprocess.run(["ip", family, "route", "flush", "table", str(TABLE)], capture_output=True,
+                                 text=True, timeout=900)
+        if flushed.returncode and "does not exist" not in flushed.stderr:
+            flushed.check_returncode()
+
+
+def measure_size(routing: PyrouteRouting, nodes: int, pods: int, full_repeats: int, event_repeats: int,
+                 work: Path) -> dict:
+    sets, counts = planned_routes(nodes, pods)
+    expected = {kind: counts.get(kind, 0) for kind in RouteKind}
+    batch = work / f"routes-{nodes}.batch"
+    batch_file(sets, batch)
+    clock = Clock()
+    kernel_kib = 0
+    for repeat in range(full_repeats):
+        assert table_counts() == dict.fromkeys(RouteKind, 0)
+        memory_before = kernel_memory_kib()
+        clock.measure("apply all", lambda: routing.apply(sets))
+        if repeat == 0:
+            kernel_kib = kernel_memory_kib() - memory_before
+        assert table_counts() == expected, "apply() did not program every route"
+        state: list = []
+        clock.measure("read()", lambda: state.append(routing.read()))
+        assert len(state[0].routes) == len(sets) and all(
+            state[0].routes[op.prefix] == op.kind.value for op in sets), "read() differs from what was applied"
+        state.clear()
+        clock.measure("ip route show", shown_routes)
+        if repeat == 0:
+            for attempt in range(event_repeats):
+                extra = prefix_of_packed((SPARE_BASE + attempt).to_bytes(4, "big"), 32)
+                clock.measure("apply add", lambda: routing.apply([SetRoute(extra, RouteKind.WIREGUARD)]))
+                clock.measure("apply remove", lambda: routing.apply([DeleteRoute(extra)]))
+                clock.measure("ip route replace", lambda: _ip("route", "replace", str(extra), "dev", DEVICE,
+                                                              "table", str(TABLE)))
+                clock.measure("ip route del", lambda: _ip("route", "del", str(extra), "table", str(TABLE)))
+            assert table_counts() == expected, "events left the table changed"
+        clock.measure("flush()", routing.flush)
+        assert table_counts() == dict.fromkeys(RouteKind, 0), "flush() left routes"
+        clock.measure("ip -batch", lambda: _ip("-batch", str(batch)))
+        assert table_counts() == expected, "ip -batch did not program every route"
+        clock.measure("ip route flush", flush_with_ip)
+    return {"nodes": nodes, "pods": pods, "routes": len(sets), "kernel_kib": kernel_kib,
+            "cpu_ms": {name: clock.cpu(name) for name in clock.samples},
+            "wall_ms": {name: clock.wall(name) for name in clock.samples}}
+
+
+COMPARISONS = (  # (title, ours, baseline, baseline's description, per route, targeted)
+    ("apply all routes", "apply all", "ip -batch", "ip -batch of the same routes", True, True),
+    ("one route added", "apply add", "ip route replace", "ip route replace (one process)", False, False),
+    ("one route removed", "apply remove", "ip route del", "ip route del (one process)", False, False),
+    ("read back the whole table", "read()", "ip route show", "ip route show table (text)", True, False),
+    ("flush the table", "flush()", "ip route flush", "ip route flush table", True, False),
+)
+
+
+def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
+    """The rows for `sizes` (node counts; default QUICK_SIZES or SIZES)."""
+    if shutil.which("ip") is None:
+        raise RuntimeError("P3c needs ip (iproute2) on PATH")
+    sizes = sizes or (QUICK_SIZES if quick else SIZES)
+    pods = QUICK_PODS if quick else PODS_PER_NODE
+    results = []
+    work = Path(tempfile.mkdtemp(prefix="wgcni-p3c-"))
+    try:
+        with entered_namespace("p3c"):
+            _ip("link", "add", DEVICE, "type", "veth", "peer", "name", "p3c1")
+            for name in (DEVICE, "p3c1"):
+                _ip("link", "set", name, "up")
+            routing = PyrouteRouting(TABLE, DEVICE)
+            try:
+                for nodes in sizes:
+                    results.append(measure_size(routing, nodes, pods, 1 if quick else FULL_REPEATS.get(nodes, 1),
+                                                2 if quick else EVENT_REPEATS, work))
+            finally:
+                routing.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for result in results:
+        label = f"{result['nodes']} nodes x {result['pods']} ({result['routes']} routes)"
+        for title, ours, theirs, baseline, per_route, targeted in COMPARISONS:
+            mine, base = result["cpu_ms"][ours], result["cpu_ms"][theirs]
+            ratio = statistics.median(mine) / max(statistics.median(base), 1e-9)
+            wall_ratio = statistics.median(result["wall_ms"][ours]) / max(statistics.median(result["wall_ms"][theirs]),
+                                                                          1e-9)
+            per = (f"; {1000 * statistics.median(mine) / result['routes']:.2f} vs "
+                   f"{1000 * statistics.median(base) / result['routes']:.2f} us per route") if per_route else ""
+            entry = row(f"{label}: {title}, applier", mine,
+                        note=f"cpu ms; baseline {baseline} p50 {statistics.median(base):.1f} ms, ratio {ratio:.2f}"
+                             f"{per}; wall ratio {wall_ratio:.2f}")
+            entry["baseline_p50"], entry["ratio"], entry["wall_ratio"] = (round(statistics.median(base), 3),
+                                                                          round(ratio, 3), round(wall_ratio, 3))
+            if targeted and not quick:
+                entry["target"], entry["met"] = f"ratio<={TARGET_RATIO:g}", ratio <= TARGET_RATIO
+            rows.append(entry)
+        rows.append(row(f"{label}: kernel memory of the loaded table", [result["kernel_kib"] / 1024], unit="MB",
+                        note=f"Slab + VmallocUsed delta, {1024 * result['kernel_kib'] / result['routes']:.0f} bytes "
+                             f"per route (shared machine: approximate)"))
+    rows[0]["raw"] = results
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m bench.p3c_routes", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="correctness pass with a few hundred routes")
+    parser.add_argument("--nodes", type=int, nargs="+", help="cluster sizes to measure (default: SIZES)")
+    options = parser.parse_args()
+    print(json.dumps(run(options.quick, tuple(options.nodes or ())), indent=2))

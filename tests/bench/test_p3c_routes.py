@@ -1,0 +1,33 @@
+"""P3c's quick mode in a namespace it creates (correctness only: the applier and `ip -batch` both program every
+route of the synthetic node, `read()` returns exactly what was applied, events leave the table as it was, both
+flushes empty it - the benchmark asserts each against `ip route show`), and that the namespace is gone."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from bench import p3c_routes
+
+
+@pytest.mark.netns
+def test_quick_run_programs_the_table_both_ways_and_cleans_up() -> None:
+    def own_namespaces() -> set[str]:  # the benchmark's namespace is named p3c-<random>
+        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return {line.split()[0] for line in listing.splitlines() if line.startswith("p3c-")}
+
+    before = own_namespaces()
+    rows = p3c_routes.run(quick=True)
+    assert own_namespaces() <= before
+    raw = rows[0]["raw"]
+    assert [result["nodes"] for result in raw] == list(p3c_routes.QUICK_SIZES)
+    for result in raw:
+        # remote pod IPs and node IPs (`dev`) and the node's own pods (`throw`)
+        assert result["routes"] == result["nodes"] * (p3c_routes.QUICK_PODS + 1) - 1
+        for name in ("apply all", "ip -batch", "apply add", "apply remove", "ip route replace", "ip route del",
+                     "read()", "ip route show", "flush()", "ip route flush"):
+            assert result["cpu_ms"][name] and all(cpu >= 0 for cpu in result["cpu_ms"][name])
+    cases = [entry["case"] for entry in rows]
+    assert len(cases) == len(p3c_routes.QUICK_SIZES) * (len(p3c_routes.COMPARISONS) + 1)
+    assert all(entry["met"] is None for entry in rows)  # quick numbers carry no verdict
