@@ -105,7 +105,8 @@ _FLAGS_OFFSET = 6  # of nlmsg_flags in a message
 
 class RouteNetlink:
     """A raw NETLINK_ROUTE socket (in the namespace it was opened in) that sends route messages in batches and
-    dumps a table, with the acks and dumps read straight out of one receive buffer."""
+    dumps a table, with the acks and dumps read straight out of one receive buffer: one caller at a time (the hook's
+    worker thread owns its routing applier)."""
 
     def __init__(self) -> None:
         self._socket = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
