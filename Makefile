@@ -53,6 +53,7 @@ test-vm: build
 
 bench: build
 	$(PY) -m bench.run
+	$(PY) -m bench.plot
 
 # The local lab (wgcni_lab): 3 nodes x 2 pods, cross-node pings, a capture of the VNet bridge; left running.
 demo: build

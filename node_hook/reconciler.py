@@ -2,8 +2,9 @@
 
 When an aspect is in sync, only the model's dirty peer keys / prefixes are diffed against what was last applied
 (O(change)): for peers a cache of the desired peers of the last pass, for routes the kinds the model hands over with
-its changes (what it wanted at the last pass is what the table holds; no copy of a 1.25 M-route table is kept). Any error, or an outside event (netlink: device, route or rule removed; wireguard-go
-exited), clears that aspect's flag; the next pass reads the whole aspect back from the kernel and diffs all of it.
+its changes (what it wanted at the last pass is what the table holds; no copy of a 1.25 M-route table is kept).
+Any error, or an outside event (netlink: device, route or rule removed; wireguard-go exited), clears that aspect's
+flag; the next pass reads the whole aspect back from the kernel and diffs all of it.
 An aspect whose ops were not all applied stays out of sync, so a pass that fails half-way converges on the next.
 
 The device step is applied before the rest is planned, because whether the device had to be (re)created decides

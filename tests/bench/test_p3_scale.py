@@ -13,7 +13,8 @@ def test_quick_run_measures_every_size_and_event() -> None:
     for nodes in p3_scale.QUICK_SIZES:
         label = f"{nodes} nodes x {p3_scale.QUICK_PODS} scattered"
         for title in ("full plan from scratch", *p3_scale.EVENT_ROWS, "full resync, nothing changed",
-                      "peak RSS of the hook, full plan and events", "peak RSS of the hook, with the resync's read-back"):
+                      "peak RSS of the hook, full plan and events",
+                      "peak RSS of the hook, with the resync's read-back"):
             assert f"{label}: {title}" in cases
     raw = rows[0]["raw"]
     assert [size["nodes"] for size in raw] == [*p3_scale.QUICK_SIZES, p3_scale.QUICK_SIZES[-1]]

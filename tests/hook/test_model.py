@@ -169,7 +169,8 @@ def test_removing_a_node_removes_its_peer_and_routes() -> None:
     assert model.peers == {} and model.routes == {}
     changes = model.take_changes()
     assert changes.peer_keys == {KEY_B}
-    assert changes.previous_routes == {net("10.240.0.70/32"): RouteKind.WIREGUARD, net("10.240.0.35/32"): RouteKind.WIREGUARD}
+    assert changes.previous_routes == {net("10.240.0.70/32"): RouteKind.WIREGUARD,
+                                       net("10.240.0.35/32"): RouteKind.WIREGUARD}
 
 
 def test_key_change_replaces_the_peer() -> None:

@@ -104,7 +104,8 @@ def test_userspace_streams_requests_and_answers_larger_than_a_chunk(backend: Use
     wanted = {key: tuple(n(f"10.{64 + index}.{host >> 8}.{host & 255}/32") for host in range(1500))
               for index, key in enumerate(keys)}
     assert sum(len(f"allowed_ip={p}") for prefixes in wanted.values() for p in prefixes) > 10 * UapiClient.SEND_CHUNK
-    backend.apply_peer_ops([UpsertPeer(key, ("10.240.0.35", 51820), prefixes, True) for key, prefixes in wanted.items()])
+    backend.apply_peer_ops([UpsertPeer(key, ("10.240.0.35", 51820), prefixes, True)
+                            for key, prefixes in wanted.items()])
     shown = wg_show(backend.ifname)
     assert {key: len(prefixes) for key, prefixes in shown.items()} == {key: 1500 for key in keys}
     state = backend.read()
