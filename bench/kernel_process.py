@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
-import resource
 import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator
@@ -85,6 +84,16 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (`VmHWM` of its memory map). Not `ru_maxrss`: Linux folds the peak of the
+    process that forked and exec'd it into that (a P3 worker started by `bench.run` reported the runner's 90 MB)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
 def state_digest(peers: dict[str, frozenset[IPNetwork]], routes: Iterable[tuple[IPNetwork, str]]) -> tuple[int, ...]:
     """An order-independent digest of peers (key -> AllowedIPs) and routes (prefix, kind value), computed without
     building a copy of either: the same value in the hook's process (from the model) and in the child (from the
@@ -146,7 +155,7 @@ def _serve(connection: multiprocessing.connection.Connection, parent_end: multip
         "next": lambda what: next(reading[what], None),
         "covers": covers,
         "digest": digest,
-        "usage": lambda: (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.process_time()),
+        "usage": lambda: (peak_rss_mb(), time.process_time()),
     }
     while True:
         try:

@@ -4,7 +4,8 @@ A synthetic cluster (no namespaces, no API server) drives the real `NodeModel`, 
 fakes of every applier, exactly as the daemon does. The WireGuard device and routing table fakes - the kernel's
 memory in production - run in a child process (`bench/kernel_process.py`, reached through a pipe in bounded chunks,
 as netlink batches and dumps are), so the measured process holds only the hook. Each size runs in its own
-subprocess so that its peak RSS is its own (`ru_maxrss`). Measured per size:
+subprocess so that its peak RSS is its own (`VmHWM`: `ru_maxrss` would carry over the peak of the process that
+forked it, which Linux folds in at exec). Measured per size:
 - full plan from scratch: the model takes the complete node list and the local pods, then the first reconcile pass
   reads the (empty) fakes, plans every peer and route and applies them — what a hook does when it starts;
 - one pod event (the median of many): a local pod added / deleted; a remote node gaining / losing one pod IP, both as
@@ -36,7 +37,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,7 +48,7 @@ from typing import Callable
 
 from bench import row
 from node_hook.apply.dataplane import FirewallSpec
-from bench.kernel_process import KernelProcess, state_digest
+from bench.kernel_process import KernelProcess, peak_rss_mb, state_digest
 from node_hook.apply.fakes import FakeFirewall, FakeSysctls
 from node_hook.apply.wireguard import DeviceSpec
 from node_hook.model import NodeModel, RemoteNode, RouteKind
@@ -150,7 +150,7 @@ def _current_rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def _timed(action: Callable[[], object]) -> tuple[float, float]:
