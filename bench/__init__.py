@@ -64,6 +64,21 @@ def row(case: str, samples: list[float], unit: str = "ms", target_p50: float | N
             "max": round(max(samples), 2), "target": " ".join(targets), "met": met, "note": note}
 
 
+def comparison_row(case: str, mine: list[float], base: list[float], mine_wall: list[float],
+                   base_wall: list[float], baseline: str, extra: str = "", target_ratio: float | None = None) -> dict:
+    """A row of CPU-ms samples measured side by side with a baseline's: the note gives the baseline's p50, the CPU
+    and wall ratios of the medians (and `extra`); with `target_ratio` the row is met when the CPU ratio is at most it."""
+    ratio = statistics.median(mine) / max(statistics.median(base), 1e-9)
+    wall_ratio = statistics.median(mine_wall) / max(statistics.median(base_wall), 1e-9)
+    entry = row(case, mine, note=f"cpu ms; baseline {baseline} p50 {statistics.median(base):.1f} ms, ratio "
+                                 f"{ratio:.2f}{extra}; wall ratio {wall_ratio:.2f}")
+    entry["baseline_p50"], entry["ratio"], entry["wall_ratio"] = (round(statistics.median(base), 3), round(ratio, 3),
+                                                                  round(wall_ratio, 3))
+    if target_ratio is not None:
+        entry["target"], entry["met"] = f"ratio<={target_ratio:g}", ratio <= target_ratio
+    return entry
+
+
 def rows_from_measure(result: dict) -> list[dict]:
     """Rows from the ``measure()`` shape: {"unit", "scenarios": {case: {"p50", "max", "samples"}}}."""
     rows = []

@@ -27,14 +27,13 @@ import ipaddress
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench import row
+from bench import comparison_row, row
 from bench.p3_scale import synthetic_cluster
 from node_hook.apply import wg_kernel
 from node_hook.apply.wg_uapi import UserspaceWireGuard
@@ -280,17 +279,9 @@ def run(quick: bool) -> list[dict]:
         for title, ours, theirs, baseline, targeted in comparisons:
             mine = [cpu * 1000 for cpu in result["cpu_s"][ours]]
             base = [cpu * 1000 for cpu in result["cpu_s"][theirs]]
-            ratio = statistics.median(mine) / max(statistics.median(base), 1e-9)
-            wall_ratio = statistics.median(result["wall_s"][ours]) / max(statistics.median(result["wall_s"][theirs]),
-                                                                         1e-9)
-            entry = row(f"{label}: {title}, UAPI backend", mine,
-                        note=f"cpu ms; baseline {baseline} p50 {statistics.median(base):.1f} ms, ratio {ratio:.2f}; "
-                             f"wall ratio {wall_ratio:.2f}")
-            entry["baseline_p50"], entry["ratio"], entry["wall_ratio"] = (round(statistics.median(base), 3),
-                                                                          round(ratio, 3), round(wall_ratio, 3))
-            if targeted and not quick:
-                entry["target"], entry["met"] = f"ratio<={TARGET_RATIO:g}", ratio <= TARGET_RATIO
-            rows.append(entry)
+            rows.append(comparison_row(f"{label}: {title}, UAPI backend", mine, base, result["wall_s"][ours],
+                                       result["wall_s"][theirs], baseline,
+                                       target_ratio=TARGET_RATIO if targeted and not quick else None))
     models = [kernel_cost_model(nodes, pods) for nodes in reversed(sizes)][::-1]  # the largest first: cached
     for operation, value in models[-1].items():  # the table shows the largest size; the JSON has every size
         if operation in ("nodes", "allowed_ips"):

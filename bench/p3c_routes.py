@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import row
+from bench import comparison_row, row
 from bench.p3_scale import SPARE_BASE, synthetic_cluster
 from node_hook.apply.dataplane import DeleteRoute, SetRoute
 from node_hook.apply.routes import PyrouteRouting
@@ -215,19 +215,11 @@ def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
         label = f"{result['nodes']} nodes x {result['pods']} ({result['routes']} routes)"
         for title, ours, theirs, baseline, per_route, targeted in COMPARISONS:
             mine, base = result["cpu_ms"][ours], result["cpu_ms"][theirs]
-            ratio = statistics.median(mine) / max(statistics.median(base), 1e-9)
-            wall_ratio = statistics.median(result["wall_ms"][ours]) / max(statistics.median(result["wall_ms"][theirs]),
-                                                                          1e-9)
             per = (f"; {1000 * statistics.median(mine) / result['routes']:.2f} vs "
                    f"{1000 * statistics.median(base) / result['routes']:.2f} us per route") if per_route else ""
-            entry = row(f"{label}: {title}, applier", mine,
-                        note=f"cpu ms; baseline {baseline} p50 {statistics.median(base):.1f} ms, ratio {ratio:.2f}"
-                             f"{per}; wall ratio {wall_ratio:.2f}")
-            entry["baseline_p50"], entry["ratio"], entry["wall_ratio"] = (round(statistics.median(base), 3),
-                                                                          round(ratio, 3), round(wall_ratio, 3))
-            if targeted and not quick:
-                entry["target"], entry["met"] = f"ratio<={TARGET_RATIO:g}", ratio <= TARGET_RATIO
-            rows.append(entry)
+            rows.append(comparison_row(f"{label}: {title}, applier", mine, base, result["wall_ms"][ours],
+                                       result["wall_ms"][theirs], baseline, per,
+                                       TARGET_RATIO if targeted and not quick else None))
         rows.append(row(f"{label}: kernel memory of the loaded table", [result["kernel_kib"] / 1024], unit="MB",
                         note=f"Slab + VmallocUsed delta, {1024 * result['kernel_kib'] / result['routes']:.0f} bytes "
                              f"per route (shared machine: approximate)"))

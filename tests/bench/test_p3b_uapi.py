@@ -5,24 +5,20 @@ model's byte counts against pyroute2's own encoding."""
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 
 import pytest
 
 from bench import p3b_uapi
 from node_hook.apply import wg_kernel
 from node_hook.apply.wireguard import UpsertPeer
+from tests.support.netns import namespaces_named
 
 
 @pytest.mark.netns
 def test_quick_run_programs_wireguard_go_both_ways_and_cleans_up() -> None:
-    def own_namespaces() -> set[str]:  # the benchmark's namespace is named p3b-<random>
-        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        return {line.split()[0] for line in listing.splitlines() if line.startswith("p3b-")}
-
-    before = own_namespaces()
+    before = namespaces_named("p3b-")  # the benchmark's namespace is named p3b-<random>
     rows = p3b_uapi.run(quick=True)
-    assert own_namespaces() <= before  # the benchmark's namespace is gone
+    assert namespaces_named("p3b-") <= before  # the benchmark's namespace is gone
     raw = rows[0]["raw"]
     assert [result["peers"] for result in raw["userspace"]] == list(p3b_uapi.QUICK_SIZES)
     for result in raw["userspace"]:

@@ -4,22 +4,17 @@ flushes empty it - the benchmark asserts each against `ip route show`), and that
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from bench import p3c_routes
+from tests.support.netns import namespaces_named
 
 
 @pytest.mark.netns
 def test_quick_run_programs_the_table_both_ways_and_cleans_up() -> None:
-    def own_namespaces() -> set[str]:  # the benchmark's namespace is named p3c-<random>
-        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        return {line.split()[0] for line in listing.splitlines() if line.startswith("p3c-")}
-
-    before = own_namespaces()
+    before = namespaces_named("p3c-")  # the benchmark's namespace is named p3c-<random>
     rows = p3c_routes.run(quick=True)
-    assert own_namespaces() <= before
+    assert namespaces_named("p3c-") <= before
     raw = rows[0]["raw"]
     assert [result["nodes"] for result in raw] == list(p3c_routes.QUICK_SIZES)
     for result in raw:

@@ -163,3 +163,9 @@ class HookNode:
     def cleanup(self) -> subprocess.CompletedProcess[str]:
         """`wgcni-node cleanup` with the node's config: removes what the hook made in the namespace."""
         return self.exec(PYTHON, "-m", "node_hook.cli", "cleanup", "--config", str(self.config_file), check=False)
+
+
+def namespaces_named(prefix: str) -> set[str]:
+    """The network namespaces whose names start with `prefix` (what a benchmark made is named so)."""
+    listing = sh("ip", "netns", "list", check=False).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.startswith(prefix)}
