@@ -1,7 +1,9 @@
 """The incrementally maintained model always equals a model built from scratch from the same final inputs
 (property-based): any sequence of local pod and remote node events - IPs moving, contested, local, node IPs that
 are also pod IPs, keys shared or missing, endpoints missing, timestamps changing - leaves the same peers, routes,
-owners and problems. The per-address bookkeeping behind bench/p3_scale.py's figures must never drift from that."""
+owners and problems; and after every event the changes it hands out name each route that changed with the kind it
+had (the reconciler keeps no copy of the table and relies on them). The per-address bookkeeping behind
+bench/p3_scale.py's figures must never drift from that."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_hook.model import NodeModel, RemoteNode
+from node_hook.model import NodeModel, RemoteNode, RouteKind
 
 ADDRESSES = [f"10.0.0.{last}" for last in range(8)] + ["fd00::1", "fd00::2"]
 NODE_NAMES = ["a", "b", "c"]
@@ -39,6 +41,19 @@ def _state(model: NodeModel) -> tuple:
             model.problems())
 
 
+def _check_routes(model: NodeModel, before: dict, changes) -> None:  # type: ignore[no-untyped-def]
+    """The derived routes agree with themselves, and the changes name every route that changed with the kind it had
+    (what the reconciler takes for the table's content when it is in sync)."""
+    after = dict(model.routes.items())
+    assert len(after) == len(model.routes) == sum(model.route_counts().values())
+    assert all(model.routes[prefix] is kind and prefix in model.routes for prefix, kind in after.items())
+    assert model.route_counts() == {kind: list(after.values()).count(kind) for kind in RouteKind}
+    changed = {prefix for prefix in before.keys() | after.keys() if before.get(prefix) != after.get(prefix)}
+    assert changes.previous_routes is not None
+    assert changed <= changes.previous_routes.keys()
+    assert all(kind == before.get(prefix) for prefix, kind in changes.previous_routes.items())
+
+
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(text)
 
@@ -50,6 +65,7 @@ def test_incremental_model_equals_a_model_built_from_scratch(steps: list[tuple],
     remotes: dict[str, RemoteNode] = {}
     local: dict[str, frozenset[str]] = {}
     for step in steps:
+        before = dict(incremental.routes.items())
         if step[0] == "remote":
             remotes[step[1].name] = step[1]
             incremental.set_remote_node(step[1])
@@ -59,7 +75,7 @@ def test_incremental_model_equals_a_model_built_from_scratch(steps: list[tuple],
         else:
             local[step[1]] = step[2]
             incremental.set_local_pod(step[1], step[2])
-        incremental.take_changes()
+        _check_routes(incremental, before, incremental.take_changes())
     scratch = NodeModel("local", [LOCAL_NODE_IP], host_encryption=host_encryption)
     scratch.replace_local_pods({record: ips for record, ips in local.items() if ips})
     scratch.replace_remote_nodes(remotes)
