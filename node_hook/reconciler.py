@@ -25,7 +25,7 @@ from node_hook.apply.dataplane import (
     SysctlApplier,
 )
 from node_hook.apply.wireguard import DeviceSpec, DeviceState, PeerState, RemovePeer, WireGuardBackend
-from node_hook.model import DesiredPeer, IPNetwork, NodeModel, RouteKind, paused_gc
+from node_hook.model import Changes, DesiredPeer, IPNetwork, NodeModel, RouteKind, paused_gc
 from node_hook.planner import (
     APPLY_ORDER,
     Plan,
@@ -67,6 +67,18 @@ class PassResult:
     failed_step: str | None = None  # the step `error` happened in (metrics count errors by step)
 
 
+def _merged(earlier: Changes | None, later: Changes) -> Changes:
+    """`later` on top of `earlier`'s unapplied changes: a route keeps the kind it had before both (what the table
+    holds), any overflow stays an overflow."""
+    if earlier is None:
+        return later
+    if earlier.previous_routes is None or later.previous_routes is None:
+        routes = None
+    else:
+        routes = {**later.previous_routes, **earlier.previous_routes}
+    return Changes(earlier.peer_keys | later.peer_keys, routes)
+
+
 def _as_state(peer: DesiredPeer) -> PeerState:
     return PeerState(peer.public_key, peer.endpoint, peer.allowed_ips, peer.persistent_keepalive)
 
@@ -93,6 +105,9 @@ class Reconciler:
         self._peers: dict[str, PeerState] = {}  # what the device holds, as far as we know (valid when in sync)
         self._rules: frozenset[RuleSpec] = frozenset()
         self._firewall_listing: str | None = None
+        # The model's changes taken by a pass that failed: an aspect that stayed in sync has not applied them yet,
+        # so the next pass diffs them too (else a failure in another step - the device's, say - lost them for good).
+        self._unapplied: Changes | None = None
         self.passes = 0
         self.errors = 0
         # False until the peer source delivered its first complete list: peers and routes the model does not know
@@ -115,7 +130,8 @@ class Reconciler:
 
     def _reconcile(self) -> PassResult:
         self.passes += 1
-        changes = self.model.take_changes()
+        changes = _merged(self._unapplied, self.model.take_changes())
+        self._unapplied = None
         applied: dict[str, int] = {}
         full: list[str] = [aspect for aspect in ASPECTS if not self.in_sync[aspect]]
         step = "read"
@@ -192,6 +208,7 @@ class Reconciler:
                 self.in_sync["peers"] = self.in_sync["routes"] = False
             return PassResult(applied, None, tuple(full))
         except Exception as error:  # noqa: BLE001 - every applier error is reported once and retried in full
+            self._unapplied = changes
             aspect = _ASPECT_OF_STEP.get(step)
             self.mark_out_of_sync(*([aspect] if aspect else ASPECTS))
             self.errors += 1

@@ -198,3 +198,16 @@ def test_without_pruning_unknown_peers_and_routes_stay_until_pruning_is_allowed(
     assert set(node.wg.device.peers) == {KEY_B}  # type: ignore[union-attr]
     assert ipaddress.ip_network("10.240.0.20/32") not in node.routing.routes
     restarted.assert_converged()
+
+
+def test_changes_taken_by_a_pass_that_failed_in_the_device_step_are_applied_by_the_next(node: Node) -> None:
+    node.populate()
+    assert node.reconciler.reconcile().error is None
+    node.model.set_local_pod("p2@eth0", ["10.240.0.71"])  # peers and routes change ...
+    node.model.set_remote_node(RemoteNode("d", "D" * 43 + "=", "10.240.0.90", 51820, frozenset({"10.240.0.90"}),
+                                          frozenset({"10.240.0.91"}), 1.0))
+    node.reconciler.mark_out_of_sync("device")  # ... while only the device is to be checked (a netlink event)
+    node.wg.fail_next.add("read")  # the device step fails; peers and routes stay in sync, their changes unapplied
+    assert node.reconciler.reconcile().error is not None
+    assert node.reconciler.reconcile().error is None
+    node.assert_converged()

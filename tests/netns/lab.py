@@ -208,7 +208,24 @@ class Lab:
                     if covered != {pod.ip for pod in other.pods.values()} | {other.ip}:
                         return False
             return True
-        wait_until(done, timeout, "all hooks converged", interval=0.1)
+
+        def state() -> str:
+            """What each hook reports and the end of its log, for a lab that does not converge."""
+            parts = []
+            for name, node in self.nodes.items():
+                try:
+                    status = node.api("status")
+                    peers = {peer["node"]: (peer["programmed"], peer["allowedIPs"])
+                             for peer in node.api("peers")["peers"]}
+                    parts.append(f"{name}: programmed={status['dataplane_programmed']} inSync={status['inSync']} "
+                                 f"lastError={status['lastError']!r} errors={status['errors']} peers={peers}")
+                except Exception as error:  # noqa: BLE001 - the hook may be the problem
+                    parts.append(f"{name}: no status ({error})")
+                log = node.log_file.read_text(errors="replace") if node.log_file.exists() else ""
+                parts.append(f"{name} log tail: {log[-1500:]}")
+            return "\n".join(parts)
+
+        wait_until(done, timeout, "all hooks converged", interval=0.1, detail=state)
 
     # ---- teardown ---------------------------------------------------------------------------------------
 
