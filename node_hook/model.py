@@ -449,11 +449,6 @@ def host_prefix(address: IPAddress) -> IPNetwork:
     return _key_of(address)
 
 
-def parse_addresses(values: Iterable[str], what: str) -> frozenset[IPAddress]:
-    """Parse host addresses; raises ValueError naming the bad value."""
-    return frozenset(_address(key) for key in host_keys(values, what))
-
-
 class NodeModel:
     """Incrementally maintained desired peers and routes of this node.
 
@@ -638,6 +633,14 @@ class NodeModel:
     @property
     def remote_nodes(self) -> dict[str, RemoteNode]:
         return dict(self._remotes)
+
+    def owned_routes(self, owner: str) -> list[tuple[IPNetwork, RouteKind]]:
+        """The routes of the addresses `owner` (LOCAL or a remote node's name) owns, in address order."""
+        if owner == LOCAL:
+            return [(key, RouteKind.THROW) for key in sorted(self._local_count)]
+        usable = owner in self._peer_of_node
+        routes = ((key, self._kind_for(key, owner, usable)) for key in sorted(self._owned(owner)))
+        return [(key, kind) for key, kind in routes if kind is not None]
 
     def owner_of(self, ip: IPAddress) -> str | None:
         """LOCAL, the remote node that owns `ip`, or None."""

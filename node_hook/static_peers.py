@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from node_hook.model import LocalAnnouncement, RemoteNode, parse_addresses
+from node_hook.model import LocalAnnouncement, RemoteNode, host_keys
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ def parse_peers(text: str, where: str) -> dict[str, RemoteNode]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
             raise PeersFileError(f"{label}: needs a non-empty 'name'")
         try:
-            node_ips = parse_addresses(entry.get("nodeIPs", []), f"{label} nodeIPs")
-            pod_ips = parse_addresses(entry.get("podIPs", []), f"{label} podIPs")
+            node_ips = host_keys(entry.get("nodeIPs", []), f"{label} nodeIPs")
+            pod_ips = host_keys(entry.get("podIPs", []), f"{label} podIPs")
             endpoint = entry.get("endpoint") or None
             if endpoint is not None:
-                parse_addresses([endpoint], f"{label} endpoint")
+                host_keys([endpoint], f"{label} endpoint")
             port = int(entry.get("endpointPort", 51820))
             changed_at = float(entry.get("podIPsChangedAt", 0.0))
         except (TypeError, ValueError) as error:
@@ -53,8 +53,7 @@ def parse_peers(text: str, where: str) -> dict[str, RemoteNode]:
         key = entry.get("publicKey", "")
         if not isinstance(key, str):
             raise PeersFileError(f"{label}: publicKey must be a string")
-        nodes[entry["name"]] = RemoteNode(entry["name"], key, endpoint, port, frozenset(map(str, node_ips)),
-                                          frozenset(map(str, pod_ips)), changed_at)
+        nodes[entry["name"]] = RemoteNode(entry["name"], key, endpoint, port, node_ips, pod_ips, changed_at)
     return nodes
 
 

@@ -19,8 +19,8 @@ from node_hook.model import (
     _key_of,
     _network,
     address_key,
+    host_keys,
     packed_prefix,
-    parse_addresses,
     prefix_from_text,
     prefix_order,
 )
@@ -76,7 +76,7 @@ def test_address_keys_round_trip_and_never_collide_across_families(text: str) ->
 @pytest.mark.parametrize("text", ["10.240.0.070", "10.240.0", " 10.0.0.1", "", "fd00::/64", "10.0.0.256"])
 def test_textual_addresses_are_as_strict_as_ipaddress(text: str) -> None:
     with pytest.raises(ValueError, match="is not an IP address"):
-        parse_addresses([text], "test")
+        host_keys([text], "test")
     with pytest.raises(ValueError):
         ipaddress.ip_address(text)
 
@@ -84,7 +84,7 @@ def test_textual_addresses_are_as_strict_as_ipaddress(text: str) -> None:
 def test_scoped_addresses_are_refused() -> None:
     """Stricter than `ipaddress` (which accepts a zone): a pod or node IP never carries one."""
     with pytest.raises(ValueError, match="is not an IP address"):
-        parse_addresses(["fe80::1%eth0"], "test")
+        host_keys(["fe80::1%eth0"], "test")
 
 
 @pytest.mark.parametrize("text", ["10.0.0.1/32", "10.0.0.0/28", "0.0.0.0/0", "10.0.0.9", "fd00::/64", "fd00::5/128",
