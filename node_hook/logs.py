@@ -23,7 +23,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any
 
 MASK = "[redacted]"
 
@@ -37,10 +37,10 @@ def encodings(secret: bytes) -> list[str]:
 
 
 class SecretRedactor:
-    """Masks the given secrets in a record's message (after %-formatting) and in its exception and stack texts."""
+    """Masks one secret in a record's message (after %-formatting) and in its exception and stack texts."""
 
-    def __init__(self, secrets: Iterable[bytes]) -> None:
-        self.forms = [form for secret in secrets for form in encodings(secret)]
+    def __init__(self, secret: bytes) -> None:
+        self.forms = encodings(secret)
 
     def _mask(self, text: str) -> str:
         for form in self.forms:
@@ -49,14 +49,13 @@ class SecretRedactor:
         return text
 
     def redact(self, record: logging.LogRecord) -> None:
-        """Mask the secrets in `record`, in place."""
+        """Mask the secret in `record`, in place. The message is formatted here, once: the record keeps the masked
+        text without arguments, so a formatter neither formats it again nor fails on arguments that do not fit."""
         try:
             message = record.getMessage()
-        except Exception:  # any error of the arguments' formatting: logging would print msg and args when emitting
+        except Exception:  # any error of the arguments' formatting: say what they were instead of a traceback
             message = f"{record.msg} (arguments that do not fit the message: {record.args!r})"
-        masked = self._mask(message)
-        if masked != message:
-            record.msg, record.args = masked, None
+        record.msg, record.args = self._mask(message), None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -94,10 +93,10 @@ def setup_logging(settings: Any) -> None:
     root.setLevel(settings.log_level.upper())
 
 
-def redact_everywhere(secret: bytes) -> SecretRedactor:
+def redact_everywhere(secret: bytes) -> None:
     """Mask `secret` in every log record created from now on, whichever logger makes it and whichever handler
     writes it (a record factory wrapping the current one)."""
-    redactor = SecretRedactor([secret])
+    redactor = SecretRedactor(secret)
     make_record = logging.getLogRecordFactory()
 
     def make_redacted_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
@@ -106,4 +105,3 @@ def redact_everywhere(secret: bytes) -> SecretRedactor:
         return record
 
     logging.setLogRecordFactory(make_redacted_record)
-    return redactor

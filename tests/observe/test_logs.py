@@ -96,6 +96,7 @@ def test_handlers_added_after_set_up_see_no_key_on_the_root_or_a_child_logger(st
         log_everything()
         logging.getLogger("wgcni-test.grandchild").warning("propagated twice: %s", SECRET.hex().upper())
         logging.getLogger("wgcni-test").info("unformattable %d", base64.b64encode(SECRET).decode())
+        logging.getLogger("wgcni-test").info("unformattable without a secret %d", "plain text")
     finally:
         logging.getLogger().removeHandler(on_root)
         child.removeHandler(on_child)
@@ -104,5 +105,7 @@ def test_handlers_added_after_set_up_see_no_key_on_the_root_or_a_child_logger(st
         assert "key as argument: [redacted]" in text and "propagated twice: [redacted]" in text, where
         assert "RuntimeError: wireguard-go refused private_key=[redacted]" in text, where
         assert "unformattable %d (arguments that do not fit the message: ('[redacted]',))" in text, where
+        assert "unformattable without a secret %d (arguments that do not fit the message: ('plain text',))" in text
+        assert "--- Logging error ---" not in text, where  # what logging prints when a handler cannot format
         for form in encodings(SECRET):
             assert form not in text, f"{where} saw the key"
