@@ -19,7 +19,7 @@ import ipaddress
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 
@@ -226,16 +226,32 @@ def status(socket_path: str, as_json: bool) -> None:
     _block(f"node: {answer['node']}", pairs)
 
 
-def _pages(socket_path: str, message: dict[str, Any], show_all: bool,
-           advance: Callable[[dict[str, Any], dict[str, Any]], bool]) -> Iterator[dict[str, Any]]:
-    """The hook's answers to `message`: the one page asked for, or with `show_all` every page in turn
-    (`advance` moves `message` past each answer, also the last one, whose position the caller prints as the
-    place to go on from, and says whether another page follows)."""
+Rows = list[dict[str, Any]]
+
+
+def _show_pages(socket_path: str, message: dict[str, Any], show_all: bool, as_json: bool,
+                advance: Callable[[dict[str, Any], dict[str, Any]], bool], rows_of: Callable[[dict[str, Any]], Rows],
+                print_summary: Callable[[dict[str, Any]], None],
+                print_rows: Callable[[Rows], None]) -> tuple[dict[str, Any], dict[str, Any], Rows]:
+    """Ask the hook for the page of `message`, or with `show_all` for every page in turn (`advance` moves `message`
+    past each answer, also the last one, whose position the caller prints as the place to go on from, and says
+    whether another page follows). In text the first answer's summary and each page's rows are printed as they
+    come; with `as_json` the rows are collected. Returns the first answer, the last one and the collected rows."""
+    first: dict[str, Any] | None = None
+    collected: Rows = []
     while True:
         answer = ask(socket_path, message)
-        yield answer
+        rows = rows_of(answer)
+        if first is None:
+            first = answer
+            if not as_json:
+                print_summary(answer)
+        if as_json:
+            collected += rows
+        else:
+            print_rows(rows)
         if not advance(message, answer) or not show_all:
-            return
+            return first, answer, collected
 
 
 def _next_offset(message: dict[str, Any], answer: dict[str, Any]) -> bool:
@@ -250,7 +266,7 @@ def _next_cursor(message: dict[str, Any], answer: dict[str, Any]) -> bool:
     return True
 
 
-def _peer_rows(answer: dict[str, Any]) -> list[dict[str, Any]]:
+def _peer_rows(answer: dict[str, Any]) -> Rows:
     rows = []
     for peer in answer["peers"]:
         row = {field: peer.get(field) for field in ("node", "publicKey", "endpoint", "programmed", "latestHandshake",
@@ -287,24 +303,21 @@ def peers(socket_path: str, as_json: bool, limit: int, offset: int, show_all: bo
     message: dict[str, Any] = {"op": "peers", "offset": offset, "limit": PEERS_PAGE if show_all else limit}
     if node is not None:
         message["node"] = node
-    first: dict[str, Any] | None = None
-    collected: list[dict[str, Any]] = []
-    for answer in _pages(socket_path, message, show_all, _next_offset):
-        rows = _peer_rows(answer)
-        if first is None:
-            first = answer
-            if not as_json:
-                summary = answer["summary"]
-                click.echo(f"{plural(summary['peers'], 'peer')}: {summary['programmed']} programmed, "
-                           f"{summary['handshakeRecent']} with a handshake in the last 3 minutes, "
-                           f"{summary['handshakeNever']} never"
-                           + (f"; {answer['total']} match --node" if node is not None else ""))
-        if as_json:
-            collected += rows
-        else:
-            now = time.time()
-            for row in rows:
-                _print_peer(row, now)
+
+    def print_summary(answer: dict[str, Any]) -> None:
+        summary = answer["summary"]
+        click.echo(f"{plural(summary['peers'], 'peer')}: {summary['programmed']} programmed, "
+                   f"{summary['handshakeRecent']} with a handshake in the last 3 minutes, "
+                   f"{summary['handshakeNever']} never"
+                   + (f"; {answer['total']} match --node" if node is not None else ""))
+
+    def print_peers(rows: Rows) -> None:
+        now = time.time()
+        for row in rows:
+            _print_peer(row, now)
+
+    first, answer, collected = _show_pages(socket_path, message, show_all, as_json, _next_offset, _peer_rows,
+                                           print_summary, print_peers)
     if as_json:
         _emit_json({"peers": collected, "total": first["total"], "offset": offset, "summary": first["summary"]})
         return
@@ -330,27 +343,26 @@ def routes(socket_path: str, as_json: bool, limit: int, after: str | None, show_
         if value is not None:
             message[field] = value
     table = _Table(("PREFIX", "KIND", "OWNER", "POD"))
-    first: dict[str, Any] | None = None
-    collected: list[dict[str, Any]] = []
-    for answer in _pages(socket_path, message, show_all, _next_cursor):
-        rows = [{"prefix": route["prefix"], "kind": route["kind"], "owner": route["owner"], "pod": route.get("pod")}
+
+    def route_rows(answer: dict[str, Any]) -> Rows:
+        return [{"prefix": route["prefix"], "kind": route["kind"], "owner": route["owner"], "pod": route.get("pod")}
                 for route in answer["routes"]]
-        if first is None:
-            first = answer
-            if not as_json:
-                by_kind = answer["byKind"]
-                click.echo(f"{plural(sum(by_kind.values()), 'route')}: {by_kind.get('dev', 0)} into WireGuard (dev), "
-                           f"{by_kind.get('throw', 0)} leave the table (throw)"
-                           + (f"; {answer['total']} owned by {owner}" if owner is not None else ""))
-        if as_json:
-            collected += rows
-        else:
-            table.write([(row["prefix"], row["kind"], row["owner"], row["pod"] or "-") for row in rows])
-    if as_json:
-        _emit_json({"routes": collected, "total": first["total"], "next": None if show_all else answer["next"],
-                    "byKind": first["byKind"]})
+
+    def print_summary(answer: dict[str, Any]) -> None:
+        by_kind = answer["byKind"]
+        click.echo(f"{plural(sum(by_kind.values()), 'route')}: {by_kind.get('dev', 0)} into WireGuard (dev), "
+                   f"{by_kind.get('throw', 0)} leave the table (throw)"
+                   + (f"; {answer['total']} owned by {owner}" if owner is not None else ""))
+
+    def print_routes(rows: Rows) -> None:
+        table.write([(row["prefix"], row["kind"], row["owner"], row["pod"] or "-") for row in rows])
+
+    first, answer, collected = _show_pages(socket_path, message, show_all, as_json, _next_cursor, route_rows,
+                                           print_summary, print_routes)
+    if as_json:  # with --all the last page's next is None
+        _emit_json({"routes": collected, "total": first["total"], "next": answer["next"], "byKind": first["byKind"]})
         return
-    if answer["next"] is not None and not show_all:
+    if answer["next"] is not None:  # with --all the pages went on until there was none
         click.echo(f"... more routes: --after {answer['next']}, or --all")
 
 
