@@ -11,7 +11,7 @@ import json
 import click
 
 from cni_plugin import __version__
-from cni_plugin.cli_hook import HOOK_COMMANDS, HookQueryError, programmed_ips, socket_option
+from cni_plugin.cli_hook import HOOK_COMMANDS, HookQueryError, Table, programmed_ips, socket_option
 from cni_plugin.cni import DEFAULT_STATE_DIR, SUPPORTED_VERSIONS
 from cni_plugin.records import RecordStore, valid_network
 
@@ -51,15 +51,14 @@ def pods(state_dir: str, network: str | None, as_json: bool, socket_path: str) -
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = [("NETWORK", "POD", "CONTAINER", "IFNAME", "IPS", "UPDATED")
-             + (("PROGRAMMED",) if programmed is not None else ())]
+    table = Table(("NETWORK", "POD", "CONTAINER", "IFNAME", "IPS", "UPDATED")
+                  + (("PROGRAMMED",) if programmed is not None else ()))
+    lines = []
     for row in rows:
         pod = f"{row['podNamespace']}/{row['podName']}" if row["podName"] else "-"
-        table.append((row["network"], pod, row["containerID"][:13], row["ifname"], ",".join(row["ips"]) or "-",
+        lines.append((row["network"], pod, row["containerID"][:13], row["ifname"], ",".join(row["ips"]) or "-",
                       row["updated"]) + (("yes" if row["programmed"] else "NO",) if programmed is not None else ()))
-    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
-    for line in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    table.write(lines)
 
 
 for command in HOOK_COMMANDS:

@@ -79,8 +79,9 @@ def _block(title: str, pairs: list[tuple[str, str]]) -> None:
         click.echo(f"  {(label + ':').ljust(width + 1)} {value}")
 
 
-class _Table:
-    """Aligned columns, written page by page: widths come from the header and the first page and only grow."""
+class Table:
+    """Aligned columns, written page by page: widths come from the header and the first page and only grow (one
+    write of all rows is a plain aligned table, as `wgcni pods` prints)."""
 
     def __init__(self, header: tuple[str, ...]) -> None:
         self.header = header
@@ -342,7 +343,7 @@ def routes(socket_path: str, as_json: bool, limit: int, after: str | None, show_
     for field, value in (("owner", owner), ("after", after)):
         if value is not None:
             message[field] = value
-    table = _Table(("PREFIX", "KIND", "OWNER", "POD"))
+    table = Table(("PREFIX", "KIND", "OWNER", "POD"))
 
     def route_rows(answer: dict[str, Any]) -> Rows:
         return [{"prefix": route["prefix"], "kind": route["kind"], "owner": route["owner"], "pod": route.get("pod")}
