@@ -26,6 +26,7 @@ from node_hook.apply.wg_kernel import (
 from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.config import Settings
 from node_hook.daemon import real_wireguard_backend
+from node_hook.detect import kernel_wireguard_available
 from tests.support.kernel_wg import ip, unique_name
 
 pytestmark = [pytest.mark.kernel_wg, pytest.mark.usefixtures("kernel_wireguard")]
@@ -71,7 +72,7 @@ def spec_for(ifname: str, private: bytes, port: int = 51820, fwmark: int = 0x100
 
 
 def test_the_daemon_picks_the_kernel_backend_for_auto_in_the_vm(wg_ifname):
-    assert wg_kernel.kernel_wireguard_available()
+    assert kernel_wireguard_available()  # the daemon's own check (module files) agrees with the netlink probe
     backend = real_wireguard_backend(Settings(backend="auto", interface=wg_ifname), on_exit=lambda code: None)
     try:
         assert isinstance(backend, KernelWireGuard) and backend.kind == "kernel"

@@ -9,7 +9,9 @@ import subprocess
 
 import pytest
 
-from node_hook.apply.wg_kernel import kernel_wireguard_available
+from pyroute2.netlink.exceptions import NetlinkError
+
+from node_hook.apply.wg_kernel import WireGuardSocket
 
 # Set by tests/vm/kernel_vm.py inside the VM: there a missing wireguard family is a broken VM, not a reason to skip.
 REQUIRE_ENV = "WGCNI_REQUIRE_KERNEL_WG"
@@ -17,7 +19,15 @@ REQUIRE_ENV = "WGCNI_REQUIRE_KERNEL_WG"
 
 @functools.cache
 def _available() -> bool:
-    return kernel_wireguard_available()
+    """Whether the kernel's WireGuard answers: its generic netlink family resolves (which autoloads the module). An
+    independent probe: the daemon's own `auto` choice (`node_hook.detect.kernel_wireguard_available`) looks for the
+    module's files instead."""
+    try:
+        probe = WireGuardSocket()
+    except (NetlinkError, OSError):
+        return False
+    probe.close()
+    return True
 
 
 def require_kernel_wireguard() -> None:
