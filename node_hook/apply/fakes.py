@@ -15,8 +15,10 @@ fails half-way) and removes the name.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from node_hook.apply.dataplane import (
     AddDeviceAddress,
@@ -47,6 +49,10 @@ class InjectedFailure(RuntimeError):
     """Raised by a fake when a failure was injected with fail_next."""
 
 
+T = TypeVar("T")
+_END = object()
+
+
 class _FailNext:
     def __init__(self) -> None:
         self.fail_next: set[str] = set()
@@ -57,6 +63,23 @@ class _FailNext:
         if operation in self.fail_next:
             self.fail_next.discard(operation)
             raise InjectedFailure(f"injected failure in {operation}")
+
+    def _batch(self, operation: str, ops: Iterable[T]) -> Iterator[T]:
+        """`ops`, taken once, as a batch that fails half-way: an injected failure comes after the first op (before
+        a lone one)."""
+        iterator = iter(ops)
+        first = next(iterator, _END)
+        if first is _END:
+            return
+        second = next(iterator, _END)
+        if second is _END:
+            self._maybe_fail(operation)
+            yield first  # type: ignore[misc]
+            return
+        yield first  # type: ignore[misc]
+        self._maybe_fail(operation)
+        yield second  # type: ignore[misc]
+        yield from iterator
 
 
 class FakeWireGuard(_FailNext):
@@ -90,9 +113,7 @@ class FakeWireGuard(_FailNext):
     def apply_peer_ops(self, ops: list[PeerOp]) -> None:
         if self.device is None:
             raise RuntimeError(f"WireGuard device {self.name} does not exist")
-        for index, op in enumerate(ops):
-            if index == 1 or len(ops) == 1:
-                self._maybe_fail("apply_peer_ops")
+        for op in self._batch("apply_peer_ops", ops):
             self._apply(op)
 
     def _holders(self) -> dict[IPNetwork, str]:
@@ -171,10 +192,8 @@ class FakeRouting(_FailNext):
         self._maybe_fail("read")
         return TableState(dict(self.routes), frozenset(self.rules), frozenset(self.device_addresses))
 
-    def apply(self, ops: list[RoutingOp]) -> None:
-        for index, op in enumerate(ops):
-            if index == 1 or len(ops) == 1:
-                self._maybe_fail("apply")
+    def apply(self, ops: Iterable[RoutingOp]) -> None:
+        for op in self._batch("apply", ops):
             if isinstance(op, SetRoute):
                 self.routes[op.prefix] = op.kind._value_  # `.value`, without the property's cost
             elif isinstance(op, DeleteRoute):

@@ -15,7 +15,7 @@ objects directly 66 us - the cost is pyroute2's message machinery, so batching t
 add 4.0 us (replacing an existing route 2.8 us), dump 3.2 us, delete 3.2 us; `ip -batch` of the same routes 11.5 us
 (bench/p3c_routes.py measures 12.5 k to 1.25 M routes).
 The device's index is looked up on the same socket too: pyroute2's `link_lookup` cost 0.8 ms of CPU, which was
-nearly all of applying one route for a pod event (0.02 ms without it).
+nearly all of applying one route for a pod event; with this lookup that is 0.05 ms (P3c).
 """
 
 from __future__ import annotations
@@ -260,22 +260,16 @@ class _RouteBatch:
         self._first_sequence = 0
         self._last_offset = 0  # of the last queued message in `_messages`
 
-    def set_route(self, prefix: IPNetwork, kind: RouteKind, ifindex: int) -> None:
-        """Queue `replace <prefix> table <table>` as `dev <ifindex>` or `throw`."""
+    def set_route(self, prefix: IPNetwork, kind: RouteKind, ifindex: int | None = None) -> None:
+        """Queue `replace <prefix> table <table>` as `throw`, or as `dev <ifindex>`."""
         address, prefixlen = packed_prefix(prefix)
         family = socket.AF_INET if len(address) == 4 else socket.AF_INET6
-        if kind is RouteKind.THROW:
-            message = _ROUTE_MESSAGE[len(address), False]
-            encoded = message.pack(
-                message.size, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
-                self._sequence(), 0, family, prefixlen, 0, 0, self._rtm_table, RTPROT_STATIC, RT_SCOPE_UNIVERSE,
-                RTN_THROW, 0, 8, RTA_TABLE, self.table, 4 + len(address), RTA_DST, address)
-        else:
-            message = _ROUTE_MESSAGE[len(address), True]
-            encoded = message.pack(
-                message.size, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE,
-                self._sequence(), 0, family, prefixlen, 0, 0, self._rtm_table, RTPROT_STATIC, RT_SCOPE_UNIVERSE,
-                RTN_UNICAST, 0, 8, RTA_TABLE, self.table, 4 + len(address), RTA_DST, address, 8, RTA_OIF, ifindex)
+        device = kind is not RouteKind.THROW
+        message = _ROUTE_MESSAGE[len(address), device]
+        fields = (message.size, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE, self._sequence(), 0,
+                  family, prefixlen, 0, 0, self._rtm_table, RTPROT_STATIC, RT_SCOPE_UNIVERSE,
+                  RTN_UNICAST if device else RTN_THROW, 0, 8, RTA_TABLE, self.table, 4 + len(address), RTA_DST, address)
+        encoded = message.pack(*fields, 8, RTA_OIF, ifindex) if device else message.pack(*fields)
         self._queue(encoded, prefix, False)
 
     def delete_route(self, prefix: IPNetwork) -> None:
@@ -405,7 +399,7 @@ class PyrouteRouting:
                     ifindex = self._ifindex()
                     if ifindex is None:
                         raise RuntimeError(f"cannot route {op.prefix} to {self.ifname}: no such device")
-                batch.set_route(op.prefix, op.kind, ifindex or 0)
+                batch.set_route(op.prefix, op.kind, ifindex)
             elif isinstance(op, DeleteRoute):
                 batch.delete_route(op.prefix)
             else:

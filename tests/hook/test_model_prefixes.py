@@ -21,6 +21,7 @@ from node_hook.model import (
     address_key,
     host_keys,
     packed_prefix,
+    prefix_of_packed,
     prefix_from_text,
     prefix_order,
 )
@@ -108,3 +109,14 @@ def test_packed_prefix_gives_the_wire_form_of_packed_and_stdlib_prefixes(text: s
     reference = ipaddress.ip_network(text)
     wire = (reference.network_address.packed, reference.prefixlen)
     assert packed_prefix(prefix_from_text(text)) == wire and packed_prefix(reference) == wire
+
+
+def test_prefix_of_packed_inverts_packed_prefix() -> None:
+    for text in ("10.1.2.0/24", "0.0.0.0/0", "10.1.2.3/32", "fd00::/64", "::/0", "fd00::1/128", "255.255.255.255/32"):
+        prefix = prefix_from_text(text)
+        decoded = prefix_of_packed(*packed_prefix(prefix))
+        assert decoded == prefix == ipaddress.ip_network(text) and type(decoded) is type(prefix)
+        assert hash(decoded) == hash(ipaddress.ip_network(text))
+    for address, prefixlen in ((b"\x0a\x01\x02\x03", 24), (bytes(4), 33), (bytes(5), 8), (bytes(16), -1)):
+        with pytest.raises(ValueError, match="is not an IP prefix"):
+            prefix_of_packed(address, prefixlen)

@@ -15,16 +15,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from node_hook.apply.dataplane import FOREIGN_ROUTE, AddRule, DeleteRoute, RuleSpec, SetRoute
 from node_hook.apply.routes import PyrouteRouting
-from node_hook.model import RouteKind, packed_prefix, prefix_from_text, prefix_of_packed
+from node_hook.model import RouteKind, prefix_from_text
 from node_hook.planner import RouteSets
+from tests.support.kernel_wg import ip
 
 DEVICE = "wgb0"
 OTHER_DEVICE = "other0"
 WIREGUARD, THROW = RouteKind.WIREGUARD, RouteKind.THROW
-
-
-def ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
 def table_routes(table: int) -> dict[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[str, str | None]]:
@@ -88,17 +85,6 @@ def routing(device: str) -> Iterator[PyrouteRouting]:
         applier.close()
 
 
-def test_prefix_of_packed_inverts_packed_prefix() -> None:
-    for text in ("10.1.2.0/24", "0.0.0.0/0", "10.1.2.3/32", "fd00::/64", "::/0", "fd00::1/128", "255.255.255.255/32"):
-        prefix = prefix_from_text(text)
-        decoded = prefix_of_packed(*packed_prefix(prefix))
-        assert decoded == prefix == ipaddress.ip_network(text) and type(decoded) is type(prefix)
-        assert hash(decoded) == hash(ipaddress.ip_network(text))
-    for address, prefixlen in ((b"\x0a\x01\x02\x03", 24), (bytes(4), 33), (bytes(5), 8), (bytes(16), -1)):
-        with pytest.raises(ValueError, match="is not an IP prefix"):
-            prefix_of_packed(address, prefixlen)
-
-
 @pytest.mark.netns
 @pytest.mark.parametrize("table", [100, 51820, 4_000_000_000])
 def test_thousands_of_routes_of_both_families_read_back_equal(device: str, table: int) -> None:
@@ -137,7 +123,28 @@ def test_deleting_missing_routes_succeeds_in_and_across_batches(routing: Pyroute
 
 
 @pytest.mark.netns
-def test_a_kernel_error_mid_batch_raises_with_the_routes_before_it_in_place(routing: PyrouteRouting) -> None:
+def test_a_kernel_error_in_the_middle_of_a_batch_names_its_route(routing: PyrouteRouting) -> None:
+    """One batch: a `dev` route (the device is looked up before the batch starts), throw routes, a `dev` route the
+    kernel refuses (IPv6 off on the device: "IPv6 is disabled on nexthop device"), more throw routes. The error names
+    the refused route - found by its place in the batch - and the kernel applied the routes on both sides of it."""
+    subprocess.run(["sysctl", "-qw", f"net.ipv6.conf.{DEVICE}.disable_ipv6=1"], check=True)  # this test's namespace
+    first = prefix_from_text("10.7.0.1/32")
+    before = [prefix_from_text(f"10.7.1.{index}/32") for index in range(40)]
+    refused = prefix_from_text("fd07::1/128")
+    after = [prefix_from_text(f"10.7.2.{index}/32") for index in range(40)]
+    ops = [SetRoute(first, WIREGUARD), *(SetRoute(prefix, THROW) for prefix in before), SetRoute(refused, WIREGUARD),
+           *(SetRoute(prefix, THROW) for prefix in after)]
+    assert len(ops) < routing._netlink.batch_limit  # all in one batch
+    with pytest.raises(NetlinkError, match="fd07::1/128") as raised:
+        routing.apply(ops)
+    assert "table 51820" in str(raised.value) and "IPv6 is disabled" in str(raised.value)
+    routes = routing.read().routes
+    assert routes[first] == "dev" and refused not in routes
+    assert all(routes[prefix] == "throw" for prefix in before + after)
+
+
+@pytest.mark.netns
+def test_a_kernel_error_in_its_own_batch_raises_with_the_routes_before_it_in_place(routing: PyrouteRouting) -> None:
     ip("link", "set", DEVICE, "down")  # a `dev` route out of a device that is down: "Nexthop device is not up"
     before = {prefix_from_text(f"10.3.{index >> 8}.{index & 255}/32"): THROW for index in range(600)}
     before[prefix_from_text("fd00:3::/64")] = THROW
