@@ -73,7 +73,11 @@ class Lab:
         self.nodes: dict[str, Node] = {}
         self.namespaces = Namespaces()
         self._pod_counter = 0
-        new_bridge_namespace(self.namespaces, self.vnet, self.bridge, ipv4_only=True)
+        try:
+            new_bridge_namespace(self.namespaces, self.vnet, self.bridge, ipv4_only=True)
+        except BaseException:
+            self.namespaces.close()  # a half-built VNet namespace is removed, not left behind
+            raise
 
     # ---- topology ---------------------------------------------------------------------------------------
 

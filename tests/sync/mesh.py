@@ -112,21 +112,27 @@ class Mesh:
         self.namespaces = Namespaces()
         self.server: ApiServer | None = None
         self._uid_counter = 0
-        new_bridge_namespace(self.namespaces, self.vnet, self.bridge)
-        in_ns(self.vnet, "ip", "addr", "add", f"{API_ADDRESS}/{SUBNET.prefixlen}", "dev", self.bridge)
-        self.server = ApiServer(crds=[CRD], bookmark_interval=bookmark_interval,
-                                also_listen=[NamespacedListener(self.vnet, API_ADDRESS, API_PORT)]).start()
-        self.api_client = api_client_for_url(self.server.url)
-        self.core = client.CoreV1Api(self.api_client)
-        self.custom = client.CustomObjectsApi(self.api_client)
-        self.kubeconfig = root / "kubeconfig"
-        self.kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "mesh",
-            "clusters": [{"name": "mesh", "cluster": {"server": f"http://{API_ADDRESS}:{API_PORT}"}}],
-            "users": [{"name": "hook", "user": {}}],
-            "contexts": [{"name": "mesh", "context": {"cluster": "mesh", "user": "hook"}}],
-        }))
-        self.plugin = Path(built_binary("wgcni"))
+        try:
+            new_bridge_namespace(self.namespaces, self.vnet, self.bridge)
+            in_ns(self.vnet, "ip", "addr", "add", f"{API_ADDRESS}/{SUBNET.prefixlen}", "dev", self.bridge)
+            self.server = ApiServer(crds=[CRD], bookmark_interval=bookmark_interval,
+                                    also_listen=[NamespacedListener(self.vnet, API_ADDRESS, API_PORT)]).start()
+            self.api_client = api_client_for_url(self.server.url)
+            self.core = client.CoreV1Api(self.api_client)
+            self.custom = client.CustomObjectsApi(self.api_client)
+            self.kubeconfig = root / "kubeconfig"
+            self.kubeconfig.write_text(json.dumps({
+                "apiVersion": "v1", "kind": "Config", "current-context": "mesh",
+                "clusters": [{"name": "mesh", "cluster": {"server": f"http://{API_ADDRESS}:{API_PORT}"}}],
+                "users": [{"name": "hook", "user": {}}],
+                "contexts": [{"name": "mesh", "context": {"cluster": "mesh", "user": "hook"}}],
+            }))
+            self.plugin = Path(built_binary("wgcni"))
+        except BaseException:  # what was made before the failure is removed, not left behind
+            if self.server is not None:
+                self.server.stop()
+            self.namespaces.close()
+            raise
 
     # ---- nodes ------------------------------------------------------------------------------------------
 
