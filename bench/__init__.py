@@ -14,9 +14,15 @@ import importlib
 import math
 import pkgutil
 import re
+import resource
 import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
+Result = TypeVar("Result")
 MODULE_NAME = re.compile(r"p(\d+)([a-z]?)_\w+")  # p3_scale -> P3, p3b_uapi -> P3b
 
 
@@ -77,6 +83,70 @@ def comparison_row(case: str, mine: list[float], base: list[float], mine_wall: l
     if target_ratio is not None:
         entry["target"], entry["met"] = f"ratio<={target_ratio:g}", ratio <= target_ratio
     return entry
+
+
+def comparison_rows(label: str, component: str, cpu_ms: dict[str, list[float]], wall: dict[str, list[float]],
+                    comparisons: Iterable[tuple[str, str, str, str, bool, bool]], target_ratio: float | None,
+                    per_items: tuple[int, str] | None = None) -> list[dict]:
+    """One `comparison_row` per (title, ours, theirs, baseline's description, per item, targeted) of `comparisons`:
+    case "<label>: <title>, <component>", samples `cpu_ms[ours]` against `cpu_ms[theirs]` (wall times beside them,
+    any one unit); with `per_items` = (count, item) and the comparison's per-item flag the note adds both medians
+    in microseconds per item; a targeted comparison carries `target_ratio` (None: no verdict)."""
+    rows = []
+    for title, ours, theirs, baseline, per_item, targeted in comparisons:
+        mine, base = cpu_ms[ours], cpu_ms[theirs]
+        extra = ""
+        if per_items is not None and per_item:
+            count, item = per_items
+            extra = (f"; {1000 * statistics.median(mine) / count:.2f} vs "
+                     f"{1000 * statistics.median(base) / count:.2f} us per {item}")
+        rows.append(comparison_row(f"{label}: {title}, {component}", mine, base, wall[ours], wall[theirs], baseline,
+                                   extra, target_ratio if targeted else None))
+    return rows
+
+
+def thread_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU time so far of every thread of `pids` (schedstat: nanoseconds, unlike the 10 ms ticks of
+    /proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a thread that just ended
+    return total / 1e9
+
+
+class Clock:
+    """Wall time and CPU time of named operations, CPU summed over everybody doing the work: this process, its
+    waited-for children (`wg`, `ip`, `iperf3`) and every thread of `pids` (servers such as wireguard-go). The
+    machine is shared, so the wall time of processes taking turns on a busy CPU measures the neighbours' load more
+    than the work: verdicts use the CPU sums, the wall times are reported beside them. Samples are in seconds times
+    `scale` (1000: milliseconds)."""
+
+    def __init__(self, pids: Iterable[int] = (), scale: float = 1.0) -> None:
+        self.pids = tuple(pids)
+        self.scale = scale
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+
+    def measure(self, name: str, action: Callable[[], Result]) -> Result:
+        """Run `action`, record its (CPU, wall) sample under `name` and return what it returned."""
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own, servers, wall = time.process_time(), thread_cpu_seconds(self.pids), time.perf_counter()
+        result = action()
+        wall = time.perf_counter() - wall
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (time.process_time() - own + thread_cpu_seconds(self.pids) - servers
+               + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
+        self.samples.setdefault(name, []).append((cpu * self.scale, wall * self.scale))
+        return result
+
+    def cpu(self, name: str) -> list[float]:
+        return [cpu for cpu, _ in self.samples[name]]
+
+    def wall(self, name: str) -> list[float]:
+        return [wall for _, wall in self.samples[name]]
 
 
 def rows_from_measure(result: dict) -> list[dict]:

@@ -25,15 +25,13 @@ import functools
 import hashlib
 import ipaddress
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from bench import comparison_row, row
+from bench import Clock, comparison_rows, row
 from bench.p3_scale import synthetic_cluster
 from node_hook.apply import wg_kernel
 from node_hook.apply.wg_uapi import UserspaceWireGuard
@@ -80,44 +78,6 @@ def config_text(private_key: bytes, peers: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _thread_cpu_ns(pid: int) -> int:
-    """CPU time of every thread of `pid` (schedstat: nanoseconds, unlike the 10 ms ticks of /proc/<pid>/stat)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that just ended
-    return total
-
-
-class Clock:
-    """Wall time and CPU time of one operation, CPU summed over everybody doing the work: this process (the
-    hook's Python), its waited-for children (`wg`) and wireguard-go. The machine is shared with other builds, so
-    the wall time of two processes taking turns on a busy CPU measures the neighbours' load more than the work;
-    the verdicts use the CPU sums, the wall times are reported beside them."""
-
-    def __init__(self, wireguard_go_pid: int) -> None:
-        self.pid = wireguard_go_pid
-        self.samples: dict[str, list[tuple[float, float]]] = {}
-
-    def measure(self, name: str, action) -> None:  # type: ignore[no-untyped-def]
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own, server, wall = time.process_time(), _thread_cpu_ns(self.pid), time.perf_counter()
-        action()
-        wall = time.perf_counter() - wall
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (time.process_time() - own + (_thread_cpu_ns(self.pid) - server) / 1e9
-               + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
-        self.samples.setdefault(name, []).append((cpu, wall))
-
-    def cpu(self, name: str) -> list[float]:
-        return [cpu for cpu, _ in self.samples[name]]
-
-    def wall(self, name: str) -> list[float]:
-        return [wall for _, wall in self.samples[name]]
-
-
 def _wg(*args: str) -> str:
     return subprocess.run(["wg", *args], check=True, capture_output=True, text=True, timeout=600).stdout
 
@@ -155,7 +115,7 @@ def measure_userspace(device: Device, nodes: int, pods: int, full_repeats: int, 
     config.chmod(0o600)
     pid = device.backend.pid
     assert pid is not None, "wireguard-go is not running"
-    clock = Clock(pid)
+    clock = Clock((pid,))
     for _ in range(full_repeats):
         device.clear()
         clock.measure("full uapi", lambda: device.backend.apply_peer_ops(ops))
@@ -266,22 +226,19 @@ def run(quick: bool) -> list[dict]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = []
-    comparisons = (
-        ("full program", "full uapi", "full setconf", "wg setconf of the same config", True),
+    comparisons = (  # (title, ours, theirs, baseline's description, per item, targeted)
+        ("full program", "full uapi", "full setconf", "wg setconf of the same config", False, True),
         ("one pod IP added (incremental op)", "uapi add", "wg set add", "wg set <peer> allowed-ips <whole list>",
-         False),
+         False, False),
         ("one pod IP removed (incremental op)", "uapi remove", "wg set remove",
-         "wg set <peer> allowed-ips <whole list>", False),
-        ("read back the whole device (resync)", "read()", "wg show dump", "wg show <dev> dump", False),
+         "wg set <peer> allowed-ips <whole list>", False, False),
+        ("read back the whole device (resync)", "read()", "wg show dump", "wg show <dev> dump", False, False),
     )
     for result in results:
         label = f"{result['peers']} peers x {result['allowed_ips'] // max(result['peers'], 1)} IPs"
-        for title, ours, theirs, baseline, targeted in comparisons:
-            mine = [cpu * 1000 for cpu in result["cpu_s"][ours]]
-            base = [cpu * 1000 for cpu in result["cpu_s"][theirs]]
-            rows.append(comparison_row(f"{label}: {title}, UAPI backend", mine, base, result["wall_s"][ours],
-                                       result["wall_s"][theirs], baseline,
-                                       target_ratio=TARGET_RATIO if targeted and not quick else None))
+        cpu_ms = {name: [cpu * 1000 for cpu in samples] for name, samples in result["cpu_s"].items()}
+        rows += comparison_rows(label, "UAPI backend", cpu_ms, result["wall_s"], comparisons,
+                                None if quick else TARGET_RATIO)
     models = [kernel_cost_model(nodes, pods) for nodes in reversed(sizes)][::-1]  # the largest first: cached
     for operation, value in models[-1].items():  # the table shows the largest size; the JSON has every size
         if operation in ("nodes", "allowed_ips"):

@@ -25,17 +25,13 @@ the applier; on a busy machine it takes longer. Other sizes: `python -m bench.p3
 
 from __future__ import annotations
 
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-from bench import comparison_row, row
+from bench import Clock, comparison_rows, row
 from bench.p3_scale import SPARE_BASE, synthetic_cluster
 from node_hook.apply.dataplane import DeleteRoute, SetRoute
 from node_hook.apply.routes import PyrouteRouting
@@ -55,28 +51,6 @@ DEVICE = "p3c0"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.netns.conftest import entered_namespace  # noqa: E402  (the namespace helper the netns tests use)
-
-
-class Clock:
-    """CPU (this process and its waited-for children) and wall time of named operations, in milliseconds."""
-
-    def __init__(self) -> None:
-        self.samples: dict[str, list[tuple[float, float]]] = {}
-
-    def measure(self, name: str, action: Callable[[], object]) -> None:
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own, wall = time.process_time(), time.perf_counter()
-        action()
-        wall = time.perf_counter() - wall
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (time.process_time() - own + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
-        self.samples.setdefault(name, []).append((cpu * 1000, wall * 1000))
-
-    def cpu(self, name: str) -> list[float]:
-        return [cpu for cpu, _ in self.samples[name]]
-
-    def wall(self, name: str) -> list[float]:
-        return [wall for _, wall in self.samples[name]]
 
 
 def planned_routes(nodes: int, pods: int) -> tuple[RouteSets, dict[RouteKind, int]]:
@@ -145,7 +119,7 @@ def measure_size(routing: PyrouteRouting, nodes: int, pods: int, full_repeats: i
     expected = {kind: counts.get(kind, 0) for kind in RouteKind}
     batch = work / f"routes-{nodes}.batch"
     batch_file(sets, batch)
-    clock = Clock()
+    clock = Clock(scale=1000)
     kernel_kib = 0
     for repeat in range(full_repeats):
         assert table_counts() == dict.fromkeys(RouteKind, 0)
@@ -213,13 +187,8 @@ def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
     rows = []
     for result in results:
         label = f"{result['nodes']} nodes x {result['pods']} ({result['routes']} routes)"
-        for title, ours, theirs, baseline, per_route, targeted in COMPARISONS:
-            mine, base = result["cpu_ms"][ours], result["cpu_ms"][theirs]
-            per = (f"; {1000 * statistics.median(mine) / result['routes']:.2f} vs "
-                   f"{1000 * statistics.median(base) / result['routes']:.2f} us per route") if per_route else ""
-            rows.append(comparison_row(f"{label}: {title}, applier", mine, base, result["wall_ms"][ours],
-                                       result["wall_ms"][theirs], baseline, per,
-                                       TARGET_RATIO if targeted and not quick else None))
+        rows += comparison_rows(label, "applier", result["cpu_ms"], result["wall_ms"], COMPARISONS,
+                                None if quick else TARGET_RATIO, (result["routes"], "route"))
         rows.append(row(f"{label}: kernel memory of the loaded table", [result["kernel_kib"] / 1024], unit="MB",
                         note=f"Slab + VmallocUsed delta, {1024 * result['kernel_kib'] / result['routes']:.0f} bytes "
                              f"per route (shared machine: approximate)"))

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import row
+from bench import Clock, row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.netns.lab import Lab  # noqa: E402  (the namespace lab of the netns tests)
@@ -66,18 +65,6 @@ QUICK_SECONDS = 1
 QUICK_REPEATS = 1
 QUICK_PINGS = 5
 TARGET_RATIO = 0.95
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """CPU time so far of every thread of `pids` (schedstat, nanosecond resolution)."""
-    total = 0
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                total += int((task / "schedstat").read_text().split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-    return total / 1e9
 
 
 def wireguard_go_leads_session(pid: int) -> bool:
@@ -108,12 +95,10 @@ def iperf3_with_cpu(namespace: str, server: str, port: int, seconds: int,
                     pids: list[int]) -> tuple[float, float, int]:
     """(Mbit/s, CPU ms per GB received, TCP retransmits) of one run; the CPU is that of `pids` (both wireguard-go
     and the iperf3 server) plus the iperf3 client, so the cost per byte is comparable even when the neighbours'
-    load changes."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    before = _cpu_seconds(pids)
-    rate, received, retransmits = iperf3(namespace, server, port, seconds)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (_cpu_seconds(pids) - before + after.ru_utime - children.ru_utime + after.ru_stime - children.ru_stime)
+    load changes (this process, waiting for the client, adds next to nothing)."""
+    clock = Clock(pids)
+    rate, received, retransmits = clock.measure("iperf3", lambda: iperf3(namespace, server, port, seconds))
+    cpu = clock.cpu("iperf3")[0]
     return rate, cpu * 1000 / (received / 1e9), retransmits
 
 
