@@ -18,6 +18,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
+from tests.support.netns import Namespaces
 from wgcni_lab.apiserver import ApiServer, NamespacedListener
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
@@ -286,10 +287,8 @@ def test_delete_with_stale_precondition_is_409(core):
 
 @pytest.mark.netns
 def test_also_listens_inside_another_network_namespace(core):
-    namespace = f"wgcni-api-{secrets.token_hex(4)}"
-    subprocess.run(["ip", "netns", "add", namespace], check=True)
-    try:
-        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+    with Namespaces() as namespaces:
+        namespace = namespaces.add_unique("wgcni-api")
         port = 20000 + secrets.randbelow(20000)
         with ApiServer(also_listen=[NamespacedListener(namespace, "127.0.0.1", port)]) as server:
             make_node(client.CoreV1Api(client.ApiClient(client.Configuration(host=server.url))), "node-a")
@@ -305,8 +304,6 @@ def test_also_listens_inside_another_network_namespace(core):
                  f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/version')"],
                 capture_output=True, text=True, timeout=30)
             assert probe.returncode == 0, probe.stderr
-    finally:
-        subprocess.run(["ip", "netns", "delete", namespace], check=False)
 
 
 def test_delay_applies_to_every_request_until_cleared(server, core):
