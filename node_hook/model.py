@@ -818,21 +818,15 @@ class NodeModel:
         return self._kind_for(key, owner, owner in self._peer_of_node)
 
     def _iter_routes(self) -> Iterator[tuple[IPNetwork, RouteKind]]:
-        throw, wireguard = RouteKind.THROW, RouteKind.WIREGUARD
         for key in self._local_count:
-            yield key, throw
-        for name, node in self._remotes.items():
-            if name not in self._peer_of_node:
-                for key in self._owned(name):
-                    yield key, throw
-            elif self.host_encryption or not node.node_ips:
-                for key in self._owned(name):
-                    yield key, wireguard
-            else:
-                node_ips, pod_ips = node.node_ips, node.pod_ips
-                for key in self._owned(name):
-                    if key not in node_ips or key in pod_ips:
-                        yield key, wireguard
+            yield key, RouteKind.THROW
+        kind_for = self._kind_for
+        for name in self._remotes:
+            usable = name in self._peer_of_node
+            for key in self._owned(name):
+                kind = kind_for(key, name, usable)
+                if kind is not None:
+                    yield key, kind
 
     def route_counts(self) -> dict[RouteKind, int]:
         """Routes by kind, in O(nodes) (status, metrics)."""
