@@ -1,7 +1,8 @@
 """P8: the debug CLI, the hook's local API answers and a metrics scrape on a node with 5 000 peers.
 
 A real `Daemon` (appliers on the in-memory fakes, as in P3) holds 5 000 remote nodes x 30 pod IPs (the AKS default
-of max pods with Azure CNI; scattered /32s, 150 000 routes) and serves its local API and `/metrics` on loopback.
+of max pods with Azure CNI; P3's synthetic cluster of scattered /32s, 150 000 routes, handed over by the tests'
+`ManualPeerSource`) and serves its local API and `/metrics` on loopback.
 Measured, as wall time on the shared machine (median and p99 of repeated calls):
 - local API `peers` (a page of 50 plus the summary of all), `routes` (a page of 50), `status`, `diagnose`;
 - the CLI in-process (`cni_plugin.cli.run`, without the interpreter start-up that P1 measures): `wgcni peers`,
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import json
 import shutil
 import sys
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import row
+from bench.p3_scale import synthetic_cluster
 from cni_plugin.cli import run as wgcni
 from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
@@ -35,42 +36,15 @@ from node_hook.detect import Environment
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, request
 from node_hook.metrics import HookMetrics, MetricsServer
-from node_hook.model import LocalAnnouncement, RemoteNode
+from tests.support.peer_source import ManualPeerSource
 
 TITLE = "Debug CLI, local API and metrics at 5 000 peers (wall ms)"
 NODES, PODS, REPEATS = 5000, 30, 15
 QUICK_NODES, QUICK_PODS, QUICK_REPEATS = 200, 4, 3
-POD_BASE = int(ipaddress.IPv4Address("10.0.0.0"))
-NODE_BASE = int(ipaddress.IPv4Address("172.16.0.0"))
 TARGETS_MS = {  # p50 targets: an operator command answers well within a second, a scrape well within its timeout
     "api peers page": 250, "api routes page": 250, "api status": 50, "api diagnose": 2000, "cli peers": 500,
     "cli routes": 500, "cli check": 2000, "scrape /metrics": 1000, "scrape /metrics?per_peer=0": 250,
 }
-
-
-class _StaticSource:
-    def __init__(self, nodes: dict[str, RemoteNode]) -> None:
-        self.nodes = nodes
-
-    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
-        on_nodes(self.nodes, True)
-
-    def publish(self, announcement: LocalAnnouncement) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-
-def _cluster(nodes: int, pods: int) -> dict[str, RemoteNode]:
-    out = {}
-    for index in range(nodes):
-        node_ip = str(ipaddress.IPv4Address(NODE_BASE + index))
-        pod_ips = frozenset(str(ipaddress.IPv4Address(POD_BASE + pod * nodes + index)) for pod in range(pods))
-        key = f"{index:042d}A="
-        out[f"node-{index:04d}"] = RemoteNode(f"node-{index:04d}", key, node_ip, 51820, frozenset({node_ip}), pod_ips,
-                                              1.0)
-    return out
 
 
 def _timed(samples: int, call: Callable[[], object]) -> list[float]:
@@ -101,7 +75,8 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
                               1440, "bench")
     metrics = HookMetrics()
     wireguard = FakeWireGuard()
-    daemon = Daemon(settings, load_or_create(settings.key_file), environment, _StaticSource(_cluster(nodes, pods)),
+    source = ManualPeerSource()
+    daemon = Daemon(settings, load_or_create(settings.key_file), environment, source,
                     _Appliers(wireguard, FakeRouting(settings.route_table), FakeFirewall(),
                               FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0",
                                            "net/ipv4/conf/wgcni0/rp_filter": "1"}, settings.sysctl_originals_file)),
@@ -111,6 +86,9 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
     http = MetricsServer("127.0.0.1:0", metrics)
     daemon.start()
     try:
+        if source.on_nodes is None:
+            raise RuntimeError("the daemon did not start its peer source")
+        source.on_nodes(synthetic_cluster(nodes + 1, pods, "scattered")[1], True)  # P3's cluster; node 0 is absent
         api.start()
         http.start()
         deadline = time.monotonic() + 600
