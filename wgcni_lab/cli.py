@@ -99,7 +99,13 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, 
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     started = time.monotonic()
-    watchdog = threading.Timer(timeout, daemon.terminate)  # SIGTERM: the daemon removes what it made and exits
+    timed_out = threading.Event()
+
+    def give_up() -> None:
+        timed_out.set()
+        daemon.terminate()  # SIGTERM: the daemon removes what it made and exits
+
+    watchdog = threading.Timer(timeout, give_up)
     watchdog.start()
     try:
         assert daemon.stdout is not None
@@ -110,15 +116,25 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, 
                            "remove with `wgcni-lab down`")
                 return
             if line.startswith("error: "):
-                daemon.wait(TEARDOWN_WAIT)
+                _await_teardown(daemon, lab_dir)
                 raise lab.LabError(f"up failed (everything it made is removed): {line[len('error: '):]}")
             click.echo(line)
     finally:
         watchdog.cancel()
-    daemon.wait(TEARDOWN_WAIT)
-    if time.monotonic() - started >= timeout:
+    _await_teardown(daemon, lab_dir)
+    if timed_out.is_set():
         raise lab.LabError(f"the lab was not up within {timeout:g}s (everything it made is removed); see --timeout")
     raise lab.LabError(f"the lab daemon exited ({daemon.returncode}) before the lab was up")
+
+
+def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
+    """Wait for a failed `up`'s daemon to remove what it made and exit; a LabError if it has not after
+    TEARDOWN_WAIT."""
+    try:
+        daemon.wait(TEARDOWN_WAIT)
+    except subprocess.TimeoutExpired:
+        raise lab.LabError(f"the lab daemon (pid {daemon.pid}) did not remove the lab in {lab_dir} within "
+                           f"{TEARDOWN_WAIT:g}s: `wgcni-lab --lab-dir {lab_dir} down` removes what is left") from None
 
 
 @cli.command(hidden=True)
