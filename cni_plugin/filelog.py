@@ -16,6 +16,17 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 
 
+def open_creating_directory(path: str, flags: int) -> int:
+    """``os.open(path, flags, 0o600)``; when the directory that holds ``path`` does not exist yet, create it (and
+    its parents, mode 0700) and open again. One ``open`` whenever the directory exists: the plugin's ADD/DEL path
+    does not stat it on every invocation. Shared by this log and the pod-record store (cni_plugin/records.py)."""
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return os.open(path, flags, 0o600)
+
+
 class FileLog:
     """Writes ``<time> <LEVEL> wgcni[<pid>] <message>`` lines to one file; drops lines it cannot write."""
 
@@ -54,11 +65,7 @@ class FileLog:
 
     def _open(self) -> int:
         if self._fd is None:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            except FileNotFoundError:  # first line ever: create the directory (not stat it on every invocation)
-                os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = open_creating_directory(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC)
             if os.fstat(fd).st_size >= self.max_bytes:
                 fd = self._rotate(fd)
             self._fd = fd

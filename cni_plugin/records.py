@@ -17,6 +17,7 @@ import os
 import time
 
 from cni_plugin import cjson
+from cni_plugin.filelog import open_creating_directory
 
 RECORD_FORMAT = 1
 RECORD_SUFFIX = ".json"
@@ -148,12 +149,7 @@ class RecordStore:
         final_path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
         payload = cjson.dumps(record, sort_keys=True).encode() + b"\n"
         temp_path = os.path.join(directory, f"{TEMP_PREFIX}.{os.getpid()}.{os.urandom(4).hex()}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(temp_path, flags, 0o600)
-        except FileNotFoundError:  # first record of this network: create its directory (not stat it on every ADD)
-            _make_private_dirs(directory)
-            fd = os.open(temp_path, flags, 0o600)
+        fd = open_creating_directory(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
         try:
             try:
                 view = memoryview(payload)
@@ -254,11 +250,7 @@ class StoreLock:
         self._fd = -1
 
     def __enter__(self) -> "StoreLock":
-        try:
-            self._fd = os.open(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:  # first writer on this node: create pods/ (not stat it on every ADD/DEL)
-            _make_private_dirs(self._store.pods_dir)
-            self._fd = os.open(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = open_creating_directory(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
@@ -286,13 +278,6 @@ def _load(path: str) -> dict | None:
     return validate_record(record)
 
 
-def _make_private_dirs(path: str) -> None:
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:
-        raise RecordError(f"{path} exists and is not a directory") from None
-
-
 def _remove_stale_temp_files(directory: str) -> None:
     """Remove temp files left by writers that were killed; only safe while holding the store lock."""
     try:
@@ -317,11 +302,8 @@ def _remove_stale_temp_files_when_due(directory: str, stamp: str) -> None:
     _remove_stale_temp_files(directory)
     try:
         os.utime(stamp)
-    except FileNotFoundError:
-        try:
-            os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        except FileNotFoundError:  # no pods/ yet: nothing to sweep either; the first record creates it
-            pass
+    except FileNotFoundError:  # the first sweep of this network (pods/ exists: the caller holds its lock)
+        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
 def _unlink_if_present(path: str) -> bool:
