@@ -21,7 +21,6 @@ class ProcessInfo:
     parent: int
     argv: tuple[bytes, ...]
     state: str  # one letter: R, S, D, Z, ...
-    netns_inode: int | None  # None when the namespace could not be read (kernel threads, a process just gone)
 
     @property
     def live(self) -> bool:
@@ -58,8 +57,7 @@ def process_table() -> dict[int, ProcessInfo]:
         argv = raw_argv.split(b"\0")
         if argv[-1] == b"":
             argv.pop()
-        table[int(entry.name)] = ProcessInfo(int(entry.name), int(fields[1]), tuple(argv), fields[0],
-                                             netns_inode(f"/proc/{entry.name}/ns/net"))
+        table[int(entry.name)] = ProcessInfo(int(entry.name), int(fields[1]), tuple(argv), fields[0])
     return table
 
 

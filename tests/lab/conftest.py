@@ -68,7 +68,8 @@ def footprint(lab_id: str, lab_dir: Path, netns_inodes: set[int]) -> Footprint:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
     namespaces = {line.split()[0] for line in listed if line.startswith(f"wgl-{lab_id}-")}
     processes = {info.pid: info.command_line for info in process_table().values()
-                 if info.live and (info.netns_inode in netns_inodes or str(lab_dir) in info.command_line)}
+                 if info.live and (str(lab_dir) in info.command_line
+                                   or netns_inode(f"/proc/{info.pid}/ns/net") in netns_inodes)}
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if str(lab_dir) in line or f"wgl-{lab_id}" in line]
     cgroups = [str(path) for hierarchy in Path("/sys/fs/cgroup").iterdir() if hierarchy.is_dir()

@@ -29,7 +29,7 @@ def test_scan_sees_parent_argv_state_namespace_and_descendants() -> None:
         assert info.argv == (b"sh", b"-c", f"sleep 300 & wait; : {marker}".encode())
         assert marker in info.command_line
         assert info.live and info.state in ("S", "R")
-        assert info.netns_inode == netns_inode("/proc/self/ns/net")
+        assert netns_inode(f"/proc/{shell.pid}/ns/net") == netns_inode("/proc/self/ns/net")
         assert table[grandchild].parent == shell.pid
         assert with_descendants([shell.pid], table) == {shell.pid, grandchild}
         assert os.getpid() not in with_descendants([shell.pid], table), "ancestors are not descendants"
