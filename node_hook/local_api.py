@@ -1,8 +1,8 @@
 """The hook's local API: a Unix stream socket (mode 0600), one JSON request line -> one JSON answer line.
 
 Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods, diagnose, resync. `peers` takes
-optional `offset`, `limit` and `node`; `routes` optional `limit`, `owner` and the keyset cursor `after`; so answers
-stay small at 5 000 peers.
+optional `offset`, `limit` and `node`; `routes` optional `limit`, `owner` and the keyset cursor `after` (a `limit`
+is at least 1, as the CLI's `--limit`); so answers stay small at 5 000 peers.
 Every answer has `ok`; on `ok: false` an `error` a person can act on. A malformed request never reaches the
 daemon and never kills the server.
 `request()` is the client used by the CLI (the plugin has its own stdlib client).
@@ -72,7 +72,7 @@ def answer(daemon: Any, request: object) -> dict[str, Any]:
         if op == "status":
             return {"ok": True, **daemon.status()}
         if op == "peers":
-            peers_page = {"offset": _integer(request, "offset", 0, 0), "limit": _integer(request, "limit", None, 0),
+            peers_page = {"offset": _integer(request, "offset", 0, 0), "limit": _integer(request, "limit", None, 1),
                           "node": _text(request, "node")}  # computed on the worker: it alone mutates the model
             return {"ok": True, **daemon.on_worker(lambda: daemon.peers(**peers_page))}
         if op == "routes":

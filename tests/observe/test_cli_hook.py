@@ -295,7 +295,8 @@ def test_formatting_helpers() -> None:
 
 @pytest.mark.parametrize("request_,error", [
     ({"op": "peers", "offset": -1}, "peers: 'offset' must be an integer >= 0"),
-    ({"op": "peers", "limit": "10"}, "peers: 'limit' must be an integer >= 0 or absent (all)"),
+    ({"op": "peers", "limit": "10"}, "peers: 'limit' must be an integer >= 1 or absent (all)"),
+    ({"op": "peers", "limit": 0}, "peers: 'limit' must be an integer >= 1 or absent (all)"),
     ({"op": "peers", "node": 7}, "peers: 'node' must be a string"),
     ({"op": "routes", "limit": 0}, "routes: 'limit' must be an integer >= 1 or absent (all)"),
     ({"op": "routes", "after": ["node-b"]}, "routes: 'after' must be a string"),
