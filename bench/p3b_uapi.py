@@ -26,7 +26,6 @@ import hashlib
 import ipaddress
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +37,8 @@ from node_hook.apply.wg_uapi import UserspaceWireGuard
 from node_hook.apply.wireguard import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.model import NodeModel
 from node_hook.planner import plan_peers
+from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
+from tests.support.netns import sh
 
 TITLE = "wireguard-go via the UAPI backend vs wg setconf; kernel backend netlink cost model"
 SIZES = (50, 500, 5000)
@@ -49,9 +50,6 @@ QUICK_PODS = 4
 TARGET_RATIO = 2.0
 PORT = 51899
 FWMARK = 0x100000
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.netns.conftest import entered_namespace  # noqa: E402  (the namespace helper the netns tests use)
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,10 +76,6 @@ def config_text(private_key: bytes, peers: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wg(*args: str) -> str:
-    return subprocess.run(["wg", *args], check=True, capture_output=True, text=True, timeout=600).stdout
-
-
 class Device:
     """One wireguard-go in the current (benchmark) namespace, driven through the hook's backend."""
 
@@ -96,7 +90,7 @@ class Device:
 
     def counts(self) -> tuple[int, int]:
         """(peers, AllowedIPs) on the device, from `wg show dump` (independent of the backend under test)."""
-        lines = _wg("show", self.ifname, "dump").splitlines()[1:]
+        lines = sh("wg", "show", self.ifname, "dump", timeout=600).stdout.splitlines()[1:]
         allowed = sum(len(line.split("\t")[3].split(",")) for line in lines if line.split("\t")[3] != "(none)")
         return len(lines), allowed
 
@@ -121,7 +115,7 @@ def measure_userspace(device: Device, nodes: int, pods: int, full_repeats: int, 
         clock.measure("full uapi", lambda: device.backend.apply_peer_ops(ops))
         assert device.counts() == expected, "UAPI backend did not program every peer and AllowedIP"
         device.clear()
-        clock.measure("full setconf", lambda: _wg("setconf", device.ifname, str(config)))
+        clock.measure("full setconf", lambda: sh("wg", "setconf", device.ifname, str(config), timeout=600))
         assert device.counts() == expected, "wg setconf did not program every peer and AllowedIP"
     # the device now holds the full state; events against it
     peer = next(iter(peers.values()))
@@ -134,16 +128,16 @@ def measure_userspace(device: Device, nodes: int, pods: int, full_repeats: int, 
                       lambda: device.backend.apply_peer_ops([RemoveAllowedIPs(peer.public_key, (extra,))]))
         with_extra = ",".join(str(prefix) for prefix in [*have, extra])
         without = ",".join(str(prefix) for prefix in have)
-        clock.measure("wg set add", lambda: _wg("set", device.ifname, "peer", peer.public_key, "allowed-ips",
-                                                with_extra))
-        clock.measure("wg set remove", lambda: _wg("set", device.ifname, "peer", peer.public_key, "allowed-ips",
-                                                   without))
+        clock.measure("wg set add", lambda: sh("wg", "set", device.ifname, "peer", peer.public_key, "allowed-ips",
+                                               with_extra))
+        clock.measure("wg set remove", lambda: sh("wg", "set", device.ifname, "peer", peer.public_key, "allowed-ips",
+                                                  without))
     assert device.counts() == expected, "events left the device changed"
     for _ in range(max(1, full_repeats)):
         state: list = []
         clock.measure("read()", lambda: state.append(device.backend.read()))
         assert state[0] is not None and len(state[0].peers) == expected[0]
-        clock.measure("wg show dump", lambda: _wg("show", device.ifname, "dump"))
+        clock.measure("wg show dump", lambda: sh("wg", "show", device.ifname, "dump", timeout=600))
     device.backend.apply_peer_ops([RemovePeer(key) for key in peers])
     return {"nodes": nodes, "pods": pods, "peers": expected[0], "allowed_ips": expected[1],
             "cpu_s": {name: clock.cpu(name) for name in clock.samples},

@@ -26,8 +26,6 @@ the applier; on a busy machine it takes longer. Other sizes: `python -m bench.p3
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -37,6 +35,8 @@ from node_hook.apply.dataplane import DeleteRoute, SetRoute
 from node_hook.apply.routes import PyrouteRouting
 from node_hook.model import NodeModel, RouteKind, prefix_of_packed
 from node_hook.planner import RouteSets, plan_routes
+from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
+from tests.support.netns import sh
 
 TITLE = "routing table at scale: batched rtnetlink applier vs ip -batch"
 SIZES = (50, 500, 5000)
@@ -48,9 +48,6 @@ QUICK_PODS = 50
 TARGET_RATIO = 1.0  # applying all routes costs no more CPU than `ip -batch` of the same routes
 TABLE = 51820
 DEVICE = "p3c0"
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.netns.conftest import entered_namespace  # noqa: E402  (the namespace helper the netns tests use)
 
 
 def planned_routes(nodes: int, pods: int) -> tuple[RouteSets, dict[RouteKind, int]]:
@@ -75,20 +72,22 @@ def batch_file(sets: RouteSets, path: Path) -> None:
                 batch.write(f"route replace {op.prefix} dev {DEVICE} table {TABLE}\n")
 
 
-def _ip(*args: str) -> str:
-    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=900).stdout
+def ip_route_table(command: str) -> str:
+    """`ip -4|-6 route <command> table TABLE` for both families, their output joined (a table that never held a
+    route of a family does not exist: not an error)."""
+    text = ""
+    for family in ("-4", "-6"):
+        done = sh("ip", family, "route", command, "table", str(TABLE), check=False, timeout=900)
+        if done.returncode and "does not exist" not in done.stderr:
+            raise RuntimeError(f"ip {family} route {command} table {TABLE}: exit {done.returncode}: "
+                               f"{done.stderr.strip()}")
+        text += done.stdout
+    return text
 
 
 def shown_routes() -> str:
-    """`ip route show` of the table, both families (a table that never held a route of a family does not exist)."""
-    text = ""
-    for family in ("-4", "-6"):
-        shown = subprocess.run(["ip", family, "route", "show", "table", str(TABLE)], capture_output=True, text=True,
-                               timeout=900)
-        if shown.returncode and "does not exist" not in shown.stderr:
-            shown.check_returncode()
-        text += shown.stdout
-    return text
+    """`ip route show` of the table, both families."""
+    return ip_route_table("show")
 
 
 def table_counts() -> dict[RouteKind, int]:
@@ -103,14 +102,6 @@ def table_counts() -> dict[RouteKind, int]:
 def kernel_memory_kib() -> int:
     fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
     return sum(int(fields[name].split()[0]) for name in ("Slab", "VmallocUsed"))
-
-
-def flush_with_ip() -> None:
-    for family in ("-4", "-6"):
-        flushed = subprocess.run(["ip", family, "route", "flush", "table", str(TABLE)], capture_output=True,
-                                 text=True, timeout=900)
-        if flushed.returncode and "does not exist" not in flushed.stderr:
-            flushed.check_returncode()
 
 
 def measure_size(routing: PyrouteRouting, nodes: int, pods: int, full_repeats: int, event_repeats: int,
@@ -139,15 +130,15 @@ def measure_size(routing: PyrouteRouting, nodes: int, pods: int, full_repeats: i
                 extra = prefix_of_packed((SPARE_BASE + attempt).to_bytes(4, "big"), 32)
                 clock.measure("apply add", lambda: routing.apply([SetRoute(extra, RouteKind.WIREGUARD)]))
                 clock.measure("apply remove", lambda: routing.apply([DeleteRoute(extra)]))
-                clock.measure("ip route replace", lambda: _ip("route", "replace", str(extra), "dev", DEVICE,
-                                                              "table", str(TABLE)))
-                clock.measure("ip route del", lambda: _ip("route", "del", str(extra), "table", str(TABLE)))
+                clock.measure("ip route replace", lambda: sh("ip", "route", "replace", str(extra), "dev", DEVICE,
+                                                             "table", str(TABLE)))
+                clock.measure("ip route del", lambda: sh("ip", "route", "del", str(extra), "table", str(TABLE)))
             assert table_counts() == expected, "events left the table changed"
         clock.measure("flush()", routing.flush)
         assert table_counts() == dict.fromkeys(RouteKind, 0), "flush() left routes"
-        clock.measure("ip -batch", lambda: _ip("-batch", str(batch)))
+        clock.measure("ip -batch", lambda: sh("ip", "-batch", str(batch), timeout=900))
         assert table_counts() == expected, "ip -batch did not program every route"
-        clock.measure("ip route flush", flush_with_ip)
+        clock.measure("ip route flush", lambda: ip_route_table("flush"))
     return {"nodes": nodes, "pods": pods, "routes": len(sets), "kernel_kib": kernel_kib,
             "cpu_ms": {name: clock.cpu(name) for name in clock.samples},
             "wall_ms": {name: clock.wall(name) for name in clock.samples}}
@@ -172,9 +163,9 @@ def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="wgcni-p3c-"))
     try:
         with entered_namespace("p3c"):
-            _ip("link", "add", DEVICE, "type", "veth", "peer", "name", "p3c1")
+            sh("ip", "link", "add", DEVICE, "type", "veth", "peer", "name", "p3c1")
             for name in (DEVICE, "p3c1"):
-                _ip("link", "set", name, "up")
+                sh("ip", "link", "set", name, "up")
             routing = PyrouteRouting(TABLE, DEVICE)
             try:
                 for nodes in sizes:

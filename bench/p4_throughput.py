@@ -46,11 +46,9 @@ import time
 from pathlib import Path
 
 from bench import Clock, row
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.netns.lab import Lab  # noqa: E402  (the namespace lab of the netns tests)
-from tests.support.netns import in_ns, sh  # noqa: E402
-from tests.support.polling import wait_until  # noqa: E402
+from tests.netns.lab import Lab  # the namespace lab of the netns tests
+from tests.support.netns import in_ns, sh
+from tests.support.polling import wait_until
 
 TITLE = "pod-to-pod TCP through the mesh (userspace) vs a hand-configured wg tunnel, same namespaces"
 NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}
