@@ -138,7 +138,6 @@ def measure_userspace(device: Device, nodes: int, pods: int, full_repeats: int, 
         clock.measure("read()", lambda: state.append(device.backend.read()))
         assert state[0] is not None and len(state[0].peers) == expected[0]
         clock.measure("wg show dump", lambda: sh("wg", "show", device.ifname, "dump", timeout=600))
-    device.backend.apply_peer_ops([RemovePeer(key) for key in peers])
     return {"nodes": nodes, "pods": pods, "peers": expected[0], "allowed_ips": expected[1],
             "cpu_s": {name: clock.cpu(name) for name in clock.samples},
             "wall_s": {name: clock.wall(name) for name in clock.samples}}
