@@ -17,8 +17,10 @@ forked it, which Linux folds in at exec). Measured per size:
 - peak RSS of the process, beside the RSS of the same interpreter with the modules imported (the baseline).
 Times are CPU seconds of the (single-threaded) hook process, including the encoding of what it sends to the kernel
 process (as a real applier encodes netlink messages) - the machine is shared with other builds, so wall time would
-measure their load too; wall time is in the notes. After every step the kernel process's state is checked against
-the model by digest (the benchmark fails on a wrong result).
+measure their load too; wall time is in the notes. The kernel process's state is checked against the model by
+digest after the full plan, after the events and after the resync; each remote pod event and pod IP move is checked
+on the device and table as it happens (`covers`: the IP on its node's peer and routed into the tunnel; once deleted
+or moved away, not on the old node's peer). A wrong result fails the benchmark.
 
 Pod IP layouts (docs/shared azure-cni.md): `scattered` — node-subnet mode at its worst: every pod IP a /32 that
 aggregates with nothing (node i's j-th pod is base + j*N + i), 1.25 M AllowedIPs and routes at 5 000 nodes;
