@@ -69,7 +69,7 @@ class MeshPod:
 class MeshNode(HookNode):
     """A mesh node: its pods come from `pod_range` through its own containerd's CNI chain."""
 
-    pod_range: tuple[str, str] = field(default=("", ""), kw_only=True)
+    pod_range: tuple[str, str] = field(kw_only=True)  # first and last pod address
     containerd: Containerd | None = None
     pods: dict[str, MeshPod] = field(default_factory=dict)
 
