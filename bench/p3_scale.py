@@ -151,10 +151,6 @@ def _current_rss_mb() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_rss_mb() -> float:
-    return peak_rss_mb()
-
-
 def _timed(action: Callable[[], object]) -> tuple[float, float]:
     """(cpu seconds, wall seconds) of `action()`."""
     cpu, wall = time.process_time(), time.perf_counter()
@@ -194,7 +190,6 @@ def _measure_with(kernel: KernelProcess, nodes: int, pods: int, layout: str, rep
         out["allowed_ips"] = sum(len(peer.allowed_ips) for peer in hook.model.peers.values())
         out["routes"] = len(hook.model.routes)
         out["rss_after_full_mb"] = _current_rss_mb()
-        out["rss_peak_full_mb"] = _peak_rss_mb()
         assert len(hook.model.peers) == nodes - 1, "every remote node is a peer"
 
         events: dict[str, list[tuple[float, float]]] = {}
@@ -242,7 +237,7 @@ def _measure_with(kernel: KernelProcess, nodes: int, pods: int, layout: str, rep
             event("node left", lambda: hook.model.remove_remote_node(joining.name))
             assert joining.public_key not in hook.model.peers
         hook.verify()
-        out["rss_peak_events_mb"] = _peak_rss_mb()  # full plan and events; the resync's read-back comes next
+        out["rss_peak_events_mb"] = peak_rss_mb()  # full plan and events; the resync's read-back comes next
 
         resync: list[tuple[float, float]] = []
         for _ in range(1 if nodes * pods > 200_000 else repeats):
@@ -255,7 +250,7 @@ def _measure_with(kernel: KernelProcess, nodes: int, pods: int, layout: str, rep
     out["events_wall_ms"] = {name: [round(wall * 1000, 4) for _, wall in samples] for name, samples in events.items()}
     out["resync_cpu_s"] = [cpu for cpu, _ in resync]
     out["resync_wall_s"] = [wall for _, wall in resync]
-    out["rss_peak_mb"] = _peak_rss_mb()
+    out["rss_peak_mb"] = peak_rss_mb()
 
 
 def measure_in_subprocess(nodes: int, pods: int, layout: str, repeats: int) -> dict:

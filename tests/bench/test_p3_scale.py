@@ -1,6 +1,6 @@
 """P3's quick mode (correctness only: the synthetic cluster, the worker subprocess, the checks of the kernel
-process's fakes against the model after every event), plus the properties of the synthetic layouts the figures
-depend on."""
+process's fakes against the model after the full plan, the events and the resync, and of every remote pod event),
+plus the properties of the synthetic layouts the figures depend on."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_quick_run_measures_every_size_and_event() -> None:
         assert size["full_applied"]["peer_adds"] == size["nodes"] - 1
         assert size["full_applied"]["resync"] == 0
         assert all(len(samples) == p3_scale.QUICK_REPEATS for samples in size["events_ms"].values())
-        assert size["rss_peak_mb"] >= size["rss_peak_events_mb"] >= size["rss_imports_mb"] > 0
+        assert size["rss_imports_mb"] > 0 and size["rss_peak_events_mb"] > 0  # both read (peaks only ever rise)
         assert size["kernel_rss_peak_mb"] > 0 and size["kernel_cpu_s"] > 0
     scattered, batched = raw[-2], raw[-1]
     assert scattered["allowed_ips"] == (scattered["nodes"] - 1) * (p3_scale.QUICK_PODS + 1)  # nothing aggregates

@@ -20,9 +20,11 @@ def test_quick_run_programs_the_table_both_ways_and_cleans_up() -> None:
     for result in raw:
         # remote pod IPs and node IPs (`dev`) and the node's own pods (`throw`)
         assert result["routes"] == result["nodes"] * (p3c_routes.QUICK_PODS + 1) - 1
+        # each operation measured, by a clock that saw its work
         for name in ("apply all", "ip -batch", "apply add", "apply remove", "ip route replace", "ip route del",
                      "read()", "ip route show", "flush()", "ip route flush"):
-            assert result["cpu_ms"][name] and all(cpu >= 0 for cpu in result["cpu_ms"][name])
+            assert result["cpu_ms"][name] and all(cpu > 0 for cpu in result["cpu_ms"][name])
+            assert len(result["wall_ms"][name]) == len(result["cpu_ms"][name])
     cases = [entry["case"] for entry in rows]
     assert len(cases) == len(p3c_routes.QUICK_SIZES) * (len(p3c_routes.COMPARISONS) + 1)
     assert all(entry["met"] is None for entry in rows)  # quick numbers carry no verdict
