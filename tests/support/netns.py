@@ -3,7 +3,7 @@ mesh (tests/sync/mesh.py) and the real-runtime tests (tests/runtime): commands i
 with node namespaces plugged into it, a simulated node with its own `wgcni-node run`, and a teardown that leaves no
 namespace or process behind.
 
-Command timeouts are stretched by the tests' time scale (tests/support/polling.py), like every wait.
+Command and hook-stop timeouts are stretched by the tests' time scale (tests/support/polling.py), like every wait.
 """
 
 from __future__ import annotations
@@ -148,13 +148,13 @@ class HookNode:
             raise AssertionError(f"hook {self.name} exited: {self.log_file.read_text()[-3000:]}")
 
     def stop_hook(self, timeout: float = 20) -> None:
-        """SIGTERM the hook and wait for it (SIGKILL after `timeout`); nothing if it is not running."""
+        """SIGTERM the hook and wait for it (SIGKILL after `timeout`, scaled); nothing if it is not running."""
         if self.hook is None:
             return
         if self.hook.poll() is None:
             self.hook.send_signal(signal.SIGTERM)
             try:
-                self.hook.wait(timeout=timeout)
+                self.hook.wait(timeout=timeout * TIME_SCALE)
             except subprocess.TimeoutExpired:
                 self.hook.kill()
                 self.hook.wait()
