@@ -88,7 +88,8 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
     try:
         if source.on_nodes is None:
             raise RuntimeError("the daemon did not start its peer source")
-        source.on_nodes(synthetic_cluster(nodes + 1, pods, "scattered")[1], True)  # P3's cluster; node 0 is absent
+        _, remote = synthetic_cluster(nodes + 1, pods, "scattered")  # P3's cluster: `nodes` others, node 0 is absent
+        source.on_nodes(remote, True)
         api.start()
         http.start()
         deadline = time.monotonic() + 600
