@@ -1,6 +1,6 @@
 """The test suites' wait: poll a condition until it holds, failing the test (AssertionError) at the deadline.
 
-Every timeout is stretched by WGCNI_TEST_TIME_SCALE (default 1): the VM tier (software-emulated CPU, Python ~18x
+Every timeout is stretched by WGCNI_TEST_TIME_SCALE (default 1): the VM tier (software-emulated CPU, Python much
 slower) sets it, so the same tests prove the same behaviour there, only with longer patience.
 """
 
