@@ -54,7 +54,7 @@ def host_encryption_enabled(settings: Settings, environment: Environment) -> boo
 
 def desired_sysctls(settings: Settings) -> dict[str, str]:
     return {
-        # the fwmark set in raw PREROUTING counts in the reverse-path lookup (plaintext from the underlay passes)
+        # the fwmark set in PREROUTING counts in the reverse-path lookup (plaintext from the underlay passes)
         "net/ipv4/conf/all/src_valid_mark": "1",
         # loose reverse-path check on the tunnel: WireGuard already checks every inner source against AllowedIPs
         f"net/ipv4/conf/{settings.interface}/rp_filter": "2",

@@ -1,9 +1,14 @@
 """Firewall applier: the hook's own nftables tables (`inet <table>`, `arp <table>`), replaced atomically.
 
 What the tables do (rendered by `render_firewall`, which the fake shares):
-- raw PREROUTING: every packet that arrives on anything but lo, the WireGuard device or a pod veth gets the fwmark
-  bit, so with `src_valid_mark=1` the reverse-path check of plaintext packets from the underlay (WireGuard's own
-  UDP, nodes without a key, peers that have not programmed us yet) skips the hook's table and passes;
+- PREROUTING, after DNAT (priority dstnat + 1, so kube-proxy's NodePort/LoadBalancer DNAT has already chosen the
+  endpoint): every packet that arrives on anything but lo, the WireGuard device or a pod veth gets the fwmark bit,
+  so with `src_valid_mark=1` the reverse-path check of plaintext packets from the underlay (WireGuard's own UDP,
+  nodes without a key, peers that have not programmed us yet) skips the hook's table and passes - unless the
+  packet is forwarded into the tunnel (`fib daddr oifname <wg>`: its destination, as DNAT left it, routes to the
+  WireGuard device). Such a packet keeps no mark, so rule `not fwmark M/M` sends it through the hook's table:
+  a NodePort connection that kube-proxy forwards to a pod on another node crosses the VNet encrypted. Marking in
+  the raw hook, before DNAT, cannot tell those apart, and the mark made them leave through eth0 in plaintext;
 - ARP input (table `arp <table>`): the same mark on ARP requests. The kernel answers an ARP request only if a route
   lookup from the sender passes the reverse-path check; with host encryption the sender (a node IP) routes into
   the tunnel, so under strict rp_filter unmarked requests go unanswered and nodes on a shared L2 lose each other
@@ -35,9 +40,10 @@ def render_firewall(spec: FirewallSpec) -> str:
     mark = f"meta mark set meta mark | {spec.fwmark:#x}"
     return (
         f"table inet {spec.table} {{\n"
-        "\tchain raw-prerouting {\n"
-        "\t\ttype filter hook prerouting priority raw; policy accept;\n"
+        "\tchain mark-underlay {\n"
+        "\t\ttype filter hook prerouting priority dstnat + 1; policy accept;\n"
         f"\t\t{body}\n"
+        f'\t\tfib daddr oifname "{spec.wireguard_interface}" return\n'
         f"\t\t{mark}\n"
         "\t}\n"
         "\tchain input {\n"
