@@ -29,7 +29,7 @@ from typing import Callable
 from bench import row
 from bench.p3_scale import synthetic_cluster
 from cni_plugin.cli import run as wgcni
-from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
 from node_hook.daemon import Daemon, _Appliers
 from node_hook.detect import Environment
@@ -80,7 +80,7 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
                     _Appliers(wireguard, FakeRouting(settings.route_table), FakeFirewall(),
                               FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0",
                                            "net/ipv4/conf/wgcni0/rp_filter": "1"}, settings.sysctl_originals_file)),
-                    monitor_netlink=False, observer=metrics, cni_conf_dir=conf_dir)
+                    monitor_netlink=False, observer=metrics, cni_conf_dir=conf_dir, pod_routes=FakePodRoutes())
     metrics.attach(daemon)
     api = LocalApiServer(settings.socket, daemon)
     http = MetricsServer("127.0.0.1:0", metrics)

@@ -11,7 +11,7 @@ import json
 import click
 
 from cni_plugin import __version__
-from cni_plugin.cli_hook import HOOK_COMMANDS, HookQueryError, Table, programmed_ips, socket_option
+from cni_plugin.cli_hook import HOOK_COMMANDS, HookQueryError, Table, hook_local_pods, programmed_ips, socket_option
 from cni_plugin.cni import DEFAULT_STATE_DIR, SUPPORTED_VERSIONS
 from cni_plugin.records import RecordStore, valid_network
 
@@ -36,8 +36,9 @@ def version() -> None:
 @click.option("--json", "as_json", is_flag=True, help="A stable JSON array of objects instead of a table.")
 @socket_option
 def pods(state_dir: str, network: str | None, as_json: bool, socket_path: str) -> None:
-    """List the pod attachments the plugin has recorded on this node, and whether the hook programmed them
-    (`programmed`: true/false, null when the hook cannot be asked)."""
+    """List this node's pods: the attachments the plugin has recorded and, when the hook answers, the pods it
+    learned only from their host routes (no record: they predate wgcni), where each came from (`sources`) and
+    whether the hook programmed it (`programmed`: true/false, null when the hook cannot be asked)."""
     if network is not None and not valid_network(network):
         raise click.BadParameter(f"{network!r} is not a valid network name", param_hint="--network")
     problems: list[str] = []
@@ -45,20 +46,39 @@ def pods(state_dir: str, network: str | None, as_json: bool, socket_path: str) -
     for problem in problems:
         click.echo(f"wgcni: skipped {problem}", err=True)
     rows = [{field: record.get(field) for field in POD_FIELDS} for record in records]
-    programmed = programmed_ips(socket_path, sorted({ip for row in rows for ip in row["ips"]})) if rows else None
+    hook_pods = hook_local_pods(socket_path)
+    by_key = {pod["key"]: pod for pod in hook_pods or ()}
+    for row in rows:
+        known = by_key.get(f"{row['network']}/{row['containerID']}@{row['ifname']}") or {}
+        row["sources"] = known.get("sources") or ["record"]
+        row["hostInterface"] = known.get("hostInterface")
+    if network is None:
+        rows += [dict({field: None for field in POD_FIELDS}, ips=pod["ips"], sources=pod["sources"],
+                      hostInterface=pod["hostInterface"])
+                 for pod in hook_pods or () if pod["sources"] == ["route"]]
+    ips = sorted({ip for row in rows for ip in row["ips"]})
+    programmed = programmed_ips(socket_path, ips) if rows else None
     for row in rows:
         row["programmed"] = None if programmed is None else all(ip in programmed for ip in row["ips"])
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(("NETWORK", "POD", "CONTAINER", "IFNAME", "IPS", "UPDATED")
+                  + (("SOURCE",) if hook_pods is not None else ())
                   + (("PROGRAMMED",) if programmed is not None else ()))
     lines = []
     for row in rows:
         pod = f"{row['podNamespace']}/{row['podName']}" if row["podName"] else "-"
-        lines.append((row["network"], pod, row["containerID"][:13], row["ifname"], ",".join(row["ips"]) or "-",
-                      row["updated"]) + (("yes" if row["programmed"] else "NO",) if programmed is not None else ()))
+        source = "+".join(row["sources"]) if row["network"] else f"route only ({row['hostInterface']})"
+        lines.append((row["network"] or "-", pod, (row["containerID"] or "-")[:13], row["ifname"] or "-",
+                      ",".join(row["ips"]) or "-", row["updated"] or "-")
+                     + ((source,) if hook_pods is not None else ())
+                     + (("yes" if row["programmed"] else "NO",) if programmed is not None else ()))
     table.write(lines)
+    unrecorded = sum(1 for row in rows if not row["network"])
+    if unrecorded:
+        click.echo(f"{unrecorded} pod(s) have no pod record: the hook learned their IPs from the node's routes and "
+                   "encrypts them; recreate them to give them a record (see wgcni check)", err=True)
 
 
 for command in HOOK_COMMANDS:

@@ -213,7 +213,10 @@ def status(socket_path: str, as_json: bool) -> None:
         ("dataplane", "in sync" if not out_of_sync else f"out of sync: {', '.join(out_of_sync)}"),
         ("sync", sync_text),
         ("counts", f"{plural(counts['peers'], 'peer')}, {plural(counts['remoteNodes'], 'remote node')}, "
-                   f"{plural(counts['localPods'], 'local pod')}, {plural(counts['routes'], 'route')}"),
+                   f"{plural(counts['localPods'], 'local pod')}"
+                   + (f" ({counts['podsWithoutRecord']} without a pod record)" if counts.get("podsWithoutRecord")
+                      else "")
+                   + f", {plural(counts['routes'], 'route')}"),
         ("passes", f"{answer['passes']} ({answer['errors']} failed)"),
     ]
     if answer["lastError"]:
@@ -410,6 +413,16 @@ def programmed_ips(socket_path: str, ips: list[str]) -> set[str] | None:
     except HookQueryError:
         return None
     return set(ips) - set(answer.get("missing", ips))
+
+
+def hook_local_pods(socket_path: str) -> list[dict[str, Any]] | None:
+    """The hook's local pods with their sources (records and host routes); None when the hook cannot be asked."""
+    if not os.path.exists(socket_path):
+        return None
+    try:
+        return list(ask(socket_path, {"op": "pods"})["pods"])
+    except (HookQueryError, KeyError, TypeError):
+        return None
 
 
 HOOK_COMMANDS = (status, peers, routes, check)

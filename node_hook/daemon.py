@@ -4,6 +4,9 @@ Only the worker thread touches the model and the appliers' write paths. Other th
 netlink monitor, wireguard-go watcher) enqueue events and wake it:
 - a pod notification re-reads that one record and applies at once (the caller waits up to a bound for the pass);
 - the records directory is rescanned every `recordRescanInterval` (the record, not the notification, is the truth);
+- local pods are also learned from the main table's pod host routes (node_hook.pod_routes): a pod without a record
+  (it predates wgcni, or started while the conflist lacked the wgcni entry) is local and published all the same;
+  netlink says when such a route or a pod interface comes or goes, and the routes are re-read with every rescan;
 - netlink says our device or its address, a rule pointing at our table, or a route we want in it was removed, or wireguard-go
   exited -> that aspect is marked out of sync and repaired in the next pass (well within 2 s), with the same key;
 - every `resyncInterval` every aspect is read back in full and diffed;
@@ -34,6 +37,7 @@ from node_hook.install import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
 from node_hook.keys import NodeKey
 from node_hook.model import LOCAL, LocalAnnouncement, NodeModel, RemoteNode, RouteKind, address_texts, host_prefix
 from node_hook.planner import desired_rules
+from node_hook.pod_routes import MAIN_TABLE, PodRouteSource, is_pod_interface
 from node_hook.reconciler import Reconciler, Targets
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,13 @@ RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older sess
 
 def record_key(network: str, container_id: str, ifname: str) -> str:
     return f"{network}/{container_id}@{ifname}"
+
+
+ROUTE_KEY_PREFIX = "route:"  # model keys of the pods learned from host routes: "route:<host interface>"
+
+
+def route_key(interface: str) -> str:
+    return f"{ROUTE_KEY_PREFIX}{interface}"
 
 
 def host_encryption_enabled(settings: Settings, environment: Environment) -> bool:
@@ -101,6 +112,7 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         observer: Any = None,
         cni_conf_dir: Path = DEFAULT_CNI_CONF_DIR,
+        pod_routes: PodRouteSource | None = None,
     ) -> None:
         self.settings = settings
         self.key = key
@@ -138,6 +150,13 @@ class Daemon:
 
             record_store = RecordStore(str(settings.state_dir))
         self.records = record_store
+        if pod_routes is None:
+            from node_hook.pod_routes import KernelPodRoutes
+
+            pod_routes = KernelPodRoutes(settings.pod_interface_prefixes)
+        self.pod_routes = pod_routes
+        self.route_pods: dict[str, frozenset[str]] = {}  # host interface -> pod IPs, from the main table
+        self._pod_routes_pending = False
         self.monitor_netlink = monitor_netlink
         self._lock = threading.Lock()
         # Held by the worker while it changes the model (events, rescans) and by other threads while they read
@@ -161,6 +180,7 @@ class Daemon:
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._rescan_pod_routes()
         self._rescan_records()
         self._worker = threading.Thread(target=self._run, name="wgcni-reconcile", daemon=True)
         self._worker.start()
@@ -177,6 +197,7 @@ class Daemon:
         if self._worker is not None:
             self._worker.join(timeout=30)
         self.appliers.wireguard.close()
+        self.pod_routes.close()
 
     # ---- events (any thread) ----------------------------------------------------------------------------
 
@@ -222,6 +243,15 @@ class Daemon:
                 self.model.update_remote_nodes(nodes)
         self._enqueue(apply)
 
+    def pod_routes_changed(self) -> None:
+        """A main-table host route or a pod interface came or went (netlink thread): re-read the pod routes once,
+        however many such changes arrive before the worker gets to it."""
+        with self._wake:
+            if self._pod_routes_pending:
+                return
+            self._pod_routes_pending = True
+        self._enqueue(self._rescan_pod_routes)
+
     def _wireguard_exited(self, code: int) -> None:
         self._enqueue(out_of_sync=("device",))
 
@@ -255,6 +285,7 @@ class Daemon:
                     except Exception as error:  # noqa: BLE001 - a bad record or peer list must not stop the loop
                         log.error("%s", error)
                 if now >= next_rescan:
+                    self._rescan_pod_routes()
                     self._rescan_records()
                     next_rescan = now + self.settings.record_rescan_interval
             if now >= next_resync:
@@ -325,8 +356,30 @@ class Daemon:
                 if meta[key]["ips"] != self.records_meta[key]["ips"]:
                     self.observer.pod_seen(key, seen_at)
         self.record_errors = errors
+        local.update((route_key(interface), sorted(ips)) for interface, ips in self.route_pods.items())
         self.model.replace_local_pods(local)
         self.records_meta = meta
+
+    def _rescan_pod_routes(self) -> None:
+        """Worker thread: take the pod host routes of the main table as local pods (keyed by interface)."""
+        with self._wake:
+            self._pod_routes_pending = False
+        try:
+            found = self.pod_routes.read()
+        except Exception as error:  # noqa: BLE001 - keep what was learned; the next rescan reads again
+            log.error("reading the pod routes of the main table: %s", error)
+            return
+        seen_at = time.monotonic()
+        for interface in self.route_pods.keys() - found.keys():
+            self.model.remove_local_pod(route_key(interface))
+            if self.observer is not None:
+                self.observer.pod_seen(route_key(interface), seen_at)
+        for interface, ips in found.items():
+            if self.route_pods.get(interface) != ips:
+                self.model.set_local_pod(route_key(interface), sorted(ips))
+                if self.observer is not None:
+                    self.observer.pod_seen(route_key(interface), seen_at)
+        self.route_pods = found
 
     def _publish(self) -> None:
         announcement = LocalAnnouncement(
@@ -361,6 +414,7 @@ class Daemon:
         )
 
         table = self.settings.route_table
+        pod_prefixes = self.settings.pod_interface_prefixes
         with IPRoute() as ipr:
             ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
                      | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
@@ -379,6 +433,11 @@ class Daemon:
                     elif event == "RTM_DELROUTE" and message.get("table") == table:
                         prefix = ipaddress.ip_network(f"{message.get('dst')}/{message['dst_len']}", strict=False)
                         self._enqueue(lambda prefix=prefix: self._route_removed(prefix))
+                    elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and message.get("table") == MAIN_TABLE:
+                        if message["dst_len"] in (32, 128):
+                            self.pod_routes_changed()
+                    elif event == "RTM_DELLINK" and is_pod_interface(message.get("ifname"), pod_prefixes):
+                        self.pod_routes_changed()  # IPv4 removes a deleted link's routes without RTM_DELROUTE
 
     def _route_removed(self, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
         """Worker thread: a route left our table; repair it if we still want it (our own deletes are not)."""
@@ -391,10 +450,13 @@ class Daemon:
         converged = self.reconciler.converged
         with self._model_lock:
             problems = self.model.problems()
+            local_pods = self.pods()
             counts = {
                 "peers": len(self.model.peers),
                 "remoteNodes": len(self.model.remote_nodes),
-                "localPods": len(self.model.local_records),
+                "localPods": len(local_pods),
+                "podRecords": len(self.records_meta),
+                "podsWithoutRecord": sum(1 for pod in local_pods if pod["sources"] == ["route"]),
                 "routes": len(self.model.routes),
             }
         source_error = getattr(self.peer_source, "error", None)
@@ -573,12 +635,44 @@ class Daemon:
         return analyse(self.on_worker(lambda: observe(self)), self.cni_conf_dir)
 
     def pods(self) -> list[dict[str, Any]]:
-        return [dict(meta, key=key) for key, meta in sorted(self.records_meta.items())]
+        """Every local pod and where the hook learned it (`sources`: "record", "route" or both): each pod record,
+        with the host interface whose route carries its IPs, then each pod interface no record names."""
+        with self._model_lock:
+            records, route_pods = dict(self.records_meta), dict(self.route_pods)
+        interface_of = {ip: interface for interface, ips in route_pods.items() for ip in ips}
+        out: list[dict[str, Any]] = []
+        recorded: set[str] = set()
+        for key, meta in sorted(records.items()):
+            interfaces = sorted({interface_of[ip] for ip in _normal_ips(meta.get("ips")) if ip in interface_of})
+            recorded.update(interfaces)
+            out.append(dict(meta, key=key, sources=["record", "route"] if interfaces else ["record"],
+                            hostInterface=interfaces[0] if interfaces else None))
+        for interface, ips in sorted(route_pods.items()):
+            if interface not in recorded:
+                out.append({"key": route_key(interface), "network": None, "containerID": None, "ifname": None,
+                            "podNamespace": None, "podName": None, "ips": sorted(ips), "netns": None,
+                            "sources": ["route"], "hostInterface": interface})
+        return out
+
+    def unrecorded_pods(self) -> list[dict[str, Any]]:
+        """The local pods known only from their host routes (no pod record)."""
+        return [pod for pod in self.pods() if pod["sources"] == ["route"]]
 
 
 def _record_meta(record: dict[str, Any]) -> dict[str, Any]:
     return {field: record.get(field) for field in ("network", "containerID", "ifname", "podNamespace", "podName",
                                                     "ips", "netns")}
+
+
+def _normal_ips(ips: Any) -> list[str]:
+    """A record's IPs in the form the model and the routes use; anything that is not an address is left out."""
+    out = []
+    for ip in ips or ():
+        try:
+            out.append(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            continue
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -69,6 +69,7 @@ class Observed:
     peers_complete: bool
     last_error: str | None
     record_errors: list[str]
+    unrecorded_pods: list[dict[str, Any]]  # local pods known only from their host routes
     source_error: str | None
     sync_status: Any
     targets: Any
@@ -89,6 +90,7 @@ def observe(daemon: Any) -> Observed:
         peers_complete=daemon.peers_complete,
         last_error=daemon.last_error,
         record_errors=list(daemon.record_errors),
+        unrecorded_pods=daemon.unrecorded_pods(),
         source_error=getattr(daemon.peer_source, "error", None),
         sync_status=getattr(daemon.peer_source, "status", None),
         targets=daemon.targets,
@@ -314,11 +316,20 @@ def _handshakes(o: Observed) -> list[dict[str, str]]:
 
 
 def _records(o: Observed) -> list[dict[str, str]]:
+    out = []
     if o.record_errors:
-        return [_finding("records", "warning", f"{len(o.record_errors)} pod record(s) unreadable: "
-                         f"{_some(o.record_errors)}", "those pods are not programmed; recreate the pods or "
-                         "remove the broken files under <stateDir>/pods")]
-    return []
+        out.append(_finding("records", "warning", f"{len(o.record_errors)} pod record(s) unreadable: "
+                            f"{_some(o.record_errors)}", "those pods are not programmed; recreate the pods or "
+                            "remove the broken files under <stateDir>/pods"))
+    if o.unrecorded_pods:
+        described = [f"{','.join(pod['ips'])} on {pod['hostInterface']}" for pod in o.unrecorded_pods]
+        out.append(_finding("records", "warning", f"{len(o.unrecorded_pods)} pod(s) have no pod record: "
+                            f"{_some(described)}; the hook learned their IPs from the node's routes and encrypts "
+                            "them, but without a record their IPs are known only once azure-vnet's route exists "
+                            "and they carry no pod name", "they predate wgcni or started while the conflist lacked "
+                            "the wgcni entry: recreate them (kubectl delete pod) once 'wgcni check' shows no "
+                            "conflist finding"))
+    return out
 
 
 def _conflist(conf_dir: Path) -> list[dict[str, str]]:

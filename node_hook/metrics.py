@@ -227,7 +227,9 @@ def state_families(snapshot: _Snapshot, per_peer: bool, now: float) -> Iterable[
     for kind in ("dev", "throw"):
         routes.add_metric([kind], snapshot.routes_by_kind.get(kind, 0))
     yield routes
-    yield _gauge("wgcni_pod_records", "Pod attachments recorded on this node.", status["counts"]["localPods"])
+    yield _gauge("wgcni_pod_records", "Pod attachments recorded on this node.", status["counts"]["podRecords"])
+    yield _gauge("wgcni_pods_without_record", "Local pods learned only from their host routes (no pod record: they "
+                 "predate wgcni or started while the conflist lacked its entry).", status["counts"]["podsWithoutRecord"])
     yield _gauge("wgcni_pod_record_errors", "Pod records that cannot be read (never programmed).",
                  len(status["recordErrors"]))
     conflicts = GaugeMetricFamily("wgcni_conflicts", "Problems that keep traffic plaintext or ambiguous, by kind: "

@@ -6,6 +6,7 @@
 - `FakeRouting`: one table of routes (replace semantics), the rules pointing at it and the device's addresses;
   deleting a missing route or rule and adding an existing rule or address succeed, as in the real applier.
 - `FakeFirewall`, `FakeSysctls`: an nftables table rendered to a listing; sysctls with persisted originals.
+- `FakePodRoutes`: the pod host routes of the main table (a source the daemon reads, not an applier).
 
 `fail_next` is a set of operation names; the next call of such an operation raises `InjectedFailure` (for
 `apply_peer_ops` / routing `apply` after applying the first op, like a UAPI transaction or netlink batch that
@@ -271,3 +272,21 @@ class FakeSysctls(_FailNext):
             if name in self.values:
                 self.values[name] = value
         self.originals_file.unlink(missing_ok=True)
+
+
+class FakePodRoutes(_FailNext):
+    """A PodRouteSource in memory: `routes` is the main table's pod host routes, {host interface: pod IPs}; a pod
+    is added or removed by changing it (as azure-vnet adds and removes a pod's veth and route)."""
+
+    operations = ("read",)
+
+    def __init__(self, routes: dict[str, Iterable[str]] | None = None) -> None:
+        super().__init__()
+        self.routes: dict[str, frozenset[str]] = {name: frozenset(ips) for name, ips in (routes or {}).items()}
+
+    def read(self) -> dict[str, frozenset[str]]:
+        self._maybe_fail("read")
+        return dict(self.routes)
+
+    def close(self) -> None:
+        self.calls.append("close")

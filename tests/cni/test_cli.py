@@ -43,7 +43,8 @@ def test_pods_json_is_a_stable_array(tmp_path, capsys):
     assert [(r["network"], r["containerID"]) for r in rows] == [("azure", "a1"), ("azure", "b2"), ("other", "c3")]
     assert rows[1] == {"network": "azure", "podNamespace": "shop", "podName": "web", "podUID": "uid-b2",
                        "containerID": "b2", "ifname": "eth0", "ips": ["10.240.0.66", "fd00::42"],
-                       "created": "2026-01-01T00:00:00Z", "updated": "2026-01-02T00:00:00Z", "programmed": None}
+                       "created": "2026-01-01T00:00:00Z", "updated": "2026-01-02T00:00:00Z", "sources": ["record"],
+                       "hostInterface": None, "programmed": None}
     assert run(["pods", "--state-dir", str(tmp_path), "--json", "--network", "other"]) == 0
     assert [r["containerID"] for r in json.loads(capsys.readouterr().out)] == ["c3"]
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import pytest
 
 from cni_plugin.records import RecordStore, utc_now_rfc3339
-from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
 from node_hook.daemon import Daemon, _Appliers
 from node_hook.detect import Environment
@@ -54,10 +54,11 @@ class Harness:
         self.sysctls = FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0", "net/ipv4/conf/wgcni0/rp_filter": "1"},
                                    self.settings.sysctl_originals_file)
         self.source = ManualPeerSource()
+        self.pod_routes = FakePodRoutes()
         self.store = RecordStore(str(self.settings.state_dir))
         self.daemon = Daemon(self.settings, self.key, self.environment, self.source,
                              _Appliers(self.wg, self.routing, FakeFirewall(), self.sysctls),
-                             record_store=self.store, monitor_netlink=False)
+                             record_store=self.store, monitor_netlink=False, pod_routes=self.pod_routes)
 
     def settle(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         wait_until(predicate, timeout, "the daemon's state", interval=0.01,
@@ -230,3 +231,47 @@ def test_local_api_takes_a_burst_of_plugin_connections_before_accepting(tmp_path
         for client in clients:
             client.close()
         server.server_close()
+
+
+def test_a_pod_without_a_record_is_local_and_published_from_its_host_route(harness: Harness) -> None:
+    """A pod that predates wgcni has no record, only azure-vnet's host route: it must be local (throw route, never
+    given to a peer) and published, or its replies enter the tunnel with a source no peer allows."""
+    harness.source.on_nodes({"b": node_b({"10.240.0.70", "10.240.0.20"})}, True)  # type: ignore[misc]
+    harness.pod_routes.routes["azv0123456789a"] = frozenset({"10.240.0.20"})
+    harness.daemon.pod_routes_changed()  # what the netlink monitor does on RTM_NEWROUTE in the main table
+    harness.settle(lambda: routes(harness).get("10.240.0.20/32") == "throw")
+    harness.settle(lambda: harness.source.published[-1].pod_ips == frozenset({"10.240.0.20"}))
+    assert harness.daemon.check(["10.240.0.20"])["programmed"]
+    peer_b = harness.wg.device.peers[KEY_B]  # type: ignore[union-attr]
+    assert ipaddress.ip_network("10.240.0.20/32") not in peer_b.allowed_ips  # local wins over b's claim
+    (pod,) = harness.daemon.pods()
+    assert pod["sources"] == ["route"] and pod["hostInterface"] == "azv0123456789a" and pod["podName"] is None
+    assert harness.daemon.status()["counts"]["podsWithoutRecord"] == 1
+
+    write_record(harness.store, "c5", ["10.240.0.20"])  # the pod is recreated with wgcni in the chain
+    harness.daemon.pod_changed("azure", "c5", "eth0", wait=5)
+    (pod,) = harness.daemon.pods()
+    assert pod["sources"] == ["record", "route"] and pod["podName"] == "c5"
+    assert harness.daemon.unrecorded_pods() == []
+
+    del harness.pod_routes.routes["azv0123456789a"]  # the pod is local while either source still names it
+    harness.daemon.pod_routes_changed()
+    harness.settle(lambda: harness.daemon.pods()[0]["sources"] == ["record"])
+    assert routes(harness)["10.240.0.20/32"] == "throw"  # still local: the record names it
+    with harness.store.lock():
+        harness.store.remove("azure", "c5", "eth0")
+    harness.daemon.pod_changed("azure", "c5", "eth0", wait=5)
+    harness.settle(lambda: routes(harness).get("10.240.0.20/32") == "dev")  # now b's
+    assert harness.daemon.pods() == []
+
+
+def test_pod_routes_that_cannot_be_read_keep_what_was_learned(harness: Harness) -> None:
+    harness.pod_routes.routes["azvaaaaaaaaaaa"] = frozenset({"10.240.0.21"})
+    harness.daemon.pod_routes_changed()
+    harness.settle(lambda: routes(harness).get("10.240.0.21/32") == "throw")
+    harness.pod_routes.fail_next.add("read")
+    harness.pod_routes.routes.clear()
+    harness.daemon.pod_routes_changed()
+    harness.settle(lambda: "read" not in harness.pod_routes.fail_next)
+    assert routes(harness)["10.240.0.21/32"] == "throw"  # a failed read forgets nothing
+    harness.settle(lambda: "10.240.0.21/32" not in routes(harness))  # the rescan reads again

@@ -98,7 +98,8 @@ class Lab:
         self.nodes[name] = node
         return node
 
-    def add_pod(self, node: Node, ip: str, name: str | None = None) -> Pod:
+    def add_pod(self, node: Node, ip: str, name: str | None = None, record: bool = True) -> Pod:
+        """Plumb a pod as azure-vnet does; `record=False` leaves out the pod record (a pod that predates wgcni)."""
         self._pod_counter += 1
         name = name or f"pod{self._pod_counter}"
         netns = f"h3{name}-{self.suffix}"
@@ -119,7 +120,8 @@ class Lab:
         container_id = secrets.token_hex(16)
         pod = Pod(name, node, ip, netns, host_veth, container_id)
         node.pods[name] = pod
-        self.write_record(pod)
+        if record:
+            self.write_record(pod)
         return pod
 
     def write_record(self, pod: Pod) -> None:

@@ -15,7 +15,7 @@ import pytest
 from cni_plugin.cli import run
 from cni_plugin.records import RecordStore, utc_now_rfc3339
 from node_hook import diagnose
-from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
+from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
 from node_hook.daemon import Daemon, _Appliers
 from node_hook.detect import Environment
@@ -62,11 +62,13 @@ class Hook:
         self.sysctls = FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0", "net/ipv4/conf/wgcni0/rp_filter": "1"},
                                    self.settings.sysctl_originals_file)
         self.source = ManualPeerSource()
+        self.pod_routes = FakePodRoutes()
         self.store = RecordStore(str(self.settings.state_dir))
         self.metrics = HookMetrics()
         self.daemon = Daemon(self.settings, self.key, self.environment, self.source,
                              _Appliers(self.wg, self.routing, self.firewall, self.sysctls), record_store=self.store,
-                             monitor_netlink=False, observer=self.metrics, cni_conf_dir=self.conf_dir)
+                             monitor_netlink=False, observer=self.metrics, cni_conf_dir=self.conf_dir,
+                             pod_routes=self.pod_routes)
         self.metrics.attach(self.daemon)
         self.api = LocalApiServer(self.settings.socket, self.daemon)
         self.http = MetricsServer("127.0.0.1:0", self.metrics)

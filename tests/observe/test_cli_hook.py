@@ -28,7 +28,8 @@ def test_status_human_and_json(hook: Hook, capsys: pytest.CaptureFixture[str]) -
     assert code == 0
     status = json.loads(out)
     assert status["node"] == "node-a" and status["ready"] is True and status["publicKey"] == hook.key.public_key
-    assert status["counts"] == {"peers": 2, "remoteNodes": 2, "localPods": 1, "routes": 4}
+    assert status["counts"] == {"peers": 2, "remoteNodes": 2, "localPods": 1, "podRecords": 1, "podsWithoutRecord": 0,
+                                "routes": 4}
     code, out, _ = hook.cli("status", capsys=capsys)
     assert code == 0
     lines = out.splitlines()
@@ -149,6 +150,25 @@ def test_pods_show_the_programmed_state_when_the_hook_answers(hook: Hook, capsys
     assert {row["podName"]: row["programmed"] for row in json.loads(out)} == {"web": True, "late": True}
 
 
+def test_pods_lists_pods_without_a_record_with_their_source(hook: Hook,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    mesh(hook)
+    _pod_without_record(hook)
+    code, out, _ = hook.cli("pods", "--state-dir", str(hook.settings.state_dir), "--json", capsys=capsys)
+    assert code == 0
+    rows = {tuple(row["ips"]): row for row in json.loads(out)}
+    assert rows[("10.240.0.13",)]["sources"] == ["route"] and rows[("10.240.0.13",)]["network"] is None
+    assert rows[("10.240.0.13",)]["hostInterface"] == "azv0123456789a" and rows[("10.240.0.13",)]["programmed"]
+    assert all(row["sources"] == ["record"] for ips, row in rows.items() if ips != ("10.240.0.13",))
+    code, out, err = hook.cli("pods", "--state-dir", str(hook.settings.state_dir), capsys=capsys)
+    header, *lines = out.splitlines()
+    assert header.split()[-2:] == ["SOURCE", "PROGRAMMED"]
+    assert any("route only (azv0123456789a)" in line and "10.240.0.13" in line for line in lines)
+    assert "1 pod(s) have no pod record" in err
+    code, out, _ = hook.cli("status", capsys=capsys)
+    assert "(1 without a pod record)" in out
+
+
 def test_hook_down_is_one_line_and_check_exits_2(hook: Hook, capsys: pytest.CaptureFixture[str]) -> None:
     hook.api.stop()
     code, out, err = hook.cli("status", capsys=capsys)
@@ -229,7 +249,14 @@ def _conflist_lost_entry(hook: Hook) -> None:
     path.write_text(json.dumps(conflist))
 
 
+def _pod_without_record(hook: Hook) -> None:
+    hook.pod_routes.routes["azv0123456789a"] = frozenset({"10.240.0.13"})
+    hook.daemon.pod_routes_changed()
+    hook.settle(lambda: hook.daemon.status()["counts"]["podsWithoutRecord"] == 1)
+
+
 @pytest.mark.parametrize("cause,check,severity,words", [
+    (_pod_without_record, "records", "warning", "1 pod(s) have no pod record: 10.240.0.13 on azv0123456789a"),
     (_drop_rule, "rules", "error", "ip rule missing: 99: not fwmark 0x100000/0x100000 lookup 51820 (v4)"),
     (_drop_route, "routes", "error", "1 route(s) missing or wrong in table 51820: 10.240.0.70/32 (dev)"),
     (_sysctl_off, "sysctls", "error", "net.ipv4.conf.all.src_valid_mark is 0, needs 1"),
