@@ -166,7 +166,7 @@ def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
             sh("ip", "link", "add", DEVICE, "type", "veth", "peer", "name", "p3c1")
             for name in (DEVICE, "p3c1"):
                 sh("ip", "link", "set", name, "up")
-            routing = PyrouteRouting(TABLE, DEVICE)
+            routing = PyrouteRouting(TABLE, DEVICE, 98)
             try:
                 for nodes in sizes:
                     results.append(measure_size(routing, nodes, pods, 1 if quick else FULL_REPEATS.get(nodes, 1),

@@ -212,6 +212,7 @@ def status(socket_path: str, as_json: bool) -> None:
         ("host encryption", "on" if answer["hostEncryption"] else "off"),
         ("dataplane", "in sync" if not out_of_sync else f"out of sync: {', '.join(out_of_sync)}"),
         ("sync", sync_text),
+        ("publication", f"{answer['publication']['state']}: {answer['publication']['message']}"),
         ("counts", f"{plural(counts['peers'], 'peer')}, {plural(counts['remoteNodes'], 'remote node')}, "
                    f"{plural(counts['localPods'], 'local pod')}"
                    + (f" ({counts['podsWithoutRecord']} without a pod record)" if counts.get("podsWithoutRecord")

@@ -115,7 +115,8 @@ def cleanup(config: Path | None) -> None:
         raise click.ClickException(f"a hook is running on {settings.socket}: stop it first")
     problems: list[str] = []
     steps = (
-        ("rules and routes", lambda: _flush_routing(PyrouteRouting(settings.route_table, settings.interface))),
+        ("rules and routes", lambda: _flush_routing(PyrouteRouting(settings.route_table, settings.interface,
+                                                                       settings.bypass_rule_priority))),
         ("device", lambda: _delete_device(real_wireguard_backend(settings, lambda code: None))),
         ("firewall", lambda: NftFirewall(FIREWALL_TABLE).delete()),
         ("sysctls", lambda: Sysctls(settings.sysctl_originals_file).restore()),

@@ -10,6 +10,10 @@ This is the only module of the hook that imports `kubernetes`. It does three thi
 - **Own Node**: list+watch of this node's `Node` (field selector), for its uid (owner reference) and the opt-out
   label `wgcni.io/wireguard=disabled`. An opted-out node publishes an empty key (peers reach it in plaintext) and
   hands the hook every remote node with an empty key, so it programs no peer and sends plaintext too.
+- **What the API holds**: every change of this node's own object as the API returns it (list, watch, the answer to
+  a write), and every write's outcome, is reported to the hook as a `Publication` (`on_published`): the key and IPs
+  the API holds and whether the latest write is written, pending, denied (401/403/404/422: RBAC, admission, no Node
+  of this name) or unreachable. The hook trusts its publication only as far as the API holds it.
 - **Publishing**: `publish()` only records the latest announcement; one writer thread writes it into this node's
   own object (status subresource) and the Node's `wgcni.io/public-key` annotation. Writes are rate limited (at most
   `max_writes_per_second`, default 2: a burst of pod churn collapses into one write of the latest state), use
@@ -37,7 +41,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from node_hook.model import IPNetwork, LocalAnnouncement, RemoteNode, prefix_keys
+from node_hook.model import UNKNOWN_PUBLICATION, IPNetwork, LocalAnnouncement, Publication, RemoteNode, prefix_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ USER_AGENT = "wgcni-node"
 
 JSON = dict[str, Any]
 OnNodes = Callable[[dict[str, RemoteNode], bool], None]
+OnPublished = Callable[[Publication], None]
+DENIED_STATUSES = (400, 401, 403, 404, 422)  # the API will refuse the same write again: not a passing fault
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,22 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
                 "%Y-%m-%dT%H:%M:%SZ"),
         }],
     }
+
+
+def held_addresses(status: JSON | None, limit: int) -> frozenset[str]:
+    """The node and pod IPs a WireguardNode's status lists, as addresses (pod IP prefixes expanded, at most
+    `limit`); what a malformed status lists is left out."""
+    status = status or {}
+    addresses: set[str] = set()
+    for text in list(status.get("nodeIPs") or []) + list(status.get("podIPPrefixes") or []):
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except (TypeError, ValueError):
+            continue
+        if network.num_addresses > limit - len(addresses):
+            continue
+        addresses.update(str(address) for address in (network if network.num_addresses > 1 else [network[0]]))
+    return frozenset(addresses)
 
 
 def is_opted_out(node: JSON | None) -> bool:
@@ -363,10 +385,15 @@ class KubernetesPeerSource:
         self._limiter = _RateLimiter(settings.max_writes_per_second, self._stopping)
         self._threads: list[threading.Thread] = []
         self._list_watches: list[_ListWatch] = []
+        self._on_published: OnPublished | None = None
+        self._own_object_seen = False  # the API has answered about this node's own object (list, watch or write)
+        self._write_failure: tuple[str, str] | None = None  # (denied | unreachable, why) of the last failed write
+        self._reported: Publication | None = None
 
     # --- PeerSource ----------------------------------------------------------------------------------------------
-    def start(self, on_nodes: OnNodes) -> None:
+    def start(self, on_nodes: OnNodes, on_published: OnPublished | None = None) -> None:
         self._on_nodes = on_nodes
+        self._on_published = on_published
         timeout = self.settings.request_timeout
         peers = _ListWatch(
             "wireguardnodes", lambda: self.custom.list_cluster_custom_object(
@@ -393,6 +420,7 @@ class KubernetesPeerSource:
                 self._desired_generation += 1
                 self.status.published = False
                 self._changed.notify_all()
+        self._report_publication()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -433,6 +461,7 @@ class KubernetesPeerSource:
                      "disabled" if is_opted_out(node) else "enabled", OPT_OUT_LABEL)
         if first or opt_out_changed:
             self._emit()
+            self._report_publication()
 
     # --- peers -----------------------------------------------------------------------------------------------
     def _peers_listed(self, items: list[JSON]) -> None:
@@ -445,12 +474,14 @@ class KubernetesPeerSource:
             self._observe_own_object(own)
             self.status.peers_synced = True
         self._emit()
+        self._report_publication()
 
     def _peer_event(self, event_type: str, obj: JSON) -> None:
         name = obj["metadata"]["name"]
         if name == self.node_name:
             with self._changed:
                 self._observe_own_object(None if event_type == "DELETED" else obj)
+            self._report_publication()
             return
         parsed = None if event_type == "DELETED" else self._entry_of(obj, self._peers)
         with self._changed:
@@ -463,6 +494,7 @@ class KubernetesPeerSource:
     def _observe_own_object(self, obj: JSON | None) -> None:
         """Must hold the lock. The echo of one of our own writes is ignored (the writer already holds a copy at
         least as new); any other change (deleted, edited, garbage-collected) makes the writer re-check it."""
+        self._own_object_seen = True
         version = obj["metadata"]["resourceVersion"] if obj else None
         if version is not None and version in self._own_write_versions:
             return
@@ -533,6 +565,9 @@ class KubernetesPeerSource:
                     return
                 self.status.write_errors += 1
                 self.status.last_error = f"publish: {_describe(error)}"
+                with self._changed:
+                    self._write_failure = (_failure_kind(error), f"publishing was refused or failed: {_describe(error)}")
+                self._report_publication()
                 delay = backoff.next_delay()
                 log.warning("publishing %s failed (%s); retrying in %.1fs", self.node_name, _describe(error), delay)
                 self._stopping.wait(delay)
@@ -541,6 +576,8 @@ class KubernetesPeerSource:
             with self._changed:
                 self._written_generation = generation
                 self.status.published = generation == self._desired_generation
+                self._write_failure = None
+            self._report_publication()
 
     def _spend_write(self) -> None:
         if not self._limiter.wait():
@@ -602,6 +639,36 @@ class KubernetesPeerSource:
         with self._changed:
             self._own_write_versions.append(obj["metadata"]["resourceVersion"])
             self._own_object = obj
+            self._own_object_seen = True
+
+    # --- what the API holds ------------------------------------------------------------------------------
+    def publication(self) -> Publication:
+        """What the API holds of this node's publication and how the latest write stands."""
+        with self._changed:
+            if not self._own_object_seen:
+                return UNKNOWN_PUBLICATION
+            status = (self._own_object or {}).get("status") or {}
+            key = status.get("publicKey") or ""
+            held = held_addresses(status, self.settings.max_pod_ips_per_node)
+            if is_opted_out(self._node):
+                return Publication("opted-out", key, held)
+            if self._desired is not None and self._written_generation == self._desired_generation:
+                return Publication("written", key, held)
+            if self._write_failure is not None:
+                return Publication(self._write_failure[0], key, held, self._write_failure[1])
+            return Publication("pending", key, held)
+
+    def _report_publication(self) -> None:
+        """Tell the hook what the API holds, when that changed (never under the lock: the hook enqueues)."""
+        publication = self.publication()
+        with self._emit_lock:
+            if publication == self._reported or self._on_published is None:
+                return
+            self._reported = publication
+            try:
+                self._on_published(publication)
+            except Exception:  # noqa: BLE001 - a failing consumer must not stop the sync
+                log.exception("the hook failed to take this node's publication")
 
     def _read_node(self) -> JSON:
         try:
@@ -631,7 +698,20 @@ def _annotation(node: JSON | None) -> str | None:
     return (((node or {}).get("metadata") or {}).get("annotations") or {}).get(PUBLIC_KEY_ANNOTATION)
 
 
+def _failure_kind(error: Exception) -> str:
+    """denied (the API will refuse the same write again) | unreachable (no answer, or a server error)."""
+    if isinstance(error, _NodeMissing) or (isinstance(error, ApiException) and error.status in DENIED_STATUSES):
+        return "denied"
+    return "unreachable"
+
+
 def _describe(error: Exception) -> str:
     if isinstance(error, ApiException):
-        return f"API error {error.status} {error.reason}"
+        try:
+            message = json.loads(error.body or "{}").get("message") or ""
+        except (ValueError, AttributeError):
+            message = ""
+        return f"API error {error.status} {error.reason}" + (f": {message[:300]}" if message else "")
+    if isinstance(error, _NodeMissing):
+        return f"{error} (is nodeName / NODE_NAME this node's Node name?)"
     return f"{type(error).__name__}: {error}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -16,14 +17,16 @@ from typing import Any
 
 # The single place that documents each setting: (file key, default, meaning).
 SETTINGS_DOC: tuple[tuple[str, object, str], ...] = (
-    ("nodeName", "<hostname>", "this node's name (the Kubernetes Node name); peers and status use it"),
+    ("nodeName", "$NODE_NAME or <hostname>", "this node's name (the Kubernetes Node name; the DaemonSet passes it as "
+                 "NODE_NAME from spec.nodeName); peers and status use it"),
     ("stateDir", "/var/lib/wgcni", "state directory: pod records in <stateDir>/pods, key in <stateDir>/private.key"),
     ("socket", "/run/wgcni/hook.sock", "Unix socket of the local API (plugin notifications, CLI questions)"),
     ("interface", "wgcni0", "WireGuard device name (at most 15 characters)"),
     ("listenPort", 51820, "UDP port WireGuard listens on"),
     ("fwmark", 0x100000, "firewall mark bit(s) M: WireGuard's own packets carry M, the rule skips the table for M/M"),
     ("routeTable", 51820, "routing table holding the dev <wg> and throw routes (1..2^32-1, not 253/254/255)"),
-    ("rulePriority", 99, "priority of the rule 'not fwmark M/M lookup <routeTable>' (v4 and v6)"),
+    ("rulePriority", 99, "priority of the rule 'not fwmark M/M lookup <routeTable>' (v4 and v6); the hook's "
+                         "'from <IP> lookup main' rules for IPs not yet published take rulePriority - 1"),
     ("backend", "auto", "WireGuard backend: kernel | userspace | auto (kernel when the module is available)"),
     ("wireguardGo", "wireguard-go", "the wireguard-go binary used by the userspace backend"),
     ("mtu", 0, "WireGuard device MTU; 0 = auto (underlay MTU - 60 v4 / 80 v6, - 100 more on Azure)"),
@@ -53,7 +56,7 @@ class ConfigError(ValueError):
 class Settings:
     """Validated settings; field names are the snake_case of the file keys in `SETTINGS_DOC`."""
 
-    node_name: str = field(default_factory=socket.gethostname)
+    node_name: str = field(default_factory=lambda: os.environ.get("NODE_NAME") or socket.gethostname())
     state_dir: Path = Path("/var/lib/wgcni")
     socket: Path = Path("/run/wgcni/hook.sock")
     interface: str = "wgcni0"
@@ -76,6 +79,11 @@ class Settings:
     record_rescan_interval: float = 10.0
     log_level: str = "info"
     log_format: str = "text"
+
+    @property
+    def bypass_rule_priority(self) -> int:
+        """The priority of the hook's `from <IP> lookup main` rules: just before the tunnel rule."""
+        return self.rule_priority - 1
 
     @property
     def records_dir(self) -> Path:
@@ -170,7 +178,7 @@ def settings_from_mapping(raw: dict[str, Any]) -> Settings:
             if value in _RESERVED_TABLES:
                 raise ConfigError(f"routeTable: {value} is a kernel table (local/main/default); pick another")
         elif key == "rulePriority":
-            value = _integer(key, value, 1, 32765)
+            value = _integer(key, value, 2, 32765)  # the bypass rules take rulePriority - 1; 0 is the local table
         elif key == "backend":
             value = _choice(key, value, ("auto", "kernel", "userspace"))
         elif key == "wireguardGo":

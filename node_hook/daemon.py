@@ -12,7 +12,10 @@ netlink monitor, wireguard-go watcher) enqueue events and wake it:
 - every `resyncInterval` every aspect is read back in full and diffed;
 - a failed pass is retried after a short backoff (max 1 s) and reads back what failed.
 After each pass the local announcement (key, endpoint, node IPs, local pod IPs, MTU, readiness) is published to
-the peer source, which coalesces.
+the peer source, which coalesces. The source reports back what the API holds of it (`Publication`), and the rules
+follow that (`planner.publication_gate`): a node trusts its own publication only once it sees it in the API, so a
+node whose writes are refused or lost is never a black hole - its traffic stays in the main table (plaintext)
+instead of entering a tunnel no peer can take, and each new local IP leaves by the main table until it is listed.
 """
 
 from __future__ import annotations
@@ -35,8 +38,18 @@ from node_hook.config import Settings
 from node_hook.detect import Environment, kernel_wireguard_available
 from node_hook.install import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
 from node_hook.keys import NodeKey
-from node_hook.model import LOCAL, LocalAnnouncement, NodeModel, RemoteNode, RouteKind, address_texts, host_prefix
-from node_hook.planner import desired_rules
+from node_hook.model import (
+    LOCAL,
+    UNKNOWN_PUBLICATION,
+    LocalAnnouncement,
+    NodeModel,
+    Publication,
+    RemoteNode,
+    RouteKind,
+    address_texts,
+    host_prefix,
+)
+from node_hook.planner import desired_rules, publication_gate
 from node_hook.pod_routes import MAIN_TABLE, PodRouteSource, is_pod_interface
 from node_hook.reconciler import Reconciler, Targets
 
@@ -46,6 +59,8 @@ FIREWALL_TABLE = "wgcni"
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 WORKER_REQUEST_TIMEOUT = 10.0  # a read-back asked of the worker (diagnose) waits at most this for a busy pass
 RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older session can no longer carry data
+PUBLICATION_GRACE_SECONDS = 10.0  # a write on its way for less than this is normal (writes are rate limited)
+UNPUBLISHED_LISTED = 20  # status lists at most this many local IPs the API does not hold yet
 
 
 def record_key(network: str, container_id: str, ifname: str) -> str:
@@ -131,19 +146,19 @@ class Daemon:
 
             appliers = _Appliers(
                 real_wireguard_backend(settings, self._wireguard_exited),
-                PyrouteRouting(settings.route_table, settings.interface),
+                PyrouteRouting(settings.route_table, settings.interface, settings.bypass_rule_priority),
                 NftFirewall(FIREWALL_TABLE),
                 Sysctls(settings.sysctl_originals_file),
             )
         self.appliers = appliers
-        self.targets = Targets(
+        targets = Targets(
             DeviceSpec(settings.interface, key.private, settings.listen_port, settings.fwmark, environment.mtu),
             desired_rules(settings.rule_priority, settings.fwmark, settings.route_table),
             FirewallSpec(FIREWALL_TABLE, settings.fwmark, settings.interface, settings.pod_interface_prefixes,
                          settings.listen_port),
             desired_sysctls(settings),
         )
-        self.reconciler = Reconciler(self.model, self.targets, appliers.wireguard, appliers.routing,
+        self.reconciler = Reconciler(self.model, targets, appliers.wireguard, appliers.routing,
                                      appliers.firewall, appliers.sysctls)
         if record_store is None:
             from cni_plugin.records import RecordStore
@@ -176,6 +191,13 @@ class Daemon:
         self._retry_index = 0
         self._last_announcement: LocalAnnouncement | None = None
         self.records_meta: dict[str, dict[str, Any]] = {}
+        self.publication: Publication = UNKNOWN_PUBLICATION  # what the API holds of this node (peer source)
+        self._unpublished_since: float | None = None  # monotonic time the publication stopped covering this node
+
+    @property
+    def targets(self) -> Targets:
+        """The desired state that does not come from the model (the rules follow the publication)."""
+        return self.reconciler.targets
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -187,7 +209,7 @@ class Daemon:
         if self.monitor_netlink:
             self._monitor = threading.Thread(target=self._watch_netlink, name="wgcni-netlink", daemon=True)
             self._monitor.start()
-        self.peer_source.start(self.on_nodes)
+        self.peer_source.start(self.on_nodes, on_published=self.on_published)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -243,6 +265,12 @@ class Daemon:
                 self.model.update_remote_nodes(nodes)
         self._enqueue(apply)
 
+    def on_published(self, publication: Publication) -> None:
+        """From the peer source (any thread): what the API now holds of this node's publication."""
+        def apply() -> None:
+            self.publication = publication
+        self._enqueue(apply)
+
     def pod_routes_changed(self) -> None:
         """A main-table host route or a pod interface came or went (netlink thread): re-read the pod routes once,
         however many such changes arrive before the worker gets to it."""
@@ -294,6 +322,8 @@ class Daemon:
             if out_of_sync:
                 self.reconciler.mark_out_of_sync(*sorted(out_of_sync))
             self.reconciler.prune = self.peers_complete
+            with self._model_lock:
+                self._gate_rules()
             started = time.monotonic()
             result = self.reconciler.reconcile()
             if self.observer is not None:
@@ -312,6 +342,50 @@ class Daemon:
                 self.generation += 1
                 self._wake.notify_all()
             self._publish()
+
+    def _local_ips(self) -> frozenset[str]:
+        return frozenset(str(ip) for ip in self.model.local_pod_ips) | self.environment.node_ips
+
+    def _gate_rules(self) -> None:
+        """Worker thread, before a pass: the rules as the publication allows them (planner.publication_gate)."""
+        tunnel, bypass = publication_gate(self.publication, self.key.public_key, self._local_ips())
+        settings = self.settings
+        self.reconciler.set_rules(desired_rules(settings.rule_priority, settings.fwmark, settings.route_table,
+                                                tunnel, bypass))
+        covered = tunnel and not bypass
+        if covered or self.publication.state == "unknown":
+            self._unpublished_since = None
+        elif self._unpublished_since is None:
+            self._unpublished_since = self.clock()
+
+    def publication_status(self) -> dict[str, Any]:
+        """Whether the API holds this node's publication - its key and every local IP - and if not, why:
+        `state` is confirmed | unknown | opted-out | pending | denied | unreachable | stale; `overdue` once it has
+        not been confirmed for PUBLICATION_GRACE_SECONDS."""
+        with self._model_lock:
+            publication, local = self.publication, self._local_ips()
+            since = self._unpublished_since
+        tunnel, bypass = publication_gate(publication, self.key.public_key, local)
+        held_key = publication.public_key
+        if publication.state == "unknown":
+            state, message = "unknown", "waiting for the API's copy of this node's WireguardNode"
+        elif publication.state == "opted-out":
+            state, message = "opted-out", "WireGuard is disabled on this node by its label wgcni.io/wireguard"
+        elif tunnel and not bypass:
+            state, message = "confirmed", "the API holds this node's key and every local IP"
+        elif publication.state in ("denied", "unreachable"):
+            state, message = publication.state, publication.reason
+        elif held_key and held_key != self.key.public_key:
+            state, message = "stale", "the API holds another public key for this node (an old disk or a cloned one)"
+        else:
+            state, message = "pending", "the latest publication is on its way to the API"
+        if state not in ("confirmed", "unknown", "opted-out"):
+            scope = "all its traffic" if not tunnel else f"{len(bypass)} local IP(s)"
+            message += f"; until the API holds it, {scope} leave(s) in plaintext (peers could not take it encrypted)"
+        age = 0.0 if since is None else max(0.0, self.clock() - since)
+        return {"state": state, "message": message, "tunnel": tunnel, "keyPublished": held_key == self.key.public_key,
+                "unpublished": sorted(bypass)[:UNPUBLISHED_LISTED], "unpublishedCount": len(bypass),
+                "unpublishedSeconds": round(age, 1), "overdue": age >= PUBLICATION_GRACE_SECONDS}
 
     def _load_record(self, network: str, container_id: str, ifname: str, seen_at: float) -> None:
         from cni_plugin.records import RecordError
@@ -493,6 +567,7 @@ class Daemon:
             "inSync": dict(self.reconciler.in_sync),
             "peersComplete": self.peers_complete,
             "peerSourceError": source_error,
+            "publication": self.publication_status(),
             "sync": _plain(sync_status),
             "counts": counts,
             "problems": [{"kind": p.kind, "subject": p.subject, "message": p.message} for p in problems],

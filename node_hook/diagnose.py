@@ -29,8 +29,8 @@ from node_hook.keys import public_key_of
 from node_hook.planner import plan_device_address, plan_peers, plan_rules, plan_sysctls
 
 SYS_CLASS_NET = Path("/sys/class/net")
-CHECKS = ("sync", "reconcile", "device", "mtu", "peers", "rules", "routes", "sysctls", "firewall", "conflicts",
-          "handshakes", "records", "conflist")
+CHECKS = ("sync", "publication", "reconcile", "device", "mtu", "peers", "rules", "routes", "sysctls", "firewall",
+          "conflicts", "handshakes", "records", "conflist")
 HANDSHAKE_REJECT_AFTER = 180.0  # WireGuard's REJECT_AFTER_TIME: older session keys no longer carry data
 EXAMPLES = 3  # a finding names at most this many peers/prefixes, then "and N more"
 LOGS = "kubectl -n kube-system logs ds/wgcni-node -c wgcni-node"
@@ -71,6 +71,7 @@ class Observed:
     record_errors: list[str]
     unrecorded_pods: list[dict[str, Any]]  # local pods known only from their host routes
     source_error: str | None
+    publication: dict[str, Any]  # Daemon.publication_status()
     sync_status: Any
     targets: Any
     settings: Any
@@ -92,6 +93,7 @@ def observe(daemon: Any) -> Observed:
         record_errors=list(daemon.record_errors),
         unrecorded_pods=daemon.unrecorded_pods(),
         source_error=getattr(daemon.peer_source, "error", None),
+        publication=daemon.publication_status(),
         sync_status=getattr(daemon.peer_source, "status", None),
         targets=daemon.targets,
         settings=daemon.settings,
@@ -102,7 +104,7 @@ def observe(daemon: Any) -> Observed:
 def analyse(observed: Observed, conf_dir: Path) -> dict[str, Any]:
     """All findings for this node, plus the names of the checks that ran (any thread)."""
     findings: list[dict[str, str]] = []
-    for check in (_sync, _reconcile, _device, _mtu, _peers, _rules, _routes, _sysctls, _firewall, _conflicts,
+    for check in (_sync, _publication, _reconcile, _device, _mtu, _peers, _rules, _routes, _sysctls, _firewall, _conflicts,
                   _handshakes, _records):
         findings += check(observed)
     findings += _conflist(conf_dir)
@@ -128,6 +130,26 @@ def _sync(o: Observed) -> list[dict[str, str]]:
         out.append(_finding("sync", "warning", f"{len(invalid)} WireguardNode object(s) ignored: {_some(names)}",
                             "kubectl get wireguardnodes -o yaml; the owning node's hook rewrites its object"))
     return out
+
+
+def _publication(o: Observed) -> list[dict[str, str]]:
+    """The API must hold this node's key and IPs, or peers cannot take what it sends (it then sends plaintext)."""
+    publication = o.publication
+    state = publication["state"]
+    if state in ("confirmed", "unknown", "opted-out") or (state in ("pending", "unreachable")
+                                                          and not publication["overdue"]):
+        return []
+    fixes = {
+        "denied": "check the hook's RBAC and the admission policy (conf/rbac.yaml) and that nodeName / NODE_NAME "
+                  "is this node's Node name: kubectl auth can-i update wireguardnodes/status --as "
+                  "system:serviceaccount:kube-system:wgcni-node; " + LOGS,
+        "unreachable": "check that the node reaches the API server; " + LOGS,
+        "stale": "the hook rewrites its object within seconds; if it does not, " + LOGS,
+        "pending": "writes are rate limited to a few per second; if it stays, " + LOGS,
+    }
+    severity = "warning" if state == "pending" else "error"
+    return [_finding("publication", severity, f"this node's publication is {state} "
+                     f"({publication['unpublishedSeconds']:.0f}s): {publication['message']}", fixes[state])]
 
 
 def _reconcile(o: Observed) -> list[dict[str, str]]:

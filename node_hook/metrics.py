@@ -41,7 +41,7 @@ from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 from cni_plugin import __version__
-from node_hook.model import RemoteNode
+from node_hook.model import PUBLICATION_STATES, RemoteNode
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,11 @@ class HookMetrics:
             return False, "waiting for the first complete peer list"
         if daemon.generation == 0 or not daemon.reconciler.converged:
             return False, f"dataplane not programmed yet: {daemon.last_error or 'reconciling'}"
-        return True, "ok: dataplane programmed, peers synced"
+        publication = daemon.publication_status()
+        if publication["state"] in ("denied", "stale") or (publication["state"] not in ("confirmed", "opted-out")
+                                                          and publication["overdue"]):
+            return False, f"publication {publication['state']}: {publication['message']}"
+        return True, "ok: dataplane programmed, peers synced, publication held by the API"
 
     # ---- snapshot (worker thread) -----------------------------------------------------------------------
 
@@ -227,6 +231,15 @@ def state_families(snapshot: _Snapshot, per_peer: bool, now: float) -> Iterable[
     for kind in ("dev", "throw"):
         routes.add_metric([kind], snapshot.routes_by_kind.get(kind, 0))
     yield routes
+    publication = GaugeMetricFamily("wgcni_publication", "1 for the state of this node's publication as the API "
+                                    "holds it (confirmed: its key and every local IP; pending, denied, "
+                                    "unreachable, stale: traffic the API does not cover leaves in plaintext).",
+                                    labels=["state"])
+    for state in PUBLICATION_STATES:
+        publication.add_metric([state], int(status["publication"]["state"] == state))
+    yield publication
+    yield _gauge("wgcni_unpublished_local_ips", "Local IPs the API does not list for this node yet (they leave by "
+                 "the main table, in plaintext, until it does).", status["publication"]["unpublishedCount"])
     yield _gauge("wgcni_pod_records", "Pod attachments recorded on this node.", status["counts"]["podRecords"])
     yield _gauge("wgcni_pods_without_record", "Local pods learned only from their host routes (no pod record: they "
                  "predate wgcni or started while the conflist lacked its entry).", status["counts"]["podsWithoutRecord"])

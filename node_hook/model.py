@@ -70,6 +70,27 @@ class LocalAnnouncement:
     message: str
 
 
+@dataclass(frozen=True)
+class Publication:
+    """What the API holds of this node's own publication, as the peer source last saw it (the object's copy
+    in the API server, not what was sent), and how the last write went.
+
+    `state`: "unknown" (nothing seen yet: the first list has not answered), "written" (the latest announcement is
+    what the API holds), "pending" (a write is on its way), "denied" (the API refused the write: RBAC, admission,
+    no Node of this name), "unreachable" (no answer, or a server error). `public_key` and `ips` (node and pod IPs)
+    are what the API holds, whatever the state: peers program exactly that."""
+
+    state: str
+    public_key: str = ""
+    ips: frozenset[str] = frozenset()
+    reason: str = ""
+
+
+UNKNOWN_PUBLICATION = Publication("unknown")
+# How the hook judges its publication (Daemon.publication_status): confirmed = the API holds its key and every local IP.
+PUBLICATION_STATES = ("confirmed", "unknown", "opted-out", "pending", "denied", "unreachable", "stale")
+
+
 class RouteKind(str, Enum):
     """What a route in the hook's table does."""
 

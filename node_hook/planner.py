@@ -16,6 +16,7 @@ from typing import overload
 from node_hook.apply.dataplane import (
     DEVICE_ADDRESS,
     FOREIGN_ROUTE,
+    MAIN_TABLE,
     AddDeviceAddress,
     AddRule,
     DeleteRoute,
@@ -35,7 +36,7 @@ from node_hook.apply.wireguard import (
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
-from node_hook.model import DesiredPeer, IPNetwork, RouteKind
+from node_hook.model import DesiredPeer, IPNetwork, Publication, RouteKind
 from node_hook.model import prefix_order as _prefix_order
 
 # The apply order, in ONE place. Each step runs only after the previous one succeeded.
@@ -211,14 +212,38 @@ def plan_routes(
     return deletes, sets
 
 
-def desired_rules(priority: int, fwmark: int, table: int) -> frozenset[RuleSpec]:
-    """`not fwmark M/M lookup <table>` for IPv4 and IPv6."""
-    return frozenset(RuleSpec(family, priority, fwmark, fwmark, table, True) for family in (4, 6))
+def desired_rules(priority: int, fwmark: int, table: int, tunnel: bool = True,
+                  bypass_sources: Iterable[str] = ()) -> frozenset[RuleSpec]:
+    """The tunnel rule `not fwmark M/M lookup <table>` for IPv4 and IPv6, and one priority earlier
+    `from <source> lookup main` for each bypass source; no rule at all without `tunnel`."""
+    if not tunnel:
+        return frozenset()
+    rules = {RuleSpec(family, priority, fwmark, fwmark, table, True) for family in (4, 6)}
+    for source in bypass_sources:
+        network = ipaddress.ip_network(source)
+        rules.add(RuleSpec(network.version, priority - 1, 0, 0, MAIN_TABLE, False, network))
+    return frozenset(rules)
+
+
+def publication_gate(publication: Publication, public_key: str, local_ips: Iterable[str]) -> tuple[bool, frozenset[str]]:
+    """(tunnel, bypass sources): whether this node may send into the tunnel at all, and which of its own IPs must
+    not, judged by what the API holds of its publication (peers program exactly that).
+
+    Nothing seen yet: the tunnel as it is (a restarted hook must not drop a working mesh before its first list).
+    The API holds another key, or none: no tunnel - no peer could take what it sends, so the node's traffic stays
+    in the main table (plaintext) instead of vanishing. Otherwise every local IP the API does not list yet is a
+    bypass source: peers would drop it as an unallowed source, so it leaves by the main table until it is there."""
+    if publication.state == "unknown":
+        return True, frozenset()
+    if not public_key or publication.public_key != public_key:
+        return False, frozenset()
+    return True, frozenset(local_ips) - publication.ips
 
 
 def plan_rules(desired: frozenset[RuleSpec], actual: frozenset[RuleSpec]) -> list[RoutingOp]:
-    """Rules pointing at our table that are not exactly desired are deleted first, then the missing ones added."""
-    order = lambda rule: (rule.family, rule.priority, rule.fwmark, rule.mask, rule.invert)  # noqa: E731
+    """Rules of ours that are not exactly desired are deleted first, then the missing ones added."""
+    order = lambda rule: (rule.family, rule.priority, rule.fwmark, rule.mask, rule.invert,  # noqa: E731
+                          str(rule.source or ""))
     ops: list[RoutingOp] = [DeleteRule(rule) for rule in sorted(actual - desired, key=order)]
     ops += [AddRule(rule) for rule in sorted(desired - actual, key=order)]
     return ops

@@ -14,7 +14,7 @@ what the peers look like; everything else follows `planner.APPLY_ORDER`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
 from node_hook.apply.dataplane import (
@@ -104,6 +104,7 @@ class Reconciler:
         self.in_sync = {aspect: False for aspect in ASPECTS}
         self._peers: dict[str, PeerState] = {}  # what the device holds, as far as we know (valid when in sync)
         self._rules: frozenset[RuleSpec] = frozenset()
+        self._rules_changed = False  # the desired rules changed since the last pass: diff them against `_rules`
         self._firewall_listing: str | None = None
         # The model's changes taken by a pass that failed: an aspect that stayed in sync has not applied them yet,
         # so the next pass diffs them too (else a failure in another step - the device's, say - lost them for good).
@@ -114,6 +115,13 @@ class Reconciler:
         # (yet) are then left alone, so a restarted hook never wipes a live mesh (the routes to pods it knows, and
         # local pods' throw routes, are still programmed).
         self.prune = True
+
+    def set_rules(self, rules: frozenset[RuleSpec]) -> None:
+        """New desired rules (the bypass rules follow what the API holds of this node's publication). Applied by
+        the next pass as a diff against the rules last applied; no read-back of the table while it is in sync."""
+        if rules != self.targets.rules:
+            self.targets = replace(self.targets, rules=rules)
+            self._rules_changed = True
 
     def mark_out_of_sync(self, *aspects: str) -> None:
         for aspect in aspects or ASPECTS:
@@ -187,7 +195,7 @@ class Reconciler:
                 actual_routes = self._read_table(plan)
                 route_scope = None
             plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, actual_routes, route_scope)
-            if not self.in_sync["rules"]:
+            if not self.in_sync["rules"] or self._rules_changed:
                 plan.rules = plan_rules(self.targets.rules, self._rules)
             held_back = False if self.prune else self._hold_back_pruning(plan, actual_routes)
             del actual_routes
@@ -202,6 +210,7 @@ class Reconciler:
                 applied[name] = count
                 self._step_done(name, count)
             self._remember(peer_scope)
+            self._rules_changed = False
             for aspect in ASPECTS:
                 self.in_sync[aspect] = True
             if held_back:  # the kernel still holds what was not pruned: read it back once pruning is allowed

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from node_hook.model import LocalAnnouncement, RemoteNode, host_keys
+from node_hook.model import LocalAnnouncement, Publication, RemoteNode, host_keys
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,11 @@ class StaticPeerSource:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._signature: tuple[int, int, int] | None = None
+        self._on_published: Callable[[Publication], None] | None = None
 
-    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
+    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None],
+              on_published: Callable[[Publication], None] | None = None) -> None:
+        self._on_published = on_published
         self._poll(on_nodes)
         self._thread = threading.Thread(target=self._run, args=(on_nodes,), name="wgcni-static-peers", daemon=True)
         self._thread.start()
@@ -118,12 +121,16 @@ class StaticPeerSource:
         self.error = message
 
     def publish(self, announcement: LocalAnnouncement) -> None:
-        if self.announce_file is None:
-            return
-        self.announce_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.announce_file.with_name(f".{self.announce_file.name}.tmp{os.getpid()}")
-        temporary.write_text(json.dumps(announcement_json(announcement), indent=1) + "\n")
-        os.replace(temporary, self.announce_file)
+        """Write the announcement where the operator's tooling takes it (if configured); the peers file is
+        written by that tooling, so what this node announces is taken as held (there is no API to ask)."""
+        if self.announce_file is not None:
+            self.announce_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.announce_file.with_name(f".{self.announce_file.name}.tmp{os.getpid()}")
+            temporary.write_text(json.dumps(announcement_json(announcement), indent=1) + "\n")
+            os.replace(temporary, self.announce_file)
+        if self._on_published is not None:
+            self._on_published(Publication("written", announcement.public_key,
+                                           announcement.node_ips | announcement.pod_ips))
 
     def stop(self) -> None:
         self._stopping.set()

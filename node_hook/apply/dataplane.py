@@ -25,9 +25,14 @@ FOREIGN_ROUTE = "foreign"  # a route in our table that we did not put there in t
 DEVICE_ADDRESS = ipaddress.ip_network("192.0.0.8/32")
 
 
+MAIN_TABLE = 254
+
+
 @dataclass(frozen=True)
 class RuleSpec:
-    """An ip rule pointing at the hook's table: `[not] fwmark M/M lookup <table>` at `priority`."""
+    """An ip rule of the hook's: `[not] fwmark M/M lookup <table>` at `priority` (the tunnel rule), or, with
+    `source`, `from <source> lookup main` (a bypass rule: a local IP whose publication the API does not hold yet
+    leaves by the main table, not into a tunnel whose peers would drop it)."""
 
     family: int  # 4 | 6
     priority: int
@@ -35,8 +40,11 @@ class RuleSpec:
     mask: int
     table: int
     invert: bool
+    source: IPNetwork | None = None
 
     def describe(self) -> str:
+        if self.source is not None:
+            return f"{self.priority}: from {self.source} lookup {self.table} (v{self.family})"
         negation = "not " if self.invert else ""
         return f"{self.priority}: {negation}fwmark {self.fwmark:#x}/{self.mask:#x} lookup {self.table} (v{self.family})"
 

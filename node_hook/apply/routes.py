@@ -1,7 +1,8 @@
 """Routing applier: the routes in the hook's table, the rules that point at it, the device's address.
 
-Only the hook's table and rules whose table is the hook's table are read, changed or flushed; the main table and
-every other rule are never touched. A `dev <wg>` route is a unicast route out of the WireGuard device; a `throw`
+Only the hook's table, the rules whose table is the hook's table and the hook's bypass rules (`from <IP> lookup
+main` at the one priority `bypass_priority`, just before the tunnel rule) are read, changed or flushed; the main
+table and every other rule are never touched. A `dev <wg>` route is a unicast route out of the WireGuard device; a `throw`
 route makes the lookup leave the table (the main table then decides). Deleting what is already gone and adding
 what already exists succeed (ESRCH / ENOENT / EEXIST are "already done"), so a retried batch converges.
 
@@ -34,6 +35,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from node_hook.apply.dataplane import (
     FOREIGN_ROUTE,
+    MAIN_TABLE,
     AddDeviceAddress,
     AddRule,
     DeleteRoute,
@@ -317,9 +319,10 @@ class PyrouteRouting:
     """RoutingApplier for table `table`, whose `dev` routes go out of interface `ifname`: routes through
     `RouteNetlink`, rules and the device's address through pyroute2."""
 
-    def __init__(self, table: int, ifname: str) -> None:
+    def __init__(self, table: int, ifname: str, bypass_priority: int) -> None:
         self.table = table
         self.ifname = ifname
+        self.bypass_priority = bypass_priority  # the hook's `from <IP> lookup main` rules are the main-table rules here
         self._ipr = IPRoute()
         try:
             self._netlink = RouteNetlink()
@@ -342,10 +345,14 @@ class PyrouteRouting:
         rules = set()
         for family in (4, 6):
             for message in self._ipr.get_rules(family=_FAMILY[family]):
-                if message.get("table") != self.table:
-                    continue
-                rules.add(RuleSpec(family, message.get("priority") or 0, message.get("fwmark") or 0,
-                                   message.get("fwmask") or 0, self.table, bool(message["flags"] & FIB_RULE_INVERT)))
+                table = message.get("table")
+                priority = message.get("priority") or 0
+                if table == self.table:
+                    rules.add(RuleSpec(family, priority, message.get("fwmark") or 0, message.get("fwmask") or 0,
+                                       self.table, bool(message["flags"] & FIB_RULE_INVERT)))
+                elif table == MAIN_TABLE and priority == self.bypass_priority and message.get("src"):
+                    source = ipaddress.ip_network(f"{message.get('src')}/{message['src_len']}", strict=False)
+                    rules.add(RuleSpec(family, priority, 0, 0, MAIN_TABLE, False, source))
         addresses = frozenset(  # IPv4 only: the device's IPv6 link-local address is the kernel's, not ours
             ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}", strict=False)
             for message in (self._ipr.get_addr(index=ifindex, family=socket.AF_INET) if ifindex is not None else ())
@@ -421,7 +428,10 @@ class PyrouteRouting:
                          scope=RT_SCOPE_LINK)
 
     @staticmethod
-    def _rule_args(rule: RuleSpec) -> dict[str, int]:
+    def _rule_args(rule: RuleSpec) -> dict[str, int | str]:
+        if rule.source is not None:
+            return {"priority": rule.priority, "table": rule.table, "family": _FAMILY[rule.family],
+                    "src": str(rule.source.network_address), "src_len": rule.source.prefixlen}
         return {"priority": rule.priority, "fwmark": rule.fwmark, "fwmask": rule.mask, "table": rule.table,
                 "family": _FAMILY[rule.family], "flags": FIB_RULE_INVERT if rule.invert else 0}
 

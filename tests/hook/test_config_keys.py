@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def test_yaml_and_json_load(tmp_path: Path) -> None:
     ("- a list", "mapping"),
     ("endpoint: nowhere", "endpoint"),
     ("resyncInterval: -1", "resyncInterval"),
+    ("rulePriority: 1", "rulePriority"),  # its bypass rules would take priority 0, the local table's
 ])
 def test_bad_settings_give_one_line_errors(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "c.yaml"
@@ -51,6 +53,19 @@ def test_bad_settings_give_one_line_errors(tmp_path: Path, text: str, needle: st
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
     assert needle in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_node_name_comes_from_node_name_then_the_host_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DaemonSet passes NODE_NAME (spec.nodeName): a Node named unlike the host still finds itself."""
+    path = tmp_path / "c.yaml"
+    path.write_text("logLevel: info\n")
+    monkeypatch.setenv("NODE_NAME", "aks-nodepool1-12345678-vmss000003")
+    assert load_settings(path).node_name == "aks-nodepool1-12345678-vmss000003"
+    path.write_text("nodeName: explicit\n")
+    assert load_settings(path).node_name == "explicit"
+    monkeypatch.delenv("NODE_NAME")
+    path.write_text("logLevel: info\n")
+    assert load_settings(path).node_name == socket.gethostname()
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

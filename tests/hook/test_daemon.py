@@ -17,11 +17,12 @@ import pytest
 from cni_plugin.records import RecordStore, utc_now_rfc3339
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
+from node_hook import daemon as daemon_module
 from node_hook.daemon import Daemon, _Appliers
 from node_hook.detect import Environment
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, answer, request
-from node_hook.model import LocalAnnouncement, RemoteNode
+from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 from node_hook.static_peers import PeersFileError, StaticPeerSource, parse_peers
 from tests.support.peer_source import ManualPeerSource
 from tests.support.polling import wait_until
@@ -275,3 +276,56 @@ def test_pod_routes_that_cannot_be_read_keep_what_was_learned(harness: Harness) 
     harness.settle(lambda: "read" not in harness.pod_routes.fail_next)
     assert routes(harness)["10.240.0.21/32"] == "throw"  # a failed read forgets nothing
     harness.settle(lambda: "10.240.0.21/32" not in routes(harness))  # the rescan reads again
+
+
+def tunnel_rules(harness: Harness) -> set[int]:
+    return {rule.family for rule in harness.routing.rules if rule.source is None}
+
+
+def bypass_sources(harness: Harness) -> set[str]:
+    return {str(rule.source.network_address) for rule in harness.routing.rules if rule.source is not None}
+
+
+def test_a_node_whose_publication_the_api_does_not_hold_is_never_a_black_hole(harness: Harness) -> None:
+    """Writes refused (RBAC, admission, a wrong Node name): no peer has this node's key, so the tunnel rule goes
+    and traffic stays in the main table; once the API holds the key, only IPs it does not list yet bypass."""
+    harness.source.accept_writes = False
+    harness.source.on_nodes({"b": node_b({"10.240.0.70"})}, True)  # type: ignore[misc]
+    harness.source.report(Publication("denied", "", frozenset(), "API error 403 Forbidden"))
+    harness.settle(lambda: tunnel_rules(harness) == set() and harness.daemon.status()["ready"])
+    publication = harness.daemon.publication_status()
+    assert publication["state"] == "denied" and not publication["tunnel"]
+    assert "API error 403 Forbidden; until the API holds it, all its traffic leave(s) in plaintext" in \
+        publication["message"]
+
+    write_record(harness.store, "c6", ["10.240.0.22"])
+    harness.daemon.pod_changed("azure", "c6", "eth0", wait=5)
+    held = frozenset({"10.240.0.4"})  # the key and node IP are written, the new pod's IP is not yet
+    harness.source.report(Publication("pending", harness.key.public_key, held))
+    harness.settle(lambda: tunnel_rules(harness) == {4, 6} and bypass_sources(harness) == {"10.240.0.22"})
+    assert harness.daemon.publication_status()["state"] == "pending"
+    assert harness.daemon.publication_status()["unpublished"] == ["10.240.0.22"]
+
+    harness.source.report(Publication("written", harness.key.public_key, held | {"10.240.0.22"}))
+    harness.settle(lambda: bypass_sources(harness) == set())
+    assert tunnel_rules(harness) == {4, 6} and harness.daemon.publication_status()["state"] == "confirmed"
+
+    harness.source.report(Publication("written", "C" * 43 + "=", held | {"10.240.0.22"}))  # someone else's key
+    harness.settle(lambda: tunnel_rules(harness) == set())
+    assert harness.daemon.publication_status()["state"] == "stale"
+
+
+def test_an_overdue_publication_is_a_finding_and_not_ready(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(daemon_module, "PUBLICATION_GRACE_SECONDS", 0.2)
+    harness.source.accept_writes = False
+    harness.source.on_nodes({}, True)  # type: ignore[misc]
+    harness.source.report(Publication("unreachable", harness.key.public_key, frozenset({"10.240.0.4"}),
+                                      "publishing was refused or failed: MaxRetryError"))
+    write_record(harness.store, "c7", ["10.240.0.23"])
+    harness.daemon.pod_changed("azure", "c7", "eth0", wait=5)
+    harness.settle(lambda: harness.daemon.publication_status()["overdue"])
+    status = harness.daemon.publication_status()
+    assert status["state"] == "unreachable" and status["unpublished"] == ["10.240.0.23"]
+    (finding,) = [f for f in harness.daemon.diagnose()["findings"] if f["check"] == "publication"]
+    assert finding["severity"] == "error" and "unreachable" in finding["message"]
+    assert "reaches the API server" in finding["fix"]

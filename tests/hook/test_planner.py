@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from node_hook.apply.dataplane import FOREIGN_ROUTE, AddRule, DeleteRoute, DeleteRule, FirewallSpec, RuleSpec, SetRoute
 from node_hook.apply.fakes import FakeWireGuard
 from node_hook.apply.wireguard import DeviceSpec, PeerState, RemoveAllowedIPs, RemovePeer, UpsertPeer
-from node_hook.model import DesiredPeer, RouteKind
+from node_hook.model import UNKNOWN_PUBLICATION, DesiredPeer, Publication, RouteKind
 from node_hook.planner import (
     APPLY_ORDER,
     Plan,
@@ -18,6 +20,7 @@ from node_hook.planner import (
     plan_routes,
     plan_rules,
     plan_sysctls,
+    publication_gate,
 )
 
 KEY = "K" * 43 + "="
@@ -104,6 +107,33 @@ def test_rules_only_ours_and_wrong_ones_deleted_first() -> None:
     assert sorted(op.rule.family for op in ops[1:]) == [4, 6]  # type: ignore[union-attr]
     assert all(isinstance(op, AddRule) for op in ops[1:])
     assert plan_rules(want, want) == []
+
+
+def test_bypass_rules_send_one_source_by_the_main_table_before_the_tunnel_rule() -> None:
+    rules = desired_rules(99, 0x100000, 51820, True, ["10.240.0.9", "fd00::9"])
+    bypass = {rule for rule in rules if rule.source is not None}
+    assert bypass == {RuleSpec(4, 98, 0, 0, 254, False, ipaddress.ip_network("10.240.0.9/32")),
+                      RuleSpec(6, 98, 0, 0, 254, False, ipaddress.ip_network("fd00::9/128"))}
+    assert rules - bypass == desired_rules(99, 0x100000, 51820)
+    assert desired_rules(99, 0x100000, 51820, False, ["10.240.0.9"]) == frozenset()
+    assert [rule.describe() for rule in sorted(bypass, key=lambda rule: rule.family)] == [
+        "98: from 10.240.0.9/32 lookup 254 (v4)", "98: from fd00::9/128 lookup 254 (v6)"]
+    ops = plan_rules(rules, desired_rules(99, 0x100000, 51820))
+    assert [type(op) for op in ops] == [AddRule, AddRule]
+
+
+@pytest.mark.parametrize("publication,tunnel,bypass", [
+    (UNKNOWN_PUBLICATION, True, set()),  # nothing seen yet: leave the tunnel as it is
+    (Publication("written", "KEY", frozenset({"10.0.0.4", "10.0.0.5", "10.0.0.6"})), True, set()),
+    (Publication("pending", "KEY", frozenset({"10.0.0.4", "10.0.0.5"})), True, {"10.0.0.6"}),
+    (Publication("denied", "KEY", frozenset({"10.0.0.4"}), "403"), True, {"10.0.0.5", "10.0.0.6"}),
+    (Publication("denied", "", frozenset(), "403"), False, set()),  # the API holds no key: no peer has ours
+    (Publication("written", "OLD", frozenset({"10.0.0.4", "10.0.0.5", "10.0.0.6"})), False, set()),  # stale key
+    (Publication("opted-out", "", frozenset({"10.0.0.4"})), False, set()),
+], ids=["unknown", "held", "new-pod", "denied-after-held", "denied-never-held", "stale-key", "opted-out"])
+def test_the_publication_gates_the_tunnel_and_each_local_source(publication: Publication, tunnel: bool,
+                                                               bypass: set[str]) -> None:
+    assert publication_gate(publication, "KEY", {"10.0.0.4", "10.0.0.5", "10.0.0.6"}) == (tunnel, frozenset(bypass))
 
 
 def test_device_sysctl_and_firewall_diffs() -> None:

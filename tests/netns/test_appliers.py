@@ -156,7 +156,7 @@ def test_routes_and_rules_only_in_our_table(netns: str) -> None:
     subprocess.run(["ip", "link", "set", "wgfake0", "up"], check=True)
     subprocess.run(["ip", "route", "add", "10.99.0.0/16", "dev", "wgfake0"], check=True)  # main table: not ours
     subprocess.run(["ip", "rule", "add", "pref", "500", "lookup", "77"], check=True)  # another table's rule
-    routing = PyrouteRouting(51820, "wgfake0")
+    routing = PyrouteRouting(51820, "wgfake0", 98)
     try:
         rules = desired_rules(99, 0x100000, 51820)
         routing.apply([
@@ -184,6 +184,27 @@ def test_routes_and_rules_only_in_our_table(netns: str) -> None:
         main = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
         assert "10.99.0.0/16 dev wgfake0" in main
         assert "500:\tfrom all lookup 77" in subprocess.run(["ip", "rule"], capture_output=True, text=True).stdout
+    finally:
+        routing.close()
+
+
+def test_bypass_rules_are_ours_only_at_their_priority(netns: str) -> None:
+    """`from <IP> lookup main` at the bypass priority is the hook's; main-table rules elsewhere are not."""
+    subprocess.run(["ip", "rule", "add", "pref", "98", "lookup", "main"], check=True)  # no source: not ours
+    subprocess.run(["ip", "rule", "add", "pref", "97", "from", "10.240.0.8", "lookup", "main"], check=True)
+    routing = PyrouteRouting(51820, "wgfake0", 98)
+    try:
+        rules = desired_rules(99, 0x100000, 51820, True, ["10.240.0.9", "fd00::9"])
+        routing.apply([AddRule(rule) for rule in rules])
+        assert routing.read().rules == rules
+        shown = subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
+        assert "98:\tfrom 10.240.0.9 lookup main" in shown
+        six = subprocess.run(["ip", "-6", "rule"], capture_output=True, text=True, check=True).stdout
+        assert "98:\tfrom fd00::9 lookup main" in six
+        routing.flush()
+        left = subprocess.run(["ip", "rule"], capture_output=True, text=True, check=True).stdout
+        assert "from 10.240.0.9" not in left and "98:\tfrom all lookup main" in left
+        assert "97:\tfrom 10.240.0.8 lookup main" in left and "32766:\tfrom all lookup main" in left
     finally:
         routing.close()
 

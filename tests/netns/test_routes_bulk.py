@@ -78,7 +78,7 @@ def device(netns: str) -> Iterator[str]:
 
 @pytest.fixture
 def routing(device: str) -> Iterator[PyrouteRouting]:
-    applier = PyrouteRouting(51820, device)
+    applier = PyrouteRouting(51820, device, 98)
     try:
         yield applier
     finally:
@@ -91,7 +91,7 @@ def test_thousands_of_routes_of_both_families_read_back_equal(device: str, table
     ip("route", "add", "10.0.0.1/32", "dev", DEVICE, "table", str(table + 1))  # a neighbouring table: not ours
     ip("route", "add", "10.0.0.2/32", "dev", DEVICE)  # the main table
     wanted = many_routes(3000)
-    routing = PyrouteRouting(table, device)
+    routing = PyrouteRouting(table, device, 98)
     try:
         routing.apply(RouteSets(SetRoute(prefix, kind) for prefix, kind in wanted.items()))  # the planner's sequence
         assert routing.read().routes == {prefix: kind.value for prefix, kind in wanted.items()}
@@ -172,7 +172,7 @@ def test_a_kernel_error_in_its_own_batch_raises_with_the_routes_before_it_in_pla
 
 @pytest.mark.netns
 def test_a_missing_device_stops_apply_after_the_routes_before_it(device: str) -> None:
-    routing = PyrouteRouting(51820, "nosuchdev0")
+    routing = PyrouteRouting(51820, "nosuchdev0", 98)
     try:
         throw = prefix_from_text("10.6.0.1/32")
         with pytest.raises(RuntimeError, match="no such device"):

@@ -60,7 +60,8 @@ def test_probes_scrape_and_cli_against_the_real_hook(lab: Lab) -> None:
     pod_a = next(iter(a.pods.values()))
     assert in_ns(pod_a.netns, "ping", "-c", "1", "-W", "2", PODS["b"][0], check=False).returncode == 0
     assert fetch(a, "/healthz")[0] == 200
-    wait_until(lambda: fetch(a, "/readyz") == (200, "ok: dataplane programmed, peers synced\n"), 10, what="readyz")
+    ready = (200, "ok: dataplane programmed, peers synced, publication held by the API\n")
+    wait_until(lambda: fetch(a, "/readyz") == ready, 10, what="readyz")
     status, text = fetch(a, "/metrics")
     assert status == 200
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

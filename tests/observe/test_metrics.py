@@ -144,7 +144,7 @@ def test_readyz_follows_the_peer_list_and_the_dataplane(hook: Hook) -> None:
     assert get(hook, "/healthz")[0] == 200
     hook.nodes(remote("node-b", "B", "10.240.0.35", {"10.240.0.70"}))
     hook.converged()
-    assert get(hook, "/readyz") == (200, "ok: dataplane programmed, peers synced\n")
+    assert get(hook, "/readyz") == (200, "ok: dataplane programmed, peers synced, publication held by the API\n")
     del hook.sysctls.values["net/ipv4/conf/all/src_valid_mark"]  # every sysctl write now fails
     hook.daemon.trigger_resync()
     hook.settle(lambda: hook.daemon.last_error is not None)

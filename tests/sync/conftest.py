@@ -9,6 +9,7 @@ import pytest
 from kubernetes import client
 
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
+from node_hook.model import Publication
 from tests.sync.helpers import CRD, FAST, Recorder
 from wgcni_lab.apiserver import ApiServer
 
@@ -44,12 +45,13 @@ def make_source(server) -> Iterator[Callable[..., tuple[KubernetesPeerSource, Re
     """Start peer sources (stopped at the end, whatever happens)."""
     started: list[tuple[KubernetesPeerSource, client.ApiClient]] = []
 
-    def start(name: str, settings: SyncSettings = FAST) -> tuple[KubernetesPeerSource, Recorder]:
+    def start(name: str, settings: SyncSettings = FAST,
+              on_published: Callable[[Publication], None] | None = None) -> tuple[KubernetesPeerSource, Recorder]:
         api_client = api_client_for_url(server.url)
         source = KubernetesPeerSource(name, api_client, settings)
         recorder = Recorder()
         started.append((source, api_client))
-        source.start(recorder)
+        source.start(recorder, on_published)
         return source, recorder
 
     try:

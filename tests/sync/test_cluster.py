@@ -12,7 +12,7 @@ import yaml
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
-from node_hook.model import address_texts, host_keys
+from node_hook.model import Publication, address_texts, host_keys
 from tests.sync.helpers import FAST, announcement, create_node, new_key
 from tests.support.polling import wait_until
 
@@ -352,3 +352,32 @@ def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custo
     assert set(address_texts(expand_prefixes(status["podIPPrefixes"], 1 << 16))) == {str(base + n) for n in range(30)}
     conflicts = [r for r in server.requests if r.at >= started and r.code == 409 and r.method == "PUT"]
     assert conflicts, "the concurrent writer caused no conflict: the test did not test what it says"
+
+
+def test_what_the_api_holds_of_this_node_is_reported_back(core, server, make_source):
+    """The hook trusts its publication only as far as the API holds it: a refused write is `denied` with the API's
+    reason and nothing held; once writes pass, `written` with the key and every IP the object lists."""
+    create_node(core, "node-a")
+    reports: list[Publication] = []
+    server.fail_next(count=10_000, code=403, methods={"POST", "PUT", "PATCH"}, user_agent_prefix="wgcni-node/node-a")
+    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}),
+                            reports.append)
+    key = new_key()
+    source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71"}))
+    wait_until(lambda: reports and reports[-1].state == "denied", what="the refusal to be reported")
+    assert reports[-1].public_key == "" and reports[-1].ips == frozenset()
+    assert "API error 403" in reports[-1].reason
+    server.clear_faults()
+    wait_until(lambda: reports[-1].state == "written", what="the write to be held")
+    assert reports[-1].public_key == key
+    assert reports[-1].ips == {"10.240.0.4", "10.240.0.70", "10.240.0.71"}
+    source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71", "10.240.0.72"}))
+    wait_until(lambda: reports[-1].state == "written" and "10.240.0.72" in reports[-1].ips, what="the new pod IP")
+
+
+def test_a_node_name_with_no_node_is_denied_and_says_what_to_check(make_source):
+    reports: list[Publication] = []
+    source, _ = make_source("node-typo", on_published=reports.append)
+    source.publish(announcement("node-typo", new_key(), {"10.240.0.70"}))
+    wait_until(lambda: reports and reports[-1].state == "denied", what="the refusal to be reported")
+    assert "Node node-typo does not exist (is nodeName / NODE_NAME this node's Node name?)" in reports[-1].reason
