@@ -348,7 +348,8 @@ def test_bad_service_input_is_one_line_without_traceback(cli: Cli, args: tuple[s
     assert cli.json("status", "--json")["services"] == []
 
 
-def test_without_azure_underlay_the_fabric_has_no_df_limit_and_the_mtu_is_1440(lab_parent, built) -> None:  # type: ignore[no-untyped-def]
+def test_without_azure_underlay_there_is_no_df_limit_and_the_mtu_is_1440(  # type: ignore[no-untyped-def]
+        lab_parent, built) -> None:
     cli = Cli(lab_parent / "plain")
     try:
         cli.run("up", "--nodes", "1", "--pods-per-node", "0", "--no-azure-underlay", timeout=300)
