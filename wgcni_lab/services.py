@@ -167,7 +167,9 @@ def render(state: lab.LabState, node: lab.NodeState, existing_chains: Iterable[s
 
 
 def program_node(state: lab.LabState, node: lab.NodeState) -> None:
-    """(Re)program every Service of the lab on `node`, as kube-proxy's sync does (one iptables-save, one restore)."""
+    """(Re)program every Service in `state.services` on `node`, as kube-proxy's sync does (one iptables-save, one
+    restore). The node's mount namespace must be up (`lab.start_node_mounts`); pass a state read from disk
+    (`lab.require_state`) to include Services that `wgcni-lab service-add` added after the caller loaded its own."""
     saved = lab.in_node(node, ["iptables-save"]).stdout
     tables: dict[str, list[str]] = {}
     table = ""
