@@ -4,10 +4,11 @@ Brings up a 3-node lab (`wgcni-lab up`, in a lab dir of its own), then measures,
 - add:  RunPodSandbox asked on node A -> on every other node the pod's IP is in A's peer's AllowedIPs (wireguard-go,
         `wg show dump`) and routed into the tunnel (`ip route show table 51820`);
 - del:  StopPodSandbox asked on A -> the IP is in no peer and no tunnel route on any other node;
-- move: the IP of a pod on A goes to a new pod on B, as when Azure moves a secondary IP between NICs: B's IPAM pool is
-        set to that one IP (a CNS-style conflist rewrite that B's `install-cni --watch` re-chains, before the clock
-        starts), the pod on A is deleted, then RunPodSandbox is asked on B -> on every node but B the IP is on B's
-        peer only.
+- move: the IP of a pod on A goes to a new pod on B, as when Azure moves a secondary IP between NICs: the fabric
+        delivers it to B (`wgcni_lab.fabric.move_ip`) and B's IPAM pool is set to that one IP (a CNS-style conflist
+        rewrite that B's `install-cni --watch` re-chains, before the clock starts), the pod on A is deleted, then
+        RunPodSandbox is asked on B -> on every node but B the IP is on B's peer only. Afterwards the IP goes back
+        to A.
 The clock starts when kubelet would ask the runtime, so each time includes the runtime's own work and the CNI chain
 (RunPodSandbox alone takes about 120 ms here).
 The state of every other node is read with independent tools (nsenter + wg + ip) in a polling loop; the duration of
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import row
-from wgcni_lab import lab
+from wgcni_lab import fabric, lab
 from wgcni_lab.containerd import write_conflist
 
 TITLE = "convergence in the lab (3 nodes, userspace WireGuard, sync through the test API server): pod change on " \
@@ -144,6 +145,7 @@ def samples(rounds: int, poll_times: list[float]) -> tuple[dict[str, list[float]
 
             pod = lab.add_pod(state, a.name)
             time_until([b, c], owned_by(pod["ip"], a.ip), time.monotonic(), poll_times)
+            fabric.move_ip(state, pod["ip"], b.name)
             set_pool(state, b, [pod["ip"]])
             _delete(state, a, pod)
             asked = time.monotonic()
@@ -152,8 +154,9 @@ def samples(rounds: int, poll_times: list[float]) -> tuple[dict[str, list[float]
             if moved["ip"] != pod["ip"]:
                 raise lab.LabError(f"the move gave {moved['ip']}, not {pod['ip']}")
             measured["move"].append(time_until([a, c], owned_by(pod["ip"], b.ip), asked, poll_times))
-            set_pool(state, b, b.pod_ips)
             _delete(state, b, moved)
+            fabric.move_ip(state, pod["ip"], a.name)
+            set_pool(state, b, b.pod_ips)
     finally:
         subprocess.run([*command, "down"], capture_output=True, timeout=300)
         shutil.rmtree(parent, ignore_errors=True)

@@ -1,11 +1,14 @@
 """`wgcni-lab`: an AKS-like cluster with wgcni on one Linux machine (see wgcni_lab.lab for what it builds).
 
-    wgcni-lab up [--nodes N] [--pods-per-node M]     bring the lab up (leaves it running)
-    wgcni-lab status [--json]                        nodes and pods
+    wgcni-lab up [--nodes N] [--pods-per-node M] [--no-azure-underlay]
+                                                     bring the lab up (leaves it running)
+    wgcni-lab status [--json]                        fabric, client, nodes, pods and services
     wgcni-lab pod-add NODE / pod-del POD             create / delete a pod the way kubelet does (prints its JSON)
-    wgcni-lab exec NODE|POD -- CMD...                run a host command in a node (its netns and mount namespace)
-                                                     or a pod (its netns); exits with the command's exit code
-    wgcni-lab capture [--seconds S]                  what crosses the VNet bridge (tcpdump)
+    wgcni-lab service-add NAME --pod POD... --port P [--node-port N] [--external-traffic-policy Cluster|Local]
+    wgcni-lab service-del NAME                       a Service, programmed on every node as kube-proxy does
+    wgcni-lab exec NODE|POD|client -- CMD...         run a host command in a node (its netns and mount namespace),
+                                                     a pod or the client VM (its netns); exits with its exit code
+    wgcni-lab capture [--seconds S]                  what enters Azure's fabric from the nodes and the client
     wgcni-lab down                                   remove everything, also after a crash or a half-finished up
 
 Every error is one line on stderr and a non-zero exit code. The lab dir is /run/wgcni-lab (or $WGCNI_LAB_DIR, or
@@ -27,7 +30,7 @@ from typing import Any
 
 import click
 
-from wgcni_lab import lab
+from wgcni_lab import fabric, lab, services
 from wgcni_lab.cleanup import remove_tree
 
 TEARDOWN_WAIT = 120.0  # seconds a failed `up` waits for the daemon to remove what it made
@@ -83,8 +86,11 @@ def _preflight(plugin: Path, hook: Path) -> None:
               help="the wgcni-node executable each node runs")
 @click.option("--timeout", type=click.FloatRange(min=10), default=300, show_default=True,
               help="seconds until a lab that is not up yet is given up (and removed)")
+@click.option("--no-azure-underlay", is_flag=True,
+              help="no DF limit of 1400 bytes in the fabric and `azure: false` in the hooks (auto MTU 1440)")
 @click.pass_obj
-def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, timeout: float) -> None:
+def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, timeout: float,
+       no_azure_underlay: bool) -> None:
     """Bring the lab up and leave it running."""
     plugin, hook = plugin.absolute(), hook.absolute()
     _preflight(plugin, hook)
@@ -94,7 +100,7 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, 
     daemon = subprocess.Popen(
         [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(lab_dir), "daemon", "--nodes", str(nodes),
          "--pods-per-node", str(pods_per_node), "--plugin", str(plugin), "--hook", str(hook),
-         "--parent", str(os.getpid())],
+         "--parent", str(os.getpid()), *(["--no-azure-underlay"] if no_azure_underlay else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
@@ -143,12 +149,14 @@ def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
 @click.option("--plugin", type=click.Path(path_type=Path), required=True)
 @click.option("--hook", type=click.Path(path_type=Path), required=True)
 @click.option("--parent", type=int, required=True)
+@click.option("--no-azure-underlay", is_flag=True)
 @click.pass_obj
-def daemon(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, parent: int) -> None:
+def daemon(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, parent: int,
+           no_azure_underlay: bool) -> None:
     """The lab daemon (started by `up`)."""
     from wgcni_lab.daemon import serve
 
-    sys.exit(serve(lab_dir, nodes, pods_per_node, plugin, hook, parent))
+    sys.exit(serve(lab_dir, nodes, pods_per_node, plugin, hook, parent, azure_underlay=not no_azure_underlay))
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -160,14 +168,18 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_obj
 def status(lab_dir: Path, as_json: bool) -> None:
-    """Nodes and pods of the lab."""
+    """Fabric, client, nodes, pods and services of the lab."""
     state = lab.require_state(lab_dir)
     report = lab.status(state)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(f"lab {state.id} ({report['phase']}): VNet {report['subnet']} on bridge {report['bridge']} "
-               f"(netns {report['bridge_netns']}), API server {report['apiserver'] or '-'}")
+    underlay = "DF limit 1400" if report["azure_underlay"] else "no DF limit"
+    click.echo(f"lab {state.id} ({report['phase']}): VNet {report['subnet']} on Azure's fabric (netns "
+               f"{report['fabric_netns']}, gateway MAC {report['gateway_mac']}, {underlay}), "
+               f"API server {report['apiserver'] or '-'}")
+    client = report["client"]
+    click.echo(f"client {client['ip']} (netns {client['netns']}): `wgcni-lab exec client -- CMD`")
     click.echo("")
     click.echo(_table([("NODE", "IP", "NETNS", "WIREGUARD", "HOOK SOCKET")] + [
         (node["name"], node["ip"], node["netns"], f"{node['wg_interface']}:{node['wg_port']}", node["hook_socket"])
@@ -178,6 +190,13 @@ def status(lab_dir: Path, as_json: bool) -> None:
             (pod["name"], pod["node"], pod["ip"], pod["netns"]) for pod in report["pods"]]))
     else:
         click.echo("no pods (`wgcni-lab pod-add NODE`)")
+    if report["services"]:
+        click.echo("")
+        click.echo(_table([("SERVICE", "CLUSTER-IP", "PORT", "NODE-PORT", "POLICY", "ENDPOINTS")] + [
+            (service["name"], service["cluster_ip"], str(service["port"]), str(service["node_port"] or "-"),
+             service["external_traffic_policy"] or "-",
+             ",".join(f"{endpoint['pod']}({endpoint['ip']})" for endpoint in service["endpoints"]))
+            for service in report["services"]]))
     for problem in report["problems"]:
         click.echo(f"problem: {problem}")
 
@@ -205,12 +224,36 @@ def pod_del(lab_dir: Path, pod: str) -> None:
     click.echo(json.dumps(lab.delete_pod(_require_up(lab_dir), pod)))
 
 
+@cli.command("service-add")
+@click.argument("name")
+@click.option("--pod", "pods", multiple=True, required=True, help="an endpoint (repeat for more)")
+@click.option("--port", type=int, required=True, help="the Service port, also the pods' target port")
+@click.option("--node-port", type=int, default=0, help="make it a NodePort Service on this port (30000-32767)")
+@click.option("--external-traffic-policy", type=click.Choice(services.POLICIES), default=None,
+              help="for a NodePort Service  [default: Cluster]")
+@click.pass_obj
+def service_add(lab_dir: Path, name: str, pods: tuple[str, ...], port: int, node_port: int,
+                external_traffic_policy: str | None) -> None:
+    """Add the Service NAME over PODs, programmed on every node as kube-proxy does; print it as JSON."""
+    service = services.add_service(_require_up(lab_dir), name, pods, port, node_port, external_traffic_policy or "")
+    click.echo(json.dumps(services.service_json(service)))
+
+
+@cli.command("service-del")
+@click.argument("name")
+@click.pass_obj
+def service_del(lab_dir: Path, name: str) -> None:
+    """Delete the Service NAME and its rules on every node; print it as JSON."""
+    click.echo(json.dumps(services.service_json(services.delete_service(_require_up(lab_dir), name))))
+
+
 @cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("target")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def exec_(lab_dir: Path, target: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND in a node (network + mount namespace) or a pod (network namespace); exit with its code."""
+    """Run COMMAND in a node (network + mount namespace), a pod or the client (network namespace); exit with its
+    code."""
     if command[:1] == ("--",):
         command = command[1:]
     if not command:
@@ -218,6 +261,8 @@ def exec_(lab_dir: Path, target: str, command: tuple[str, ...]) -> None:
     state = _require_up(lab_dir)
     if target in {node.name for node in state.nodes}:
         argv, env = [*lab.node_enter_argv(state.node(target)), *command], lab.node_env()
+    elif target == fabric.CLIENT_NAME:
+        argv, env = ["nsenter", f"--net=/run/netns/{state.client_netns}", "--", *command], dict(os.environ)
     else:
         _, pod = lab.find_pod(state, target)
         argv, env = ["nsenter", f"--net={pod['netns']}", "--", *command], dict(os.environ)
@@ -233,21 +278,22 @@ def exec_(lab_dir: Path, target: str, command: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per packet")
 @click.pass_obj
 def capture(lab_dir: Path, seconds: float, as_json: bool) -> None:
-    """Capture what crosses the VNet bridge for SECONDS (IP packets; ARP left out) and print it. Says
-    "capturing on ..." on stderr once tcpdump listens; SIGINT or SIGTERM ends it early (what it has is printed)."""
-    from wgcni_lab.wire import capture_bridge
+    """Capture what enters Azure's fabric from the nodes and the client for SECONDS (IP packets, each once, on
+    its sender's link; ARP left out) and print it. Says "capturing on ..." on stderr once tcpdump listens; SIGINT
+    or SIGTERM ends it early (what it has is printed)."""
+    from wgcni_lab.wire import capture_fabric
 
     def listening() -> None:
-        click.echo(f"capturing on {lab.BRIDGE} for {seconds:g}s", err=True)  # callers wait for this line
+        click.echo(f"capturing on the fabric for {seconds:g}s", err=True)  # callers wait for this line
 
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    packets = capture_bridge(_require_up(lab_dir), seconds, listening, stop)
+    packets = capture_fabric(_require_up(lab_dir), seconds, listening, stop)
     for packet in packets:
         click.echo(json.dumps(packet) if as_json else packet["line"])
     if not as_json:
-        click.echo(f"{len(packets)} packets in {seconds:g}s on {lab.BRIDGE}", err=True)
+        click.echo(f"{len(packets)} packets in {seconds:g}s on the fabric", err=True)
 
 
 @cli.command()

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from wgcni_lab import lab
+from wgcni_lab import fabric, lab, services
 from wgcni_lab.apiserver import NODES, ApiServer, NamespacedListener
 from wgcni_lab.polling import wait_until
 
@@ -66,12 +66,19 @@ def node_object(node: lab.NodeState) -> dict[str, Any]:
 
 
 def bring_up(state: lab.LabState, pods_per_node: int) -> ApiServer:
-    progress(f"lab {state.id} in {state.lab_dir}: VNet bridge {lab.BRIDGE} in netns {state.vnet_netns}")
-    lab.create_vnet(state)
+    underlay = f"DF limit {fabric.DF_LIMIT} bytes" if state.azure_underlay else "no DF limit (--no-azure-underlay)"
+    progress(f"lab {state.id} in {state.lab_dir}: Azure's VNet fabric in netns {state.vnet_netns} "
+             f"(gateway MAC {fabric.GATEWAY_MAC}, {underlay})")
+    fabric.create(state)
     for node in state.nodes:
         lab.create_node_network(state, node)
         lab.start_node_mounts(state, node)
-        progress(f"{node.name}: netns {node.netns}, eth0 {node.ip}/{lab.VNET.prefixlen}, private mount namespace")
+        services.program_node(state, node)
+        progress(f"{node.name}: netns {node.netns}, eth0 {node.ip}/{lab.VNET.prefixlen}, private mount namespace, "
+                 "kube-proxy chains")
+    fabric.attach_client(state)
+    progress(f"{fabric.CLIENT_NAME}: netns {state.client_netns}, eth0 {fabric.CLIENT_IP}/{lab.VNET.prefixlen} "
+             "(a VM in the VNet, outside the cluster)")
     crd = yaml.safe_load(lab.CRD_FILE.read_text())
     api = ApiServer(crds=[crd], also_listen=[NamespacedListener(node.netns, "127.0.0.1", lab.API_PORT_IN_NODE)
                                              for node in state.nodes])
@@ -87,7 +94,7 @@ def bring_up(state: lab.LabState, pods_per_node: int) -> ApiServer:
         runtime = lab.node_containerd(state, node)
         runtime.start()
         runtimes[node.name] = runtime
-        lab.write_node_config(node)
+        lab.write_node_config(state, node)
         lab.install_cni(state, node)
         progress(f"{node.name}: containerd (CRI) up, wgcni installed after azure-vnet in /etc/cni/net.d")
     hooks = {node.name: lab.start_node_agents(state, node) for node in state.nodes}
@@ -107,7 +114,8 @@ def bring_up(state: lab.LabState, pods_per_node: int) -> ApiServer:
     return api
 
 
-def serve(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, parent: int) -> int:
+def serve(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, parent: int,
+          azure_underlay: bool) -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -115,7 +123,7 @@ def serve(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Pat
     if os.getppid() != parent:  # `up` died before the death signal was armed
         return 1
     lab_dir.mkdir(mode=0o700, parents=True)
-    state = lab.new_state(lab_dir, nodes, plugin, hook)
+    state = lab.new_state(lab_dir, nodes, plugin, hook, azure_underlay)
     state.daemon_pid = os.getpid()
     state.save()
     api: ApiServer | None = None

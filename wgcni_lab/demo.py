@@ -3,8 +3,9 @@
 Each step prints the `wgcni-lab` command it runs, so a person can repeat it by hand:
 1. `wgcni-lab up --nodes 3 --pods-per-node 2` (a lab left by an earlier demo is removed first);
 2. `wgcni-lab status`;
-3. pings from a pod on every node to a pod on the next node, while `wgcni-lab capture` records the VNet bridge:
-   every packet on the wire must be WireGuard UDP between node addresses (the pods' ICMP never appears in clear);
+3. pings from a pod on every node to a pod on the next node, while `wgcni-lab capture` records what enters the VNet
+   (Azure's fabric, which would deliver a pod IP in plaintext too): every packet on the wire must be WireGuard UDP
+   between node addresses (the pods' ICMP never appears in clear);
 4. per node, `wgcni status`, `wgcni peers` and `wgcni check` when the debug CLI has them, else `wg show`;
 5. how to explore the lab and how to stop it (`make demo-down`).
 Exits non-zero when a step fails (the lab is left for inspection; `make demo-down` removes it).
@@ -70,7 +71,7 @@ def main() -> int:
     wgcni_lab("status")
     pods = json.loads(wgcni_lab("status", "--json", quiet=True).stdout)["pods"]
 
-    heading("3. cross-node pod pings while capturing on the VNet bridge")
+    heading("3. cross-node pod pings while capturing on the VNet fabric")
     show(["capture", "--seconds", str(CAPTURE_SECONDS), "--json"])
     capture = subprocess.Popen([*lab_command(), "capture", "--seconds", str(CAPTURE_SECONDS), "--json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -99,7 +100,7 @@ def main() -> int:
     from wgcni_lab.wire import only_wireguard_between_nodes
 
     clear = only_wireguard_between_nodes(state, packets)
-    print(f"\n  {len(packets)} IP packets crossed the bridge; {len(packets) - len(clear)} were WireGuard UDP "
+    print(f"\n  {len(packets)} IP packets crossed the fabric; {len(packets) - len(clear)} were WireGuard UDP "
           f"between node addresses (port {lab.WG_PORT}), {len(clear)} were anything else:")
     for packet in packets[:6]:
         print(f"    {packet['line']}")
@@ -114,7 +115,7 @@ def main() -> int:
             wgcni_lab("exec", node.name, "--", *command, check=False)
 
     heading("5. explore, then stop")
-    source, target = cross_node_pings(pods)[0] if pods else ({"name": "POD"}, {"ip": "IP"})
+    source, target = cross_node_pings(pods)[0] if pods else ({"name": "POD"}, {"name": "POD", "ip": "IP"})
     hints = [
         ("status", "nodes, pods, namespaces (--json for scripts)"),
         ("exec node-1 -- wg show", "WireGuard on a node (each node has its own /var/run/wireguard)"),
@@ -123,7 +124,10 @@ def main() -> int:
         (f"exec {source['name']} -- ping {target['ip']}", "from a pod to a pod on another node"),
         ("pod-add node-2", "a pod made the way kubelet makes one (CRI RunPodSandbox)"),
         (f"pod-del {source['name']}", "and deleted: the peers on the other nodes follow"),
-        ("capture --seconds 5", "what crosses the VNet bridge"),
+        ("capture --seconds 5", "what enters the VNet fabric (each packet once, on its sender's link)"),
+        (f"exec client -- ping {state.nodes[0].ip}", "from a VM in the VNet outside the cluster"),
+        (f"service-add web --pod {target['name']} --port 80 --node-port 30080",
+         "a NodePort Service, programmed as kube-proxy does"),
     ]
     width = max(len(command) for command, _ in hints)
     print("\nThe lab is still running. Try:")
@@ -132,8 +136,8 @@ def main() -> int:
     print("Stop it with:  make demo-down")
     if failed or clear or not packets:
         problems = [f"pings failed: {', '.join(failed)}"] if failed else []
-        problems += [f"{len(clear)} packets on the bridge were not WireGuard"] if clear else []
-        problems += ["nothing crossed the bridge"] if not packets else []
+        problems += [f"{len(clear)} packets on the fabric were not WireGuard"] if clear else []
+        problems += ["nothing crossed the fabric"] if not packets else []
         print(f"\ndemo: FAILED: {'; '.join(problems)}", file=sys.stderr)
         return 1
     print("\ndemo: OK — pod traffic between nodes crossed the VNet only as WireGuard")

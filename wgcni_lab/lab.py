@@ -1,9 +1,12 @@
 """The local lab's topology and lifecycle: an AKS-like cluster of network-namespace nodes on one machine.
 
 Layout (everything is named after the lab's random id, so two labs never collide):
-- a VNet namespace `wgl-<id>-vnet` holding the bridge `vnet0` — the bridge is not in the root namespace, so lab
-  traffic never touches the host's links, sysctls or firewall;
-- N nodes, each a network namespace `wgl-<id>-node-<i>` with `eth0` on the bridge and an AKS node-subnet address
+- a VNet namespace `wgl-<id>-vnet` holding Azure's fabric (`wgcni_lab.fabric`): it answers every ARP request with
+  the gateway MAC and routes each address to the NIC that holds it (a node's IP and its secondary pod IPs), drops
+  addresses no NIC holds and, as Azure's underlay, DF packets over 1400 bytes. It is not in the root namespace, so
+  lab traffic never touches the host's links, sysctls or firewall;
+- a client VM outside the cluster, `wgl-<id>-client` (10.240.200.4, on the fabric, no wgcni);
+- N nodes, each a network namespace `wgl-<id>-node-<i>` with `eth0` on the fabric and an AKS node-subnet address
   from 10.240.0.0/16 (10.240.0.4, .35, .66 ...: AKS reserves maxPods=30 secondary IPs after each node), plus a
   private mount namespace held by a small holder process: its own sysfs, its own tmpfs `/run` (so `/run/wgcni`,
   `/run/containerd` and `/var/run/wireguard` are per node and every node uses the default interface name `wgcni0`)
@@ -19,14 +22,16 @@ Layout (everything is named after the lab's random id, so two labs never collide
   install-cni --wait` (the init container), then `wgcni-node run` on the userspace backend, host encryption on, and
   `wgcni-node install-cni --watch` (which re-inserts the entry when the conflist is rewritten, as Azure CNS does);
   the hook syncs peers through the test API server (`wgcni_lab.apiserver`), which the lab daemon serves on
-  127.0.0.1:6443 inside every node namespace (so API traffic never crosses the bridge);
+  127.0.0.1:6443 inside every node namespace (so API traffic never crosses the fabric); with Azure's underlay
+  (the default; `up --no-azure-underlay` turns it off) the hooks run with `azure: true`, so their auto MTU is 1340;
+- per node what kube-proxy (iptables mode, as on AKS) programs for the lab's Services (`wgcni_lab.services`);
 - pods are created as kubelet creates them: CRI RunPodSandbox on the node's containerd (StopPodSandbox +
   RemovePodSandbox to delete).
 
 State: `<lab dir>/state.json` (default lab dir /run/wgcni-lab, or $WGCNI_LAB_DIR) is written *before* each thing
 is created, so `teardown()` can remove everything a crashed or half-finished `up` left, from what it finds on the
 machine: processes whose command line names the lab dir or that live in a lab namespace, the runtimes' cgroups,
-the namespaces, and the lab dir. Pods are not kept in the state: containerd is asked (ListPodSandbox).
+the namespaces, and the lab dir. Pods are not kept in the state: containerd is asked (ListPodSandbox); Services are.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import os
 import re
 import secrets
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -61,7 +66,6 @@ GATEWAY = "10.240.0.1"  # Azure's subnet gateway; ptp puts it on each pod's host
 FIRST_NODE_HOST = 4  # Azure reserves .0-.3 of a subnet
 MAX_PODS = 30  # AKS default maxPods with Azure CNI: each node gets its address + 30 secondary IPs
 MAX_NODES = 64
-BRIDGE = "vnet0"
 NODE_UPLINK_MTU = 1500
 API_PORT_IN_NODE = 6443
 NETWORK = "azure"
@@ -138,6 +142,18 @@ class NodeState:
 
 
 @dataclass
+class ServiceState:
+    """A Service as kube-proxy sees it: its ClusterIP and port, NodePort (0: none) with its external traffic policy,
+    and its endpoints ({"pod", "ip", "node"}, resolved when the Service was added)."""
+    name: str
+    cluster_ip: str
+    port: int
+    node_port: int
+    external_traffic_policy: str
+    endpoints: list[dict[str, str]]
+
+
+@dataclass
 class LabState:
     id: str
     lab_dir: str
@@ -146,6 +162,9 @@ class LabState:
     cgroup_prefix: str
     plugin: str
     hook: str
+    client_netns: str = ""
+    azure_underlay: bool = True  # the fabric's DF limit and `azure: true` in the hooks' config
+    services: list[ServiceState] = field(default_factory=list)
     daemon_pid: int = 0
     apiserver_url: str = ""
     phase: str = "creating"  # creating -> up
@@ -187,6 +206,7 @@ def load_state(lab_dir: Path) -> LabState | None:
         raise LabError(f"{lab_dir / STATE_FILE} has format {raw.get('format')!r}, this wgcni-lab reads "
                        f"{STATE_FORMAT}; remove {lab_dir} by hand")
     raw["nodes"] = [NodeState(**node) for node in raw["nodes"]]
+    raw["services"] = [ServiceState(**service) for service in raw.get("services", [])]
     return LabState(**raw)
 
 
@@ -227,13 +247,13 @@ def base_conflist(pool: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def hook_config(node: NodeState) -> dict[str, Any]:
+def hook_config(state: LabState, node: NodeState) -> dict[str, Any]:
     """The hook's settings in a node, as the DaemonSet's ConfigMap would carry them for the lab."""
     return {
         "nodeName": node.name,
         "endpoint": node.ip,
         "backend": "userspace",
-        "azure": False,
+        "azure": state.azure_underlay,
         "hostEncryption": True,
         "podInterfacePrefixes": [POD_VETH_PREFIX],
         "metricsAddress": "127.0.0.1:9820",
@@ -288,40 +308,32 @@ def in_node(node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.Compl
 
 # ---- bring-up steps (run by the lab daemon, wgcni_lab.daemon) -------------------------------------------------------
 
-def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path) -> LabState:
+def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, azure_underlay: bool = True) -> LabState:
     lab_id = secrets.token_hex(3)
     pools = pod_ip_pools(nodes)
     return LabState(
         id=lab_id,
         lab_dir=str(lab_dir),
         vnet_netns=f"wgl-{lab_id}-vnet",
+        client_netns=f"wgl-{lab_id}-client",
         nodes=[NodeState(name=f"node-{index + 1}", ip=node_ip(index), netns=f"wgl-{lab_id}-node-{index + 1}",
                          pod_ips=pools[index]) for index in range(nodes)],
         cgroup_prefix=f"wgcni-lab-{lab_id}",
         plugin=str(plugin),
         hook=str(hook),
+        azure_underlay=azure_underlay,
     )
 
 
-def create_vnet(state: LabState) -> None:
-    run(["ip", "netns", "add", state.vnet_netns])
-    in_netns(state.vnet_netns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                                "net.ipv6.conf.default.disable_ipv6=1"])
-    in_netns(state.vnet_netns, ["ip", "link", "set", "lo", "up"])
-    in_netns(state.vnet_netns, ["ip", "link", "add", BRIDGE, "type", "bridge"])
-    in_netns(state.vnet_netns, ["ip", "link", "set", BRIDGE, "up"])
-
-
 def create_node_network(state: LabState, node: NodeState) -> None:
-    """The node's namespace with eth0 on the VNet bridge (IPv6 off, so the bridge carries only what the lab sends)."""
+    """The node's namespace with eth0 on the fabric, which delivers the node's IP and its pod IPs to it (IPv6 off,
+    so the fabric carries only what the lab sends)."""
+    from wgcni_lab import fabric
+
     run(["ip", "netns", "add", node.netns])
     in_netns(node.netns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
     in_netns(node.netns, ["ip", "link", "set", "lo", "up"])
-    in_netns(state.vnet_netns, ["ip", "link", "add", node.name, "mtu", str(NODE_UPLINK_MTU), "type", "veth",
-                                "peer", "name", "eth0", "netns", node.netns])
-    in_netns(state.vnet_netns, ["ip", "link", "set", node.name, "master", BRIDGE, "up"])
-    in_netns(node.netns, ["ip", "addr", "add", f"{node.ip}/{VNET.prefixlen}", "dev", "eth0"])
-    in_netns(node.netns, ["ip", "link", "set", "eth0", "up"])
+    fabric.attach_node(state, node)
 
 
 def start_node_mounts(state: LabState, node: NodeState) -> subprocess.Popen[str]:
@@ -360,11 +372,11 @@ def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untype
                       cgroup_parent=state.cgroup_parent(node))
 
 
-def write_node_config(node: NodeState) -> None:
+def write_node_config(state: LabState, node: NodeState) -> None:
     """The ConfigMap's config.yaml and the API credentials, where the DaemonSet mounts them in the node."""
     directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(json.dumps(hook_config(node), indent=2) + "\n")  # JSON is YAML
+    (directory / "config.yaml").write_text(json.dumps(hook_config(state, node), indent=2) + "\n")  # JSON is YAML
     (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
 
 
@@ -521,8 +533,12 @@ def status(state: LabState) -> dict[str, Any]:
             pods += node_pods(state, node)
         except LabError as error:
             problems.append(str(error))
-    return {"bridge": BRIDGE, "bridge_netns": state.vnet_netns, "subnet": str(VNET), "lab_dir": state.lab_dir,
-            "phase": state.phase, "apiserver": state.apiserver_url, "nodes": nodes, "pods": pods,
+    from wgcni_lab import fabric, services
+
+    return {"fabric_netns": state.vnet_netns, "gateway": GATEWAY, "gateway_mac": fabric.GATEWAY_MAC,
+            "azure_underlay": state.azure_underlay, "subnet": str(VNET), "lab_dir": state.lab_dir,
+            "phase": state.phase, "apiserver": state.apiserver_url, "client": fabric.client_status(state),
+            "nodes": nodes, "pods": pods, "services": [services.service_json(service) for service in state.services],
             "problems": problems}
 
 

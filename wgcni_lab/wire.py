@@ -1,8 +1,11 @@
-"""What crosses the lab's VNet bridge: a short tcpdump capture in the bridge's namespace, parsed into packets.
+"""What crosses the lab's VNet: a short tcpdump capture on Azure's fabric (`wgcni_lab.fabric`), parsed into packets.
 
-tcpdump runs with `-nn -q -tt` (numeric, one line per packet, epoch timestamps) and the filter `not arp`: ARP is the
-nodes resolving each other's MAC on the shared L2 and carries no payload. Each packet becomes
-`{"time", "src", "dst", "sport", "dport", "proto", "length", "line"}` (ports None when the protocol has none), so
+tcpdump listens on every link of the fabric at ingress (`-i any -Q in`), so each packet a node or the client sends
+into the VNet is seen exactly once, on the link of its sender (also when the fabric then drops it: an address no
+NIC holds, a DF packet over the underlay's limit). It runs with `-nn -q -tt` (numeric, one line per packet, epoch
+timestamps) and the filter `not arp`: ARP is a NIC asking the fabric for the gateway MAC and carries no payload.
+Each packet becomes `{"time", "link", "src", "dst", "sport", "dport", "proto", "length", "line"}` (`link`: the
+fabric link it entered on, i.e. the sending node's name or `client`; ports None when the protocol has none), so
 callers can assert that pod traffic between nodes is only WireGuard UDP between node addresses.
 """
 
@@ -16,7 +19,8 @@ from typing import Any, Callable
 
 from wgcni_lab import lab
 
-_LINE = re.compile(r"^(?P<time>\d+\.\d+) (?P<family>IP6?) (?P<src>\S+) > (?P<dst>\S+?): (?P<rest>.*)$")
+_LINE = re.compile(r"^(?P<time>\d+\.\d+) (?:(?P<link>\S+) +(?:In|Out|B|M|P) +)?(?P<family>IP6?) "
+                   r"(?P<src>\S+) > (?P<dst>\S+?): (?P<rest>.*)$")
 _WITH_PORT = re.compile(r"^(?P<address>.+)\.(?P<port>\d+)$")
 
 
@@ -39,29 +43,29 @@ def parse_line(line: str) -> dict[str, Any] | None:
     src, sport = _endpoint(match["src"], has_ports)
     dst, dport = _endpoint(match["dst"], has_ports)
     length = re.search(r"length (\d+)", rest)
-    return {"time": float(match["time"]), "src": src, "dst": dst, "sport": sport, "dport": dport, "proto": proto,
-            "length": int(length[1]) if length else None, "line": line.strip()}
+    return {"time": float(match["time"]), "link": match["link"], "src": src, "dst": dst, "sport": sport,
+            "dport": dport, "proto": proto, "length": int(length[1]) if length else None, "line": line.strip()}
 
 
-def capture_bridge(state: lab.LabState, seconds: float, on_listening: Callable[[], None] = lambda: None,
+def capture_fabric(state: lab.LabState, seconds: float, on_listening: Callable[[], None] = lambda: None,
                    stop: threading.Event | None = None) -> list[dict[str, Any]]:
-    """Capture IP packets on the VNet bridge for `seconds` (counted from when tcpdump listens: `on_listening`), or
-    until `stop` is set."""
+    """Capture the IP packets entering the fabric for `seconds` (counted from when tcpdump listens:
+    `on_listening`), or until `stop` is set."""
     capture = subprocess.Popen(
-        ["ip", "netns", "exec", state.vnet_netns, "tcpdump", "-i", lab.BRIDGE, "-nn", "-q", "-tt", "-l",
+        ["ip", "netns", "exec", state.vnet_netns, "tcpdump", "-i", "any", "-Q", "in", "-nn", "-q", "-tt", "-l",
          "--immediate-mode", "not", "arp"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert capture.stderr is not None
         said = []
-        for line in capture.stderr:  # tcpdump says "listening on vnet0, ..." once the capture runs
+        for line in capture.stderr:  # tcpdump says "listening on any, ..." once the capture runs
             said.append(line.strip())
             if line.startswith("listening on"):
                 break
         else:
             capture.wait(5)
-            raise lab.LabError(f"tcpdump on {lab.BRIDGE} failed: {' '.join(said) or 'no output'}")
+            raise lab.LabError(f"tcpdump on the fabric failed: {' '.join(said) or 'no output'}")
         on_listening()
         (stop or threading.Event()).wait(seconds)
         capture.send_signal(signal.SIGINT)

@@ -1,9 +1,11 @@
-"""Fixtures of the lab tests: the `wgcni-lab` CLI run against a lab dir of its own, and a footprint of a lab (its
-namespaces, processes, mounts, cgroups) to prove that `down` leaves nothing behind.
+"""Fixtures of the lab tests: the `wgcni-lab` CLI run against a lab dir of its own, `wgcni-lab capture` around a
+block of commands, and a footprint of a lab (its namespaces, processes, mounts, cgroups) to prove that `down`
+leaves nothing behind.
 
 Other engineers' tests run on the same machine at the same time, so the footprint only counts what belongs to this
-lab: namespaces with its id, processes whose network namespace is one of the lab's (nodes, VNet, pods) or whose
-command line names its lab dir, mounts naming its dir or id, its cgroups, and root-namespace links with lab names.
+lab: namespaces with its id, processes whose network namespace is one of the lab's (nodes, fabric, client, pods) or
+whose command line names its lab dir, mounts naming its dir or id, its cgroups, and root-namespace links with lab
+names.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +25,7 @@ from tests.support.tempdir import short_temp_dir
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_table
 
-LAB_LINK_NAMES = ("vnet0", "node-", "wgcni", "eth0")
+LAB_LINK_NAMES = ("fabric0", "node-", "client", "wgcni", "eth0")
 
 
 class Cli:
@@ -47,6 +50,25 @@ class Cli:
         state = lab.load_state(self.lab_dir)
         assert state is not None
         return state
+
+
+@contextmanager
+def captured(cli: Cli, seconds: float = 120) -> Iterator[list[dict[str, Any]]]:
+    """`wgcni-lab capture --json` around the block: the list is filled with the packets when the block ends."""
+    packets: list[dict[str, Any]] = []
+    capture = subprocess.Popen(cli.argv("capture", "--seconds", str(seconds), "--json"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert capture.stderr is not None and "capturing on" in capture.stderr.readline()  # tcpdump listens
+        yield packets
+        capture.terminate()  # the capture ends early on SIGTERM and prints what it saw
+        output, errors = capture.communicate(timeout=30)
+        assert capture.returncode == 0, errors
+        packets += [json.loads(line) for line in output.splitlines()]
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+            capture.wait()
 
 
 @dataclass
@@ -81,7 +103,8 @@ def footprint(lab_id: str, lab_dir: Path, netns_inodes: set[int]) -> Footprint:
 def lab_netns_inodes(cli: Cli) -> set[int]:
     """The network namespaces of a running lab: VNet, nodes, pods."""
     state = cli.state()
-    paths = [f"/run/netns/{state.vnet_netns}"] + [f"/run/netns/{node.netns}" for node in state.nodes]
+    paths = [f"/run/netns/{name}" for name in (state.vnet_netns, state.client_netns)]
+    paths += [f"/run/netns/{node.netns}" for node in state.nodes]
     paths += [pod["netns"] for pod in lab.all_pods(state)] if state.phase == "up" else []
     return {inode for inode in map(netns_inode, paths) if inode is not None}
 

@@ -1,9 +1,10 @@
 """The local lab end to end through its CLI: `wgcni-lab up` with 3 nodes x 2 pods, the exact status shape, encrypted
-cross-node pod traffic on the VNet bridge, pods added and deleted the way kubelet does it (the other nodes' peers
+cross-node pod traffic on the VNet fabric, pods added and deleted the way kubelet does it (the other nodes' peers
 follow), exec exit codes, one-line errors, and `down` leaving nothing — also after a crash in the middle of `up`.
+(The fabric itself, the client and Services: tests/lab/test_fabric.py.)
 
 Facts are checked with independent tools inside the nodes (`wg show ... dump`, `ip route show table ...`, ping,
-tcpdump on the bridge), not with the hooks' own reports. The tests share one lab (module scope) and run in file
+tcpdump on the fabric), not with the hooks' own reports. The tests share one lab (module scope) and run in file
 order; the `down` test comes last.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from node_hook.local_api import request
-from tests.lab.conftest import Cli, footprint, force_down, lab_netns_inodes, root_links
+from tests.lab.conftest import Cli, captured, footprint, force_down, lab_netns_inodes, root_links
 from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
@@ -80,7 +81,8 @@ def programmed_everywhere(cli: Cli, ip: str, owner_ip: str | None) -> bool:
 def test_status_json_has_the_exact_shape_and_aks_addressing(cli: Cli) -> None:
     status = cli.json("status", "--json")
 
-    assert {"bridge", "nodes", "pods"} <= set(status) and isinstance(status["bridge"], str)
+    assert {"fabric_netns", "client", "nodes", "pods", "services"} <= set(status) and "bridge" not in status
+    assert status["fabric_netns"] == cli.state().vnet_netns and status["services"] == []
     assert [node["name"] for node in status["nodes"]] == ["node-1", "node-2", "node-3"]
     assert [node["ip"] for node in status["nodes"]] == ["10.240.0.4", "10.240.0.35", "10.240.0.66"]
     for node in status["nodes"]:
@@ -102,28 +104,18 @@ def test_status_json_has_the_exact_shape_and_aks_addressing(cli: Cli) -> None:
     assert "node-2" in human and status["pods"][0]["name"] in human
 
 
-def test_cross_node_pod_traffic_crosses_the_bridge_only_as_wireguard(cli: Cli) -> None:
+def test_cross_node_pod_traffic_crosses_the_fabric_only_as_wireguard(cli: Cli) -> None:
     pods = cli.json("status", "--json")["pods"]
     first = {}
     for pod in pods:
         first.setdefault(pod["node"], pod)
     ring = list(first.values())
-    capture = subprocess.Popen(cli.argv("capture", "--seconds", "120", "--json"), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        assert capture.stderr is not None and "capturing on" in capture.stderr.readline()  # tcpdump listens
+    with captured(cli) as packets:
         for index, source in enumerate(ring):
             target = ring[(index + 1) % len(ring)]
             ping = cli.run("exec", source["name"], "--", "ping", "-c", "3", "-i", "0.2", "-W", "2", target["ip"],
                            check=False)
             assert ping.returncode == 0, f"{source['name']} -> {target['ip']}: {ping.stdout}{ping.stderr}"
-        capture.terminate()  # the capture ends early on SIGTERM and prints what it saw
-        output, _ = capture.communicate(timeout=30)
-    finally:
-        if capture.poll() is None:
-            capture.kill()
-            capture.wait()
-    packets = [json.loads(line) for line in output.splitlines()]
 
     assert len(packets) >= 18, "3 pairs x 3 echo requests and replies, each one UDP datagram"
     assert only_wireguard_between_nodes(cli.state(), packets) == []
@@ -193,7 +185,7 @@ def test_down_leaves_nothing(cli: Cli) -> None:
     state = cli.state()
     inodes = lab_netns_inodes(cli)
     before = footprint(state.id, cli.lab_dir, inodes)
-    assert len(before.namespaces) == 4 and before.processes and before.cgroups, "the footprint sees the lab"
+    assert len(before.namespaces) == 5 and before.processes and before.cgroups, "the footprint sees the lab"
 
     cli.run("down", timeout=180)
 

@@ -1,10 +1,12 @@
-"""The lab's pure parts: AKS addressing, the node conflist, and the parsing of the bridge capture."""
+"""The lab's pure parts: AKS addressing, the node conflist, the fabric's addresses and firewall, the parsing of the
+fabric capture, and the kube-proxy rules rendered for Services."""
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
-from wgcni_lab import lab
+from wgcni_lab import fabric, lab, services
 from wgcni_lab.wire import only_wireguard_between_nodes, parse_line
 
 
@@ -35,14 +37,17 @@ def test_capture_lines_parse_into_packets() -> None:
     icmp = parse_line("1795653751.5 IP 10.240.0.5 > 10.240.0.6: ICMP echo request, id 7, seq 1, length 64")
     tcp6 = parse_line("1795653752.0 IP6 fd00::1.443 > fd00::2.5000: tcp 0")
 
-    assert udp == {"time": 1795653751.012778, "src": "10.240.0.4", "dst": "10.240.0.35", "sport": 51820,
+    assert udp == {"time": 1795653751.012778, "link": None, "src": "10.240.0.4", "dst": "10.240.0.35", "sport": 51820,
                    "dport": 51820, "proto": "udp", "length": 148,
                    "line": "1795653751.012778 IP 10.240.0.4.51820 > 10.240.0.35.51820: UDP, length 148"}
     assert (icmp["src"], icmp["dst"], icmp["proto"], icmp["sport"], icmp["length"]) == (
         "10.240.0.5", "10.240.0.6", "icmp", None, 64)
     assert (tcp6["src"], tcp6["sport"], tcp6["dst"], tcp6["dport"], tcp6["proto"]) == (
         "fd00::1", 443, "fd00::2", 5000, "tcp")
-    assert parse_line("tcpdump: listening on vnet0") is None
+    assert parse_line("tcpdump: listening on any, link-type LINUX_SLL2") is None
+    on_link = parse_line("1796283247.476708 node-1 In  IP 10.240.0.4.30277 > 10.240.0.6.8080: tcp 0")
+    assert (on_link["link"], on_link["src"], on_link["sport"], on_link["dst"], on_link["dport"], on_link["proto"]) == (
+        "node-1", "10.240.0.4", 30277, "10.240.0.6", 8080, "tcp")
 
 
 def test_only_wireguard_between_node_addresses_passes() -> None:
@@ -55,3 +60,72 @@ def test_only_wireguard_between_node_addresses_passes() -> None:
     )]
 
     assert [packet["time"] for packet in only_wireguard_between_nodes(state, packets)] == [1.1, 1.2, 1.3]
+
+
+def test_the_client_and_nic_macs_collide_with_no_node_or_pod() -> None:
+    pools = lab.pod_ip_pools(lab.MAX_NODES)
+    held = {lab.node_ip(index) for index in range(lab.MAX_NODES)} | {ip for pool in pools for ip in pool}
+
+    assert fabric.CLIENT_IP not in held and ipaddress.ip_address(fabric.CLIENT_IP) in lab.VNET
+    assert fabric.nic_mac("10.240.0.35") == "00:0d:3a:f0:00:23"
+    assert len({fabric.nic_mac(ip) for ip in held | {fabric.CLIENT_IP}}) == len(held) + 1
+    assert fabric.GATEWAY_MAC not in {fabric.nic_mac(ip) for ip in held}
+
+
+def test_the_fabric_firewall_drops_only_df_packets_over_the_underlay_limit() -> None:
+    assert "ip frag-off & 0x4000 != 0 ip length > 1400 drop" in fabric.firewall(df_limit=True)
+    assert "drop" not in fabric.firewall(df_limit=False)
+
+
+def _lab_with_service(policy: str, endpoint_nodes: list[str]) -> lab.LabState:
+    state = lab.new_state(lab.DEFAULT_LAB_DIR, 3, lab.DEFAULT_PLUGIN, lab.DEFAULT_HOOK)
+    endpoints = [{"pod": f"{node}-pod{index}", "ip": f"10.240.0.{50 + index}", "node": node}
+                 for index, node in enumerate(endpoint_nodes)]
+    state.services.append(lab.ServiceState(name="web", cluster_ip="10.0.0.16", port=8080, node_port=30080,
+                                           external_traffic_policy=policy, endpoints=endpoints))
+    return state
+
+
+def test_cluster_policy_masquerades_and_spreads_over_every_endpoint() -> None:
+    state = _lab_with_service("Cluster", ["node-2", "node-3", "node-3"])
+    rules = services.render(state, state.node("node-1")).splitlines()
+    ext, svc = services.chain_name("EXT", state.services[0]), services.chain_name("SVC", state.services[0])
+
+    assert re.fullmatch(r"KUBE-SVC-[A-Z2-7]{16}", svc) and services.chain_name("SVC", state.services[0]) == svc
+    assert f'-A KUBE-NODEPORTS -p tcp -m comment --comment "default/web" -m tcp --dport 30080 -j {ext}' in rules
+    assert [rule.split(" -j ")[1] for rule in rules if rule.startswith(f"-A {ext} ")] == ["KUBE-MARK-MASQ", svc]
+    jumps = [rule for rule in rules if rule.startswith(f"-A {svc} ") and "KUBE-SEP-" in rule]
+    assert [re.search(r"--probability (\S+)", rule)[1] if "--probability" in rule else None for rule in jumps] == [
+        "0.3333333333", "0.5000000000", None]
+    assert sum(rule.endswith("-j DNAT --to-destination 10.240.0.51:8080") for rule in rules) == 1
+    assert rules[rules.index("*nat") - 1] == "COMMIT" and rules[-1] == "COMMIT"
+    nat = rules[rules.index("*nat"):]
+    assert [rule for rule in nat if rule.startswith("-A KUBE-SERVICES ")][-1].endswith(
+        "-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"), "the NodePort jump must stay the last rule"
+
+
+def test_local_policy_serves_local_endpoints_and_drops_the_node_port_elsewhere() -> None:
+    state = _lab_with_service("Local", ["node-2"])
+    service = state.services[0]
+    on_endpoint_node = services.render(state, state.node("node-2"))
+    elsewhere = services.render(state, state.node("node-1"))
+    svl = services.chain_name("SVL", service)
+
+    assert f"-A {services.chain_name('EXT', service)} -j {svl}" in on_endpoint_node
+    assert "has no local endpoints" not in on_endpoint_node and "KUBE-MARK-MASQ" in on_endpoint_node
+    assert svl not in elsewhere
+    assert ('-A KUBE-EXTERNAL-SERVICES -p tcp -m comment --comment "default/web has no local endpoints" '
+            "-m addrtype --dst-type LOCAL -m tcp --dport 30080 -j DROP") in elsewhere
+    assert "masquerade traffic for" not in on_endpoint_node, "Local keeps the client's source address"
+
+
+def test_a_deleted_service_leaves_only_the_deletion_of_its_chains() -> None:
+    state = _lab_with_service("Cluster", ["node-2"])
+    chains = services.service_rules(state.services[0], state.node("node-1"))[1]
+    state.services.clear()
+
+    rendered = services.render(state, state.node("node-1"), existing_chains=chains)
+
+    assert sorted(line for line in rendered.splitlines() if line.startswith("-X ")) == sorted(
+        f"-X {chain}" for chain in chains)
+    assert "default/web" not in rendered
