@@ -287,7 +287,6 @@ def test_local_policy_drops_the_node_port_on_a_node_without_an_endpoint(cli: Cli
         assert ask(cli, "client", node_ip(status, "node-2"), 30080) == fabric.CLIENT_IP
 
 
-@pytest.mark.xfail(strict=True, reason="hook marks forwarded NodePort traffic: fixed on main")
 def test_client_to_node_port_forwarded_to_another_node_is_wireguard_between_the_nodes(
         cli: Cli, status: dict[str, Any], echo: dict[str, Any]) -> None:
     """Cluster policy: node-1 DNATs the client's connection to the pod on node-2 and masquerades it; the hop from
