@@ -86,7 +86,8 @@ def process_state(pid: int) -> str | None:
 
 def kill_processes(pids: Iterable[int], timeout: float = 10.0) -> None:
     """SIGKILL every pid, then wait (up to `timeout` in all) until each is gone or a zombie; our own children are
-    reaped, anyone else's are left to their parent or init."""
+    reaped, anyone else's are left to their parent or init. Those whose parent was among them became ours (as
+    subreaper) when it died and are reaped too: a zombie still populates its cgroup v2, which cannot be removed."""
     pids = list(pids)
     for pid in pids:
         try:
@@ -103,6 +104,11 @@ def kill_processes(pids: Iterable[int], timeout: float = 10.0) -> None:
             if process_state(pid) in (None, "Z"):
                 break
             time.sleep(0.01)
+    for pid in pids:  # all dead now: every orphan among them has been handed to its reaper
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
 
 
 def remove_tree(path: Path) -> None:

@@ -194,7 +194,7 @@ class Containerd:
                 link_cni_plugins(self.cni_bin_dir)
         private_dirs = []
         for mountpoint in PRIVATE_MOUNTPOINTS:
-            private = self.base_dir / ("mnt" + mountpoint.replace("/", "-"))
+            private = self._private_dir(mountpoint)
             private.mkdir(exist_ok=True)
             private_dirs.append(str(private))
         if self.mount_namespace is None:
@@ -339,6 +339,25 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
         remove_tree(self.base_dir)
         if problems:
             raise ContainerdError(f"containerd {self.name}: pods could not be removed cleanly: " + "; ".join(problems))
+
+    def power_off(self, timeout: float = 10.0) -> None:
+        """The node loses power: this instance's processes are killed (no CRI call, no CNI DEL), its cgroups and
+        its volatile state (the state dir and the private /run/containerd: the pods' network namespace mounts, the
+        shims' sockets) are removed, while its root (the sandboxes' metadata) and its private /var/lib/cni (libcni's
+        cache, host-local's leases) stay, as they are on the OS disk. `start()` then brings it back as containerd
+        starts after a reboot: it finds the old sandboxes NOTREADY."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._process = None
+        kill_processes(self.runtime_pids(), timeout)
+        self._remove_cgroups()
+        for volatile in (self.state_dir, self._private_dir("/run/containerd")):
+            remove_tree(volatile)
+
+    def _private_dir(self, mountpoint: str) -> Path:
+        """The per-instance directory bound over `mountpoint` (one of PRIVATE_MOUNTPOINTS)."""
+        return self.base_dir / ("mnt" + mountpoint.replace("/", "-"))
 
     def __enter__(self) -> Containerd:
         return self.start()
