@@ -40,7 +40,7 @@ from wgcni_lab import control, lab, lifecycle
 from wgcni_lab.cleanup import remove_tree
 
 TEARDOWN_WAIT = 120.0  # seconds a failed `up` waits for the daemon to remove what it made
-LAB_SET_PER_NODE = ("nodeName", "endpoint")  # hook settings `up --setting` cannot override
+LAB_OWNED_SETTINGS = ("nodeName", "endpoint", "socket")  # the lab sets them per node / reaches the hook there
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "wireguard-go",
                   "wg", "nft", "gcc")
 
@@ -95,8 +95,8 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
         key, equals, text = pair.partition("=")
         if not equals or not key:
             raise lab.LabError(f"--setting {pair!r}: give KEY=VALUE, e.g. --setting logLevel=debug")
-        if key in LAB_SET_PER_NODE:
-            raise lab.LabError(f"--setting {key}: the lab sets it for each node")
+        if key in LAB_OWNED_SETTINGS:
+            raise lab.LabError(f"--setting {key}: the lab sets it itself")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:

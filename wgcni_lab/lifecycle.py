@@ -202,7 +202,7 @@ class DaemonSetPod:
         """SIGKILL every process of the pod and wait until they are gone (the supervision loop restarts it)."""
         if self.phase not in ("running", "stopped"):
             raise lab.LabError(f"{self.node.name}: the DaemonSet pod is {self.phase}: nothing to kill")
-        self._failed("killed (SIGKILL)")
+        self.fail("killed (SIGKILL)")
 
     def supervise(self, runtime: Containerd) -> None:
         """One look, as kubelet's pod worker takes: a container that exited fails the pod; a pod whose backoff is
@@ -211,15 +211,16 @@ class DaemonSetPod:
             exited = [f"{name} exited with {process.returncode}" for name, process in self.containers.items()
                       if process.poll() is not None]
             if exited:
-                self._failed("; ".join(exited))
+                self.fail("; ".join(exited))
         elif self.phase == "restarting" and time.monotonic() >= self.restart_at:
             self.restarts += 1
             try:
                 self.start(runtime)
             except lab.LabError as error:
-                self._failed(str(error))
+                self.fail(str(error))
 
-    def _failed(self, why: str) -> None:
+    def fail(self, why: str) -> None:
+        """The pod failed (`why`): kill what is left of it and schedule its restart after the backoff."""
         kill_processes(self.pids())
         for process in self.containers.values():
             process.poll()
@@ -324,7 +325,11 @@ class Cluster:
         first, cap = self.state.restart_backoff
         pod = DaemonSetPod(self.state, node, RestartBackoff(first, cap), restarts=restarts)
         self.daemonsets[node.name] = pod
-        pod.start(self.runtimes[node.name])
+        try:
+            pod.start(self.runtimes[node.name])
+        except lab.LabError as error:  # kubelet keeps trying: the supervision loop restarts it after its backoff
+            pod.fail(str(error))
+            raise
         self.progress(f"{node.name}: wgcni-node ready ({lab.WG_INTERFACE}, UDP {lab.WG_PORT}), "
                       f"wgcni installed after azure-vnet in /etc/cni/net.d")
 
