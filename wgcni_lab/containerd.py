@@ -37,14 +37,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import grpc
 
-from wgcni_lab.cleanup import kill_processes, process_table, remove_tree, with_descendants
+from wgcni_lab.cleanup import CGROUP_ROOT, kill_processes, process_table, remove_cgroups, remove_tree, with_descendants
 from wgcni_lab.cri import CriClient, CriError, PortMapping, SandboxStatus
 from wgcni_lab.pause import PauseImage, pause_image
 
 REFERENCE_PLUGIN_DIR = Path("/usr/lib/cni")
 REFERENCE_PLUGINS = ("ptp", "host-local", "loopback", "portmap")
 K8S_NAMESPACE = "k8s.io"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Paths containerd and libcni use whatever the config says; each instance gets private copies of them.
 PRIVATE_MOUNTPOINTS = ("/run/containerd", "/var/lib/cni")
 DISABLED_PLUGINS = (
@@ -332,7 +331,7 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
             _terminate(self._process, timeout)
             self._process = None
         kill_processes(self.runtime_pids(), timeout)
-        self._remove_cgroups()
+        remove_cgroups(self.cgroup_parent, timeout)
         for guard in self._mountpoint_guards:
             guard.release()
         self._mountpoint_guards = []
@@ -351,7 +350,7 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
             self._client = None
         self._process = None
         kill_processes(self.runtime_pids(), timeout)
-        self._remove_cgroups()
+        remove_cgroups(self.cgroup_parent, timeout)
         for volatile in (self.state_dir, self._private_dir("/run/containerd")):
             remove_tree(volatile)
 
@@ -378,18 +377,6 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
         table = process_table()
         roots = [info.pid for info in table.values() if markers.intersection(info.argv)]
         return sorted(with_descendants(roots, table))
-
-    def _remove_cgroups(self) -> None:
-        relative = self.cgroup_parent.strip("/")
-        if not relative:
-            return
-        for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else ():
-            top = hierarchy / relative
-            if not top.is_dir() or top.is_symlink():
-                continue
-            for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                _rmdir_quietly(directory)
-            _rmdir_quietly(top)
 
     # ---- pods --------------------------------------------------------------------------------------------
 
@@ -529,13 +516,6 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _rmdir_quietly(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 def _toml(value: object) -> str:

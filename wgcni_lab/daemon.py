@@ -26,6 +26,7 @@ import yaml
 
 from wgcni_lab import control, lab, lifecycle
 from wgcni_lab.apiserver import NODES, ApiServer
+from wgcni_lab.cleanup import reap_children
 from wgcni_lab.polling import wait_until
 
 PR_SET_PDEATHSIG = 1
@@ -126,7 +127,7 @@ def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: in
         while True:
             with cluster.lock:  # never reap a child an operation is waiting for
                 cluster.supervise()
-                lifecycle.reap_children()
+                reap_children()
             time.sleep(SUPERVISION_INTERVAL)
     except Stop:
         return 0
@@ -139,7 +140,7 @@ def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: in
             cluster.api.stop()
             for problem in lab.teardown(state):
                 print(f"teardown: {problem}", file=sys.stderr, flush=True)
-            lifecycle.reap_children()
+            reap_children()
 
 
 def _detach(log_path: Path) -> None:

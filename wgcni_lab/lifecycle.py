@@ -42,10 +42,10 @@ from typing import Any, Callable
 
 from wgcni_lab import lab
 from wgcni_lab.apiserver import NODES, ApiServer, NamespacedListener
-from wgcni_lab.cleanup import kill_processes, process_state, process_table, remove_tree, with_descendants
-from wgcni_lab.containerd import CGROUP_ROOT, Containerd
+from wgcni_lab.cleanup import (CGROUP_ROOT, kill_processes, process_state, process_table, reap_children, remove_tree,
+                               with_descendants)
+from wgcni_lab.containerd import Containerd
 from wgcni_lab.cri import CriError
-from wgcni_lab.polling import wait_until
 
 CGROUP_V2 = CGROUP_ROOT / "unified"  # the cgroup v2 hierarchy beside the v1 controllers on these hosts
 DAEMONSET_CGROUP = "wgcni-node-daemonset"
@@ -259,36 +259,6 @@ def node_process_ids(state: lab.LabState, node: lab.NodeState) -> set[int]:
     return {pid for pid in with_descendants(roots, table) if pid in table and table[pid].live}
 
 
-def remove_node_cgroups(state: lab.LabState, node: lab.NodeState, timeout: float = 10.0) -> None:
-    """Remove the node's cgroups (its pods', its DaemonSet pod's) in every hierarchy once their processes are dead,
-    reaping our dead children meanwhile: a killed process can keep a cgroup v2 populated for a moment."""
-    tops = [hierarchy / state.cgroup_parent(node).strip("/") for hierarchy in CGROUP_ROOT.iterdir()]
-
-    def removed() -> bool:
-        reap_children()
-        for top in tops:
-            directories = sorted((path for path in top.rglob("*") if path.is_dir()), key=lambda path: -len(path.parts))
-            for directory in [*directories, top] if top.is_dir() else []:
-                try:
-                    directory.rmdir()
-                except OSError:
-                    pass
-        return not any(top.exists() for top in tops)
-
-    wait_until(removed, timeout, f"{node.name}'s cgroups to be removable", interval=0.05, error=lab.LabError)
-
-
-def reap_children() -> None:
-    """Collect every exited child of this process (orphans handed to it as subreaper included)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
 class Cluster:
     """The running lab in the daemon: the state, the API server, each node's containerd and DaemonSet pod. Every
     operation holds `lock` (the control channel's threads and the supervision loop share it)."""
@@ -359,9 +329,9 @@ class Cluster:
         so its /run), its network namespace; the OS disk stays."""
         self.daemonsets.pop(node.name, None)
         kill_processes(node_process_ids(self.state, node))
+        reap_children()  # the daemon is their reaper: a zombie would keep the node's cgroups from being removed
         runtime = self.runtimes.pop(node.name, None) or lab.node_containerd(self.state, node)
         runtime.power_off()
-        remove_node_cgroups(self.state, node)
         self.api.remove_listener(node.netns)
         lab.remove_node_network(self.state, node)
         node.holder_pid = node.hook_pid = 0

@@ -413,7 +413,7 @@ def test_down_leaves_nothing_after_reboots_and_node_changes(cli: Cli) -> None:
     assert not cli.lab_dir.exists()
 
 
-def test_down_after_the_daemon_crashed_in_the_middle_of_a_reboot(lab_parent, built) -> None:  # type: ignore[no-untyped-def]
+def test_down_after_a_crash_in_the_middle_of_a_reboot(lab_parent, built) -> None:  # type: ignore[no-untyped-def]
     cli = Cli(lab_parent / "crashed-reboot")
     try:
         cli.run("up", "--nodes", "2", "--pods-per-node", "1", timeout=300)
