@@ -119,9 +119,11 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="pods per node made before wgcni's DaemonSet is installed (they have no pod record)")
 @click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE",
               help="a hook setting (config.yaml key, YAML scalar value) for every node; repeatable")
-@click.option("--restart-backoff", type=click.FloatRange(min=0), default=10.0, show_default=True,
+@click.option("--restart-backoff", type=click.FloatRange(min=0), default=lab.KUBELET_RESTART_BACKOFF[0],
+              show_default=True,
               help="seconds before the second restart of a crashing DaemonSet pod, doubling (kubelet: 10)")
-@click.option("--restart-backoff-max", type=click.FloatRange(min=0), default=300.0, show_default=True,
+@click.option("--restart-backoff-max", type=click.FloatRange(min=0), default=lab.KUBELET_RESTART_BACKOFF[1],
+              show_default=True,
               help="the cap of that delay (kubelet: 300)")
 @click.option("--plugin", type=click.Path(path_type=Path), default=lab.DEFAULT_PLUGIN, show_default=True,
               help="the wgcni plugin (bundle dir or file) install-cni puts on each node")

@@ -79,12 +79,13 @@ POD_NAMESPACE = "default"
 POD_LABELS = {"app.kubernetes.io/part-of": "wgcni-lab"}
 HOST_NETWORK_LABEL = "wgcni-lab/host-network"  # sandbox labels: "true" or absent
 PREDATES_INSTALL_LABEL = "wgcni-lab/predates-install"
+KUBELET_RESTART_BACKOFF = (10.0, 300.0)  # seconds: kubelet's crash-loop backoff, first delay and cap
 _POD_NAME = re.compile(r"^(?P<node>node-\d+)-pod(?P<index>\d+)$")
 
 # Run by the holder of a node's mount namespace (argv: lab dir, the node's disk dir). The lab dir is reached again
 # through the working directory after /run is replaced, and bound back at its own path: containerd's state and the
-# disk must have the same path inside the node and outside. /sys is the node's own sysfs (its eth0's MTU, as `ip netns exec` does it), with the
-# host's cgroup tree moved back under it for runc.
+# disk must have the same path inside the node and outside. /sys is the node's own sysfs (its eth0's MTU, as
+# `ip netns exec` does it), with the host's cgroup tree moved back under it for runc.
 NODE_MOUNTS_SCRIPT = r"""
 set -e
 lab_dir="$1"
@@ -162,7 +163,7 @@ class LabState:
     apiserver_url: str = ""
     phase: str = "creating"  # creating -> up
     settings: dict[str, Any] = field(default_factory=dict)  # `up --setting`s, merged into every node's hook config
-    restart_backoff: tuple[float, float] = (10.0, 300.0)  # the DaemonSet's restart backoff: first delay, cap
+    restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF  # the DaemonSet pod's: first delay, cap
     daemonset_installed: bool = False  # wgcni's DaemonSet runs on every node (after the pods that predate it)
     format: int = STATE_FORMAT
 
@@ -308,7 +309,7 @@ def in_node(node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.Compl
 # ---- bring-up steps (run by the lab daemon, wgcni_lab.daemon) -------------------------------------------------------
 
 def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dict[str, Any] | None = None,
-              restart_backoff: tuple[float, float] = (10.0, 300.0)) -> LabState:
+              restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF) -> LabState:
     lab_id = secrets.token_hex(3)
     pools = pod_ip_pools(nodes)
     return LabState(
