@@ -10,7 +10,8 @@
     wgcni-lab hook NODE stop|start|kill              freeze / resume / kill the node's DaemonSet pod (kubelet,
                                                      that is the lab daemon, restarts a killed one)
     wgcni-lab reboot NODE / reimage NODE             reboot the node (OS disk kept) / reimage it (OS disk new)
-    wgcni-lab node-add / node-del NODE               scale the cluster up by one node / remove a node
+    wgcni-lab node-add [--pods-before-install K]     scale the cluster up by one node (K pods before its DaemonSet)
+    wgcni-lab node-del NODE                          remove a node
     wgcni-lab exec NODE|POD -- CMD...                run a host command in a node (its netns and mount namespace)
                                                      or a pod (its netns); exits with the command's exit code
     wgcni-lab capture [--seconds S]                  what crosses the VNet bridge (tcpdump)
@@ -363,10 +364,12 @@ def reimage(lab_dir: Path, node: str) -> None:
 
 
 @cli.command("node-add")
+@click.option("--pods-before-install", type=click.IntRange(0, lab.MAX_PODS), default=0, show_default=True,
+              help="pods that start on the new node before its DaemonSet pod has chained wgcni (no pod record)")
 @click.pass_obj
-def node_add(lab_dir: Path) -> None:
+def node_add(lab_dir: Path, pods_before_install: int) -> None:
     """Add a node (the next name, its own node IP and pod IPs) with its Node object, and boot it."""
-    click.echo(json.dumps(_ask_daemon(lab_dir, "node-add")))
+    click.echo(json.dumps(_ask_daemon(lab_dir, "node-add", pods_before_install=pods_before_install)))
 
 
 @cli.command("node-del")

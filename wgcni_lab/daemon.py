@@ -66,11 +66,7 @@ def bring_up(cluster: lifecycle.Cluster, pods_before_install: int, pods_per_node
     progress(f"test API server: {api.url} (and 127.0.0.1:{lab.API_PORT_IN_NODE} in every node)")
     for node in state.nodes:
         api.store.create(NODES, lifecycle.node_object(node))
-        cluster.boot_node(node, fresh_disk=True)
-    for node in state.nodes:
-        for _ in range(pods_before_install):
-            pod = lab.add_pod(state, node.name, predates_install=True)
-            progress(f"{node.name}: pod {pod['name']} {pod['ip']} (before wgcni: no pod record)")
+        cluster.boot_node(node, fresh_disk=True, pods_before_daemonset=pods_before_install)
     state.daemonset_installed = True
     state.save()
     for node in state.nodes:
@@ -92,7 +88,7 @@ def control_handlers(cluster: lifecycle.Cluster) -> dict[str, control.Handler]:
         "hook": lambda request: cluster.daemonset(request["node"], request["action"]),
         "reboot": lambda request: cluster.reboot(request["node"]),
         "reimage": lambda request: cluster.reboot(request["node"], reimage=True),
-        "node-add": lambda request: cluster.add_node(),
+        "node-add": lambda request: cluster.add_node(request.get("pods_before_install", 0)),
         "node-del": lambda request: cluster.delete_node(request["node"]),
         "label": lambda request: cluster.label(request["node"], request["key"], request.get("value")),
     }

@@ -23,7 +23,7 @@ owns every long-lived lab process; `wgcni-lab` commands reach it through the con
   kubelet's crash-loop backoff: the first restart at once, then `initial` seconds (kubelet: 10), doubling up to
   `cap` (kubelet: 300), forgotten after 10 minutes of running; `wgcni-lab up --restart-backoff` shortens it.
 - **node-add** makes the next node (a node IP and a pod IP pool beyond every address in use), its Node object, and
-  boots it; **node-del** stops its pods (CNI DEL), kills its processes, removes its namespaces and directories and
+  boots it (optionally with pods that start before its DaemonSet pod, as on an AKS scale-up without a startup taint); **node-del** stops its pods (CNI DEL), kills its processes, removes its namespaces and directories and
   deletes its Node object (the API server's garbage collection deletes its WireguardNode with it).
 """
 
@@ -274,10 +274,11 @@ class Cluster:
     # ---- boot and power-off ----------------------------------------------------------------------------------------
 
     def boot_node(self, node: lab.NodeState, *, fresh_disk: bool, pods: list[dict[str, Any]] | None = None,
-                  daemonset_restarts: int = 0) -> None:
-        """Start the node from its OS disk: network, mounts, containerd, the DaemonSet pod (once wgcni is installed),
-        then `pods` back as kubelet brings them back (see the module docstring). `fresh_disk`: provision the disk
-        as AKS does first (the CNI plugins and the azure conflist)."""
+                  pods_before_daemonset: int = 0, daemonset_restarts: int = 0) -> None:
+        """Start the node from its OS disk: network, mounts, containerd, `pods_before_daemonset` new pods (a node's
+        first pods can start before the DaemonSet's init container has chained wgcni: they get no record), the
+        DaemonSet pod (once wgcni is installed), then `pods` back as kubelet brings them back (see the module
+        docstring). `fresh_disk`: provision the disk as AKS does first (the CNI plugins and the azure conflist)."""
         lab.create_node_network(self.state, node)
         lab.start_node_mounts(self.state, node)
         self.api.add_listener(NamespacedListener(node.netns, "127.0.0.1", lab.API_PORT_IN_NODE))
@@ -287,6 +288,9 @@ class Cluster:
         runtime.start()
         self.runtimes[node.name] = runtime
         self.progress(f"{node.name}: netns {node.netns}, eth0 {node.ip}/{lab.VNET.prefixlen}, containerd (CRI) up")
+        for _ in range(pods_before_daemonset):
+            pod = lab.add_pod(self.state, node.name, predates_install=True)
+            self.progress(f"{node.name}: pod {pod['name']} {pod['ip']} (before wgcni: no pod record)")
         if self.state.daemonset_installed:
             self.start_daemonset(node, daemonset_restarts)
         self.restore_pods(node, pods or [])
@@ -363,14 +367,14 @@ class Cluster:
             self.progress(f"{node.name}: its pods cannot be listed, they will not come back: {error}")
             return []
 
-    def add_node(self) -> dict[str, Any]:
+    def add_node(self, pods_before_daemonset: int = 0) -> dict[str, Any]:
         started = time.monotonic()
         with self.lock:
             node = next_node(self.state)
             self.state.nodes.append(node)
             self.state.save()  # before anything is made: teardown finds it
             self.api.store.create(NODES, node_object(node))
-            self.boot_node(node, fresh_disk=True)
+            self.boot_node(node, fresh_disk=True, pods_before_daemonset=pods_before_daemonset)
         return {"node": node.name, "ip": node.ip, "seconds": round(time.monotonic() - started, 2)}
 
     def delete_node(self, name: str) -> dict[str, Any]:

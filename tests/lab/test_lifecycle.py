@@ -366,7 +366,7 @@ def test_a_reimage_gives_a_new_key_that_every_peer_takes(cli: Cli) -> None:
 # ---- scale up and down ---------------------------------------------------------------------------------------------
 
 def test_an_added_node_becomes_a_peer_of_every_node(cli: Cli) -> None:
-    added = json.loads(cli.run("node-add").stdout)
+    added = json.loads(cli.run("node-add", "--pods-before-install", "1").stdout)
     assert (added["node"], added["ip"]) == ("node-4", "10.240.0.97")
     state = cli.state()
     new = state.node("node-4")
@@ -374,8 +374,11 @@ def test_an_added_node_becomes_a_peer_of_every_node(cli: Cli) -> None:
     assert len(new.pod_ips) == lab.MAX_PODS and not set(new.pod_ips) & others
     assert api_get(cli, "/api/v1/nodes/node-4") == 200
 
+    early = pods_of(cli, "node-4")
+    assert [pod["predates_install"] for pod in early] == [True], "started before the DaemonSet pod"
+    assert early[0]["id"] not in records(cli, "node-4")
     pod = json.loads(cli.run("pod-add", "node-4").stdout)
-    assert pod["ip"] in new.pod_ips
+    assert pod["ip"] in new.pod_ips and pod["id"] in records(cli, "node-4")
 
     wait_until(lambda: mesh_has(cli, "node-4", "10.240.0.97", covers=(pod["ip"],)), 20,
                "node-4 and its pod on every peer")
