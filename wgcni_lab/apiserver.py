@@ -730,6 +730,7 @@ class _HttpServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], api: ApiServer):
         self.api = api
+        self.listener: NamespacedListener | None = None  # set when it serves inside another network namespace
         super().__init__(address, _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -764,7 +765,9 @@ def _bind_in_namespace(listener: NamespacedListener, api: ApiServer) -> _HttpSer
                 libc = ctypes.CDLL(None, use_errno=True)
                 if libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
                     raise OSError(ctypes.get_errno(), f"setns into {path} failed")
-            result.append(_HttpServer((listener.host, listener.port), api))
+            http = _HttpServer((listener.host, listener.port), api)
+            http.listener = listener
+            result.append(http)
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
             result.append(error)
 
@@ -820,6 +823,23 @@ class ApiServer:
                                   name=f"apiserver:{http.server_address[1]}", daemon=True)
         thread.start()
         self._servers.append((http, thread))
+
+    def add_listener(self, listener: NamespacedListener) -> None:
+        """Serve in one more network namespace from now on (a node that joins, or comes back after a reboot)."""
+        if listener.port == 0:
+            raise ValueError("a namespaced listener needs a fixed port (it must stay the same across restarts)")
+        self._serve(_bind_in_namespace(listener, self))
+        self.also_listen.append(listener)
+
+    def remove_listener(self, netns: str) -> None:
+        """Stop serving in `netns` and close its listening socket (which would keep the namespace alive)."""
+        self.also_listen = [listener for listener in self.also_listen if listener.netns != netns]
+        for http, thread in list(self._servers):
+            if http.listener is not None and http.listener.netns == netns:
+                http.shutdown()
+                http.server_close()
+                thread.join()
+                self._servers.remove((http, thread))
 
     def stop(self) -> None:
         for http, thread in self._servers:

@@ -1,6 +1,7 @@
 """Host clean-up shared by the lab's teardown (wgcni_lab.lab), each node's containerd (wgcni_lab.containerd) and the
-lab tests' footprint: one scan of /proc's process table, end a set of processes for good, and remove a directory
-tree that containerd's snapshotter made partly read-only."""
+lab tests' footprint: one scan of /proc's process table, end a set of processes for good, reap a subreaper's dead
+children, remove a cgroup in every hierarchy, and remove a directory tree that containerd's snapshotter made partly
+read-only."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,8 @@ def process_state(pid: int) -> str | None:
 
 def kill_processes(pids: Iterable[int], timeout: float = 10.0) -> None:
     """SIGKILL every pid, then wait (up to `timeout` in all) until each is gone or a zombie; our own children are
-    reaped, anyone else's are left to their parent or init."""
+    reaped, anyone else's are left to their parent or init. Those whose parent was among them became ours (as
+    subreaper) when it died and are reaped too: a zombie still populates its cgroup v2, which cannot be removed."""
     pids = list(pids)
     for pid in pids:
         try:
@@ -103,6 +107,49 @@ def kill_processes(pids: Iterable[int], timeout: float = 10.0) -> None:
             if process_state(pid) in (None, "Z"):
                 break
             time.sleep(0.01)
+    for pid in pids:  # all dead now: every orphan among them has been handed to its reaper
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def reap_children() -> None:
+    """Collect every exited child of this process (orphans handed to it as subreaper included). Only for a process
+    that waits for no child of its own elsewhere (the lab daemon): it takes their exit statuses."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def remove_cgroups(relative: str, timeout: float = 10.0) -> bool:
+    """Remove the cgroup `relative` (a cgroup parent such as /wgcni-lab-<id>-node-1) and every cgroup below it, in
+    every hierarchy, once their processes are dead; retried for up to `timeout` seconds, as a killed process keeps
+    its cgroup v2 populated until it has exited and been reaped. True when nothing of it is left."""
+    relative = relative.strip("/")
+    if not relative:
+        return True
+    tops = [hierarchy / relative for hierarchy in CGROUP_ROOT.iterdir()] if CGROUP_ROOT.is_dir() else []
+    deadline = time.monotonic() + timeout
+    while True:
+        for top in tops:
+            if not top.is_dir() or top.is_symlink():
+                continue
+            below = sorted((path for path in top.rglob("*") if path.is_dir()), key=lambda path: -len(path.parts))
+            for directory in [*below, top]:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    pass
+        if not any(top.is_dir() and not top.is_symlink() for top in tops):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def remove_tree(path: Path) -> None:

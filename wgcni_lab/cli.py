@@ -1,18 +1,29 @@
 """`wgcni-lab`: an AKS-like cluster with wgcni on one Linux machine (see wgcni_lab.lab for what it builds).
 
-    wgcni-lab up [--nodes N] [--pods-per-node M] [--no-azure-underlay]
-                                                     bring the lab up (leaves it running)
-    wgcni-lab status [--json]                        fabric, client, nodes, pods and services
-    wgcni-lab pod-add NODE / pod-del POD             create / delete a pod the way kubelet does (prints its JSON)
+    wgcni-lab up [--nodes N] [--pods-per-node M]     bring the lab up (leaves it running); --pods-before-install K
+                 [--setting KEY=VALUE ...]           pods made before wgcni is installed (no pod record), hook
+                 [--no-azure-underlay]               settings merged into every node's config, no DF limit
+    wgcni-lab status [--json]                        fabric, client, nodes (with wgcni's DaemonSet pod), pods and
+                                                     services
+    wgcni-lab pod-add NODE [--host-network]          create a pod the way kubelet does (prints its JSON)
+    wgcni-lab pod-del POD                            delete a pod the way kubelet does (prints its JSON)
     wgcni-lab service-add NAME --pod POD... --port P [--node-port N] [--external-traffic-policy Cluster|Local]
     wgcni-lab service-del NAME                       a Service, programmed on every node as kube-proxy does
+    wgcni-lab label NODE KEY=VALUE|KEY-              set / remove a label on the Node object
+    wgcni-lab hook NODE stop|start|kill              freeze / resume / kill the node's DaemonSet pod (kubelet,
+                                                     that is the lab daemon, restarts a killed one)
+    wgcni-lab reboot NODE / reimage NODE             reboot the node (OS disk kept) / reimage it (OS disk new)
+    wgcni-lab node-add [--pods-before-install K]     scale the cluster up by one node (K pods before its DaemonSet)
+    wgcni-lab node-del NODE                          remove a node
     wgcni-lab exec NODE|POD|client -- CMD...         run a host command in a node (its netns and mount namespace),
                                                      a pod or the client VM (its netns); exits with its exit code
     wgcni-lab capture [--seconds S]                  what enters Azure's fabric from the nodes and the client
     wgcni-lab down                                   remove everything, also after a crash or a half-finished up
 
 Every error is one line on stderr and a non-zero exit code. The lab dir is /run/wgcni-lab (or $WGCNI_LAB_DIR, or
---lab-dir).
+--lab-dir). hook, reboot, reimage, node-add, node-del, label, service-add and service-del are carried out by the lab
+daemon, the one writer of the lab's state (over its control socket, wgcni_lab.control; what they do:
+wgcni_lab.lifecycle, wgcni_lab.services).
 """
 
 from __future__ import annotations
@@ -30,10 +41,11 @@ from typing import Any
 
 import click
 
-from wgcni_lab import fabric, lab, services
+from wgcni_lab import control, fabric, lab, lifecycle, services
 from wgcni_lab.cleanup import remove_tree
 
 TEARDOWN_WAIT = 120.0  # seconds a failed `up` waits for the daemon to remove what it made
+LAB_OWNED_SETTINGS = ("nodeName", "endpoint", "socket")  # the lab sets them per node / reaches the hook there
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "wireguard-go",
                   "wg", "nft", "gcc")
 
@@ -77,9 +89,47 @@ def _preflight(plugin: Path, hook: Path) -> None:
             raise lab.LabError(f"{REFERENCE_PLUGIN_DIR / name} missing: install containernetworking-plugins")
 
 
+def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """`KEY=VALUE` hook settings (file keys, VALUE a YAML scalar), validated as the hook validates its config."""
+    import yaml
+
+    from node_hook.config import ConfigError, settings_from_mapping
+
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, equals, text = pair.partition("=")
+        if not equals or not key:
+            raise lab.LabError(f"--setting {pair!r}: give KEY=VALUE, e.g. --setting logLevel=debug")
+        if key in LAB_OWNED_SETTINGS:
+            raise lab.LabError(f"--setting {key}: the lab sets it itself")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise lab.LabError(f"--setting {pair!r}: the value is not a YAML scalar") from None
+        if isinstance(value, (dict, list)):
+            raise lab.LabError(f"--setting {pair!r}: the value must be a scalar, not a YAML {type(value).__name__}")
+        settings[key] = value
+    sample = lab.NodeState(name="node-1", ip=lab.node_ip(0), netns="", pod_ips=[])
+    try:
+        settings_from_mapping(lab.hook_config(sample, True, settings))
+    except ConfigError as error:
+        raise lab.LabError(f"--setting: {error}") from None
+    return settings
+
+
 @cli.command()
 @click.option("--nodes", type=click.IntRange(1, lab.MAX_NODES), default=3, show_default=True)
 @click.option("--pods-per-node", type=click.IntRange(0, lab.MAX_PODS), default=2, show_default=True)
+@click.option("--pods-before-install", type=click.IntRange(0, lab.MAX_PODS), default=0, show_default=True,
+              help="pods per node made before wgcni's DaemonSet is installed (they have no pod record)")
+@click.option("--setting", "settings", multiple=True, metavar="KEY=VALUE",
+              help="a hook setting (config.yaml key, YAML scalar value) for every node; repeatable")
+@click.option("--restart-backoff", type=click.FloatRange(min=0), default=lab.KUBELET_RESTART_BACKOFF[0],
+              show_default=True,
+              help="seconds before the second restart of a crashing DaemonSet pod, doubling (kubelet: 10)")
+@click.option("--restart-backoff-max", type=click.FloatRange(min=0), default=lab.KUBELET_RESTART_BACKOFF[1],
+              show_default=True,
+              help="the cap of that delay (kubelet: 300)")
 @click.option("--plugin", type=click.Path(path_type=Path), default=lab.DEFAULT_PLUGIN, show_default=True,
               help="the wgcni plugin (bundle dir or file) install-cni puts on each node")
 @click.option("--hook", type=click.Path(path_type=Path), default=lab.DEFAULT_HOOK, show_default=True,
@@ -89,18 +139,26 @@ def _preflight(plugin: Path, hook: Path) -> None:
 @click.option("--no-azure-underlay", is_flag=True,
               help="no DF limit of 1400 bytes in the fabric and `azure: false` in the hooks (auto MTU 1440)")
 @click.pass_obj
-def up(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, timeout: float,
+def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings: tuple[str, ...],
+       restart_backoff: float, restart_backoff_max: float, plugin: Path, hook: Path, timeout: float,
        no_azure_underlay: bool) -> None:
     """Bring the lab up and leave it running."""
     plugin, hook = plugin.absolute(), hook.absolute()
+    if pods_before_install + pods_per_node > lab.MAX_PODS:
+        raise lab.LabError(f"--pods-before-install + --pods-per-node is more than a node's {lab.MAX_PODS} pod IPs")
+    if restart_backoff_max < restart_backoff:
+        raise lab.LabError("--restart-backoff-max is below --restart-backoff")
+    hook_settings = parse_settings(settings)
     _preflight(plugin, hook)
     if lab.load_state(lab_dir) is not None or lab_dir.exists():
         raise lab.LabError(f"a lab already exists in {lab_dir}: `wgcni-lab down` first, or run a second lab beside it "
                            f"with another --lab-dir (or ${lab.LAB_DIR_ENV})")
     daemon = subprocess.Popen(
         [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(lab_dir), "daemon", "--nodes", str(nodes),
-         "--pods-per-node", str(pods_per_node), "--plugin", str(plugin), "--hook", str(hook),
-         "--parent", str(os.getpid()), *(["--no-azure-underlay"] if no_azure_underlay else [])],
+         "--pods-per-node", str(pods_per_node), "--pods-before-install", str(pods_before_install),
+         "--settings-json", json.dumps(hook_settings), "--restart-backoff", f"{restart_backoff}:{restart_backoff_max}",
+         "--plugin", str(plugin), "--hook", str(hook), "--parent", str(os.getpid()),
+         *(["--no-azure-underlay"] if no_azure_underlay else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
@@ -146,17 +204,22 @@ def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
 @cli.command(hidden=True)
 @click.option("--nodes", type=int, required=True)
 @click.option("--pods-per-node", type=int, required=True)
+@click.option("--pods-before-install", type=int, required=True)
+@click.option("--settings-json", required=True)
+@click.option("--restart-backoff", required=True, help="FIRST:CAP seconds")
 @click.option("--plugin", type=click.Path(path_type=Path), required=True)
 @click.option("--hook", type=click.Path(path_type=Path), required=True)
 @click.option("--parent", type=int, required=True)
 @click.option("--no-azure-underlay", is_flag=True)
 @click.pass_obj
-def daemon(lab_dir: Path, nodes: int, pods_per_node: int, plugin: Path, hook: Path, parent: int,
-           no_azure_underlay: bool) -> None:
+def daemon(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings_json: str,
+           restart_backoff: str, plugin: Path, hook: Path, parent: int, no_azure_underlay: bool) -> None:
     """The lab daemon (started by `up`)."""
     from wgcni_lab.daemon import serve
 
-    sys.exit(serve(lab_dir, nodes, pods_per_node, plugin, hook, parent, azure_underlay=not no_azure_underlay))
+    first, cap = (float(part) for part in restart_backoff.split(":"))
+    sys.exit(serve(lab_dir, nodes, pods_before_install, pods_per_node, plugin, hook, json.loads(settings_json),
+                   (first, cap), parent, azure_underlay=not no_azure_underlay))
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -181,13 +244,15 @@ def status(lab_dir: Path, as_json: bool) -> None:
     client = report["client"]
     click.echo(f"client {client['ip']} (netns {client['netns']}): `wgcni-lab exec client -- CMD`")
     click.echo("")
-    click.echo(_table([("NODE", "IP", "NETNS", "WIREGUARD", "HOOK SOCKET")] + [
-        (node["name"], node["ip"], node["netns"], f"{node['wg_interface']}:{node['wg_port']}", node["hook_socket"])
+    click.echo(_table([("NODE", "IP", "NETNS", "WIREGUARD", "DAEMONSET", "RESTARTS", "HOOK SOCKET")] + [
+        (node["name"], node["ip"], node["netns"], f"{node['wg_interface']}:{node['wg_port']}",
+         node["daemonset"].get("reason") or node["daemonset"].get("state", "-"),
+         str(node["daemonset"].get("restarts", 0)), node["hook_socket"])
         for node in report["nodes"]]))
     click.echo("")
     if report["pods"]:
-        click.echo(_table([("POD", "NODE", "IP", "NETNS")] + [
-            (pod["name"], pod["node"], pod["ip"], pod["netns"]) for pod in report["pods"]]))
+        click.echo(_table([("POD", "NODE", "IP", "NETWORK", "NETNS")] + [
+            (pod["name"], pod["node"], pod["ip"], _pod_network(pod), pod["netns"]) for pod in report["pods"]]))
     else:
         click.echo("no pods (`wgcni-lab pod-add NODE`)")
     if report["services"]:
@@ -201,6 +266,12 @@ def status(lab_dir: Path, as_json: bool) -> None:
         click.echo(f"problem: {problem}")
 
 
+def _pod_network(pod: dict[str, Any]) -> str:
+    if pod["host_network"]:
+        return "host"
+    return "pod, before wgcni" if pod["predates_install"] else "pod"
+
+
 def _require_up(lab_dir: Path) -> lab.LabState:
     state = lab.require_state(lab_dir)
     if state.phase != "up":
@@ -210,10 +281,11 @@ def _require_up(lab_dir: Path) -> lab.LabState:
 
 @cli.command("pod-add")
 @click.argument("node")
+@click.option("--host-network", is_flag=True, help="a hostNetwork pod: the node's network namespace, no CNI call")
 @click.pass_obj
-def pod_add(lab_dir: Path, node: str) -> None:
+def pod_add(lab_dir: Path, node: str, host_network: bool) -> None:
     """Create a pod on NODE (CRI RunPodSandbox) and print it as JSON."""
-    click.echo(json.dumps(lab.add_pod(_require_up(lab_dir), node)))
+    click.echo(json.dumps(lab.add_pod(_require_up(lab_dir), node, host_network=host_network)))
 
 
 @cli.command("pod-del")
@@ -235,8 +307,8 @@ def pod_del(lab_dir: Path, pod: str) -> None:
 def service_add(lab_dir: Path, name: str, pods: tuple[str, ...], port: int, node_port: int,
                 external_traffic_policy: str | None) -> None:
     """Add the Service NAME over PODs, programmed on every node as kube-proxy does; print it as JSON."""
-    service = services.add_service(_require_up(lab_dir), name, pods, port, node_port, external_traffic_policy or "")
-    click.echo(json.dumps(services.service_json(service)))
+    click.echo(json.dumps(_ask_daemon(lab_dir, "service-add", name=name, pods=list(pods), port=port,
+                                      node_port=node_port, policy=external_traffic_policy or "")))
 
 
 @cli.command("service-del")
@@ -244,7 +316,7 @@ def service_add(lab_dir: Path, name: str, pods: tuple[str, ...], port: int, node
 @click.pass_obj
 def service_del(lab_dir: Path, name: str) -> None:
     """Delete the Service NAME and its rules on every node; print it as JSON."""
-    click.echo(json.dumps(services.service_json(services.delete_service(_require_up(lab_dir), name))))
+    click.echo(json.dumps(_ask_daemon(lab_dir, "service-del", name=name)))
 
 
 @cli.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -294,6 +366,65 @@ def capture(lab_dir: Path, seconds: float, as_json: bool) -> None:
         click.echo(json.dumps(packet) if as_json else packet["line"])
     if not as_json:
         click.echo(f"{len(packets)} packets in {seconds:g}s on the fabric", err=True)
+
+
+def _ask_daemon(lab_dir: Path, op: str, **arguments: Any) -> Any:
+    _require_up(lab_dir)
+    return control.request(lab_dir, op, **arguments)
+
+
+@cli.command()
+@click.argument("node")
+@click.argument("change", metavar="KEY=VALUE|KEY-")
+@click.pass_obj
+def label(lab_dir: Path, node: str, change: str) -> None:
+    """Set (KEY=VALUE) or remove (KEY-) a label on NODE's Node object; prints the Node's labels as JSON."""
+    key, value = lifecycle.parse_label(change)
+    click.echo(json.dumps(_ask_daemon(lab_dir, "label", node=node, key=key, value=value)))
+
+
+@cli.command()
+@click.argument("node")
+@click.argument("action", type=click.Choice(["stop", "start", "kill"]))
+@click.pass_obj
+def hook(lab_dir: Path, node: str, action: str) -> None:
+    """stop (SIGSTOP), start (SIGCONT) or kill (SIGKILL) NODE's wgcni DaemonSet pod: the hook with its wireguard-go
+    and install-cni --watch. A killed pod is restarted as kubelet does: init container, then containers."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "hook", node=node, action=action)))
+
+
+@cli.command()
+@click.argument("node")
+@click.pass_obj
+def reboot(lab_dir: Path, node: str) -> None:
+    """Reboot NODE: its processes, network namespace and /run are lost, its OS disk (/etc, /opt, /var/lib, /var/log)
+    kept; containerd, wgcni's DaemonSet and its pods come back. Returns once they are back."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "reboot", node=node)))
+
+
+@cli.command()
+@click.argument("node")
+@click.pass_obj
+def reimage(lab_dir: Path, node: str) -> None:
+    """Reimage NODE: a reboot with a new OS disk (a new WireGuard key, the CNI files provisioned again)."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "reimage", node=node)))
+
+
+@cli.command("node-add")
+@click.option("--pods-before-install", type=click.IntRange(0, lab.MAX_PODS), default=0, show_default=True,
+              help="pods that start on the new node before its DaemonSet pod has chained wgcni (no pod record)")
+@click.pass_obj
+def node_add(lab_dir: Path, pods_before_install: int) -> None:
+    """Add a node (the next name, its own node IP and pod IPs) with its Node object, and boot it."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "node-add", pods_before_install=pods_before_install)))
+
+
+@cli.command("node-del")
+@click.argument("node")
+@click.pass_obj
+def node_del(lab_dir: Path, node: str) -> None:
+    """Remove NODE: its pods (CNI DEL), processes, namespaces and directories, and its Node object."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "node-del", node=node)))
 
 
 @cli.command()

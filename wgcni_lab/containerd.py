@@ -37,14 +37,13 @@ from typing import Any, Callable, Iterable, Mapping
 
 import grpc
 
-from wgcni_lab.cleanup import kill_processes, process_table, remove_tree, with_descendants
+from wgcni_lab.cleanup import CGROUP_ROOT, kill_processes, process_table, remove_cgroups, remove_tree, with_descendants
 from wgcni_lab.cri import CriClient, CriError, PortMapping, SandboxStatus
 from wgcni_lab.pause import PauseImage, pause_image
 
 REFERENCE_PLUGIN_DIR = Path("/usr/lib/cni")
 REFERENCE_PLUGINS = ("ptp", "host-local", "loopback", "portmap")
 K8S_NAMESPACE = "k8s.io"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Paths containerd and libcni use whatever the config says; each instance gets private copies of them.
 PRIVATE_MOUNTPOINTS = ("/run/containerd", "/var/lib/cni")
 DISABLED_PLUGINS = (
@@ -194,7 +193,7 @@ class Containerd:
                 link_cni_plugins(self.cni_bin_dir)
         private_dirs = []
         for mountpoint in PRIVATE_MOUNTPOINTS:
-            private = self.base_dir / ("mnt" + mountpoint.replace("/", "-"))
+            private = self._private_dir(mountpoint)
             private.mkdir(exist_ok=True)
             private_dirs.append(str(private))
         if self.mount_namespace is None:
@@ -332,13 +331,32 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
             _terminate(self._process, timeout)
             self._process = None
         kill_processes(self.runtime_pids(), timeout)
-        self._remove_cgroups()
+        remove_cgroups(self.cgroup_parent, timeout)
         for guard in self._mountpoint_guards:
             guard.release()
         self._mountpoint_guards = []
         remove_tree(self.base_dir)
         if problems:
             raise ContainerdError(f"containerd {self.name}: pods could not be removed cleanly: " + "; ".join(problems))
+
+    def power_off(self, timeout: float = 10.0) -> None:
+        """The node loses power: this instance's processes are killed (no CRI call, no CNI DEL), its cgroups and
+        its volatile state (the state dir and the private /run/containerd: the pods' network namespace mounts, the
+        shims' sockets) are removed, while its root (the sandboxes' metadata) and its private /var/lib/cni (libcni's
+        cache, host-local's leases) stay, as they are on the OS disk. `start()` then brings it back as containerd
+        starts after a reboot: it finds the old sandboxes NOTREADY."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self._process = None
+        kill_processes(self.runtime_pids(), timeout)
+        remove_cgroups(self.cgroup_parent, timeout)
+        for volatile in (self.state_dir, self._private_dir("/run/containerd")):
+            remove_tree(volatile)
+
+    def _private_dir(self, mountpoint: str) -> Path:
+        """The per-instance directory bound over `mountpoint` (one of PRIVATE_MOUNTPOINTS)."""
+        return self.base_dir / ("mnt" + mountpoint.replace("/", "-"))
 
     def __enter__(self) -> Containerd:
         return self.start()
@@ -359,18 +377,6 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
         table = process_table()
         roots = [info.pid for info in table.values() if markers.intersection(info.argv)]
         return sorted(with_descendants(roots, table))
-
-    def _remove_cgroups(self) -> None:
-        relative = self.cgroup_parent.strip("/")
-        if not relative:
-            return
-        for hierarchy in CGROUP_ROOT.iterdir() if CGROUP_ROOT.is_dir() else ():
-            top = hierarchy / relative
-            if not top.is_dir() or top.is_symlink():
-                continue
-            for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                _rmdir_quietly(directory)
-            _rmdir_quietly(top)
 
     # ---- pods --------------------------------------------------------------------------------------------
 
@@ -510,13 +516,6 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _rmdir_quietly(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass
 
 
 def _toml(value: object) -> str:

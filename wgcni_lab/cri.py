@@ -237,12 +237,15 @@ class CriClient:
         cgroup_parent: str = "",
         sysctls: Mapping[str, str] | None = None,
         runtime_handler: str = "",
+        host_network: bool = False,
     ) -> str:
-        """Create and start a pod sandbox (this runs the CNI ADD chain); returns the sandbox id."""
+        """Create and start a pod sandbox (this runs the CNI ADD chain, unless `host_network`: then the sandbox
+        shares the runtime's network namespace, NamespaceMode NODE, and no CNI plugin is called); returns the
+        sandbox id."""
         protocol = self._messages.cls("PortMapping").DESCRIPTOR.fields_by_name["protocol"].enum_type
         config = {
             "metadata": {"name": name, "namespace": namespace, "uid": uid, "attempt": attempt},
-            "hostname": hostname or name,
+            "hostname": "" if host_network else hostname or name,  # runc cannot set it in the node's UTS namespace
             "log_directory": log_directory,
             "port_mappings": [
                 {
@@ -257,6 +260,10 @@ class CriClient:
             "annotations": dict(annotations or {}),
             "linux": {"cgroup_parent": cgroup_parent, "sysctls": dict(sysctls or {})},
         }
+        if host_network:
+            modes = self._messages.cls("NamespaceOption").DESCRIPTOR.fields_by_name["network"].enum_type
+            node_mode = modes.values_by_name["NODE"].number
+            config["linux"]["security_context"] = {"namespace_options": {"network": node_mode}}
         answer = self._call("RunPodSandbox", config=config, runtime_handler=runtime_handler)
         return answer.pod_sandbox_id
 

@@ -8,10 +8,12 @@ Layout (everything is named after the lab's random id, so two labs never collide
 - a client VM outside the cluster, `wgl-<id>-client` (10.240.200.4, on the fabric, no wgcni);
 - N nodes, each a network namespace `wgl-<id>-node-<i>` with `eth0` on the fabric and an AKS node-subnet address
   from 10.240.0.0/16 (10.240.0.4, .35, .66 ...: AKS reserves maxPods=30 secondary IPs after each node), plus a
-  private mount namespace held by a small holder process: its own sysfs, its own tmpfs `/run` (so `/run/wgcni`,
-  `/run/containerd` and `/var/run/wireguard` are per node and every node uses the default interface name `wgcni0`)
-  and copy-on-write overlays of `/etc`, `/opt`, `/var/lib` and `/var/log` (its own `/etc/cni/net.d`, `/opt/cni/bin`,
-  `/var/lib/wgcni`, `/var/lib/cni`); all of it vanishes with the node;
+  private mount namespace held by a small holder process: its own sysfs, its own empty tmpfs `/run` (so
+  `/run/wgcni`, `/run/containerd` and `/var/run/wireguard` are per node and every node uses the default interface
+  name `wgcni0`) and copy-on-write overlays of `/etc`, `/opt`, `/var/lib` and `/var/log` (its own `/etc/cni/net.d`,
+  `/opt/cni/bin`, `/var/lib/wgcni`, `/var/lib/cni`) whose upper layers are the node's OS disk,
+  `<lab dir>/nodes/<name>/disk`: a node reboot (wgcni_lab.lifecycle) loses `/run` and all kernel state but keeps the
+  disk, a reimage wipes it;
 - per node a private containerd (CRI) as on an AKS node, whose conflist is AKS-shaped (`"name": "azure"`,
   cniVersion 0.3.0, `azure-vnet` then `portmap`): the `azure-vnet` executable in the node's `/opt/cni/bin` is the
   reference `ptp` plugin with `host-local` IPAM, which gives pods veths and /32 host routes as azure-vnet's
@@ -26,7 +28,9 @@ Layout (everything is named after the lab's random id, so two labs never collide
   (the default; `up --no-azure-underlay` turns it off) the hooks run with `azure: true`, so their auto MTU is 1340;
 - per node what kube-proxy (iptables mode, as on AKS) programs for the lab's Services (`wgcni_lab.services`);
 - pods are created as kubelet creates them: CRI RunPodSandbox on the node's containerd (StopPodSandbox +
-  RemovePodSandbox to delete).
+  RemovePodSandbox to delete); a hostNetwork pod is a sandbox with the node's network namespace (no CNI call, the
+  node's IP). The sandbox labels say whether the pod is hostNetwork and whether its sandbox was made before wgcni
+  was installed on the node (then it has no pod record).
 
 State: `<lab dir>/state.json` (default lab dir /run/wgcni-lab, or $WGCNI_LAB_DIR) is written *before* each thing
 is created, so `teardown()` can remove everything a crashed or half-finished `up` left, from what it finds on the
@@ -77,20 +81,24 @@ NODE_CONFIG_DIR = Path("/etc/wgcni")  # the DaemonSet mounts the ConfigMap's con
 POD_VETH_PREFIX = "veth"  # ptp names host-side veths veth<hex> (azure-vnet: azv<hash>)
 POD_NAMESPACE = "default"
 POD_LABELS = {"app.kubernetes.io/part-of": "wgcni-lab"}
+HOST_NETWORK_LABEL = "wgcni-lab/host-network"  # sandbox labels: "true" or absent
+PREDATES_INSTALL_LABEL = "wgcni-lab/predates-install"
+KUBELET_RESTART_BACKOFF = (10.0, 300.0)  # seconds: kubelet's crash-loop backoff, first delay and cap
 _POD_NAME = re.compile(r"^(?P<node>node-\d+)-pod(?P<index>\d+)$")
 
-# Run by the holder of a node's mount namespace (argv: lab dir). The lab dir is reached again through the working
-# directory after /run is replaced, and bound back at its own path: containerd's state must have the same path
-# inside the node and outside. /sys is the node's own sysfs (its eth0's MTU, as `ip netns exec` does it), with the
-# host's cgroup tree moved back under it for runc.
+# Run by the holder of a node's mount namespace (argv: lab dir, the node's disk dir). The lab dir is reached again
+# through the working directory after /run is replaced, and bound back at its own path: containerd's state and the
+# disk must have the same path inside the node and outside. /sys is the node's own sysfs (its eth0's MTU, as
+# `ip netns exec` does it), with the host's cgroup tree moved back under it for runc.
 NODE_MOUNTS_SCRIPT = r"""
 set -e
 lab_dir="$1"
+disk="$2"
 cd "$lab_dir"
 mount -t tmpfs -o mode=0755 wgcni-lab-node /run
 if [ ! -d "$lab_dir" ]; then mkdir -p "$lab_dir" && mount --no-canonicalize --bind . "$lab_dir"; fi
 for directory in etc opt var/lib var/log; do
-  layer="/run/.wgcni-lab-node/$(echo "$directory" | tr / -)"
+  layer="$disk/$(echo "$directory" | tr / -)"
   mkdir -p "$layer/upper" "$layer/work"
   mount -t overlay wgcni-lab-node -o "lowerdir=/$directory,upperdir=$layer/upper,workdir=$layer/work" "/$directory"
 done
@@ -119,9 +127,14 @@ class NodeState:
     pod_ips: list[str]
     holder_pid: int = 0
     hook_pid: int = 0
+    daemonset: dict[str, Any] = field(default_factory=dict)  # the DaemonSet pod as kubectl shows it (lifecycle)
 
     def directory(self, lab_dir: Path) -> Path:
         return lab_dir / "nodes" / self.name
+
+    def disk_dir(self, lab_dir: Path) -> Path:
+        """The node's OS disk: the upper layers of its /etc, /opt, /var/lib and /var/log."""
+        return self.directory(lab_dir) / "disk"
 
     def containerd_dir(self, lab_dir: Path) -> Path:
         return self.directory(lab_dir) / "containerd"
@@ -168,6 +181,9 @@ class LabState:
     daemon_pid: int = 0
     apiserver_url: str = ""
     phase: str = "creating"  # creating -> up
+    settings: dict[str, Any] = field(default_factory=dict)  # `up --setting`s, merged into every node's hook config
+    restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF  # the DaemonSet pod's: first delay, cap
+    daemonset_installed: bool = False  # wgcni's DaemonSet runs on every node (after the pods that predate it)
     format: int = STATE_FORMAT
 
     @property
@@ -207,6 +223,8 @@ def load_state(lab_dir: Path) -> LabState | None:
                        f"{STATE_FORMAT}; remove {lab_dir} by hand")
     raw["nodes"] = [NodeState(**node) for node in raw["nodes"]]
     raw["services"] = [ServiceState(**service) for service in raw.get("services", [])]
+    if "restart_backoff" in raw:
+        raw["restart_backoff"] = tuple(raw["restart_backoff"])
     return LabState(**raw)
 
 
@@ -247,17 +265,19 @@ def base_conflist(pool: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def hook_config(state: LabState, node: NodeState) -> dict[str, Any]:
-    """The hook's settings in a node, as the DaemonSet's ConfigMap would carry them for the lab."""
+def hook_config(node: NodeState, azure_underlay: bool, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hook's settings in a node, as the DaemonSet's ConfigMap would carry them for the lab (`azure` follows the
+    lab's underlay), with `settings` (file keys, `up --setting`) merged over the lab's."""
     return {
         "nodeName": node.name,
         "endpoint": node.ip,
         "backend": "userspace",
-        "azure": state.azure_underlay,
+        "azure": azure_underlay,
         "hostEncryption": True,
         "podInterfacePrefixes": [POD_VETH_PREFIX],
         "metricsAddress": "127.0.0.1:9820",
         "logLevel": "info",
+        **(settings or {}),
     }
 
 
@@ -308,7 +328,8 @@ def in_node(node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.Compl
 
 # ---- bring-up steps (run by the lab daemon, wgcni_lab.daemon) -------------------------------------------------------
 
-def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, azure_underlay: bool = True) -> LabState:
+def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dict[str, Any] | None = None,
+              restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF, azure_underlay: bool = True) -> LabState:
     lab_id = secrets.token_hex(3)
     pools = pod_ip_pools(nodes)
     return LabState(
@@ -322,6 +343,8 @@ def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, azure_underla
         plugin=str(plugin),
         hook=str(hook),
         azure_underlay=azure_underlay,
+        settings=dict(settings or {}),
+        restart_backoff=restart_backoff,
     )
 
 
@@ -336,11 +359,25 @@ def create_node_network(state: LabState, node: NodeState) -> None:
     fabric.attach_node(state, node)
 
 
+def remove_node_network(state: LabState, node: NodeState, timeout: float = 10.0) -> None:
+    """Delete the node's network namespace with everything in it and wait until the kernel has destroyed it (it
+    does so asynchronously): its VNet link is gone, so `create_node_network` can attach the node again."""
+    if node.netns in lab_namespaces(state):
+        run(["ip", "netns", "delete", node.netns])
+
+    def detached() -> bool:
+        return run(["ip", "-n", state.vnet_netns, "link", "show", node.name], check=False).returncode != 0
+
+    wait_until(detached, timeout, f"{node.name}'s VNet link to go with its namespace", interval=0.05,
+               error=LabError)
+
+
 def start_node_mounts(state: LabState, node: NodeState) -> subprocess.Popen[str]:
     """Start the holder of the node's private mount namespace; returns once its mounts are in place."""
     holder = subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{node.netns}", "--", "unshare", "--mount", "--propagation", "private", "--",
-         "sh", "-c", NODE_MOUNTS_SCRIPT, f"wgcni-lab-{node.name}", state.lab_dir],
+         "sh", "-c", NODE_MOUNTS_SCRIPT, f"wgcni-lab-{node.name}", state.lab_dir,
+         str(node.disk_dir(state.path))],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     node.holder_pid = holder.pid
@@ -376,7 +413,8 @@ def write_node_config(state: LabState, node: NodeState) -> None:
     """The ConfigMap's config.yaml and the API credentials, where the DaemonSet mounts them in the node."""
     directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.yaml").write_text(json.dumps(hook_config(state, node), indent=2) + "\n")  # JSON is YAML
+    config = hook_config(node, state.azure_underlay, state.settings)
+    (directory / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
     (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
 
 
@@ -384,25 +422,6 @@ def install_cni(state: LabState, node: NodeState) -> None:
     """`wgcni-node install-cni --wait`, as the DaemonSet's init container runs it."""
     in_node(node, [state.hook, "install-cni", "--wait", "--config", str(NODE_CONFIG_DIR / "config.yaml"),
                    "--plugin", state.plugin], timeout=120)
-
-
-def _start_in_node(state: LabState, node: NodeState, argv: list[str], log_name: str,
-                   env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with open(node.directory(state.path) / log_name, "ab") as log:
-        return subprocess.Popen([*node_enter_argv(node), *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                env=env or node_env(), start_new_session=True)
-
-
-def start_node_agents(state: LabState, node: NodeState) -> subprocess.Popen[bytes]:
-    """The DaemonSet's two long-running containers: `wgcni-node run` (returned) and `install-cni --watch`."""
-    config = str(NODE_CONFIG_DIR / "config.yaml")
-    hook = _start_in_node(state, node, [state.hook, "run", "--config", config], "wgcni-node.log",
-                          env=dict(node_env(), KUBECONFIG=str(NODE_CONFIG_DIR / "kubeconfig")))
-    node.hook_pid = hook.pid
-    state.save()
-    _start_in_node(state, node, [state.hook, "install-cni", "--watch", "--config", config, "--plugin", state.plugin],
-                   "install-cni-watch.log")
-    return hook
 
 
 def hook_request(node: NodeState, op: str, timeout: float = 5.0) -> dict[str, Any] | None:
@@ -448,9 +467,13 @@ def cri_client(state: LabState, node: NodeState):  # type: ignore[no-untyped-def
     return CriClient(node.containerd_dir(state.path) / "containerd.sock", timeout=60.0)
 
 
-def _pod_json(node: NodeState, status: Any) -> dict[str, Any]:
-    return {"name": status.name, "node": node.name, "netns": f"/proc/{status.pid}/ns/net", "ip": status.ip,
-            "id": status.id, "namespace": status.namespace, "uid": status.uid}
+def _pod_json(node: NodeState, status: Any, labels: dict[str, str]) -> dict[str, Any]:
+    """A pod as status and pod-add show it; a hostNetwork pod has the node's IP (containerd reports none)."""
+    host_network = labels.get(HOST_NETWORK_LABEL) == "true"
+    return {"name": status.name, "node": node.name, "netns": f"/proc/{status.pid}/ns/net",
+            "ip": node.ip if host_network else status.ip, "id": status.id, "namespace": status.namespace,
+            "uid": status.uid, "attempt": status.attempt, "host_network": host_network,
+            "predates_install": labels.get(PREDATES_INSTALL_LABEL) == "true"}
 
 
 def node_pods(state: LabState, node: NodeState) -> list[dict[str, Any]]:
@@ -460,7 +483,8 @@ def node_pods(state: LabState, node: NodeState) -> list[dict[str, Any]]:
     try:
         with cri_client(state, node) as cri:
             sandboxes = [s for s in cri.list_pod_sandboxes(labels=POD_LABELS) if s.state == "SANDBOX_READY"]
-            pods = [_pod_json(node, cri.pod_sandbox_status(sandbox.id)) for sandbox in sandboxes]
+            pods = [_pod_json(node, cri.pod_sandbox_status(sandbox.id), dict(sandbox.labels))
+                    for sandbox in sandboxes]
     except CriError as error:
         raise LabError(f"{node.name}: containerd does not answer: {error.details or error}") from None
     return sorted(pods, key=lambda pod: _pod_order(pod["name"]))
@@ -475,20 +499,39 @@ def all_pods(state: LabState) -> list[dict[str, Any]]:
     return [pod for node in state.nodes for pod in node_pods(state, node)]
 
 
-def add_pod(state: LabState, node_name: str) -> dict[str, Any]:
-    """RunPodSandbox on the node's containerd, as kubelet does (the CNI ADD chain runs: azure-vnet, wgcni, portmap)."""
+def pod_labels(host_network: bool, predates_install: bool) -> dict[str, str]:
+    labels = dict(POD_LABELS)
+    if host_network:
+        labels[HOST_NETWORK_LABEL] = "true"
+    if predates_install:
+        labels[PREDATES_INSTALL_LABEL] = "true"
+    return labels
+
+
+def run_pod(state: LabState, node: NodeState, name: str, uid: str, *, attempt: int = 0, host_network: bool = False,
+            predates_install: bool = False) -> dict[str, Any]:
+    """RunPodSandbox of one pod on the node's containerd, as kubelet does: the CNI ADD chain runs (azure-vnet, wgcni,
+    portmap), except for a hostNetwork pod (CRI NamespaceMode NODE for its network)."""
     from wgcni_lab.cri import CriError
 
+    labels = pod_labels(host_network, predates_install)
+    try:
+        with cri_client(state, node) as cri:
+            sandbox = cri.run_pod_sandbox(name=name, namespace=POD_NAMESPACE, uid=uid, attempt=attempt, labels=labels,
+                                          cgroup_parent=state.cgroup_parent(node), host_network=host_network)
+            return _pod_json(node, cri.pod_sandbox_status(sandbox), labels)
+    except CriError as error:
+        raise LabError(f"{node.name}: RunPodSandbox of {name} failed: {error.details or error}") from None
+
+
+def add_pod(state: LabState, node_name: str, host_network: bool = False, predates_install: bool = False
+            ) -> dict[str, Any]:
+    """A new pod on the node (the next free name), created the way kubelet does (run_pod)."""
     node = state.node(node_name)
     taken = [_pod_order(pod["name"])[1] for pod in node_pods(state, node)]
     name = f"{node.name}-pod{max(taken, default=0) + 1}"
-    try:
-        with cri_client(state, node) as cri:
-            sandbox = cri.run_pod_sandbox(name=name, namespace=POD_NAMESPACE, uid=secrets.token_hex(16),
-                                          labels=POD_LABELS, cgroup_parent=state.cgroup_parent(node))
-            return _pod_json(node, cri.pod_sandbox_status(sandbox))
-    except CriError as error:
-        raise LabError(f"{node.name}: RunPodSandbox failed: {error.details or error}") from None
+    return run_pod(state, node, name, secrets.token_hex(16), host_network=host_network,
+                   predates_install=predates_install)
 
 
 def find_pod(state: LabState, name: str) -> tuple[NodeState, dict[str, Any]]:
@@ -528,6 +571,7 @@ def status(state: LabState) -> dict[str, Any]:
             "hook_socket_in_node": str(HOOK_SOCKET_IN_NODE), "hook_pid": node.hook_pid,
             "mount_namespace": node.mount_namespace,
             "containerd_socket": str(node.containerd_dir(state.path) / "containerd.sock"),
+            "daemonset": node.daemonset,
         })
         try:
             pods += node_pods(state, node)
@@ -542,10 +586,18 @@ def status(state: LabState) -> dict[str, Any]:
             "problems": problems}
 
 
+def recorded(pod: dict[str, Any]) -> bool:
+    """The pod's sandbox went through the wgcni plugin (it has a pod record): not hostNetwork, made after the
+    install."""
+    return not pod["host_network"] and not pod["predates_install"]
+
+
 def mesh_converged(state: LabState, pods: list[dict[str, Any]]) -> bool:
     """Every hook reports every other node as a programmed peer whose AllowedIPs are exactly that node's IP and
-    the pods on it (the hooks' own view; the tests check the kernel/wireguard-go side independently)."""
-    expected = {node.name: {node.ip} | {pod["ip"] for pod in pods if pod["node"] == node.name} for node in state.nodes}
+    the pods on it with an IP of their own - those that predate wgcni too, which the hooks learn from their host
+    routes (the hooks' own view; the tests check the kernel/wireguard-go side independently)."""
+    expected = {node.name: {node.ip} | {pod["ip"] for pod in pods if pod["node"] == node.name
+                                        and not pod["host_network"]} for node in state.nodes}
     for node in state.nodes:
         answer = hook_request(node, "peers")
         if answer is None:
@@ -567,12 +619,14 @@ def covered(prefixes: Iterable[str]) -> set[str]:
 
 # ---- teardown ------------------------------------------------------------------------------------------------------
 
-def _netns_pids(netns: str) -> set[int]:
+def netns_pids(netns: str) -> set[int]:
+    """The processes in the named network namespace (none when it does not exist)."""
     result = run(["ip", "netns", "pids", netns], check=False)
     return {int(pid) for pid in result.stdout.split()} if result.returncode == 0 else set()
 
 
-def _cgroup_pids(cgroup_parent: str) -> set[int]:
+def cgroup_pids(cgroup_parent: str) -> set[int]:
+    """The processes in `cgroup_parent` or below it, in any cgroup hierarchy."""
     from wgcni_lab.containerd import CGROUP_ROOT
 
     pids: set[int] = set()
@@ -605,9 +659,9 @@ def lab_processes(state: LabState) -> set[int]:
     table = process_table()
     roots = {state.daemon_pid} if state.daemon_pid and is_lab_daemon(state.daemon_pid, state) else set()
     for netns in lab_namespaces(state):
-        roots |= _netns_pids(netns)
+        roots |= netns_pids(netns)
     for node in state.nodes:
-        roots |= _cgroup_pids(state.cgroup_parent(node))
+        roots |= cgroup_pids(state.cgroup_parent(node))
     roots.discard(os.getpid())
     found = with_descendants(roots, table)
     return {pid for pid in found if pid in table and table[pid].live and pid != os.getpid()}
