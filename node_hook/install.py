@@ -56,7 +56,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import click
 
@@ -68,6 +67,7 @@ from cni_plugin.cni import (
     SUPPORTED_VERSIONS,
 )
 from cni_plugin.filelog import LEVELS
+from cni_plugin.files import fsync_directory, replace_symlink, write_atomically
 
 DEFAULT_CONF_DIR = Path("/etc/cni/net.d")
 DEFAULT_BIN_DIR = Path("/opt/cni/bin")
@@ -79,7 +79,7 @@ PLUGIN_TYPE = "wgcni"
 AZURE_TYPE = "azure-vnet"
 CNI_CONFIG_EXTENSIONS = (".conf", ".conflist", ".json")  # libcni ConfFiles, as used by containerd and kubelet
 BACKUP_SUFFIX = ".wgcni-backup"
-TEMP_SUFFIX = ".wgcni-tmp"
+TEMPORARY_PREFIX = ".wgcni-tmp."  # of every file, symlink and staging directory wgcni writes in the CNI dirs
 BUNDLE_DIR_NAME = PLUGIN_TYPE + ".bundle"
 LOG_LEVELS = tuple(LEVELS)
 
@@ -309,50 +309,6 @@ def active_config(conf_dir: Path) -> Path | None:
     return None
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[BinaryIO]:
-    """Write `path`'s new content into the yielded file, a temp file in the same directory: when the block ends it
-    is fsynced and renamed over `path` (and the directory fsynced); if the block fails it is removed and `path` is
-    left as it was."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with _ignoring(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write(path: Path, data: bytes, like: os.stat_result | None, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically; owner and mode copied from `like`."""
-    with _replacing(path) as handle:
-        handle.write(data)
-        if like is not None:
-            os.fchown(handle.fileno(), like.st_uid, like.st_gid)
-        os.fchmod(handle.fileno(), stat.S_IMODE(like.st_mode) if like is not None else mode)
-
-
-@contextmanager
-def _ignoring(*exceptions: type[BaseException]) -> Iterator[None]:
-    try:
-        yield
-    except exceptions:
-        pass
-
-
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialise installers working on the same directory (init container vs watcher) without adding a file to it."""
@@ -362,6 +318,12 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _write_like(path: Path, data: bytes, like: os.stat_result) -> None:
+    """Replace `path` with `data` atomically and durably, with the owner and mode of `like`."""
+    write_atomically(path, data, stat.S_IMODE(like.st_mode), temporary_prefix=TEMPORARY_PREFIX,
+                     owner=(like.st_uid, like.st_gid))
 
 
 def _backup_path(path: Path) -> Path:
@@ -424,9 +386,9 @@ def apply_conflist(plan: ConflistPlan) -> bool:
     if current != plan.original:
         return False
     if plan.backup is not None:
-        _atomic_write(_backup_path(plan.path), plan.backup, plan.stat)
+        _write_like(_backup_path(plan.path), plan.backup, plan.stat)
     if plan.new_text is not None:
-        _atomic_write(plan.path, plan.new_text.encode("utf-8"), plan.stat)
+        _write_like(plan.path, plan.new_text.encode("utf-8"), plan.stat)
     return True
 
 
@@ -482,15 +444,7 @@ def _fsync_tree(root: Path) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(Path(directory))
-
-
-def _replace_symlink(link: Path, target: str) -> None:
-    temp = link.with_name(f".{link.name}.{os.getpid()}{TEMP_SUFFIX}")
-    with _ignoring(FileNotFoundError):
-        os.unlink(temp)
-    os.symlink(target, temp)
-    os.replace(temp, link)
+        fsync_directory(directory)
 
 
 def install_plugin(source: Path, bin_dir: Path) -> bool:
@@ -508,7 +462,7 @@ def install_plugin(source: Path, bin_dir: Path) -> bool:
         previous = os.readlink(destination) if destination.is_symlink() else None
         bundles.mkdir(mode=0o755, exist_ok=True)
         if not (bundles / version).is_dir():
-            staging = Path(tempfile.mkdtemp(dir=bundles, prefix=".", suffix=TEMP_SUFFIX))
+            staging = Path(tempfile.mkdtemp(dir=bundles, prefix=TEMPORARY_PREFIX))
             try:
                 shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
                 os.chmod(staging, 0o755)
@@ -517,8 +471,7 @@ def install_plugin(source: Path, bin_dir: Path) -> bool:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        _replace_symlink(destination, target)
-        _fsync_dir(bin_dir)
+        replace_symlink(destination, target, temporary_prefix=TEMPORARY_PREFIX)
         # Keep the bundle the previous symlink pointed at: a plugin started just before the swap may still load from it.
         keep = {version}
         if previous and previous.startswith(BUNDLE_DIR_NAME + "/"):
@@ -532,9 +485,9 @@ def install_plugin(source: Path, bin_dir: Path) -> bool:
     if (destination.is_file() and not destination.is_symlink() and os.access(destination, os.X_OK)
             and _digest(destination) == _digest(source)):
         return False
-    with _replacing(destination) as handle, open(source, "rb") as original:
-        shutil.copyfileobj(original, handle, 1 << 20)
-        os.fchmod(handle.fileno(), 0o755)
+    with open(source, "rb") as original:
+        write_atomically(destination, iter(lambda: original.read(1 << 20), b""), 0o755,
+                         temporary_prefix=TEMPORARY_PREFIX)
     shutil.rmtree(bundles, ignore_errors=True)
     return True
 
@@ -593,9 +546,9 @@ def _restore(path: Path, backup: Path) -> str | None:
     original = backup.read_bytes() if backup.is_file() else None
     stripped = strip_entries(text, str(path))
     if original is not None and json.loads(stripped) == json.loads(_decode(original, str(backup))):
-        _atomic_write(path, original, file_stat)
+        _write_like(path, original, file_stat)
         return f"restored {path} from {backup.name}"
-    _atomic_write(path, stripped.encode("utf-8"), file_stat)
+    _write_like(path, stripped.encode("utf-8"), file_stat)
     return f"removed the wgcni entry from {path} (it changed since install; backup not used)"
 
 
@@ -615,7 +568,7 @@ def uninstall(conf_dir: Path, bin_dir: Path) -> list[str]:
                 if name.endswith(BACKUP_SUFFIX):
                     os.unlink(conf_dir / name)
                     changes.append(f"removed {conf_dir / name}")
-            _fsync_dir(conf_dir)
+            fsync_directory(conf_dir)
     if bin_dir.is_dir() and remove_plugin(bin_dir):
         changes.append(f"removed plugin {bin_dir / PLUGIN_TYPE}")
     return changes
