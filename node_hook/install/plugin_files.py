@@ -95,6 +95,7 @@ def install_plugin(source: Path, bin_dir: Path) -> bool:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
+            fsync_directory(bundles)  # nor at a name whose rename a power loss could undo
         replace_symlink(destination, target, temporary_prefix=TEMPORARY_PREFIX)
         # Keep the bundle the previous symlink pointed at: a plugin started just before the swap may still load from it.
         keep = {version}
