@@ -5,7 +5,7 @@ node, with the production `SyncSettings` (at most 2 writes/s per node). Every no
 second (two adds for every delete) for `DURATION` seconds, all nodes at once. Measured:
 - writes per second each node made to the API (its WireguardNode status and its Node) during the churn, beside the
   baseline of one write per pod change (50/s) that a publisher without coalescing would make;
-- `on_nodes` deliveries per second each hook received (each one a complete node list, see design.md);
+- deliveries per second each hook received (a complete list, or one node changed or gone: a delta);
 - after the last change: how long until every hook's latest view holds exactly every other node's final pod IPs
   (at most `CONVERGENCE_TIMEOUT`), and how many IPs every hook's view lacks then, summed (lost, must be 0, a verdict
   in quick mode too) and how many removed IPs it still holds (stale).
@@ -22,13 +22,14 @@ import pathlib
 import statistics
 import threading
 import time
+from collections.abc import Mapping
 
 import yaml
 from kubernetes import client
 
 from bench import row
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
-from node_hook.model import LocalAnnouncement, RemoteNode, address_texts
+from node_hook.model import LocalAnnouncement, Publication, RemoteNode, address_texts
 from wgcni_lab.apiserver import ApiServer
 from wgcni_lab.polling import wait_until
 
@@ -45,17 +46,30 @@ CRD = yaml.safe_load((pathlib.Path(__file__).resolve().parent.parent / "conf" / 
 
 
 class View:
-    """What one hook was handed: every on_nodes call's time and the latest node list."""
+    """What one hook was handed (a PeerSink): the time of every delivery and the remote nodes they make."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.calls: list[float] = []
         self.latest: dict[str, RemoteNode] = {}
 
-    def __call__(self, nodes: dict[str, RemoteNode], complete: bool) -> None:
+    def nodes_synced(self, nodes: Mapping[str, RemoteNode]) -> None:
         with self.lock:
             self.calls.append(time.monotonic())
-            self.latest = nodes
+            self.latest = dict(nodes)
+
+    def node_changed(self, node: RemoteNode) -> None:
+        with self.lock:
+            self.calls.append(time.monotonic())
+            self.latest[node.name] = node
+
+    def node_gone(self, name: str) -> None:
+        with self.lock:
+            self.calls.append(time.monotonic())
+            self.latest.pop(name, None)
+
+    def published(self, publication: Publication) -> None:
+        """This node's own publication is not what P5 measures."""
 
     def pods(self) -> dict[str, frozenset[str]]:
         with self.lock:
@@ -178,7 +192,7 @@ def run(quick: bool) -> list[dict]:
     converged = result["lost_ips"] == result["stale_ips"] == 0
     rows = [
         entry,
-        row(f"{label}: on_nodes deliveries per hook", events, unit="events/s",
+        row(f"{label}: deliveries per hook", events, unit="events/s",
             note=f"bound: {nodes - 1} other nodes x {TARGET_WRITES_PER_SECOND:g} writes/s"),
         row(f"{label}: last change -> every hook has every IP", [result["convergence_s"]], unit="s",
             note="" if converged else f"not converged: gave up after {CONVERGENCE_TIMEOUT:g} s"),

@@ -1,6 +1,6 @@
 """P8: the debug CLI, the hook's local API answers and a metrics scrape on a node with 5 000 peers.
 
-A real `Daemon` (appliers on the in-memory fakes, as in P3) holds 5 000 remote nodes x 30 pod IPs (the AKS default
+A real hook engine (appliers on the in-memory fakes, as in P3) holds 5 000 remote nodes x 30 pod IPs (the AKS default
 of max pods with Azure CNI; P3's synthetic cluster of scattered /32s, 150 000 routes, handed over by the tests'
 `ManualPeerSource`) and serves its local API and `/metrics` on loopback.
 Measured, as wall time on the shared machine (median and p99 of repeated calls):
@@ -29,9 +29,11 @@ from typing import Callable
 from bench import row
 from bench.p3_scale import synthetic_cluster
 from cni_plugin.cli import run as wgcni
+from cni_plugin.records import RecordStore
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
-from node_hook.daemon import Daemon, _Appliers
+from node_hook.engine import Appliers
+from node_hook.node import build_node
 from node_hook.detect import Environment
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, request
@@ -76,26 +78,25 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
     metrics = HookMetrics()
     wireguard = FakeWireGuard()
     source = ManualPeerSource()
-    daemon = Daemon(settings, load_or_create(settings.key_file), environment, source,
-                    _Appliers(wireguard, FakeRouting(settings.route_table), FakeFirewall(),
-                              FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0",
-                                           "net/ipv4/conf/wgcni0/rp_filter": "1"}, settings.sysctl_originals_file)),
-                    monitor_netlink=False, observer=metrics, cni_conf_dir=conf_dir, pod_routes=FakePodRoutes())
-    metrics.attach(daemon)
-    api = LocalApiServer(settings.socket, daemon)
+    appliers = Appliers(wireguard, FakeRouting(settings.route_table), FakeFirewall(),
+                        FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0", "net/ipv4/conf/wgcni0/rp_filter": "1"},
+                                    settings.sysctl_originals_file))
+    node = build_node(settings, load_or_create(settings.key_file), environment, source, appliers=appliers,
+                      records=RecordStore(str(settings.state_dir)), pod_routes=FakePodRoutes(), monitor_netlink=False,
+                      observer=metrics, cni_conf_dir=conf_dir)
+    metrics.attach(node.view)
+    api = LocalApiServer(settings.socket, node)
     http = MetricsServer("127.0.0.1:0", metrics)
-    daemon.start()
+    node.start()
     try:
-        if source.on_nodes is None:
-            raise RuntimeError("the daemon did not start its peer source")
         _, remote = synthetic_cluster(nodes + 1, pods, "scattered")  # P3's cluster: `nodes` others, node 0 is absent
-        source.on_nodes(remote, True)
+        source.sync(*remote.values())
         api.start()
         http.start()
         deadline = time.monotonic() + 600
         # every peer on the device and the pass that put them there finished (the model fills before the pass)
         while not (wireguard.device is not None and len(wireguard.device.peers) == nodes
-                   and daemon.reconciler.converged):
+                   and node.view.converged):
             if time.monotonic() > deadline:
                 raise RuntimeError("the hook did not program the cluster within 600 s")
             time.sleep(0.05)
@@ -117,7 +118,7 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
     finally:
         http.stop()
         api.stop()
-        daemon.stop()
+        node.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -37,11 +37,11 @@ def main() -> None:
 @config_option
 def run(config: Path | None) -> None:
     """Run the hook until SIGTERM/SIGINT."""
-    from node_hook.daemon import Daemon
     from node_hook.detect import DetectError, detect
     from node_hook.keys import KeyFileError, load_or_create
     from node_hook.local_api import ApiError, LocalApiServer
     from node_hook.metrics import HookMetrics, MetricsServer
+    from node_hook.node import build_node
 
     settings = _settings(config)
     setup_logging(settings)
@@ -64,9 +64,9 @@ def run(config: Path | None) -> None:
         except Exception as error:  # noqa: BLE001 - kube config problems are one line for the operator
             raise click.ClickException(f"Kubernetes client: {error}") from None
     metrics = HookMetrics()
-    daemon = Daemon(settings, key, environment, source, observer=metrics)
-    metrics.attach(daemon)
-    server = LocalApiServer(settings.socket, daemon)
+    node = build_node(settings, key, environment, source, observer=metrics)
+    metrics.attach(node.view)
+    server = LocalApiServer(settings.socket, node)
     metrics_server = MetricsServer(settings.metrics_address, metrics) if settings.metrics_address else None
     try:
         server.start()
@@ -82,9 +82,9 @@ def run(config: Path | None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     log.info("node %s, public key %s, backend %s, interface %s, endpoint %s, mtu %d (%s), host encryption %s",
-             settings.node_name, key.public_key, daemon.appliers.wireguard.kind, settings.interface,
-             environment.endpoint, environment.mtu, environment.mtu_reason, daemon.host_encryption)
-    daemon.start()
+             settings.node_name, key.public_key, node.engine.appliers.wireguard.kind, settings.interface,
+             environment.endpoint, environment.mtu, environment.mtu_reason, node.engine.host_encryption)
+    node.start()
     try:
         stop.wait()
     finally:
@@ -92,7 +92,7 @@ def run(config: Path | None) -> None:
         if metrics_server is not None:
             metrics_server.stop()
         server.stop()
-        daemon.stop()
+        node.stop()
 
 
 @main.command()
@@ -103,7 +103,8 @@ def cleanup(config: Path | None) -> None:
     from node_hook.apply.firewall import NftFirewall
     from node_hook.apply.routes import PyrouteRouting
     from node_hook.apply.sysctl import Sysctls
-    from node_hook.daemon import FIREWALL_TABLE, real_wireguard_backend
+    from node_hook.engine import FIREWALL_TABLE
+    from node_hook.node import real_wireguard_backend
     from node_hook.local_api import request
 
     settings = _settings(config)

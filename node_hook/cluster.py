@@ -5,8 +5,10 @@ This is the only module of the hook that imports `kubernetes`. It does three thi
 - **Peers**: list, then watch `wireguardnodes` from the list's resourceVersion with bookmarks; 410 Gone → relist;
   any other failure → re-watch from the last resourceVersion after an exponential backoff with full jitter; a periodic
   relist as a safety net. Every other node's object becomes a `RemoteNode` (pod IP prefixes expanded back into
-  addresses); `on_nodes(nodes, complete=True)` is called only once the first list of peers *and* of this node's
-  own Node object have completed, so the hook never prunes a live mesh at start-up.
+  addresses). The hook (a `PeerSink`) is told in deltas, as Calico and Cilium feed their dataplanes: `nodes_synced`
+  with the complete list once the first list of peers *and* of this node's own Node object have completed (so the
+  hook never prunes a live mesh at start-up) and after every relist, then `node_changed` / `node_gone` for each
+  watch event - O(one node) per event, not a copy of every node.
 - **Own Node**: list+watch of this node's `Node` (field selector), for its uid (owner reference) and the opt-out
   label `wgcni.io/wireguard=disabled`. An opted-out node publishes an empty key (peers reach it in plaintext) and
   hands the hook every remote node with an empty key, so it programs no peer and sends plaintext too.
@@ -42,6 +44,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from node_hook.model import UNKNOWN_PUBLICATION, IPNetwork, LocalAnnouncement, Publication, RemoteNode, prefix_keys
+from node_hook.peers import PeerSink
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +59,6 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "wgcni-node"}
 USER_AGENT = "wgcni-node"
 
 JSON = dict[str, Any]
-OnNodes = Callable[[dict[str, RemoteNode], bool], None]
-OnPublished = Callable[[Publication], None]
 DENIED_STATUSES = (400, 401, 403, 404, 422)  # the API will refuse the same write again: not a passing fault
 
 
@@ -368,7 +369,7 @@ class KubernetesPeerSource:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._on_nodes: OnNodes | None = None
+        self._sink: PeerSink | None = None
         self._emit_lock = threading.Lock()
         # Other nodes' WireguardNode objects, parsed as they arrive: name -> (resourceVersion, parsed node, why
         # ignored). Only the parsed form is kept - the raw objects of 5 000 nodes x 250 scattered pod IPs held
@@ -385,15 +386,13 @@ class KubernetesPeerSource:
         self._limiter = _RateLimiter(settings.max_writes_per_second, self._stopping)
         self._threads: list[threading.Thread] = []
         self._list_watches: list[_ListWatch] = []
-        self._on_published: OnPublished | None = None
         self._own_object_seen = False  # the API has answered about this node's own object (list, watch or write)
         self._write_failure: tuple[str, str] | None = None  # (denied | unreachable, why) of the last failed write
         self._reported: Publication | None = None
 
     # --- PeerSource ----------------------------------------------------------------------------------------------
-    def start(self, on_nodes: OnNodes, on_published: OnPublished | None = None) -> None:
-        self._on_nodes = on_nodes
-        self._on_published = on_published
+    def start(self, sink: PeerSink) -> None:
+        self._sink = sink
         timeout = self.settings.request_timeout
         peers = _ListWatch(
             "wireguardnodes", lambda: self.custom.list_cluster_custom_object(
@@ -460,7 +459,7 @@ class KubernetesPeerSource:
             log.info("node %s: WireGuard %s by label %s", self.node_name,
                      "disabled" if is_opted_out(node) else "enabled", OPT_OUT_LABEL)
         if first or opt_out_changed:
-            self._emit()
+            self._emit_synced()
             self._report_publication()
 
     # --- peers -----------------------------------------------------------------------------------------------
@@ -473,7 +472,7 @@ class KubernetesPeerSource:
             own = next((obj for obj in items if obj["metadata"]["name"] == self.node_name), None)
             self._observe_own_object(own)
             self.status.peers_synced = True
-        self._emit()
+        self._emit_synced()
         self._report_publication()
 
     def _peer_event(self, event_type: str, obj: JSON) -> None:
@@ -489,7 +488,7 @@ class KubernetesPeerSource:
                 self._peers.pop(name, None)
             else:
                 self._peers[name] = parsed
-        self._emit()
+        self._emit_change(name, parsed)
 
     def _observe_own_object(self, obj: JSON | None) -> None:
         """Must hold the lock. The echo of one of our own writes is ignored (the writer already holds a copy at
@@ -503,11 +502,11 @@ class KubernetesPeerSource:
             self._desired_generation += 1
             self._changed.notify_all()
 
-    def _emit(self) -> None:
+    def _emit_synced(self) -> None:
         """Hand the hook the complete set of remote nodes (only once peers and own Node are both listed)."""
         with self._emit_lock:
             with self._changed:
-                if not (self.status.peers_synced and self.status.node_synced) or self._on_nodes is None:
+                if not self._delivering():
                     return
                 peers = list(self._peers.items())
                 opted_out = is_opted_out(self._node)
@@ -522,10 +521,44 @@ class KubernetesPeerSource:
                 log.warning("WireguardNode %s ignored: %s", name, invalid[name])
             self.status.invalid_objects = invalid
             self.status.remote_nodes = len(nodes)
-            try:
-                self._on_nodes(nodes, True)
-            except Exception:  # noqa: BLE001 - a failing consumer must not stop the watch; the next event retries
-                log.exception("the hook failed to take the remote nodes")
+            self._tell(lambda sink: sink.nodes_synced(nodes))
+
+    def _emit_change(self, name: str, entry: tuple[str, RemoteNode | None, str] | None) -> None:
+        """Hand the hook one node's change (a watch event), once the complete list has been handed over."""
+        with self._emit_lock:
+            with self._changed:
+                if not self._delivering():
+                    return  # folded into the first complete list
+                opted_out = is_opted_out(self._node)
+            invalid = dict(self.status.invalid_objects)
+            remote = entry[1] if entry is not None and not entry[2] else None
+            if entry is not None and entry[2]:
+                if name not in invalid:
+                    log.warning("WireguardNode %s ignored: %s", name, entry[2])
+                invalid[name] = entry[2]
+            else:
+                invalid.pop(name, None)
+            self.status.invalid_objects = invalid
+            if remote is None:
+                self._tell(lambda sink: sink.node_gone(name))
+            else:
+                delivered = replace(remote, public_key="") if opted_out else remote
+                self._tell(lambda sink: sink.node_changed(delivered))
+            with self._changed:
+                self.status.remote_nodes = sum(1 for _, node, error in self._peers.values()
+                                               if node is not None and not error)
+
+    def _delivering(self) -> bool:
+        """Must hold the lock: the hook has a sink and both first lists are done."""
+        return self._sink is not None and self.status.peers_synced and self.status.node_synced
+
+    def _tell(self, deliver: Callable[[PeerSink], None]) -> None:
+        """Must hold the emit lock: deliver to the hook; a failing consumer must not stop the watch."""
+        assert self._sink is not None
+        try:
+            deliver(self._sink)
+        except Exception:  # noqa: BLE001 - the next event or relist delivers again
+            log.exception("the hook failed to take the remote nodes")
 
     def _entry_of(self, obj: JSON, known: dict[str, tuple[str, RemoteNode | None, str]]
                 ) -> tuple[str, RemoteNode | None, str]:
@@ -662,11 +695,11 @@ class KubernetesPeerSource:
         """Tell the hook what the API holds, when that changed (never under the lock: the hook enqueues)."""
         publication = self.publication()
         with self._emit_lock:
-            if publication == self._reported or self._on_published is None:
+            if publication == self._reported or self._sink is None:
                 return
             self._reported = publication
             try:
-                self._on_published(publication)
+                self._sink.published(publication)
             except Exception:  # noqa: BLE001 - a failing consumer must not stop the sync
                 log.exception("the hook failed to take this node's publication")
 

@@ -1,10 +1,10 @@
 """`wgcni check` on the hook side: read the node back and say, one finding per failure mode, what is wrong and what
 to do.
 
-Two halves: `observe(daemon)` runs on the daemon's worker thread (`Daemon.diagnose` → `Daemon.on_worker`), the only
-thread that may use the appliers' netlink sockets, and only reads everything back and copies the model's desired
-state, so the worker is held for no longer than a full resync pass reads; `analyse(observed, conf_dir)` is pure and
-runs on the asking thread. The dataplane findings reuse the planner: whatever the planner would still change against
+Two halves: `NodeView.observe()` (node_hook/view.py) runs on the engine's worker thread (`NodeView.diagnose` →
+`Engine.on_worker`), the only thread that may use the appliers' netlink sockets, and only reads everything back and
+copies the model's desired state into an `Observed`, so the worker is held for no longer than a full resync pass
+reads; `analyse(observed, conf_dir)` here is pure and runs on the asking thread. The dataplane findings reuse the planner: whatever the planner would still change against
 the read-back is, by definition, what is missing or wrong right now (the hook repairs such drift within a pass, so a
 finding here means it keeps coming back or the repair keeps failing).
 
@@ -72,34 +72,11 @@ class Observed:
     record_errors: list[str]
     unrecorded_pods: list[dict[str, Any]]  # local pods known only from their host routes
     source_error: str | None
-    publication: dict[str, Any]  # Daemon.publication_status()
+    publication: dict[str, Any]  # NodeView.publication_status()
     sync_status: Any
     targets: Any
     settings: Any
     environment: Any
-
-
-def observe(daemon: Any) -> Observed:
-    """Read the dataplane back and copy the desired state (worker thread)."""
-    return Observed(
-        device=daemon.appliers.wireguard.read(),
-        table=daemon.appliers.routing.read(),
-        sysctls=daemon.appliers.sysctls.read(sorted(daemon.targets.sysctls)),
-        firewall_present=daemon.appliers.firewall.read() is not None,
-        desired_peers=dict(daemon.model.peers),
-        desired_routes=dict(daemon.model.routes.items()),  # a snapshot: the model's routes are derived on demand
-        problems=daemon.model.problems(),
-        peers_complete=daemon.peers_complete,
-        last_error=daemon.last_error,
-        record_errors=list(daemon.record_errors),
-        unrecorded_pods=daemon.unrecorded_pods(),
-        source_error=getattr(daemon.peer_source, "error", None),
-        publication=daemon.publication_status(),
-        sync_status=getattr(daemon.peer_source, "status", None),
-        targets=daemon.targets,
-        settings=daemon.settings,
-        environment=daemon.environment,
-    )
 
 
 def analyse(observed: Observed, conf_dir: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods
 optional `offset`, `limit` and `node`; `routes` optional `limit`, `owner` and the keyset cursor `after` (a `limit`
 is at least 1, as the CLI's `--limit`); so answers stay small at 5 000 peers.
 Every answer has `ok`; on `ok: false` an `error` a person can act on. A malformed request never reaches the
-daemon and never kills the server.
+engine and never kills the server.
 `request()` is the client used by the CLI (the plugin has its own stdlib client).
 """
 
@@ -17,7 +17,10 @@ import socket
 import socketserver
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from node_hook.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -54,37 +57,37 @@ def _text(request: dict[str, Any], field: str) -> str | None:
     return value
 
 
-def answer(daemon: Any, request: object) -> dict[str, Any]:
-    """The answer to one decoded request."""
+def answer(node: Node, request: object) -> dict[str, Any]:
+    """The answer to one decoded request: commands go to the node's engine, questions to its view."""
     if not isinstance(request, dict) or not isinstance(request.get("op"), str):
         return {"ok": False, "error": 'request must be a JSON object with an "op" string'}
     op = request["op"]
     try:
         if op in ("pod-added", "pod-deleted"):
             network, container_id, ifname = _require_record_key(request)
-            daemon.pod_changed(network, container_id, ifname)
+            node.engine.pod_changed(network, container_id, ifname)
             return {"ok": True}
         if op == "check":
             ips = request.get("ips")
             if not isinstance(ips, list) or not all(isinstance(ip, str) for ip in ips):
                 raise ApiError("check: 'ips' must be a list of strings")
-            return {"ok": True, **daemon.check(ips)}
+            return {"ok": True, **node.view.check(ips)}
         if op == "status":
-            return {"ok": True, **daemon.status()}
+            return {"ok": True, **node.view.status()}
         if op == "peers":
             peers_page = {"offset": _integer(request, "offset", 0, 0), "limit": _integer(request, "limit", None, 1),
                           "node": _text(request, "node")}  # computed on the worker: it alone mutates the model
-            return {"ok": True, **daemon.on_worker(lambda: daemon.peers(**peers_page))}
+            return {"ok": True, **node.engine.on_worker(lambda: node.view.peers(**peers_page))}
         if op == "routes":
             routes_page = {"limit": _integer(request, "limit", None, 1), "owner": _text(request, "owner"),
                            "after": _text(request, "after")}
-            return {"ok": True, **daemon.on_worker(lambda: daemon.routes(**routes_page))}
+            return {"ok": True, **node.engine.on_worker(lambda: node.view.routes(**routes_page))}
         if op == "pods":
-            return {"ok": True, "pods": daemon.pods()}
+            return {"ok": True, "pods": node.view.pods()}
         if op == "diagnose":
-            return {"ok": True, **daemon.diagnose()}
+            return {"ok": True, **node.view.diagnose()}
         if op == "resync":
-            daemon.trigger_resync()
+            node.engine.trigger_resync()
             return {"ok": True}
     except ApiError as error:
         return {"ok": False, "error": str(error)}
@@ -103,14 +106,14 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
 
 class LocalApiServer:
-    def __init__(self, socket_path: Path, daemon: Any) -> None:
+    def __init__(self, socket_path: Path, node: Node) -> None:
         self.socket_path = Path(socket_path)
-        self.daemon = daemon
+        self.node = node
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        daemon = self.daemon
+        node = self.node
 
         class Handler(socketserver.StreamRequestHandler):
             timeout = 5
@@ -124,7 +127,7 @@ class LocalApiServer:
                     reply: dict[str, Any] = {"ok": False, "error": "request larger than 1 MiB"}
                 else:
                     try:
-                        reply = answer(daemon, json.loads(line))
+                        reply = answer(node, json.loads(line))
                     except (ValueError, UnicodeDecodeError):
                         reply = {"ok": False, "error": "request is not one line of JSON"}
                 try:

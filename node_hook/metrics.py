@@ -2,7 +2,7 @@
 
 Two kinds of metrics:
 
-- **Events**, counted as they happen by `HookMetrics` as the daemon's observer (called on the worker thread):
+- **Events**, counted as they happen by `HookMetrics` as the engine's observer (called on the worker thread):
   reconcile passes, their duration, ops by step, errors by applier and step, and the two convergence latencies —
   *record seen → applied locally* (from the plugin's notification or the rescan that found a changed record to the
   end of the pass that programmed it) and *published → applied on this node* (from the remote node's
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from typing import Any, Iterable
 from urllib.parse import parse_qs, urlsplit
@@ -42,6 +41,7 @@ from prometheus_client.registry import Collector
 
 from cni_plugin import __version__
 from node_hook.model import PUBLICATION_STATES, RemoteNode
+from node_hook.view import MetricsSnapshot, NodeView
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +57,12 @@ APPLIER_OF_STEP = {
 }
 
 
-@dataclass
-class _Snapshot:
-    """The daemon's state, copied on the worker thread for one scrape."""
-
-    status: dict[str, Any]
-    desired_peers: int = 0
-    device_peers: int = 0
-    programmed_peers: int = 0
-    allowed_ips: int = 0
-    routes_by_kind: dict[str, int] = field(default_factory=dict)
-    peers: list[tuple[str, float, int, int]] = field(default_factory=list)  # node, handshake, rx, tx
-
-
 class HookMetrics:
-    """The daemon's observer (events) and the registry's state collector."""
+    """The engine's observer (events) and the registry's state collector (which reads the node's view)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.daemon: Any = None
+        self.view: NodeView | None = None
         self.state_collector: _StateCollector | None = None
         self.started_at = time.time()
         self._pending_pods: dict[str, float] = {}  # record key -> monotonic time the change was seen
@@ -96,25 +83,29 @@ class HookMetrics:
             "the end of the pass that programmed them on this node.", buckets=CONVERGENCE_BUCKETS,
             registry=self.registry)
 
-    def attach(self, daemon: Any) -> None:
-        """Start collecting the state of `daemon` at scrape time (the daemon must have this as its observer)."""
-        self.daemon = daemon
+    def attach(self, view: NodeView) -> None:
+        """Start collecting the state of the node behind `view` at scrape time (its engine must have this as its
+        observer)."""
+        self.view = view
         self.state_collector = _StateCollector(self)
         self.registry.register(self.state_collector)
+
+    def _attached(self) -> NodeView:
+        if self.view is None:
+            raise RuntimeError("HookMetrics.attach() was not called")
+        return self.view
 
     # ---- observer (worker thread) -----------------------------------------------------------------------
 
     def pod_seen(self, key: str, seen_at: float) -> None:
         self._pending_pods.setdefault(key, seen_at)
 
-    def remote_nodes_received(self, previous: dict[str, RemoteNode], nodes: dict[str, RemoteNode]) -> None:
-        for name, node in nodes.items():
-            old = previous.get(name)
-            if old is None:
-                if node.pod_ips and node.pod_ips_changed_at > self.started_at:
-                    self._pending_remote.setdefault(name, node.pod_ips_changed_at)
-            elif old.pod_ips != node.pod_ips and node.pod_ips_changed_at > old.pod_ips_changed_at:
-                self._pending_remote.setdefault(name, node.pod_ips_changed_at)
+    def remote_node_received(self, old: RemoteNode | None, new: RemoteNode) -> None:
+        if old is None:
+            if new.pod_ips and new.pod_ips_changed_at > self.started_at:
+                self._pending_remote.setdefault(new.name, new.pod_ips_changed_at)
+        elif old.pod_ips != new.pod_ips and new.pod_ips_changed_at > old.pod_ips_changed_at:
+            self._pending_remote.setdefault(new.name, new.pod_ips_changed_at)
 
     def pass_done(self, result: Any, seconds: float) -> None:
         self.passes.inc()
@@ -136,45 +127,25 @@ class HookMetrics:
     # ---- health (any thread: reads only scalars) --------------------------------------------------------
 
     def health(self) -> tuple[bool, str]:
-        daemon = self.daemon
-        stuck_after = max(STUCK_AFTER_MIN, 6 * daemon.settings.record_rescan_interval)
-        last = daemon.last_pass_at or self.started_at
+        view = self._attached()
+        stuck_after = max(STUCK_AFTER_MIN, 6 * view.record_rescan_interval)
+        last = view.last_pass_at or self.started_at
         age = time.time() - last
         if age > stuck_after:
             return False, f"no reconcile pass for {age:.0f}s (limit {stuck_after:.0f}s): the worker loop is stuck"
         return True, f"ok: last pass {age:.1f}s ago"
 
     def readiness(self) -> tuple[bool, str]:
-        daemon = self.daemon
-        if not daemon.peers_complete:
+        view = self._attached()
+        if not view.peers_complete:
             return False, "waiting for the first complete peer list"
-        if daemon.generation == 0 or not daemon.reconciler.converged:
-            return False, f"dataplane not programmed yet: {daemon.last_error or 'reconciling'}"
-        publication = daemon.publication_status()
+        if view.generation == 0 or not view.converged:
+            return False, f"dataplane not programmed yet: {view.last_error or 'reconciling'}"
+        publication = view.publication_status()
         if publication["state"] in ("denied", "stale") or (publication["state"] not in ("confirmed", "opted-out")
                                                           and publication["overdue"]):
             return False, f"publication {publication['state']}: {publication['message']}"
         return True, "ok: dataplane programmed, peers synced, publication held by the API"
-
-    # ---- snapshot (worker thread) -----------------------------------------------------------------------
-
-    def snapshot(self) -> _Snapshot:
-        daemon = self.daemon
-        snapshot = _Snapshot(daemon.status())
-        device = daemon.appliers.wireguard.read()
-        live = device.peers if device is not None else {}
-        snapshot.device_peers = len(live)
-        snapshot.desired_peers = len(daemon.model.peers)
-        for key, peer in daemon.model.peers.items():
-            snapshot.allowed_ips += len(peer.allowed_ips)
-            state = live.get(key)
-            if state is None:
-                snapshot.peers.append((peer.node, 0.0, 0, 0))
-                continue
-            snapshot.programmed_peers += state.allowed_ips == peer.allowed_ips
-            snapshot.peers.append((peer.node, state.latest_handshake, state.rx_bytes, state.tx_bytes))
-        snapshot.routes_by_kind = {kind.value: count for kind, count in daemon.model.route_counts().items()}
-        return snapshot
 
 
 class _StateCollector(Collector):
@@ -185,11 +156,12 @@ class _StateCollector(Collector):
         self.per_peer = threading.local()  # per request: the HTTP handler sets it from ?per_peer=
 
     def describe(self) -> Iterable[Metric]:
-        return []  # state families depend on the daemon; never collected at registration
+        return []  # state families depend on the node; never collected at registration
 
     def collect(self) -> Iterable[Metric]:
         try:
-            snapshot = self.metrics.daemon.on_worker(self.metrics.snapshot, timeout=SNAPSHOT_TIMEOUT)
+            view = self.metrics._attached()
+            snapshot = view.engine.on_worker(view.metrics_snapshot, timeout=SNAPSHOT_TIMEOUT)
         except Exception as error:  # noqa: BLE001 - a scrape must still return the event metrics
             log.warning("metrics: no state snapshot for this scrape: %s", error)
             return
@@ -202,7 +174,7 @@ def _gauge(name: str, documentation: str, value: float, labels: dict[str, str] |
     return family
 
 
-def state_families(snapshot: _Snapshot, per_peer: bool, now: float) -> Iterable[Metric]:
+def state_families(snapshot: MetricsSnapshot, per_peer: bool, now: float) -> Iterable[Metric]:
     status = snapshot.status
     yield _gauge("wgcni_info", "This node's wgcni hook (value 1).", 1, {
         "node": status["node"], "backend": status["backend"], "interface": status["interface"],

@@ -87,7 +87,7 @@ class Publication:
 
 
 UNKNOWN_PUBLICATION = Publication("unknown")
-# How the hook judges its publication (Daemon.publication_status): confirmed = the API holds its key and every local IP.
+# How the hook judges its publication (NodeView.publication_status): confirmed = the API holds its key and every local IP.
 PUBLICATION_STATES = ("confirmed", "unknown", "opted-out", "pending", "denied", "unreachable", "stale")
 
 

@@ -16,10 +16,10 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Callable
 
 from cni_plugin.files import write_atomically
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode, host_keys
+from node_hook.peers import PeerSink
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,19 @@ class StaticPeerSource:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._signature: tuple[int, int, int] | None = None
-        self._on_published: Callable[[Publication], None] | None = None
+        self._sink: PeerSink | None = None
 
-    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None],
-              on_published: Callable[[Publication], None] | None = None) -> None:
-        self._on_published = on_published
-        self._poll(on_nodes)
-        self._thread = threading.Thread(target=self._run, args=(on_nodes,), name="wgcni-static-peers", daemon=True)
+    def start(self, sink: PeerSink) -> None:
+        self._sink = sink
+        self._poll(sink)
+        self._thread = threading.Thread(target=self._run, args=(sink,), name="wgcni-static-peers", daemon=True)
         self._thread.start()
 
-    def _run(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
+    def _run(self, sink: PeerSink) -> None:
         while not self._stopping.wait(self.poll_interval):
-            self._poll(on_nodes)
+            self._poll(sink)
 
-    def _poll(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None]) -> None:
+    def _poll(self, sink: PeerSink) -> None:
         try:
             info = self.peers_file.stat()
             signature = (info.st_ino, info.st_mtime_ns, info.st_size)
@@ -113,7 +112,7 @@ class StaticPeerSource:
             return
         self.error = None
         self.complete = True
-        on_nodes(nodes, True)
+        sink.nodes_synced(nodes)
 
     def _report(self, message: str) -> None:
         if message != self.error:
@@ -128,9 +127,9 @@ class StaticPeerSource:
             text = json.dumps(announcement_json(announcement), indent=1) + "\n"
             write_atomically(self.announce_file, text.encode(), 0o644,
                              temporary_prefix=f".{self.announce_file.name}.tmp.", durable=False)
-        if self._on_published is not None:
-            self._on_published(Publication("written", announcement.public_key,
-                                           announcement.node_ips | announcement.pod_ips))
+        if self._sink is not None:
+            self._sink.published(Publication("written", announcement.public_key,
+                                             announcement.node_ips | announcement.pod_ips))
 
     def stop(self) -> None:
         self._stopping.set()

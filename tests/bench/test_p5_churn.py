@@ -19,7 +19,7 @@ def test_quick_run_converges_without_losing_an_ip() -> None:
     assert all(rate > 0 for rate in raw["writes_per_second"])  # each node's writes are counted
     assert all(rate > 0 for rate in raw["events_per_second"])
     assert [entry["case"].rsplit(": ", 1)[1] for entry in rows] == [
-        "API writes per node", "on_nodes deliveries per hook", "last change -> every hook has every IP", "IPs lost"]
+        "API writes per node", "deliveries per hook", "last change -> every hook has every IP", "IPs lost"]
 
 
 def test_lost_and_stale_ips_are_counted_per_hook_view() -> None:
@@ -27,8 +27,8 @@ def test_lost_and_stale_ips_are_counted_per_hook_view() -> None:
     views = [p5_churn.View() for _ in pods]
 
     def hand(view: p5_churn.View, held: dict[int, set[str]]) -> None:
-        view({p5_churn.node_name(index): RemoteNode(p5_churn.node_name(index), "", None, 51820, frozenset(), ips)
-              for index, ips in held.items()}, True)
+        view.nodes_synced({p5_churn.node_name(index): RemoteNode(p5_churn.node_name(index), "", None, 51820,
+                                                                 frozenset(), ips) for index, ips in held.items()})
 
     hand(views[0], {1: pods[1], 2: pods[2]})
     hand(views[1], {0: pods[0], 2: pods[2]})

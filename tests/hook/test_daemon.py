@@ -17,13 +17,15 @@ import pytest
 from cni_plugin.records import RecordStore, utc_now_rfc3339
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
-from node_hook import daemon as daemon_module
-from node_hook.daemon import Daemon, _Appliers
+from node_hook import view as view_module
+from node_hook.engine import Appliers
+from node_hook.node import build_node
 from node_hook.detect import Environment
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, answer, request
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 from node_hook.static_peers import PeersFileError, StaticPeerSource, parse_peers
+from tests.support.peer_sink import RecordingSink
 from tests.support.peer_source import ManualPeerSource
 from tests.support.polling import wait_until
 
@@ -57,23 +59,24 @@ class Harness:
         self.source = ManualPeerSource()
         self.pod_routes = FakePodRoutes()
         self.store = RecordStore(str(self.settings.state_dir))
-        self.daemon = Daemon(self.settings, self.key, self.environment, self.source,
-                             _Appliers(self.wg, self.routing, FakeFirewall(), self.sysctls),
-                             record_store=self.store, monitor_netlink=False, pod_routes=self.pod_routes)
+        self.node = build_node(self.settings, self.key, self.environment, self.source,
+                               appliers=Appliers(self.wg, self.routing, FakeFirewall(), self.sysctls),
+                               records=self.store, pod_routes=self.pod_routes, monitor_netlink=False)
+        self.engine, self.view = self.node.engine, self.node.view
 
     def settle(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         wait_until(predicate, timeout, "the daemon's state", interval=0.01,
-                   detail=lambda: f"status {self.daemon.status()}")
+                   detail=lambda: f"status {self.view.status()}")
 
 
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Harness]:
     harness = Harness(tmp_path)
-    harness.daemon.start()
+    harness.node.start()
     try:
         yield harness
     finally:
-        harness.daemon.stop()
+        harness.node.stop()
 
 
 def routes(h: Harness) -> dict[str, str]:
@@ -82,47 +85,46 @@ def routes(h: Harness) -> dict[str, str]:
 
 def test_notification_applies_the_record_at_once(harness: Harness) -> None:
     write_record(harness.store, "c1", ["10.240.0.9"])
-    harness.daemon.pod_changed("azure", "c1", "eth0", wait=5)
+    harness.engine.pod_changed("azure", "c1", "eth0", wait=5)
     assert routes(harness)["10.240.0.9/32"] == "throw"
-    assert harness.daemon.check(["10.240.0.9"]) == {"programmed": True, "missing": [], "message": "programmed"}
+    assert harness.view.check(["10.240.0.9"]) == {"programmed": True, "missing": [], "message": "programmed"}
     with harness.store.lock():
         harness.store.remove("azure", "c1", "eth0")
-    harness.daemon.pod_changed("azure", "c1", "eth0", wait=5)
+    harness.engine.pod_changed("azure", "c1", "eth0", wait=5)
     assert "10.240.0.9/32" not in routes(harness)
-    assert harness.daemon.check(["10.240.0.9"])["missing"] == ["10.240.0.9"]
+    assert harness.view.check(["10.240.0.9"])["missing"] == ["10.240.0.9"]
 
 
 def test_records_are_found_by_the_rescan_without_a_notification(harness: Harness) -> None:
     write_record(harness.store, "c2", ["10.240.0.10"])
     harness.settle(lambda: routes(harness).get("10.240.0.10/32") == "throw")
-    assert harness.daemon.pods()[0]["podName"] == "c2"
+    assert harness.view.pods()[0]["podName"] == "c2"
 
 
 def test_invalid_record_is_reported_and_never_programmed(harness: Harness) -> None:
     directory = harness.settings.records_dir / "azure"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "bad@eth0.json").write_text("{not json")
-    harness.settle(lambda: harness.daemon.record_errors != [])
-    assert "bad@eth0.json" in harness.daemon.record_errors[0]
+    harness.settle(lambda: harness.engine.record_errors != [])
+    assert "bad@eth0.json" in harness.engine.record_errors[0]
     assert routes(harness) == {}
 
 
 def test_peers_are_not_pruned_before_a_complete_list(harness: Harness) -> None:
-    assert harness.source.on_nodes is not None
-    harness.source.on_nodes({"b": node_b({"10.240.0.70"})}, False)
+    harness.source.change(node_b({"10.240.0.70"}))  # a delta before the first complete list
     harness.settle(lambda: KEY_B in (harness.wg.device.peers if harness.wg.device else {}))
-    harness.source.on_nodes({}, False)  # partial: b stays
+    harness.source.gone("c")  # a delta about another node: b stays
     time.sleep(0.1)
     assert KEY_B in harness.wg.device.peers  # type: ignore[union-attr]
-    assert not harness.daemon.status()["peersComplete"]
-    harness.source.on_nodes({}, True)  # complete and empty: b goes
+    assert not harness.view.status()["peersComplete"]
+    harness.source.sync()  # complete and empty: b goes
     harness.settle(lambda: KEY_B not in harness.wg.device.peers)  # type: ignore[union-attr]
-    assert harness.daemon.status()["peersComplete"]
+    assert harness.view.status()["peersComplete"]
 
 
 def test_publishes_local_pods_key_and_readiness(harness: Harness) -> None:
     write_record(harness.store, "c3", ["10.240.0.11"])
-    harness.daemon.pod_changed("azure", "c3", "eth0", wait=5)
+    harness.engine.pod_changed("azure", "c3", "eth0", wait=5)
     harness.settle(lambda: bool(harness.source.published) and
                    harness.source.published[-1].pod_ips == frozenset({"10.240.0.11"}))
     last = harness.source.published[-1]
@@ -130,25 +132,25 @@ def test_publishes_local_pods_key_and_readiness(harness: Harness) -> None:
 
 
 def test_failure_is_retried_and_reported_then_clears(harness: Harness) -> None:
-    harness.settle(lambda: harness.daemon.status()["ready"])
+    harness.settle(lambda: harness.view.status()["ready"])
     harness.routing.fail_next.add("apply")
-    harness.source.on_nodes({"b": node_b({"10.240.0.70"})}, True)  # type: ignore[misc]
+    harness.source.sync(node_b({"10.240.0.70"}))
     harness.settle(lambda: harness.routing.routes.get(ipaddress.ip_network("10.240.0.70/32")) == "dev")
-    harness.settle(lambda: harness.daemon.status()["ready"])
-    assert harness.daemon.reconciler.errors == 1 and harness.daemon.status()["lastError"] is None
+    harness.settle(lambda: harness.view.status()["ready"])
+    assert harness.engine.reconciler.errors == 1 and harness.view.status()["lastError"] is None
 
 
 def test_outside_deletion_of_the_device_is_repaired_with_the_same_key(harness: Harness) -> None:
-    harness.settle(lambda: harness.daemon.status()["ready"])
+    harness.settle(lambda: harness.view.status()["ready"])
     before = harness.wg.device.public_key  # type: ignore[union-attr]
     harness.wg.device = None
-    harness.daemon._enqueue(out_of_sync=("device",))  # what the netlink monitor does on RTM_DELLINK
+    harness.engine._enqueue(out_of_sync=("device",))  # what the netlink monitor does on RTM_DELLINK
     harness.settle(lambda: harness.wg.device is not None)
     assert harness.wg.device.public_key == before == harness.key.public_key  # type: ignore[union-attr]
 
 
 def test_local_api_over_the_socket(harness: Harness) -> None:
-    server = LocalApiServer(harness.settings.socket, harness.daemon)
+    server = LocalApiServer(harness.settings.socket, harness.node)
     server.start()
     try:
         assert os.stat(harness.settings.socket).st_mode & 0o777 == 0o600
@@ -167,7 +169,7 @@ def test_local_api_over_the_socket(harness: Harness) -> None:
         assert reply == {"ok": False, "error": "request is not one line of JSON"}
         assert request(harness.settings.socket, {"op": "status"})["ok"]  # still serving
         with pytest.raises(Exception, match="already serving"):
-            LocalApiServer(harness.settings.socket, harness.daemon).start()
+            LocalApiServer(harness.settings.socket, harness.node).start()
     finally:
         server.stop()
     assert not harness.settings.socket.exists()
@@ -180,7 +182,7 @@ def test_local_api_over_the_socket(harness: Harness) -> None:
     ({"op": "frobnicate"}, "unknown op 'frobnicate'"),
 ])
 def test_bad_requests_get_actionable_errors(harness: Harness, request_: object, error: str) -> None:
-    reply = answer(harness.daemon, request_)
+    reply = answer(harness.node, request_)
     assert reply["ok"] is False and error in reply["error"]
 
 
@@ -197,20 +199,21 @@ def test_static_peers_file_parsing_and_errors(tmp_path: Path) -> None:
 
 def test_static_source_rereads_on_change_and_keeps_last_good(tmp_path: Path) -> None:
     peers = tmp_path / "peers.json"
-    seen: list[tuple[dict[str, RemoteNode], bool]] = []
+    seen = RecordingSink()
     source = StaticPeerSource(peers, tmp_path / "announce.json", poll_interval=0.02)
-    source.start(lambda nodes, complete: seen.append((nodes, complete)))
+    source.start(seen)
     try:
-        assert seen == [] and "no such file" in (source.error or "")
+        assert seen.calls == [] and "no such file" in (source.error or "")
         peers.write_text(json.dumps({"nodes": [{"name": "b", "publicKey": KEY_B, "endpoint": "10.240.0.35"}]}))
-        wait_until(lambda: seen, 5, "the peers file read", interval=0.01)
-        assert set(seen[-1][0]) == {"b"} and seen[-1][1] is True
+        wait_until(lambda: seen.calls, 5, "the peers file read", interval=0.01)
+        assert seen.kinds() == ["synced"] and set(seen.latest or {}) == {"b"}
         peers.write_text("{broken")
         wait_until(lambda: source.error, 5, "the broken peers file reported", interval=0.01)
-        assert len(seen) == 1 and "not JSON" in (source.error or "")
+        assert len(seen.calls) == 1 and "not JSON" in (source.error or "")
         source.publish(LocalAnnouncement("a", "K", "10.240.0.4", 51820, frozenset({"10.240.0.4"}),
                                          frozenset({"10.240.0.9"}), 1340, True, "ok"))
         assert json.loads((tmp_path / "announce.json").read_text())["podIPs"] == ["10.240.0.9"]
+        assert seen.publications == [Publication("written", "K", frozenset({"10.240.0.4", "10.240.0.9"}))]
     finally:
         source.stop()
 
@@ -237,42 +240,42 @@ def test_local_api_takes_a_burst_of_plugin_connections_before_accepting(tmp_path
 def test_a_pod_without_a_record_is_local_and_published_from_its_host_route(harness: Harness) -> None:
     """A pod that predates wgcni has no record, only azure-vnet's host route: it must be local (throw route, never
     given to a peer) and published, or its replies enter the tunnel with a source no peer allows."""
-    harness.source.on_nodes({"b": node_b({"10.240.0.70", "10.240.0.20"})}, True)  # type: ignore[misc]
+    harness.source.sync(node_b({"10.240.0.70", "10.240.0.20"}))
     harness.pod_routes.routes["azv0123456789a"] = frozenset({"10.240.0.20"})
-    harness.daemon.pod_routes_changed()  # what the netlink monitor does on RTM_NEWROUTE in the main table
+    harness.engine.pod_routes_changed()  # what the netlink monitor does on RTM_NEWROUTE in the main table
     harness.settle(lambda: routes(harness).get("10.240.0.20/32") == "throw")
     harness.settle(lambda: harness.source.published[-1].pod_ips == frozenset({"10.240.0.20"}))
-    assert harness.daemon.check(["10.240.0.20"])["programmed"]
+    assert harness.view.check(["10.240.0.20"])["programmed"]
     peer_b = harness.wg.device.peers[KEY_B]  # type: ignore[union-attr]
     assert ipaddress.ip_network("10.240.0.20/32") not in peer_b.allowed_ips  # local wins over b's claim
-    (pod,) = harness.daemon.pods()
+    (pod,) = harness.view.pods()
     assert pod["sources"] == ["route"] and pod["hostInterface"] == "azv0123456789a" and pod["podName"] is None
-    assert harness.daemon.status()["counts"]["podsWithoutRecord"] == 1
+    assert harness.view.status()["counts"]["podsWithoutRecord"] == 1
 
     write_record(harness.store, "c5", ["10.240.0.20"])  # the pod is recreated with wgcni in the chain
-    harness.daemon.pod_changed("azure", "c5", "eth0", wait=5)
-    (pod,) = harness.daemon.pods()
+    harness.engine.pod_changed("azure", "c5", "eth0", wait=5)
+    (pod,) = harness.view.pods()
     assert pod["sources"] == ["record", "route"] and pod["podName"] == "c5"
-    assert harness.daemon.unrecorded_pods() == []
+    assert harness.view.unrecorded_pods() == []
 
     del harness.pod_routes.routes["azv0123456789a"]  # the pod is local while either source still names it
-    harness.daemon.pod_routes_changed()
-    harness.settle(lambda: harness.daemon.pods()[0]["sources"] == ["record"])
+    harness.engine.pod_routes_changed()
+    harness.settle(lambda: harness.view.pods()[0]["sources"] == ["record"])
     assert routes(harness)["10.240.0.20/32"] == "throw"  # still local: the record names it
     with harness.store.lock():
         harness.store.remove("azure", "c5", "eth0")
-    harness.daemon.pod_changed("azure", "c5", "eth0", wait=5)
+    harness.engine.pod_changed("azure", "c5", "eth0", wait=5)
     harness.settle(lambda: routes(harness).get("10.240.0.20/32") == "dev")  # now b's
-    assert harness.daemon.pods() == []
+    assert harness.view.pods() == []
 
 
 def test_pod_routes_that_cannot_be_read_keep_what_was_learned(harness: Harness) -> None:
     harness.pod_routes.routes["azvaaaaaaaaaaa"] = frozenset({"10.240.0.21"})
-    harness.daemon.pod_routes_changed()
+    harness.engine.pod_routes_changed()
     harness.settle(lambda: routes(harness).get("10.240.0.21/32") == "throw")
     harness.pod_routes.fail_next.add("read")
     harness.pod_routes.routes.clear()
-    harness.daemon.pod_routes_changed()
+    harness.engine.pod_routes_changed()
     harness.settle(lambda: "read" not in harness.pod_routes.fail_next)
     assert routes(harness)["10.240.0.21/32"] == "throw"  # a failed read forgets nothing
     harness.settle(lambda: "10.240.0.21/32" not in routes(harness))  # the rescan reads again
@@ -290,42 +293,42 @@ def test_a_node_whose_publication_the_api_does_not_hold_is_never_a_black_hole(ha
     """Writes refused (RBAC, admission, a wrong Node name): no peer has this node's key, so the tunnel rule goes
     and traffic stays in the main table; once the API holds the key, only IPs it does not list yet bypass."""
     harness.source.accept_writes = False
-    harness.source.on_nodes({"b": node_b({"10.240.0.70"})}, True)  # type: ignore[misc]
+    harness.source.sync(node_b({"10.240.0.70"}))
     harness.source.report(Publication("denied", "", frozenset(), "API error 403 Forbidden"))
-    harness.settle(lambda: tunnel_rules(harness) == set() and harness.daemon.status()["ready"])
-    publication = harness.daemon.publication_status()
+    harness.settle(lambda: tunnel_rules(harness) == set() and harness.view.status()["ready"])
+    publication = harness.view.publication_status()
     assert publication["state"] == "denied" and not publication["tunnel"]
     assert "API error 403 Forbidden; until the API holds it, all its traffic leave(s) in plaintext" in \
         publication["message"]
 
     write_record(harness.store, "c6", ["10.240.0.22"])
-    harness.daemon.pod_changed("azure", "c6", "eth0", wait=5)
+    harness.engine.pod_changed("azure", "c6", "eth0", wait=5)
     held = frozenset({"10.240.0.4"})  # the key and node IP are written, the new pod's IP is not yet
     harness.source.report(Publication("pending", harness.key.public_key, held))
     harness.settle(lambda: tunnel_rules(harness) == {4, 6} and bypass_sources(harness) == {"10.240.0.22"})
-    assert harness.daemon.publication_status()["state"] == "pending"
-    assert harness.daemon.publication_status()["unpublished"] == ["10.240.0.22"]
+    assert harness.view.publication_status()["state"] == "pending"
+    assert harness.view.publication_status()["unpublished"] == ["10.240.0.22"]
 
     harness.source.report(Publication("written", harness.key.public_key, held | {"10.240.0.22"}))
     harness.settle(lambda: bypass_sources(harness) == set())
-    assert tunnel_rules(harness) == {4, 6} and harness.daemon.publication_status()["state"] == "confirmed"
+    assert tunnel_rules(harness) == {4, 6} and harness.view.publication_status()["state"] == "confirmed"
 
     harness.source.report(Publication("written", "C" * 43 + "=", held | {"10.240.0.22"}))  # someone else's key
     harness.settle(lambda: tunnel_rules(harness) == set())
-    assert harness.daemon.publication_status()["state"] == "stale"
+    assert harness.view.publication_status()["state"] == "stale"
 
 
 def test_an_overdue_publication_is_a_finding_and_not_ready(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(daemon_module, "PUBLICATION_GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(view_module, "PUBLICATION_GRACE_SECONDS", 0.2)
     harness.source.accept_writes = False
-    harness.source.on_nodes({}, True)  # type: ignore[misc]
+    harness.source.sync()
     harness.source.report(Publication("unreachable", harness.key.public_key, frozenset({"10.240.0.4"}),
                                       "publishing was refused or failed: MaxRetryError"))
     write_record(harness.store, "c7", ["10.240.0.23"])
-    harness.daemon.pod_changed("azure", "c7", "eth0", wait=5)
-    harness.settle(lambda: harness.daemon.publication_status()["overdue"])
-    status = harness.daemon.publication_status()
+    harness.engine.pod_changed("azure", "c7", "eth0", wait=5)
+    harness.settle(lambda: harness.view.publication_status()["overdue"])
+    status = harness.view.publication_status()
     assert status["state"] == "unreachable" and status["unpublished"] == ["10.240.0.23"]
-    (finding,) = [f for f in harness.daemon.diagnose()["findings"] if f["check"] == "publication"]
+    (finding,) = [f for f in harness.view.diagnose()["findings"] if f["check"] == "publication"]
     assert finding["severity"] == "error" and "unreachable" in finding["message"]
     assert "reaches the API server" in finding["fix"]

@@ -17,7 +17,8 @@ from cni_plugin.records import RecordStore, utc_now_rfc3339
 from node_hook import diagnose
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
-from node_hook.daemon import Daemon, _Appliers
+from node_hook.engine import Appliers
+from node_hook.node import build_node
 from node_hook.detect import Environment
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer
@@ -65,12 +66,13 @@ class Hook:
         self.pod_routes = FakePodRoutes()
         self.store = RecordStore(str(self.settings.state_dir))
         self.metrics = HookMetrics()
-        self.daemon = Daemon(self.settings, self.key, self.environment, self.source,
-                             _Appliers(self.wg, self.routing, self.firewall, self.sysctls), record_store=self.store,
-                             monitor_netlink=False, observer=self.metrics, cni_conf_dir=self.conf_dir,
-                             pod_routes=self.pod_routes)
-        self.metrics.attach(self.daemon)
-        self.api = LocalApiServer(self.settings.socket, self.daemon)
+        self.node = build_node(self.settings, self.key, self.environment, self.source,
+                               appliers=Appliers(self.wg, self.routing, self.firewall, self.sysctls),
+                               records=self.store, pod_routes=self.pod_routes, monitor_netlink=False,
+                               observer=self.metrics, cni_conf_dir=self.conf_dir)
+        self.engine, self.view = self.node.engine, self.node.view
+        self.metrics.attach(self.view)
+        self.api = LocalApiServer(self.settings.socket, self.node)
         self.http = MetricsServer("127.0.0.1:0", self.metrics)
 
     def set_underlay_mtu(self, mtu: int) -> None:
@@ -83,8 +85,11 @@ class Hook:
         return f"http://{host}:{port}"
 
     def nodes(self, *nodes: RemoteNode, complete: bool = True) -> None:
-        assert self.source.on_nodes is not None
-        self.source.on_nodes({node.name: node for node in nodes}, complete)
+        if complete:
+            self.source.sync(*nodes)
+        else:
+            for node in nodes:
+                self.source.change(node)
 
     def add_pod(self, name: str, ips: list[str]) -> None:
         now = utc_now_rfc3339()
@@ -92,16 +97,16 @@ class Hook:
             self.store.write({"format": 1, "network": "azure", "containerID": f"c-{name}", "ifname": "eth0",
                               "netns": "/var/run/netns/x", "podNamespace": "shop", "podName": name, "podUID": None,
                               "ips": ips, "cniVersion": "0.3.0", "prevResult": {}, "created": now, "updated": now})
-        self.daemon.pod_changed("azure", f"c-{name}", "eth0", wait=5)
+        self.engine.pod_changed("azure", f"c-{name}", "eth0", wait=5)
 
     def settle(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         wait_until(predicate, timeout, "the daemon's state", interval=0.01,
-                   detail=lambda: f"status {self.daemon.status()}")
+                   detail=lambda: f"status {self.view.status()}")
 
     def converged(self) -> None:
-        generation = self.daemon.generation
-        self.settle(lambda: self.daemon.generation > generation and self.daemon.reconciler.converged
-                    and self.daemon.last_error is None)
+        generation = self.engine.generation
+        self.settle(lambda: self.engine.generation > generation and self.engine.reconciler.converged
+                    and self.engine.last_error is None)
 
     def cli(self, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
         code = run([*args, "--socket", str(self.settings.socket)])
@@ -112,7 +117,7 @@ class Hook:
 @pytest.fixture
 def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hook]:
     hook = Hook(tmp_path, monkeypatch)
-    hook.daemon.start()
+    hook.node.start()
     try:
         hook.api.start()
         try:
@@ -124,4 +129,4 @@ def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hook]:
         finally:
             hook.api.stop()
     finally:
-        hook.daemon.stop()
+        hook.node.stop()

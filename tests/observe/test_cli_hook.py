@@ -129,11 +129,11 @@ def test_routes_pages_end_at_owner_groups_and_continue_after_them(hook: Hook,
 def test_pods_show_the_programmed_state_when_the_hook_answers(hook: Hook, capsys: pytest.CaptureFixture[str]) -> None:
     mesh(hook)
     # stop the safety-net rescans (after the one already scheduled), so a new record stays unseen until notified
-    hook.daemon.settings = replace(hook.daemon.settings, record_rescan_interval=3600)
+    hook.engine.settings = replace(hook.engine.settings, record_rescan_interval=3600)
     since = time.monotonic()
-    generation = hook.daemon.generation
+    generation = hook.engine.generation
     hook.settle(lambda: time.monotonic() - since > 2 * hook.settings.record_rescan_interval
-                and hook.daemon.generation > generation)
+                and hook.engine.generation > generation)
     with hook.store.lock():
         record = hook.store.read("azure", "c-web", "eth0")
         assert record is not None
@@ -144,8 +144,8 @@ def test_pods_show_the_programmed_state_when_the_hook_answers(hook: Hook, capsys
     code, out, _ = hook.cli("pods", "--state-dir", str(hook.settings.state_dir), capsys=capsys)
     header, *rows = out.splitlines()
     assert header.split()[-1] == "PROGRAMMED" and sorted(row.split()[-1] for row in rows) == ["NO", "yes"]
-    hook.daemon.pod_changed("azure", "c-late", "eth0", wait=5)  # the plugin's notification
-    hook.settle(lambda: hook.daemon.check(["10.240.0.10"])["programmed"])
+    hook.engine.pod_changed("azure", "c-late", "eth0", wait=5)  # the plugin's notification
+    hook.settle(lambda: hook.view.check(["10.240.0.10"])["programmed"])
     code, out, _ = hook.cli("pods", "--state-dir", str(hook.settings.state_dir), "--json", capsys=capsys)
     assert {row["podName"]: row["programmed"] for row in json.loads(out)} == {"web": True, "late": True}
 
@@ -252,8 +252,8 @@ def _conflist_lost_entry(hook: Hook) -> None:
 
 def _pod_without_record(hook: Hook) -> None:
     hook.pod_routes.routes["azv0123456789a"] = frozenset({"10.240.0.13"})
-    hook.daemon.pod_routes_changed()
-    hook.settle(lambda: hook.daemon.status()["counts"]["podsWithoutRecord"] == 1)
+    hook.engine.pod_routes_changed()
+    hook.settle(lambda: hook.view.status()["counts"]["podsWithoutRecord"] == 1)
 
 
 @pytest.mark.parametrize("cause,check,severity,words", [
@@ -295,8 +295,8 @@ def test_check_reports_a_failing_pass_and_an_incomplete_peer_list(hook: Hook,
     hook.source.error = None
     mesh(hook)
     del hook.sysctls.values["net/ipv4/conf/all/src_valid_mark"]  # as on a kernel without it: every write fails
-    hook.daemon.trigger_resync()
-    hook.settle(lambda: hook.daemon.last_error is not None)
+    hook.engine.trigger_resync()
+    hook.settle(lambda: hook.engine.last_error is not None)
     code, out, _ = hook.cli("check", "--json", capsys=capsys)
     findings = {f["check"]: f for f in json.loads(out)["findings"]}
     assert code == 1

@@ -52,7 +52,7 @@ def test_state_metrics_describe_the_node(hook: Hook) -> None:
                                         tx_bytes=3000)
     samples = scrape(hook)
     assert value(samples, "wgcni_info", node="node-a", backend="fake", interface="wgcni0", version="0.1.0",
-                 key_fingerprint=hook.daemon.status()["keyFingerprint"]) == 1
+                 key_fingerprint=hook.view.status()["keyFingerprint"]) == 1
     assert value(samples, "wgcni_ready") == 1 and value(samples, "wgcni_peers_synced") == 1
     assert value(samples, "wgcni_peers") == 1 and value(samples, "wgcni_device_peers") == 1  # C and D conflict
     assert value(samples, "wgcni_peers_programmed") == 1 and value(samples, "wgcni_remote_nodes") == 3
@@ -99,7 +99,7 @@ def test_an_unreadable_record_is_not_counted_as_converged(hook: Hook) -> None:
     hook.converged()
     count = value(scrape(hook), "wgcni_pod_convergence_seconds_count")
     (hook.settings.records_dir / "azure" / "c-bad@eth0.json").write_text("{not json")
-    hook.daemon.pod_changed("azure", "c-bad", "eth0", wait=5)
+    hook.engine.pod_changed("azure", "c-bad", "eth0", wait=5)
     hook.converged()
     assert value(scrape(hook), "wgcni_pod_convergence_seconds_count") == count
 
@@ -122,7 +122,7 @@ def test_reconcile_errors_are_counted_by_applier_and_step(hook: Hook) -> None:
     hook.converged()
     hook.routing.fail_next.add("apply")
     hook.nodes(remote("node-b", "B", "10.240.0.35", {"10.240.0.70", "10.240.0.71"}))
-    hook.settle(lambda: hook.daemon.reconciler.errors >= 1)
+    hook.settle(lambda: hook.engine.reconciler.errors >= 1)
     hook.converged()
     samples = scrape(hook)
     assert value(samples, "wgcni_reconcile_errors_total", applier="routing", step="route_sets") == 1
@@ -138,7 +138,7 @@ def test_sync_counters_come_from_the_peer_source_status(hook: Hook) -> None:
 
 
 def test_readyz_follows_the_peer_list_and_the_dataplane(hook: Hook) -> None:
-    hook.settle(lambda: hook.daemon.generation > 0)
+    hook.settle(lambda: hook.engine.generation > 0)
     status, body = get(hook, "/readyz")
     assert status == 503 and body == "waiting for the first complete peer list\n"
     assert get(hook, "/healthz")[0] == 200
@@ -146,8 +146,8 @@ def test_readyz_follows_the_peer_list_and_the_dataplane(hook: Hook) -> None:
     hook.converged()
     assert get(hook, "/readyz") == (200, "ok: dataplane programmed, peers synced, publication held by the API\n")
     del hook.sysctls.values["net/ipv4/conf/all/src_valid_mark"]  # every sysctl write now fails
-    hook.daemon.trigger_resync()
-    hook.settle(lambda: hook.daemon.last_error is not None)
+    hook.engine.trigger_resync()
+    hook.settle(lambda: hook.engine.last_error is not None)
     status, body = get(hook, "/readyz")
     assert status == 503 and body.startswith("dataplane not programmed yet: sysctls: sysctl")
     assert value(scrape(hook), "wgcni_ready") == 0
@@ -157,9 +157,9 @@ def test_readyz_follows_the_peer_list_and_the_dataplane(hook: Hook) -> None:
 
 def test_healthz_fails_when_the_loop_stops(hook: Hook, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics_module, "STUCK_AFTER_MIN", 0.3)
-    hook.settle(lambda: hook.daemon.generation > 0)
+    hook.settle(lambda: hook.engine.generation > 0)
     assert get(hook, "/healthz")[0] == 200
-    hook.daemon.stop()  # the worker loop ends; the HTTP server keeps answering
+    hook.node.stop()  # the worker loop ends; the HTTP server keeps answering
     time.sleep(0.3 + 6 * hook.settings.record_rescan_interval)
     status, body = get(hook, "/healthz")
     assert status == 503 and "the worker loop is stuck" in body

@@ -25,7 +25,7 @@ def node_key(index: int) -> str:
 def big_hook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hook]:
     monkeypatch = pytest.MonkeyPatch()
     hook = Hook(tmp_path_factory.mktemp("scale"), monkeypatch)
-    hook.daemon.start()
+    hook.node.start()
     hook.api.start()
     hook.http.start()
     try:
@@ -36,12 +36,12 @@ def big_hook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hook]:
             pods = {str(ipaddress.ip_address(base + index * 8 + pod)) for pod in range(PODS_PER_NODE)}
             nodes.append(remote(f"node-{index:04d}", "", node_ip, pods, key=node_key(index)))
         hook.nodes(*nodes)
-        hook.settle(lambda: len(hook.daemon.model.peers) == PEERS and hook.daemon.reconciler.converged, timeout=120)
+        hook.settle(lambda: len(hook.engine.model.peers) == PEERS and hook.engine.reconciler.converged, timeout=120)
         yield hook
     finally:
         hook.http.stop()
         hook.api.stop()
-        hook.daemon.stop()
+        hook.node.stop()
         monkeypatch.undo()
 
 

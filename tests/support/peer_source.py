@@ -1,30 +1,39 @@
-"""A peer source the test drives, for daemons on fakes (tests/hook, tests/observe): it hands the daemon the remote
-nodes a test gives it and keeps what the daemon publishes; `error`/`status` are what the daemon and the metrics read
-from the real sources (node_hook.static_peers, node_hook.cluster). Like an API that takes every write, it reports
-each publication back as held (`accept_writes`); a test that sets it False reports what it wants with `report()`."""
+"""A peer source the test drives, for engines on fakes (tests/hook, tests/observe, bench P8): it hands the engine the
+remote nodes a test gives it, as the real sources do (a complete list with `sync`, deltas with `change`/`gone`),
+and keeps what the engine publishes; `error`/`status` are what the view and the metrics read from the real sources
+(node_hook.static_peers, node_hook.cluster). Like an API that takes every write, it reports each publication back as
+held (`accept_writes`); a test that sets it False reports what it wants with `report()`."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
-
-OnPublished = Callable[[Publication], None]
+from node_hook.peers import PeerSink
 
 
 class ManualPeerSource:
     def __init__(self) -> None:
-        self.on_nodes: Callable[[dict[str, RemoteNode], bool], None] | None = None
+        self.sink: PeerSink | None = None
         self.published: list[LocalAnnouncement] = []
         self.error: str | None = None
         self.status: object = None
         self.accept_writes = True
-        self.on_published: OnPublished | None = None
 
-    def start(self, on_nodes: Callable[[dict[str, RemoteNode], bool], None],
-              on_published: OnPublished | None = None) -> None:
-        self.on_nodes = on_nodes
-        self.on_published = on_published
+    def start(self, sink: PeerSink) -> None:
+        self.sink = sink
+
+    def _started(self) -> PeerSink:
+        assert self.sink is not None, "the engine has not started this source"
+        return self.sink
+
+    def sync(self, *nodes: RemoteNode) -> None:
+        """A complete list: the remote nodes are exactly these."""
+        self._started().nodes_synced({node.name: node for node in nodes})
+
+    def change(self, node: RemoteNode) -> None:
+        self._started().node_changed(node)
+
+    def gone(self, name: str) -> None:
+        self._started().node_gone(name)
 
     def publish(self, announcement: LocalAnnouncement) -> None:
         self.published.append(announcement)
@@ -33,8 +42,8 @@ class ManualPeerSource:
                                     announcement.node_ips | announcement.pod_ips))
 
     def report(self, publication: Publication) -> None:
-        if self.on_published is not None:
-            self.on_published(publication)
+        if self.sink is not None:
+            self.sink.published(publication)
 
     def stop(self) -> None:
         pass

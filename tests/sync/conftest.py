@@ -9,8 +9,8 @@ import pytest
 from kubernetes import client
 
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
-from node_hook.model import Publication
-from tests.sync.helpers import CRD, FAST, Recorder
+from tests.support.peer_sink import RecordingSink
+from tests.sync.helpers import CRD, FAST
 from wgcni_lab.apiserver import ApiServer
 
 
@@ -41,17 +41,16 @@ def custom(core) -> client.CustomObjectsApi:
 
 
 @pytest.fixture
-def make_source(server) -> Iterator[Callable[..., tuple[KubernetesPeerSource, Recorder]]]:
+def make_source(server) -> Iterator[Callable[..., tuple[KubernetesPeerSource, RecordingSink]]]:
     """Start peer sources (stopped at the end, whatever happens)."""
     started: list[tuple[KubernetesPeerSource, client.ApiClient]] = []
 
-    def start(name: str, settings: SyncSettings = FAST,
-              on_published: Callable[[Publication], None] | None = None) -> tuple[KubernetesPeerSource, Recorder]:
+    def start(name: str, settings: SyncSettings = FAST) -> tuple[KubernetesPeerSource, RecordingSink]:
         api_client = api_client_for_url(server.url)
         source = KubernetesPeerSource(name, api_client, settings)
-        recorder = Recorder()
+        recorder = RecordingSink()
         started.append((source, api_client))
-        source.start(recorder, on_published)
+        source.start(recorder)
         return source, recorder
 
     try:

@@ -1,18 +1,17 @@
-"""Helpers of the Kubernetes sync tests: the CRD, fast sync settings, keys, a recorder of what a peer
-source hands the hook, nodes and announcements."""
+"""Helpers of the Kubernetes sync tests: the CRD, fast sync settings, keys, nodes and announcements (what a peer
+source hands the hook is recorded by tests.support.peer_sink.RecordingSink)."""
 
 from __future__ import annotations
 
 import base64
 import os
 import pathlib
-import threading
 
 import yaml
 from kubernetes import client
 
 from node_hook.cluster import SyncSettings
-from node_hook.model import LocalAnnouncement, RemoteNode
+from node_hook.model import LocalAnnouncement
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
 
@@ -23,23 +22,6 @@ FAST = SyncSettings(max_writes_per_second=10.0, watch_timeout_seconds=5, request
 
 def new_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
-
-
-class Recorder:
-    """Collects every on_nodes call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[dict[str, RemoteNode], bool]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, nodes: dict[str, RemoteNode], complete: bool) -> None:
-        with self.lock:
-            self.calls.append((dict(nodes), complete))
-
-    @property
-    def latest(self) -> dict[str, RemoteNode] | None:
-        with self.lock:
-            return self.calls[-1][0] if self.calls else None
 
 
 def create_node(core: client.CoreV1Api, name: str, labels: dict[str, str] | None = None) -> client.V1Node:

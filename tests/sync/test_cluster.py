@@ -12,7 +12,7 @@ import yaml
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
-from node_hook.model import Publication, address_texts, host_keys
+from node_hook.model import address_texts, host_keys
 from tests.sync.helpers import FAST, announcement, create_node, new_key
 from tests.support.polling import wait_until
 
@@ -75,7 +75,7 @@ def test_publish_creates_owned_object_and_annotation_and_peers_see_it(core, cust
     assert obj["status"]["podIPPrefixes"] == ["10.240.0.70/31", "fd00::7/128"]
     assert obj["status"]["conditions"][0]["type"] == "Ready" and obj["status"]["conditions"][0]["status"] == "True"
     assert core.read_node("node-a").metadata.annotations[PUBLIC_KEY_ANNOTATION] == key_a
-    assert all(complete for _, complete in seen_by_b.calls)
+    assert seen_by_b.kinds()[0] == "synced", "nothing is handed over before the complete list"
     wait_until(lambda: source_a.status.published, what="published flag")
 
 
@@ -165,8 +165,8 @@ def test_peers_are_handed_over_only_after_a_complete_list(server, core, custom, 
     server.fail_next(4, code=500, methods={"GET"}, path_contains="/wireguardnodes")
     _, seen_by_a = make_source("node-a")
     wait_until(lambda: seen_by_a.calls, what="first hand-over")
-    first_nodes, complete = seen_by_a.calls[0]
-    assert complete and set(first_nodes) == {"node-b", "node-c"}
+    kind, first_nodes = seen_by_a.calls[0]
+    assert kind == "synced" and set(first_nodes) == {"node-b", "node-c"}  # type: ignore[arg-type]
 
 
 def test_opt_out_label_publishes_no_key_and_peers_go_plaintext(core, custom, make_source):
@@ -317,10 +317,10 @@ def test_periodic_relist_is_a_safety_net(core, make_source):
     source_b.publish(announcement("node-b", new_key(), {"10.240.0.9"}, endpoint="10.240.0.35"))
     source_a, seen_by_a = make_source("node-a", SyncSettings(**{**FAST.__dict__, "resync_interval": 1.0}))
     wait_until(lambda: seen_pod_ips(seen_by_a, "node-b") == {"10.240.0.9"}, what="first view")
-    calls = len(seen_by_a.calls)
+    synced = seen_by_a.kinds().count("synced")
     relists = source_a.status.relists
     wait_until(lambda: source_a.status.relists >= relists + 4, timeout=10, what="relists every second")
-    assert len(seen_by_a.calls) > calls, "each relist hands the complete set over again"
+    assert seen_by_a.kinds().count("synced") > synced, "each relist hands the complete set over again"
     assert seen_by_a.latest["node-b"].pod_ips == host_keys({"10.240.0.9"}, "test")
     assert source_a.status.watch_errors == 0
 
@@ -358,10 +358,9 @@ def test_what_the_api_holds_of_this_node_is_reported_back(core, server, make_sou
     """The hook trusts its publication only as far as the API holds it: a refused write is `denied` with the API's
     reason and nothing held; once writes pass, `written` with the key and every IP the object lists."""
     create_node(core, "node-a")
-    reports: list[Publication] = []
     server.fail_next(count=10_000, code=403, methods={"POST", "PUT", "PATCH"}, user_agent_prefix="wgcni-node/node-a")
-    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}),
-                            reports.append)
+    source, seen = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 50.0}))
+    reports = seen.publications
     key = new_key()
     source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71"}))
     wait_until(lambda: reports and reports[-1].state == "denied", what="the refusal to be reported")
@@ -376,8 +375,8 @@ def test_what_the_api_holds_of_this_node_is_reported_back(core, server, make_sou
 
 
 def test_a_node_name_with_no_node_is_denied_and_says_what_to_check(make_source):
-    reports: list[Publication] = []
-    source, _ = make_source("node-typo", on_published=reports.append)
+    source, seen = make_source("node-typo")
+    reports = seen.publications
     source.publish(announcement("node-typo", new_key(), {"10.240.0.70"}))
     wait_until(lambda: reports and reports[-1].state == "denied", what="the refusal to be reported")
     assert "Node node-typo does not exist (is nodeName / NODE_NAME this node's Node name?)" in reports[-1].reason

@@ -1,0 +1,471 @@
+"""The engine of the hook: sources -> model -> reconciler, on one worker thread.
+
+Only the worker thread touches the model and the appliers' write paths. Other threads (local API, peer source,
+netlink monitor, wireguard-go watcher) enqueue events and wake it:
+- a pod notification re-reads that one record and applies at once (the caller waits up to a bound for the pass);
+- the records directory is rescanned every `recordRescanInterval` (the record, not the notification, is the truth);
+- local pods are also learned from the main table's pod host routes (node_hook.pod_routes): a pod without a record
+  (it predates wgcni, or started while the conflist lacked the wgcni entry) is local and published all the same;
+  the netlink monitor says when such a route or a pod interface comes or goes, and every rescan reads them again;
+- the netlink monitor (node_hook.apply.monitor) says our device or its address, a rule of ours, or a route we want
+  was removed, or wireguard-go exited -> that aspect is marked out of sync and repaired in the next pass, with the
+  same key;
+- every `resyncInterval` every aspect is read back in full and diffed;
+- a failed pass is retried after a short backoff (max 1 s) and reads back what failed.
+After each pass the local announcement (key, endpoint, node IPs, local pod IPs, MTU, readiness) is published to
+the peer source, which coalesces. The source reports back what the API holds of it (`Publication`), and the rules
+follow that (`planner.publication_gate`): a node trusts its own publication only once it sees it in the API, so a
+node whose writes are refused or lost is never a black hole - its traffic stays in the main table (plaintext)
+instead of entering a tunnel no peer can take, and each new local IP leaves by the main table until it is listed.
+
+The engine's state is read through `node_hook.view.NodeView` (status, peers, routes, pods, check, metrics,
+diagnose); `node_hook.node.build_node` wires an engine with its appliers, sources, monitor and view.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from node_hook.apply.dataplane import FirewallApplier, FirewallSpec, RoutingApplier, SysctlApplier
+from node_hook.apply.wireguard import DeviceSpec, WireGuardBackend
+from node_hook.config import Settings
+from node_hook.detect import Environment
+from node_hook.keys import NodeKey
+from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, NodeModel, Publication, RemoteNode
+from node_hook.planner import desired_rules, publication_gate
+from node_hook.peers import PeerSource
+from node_hook.pod_routes import PodRouteSource
+from node_hook.reconciler import ASPECTS, PassResult, Reconciler, Targets
+
+log = logging.getLogger(__name__)
+
+FIREWALL_TABLE = "wgcni"
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+WORKER_REQUEST_TIMEOUT = 10.0  # a read-back asked of the worker (diagnose) waits at most this for a busy pass
+ROUTE_KEY_PREFIX = "route:"  # model keys of the pods learned from host routes: "route:<host interface>"
+
+
+def record_key(network: str, container_id: str, ifname: str) -> str:
+    return f"{network}/{container_id}@{ifname}"
+
+
+def route_key(interface: str) -> str:
+    return f"{ROUTE_KEY_PREFIX}{interface}"
+
+
+def host_encryption_enabled(settings: Settings, environment: Environment) -> bool:
+    return environment.azure if settings.host_encryption == "auto" else settings.host_encryption == "true"
+
+
+def desired_sysctls(settings: Settings) -> dict[str, str]:
+    return {
+        # the fwmark set in PREROUTING counts in the reverse-path lookup (plaintext from the underlay passes)
+        "net/ipv4/conf/all/src_valid_mark": "1",
+        # loose reverse-path check on the tunnel: WireGuard already checks every inner source against AllowedIPs
+        f"net/ipv4/conf/{settings.interface}/rp_filter": "2",
+    }
+
+
+# ---- seams -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Appliers:
+    """The only code that writes to the kernel (node_hook.apply), real or fake."""
+
+    wireguard: WireGuardBackend
+    routing: RoutingApplier
+    firewall: FirewallApplier
+    sysctls: SysctlApplier
+
+
+class RecordSource(Protocol):
+    """The plugin's pod records (cni_plugin.records.RecordStore)."""
+
+    def read(self, network: str, container_id: str, ifname: str) -> dict[str, Any] | None: ...
+
+    def list(self, network: str | None = None, errors: list[str] | None = None) -> list[dict[str, Any]]: ...
+
+
+class Observer(Protocol):
+    """Told on the worker thread what was seen and applied (node_hook.metrics.HookMetrics)."""
+
+    def pod_seen(self, key: str, seen_at: float) -> None: ...
+
+    def remote_node_received(self, old: RemoteNode | None, new: RemoteNode) -> None: ...
+
+    def pass_done(self, result: PassResult, seconds: float) -> None: ...
+
+
+# ---- the engine ------------------------------------------------------------------------------------------------
+
+class Engine:
+    """The worker loop and the state it keeps; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        key: NodeKey,
+        environment: Environment,
+        peer_source: PeerSource,
+        appliers: Appliers,
+        records: RecordSource,
+        pod_routes: PodRouteSource,
+        clock: Callable[[], float] = time.monotonic,
+        observer: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.key = key
+        self.environment = environment
+        self.peer_source = peer_source
+        self.appliers = appliers
+        self.records = records
+        self.pod_routes = pod_routes
+        self.clock = clock
+        self.observer = observer
+        self.host_encryption = host_encryption_enabled(settings, environment)
+        self.model = NodeModel(settings.node_name, environment.node_ips, self.host_encryption,
+                               settings.persistent_keepalive, local_public_key=key.public_key)
+        targets = Targets(
+            DeviceSpec(settings.interface, key.private, settings.listen_port, settings.fwmark, environment.mtu),
+            desired_rules(settings.rule_priority, settings.fwmark, settings.route_table),
+            FirewallSpec(FIREWALL_TABLE, settings.fwmark, settings.interface, settings.pod_interface_prefixes,
+                         settings.listen_port),
+            desired_sysctls(settings),
+        )
+        self.reconciler = Reconciler(self.model, targets, appliers.wireguard, appliers.routing,
+                                     appliers.firewall, appliers.sysctls)
+        self.route_pods: dict[str, frozenset[str]] = {}  # host interface -> pod IPs, from the main table
+        self._pod_routes_pending = False
+        self._lock = threading.Lock()
+        # Held by the worker while it changes the model (events, rescans) and by other threads while they read
+        # more than one value of it (the view): a consistent view, and no "dict changed size during iteration".
+        self.model_lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._events: list[Callable[[], None]] = []
+        self._out_of_sync: set[str] = set()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.generation = 0  # passes completed
+        self.last_error: str | None = None
+        self.record_errors: list[str] = []
+        self.peers_complete = False
+        self.last_pass_at = 0.0
+        self._retry_index = 0
+        self._last_announcement: LocalAnnouncement | None = None
+        self.records_meta: dict[str, dict[str, Any]] = {}
+        self.publication: Publication = UNKNOWN_PUBLICATION  # what the API holds of this node (peer source)
+        self.unpublished_since: float | None = None  # monotonic time the publication stopped covering this node
+
+    @property
+    def targets(self) -> Targets:
+        """The desired state that does not come from the model (the rules follow the publication)."""
+        return self.reconciler.targets
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._rescan_pod_routes()
+        self._rescan_records()
+        self._worker = threading.Thread(target=self._run, name="wgcni-reconcile", daemon=True)
+        self._worker.start()
+        self.peer_source.start(self)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify_all()
+        self.peer_source.stop()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        self.appliers.wireguard.close()
+        self.pod_routes.close()
+
+    # ---- events (any thread) ----------------------------------------------------------------------------
+
+    def _enqueue(self, event: Callable[[], None] | None = None, out_of_sync: tuple[str, ...] = ()) -> int:
+        with self._wake:
+            if event is not None:
+                self._events.append(event)
+            self._out_of_sync.update(out_of_sync)
+            self._wake.notify_all()
+            return self.generation + 1
+
+    def wait_for_pass(self, after_generation: int, timeout: float) -> bool:
+        deadline = self.clock() + timeout
+        with self._wake:
+            while self.generation < after_generation:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
+        return True
+
+    def wait_for_pass(self, after_generation: int, timeout: float) -> bool:
+        deadline = self.clock() + timeout
+        with self._wake:
+            while self.generation < after_generation:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
+        return True
+
+    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15) -> None:
+        """A notification from the plugin: re-read that record now and answer once it is applied (at most `wait`
+        seconds), so a reused IP is local before the pod's first packet (docs/design.md, local API)."""
+        seen_at = time.monotonic()
+        generation = self._enqueue(lambda: self._load_record(network, container_id, ifname, seen_at))
+        self.wait_for_pass(generation, wait)
+
+    # PeerSink: the peer source's deltas
+    def nodes_synced(self, nodes: Mapping[str, RemoteNode]) -> None:
+        """A complete list: the remote nodes are exactly these (pruning is allowed from now on)."""
+        nodes = dict(nodes)
+
+        def apply() -> None:
+            if self.observer is not None:
+                # Only the nodes that are new objects: a source re-delivers unchanged nodes as the same objects;
+                # comparing all their pod IP sets cost 42 ms per delivery at 5 000 x 250.
+                previous = self.model.remote_nodes
+                for name, node in nodes.items():
+                    if previous.get(name) is not node:
+                        self.observer.remote_node_received(previous.get(name), node)
+            self.peers_complete = True
+            self.model.replace_remote_nodes(nodes)
+        self._enqueue(apply)
+
+    def node_changed(self, node: RemoteNode) -> None:
+        def apply() -> None:
+            if self.observer is not None:
+                self.observer.remote_node_received(self.model.remote_nodes.get(node.name), node)
+            self.model.set_remote_node(node)
+        self._enqueue(apply)
+
+    def node_gone(self, name: str) -> None:
+        self._enqueue(lambda: self.model.remove_remote_node(name))
+
+    def published(self, publication: Publication) -> None:
+        """What the API now holds of this node's publication."""
+        def apply() -> None:
+            self.publication = publication
+        self._enqueue(apply)
+
+    # the netlink monitor's and the WireGuard backend's events
+    def dataplane_changed(self, *aspects: str) -> None:
+        """Something outside changed these aspects (device, routes, rules ...): read them back and repair."""
+        self._enqueue(out_of_sync=aspects)
+
+    def route_removed(self, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+        """A route left our table: repair it on the worker if we still want it (our own deletes are not wanted)."""
+        def apply() -> None:
+            if prefix in self.model.routes:
+                self.reconciler.mark_out_of_sync("routes")
+        self._enqueue(apply)
+
+    def pod_routes_changed(self) -> None:
+        """A main-table host route or a pod interface came or went: re-read the pod routes once, however many such
+        changes arrive before the worker gets to it."""
+        with self._wake:
+            if self._pod_routes_pending:
+                return
+            self._pod_routes_pending = True
+        self._enqueue(self._rescan_pod_routes)
+
+    def wireguard_exited(self, code: int) -> None:
+        self.dataplane_changed("device")
+
+    def trigger_resync(self) -> int:
+        return self._enqueue(out_of_sync=ASPECTS)
+
+    def on_worker(self, function: Callable[[], Any], timeout: float = WORKER_REQUEST_TIMEOUT) -> Any:
+        """Run `function` on the worker thread (the only user of the appliers' netlink sockets) and return its
+        result; raises TimeoutError when the worker does not get to it in time."""
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def event() -> None:
+            try:
+                outcome["value"] = function()
+            except Exception as error:  # noqa: BLE001 - handed back to the asking thread
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        self._enqueue(event)
+        if not done.wait(timeout):
+            raise TimeoutError(f"the reconcile worker did not answer within {timeout:.0f} s (a long pass?)")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    # ---- worker -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        now = self.clock()
+        next_rescan = now + self.settings.record_rescan_interval
+        next_resync = now + self.settings.resync_interval
+        retry_at: float | None = now
+        while not self._stopping.is_set():
+            with self._wake:
+                while not self._events and not self._out_of_sync and not self._stopping.is_set():
+                    deadline = min(next_rescan, next_resync, retry_at if retry_at is not None else next_resync)
+                    remaining = deadline - self.clock()
+                    if remaining <= 0:
+                        break
+                    self._wake.wait(remaining)
+                events, self._events = self._events, []
+                out_of_sync, self._out_of_sync = self._out_of_sync, set()
+            if self._stopping.is_set():
+                return
+            now = self.clock()
+            with self.model_lock:
+                for event in events:
+                    try:
+                        event()
+                    except Exception as error:  # noqa: BLE001 - a bad record or peer list must not stop the loop
+                        log.error("%s", error)
+                if now >= next_rescan:
+                    self._rescan_pod_routes()
+                    self._rescan_records()
+                    next_rescan = now + self.settings.record_rescan_interval
+            if now >= next_resync:
+                out_of_sync.update(ASPECTS)
+                next_resync = now + self.settings.resync_interval
+            if out_of_sync:
+                self.reconciler.mark_out_of_sync(*sorted(out_of_sync))
+            self.reconciler.prune = self.peers_complete
+            with self.model_lock:
+                self._gate_rules()
+            started = time.monotonic()
+            result = self.reconciler.reconcile()
+            if self.observer is not None:
+                self.observer.pass_done(result, time.monotonic() - started)
+            if result.error is None:
+                retry_at = None
+                self._retry_index = 0
+                if result.applied:
+                    log.info("applied %s", ", ".join(f"{k}={v}" for k, v in result.applied.items()))
+            else:
+                retry_at = self.clock() + RETRY_DELAYS[min(self._retry_index, len(RETRY_DELAYS) - 1)]
+                self._retry_index += 1
+            with self._wake:
+                self.last_error = result.error
+                self.last_pass_at = time.time()
+                self.generation += 1
+                self._wake.notify_all()
+            self._publish()
+
+    def local_ips(self) -> frozenset[str]:
+        """This node's IPs: its node IPs and every local pod IP (any thread holding `model_lock`, or the worker)."""
+        return frozenset(str(ip) for ip in self.model.local_pod_ips) | self.environment.node_ips
+
+    def _gate_rules(self) -> None:
+        """Worker thread, before a pass: the rules as the publication allows them (planner.publication_gate)."""
+        tunnel, bypass = publication_gate(self.publication, self.key.public_key, self.local_ips())
+        settings = self.settings
+        self.reconciler.set_rules(desired_rules(settings.rule_priority, settings.fwmark, settings.route_table,
+                                                tunnel, bypass))
+        covered = tunnel and not bypass
+        if covered or self.publication.state == "unknown":
+            self.unpublished_since = None
+        elif self.unpublished_since is None:
+            self.unpublished_since = self.clock()
+
+    def _load_record(self, network: str, container_id: str, ifname: str, seen_at: float) -> None:
+        from cni_plugin.records import RecordError
+
+        key = record_key(network, container_id, ifname)
+        try:
+            record = self.records.read(network, container_id, ifname)
+        except RecordError as error:
+            log.error("pod record %s: %s (ignored until it is valid)", key, error)
+            return
+        if record is None:
+            self.model.remove_local_pod(key)
+            self.records_meta.pop(key, None)
+        else:
+            self.model.set_local_pod(key, record["ips"])
+            self.records_meta[key] = _record_meta(record)
+        if self.observer is not None:  # a change the next successful pass applies
+            self.observer.pod_seen(key, seen_at)
+
+    def _rescan_records(self) -> None:
+        errors: list[str] = []
+        records = self.records.list(errors=errors)
+        local: dict[str, list[str]] = {}
+        meta: dict[str, dict[str, Any]] = {}
+        for record in records:
+            key = record_key(record["network"], record["containerID"], record["ifname"])
+            try:
+                ipaddresses = [str(ipaddress.ip_address(ip)) for ip in record["ips"]]
+            except ValueError:
+                errors.append(f"{key}: invalid IP in {record['ips']!r}")
+                continue
+            local[key] = ipaddresses
+            meta[key] = _record_meta(record)
+        for error in errors:
+            if error not in self.record_errors:
+                log.error("pod record %s", error)
+        if self.observer is not None:
+            seen_at = time.monotonic()
+            for key in meta.keys() ^ self.records_meta.keys():
+                self.observer.pod_seen(key, seen_at)
+            for key in meta.keys() & self.records_meta.keys():
+                if meta[key]["ips"] != self.records_meta[key]["ips"]:
+                    self.observer.pod_seen(key, seen_at)
+        self.record_errors = errors
+        local.update((route_key(interface), sorted(ips)) for interface, ips in self.route_pods.items())
+        self.model.replace_local_pods(local)
+        self.records_meta = meta
+
+    def _rescan_pod_routes(self) -> None:
+        """Worker thread: take the pod host routes of the main table as local pods (keyed by interface)."""
+        with self._wake:
+            self._pod_routes_pending = False
+        try:
+            found = self.pod_routes.read()
+        except Exception as error:  # noqa: BLE001 - keep what was learned; the next rescan reads again
+            log.error("reading the pod routes of the main table: %s", error)
+            return
+        seen_at = time.monotonic()
+        for interface in self.route_pods.keys() - found.keys():
+            self.model.remove_local_pod(route_key(interface))
+            if self.observer is not None:
+                self.observer.pod_seen(route_key(interface), seen_at)
+        for interface, ips in found.items():
+            if self.route_pods.get(interface) != ips:
+                self.model.set_local_pod(route_key(interface), sorted(ips))
+                if self.observer is not None:
+                    self.observer.pod_seen(route_key(interface), seen_at)
+        self.route_pods = found
+
+    def _publish(self) -> None:
+        announcement = LocalAnnouncement(
+            name=self.settings.node_name,
+            public_key=self.key.public_key,
+            endpoint_ip=self.environment.endpoint,
+            endpoint_port=self.settings.listen_port,
+            node_ips=self.environment.node_ips,
+            pod_ips=frozenset(str(ip) for ip in self.model.local_pod_ips),
+            mtu=self.environment.mtu,
+            ready=self.reconciler.converged,
+            message=self.last_error or "dataplane programmed",
+        )
+        if announcement != self._last_announcement:
+            self._last_announcement = announcement
+            try:
+                self.peer_source.publish(announcement)
+            except Exception as error:  # noqa: BLE001 - the source retries; never stop the worker
+                log.error("publishing this node's state: %s", error)
+
+
+
+def _record_meta(record: dict[str, Any]) -> dict[str, Any]:
+    return {field: record.get(field) for field in ("network", "containerID", "ifname", "podNamespace", "podName",
+                                                    "ips", "netns")}
