@@ -12,19 +12,10 @@ import fcntl
 import os
 import time
 
+from cni_plugin.files import open_creating_directory
+
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
-
-
-def open_creating_directory(path: str, flags: int) -> int:
-    """``os.open(path, flags, 0o600)``; when the directory that holds ``path`` does not exist yet, create it (and
-    its parents, mode 0700) and open again. One ``open`` whenever the directory exists: the plugin's ADD/DEL path
-    does not stat it on every invocation. Shared by this log and the pod-record store (cni_plugin/records.py)."""
-    try:
-        return os.open(path, flags, 0o600)
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        return os.open(path, flags, 0o600)
 
 
 class FileLog:

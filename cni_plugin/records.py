@@ -11,13 +11,12 @@ Standard library only: this module is on the plugin's ADD/DEL path, where it avo
 time (see cni_plugin/cjson.py): names are checked against character sets.
 """
 
-import errno
 import fcntl
 import os
 import time
 
 from cni_plugin import cjson
-from cni_plugin.filelog import open_creating_directory
+from cni_plugin.files import fsync_directory, open_creating_directory, write_atomically
 
 RECORD_FORMAT = 1
 RECORD_SUFFIX = ".json"
@@ -148,28 +147,14 @@ class RecordStore:
         _remove_stale_temp_files_when_due(directory, self.temp_sweep_stamp(record["network"]))
         final_path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
         payload = cjson.dumps(record, sort_keys=True).encode() + b"\n"
-        temp_path = os.path.join(directory, f"{TEMP_PREFIX}.{os.getpid()}.{os.urandom(4).hex()}")
-        fd = open_creating_directory(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-        try:
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temp_path, final_path)
-        except BaseException:
-            _unlink_if_present(temp_path)
-            raise
-        _fsync_dir(directory)
+        write_atomically(final_path, payload, 0o600, temporary_prefix=TEMP_PREFIX + ".", create_directory=True)
 
     def remove(self, network: str, container_id: str, ifname: str) -> bool:
         """Remove one record; False when there was none. The caller holds ``lock()``."""
         path = self.record_path(network, container_id, ifname)
         if not _unlink_if_present(path):
             return False
-        _fsync_dir(os.path.dirname(path))
+        fsync_directory(os.path.dirname(path))
         return True
 
     def remove_all_except(self, network: str, keep: set[tuple[str, str]]) -> list[dict]:
@@ -188,7 +173,7 @@ class RecordStore:
             if _unlink_if_present(path):
                 removed.append(record)
         if removed:
-            _fsync_dir(directory)
+            fsync_directory(directory)
         return removed
 
     # -- reader side (plugin and hook; no lock needed) ------------------------------------------------------------
@@ -312,14 +297,3 @@ def _unlink_if_present(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno != errno.EINVAL:  # some filesystems cannot fsync a directory; the rename still happened
-            raise
-    finally:
-        os.close(fd)

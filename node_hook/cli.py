@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from node_hook.config import ConfigError, Settings, load_settings
-from node_hook.install import install_cni, uninstall_cni
+from node_hook.install.cli import install_cni, uninstall_cni
 from node_hook.logs import redact_everywhere, setup_logging
 
 

@@ -24,7 +24,8 @@ from typing import Any
 from node_hook.apply.dataplane import AddDeviceAddress, AddRule, DeleteRule
 from node_hook.apply.wireguard import RemovePeer
 from node_hook.detect import AZURE_UNDERLAY_LOSS, WIREGUARD_OVERHEAD
-from node_hook.install import active_config, has_entry
+from node_hook.install.conflist_files import active_config
+from node_hook.install.conflist_text import has_entry
 from node_hook.keys import public_key_of
 from node_hook.planner import plan_device_address, plan_peers, plan_rules, plan_sysctls
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from nacl.public import PrivateKey
 
+from cni_plugin.files import write_atomically
+
 
 class KeyFileError(Exception):
     """The key file exists but cannot be used (unreadable, wrong size, not base64)."""
@@ -57,25 +59,9 @@ def load_or_create(path: Path) -> NodeKey:
     except (OSError, UnicodeDecodeError) as error:
         raise KeyFileError(f"{path}: cannot read the key: {error}") from None
     private = bytes(PrivateKey.generate())
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, base64.b64encode(private) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        # link() fails when another process created the key meanwhile: then both use the winner's key.
-        os.link(temporary, path)
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(temporary)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    # Exclusive: when another process created the key meanwhile, both use the winner's key.
+    write_atomically(path, base64.b64encode(private) + b"\n", 0o600, temporary_prefix=f".{path.name}.tmp.",
+                     exclusive=True)
     return NodeKey(_decode(path.read_text(), path))
 
 

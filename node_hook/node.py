@@ -14,7 +14,7 @@ from node_hook.apply.wireguard import WireGuardBackend
 from node_hook.config import Settings
 from node_hook.detect import Environment, kernel_wireguard_available
 from node_hook.engine import FIREWALL_TABLE, Appliers, Engine, Observer, PeerSource, RecordSource
-from node_hook.install import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
+from node_hook.install.settings import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
 from node_hook.keys import NodeKey
 from node_hook.pod_routes import PodRouteSource
 from node_hook.view import NodeView

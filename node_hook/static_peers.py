@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from pathlib import Path
 
+from cni_plugin.files import write_atomically
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode, host_keys
 from node_hook.peers import PeerSink
 
@@ -124,9 +124,9 @@ class StaticPeerSource:
         written by that tooling, so what this node announces is taken as held (there is no API to ask)."""
         if self.announce_file is not None:
             self.announce_file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.announce_file.with_name(f".{self.announce_file.name}.tmp{os.getpid()}")
-            temporary.write_text(json.dumps(announcement_json(announcement), indent=1) + "\n")
-            os.replace(temporary, self.announce_file)
+            text = json.dumps(announcement_json(announcement), indent=1) + "\n"
+            write_atomically(self.announce_file, text.encode(), 0o644,
+                             temporary_prefix=f".{self.announce_file.name}.tmp.", durable=False)
         if self._sink is not None:
             self._sink.published(Publication("written", announcement.public_key,
                                              announcement.node_ips | announcement.pod_ips))

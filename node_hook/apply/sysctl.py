@@ -9,8 +9,9 @@ process runs in.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from cni_plugin.files import write_atomically
 
 
 class Sysctls:
@@ -35,9 +36,8 @@ class Sysctls:
 
     def _save_originals(self, originals: dict[str, str]) -> None:
         self.originals_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.originals_file.with_name(f".{self.originals_file.name}.tmp{os.getpid()}")
-        temporary.write_text(json.dumps(originals, indent=1, sort_keys=True))
-        os.replace(temporary, self.originals_file)
+        write_atomically(self.originals_file, json.dumps(originals, indent=1, sort_keys=True).encode(), 0o644,
+                         temporary_prefix=f".{self.originals_file.name}.tmp.")
 
     def write(self, values: dict[str, str]) -> None:
         originals = self._originals()

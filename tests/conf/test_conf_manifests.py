@@ -13,9 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from node_hook import install
 from node_hook.cluster import GROUP, KIND, PLURAL, VERSION, published_status
 from node_hook.config import SETTINGS_DOC, settings_from_mapping
+from node_hook.install.settings import DEFAULT_BIN_DIR, DEFAULT_CONF_DIR
 from node_hook.model import LocalAnnouncement
 
 CONF = Path(__file__).parents[2] / "conf"
@@ -237,8 +237,8 @@ def test_install_containers_use_the_installer_defaults_and_the_hook_config():
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
         assert volumes[mount["name"]]["configMap"]["name"] == configmap_name
         assert "--conf-dir" not in command and "--bin-dir" not in command and "--plugin" not in command
-        assert _host_path(container, str(install.DEFAULT_CONF_DIR)) == str(install.DEFAULT_CONF_DIR)
-        assert _host_path(container, str(install.DEFAULT_BIN_DIR)) == str(install.DEFAULT_BIN_DIR)
+        assert _host_path(container, str(DEFAULT_CONF_DIR)) == str(DEFAULT_CONF_DIR)
+        assert _host_path(container, str(DEFAULT_BIN_DIR)) == str(DEFAULT_BIN_DIR)
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
         assert not container["securityContext"]["privileged"]
     hook = _container("wgcni-node")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from node_hook import keys
 from node_hook.config import SETTINGS_DOC, ConfigError, Settings, load_settings, settings_as_mapping
 from node_hook.keys import KeyFileError, load_existing, load_or_create
 
@@ -84,6 +85,30 @@ def test_key_is_created_once_with_safe_modes_and_reused(tmp_path: Path) -> None:
     private_text = path.read_text().strip()
     assert private_text not in repr(first) and private_text not in str(first)
     assert not [p for p in path.parent.iterdir() if p.name != "private.key"]
+
+
+def test_key_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "private.key"
+    previous = os.umask(0)
+    try:
+        load_or_create(path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_key_created_meanwhile_by_another_process_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "private.key"
+    winner = load_or_create(tmp_path / "winner.key")
+    generate = keys.PrivateKey.generate
+
+    def generate_while_another_process_creates_the_key() -> keys.PrivateKey:
+        path.write_bytes((tmp_path / "winner.key").read_bytes())
+        return generate()
+
+    monkeypatch.setattr(keys.PrivateKey, "generate", staticmethod(generate_while_another_process_creates_the_key))
+    assert load_or_create(path) == winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["private.key", "winner.key"]
 
 
 def test_broken_key_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -10,13 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cni_plugin.cni import SUPPORTED_VERSIONS
-from node_hook.install import (
-    InstallError,
-    PluginSettings,
-    has_entry,
-    insert_entry,
-    strip_entries,
-)
+from node_hook.install.conflist_text import has_entry, insert_entry, strip_entries
+from node_hook.install.errors import InstallError
+from node_hook.install.settings import PluginSettings
 
 DATA = Path(__file__).parents[1] / "cni" / "data"  # the AKS conflists, shared with the plugin's tests
 AKS_CONFLISTS = sorted(DATA.glob("*.conflist"))

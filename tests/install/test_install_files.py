@@ -12,17 +12,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from node_hook.install import (
-    BACKUP_SUFFIX,
-    BUNDLE_DIR_NAME,
-    InstallError,
-    PluginSettings,
-    active_config,
-    install,
-    install_cni,
-    uninstall,
-    uninstall_cni,
-)
+from node_hook.install.cli import install_cni, uninstall_cni
+from node_hook.install.conflist_files import BACKUP_SUFFIX, active_config
+from node_hook.install.errors import InstallError
+from node_hook.install.installation import install, uninstall
+from node_hook.install.plugin_files import BUNDLE_DIR_NAME
+from node_hook.install.settings import PluginSettings
 
 DATA = Path(__file__).parents[1] / "cni" / "data"  # the AKS conflists, shared with the plugin's tests
 AKS_CONFLISTS = sorted(DATA.glob("*.conflist"))
@@ -293,7 +288,7 @@ def test_cli_errors_are_one_line_without_traceback(node, arguments, message):
     _aks_conflist(conf_dir)
     base = {"--conf-dir": str(conf_dir), "--bin-dir": str(bin_dir), "--plugin": str(plugin)}
     base.update(dict(zip(arguments[::2], arguments[1::2])))
-    command = [sys.executable, "-c", "from node_hook.install import install_cni; install_cni()",
+    command = [sys.executable, "-c", "from node_hook.install.cli import install_cni; install_cni()",
                *[item for pair in base.items() for item in pair]]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0

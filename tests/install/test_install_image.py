@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node_hook import install
+from node_hook.install.settings import BUNDLED_PLUGIN
 
 REPO = Path(__file__).parents[2]
 DOCKERFILE = REPO / "packaging" / "Dockerfile"
@@ -88,8 +88,8 @@ def test_base_and_packages():
 
 def test_image_paths_match_the_installer_and_the_daemonset():
     copies = _copies()
-    assert str(install.BUNDLED_PLUGIN) in copies, "install-cni's default --plugin must be what the image ships"
-    assert copies[str(install.BUNDLED_PLUGIN)] == "dist/wgcni"
+    assert str(BUNDLED_PLUGIN) in copies, "install-cni's default --plugin must be what the image ships"
+    assert copies[str(BUNDLED_PLUGIN)] == "dist/wgcni"
     daemonset = yaml.safe_load((REPO / "conf" / "daemonset.yaml").read_text())["spec"]["template"]["spec"]
     on_path = {Path(link).name for link in _symlinks() if link.startswith("/usr/local/bin/")}
     for container in daemonset["containers"] + daemonset["initContainers"]:
@@ -121,7 +121,7 @@ def test_built_hook_installs_the_built_plugin_bundle_like_on_a_node(node, tmp_pa
     node's bin dir (through the bundle symlink), and uninstall-cni restores the conflist."""
     conf_dir, bin_dir, original = node
     image_plugin = tmp_path / "opt" / "wgcni" / "wgcni"  # the image layout, built from dist/ as the COPY does
-    shutil.copytree(_image_path(str(install.BUNDLED_PLUGIN)), image_plugin, symlinks=True)
+    shutil.copytree(_image_path(str(BUNDLED_PLUGIN)), image_plugin, symlinks=True)
     hook = _image_path("/usr/local/bin/wgcni-node")
     dirs = ["--conf-dir", str(conf_dir), "--bin-dir", str(bin_dir)]
     result = subprocess.run([hook, "install-cni", *dirs, "--plugin", str(image_plugin)],

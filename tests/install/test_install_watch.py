@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import node_hook.install as installer
-from node_hook.install import BACKUP_SUFFIX, PluginSettings, Watcher
+import node_hook.install.watch as installer
+from node_hook.install.conflist_files import BACKUP_SUFFIX
+from node_hook.install.settings import PluginSettings
+from node_hook.install.watch import Watcher
 from tests.support.polling import wait_until
 
 DATA = Path(__file__).parents[1] / "cni" / "data"  # the AKS conflists, shared with the plugin's tests
@@ -110,7 +112,7 @@ def test_deleted_plugin_binary_comes_back_at_the_next_pass(watched_node):
 def test_cli_watch_runs_until_sigterm(node):
     conf_dir, bin_dir, plugin = node
     conflist = conf_dir / "10-azure.conflist"  # appears only after the watcher started, as CNS may do at boot
-    command = [sys.executable, "-c", "from node_hook.install import install_cni; install_cni()", "--watch",
+    command = [sys.executable, "-c", "from node_hook.install.cli import install_cni; install_cni()", "--watch",
                "--conf-dir", str(conf_dir), "--bin-dir", str(bin_dir), "--plugin", str(plugin)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
@@ -129,7 +131,7 @@ def test_cli_watch_runs_until_sigterm(node):
 def test_cli_wait_returns_once_the_conflist_appears_and_is_chained(node):
     conf_dir, bin_dir, plugin = node
     conflist = conf_dir / "10-azure.conflist"
-    command = [sys.executable, "-c", "from node_hook.install import install_cni; install_cni()", "--wait",
+    command = [sys.executable, "-c", "from node_hook.install.cli import install_cni; install_cni()", "--wait",
                "--conf-dir", str(conf_dir), "--bin-dir", str(bin_dir), "--plugin", str(plugin)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
