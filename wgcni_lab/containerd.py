@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import grpc
 
+from cni_plugin.files import replace_symlink, write_atomically
 from wgcni_lab.cleanup import CGROUP_ROOT, kill_processes, process_table, remove_cgroups, remove_tree, with_descendants
 from wgcni_lab.cri import CriClient, CriError, PortMapping, SandboxStatus
 from wgcni_lab.pause import PauseImage, pause_image
@@ -88,19 +89,15 @@ def link_cni_plugins(bin_dir: Path, extra: Mapping[str, Path] | None = None) -> 
     for name, target in targets.items():
         if not Path(target).exists():
             raise FileNotFoundError(f"CNI plugin {name!r}: {target} does not exist")
-        link = bin_dir / name
-        temporary = bin_dir / f".{name}.{secrets.token_hex(4)}"
-        temporary.symlink_to(Path(target).resolve())
-        os.replace(temporary, link)
+        replace_symlink(bin_dir / name, str(Path(target).resolve()), temporary_prefix=f".{name}.", durable=False)
 
 
 def write_conflist(conf_dir: Path, conflist: Mapping[str, Any], filename: str = "10-azure.conflist") -> Path:
     """Write a conflist atomically (containerd live-reloads `conf_dir`, it must never see half a file)."""
     conf_dir.mkdir(parents=True, exist_ok=True)
     path = conf_dir / filename
-    temporary = conf_dir / f".{filename}.{secrets.token_hex(4)}.tmp"
-    temporary.write_text(json.dumps(conflist, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, (json.dumps(conflist, indent=2) + "\n").encode(), 0o644, temporary_prefix=f".{filename}.",
+                     durable=False)
     return path
 
 

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from cni_plugin.files import write_atomically
 from node_hook.config import Settings
 from wgcni_lab.cleanup import kill_processes, process_state, process_table, remove_tree, with_descendants
 from wgcni_lab.polling import wait_until
@@ -200,10 +201,8 @@ class LabState:
         return f"/{self.cgroup_prefix}-{node.name}"
 
     def save(self) -> None:
-        path = self.path / STATE_FILE
-        temporary = path.with_name(f".{STATE_FILE}.{secrets.token_hex(4)}")
-        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(temporary, path)
+        write_atomically(self.path / STATE_FILE, (json.dumps(asdict(self), indent=2) + "\n").encode(), 0o644,
+                         temporary_prefix=f".{STATE_FILE}.", durable=False)
 
 
 def lab_dir_from_environment() -> Path:
