@@ -155,11 +155,13 @@ class Fault:
     methods: frozenset[str] | None
     path_contains: str | None
     user_agent_prefix: str | None
+    user_agent: str | None = None  # exactly this User-Agent (one hook: `wgcni-node/<node>`)
 
     def matches(self, method: str, path: str, user_agent: str) -> bool:
         return ((self.methods is None or method in self.methods)
                 and (self.path_contains is None or self.path_contains in path)
-                and (self.user_agent_prefix is None or user_agent.startswith(self.user_agent_prefix)))
+                and (self.user_agent_prefix is None or user_agent.startswith(self.user_agent_prefix))
+                and (self.user_agent is None or user_agent == self.user_agent))
 
 
 @dataclass
@@ -872,12 +874,14 @@ class ApiServer:
 
     # --- fault injection ---------------------------------------------------------------------------------------
     def fail_next(self, count: int = 1, code: int = 500, methods: set[str] | None = None,
-                  path_contains: str | None = None, user_agent_prefix: str | None = None) -> None:
+                  path_contains: str | None = None, user_agent_prefix: str | None = None,
+                  user_agent: str | None = None) -> None:
         """The next `count` requests with one of `methods` whose path contains `path_contains` and whose
-        User-Agent starts with `user_agent_prefix` (e.g. only the hooks', not the test's own client) get `code`."""
+        User-Agent starts with `user_agent_prefix` (e.g. only the hooks', not the test's own client) or is exactly
+        `user_agent` (one hook's) get `code`."""
         with self._lock:
             self._faults.append(Fault(count, code, frozenset(methods) if methods else None, path_contains,
-                                      user_agent_prefix))
+                                      user_agent_prefix, user_agent))
 
     def pending_faults(self) -> int:
         """Injected failures not served yet."""

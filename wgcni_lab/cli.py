@@ -10,6 +10,7 @@
     wgcni-lab service-add NAME --pod POD... --port P [--node-port N] [--external-traffic-policy Cluster|Local]
     wgcni-lab service-del NAME                       a Service, programmed on every node as kube-proxy does
     wgcni-lab label NODE KEY=VALUE|KEY-              set / remove a label on the Node object
+    wgcni-lab api deny|allow NODE                    the API server refuses (403) / takes NODE's hook's writes
     wgcni-lab hook NODE stop|start|kill              freeze / resume / kill the node's DaemonSet pod (kubelet,
                                                      that is the lab daemon, restarts a killed one)
     wgcni-lab reboot NODE / reimage NODE             reboot the node (OS disk kept) / reimage it (OS disk new)
@@ -21,7 +22,7 @@
     wgcni-lab down                                   remove everything, also after a crash or a half-finished up
 
 Every error is one line on stderr and a non-zero exit code. The lab dir is /run/wgcni-lab (or $WGCNI_LAB_DIR, or
---lab-dir). hook, reboot, reimage, node-add, node-del, label, service-add and service-del are carried out by the lab
+--lab-dir). hook, reboot, reimage, node-add, node-del, label, api, service-add and service-del are carried out by the lab
 daemon, the one writer of the lab's state (over its control socket, wgcni_lab.control; what they do:
 wgcni_lab.lifecycle, wgcni_lab.services).
 """
@@ -381,6 +382,16 @@ def label(lab_dir: Path, node: str, change: str) -> None:
     """Set (KEY=VALUE) or remove (KEY-) a label on NODE's Node object; prints the Node's labels as JSON."""
     key, value = lifecycle.parse_label(change)
     click.echo(json.dumps(_ask_daemon(lab_dir, "label", node=node, key=key, value=value)))
+
+
+@cli.command()
+@click.argument("action", type=click.Choice(["deny", "allow"]))
+@click.argument("node")
+@click.pass_obj
+def api(lab_dir: Path, action: str, node: str) -> None:
+    """deny: the lab's API server answers every write of NODE's hook with 403 Forbidden (as RBAC or the admission
+    policy would refuse it; NODE may be one `node-add` will make); allow: it takes them again."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "api", node=node, action=action)))
 
 
 @cli.command()

@@ -99,6 +99,7 @@ def control_handlers(cluster: lifecycle.Cluster) -> dict[str, control.Handler]:
         "node-add": lambda request: cluster.add_node(request.get("pods_before_install", 0)),
         "node-del": lambda request: cluster.delete_node(request["node"]),
         "label": lambda request: cluster.label(request["node"], request["key"], request.get("value")),
+        "api": lambda request: cluster.api_access(request["node"], request["action"]),
         "service-add": lambda request: services.service_json(services.add_service(
             state, request["name"], request["pods"], request["port"], request.get("node_port", 0),
             request.get("policy", ""))),

@@ -34,6 +34,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -270,6 +271,7 @@ class Cluster:
         self.lock = threading.RLock()
         self.runtimes: dict[str, Containerd] = {}
         self.daemonsets: dict[str, DaemonSetPod] = {}
+        self.write_denied: set[str] = set()  # nodes whose hook's writes the API server refuses (`api deny`)
 
     # ---- boot and power-off ----------------------------------------------------------------------------------------
 
@@ -391,6 +393,23 @@ class Cluster:
             self.state.nodes.remove(node)
             self.state.save()
         return {"node": name}
+
+    def api_access(self, name: str, action: str) -> dict[str, Any]:
+        """`deny`: the API server answers every write of NAME's hook (create, update, patch, delete) with 403, as
+        RBAC or an admission policy refusing it would; `allow` lifts that. NAME need not exist yet (a node about
+        to be added)."""
+        if action not in ("deny", "allow"):
+            raise lab.LabError(f"api: {action!r} is neither deny nor allow")
+        with self.lock:
+            if action == "deny":
+                self.write_denied.add(name)
+            else:
+                self.write_denied.discard(name)
+            self.api.clear_faults()
+            for denied in sorted(self.write_denied):
+                self.api.fail_next(count=sys.maxsize, code=403, methods={"POST", "PUT", "PATCH", "DELETE"},
+                                   user_agent=f"wgcni-node/{denied}")
+            return {"writeDenied": sorted(self.write_denied)}
 
     def label(self, name: str, key: str, value: str | None) -> dict[str, Any]:
         with self.lock:

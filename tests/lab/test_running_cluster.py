@@ -1,14 +1,17 @@
 """What AKS does to a node's pods that the first lab never did, on the lab's Azure fabric (which delivers plaintext to
 any pod IP, as Azure's does): a pod without a pod record - every pod that runs when wgcni is installed, CoreDNS
-among them - keeps every connection, encrypted; `wgcni pods` and `wgcni check` say it has no record.
+among them - keeps every connection, encrypted; `wgcni pods` and `wgcni check` say it has no record. A node whose
+writes the API refuses (RBAC, the admission policy) keeps its pods reachable, in plaintext, and says why; once its
+writes pass it is every node's peer.
 
 Facts come from pings between pods, the fabric capture (WireGuard only between the nodes) and the node's own
-`wgcni` CLI. One lab (2 nodes x 1 pod) for the module.
+`wgcni` CLI. One lab (2 nodes x 1 pod, a third added by the test) for the module.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,6 +19,7 @@ import pytest
 
 from tests.lab.conftest import Cli, captured, force_down
 from tests.support.polling import wait_until
+from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
@@ -62,3 +66,65 @@ def test_a_pod_whose_record_is_gone_keeps_every_connection_encrypted(cli: Cli) -
     assert check.returncode == 1 and f"1 pod(s) have no pod record: {local['ip']}" in check.stdout
     table = cli.run("exec", "node-1", "--", "wgcni", "pods").stdout
     assert "route only" in table and local["ip"] in table
+
+
+FETCH = """
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen("http://127.0.0.1:9820" + sys.argv[1], timeout=5) as answer:
+        print(answer.status, answer.read().decode().strip())
+except urllib.error.HTTPError as error:
+    print(error.code, error.read().decode().strip())
+"""
+
+
+def fetch(cli: Cli, node: str, path: str) -> tuple[int, str]:
+    code, _, body = cli.run("exec", node, "--", sys.executable, "-c", FETCH, path).stdout.strip().partition(" ")
+    return int(code), body
+
+
+def peer_endpoints(cli: Cli, node: str) -> set[str]:
+    lines = cli.run("exec", node, "--", "wg", "show", lab.WG_INTERFACE, "endpoints").stdout.splitlines()
+    return {line.split("\t")[1].rsplit(":", 1)[0] for line in lines if "\t" in line}
+
+
+def publication(cli: Cli, node: str) -> dict[str, Any]:
+    return json.loads(cli.run("exec", node, "--", "wgcni", "status", "--json").stdout)["publication"]
+
+
+def test_a_node_whose_writes_are_refused_keeps_its_pods_reachable_and_says_why(cli: Cli) -> None:
+    """RBAC or the admission policy refuses a new node's writes: it is nobody's peer, so it must not send into the
+    tunnel; its pods reach and are reached in plaintext (what the default mode does; strict mode would drop), and
+    it says why. Once the API takes its writes it becomes every node's peer and the traffic is encrypted."""
+    cli.run("api", "deny", "node-3")
+    added = json.loads(cli.run("node-add", timeout=180).stdout)
+    assert added["node"] == "node-3"
+    pod = json.loads(cli.run("pod-add", "node-3").stdout)
+    remote = pod_on(cli, "node-1")
+    node_3_ip = cli.state().node("node-3").ip
+    wait_until(lambda: publication(cli, "node-3")["state"] == "denied", 30, "node-3 to see its writes refused")
+
+    with captured(cli) as packets:
+        there = ping(cli, pod["name"], remote["ip"])
+        back = ping(cli, remote["name"], pod["ip"])
+
+    assert there and back, "a node that cannot publish cut its pods off"
+    assert node_3_ip not in peer_endpoints(cli, "node-1")
+    assert any(packet["proto"] == "icmp" and packet["src"] == pod["ip"] for packet in packets), \
+        "its pods reach other nodes in plaintext until it is published"
+    state = publication(cli, "node-3")
+    assert state["tunnel"] is False and "API error 403" in state["message"]
+    check = cli.run("exec", "node-3", "--", "wgcni", "check", check=False)
+    assert check.returncode == 1 and "publication: this node's publication is denied" in check.stdout
+    code, body = fetch(cli, "node-3", "/readyz")
+    assert code == 503 and body.startswith("publication denied")
+    metrics = fetch(cli, "node-3", "/metrics")[1]
+    assert 'wgcni_publication{state="denied"} 1.0' in metrics
+
+    cli.run("api", "allow", "node-3")
+    wait_until(lambda: publication(cli, "node-3")["state"] == "confirmed"
+               and node_3_ip in peer_endpoints(cli, "node-1"), 30, "node-3 to be published and peered")
+    with captured(cli) as packets:
+        there = ping(cli, pod["name"], remote["ip"])
+    assert there and packets and only_wireguard_between_nodes(cli.state(), packets) == []
+    assert fetch(cli, "node-3", "/readyz")[0] == 200
