@@ -128,3 +128,18 @@ def test_a_node_whose_writes_are_refused_keeps_its_pods_reachable_and_says_why(c
         there = ping(cli, pod["name"], remote["ip"])
     assert there and packets and only_wireguard_between_nodes(cli.state(), packets) == []
     assert fetch(cli, "node-3", "/readyz")[0] == 200
+
+
+def test_host_network_pods_and_nodes_reach_remote_pods_and_nodes_encrypted(cli: Cli) -> None:
+    """With host encryption, what leaves a node's own network namespace (a hostNetwork pod, the node itself) to a
+    pod or node elsewhere goes through the tunnel, and the replies pass the reverse-path check on the way back."""
+    host_pod = json.loads(cli.run("pod-add", "node-1", "--host-network").stdout)
+    remote = pod_on(cli, "node-2")
+    node_2_ip = cli.state().node("node-2").ip
+    with captured(cli) as packets:
+        to_pod = ping(cli, host_pod["name"], remote["ip"])
+        to_node = ping(cli, "node-1", node_2_ip)
+        from_pod = ping(cli, remote["name"], host_pod["ip"])
+    assert to_pod and to_node and from_pod
+    assert packets and only_wireguard_between_nodes(cli.state(), packets) == []
+    cli.run("pod-del", host_pod["name"])
