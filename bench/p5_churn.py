@@ -27,8 +27,9 @@ import yaml
 from kubernetes import client
 
 from bench import row
+from node_hook.addresses import address_texts
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
-from node_hook.model import LocalAnnouncement, RemoteNode, address_texts
+from node_hook.model import LocalAnnouncement, RemoteNode
 from wgcni_lab.apiserver import ApiServer
 from wgcni_lab.polling import wait_until
 

@@ -41,7 +41,8 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from node_hook.model import UNKNOWN_PUBLICATION, IPNetwork, LocalAnnouncement, Publication, RemoteNode, prefix_keys
+from node_hook.addresses import IPNetwork, prefix_keys
+from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, Publication, RemoteNode
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from node_hook.addresses import address_texts, host_prefix
 from node_hook.apply.dataplane import FirewallSpec
 from node_hook.apply.wireguard import DeviceSpec, WireGuardBackend
 from node_hook.config import Settings
@@ -46,8 +47,6 @@ from node_hook.model import (
     Publication,
     RemoteNode,
     RouteKind,
-    address_texts,
-    host_prefix,
 )
 from node_hook.planner import desired_rules, publication_gate
 from node_hook.pod_routes import MAIN_TABLE, PodRouteSource, is_pod_interface

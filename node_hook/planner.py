@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
+from node_hook.addresses import IPNetwork
+from node_hook.addresses import prefix_order as _prefix_order
 from node_hook.apply.dataplane import (
     DEVICE_ADDRESS,
     FOREIGN_ROUTE,
@@ -36,8 +38,7 @@ from node_hook.apply.wireguard import (
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
-from node_hook.model import DesiredPeer, IPNetwork, Publication, RouteKind
-from node_hook.model import prefix_order as _prefix_order
+from node_hook.model import DesiredPeer, Publication, RouteKind
 
 # The apply order, in ONE place. Each step runs only after the previous one succeeded.
 APPLY_ORDER: tuple[str, ...] = (

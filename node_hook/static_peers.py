@@ -19,7 +19,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from node_hook.model import LocalAnnouncement, Publication, RemoteNode, host_keys
+from node_hook.addresses import host_keys
+from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 
 log = logging.getLogger(__name__)
 

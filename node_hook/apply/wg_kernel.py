@@ -30,6 +30,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
 from pyroute2.netlink.generic.wireguard import wgmsg
 
+from node_hook.addresses import packed_prefix, prefix_of_packed
 from node_hook.apply.wireguard import (
     DeviceSpec,
     DeviceState,
@@ -41,7 +42,6 @@ from node_hook.apply.wireguard import (
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
-from node_hook.model import packed_prefix, prefix_of_packed
 
 log = logging.getLogger(__name__)
 

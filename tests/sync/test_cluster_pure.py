@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node_hook.cluster import aggregate_pod_ips, expand_prefixes, published_status, remote_node_from_object
-from node_hook.model import address_texts, host_keys
+from node_hook.addresses import address_texts, host_keys
 from tests.sync.helpers import announcement, new_key
 
 ipv4_in_vnet = st.integers(min_value=0, max_value=2047).map(lambda n: str(ipaddress.IPv4Address("10.240.0.0") + n))
