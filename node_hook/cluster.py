@@ -41,7 +41,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from node_hook.addresses import IPNetwork, aggregate, host_keys, prefix_keys
+from node_hook.addresses import IPNetwork, aggregate, prefix_keys
 from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, Publication, RemoteNode
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
     transition time are kept from `previous` when the pod IPs or readiness did not change."""
     previous = previous or {}
     key = "" if opted_out else announcement.public_key
-    prefixes = [str(prefix) for prefix in aggregate(host_keys(announcement.pod_ips, "local pod IPs"))]
+    prefixes = [str(prefix) for prefix in aggregate(announcement.pod_ips)]
     if previous.get("podIPPrefixes") == prefixes and previous.get("podIPsChangedAt"):
         changed_at = previous["podIPsChangedAt"]
     else:

@@ -28,11 +28,12 @@ import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from node_hook.addresses import address_texts, host_prefix
+from node_hook.addresses import IPNetwork, address_of, address_texts, host_keys, host_prefix
 from node_hook.apply.dataplane import FirewallSpec
 from node_hook.apply.wireguard import DeviceSpec, WireGuardBackend
 from node_hook.config import Settings
@@ -343,7 +344,7 @@ class Daemon:
             self._publish()
 
     def _local_ips(self) -> frozenset[str]:
-        return frozenset(str(ip) for ip in self.model.local_pod_ips) | self.environment.node_ips
+        return frozenset(str(address_of(key)) for key in self.model.local_pod_ips) | self.environment.node_ips
 
     def _gate_rules(self) -> None:
         """Worker thread, before a pass: the rules as the publication allows them (planner.publication_gate)."""
@@ -407,16 +408,15 @@ class Daemon:
     def _rescan_records(self) -> None:
         errors: list[str] = []
         records = self.records.list(errors=errors)
-        local: dict[str, list[str]] = {}
+        local: dict[str, Iterable[str | IPNetwork]] = {}
         meta: dict[str, dict[str, Any]] = {}
         for record in records:
             key = record_key(record["network"], record["containerID"], record["ifname"])
             try:
-                ipaddresses = [str(ipaddress.ip_address(ip)) for ip in record["ips"]]
+                local[key] = host_keys(record["ips"], key)  # the one parse: the model and the publication share these
             except ValueError:
                 errors.append(f"{key}: invalid IP in {record['ips']!r}")
                 continue
-            local[key] = ipaddresses
             meta[key] = _record_meta(record)
         for error in errors:
             if error not in self.record_errors:
@@ -461,7 +461,7 @@ class Daemon:
             endpoint_ip=self.environment.endpoint,
             endpoint_port=self.settings.listen_port,
             node_ips=self.environment.node_ips,
-            pod_ips=frozenset(str(ip) for ip in self.model.local_pod_ips),
+            pod_ips=self.model.local_pod_ips,
             mtu=self.environment.mtu,
             ready=self.reconciler.converged,
             message=self.last_error or "dataplane programmed",

@@ -61,10 +61,13 @@ class LocalAnnouncement:
     endpoint_ip: str | None
     endpoint_port: int
     node_ips: frozenset[str]
-    pod_ips: frozenset[str]
+    pod_ips: frozenset[IPNetwork]  # the model's keys of the local pod IPs (text is parsed once, as in RemoteNode)
     mtu: int
     ready: bool
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pod_ips", host_keys(self.pod_ips, f"node {self.name} local pod IPs"))
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,8 @@ class NodeModel:
 
     # ---- events -------------------------------------------------------------------------------------------
 
-    def set_local_pod(self, record_key: str, ips: Iterable[str]) -> None:
-        """A pod record on this node was created or updated (`ips`: its host addresses)."""
+    def set_local_pod(self, record_key: str, ips: Iterable[str | IPNetwork]) -> None:
+        """A pod record on this node was created or updated (`ips`: its host addresses, as text or as keys)."""
         new = host_keys(ips, f"pod record {record_key}")
         old = self._local_records.get(record_key, frozenset())
         if new == old:
@@ -226,7 +229,7 @@ class NodeModel:
     def remove_local_pod(self, record_key: str) -> None:
         self.set_local_pod(record_key, ())
 
-    def replace_local_pods(self, records: dict[str, Iterable[str]]) -> None:
+    def replace_local_pods(self, records: Mapping[str, Iterable[str | IPNetwork]]) -> None:
         """Make the local pods exactly `records` (a rescan of the records directory)."""
         with paused_gc():
             for key in set(self._local_records) - set(records):
@@ -323,8 +326,9 @@ class NodeModel:
     # ---- queries ------------------------------------------------------------------------------------------
 
     @property
-    def local_pod_ips(self) -> frozenset[IPAddress]:
-        return frozenset(address_of(key) for key in self._local_count)
+    def local_pod_ips(self) -> frozenset[IPNetwork]:
+        """The keys of the local pod IPs (what this node publishes; `addresses.address_texts` prints them)."""
+        return frozenset(self._local_count)
 
     @property
     def local_records(self) -> dict[str, frozenset[IPAddress]]:

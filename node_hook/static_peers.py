@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from node_hook.addresses import host_keys
+from node_hook.addresses import address_texts, host_keys
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def announcement_json(announcement: LocalAnnouncement) -> dict[str, object]:
         "endpoint": announcement.endpoint_ip,
         "endpointPort": announcement.endpoint_port,
         "nodeIPs": sorted(announcement.node_ips),
-        "podIPs": sorted(announcement.pod_ips),
+        "podIPs": sorted(address_texts(announcement.pod_ips)),
         "mtu": announcement.mtu,
         "ready": announcement.ready,
         "message": announcement.message,
@@ -131,7 +131,7 @@ class StaticPeerSource:
             os.replace(temporary, self.announce_file)
         if self._on_published is not None:
             self._on_published(Publication("written", announcement.public_key,
-                                           announcement.node_ips | announcement.pod_ips))
+                                           announcement.node_ips | frozenset(address_texts(announcement.pod_ips))))
 
     def stop(self) -> None:
         self._stopping.set()

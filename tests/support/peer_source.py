@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from node_hook.addresses import address_texts
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 
 OnPublished = Callable[[Publication], None]
@@ -30,7 +31,7 @@ class ManualPeerSource:
         self.published.append(announcement)
         if self.accept_writes:
             self.report(Publication("written", announcement.public_key,
-                                    announcement.node_ips | announcement.pod_ips))
+                                    announcement.node_ips | frozenset(address_texts(announcement.pod_ips))))
 
     def report(self, publication: Publication) -> None:
         if self.on_published is not None:
