@@ -49,10 +49,9 @@ from pathlib import Path
 from typing import Callable
 
 from bench import row
-from node_hook.apply.dataplane import FirewallSpec
 from bench.kernel_process import KernelProcess, peak_rss_mb, state_digest
 from node_hook.apply.fakes import FakeFirewall, FakeSysctls
-from node_hook.apply.wireguard import DeviceSpec
+from node_hook.contracts import DeviceSpec, FirewallSpec
 from node_hook.model import NodeModel, RemoteNode, RouteKind
 from node_hook.planner import desired_rules
 from node_hook.reconciler import Reconciler, Targets

@@ -34,7 +34,7 @@ from bench import Clock, comparison_rows, row
 from bench.p3_scale import synthetic_cluster
 from node_hook.apply import wg_kernel
 from node_hook.apply.wg_uapi import UserspaceWireGuard
-from node_hook.apply.wireguard import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.model import NodeModel
 from node_hook.planner import plan_peers
 from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use

@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from node_hook.addresses import IPNetwork, address_of, address_texts, host_keys, host_prefix
-from node_hook.apply.dataplane import FirewallSpec
-from node_hook.apply.wireguard import DeviceSpec, WireGuardBackend
 from node_hook.config import Settings
+from node_hook.contracts import DeviceSpec, FirewallSpec, WireGuardBackend
 from node_hook.detect import Environment, kernel_wireguard_available
 from node_hook.install import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
 from node_hook.keys import NodeKey

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node_hook.apply.dataplane import AddDeviceAddress, AddRule, DeleteRule
-from node_hook.apply.wireguard import RemovePeer
+from node_hook.contracts import AddDeviceAddress, AddRule, DeleteRule, RemovePeer
 from node_hook.detect import AZURE_UNDERLAY_LOSS, WIREGUARD_OVERHEAD
 from node_hook.install import active_config, has_entry
 from node_hook.keys import public_key_of

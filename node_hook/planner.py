@@ -15,7 +15,7 @@ from typing import overload
 
 from node_hook.addresses import IPNetwork
 from node_hook.addresses import prefix_order as _prefix_order
-from node_hook.apply.dataplane import (
+from node_hook.contracts import (
     DEVICE_ADDRESS,
     FOREIGN_ROUTE,
     MAIN_TABLE,
@@ -23,18 +23,16 @@ from node_hook.apply.dataplane import (
     AddRule,
     DeleteRoute,
     DeleteRule,
-    FirewallSpec,
-    RoutingOp,
-    RuleSpec,
-    SetRoute,
-)
-from node_hook.apply.wireguard import (
     DeviceSpec,
     DeviceState,
+    FirewallSpec,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
     RemovePeer,
+    RoutingOp,
+    RuleSpec,
+    SetRoute,
     UpsertPeer,
 )
 from node_hook.keys import public_key_of

@@ -34,7 +34,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from node_hook.addresses import IPNetwork, packed_prefix, prefix_of_packed
-from node_hook.apply.dataplane import (
+from node_hook.contracts import (
     FOREIGN_ROUTE,
     MAIN_TABLE,
     AddDeviceAddress,

@@ -1,6 +1,6 @@
 """Kernel WireGuard backend: the device is a `wireguard` link (rtnetlink) configured over WireGuard generic netlink.
 
-Implements `node_hook.apply.wireguard.WireGuardBackend` with pyroute2. Peer ops are turned into WG_CMD_SET_DEVICE
+Implements `node_hook.contracts.WireGuardBackend` with pyroute2. Peer ops are turned into WG_CMD_SET_DEVICE
 messages carrying many peers each (pyroute2's `WireGuard.set()` sends one peer per message, so the messages are
 built here), split at `MAX_MESSAGE_BYTES` the way wg(8) splits them: a peer whose AllowedIPs do not fit is continued
 in the next message without the replace flag.
@@ -30,11 +30,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
 from pyroute2.netlink.generic.wireguard import wgmsg
 
-from node_hook.addresses import packed_prefix, prefix_of_packed
-from node_hook.apply.wireguard import (
+from node_hook.addresses import IPNetwork, packed_prefix, prefix_of_packed
+from node_hook.contracts import (
     DeviceSpec,
     DeviceState,
-    IPNetwork,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,

@@ -32,11 +32,10 @@ from typing import Callable, Iterable, Iterator
 
 from pyroute2 import IPRoute
 
-from node_hook.addresses import packed_prefix, prefix_from_text
-from node_hook.apply.wireguard import (
+from node_hook.addresses import IPNetwork, packed_prefix, prefix_from_text
+from node_hook.contracts import (
     DeviceSpec,
     DeviceState,
-    IPNetwork,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,

@@ -9,8 +9,7 @@ import pytest
 
 from bench.kernel_process import ROUTES_PER_CHUNK, KernelProcess, state_digest
 from node_hook.addresses import address_key
-from node_hook.apply.dataplane import DeleteRoute, SetRoute
-from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, UpsertPeer
+from node_hook.contracts import DeleteRoute, DeviceSpec, RemoveAllowedIPs, SetRoute, UpsertPeer
 from node_hook.model import RouteKind
 
 KEY_A, KEY_B = "A" * 43 + "=", "B" * 43 + "="

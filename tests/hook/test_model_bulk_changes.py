@@ -9,9 +9,8 @@ import ipaddress
 import pytest
 
 from node_hook import model as model_module
-from node_hook.apply.dataplane import FirewallSpec
 from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
-from node_hook.apply.wireguard import DeviceSpec
+from node_hook.contracts import DeviceSpec, FirewallSpec
 from node_hook.model import NodeModel, RemoteNode, RouteKind
 from node_hook.planner import desired_rules
 from node_hook.reconciler import Reconciler, Targets

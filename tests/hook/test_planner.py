@@ -6,9 +6,21 @@ import ipaddress
 
 import pytest
 
-from node_hook.apply.dataplane import FOREIGN_ROUTE, AddRule, DeleteRoute, DeleteRule, FirewallSpec, RuleSpec, SetRoute
 from node_hook.apply.fakes import FakeWireGuard
-from node_hook.apply.wireguard import DeviceSpec, PeerState, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import (
+    FOREIGN_ROUTE,
+    AddRule,
+    DeleteRoute,
+    DeleteRule,
+    DeviceSpec,
+    FirewallSpec,
+    PeerState,
+    RemoveAllowedIPs,
+    RemovePeer,
+    RuleSpec,
+    SetRoute,
+    UpsertPeer,
+)
 from node_hook.model import UNKNOWN_PUBLICATION, DesiredPeer, Publication, RouteKind
 from node_hook.planner import (
     APPLY_ORDER,

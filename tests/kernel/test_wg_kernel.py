@@ -23,8 +23,8 @@ from node_hook.apply.wg_kernel import (
     KernelWireGuard,
     KernelWireGuardError,
 )
-from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.config import Settings
+from node_hook.contracts import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.daemon import real_wireguard_backend
 from node_hook.detect import kernel_wireguard_available
 from tests.support.kernel_wg import ip, unique_name

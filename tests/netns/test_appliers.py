@@ -16,12 +16,22 @@ from pathlib import Path
 import pytest
 from nacl.public import PrivateKey
 
-from node_hook.apply.dataplane import AddRule, DeleteRoute, DeleteRule, FirewallSpec, RuleSpec, SetRoute
 from node_hook.apply.firewall import NftFirewall
 from node_hook.apply.routes import PyrouteRouting
 from node_hook.apply.sysctl import Sysctls
 from node_hook.apply.wg_uapi import SOCKET_DIR, UapiClient, UserspaceWireGuard
-from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import (
+    AddRule,
+    DeleteRoute,
+    DeleteRule,
+    DeviceSpec,
+    FirewallSpec,
+    RemoveAllowedIPs,
+    RemovePeer,
+    RuleSpec,
+    SetRoute,
+    UpsertPeer,
+)
 from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
 from node_hook.planner import desired_rules
