@@ -150,6 +150,7 @@ class DeviceSpec:
 
     name: str
     private_key: bytes  # 32 raw bytes; never logged
+    public_key: str  # base64, of `private_key`: derived once where the key is loaded (keys.NodeKey)
     listen_port: int
     fwmark: int
     mtu: int

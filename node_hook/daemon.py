@@ -151,7 +151,8 @@ class Daemon:
             )
         self.appliers = appliers
         targets = Targets(
-            DeviceSpec(settings.interface, key.private, settings.listen_port, settings.fwmark, environment.mtu),
+            DeviceSpec(settings.interface, key.private, key.public_key, settings.listen_port, settings.fwmark,
+                       environment.mtu),
             desired_rules(settings.rule_priority, settings.fwmark, settings.route_table),
             FirewallSpec(FIREWALL_TABLE, settings.fwmark, settings.interface, settings.pod_interface_prefixes,
                          settings.listen_port),

@@ -35,7 +35,6 @@ from node_hook.contracts import (
     SetRoute,
     UpsertPeer,
 )
-from node_hook.keys import public_key_of
 from node_hook.model import DesiredPeer, Publication, RouteKind
 
 # The apply order, in ONE place. Each step runs only after the previous one succeeded.
@@ -129,7 +128,7 @@ def plan_device(spec: DeviceSpec, actual: DeviceState | None) -> DeviceSpec | No
     if (
         actual is None
         or not actual.up
-        or actual.public_key != public_key_of(spec.private_key)
+        or actual.public_key != spec.public_key
         or actual.listen_port != spec.listen_port
         or actual.fwmark != spec.fwmark
         or actual.mtu != spec.mtu

@@ -40,7 +40,6 @@ from node_hook.contracts import (
     RemovePeer,
     UpsertPeer,
 )
-from node_hook.keys import public_key_of
 
 log = logging.getLogger(__name__)
 
@@ -446,8 +445,7 @@ class KernelWireGuard:
             raise KernelWireGuardError(f"{self.ifname} disappeared while it was being configured")
         message = WireGuardMessage()
         message["attrs"].append(["WGDEVICE_A_IFNAME", self.ifname])
-        wanted_public = public_key_of(spec.private_key)
-        if current.public_key != wanted_public:
+        if current.public_key != spec.public_key:
             message["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", encode_key(spec.private_key)])
         if current.listen_port != spec.listen_port:
             message["attrs"].append(["WGDEVICE_A_LISTEN_PORT", spec.listen_port])

@@ -31,7 +31,7 @@ class Node:
         self.sysctls = FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0", "net/ipv4/conf/wgcni0/rp_filter": "1"},
                                    tmp_path / "sysctl-originals.json")
         self.targets = Targets(
-            DeviceSpec("wgcni0", PRIVATE, 51820, 0x100000, 1340),
+            DeviceSpec("wgcni0", PRIVATE, public_key_of(PRIVATE), 51820, 0x100000, 1340),
             desired_rules(99, 0x100000, 51820),
             FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820),
             SYSCTLS,
