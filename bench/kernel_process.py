@@ -18,19 +18,22 @@ import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator
 
-from node_hook.apply.dataplane import DeleteRoute, RoutingOp, SetRoute, TableState
+from node_hook.addresses import IPNetwork, prefix_of_order, prefix_order
 from node_hook.apply.fakes import FakeRouting, FakeWireGuard
-from node_hook.apply.wireguard import (
+from node_hook.contracts import (
+    DeleteRoute,
     DeviceSpec,
     DeviceState,
-    IPNetwork,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
     RemovePeer,
+    RoutingOp,
+    SetRoute,
+    TableState,
     UpsertPeer,
 )
-from node_hook.model import RouteKind, prefix_of_order, prefix_order
+from node_hook.model import RouteKind
 
 ROUTES_PER_CHUNK = 8192  # about what one 32 KiB netlink batch of route messages or one dump part carries
 PEERS_PER_CHUNK = 32  # peers of 250 AllowedIPs each

@@ -49,10 +49,10 @@ from pathlib import Path
 from typing import Callable
 
 from bench import row
-from node_hook.apply.dataplane import FirewallSpec
 from bench.kernel_process import KernelProcess, peak_rss_mb, state_digest
 from node_hook.apply.fakes import FakeFirewall, FakeSysctls
-from node_hook.apply.wireguard import DeviceSpec
+from node_hook.contracts import DeviceSpec, FirewallSpec
+from node_hook.keys import public_key_of
 from node_hook.model import NodeModel, RemoteNode, RouteKind
 from node_hook.planner import desired_rules
 from node_hook.reconciler import Reconciler, Targets
@@ -118,8 +118,9 @@ class Hook:
         self.model = NodeModel("node-00000", local_node_ips=[str(ipaddress.IPv4Address(NODE_BASE))])
         self.kernel = kernel
         sysctls = {"net/ipv4/conf/all/src_valid_mark": "1", f"net/ipv4/conf/{INTERFACE}/rp_filter": "2"}
+        private = hashlib.sha256(b"node-0 private").digest()
         targets = Targets(
-            DeviceSpec(INTERFACE, hashlib.sha256(b"node-0 private").digest(), PORT, FWMARK, 1340),
+            DeviceSpec(INTERFACE, private, public_key_of(private), PORT, FWMARK, 1340),
             desired_rules(99, FWMARK, TABLE),
             FirewallSpec("wgcni", FWMARK, INTERFACE, ("azv",), PORT),
             sysctls,

@@ -34,7 +34,8 @@ from bench import Clock, comparison_rows, row
 from bench.p3_scale import synthetic_cluster
 from node_hook.apply import wg_kernel
 from node_hook.apply.wg_uapi import UserspaceWireGuard
-from node_hook.apply.wireguard import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.keys import public_key_of
 from node_hook.model import NodeModel
 from node_hook.planner import plan_peers
 from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
@@ -83,7 +84,8 @@ class Device:
         self.ifname = ifname
         self.private_key = hashlib.sha256(f"p3b {ifname}".encode()).digest()
         self.backend = UserspaceWireGuard(ifname, log_file=work / "wireguard-go.log")
-        self.backend.ensure_device(DeviceSpec(ifname, self.private_key, PORT, FWMARK, 1340))
+        self.backend.ensure_device(DeviceSpec(ifname, self.private_key, public_key_of(self.private_key), PORT, FWMARK,
+                                              1340))
 
     def clear(self) -> None:
         self.backend.client.set(["replace_peers=true"])

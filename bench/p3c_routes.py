@@ -31,9 +31,10 @@ from pathlib import Path
 
 from bench import Clock, comparison_rows, row
 from bench.p3_scale import SPARE_BASE, synthetic_cluster
-from node_hook.apply.dataplane import DeleteRoute, SetRoute
+from node_hook.addresses import prefix_of_packed
 from node_hook.apply.routes import PyrouteRouting
-from node_hook.model import NodeModel, RouteKind, prefix_of_packed
+from node_hook.contracts import DeleteRoute, SetRoute
+from node_hook.model import NodeModel, RouteKind
 from node_hook.planner import RouteSets, plan_routes
 from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
 from tests.support.netns import sh

@@ -28,8 +28,10 @@ import yaml
 from kubernetes import client
 
 from bench import row
+from node_hook.addresses import address_texts
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
-from node_hook.model import LocalAnnouncement, Publication, RemoteNode, address_texts
+from node_hook.addresses import address_texts
+from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 from wgcni_lab.apiserver import ApiServer
 from wgcni_lab.polling import wait_until
 

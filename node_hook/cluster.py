@@ -43,7 +43,8 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from node_hook.model import UNKNOWN_PUBLICATION, IPNetwork, LocalAnnouncement, Publication, RemoteNode, prefix_keys
+from node_hook.addresses import IPNetwork, aggregate, prefix_keys
+from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, Publication, RemoteNode
 from node_hook.peers import PeerSink
 
 log = logging.getLogger(__name__)
@@ -95,16 +96,6 @@ class SyncStatus:
 
 
 # --- pure conversions ------------------------------------------------------------------------------------------
-
-def aggregate_pod_ips(ips: Iterable[str]) -> list[str]:
-    """The fewest prefixes covering exactly these addresses (never one address more), IPv4 first, then IPv6."""
-    addresses = [ipaddress.ip_address(ip) for ip in ips]
-    prefixes: list[str] = []
-    for version in (4, 6):
-        family = [ipaddress.ip_network(address) for address in addresses if address.version == version]
-        prefixes.extend(str(network) for network in ipaddress.collapse_addresses(family))
-    return prefixes
-
 
 def expand_prefixes(prefixes: Iterable[str], limit: int) -> frozenset[IPNetwork]:
     """The model's keys of every address of the published prefixes (parsed once here: the hook shares these
@@ -166,7 +157,7 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
     transition time are kept from `previous` when the pod IPs or readiness did not change."""
     previous = previous or {}
     key = "" if opted_out else announcement.public_key
-    prefixes = aggregate_pod_ips(announcement.pod_ips)
+    prefixes = [str(prefix) for prefix in aggregate(announcement.pod_ips)]
     if previous.get("podIPPrefixes") == prefixes and previous.get("podIPsChangedAt"):
         changed_at = previous["podIPsChangedAt"]
     else:

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node_hook.apply.dataplane import AddDeviceAddress, AddRule, DeleteRule
-from node_hook.apply.wireguard import RemovePeer
+from node_hook.contracts import AddDeviceAddress, AddRule, DeleteRule, RemovePeer
 from node_hook.detect import AZURE_UNDERLAY_LOSS, WIREGUARD_OVERHEAD
 from node_hook.install.conflist_files import active_config
 from node_hook.install.conflist_text import has_entry
-from node_hook.keys import public_key_of
 from node_hook.planner import plan_device_address, plan_peers, plan_rules, plan_sysctls
 
 SYS_CLASS_NET = Path("/sys/class/net")
@@ -146,7 +144,7 @@ def _device(o: Observed) -> list[dict[str, str]]:
     wrong = []
     if not device.up:
         wrong.append("is down")
-    if device.public_key != public_key_of(spec.private_key):
+    if device.public_key != spec.public_key:
         wrong.append("holds another key than this node's")
     if device.listen_port != spec.listen_port:
         wrong.append(f"listens on {device.listen_port}, not {spec.listen_port}")

@@ -24,17 +24,23 @@ diagnose); `node_hook.node.build_node` wires an engine with its appliers, source
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from node_hook.apply.dataplane import FirewallApplier, FirewallSpec, RoutingApplier, SysctlApplier
-from node_hook.apply.wireguard import DeviceSpec, WireGuardBackend
+from node_hook.addresses import IPNetwork, address_of, host_keys
 from node_hook.config import Settings
+from node_hook.contracts import (
+    DeviceSpec,
+    FirewallApplier,
+    FirewallSpec,
+    RoutingApplier,
+    SysctlApplier,
+    WireGuardBackend,
+)
 from node_hook.detect import Environment
 from node_hook.keys import NodeKey
 from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, NodeModel, Publication, RemoteNode
@@ -132,7 +138,8 @@ class Engine:
         self.model = NodeModel(settings.node_name, environment.node_ips, self.host_encryption,
                                settings.persistent_keepalive, local_public_key=key.public_key)
         targets = Targets(
-            DeviceSpec(settings.interface, key.private, settings.listen_port, settings.fwmark, environment.mtu),
+            DeviceSpec(settings.interface, key.private, key.public_key, settings.listen_port, settings.fwmark,
+                       environment.mtu),
             desired_rules(settings.rule_priority, settings.fwmark, settings.route_table),
             FirewallSpec(FIREWALL_TABLE, settings.fwmark, settings.interface, settings.pod_interface_prefixes,
                          settings.listen_port),
@@ -261,7 +268,7 @@ class Engine:
         """Something outside changed these aspects (device, routes, rules ...): read them back and repair."""
         self._enqueue(out_of_sync=aspects)
 
-    def route_removed(self, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    def route_removed(self, prefix: IPNetwork) -> None:
         """A route left our table: repair it on the worker if we still want it (our own deletes are not wanted)."""
         def apply() -> None:
             if prefix in self.model.routes:
@@ -363,7 +370,7 @@ class Engine:
 
     def local_ips(self) -> frozenset[str]:
         """This node's IPs: its node IPs and every local pod IP (any thread holding `model_lock`, or the worker)."""
-        return frozenset(str(ip) for ip in self.model.local_pod_ips) | self.environment.node_ips
+        return frozenset(str(address_of(key)) for key in self.model.local_pod_ips) | self.environment.node_ips
 
     def _gate_rules(self) -> None:
         """Worker thread, before a pass: the rules as the publication allows them (planner.publication_gate)."""
@@ -398,16 +405,15 @@ class Engine:
     def _rescan_records(self) -> None:
         errors: list[str] = []
         records = self.records.list(errors=errors)
-        local: dict[str, list[str]] = {}
+        local: dict[str, Iterable[str | IPNetwork]] = {}
         meta: dict[str, dict[str, Any]] = {}
         for record in records:
             key = record_key(record["network"], record["containerID"], record["ifname"])
             try:
-                ipaddresses = [str(ipaddress.ip_address(ip)) for ip in record["ips"]]
+                local[key] = host_keys(record["ips"], key)  # the one parse: the model and the publication share these
             except ValueError:
                 errors.append(f"{key}: invalid IP in {record['ips']!r}")
                 continue
-            local[key] = ipaddresses
             meta[key] = _record_meta(record)
         for error in errors:
             if error not in self.record_errors:
@@ -452,7 +458,7 @@ class Engine:
             endpoint_ip=self.environment.endpoint,
             endpoint_port=self.settings.listen_port,
             node_ips=self.environment.node_ips,
-            pod_ips=frozenset(str(ip) for ip in self.model.local_pod_ips),
+            pod_ips=self.model.local_pod_ips,
             mtu=self.environment.mtu,
             ready=self.reconciler.converged,
             message=self.last_error or "dataplane programmed",

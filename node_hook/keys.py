@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nacl.public import PrivateKey
@@ -24,10 +24,10 @@ class KeyFileError(Exception):
 @dataclass(frozen=True)
 class NodeKey:
     private: bytes  # 32 raw bytes; never logged
+    public_key: str = field(init=False)  # base64, derived once from `private` when the key is loaded
 
-    @property
-    def public_key(self) -> str:
-        return base64.b64encode(bytes(PrivateKey(self.private).public_key)).decode()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public_key", base64.b64encode(bytes(PrivateKey(self.private).public_key)).decode())
 
     def __repr__(self) -> str:  # keep the private key out of logs and tracebacks
         return f"NodeKey(public_key={self.public_key!r})"

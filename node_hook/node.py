@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node_hook.apply.monitor import NetlinkMonitor
-from node_hook.apply.wireguard import WireGuardBackend
 from node_hook.config import Settings
+from node_hook.contracts import WireGuardBackend
 from node_hook.detect import Environment, kernel_wireguard_available
 from node_hook.engine import FIREWALL_TABLE, Appliers, Engine, Observer, PeerSource, RecordSource
 from node_hook.install.settings import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR

@@ -13,7 +13,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
-from node_hook.apply.dataplane import (
+from node_hook.addresses import IPNetwork
+from node_hook.addresses import prefix_order as _prefix_order
+from node_hook.contracts import (
     DEVICE_ADDRESS,
     FOREIGN_ROUTE,
     MAIN_TABLE,
@@ -21,23 +23,19 @@ from node_hook.apply.dataplane import (
     AddRule,
     DeleteRoute,
     DeleteRule,
-    FirewallSpec,
-    RoutingOp,
-    RuleSpec,
-    SetRoute,
-)
-from node_hook.apply.wireguard import (
     DeviceSpec,
     DeviceState,
+    FirewallSpec,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
     RemovePeer,
+    RoutingOp,
+    RuleSpec,
+    SetRoute,
     UpsertPeer,
 )
-from node_hook.keys import public_key_of
-from node_hook.model import DesiredPeer, IPNetwork, Publication, RouteKind
-from node_hook.model import prefix_order as _prefix_order
+from node_hook.model import DesiredPeer, Publication, RouteKind
 
 # The apply order, in ONE place. Each step runs only after the previous one succeeded.
 APPLY_ORDER: tuple[str, ...] = (
@@ -130,7 +128,7 @@ def plan_device(spec: DeviceSpec, actual: DeviceState | None) -> DeviceSpec | No
     if (
         actual is None
         or not actual.up
-        or actual.public_key != public_key_of(spec.private_key)
+        or actual.public_key != spec.public_key
         or actual.listen_port != spec.listen_port
         or actual.fwmark != spec.fwmark
         or actual.mtu != spec.mtu

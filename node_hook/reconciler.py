@@ -17,15 +17,20 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Mapping
 
-from node_hook.apply.dataplane import (
+from node_hook.addresses import IPNetwork
+from node_hook.contracts import (
+    DeviceSpec,
+    DeviceState,
     FirewallApplier,
     FirewallSpec,
+    PeerState,
+    RemovePeer,
     RoutingApplier,
     RuleSpec,
     SysctlApplier,
+    WireGuardBackend,
 )
-from node_hook.apply.wireguard import DeviceSpec, DeviceState, PeerState, RemovePeer, WireGuardBackend
-from node_hook.model import Changes, DesiredPeer, IPNetwork, NodeModel, RouteKind, paused_gc
+from node_hook.model import Changes, DesiredPeer, NodeModel, RouteKind, paused_gc
 from node_hook.planner import (
     APPLY_ORDER,
     Plan,

@@ -18,7 +18,8 @@ import threading
 from pathlib import Path
 
 from cni_plugin.files import write_atomically
-from node_hook.model import LocalAnnouncement, Publication, RemoteNode, host_keys
+from node_hook.addresses import address_texts, host_keys
+from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 from node_hook.peers import PeerSink
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def announcement_json(announcement: LocalAnnouncement) -> dict[str, object]:
         "endpoint": announcement.endpoint_ip,
         "endpointPort": announcement.endpoint_port,
         "nodeIPs": sorted(announcement.node_ips),
-        "podIPs": sorted(announcement.pod_ips),
+        "podIPs": sorted(address_texts(announcement.pod_ips)),
         "mtu": announcement.mtu,
         "ready": announcement.ready,
         "message": announcement.message,
@@ -129,7 +130,7 @@ class StaticPeerSource:
                              temporary_prefix=f".{self.announce_file.name}.tmp.", durable=False)
         if self._sink is not None:
             self._sink.published(Publication("written", announcement.public_key,
-                                             announcement.node_ips | announcement.pod_ips))
+                                             announcement.node_ips | frozenset(address_texts(announcement.pod_ips))))
 
     def stop(self) -> None:
         self._stopping.set()

@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node_hook.apply.wireguard import PeerState
+from node_hook.addresses import address_texts, host_prefix
+from node_hook.contracts import PeerState
 from node_hook.diagnose import Observed, analyse
 from node_hook.engine import ROUTE_KEY_PREFIX, Engine, route_key
-from node_hook.model import LOCAL, DesiredPeer, RouteKind, address_texts, host_prefix
+from node_hook.model import LOCAL, DesiredPeer, RouteKind
 from node_hook.planner import publication_gate
 
 RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older session can no longer carry data

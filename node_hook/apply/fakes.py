@@ -21,26 +21,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from node_hook.apply.dataplane import (
+from node_hook.addresses import IPNetwork
+from node_hook.apply.firewall import render_firewall
+from node_hook.contracts import (
     AddDeviceAddress,
     AddRule,
     DeleteRoute,
     DeleteRule,
-    FirewallSpec,
-    RoutingOp,
-    RuleSpec,
-    SetRoute,
-    TableState,
-)
-from node_hook.apply.firewall import render_firewall
-from node_hook.apply.wireguard import (
     DeviceSpec,
     DeviceState,
-    IPNetwork,
+    FirewallSpec,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
     RemovePeer,
+    RoutingOp,
+    RuleSpec,
+    SetRoute,
+    TableState,
     UpsertPeer,
 )
 from node_hook.keys import public_key_of

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import subprocess
 
-from node_hook.apply.dataplane import FirewallSpec
+from node_hook.contracts import FirewallSpec
 
 
 FAMILIES = ("inet", "arp")

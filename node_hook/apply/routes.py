@@ -33,7 +33,8 @@ from itertools import chain
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_hook.apply.dataplane import (
+from node_hook.addresses import IPNetwork, packed_prefix, prefix_of_packed
+from node_hook.contracts import (
     FOREIGN_ROUTE,
     MAIN_TABLE,
     AddDeviceAddress,
@@ -45,7 +46,7 @@ from node_hook.apply.dataplane import (
     SetRoute,
     TableState,
 )
-from node_hook.model import IPNetwork, RouteKind, packed_prefix, paused_gc, prefix_of_packed
+from node_hook.model import RouteKind, paused_gc
 
 RT_SCOPE_LINK = 253
 FIB_RULE_INVERT = 0x2

@@ -1,6 +1,6 @@
 """Kernel WireGuard backend: the device is a `wireguard` link (rtnetlink) configured over WireGuard generic netlink.
 
-Implements `node_hook.apply.wireguard.WireGuardBackend` with pyroute2. Peer ops are turned into WG_CMD_SET_DEVICE
+Implements `node_hook.contracts.WireGuardBackend` with pyroute2. Peer ops are turned into WG_CMD_SET_DEVICE
 messages carrying many peers each (pyroute2's `WireGuard.set()` sends one peer per message, so the messages are
 built here), split at `MAX_MESSAGE_BYTES` the way wg(8) splits them: a peer whose AllowedIPs do not fit is continued
 in the next message without the replace flag.
@@ -30,18 +30,16 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import AsyncGenericNetlinkSocket, GenericNetlinkSocket
 from pyroute2.netlink.generic.wireguard import wgmsg
 
-from node_hook.apply.wireguard import (
+from node_hook.addresses import IPNetwork, packed_prefix, prefix_of_packed
+from node_hook.contracts import (
     DeviceSpec,
     DeviceState,
-    IPNetwork,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
     RemovePeer,
     UpsertPeer,
 )
-from node_hook.keys import public_key_of
-from node_hook.model import packed_prefix, prefix_of_packed
 
 log = logging.getLogger(__name__)
 
@@ -447,8 +445,7 @@ class KernelWireGuard:
             raise KernelWireGuardError(f"{self.ifname} disappeared while it was being configured")
         message = WireGuardMessage()
         message["attrs"].append(["WGDEVICE_A_IFNAME", self.ifname])
-        wanted_public = public_key_of(spec.private_key)
-        if current.public_key != wanted_public:
+        if current.public_key != spec.public_key:
             message["attrs"].append(["WGDEVICE_A_PRIVATE_KEY", encode_key(spec.private_key)])
         if current.listen_port != spec.listen_port:
             message["attrs"].append(["WGDEVICE_A_LISTEN_PORT", spec.listen_port])

@@ -32,10 +32,10 @@ from typing import Callable, Iterable, Iterator
 
 from pyroute2 import IPRoute
 
-from node_hook.apply.wireguard import (
+from node_hook.addresses import IPNetwork, packed_prefix, prefix_from_text
+from node_hook.contracts import (
     DeviceSpec,
     DeviceState,
-    IPNetwork,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
@@ -43,7 +43,7 @@ from node_hook.apply.wireguard import (
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
-from node_hook.model import packed_prefix, paused_gc, prefix_from_text
+from node_hook.model import paused_gc
 
 log = logging.getLogger(__name__)
 

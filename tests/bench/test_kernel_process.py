@@ -8,9 +8,10 @@ import ipaddress
 import pytest
 
 from bench.kernel_process import ROUTES_PER_CHUNK, KernelProcess, state_digest
-from node_hook.apply.dataplane import DeleteRoute, SetRoute
-from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, UpsertPeer
-from node_hook.model import RouteKind, address_key
+from node_hook.addresses import address_key
+from node_hook.contracts import DeleteRoute, DeviceSpec, RemoveAllowedIPs, SetRoute, UpsertPeer
+from node_hook.keys import public_key_of
+from node_hook.model import RouteKind
 
 KEY_A, KEY_B = "A" * 43 + "=", "B" * 43 + "="
 
@@ -29,7 +30,8 @@ def net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def test_programmed_state_reads_back_equal_and_digests_alike(kernel: KernelProcess) -> None:
-    kernel.wireguard.ensure_device(DeviceSpec("wgtest0", bytes(range(32)), 51820, 0x100000, 1420))
+    kernel.wireguard.ensure_device(DeviceSpec("wgtest0", bytes(range(32)), public_key_of(bytes(range(32))), 51820,
+                                              0x100000, 1420))
     many = [address_key(f"10.{64 + (i >> 16)}.{i >> 8 & 255}.{i & 255}") for i in range(ROUTES_PER_CHUNK + 10)]
     kernel.routing.apply([SetRoute(prefix, RouteKind.WIREGUARD) for prefix in many]
                          + [SetRoute(net("fd00::/64"), RouteKind.THROW), DeleteRoute(many[0])])
@@ -52,7 +54,8 @@ def test_programmed_state_reads_back_equal_and_digests_alike(kernel: KernelProce
 
 
 def test_digest_tells_one_route_or_one_allowed_ip_apart(kernel: KernelProcess) -> None:
-    kernel.wireguard.ensure_device(DeviceSpec("wgtest0", bytes(range(32)), 51820, 0x100000, 1420))
+    kernel.wireguard.ensure_device(DeviceSpec("wgtest0", bytes(range(32)), public_key_of(bytes(range(32))), 51820,
+                                              0x100000, 1420))
     kernel.routing.apply([SetRoute(net("10.0.0.1/32"), RouteKind.WIREGUARD)])
     kernel.wireguard.apply_peer_ops([UpsertPeer(KEY_A, None, (net("10.0.0.1/32"),), True)])
     same = state_digest({KEY_A: frozenset({net("10.0.0.1/32")})}, [(net("10.0.0.1/32"), "dev")])

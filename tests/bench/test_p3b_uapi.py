@@ -10,7 +10,7 @@ import pytest
 
 from bench import p3b_uapi
 from node_hook.apply import wg_kernel
-from node_hook.apply.wireguard import UpsertPeer
+from node_hook.contracts import UpsertPeer
 from tests.support.netns import namespaces_named
 
 

@@ -1,13 +1,10 @@
-"""Unit tests of the pure model: aggregation, ownership, conflict rules, mixed clusters, incremental changes."""
+"""Unit tests of the pure model: ownership, conflict rules, mixed clusters, incremental changes."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from node_hook.model import LOCAL, NodeModel, RemoteNode, RouteKind, aggregate
+from node_hook.model import LOCAL, NodeModel, RemoteNode, RouteKind
 
 KEY_B = "B" * 43 + "="
 KEY_C = "C" * 43 + "="
@@ -21,30 +18,6 @@ def node(name: str, key: str, pods: list[str], node_ip: str, changed: float = 0.
          endpoint: str | None = "default") -> RemoteNode:
     return RemoteNode(name, key, node_ip if endpoint == "default" else endpoint, 51820, frozenset({node_ip}),
                       frozenset(pods), changed)
-
-
-def test_aggregate_is_exact_and_minimal() -> None:
-    ips = [ipaddress.ip_address(f"10.240.0.{i}") for i in (4, 5, 6, 7, 9)] + [ipaddress.ip_address("fd00::1")]
-    assert aggregate(ips) == {net("10.240.0.4/30"), net("10.240.0.9/32"), net("fd00::1/128")}
-    assert aggregate([]) == frozenset()
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.sets(st.integers(min_value=0, max_value=511), max_size=80))
-def test_aggregate_covers_exactly_the_addresses(offsets: set[int]) -> None:
-    base = int(ipaddress.ip_address("10.240.0.0"))
-    ips = {ipaddress.ip_address(base + offset) for offset in offsets}
-    prefixes = aggregate(ips)
-    assert prefixes == frozenset(ipaddress.collapse_addresses(ips))  # the library's answer
-    v6 = {ipaddress.ip_address(f"fd00::{offset:x}") for offset in offsets}
-    assert aggregate(v6) == frozenset(ipaddress.collapse_addresses(v6))
-    covered = {address for prefix in prefixes for address in prefix}
-    assert covered == ips
-    # minimal: no two prefixes are siblings that could merge into their parent
-    for prefix in prefixes:
-        if prefix.prefixlen:
-            parent = prefix.supernet()
-            assert not all(sub in prefixes for sub in parent.subnets())
 
 
 def test_remote_pods_route_to_wireguard_and_local_pods_throw() -> None:

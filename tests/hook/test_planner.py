@@ -6,9 +6,22 @@ import ipaddress
 
 import pytest
 
-from node_hook.apply.dataplane import FOREIGN_ROUTE, AddRule, DeleteRoute, DeleteRule, FirewallSpec, RuleSpec, SetRoute
 from node_hook.apply.fakes import FakeWireGuard
-from node_hook.apply.wireguard import DeviceSpec, PeerState, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import (
+    FOREIGN_ROUTE,
+    AddRule,
+    DeleteRoute,
+    DeleteRule,
+    DeviceSpec,
+    FirewallSpec,
+    PeerState,
+    RemoveAllowedIPs,
+    RemovePeer,
+    RuleSpec,
+    SetRoute,
+    UpsertPeer,
+)
+from node_hook.keys import public_key_of
 from node_hook.model import UNKNOWN_PUBLICATION, DesiredPeer, Publication, RouteKind
 from node_hook.planner import (
     APPLY_ORDER,
@@ -61,7 +74,7 @@ def test_single_ip_removal_never_rebuilds_the_peer_and_leaves_no_window() -> Non
     assert removals == [RemoveAllowedIPs(KEY, tuple(nets("10.0.0.0/31")))]
     assert adds == []
     fake = FakeWireGuard()
-    fake.ensure_device(DeviceSpec("wgcni0", b"\x01" * 32, 51820, 0x100000, 1420))
+    fake.ensure_device(DeviceSpec("wgcni0", b"\x01" * 32, public_key_of(b"\x01" * 32), 51820, 0x100000, 1420))
     fake.apply_peer_ops([UpsertPeer(KEY, None, tuple(nets("10.0.0.0/31")), True)])
     for op in reshape + removals:
         fake.apply_peer_ops([op])
@@ -137,12 +150,12 @@ def test_the_publication_gates_the_tunnel_and_each_local_source(publication: Pub
 
 
 def test_device_sysctl_and_firewall_diffs() -> None:
-    spec = DeviceSpec("wgcni0", b"\x02" * 32, 51820, 0x100000, 1340)
+    spec = DeviceSpec("wgcni0", b"\x02" * 32, public_key_of(b"\x02" * 32), 51820, 0x100000, 1340)
     assert plan_device(spec, None) == spec
     fake = FakeWireGuard()
     fake.ensure_device(spec)
     assert plan_device(spec, fake.read()) is None
-    fake.ensure_device(DeviceSpec("wgcni0", b"\x02" * 32, 51820, 0x100000, 1420))
+    fake.ensure_device(DeviceSpec("wgcni0", b"\x02" * 32, public_key_of(b"\x02" * 32), 51820, 0x100000, 1420))
     assert plan_device(spec, fake.read()) == spec
     assert plan_sysctls({"a": "1", "b": "2"}, {"a": "1", "b": "0"}) == {"b": "2"}
     firewall = FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from node_hook.apply.dataplane import DEVICE_ADDRESS, FirewallSpec
 from node_hook.apply.fakes import FakeFirewall, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.apply.firewall import render_firewall
-from node_hook.apply.wireguard import DeviceSpec
+from node_hook.contracts import DEVICE_ADDRESS, DeviceSpec, FirewallSpec
 from node_hook.keys import public_key_of
 from node_hook.model import NodeModel, RemoteNode
 from node_hook.planner import desired_rules
@@ -32,7 +31,7 @@ class Node:
         self.sysctls = FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0", "net/ipv4/conf/wgcni0/rp_filter": "1"},
                                    tmp_path / "sysctl-originals.json")
         self.targets = Targets(
-            DeviceSpec("wgcni0", PRIVATE, 51820, 0x100000, 1340),
+            DeviceSpec("wgcni0", PRIVATE, public_key_of(PRIVATE), 51820, 0x100000, 1340),
             desired_rules(99, 0x100000, 51820),
             FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820),
             SYSCTLS,
@@ -162,7 +161,7 @@ def test_rule_and_route_removed_outside_are_restored(node: Node) -> None:
 def test_foreign_peer_is_removed(node: Node) -> None:
     node.populate()
     node.reconciler.reconcile()
-    from node_hook.apply.wireguard import UpsertPeer
+    from node_hook.contracts import UpsertPeer
 
     node.wg.apply_peer_ops([UpsertPeer("X" * 43 + "=", None, (ipaddress.ip_network("10.240.0.70/32"),), False)])
     node.reconciler.mark_out_of_sync("peers")

@@ -23,10 +23,11 @@ from node_hook.apply.wg_kernel import (
     KernelWireGuard,
     KernelWireGuardError,
 )
-from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.config import Settings
+from node_hook.contracts import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.node import real_wireguard_backend
 from node_hook.detect import kernel_wireguard_available
+from node_hook.keys import public_key_of
 from tests.support.kernel_wg import ip, unique_name
 
 pytestmark = [pytest.mark.kernel_wg, pytest.mark.usefixtures("kernel_wireguard")]
@@ -68,7 +69,8 @@ def backend(wg_ifname):
 
 
 def spec_for(ifname: str, private: bytes, port: int = 51820, fwmark: int = 0x100000, mtu: int = 1420) -> DeviceSpec:
-    return DeviceSpec(name=ifname, private_key=private, listen_port=port, fwmark=fwmark, mtu=mtu)
+    return DeviceSpec(name=ifname, private_key=private, public_key=public_key_of(private), listen_port=port,
+                      fwmark=fwmark, mtu=mtu)
 
 
 def test_the_daemon_picks_the_kernel_backend_for_auto_in_the_vm(wg_ifname):

@@ -24,8 +24,8 @@ from node_hook.apply.wg_kernel import (
     plan_peer_writes,
     split_messages,
 )
-from node_hook.apply.wireguard import RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.config import Settings
+from node_hook.contracts import RemoveAllowedIPs, RemovePeer, UpsertPeer
 from node_hook.node import real_wireguard_backend
 from node_hook.detect import kernel_wireguard_available
 from tests.support import kernel_wg

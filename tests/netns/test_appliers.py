@@ -11,17 +11,28 @@ import secrets
 import signal
 import subprocess
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from nacl.public import PrivateKey
 
-from node_hook.apply.dataplane import AddRule, DeleteRoute, DeleteRule, FirewallSpec, RuleSpec, SetRoute
 from node_hook.apply.firewall import NftFirewall
 from node_hook.apply.routes import PyrouteRouting
 from node_hook.apply.sysctl import Sysctls
 from node_hook.apply.wg_uapi import SOCKET_DIR, UapiClient, UserspaceWireGuard
-from node_hook.apply.wireguard import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import (
+    AddRule,
+    DeleteRoute,
+    DeleteRule,
+    DeviceSpec,
+    FirewallSpec,
+    RemoveAllowedIPs,
+    RemovePeer,
+    RuleSpec,
+    SetRoute,
+    UpsertPeer,
+)
 from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
 from node_hook.planner import desired_rules
@@ -63,7 +74,7 @@ def backend(netns: str, short_tmp: Path):
 
 def test_userspace_device_and_peers_against_wireguard_go(backend: UserspaceWireGuard) -> None:
     private = bytes(PrivateKey.generate())
-    spec = DeviceSpec(backend.ifname, private, 51999, 0x100000, 1340)
+    spec = DeviceSpec(backend.ifname, private, public_key_of(private), 51999, 0x100000, 1340)
     assert backend.read() is None
     backend.ensure_device(spec)
     state = backend.read()
@@ -91,7 +102,7 @@ def test_userspace_device_and_peers_against_wireguard_go(backend: UserspaceWireG
     assert state.peers[b].persistent_keepalive == 25 and state.peers[c].endpoint == ("fd00::66", 51820)
     backend.apply_peer_ops([RemovePeer(c)])
     assert set(wg_show(backend.ifname)) == {b}
-    backend.ensure_device(DeviceSpec(backend.ifname, private, 51999, 0x100000, 1420))  # MTU change keeps peers
+    backend.ensure_device(replace(spec, mtu=1420))  # an MTU change keeps the peers
     state = backend.read()
     assert state.mtu == 1420 and set(state.peers) == {b}
 
@@ -99,7 +110,8 @@ def test_userspace_device_and_peers_against_wireguard_go(backend: UserspaceWireG
 def test_userspace_streams_requests_and_answers_larger_than_a_chunk(backend: UserspaceWireGuard) -> None:
     """30 000 AllowedIPs over 20 peers: the `set` is written in many chunks and the `get` parsed as it arrives; what
     wireguard-go holds (read by `wg`) and what the backend reads back are exactly what was sent."""
-    backend.ensure_device(DeviceSpec(backend.ifname, bytes(PrivateKey.generate()), 51999, 0x100000, 1340))
+    private = bytes(PrivateKey.generate())
+    backend.ensure_device(DeviceSpec(backend.ifname, private, public_key_of(private), 51999, 0x100000, 1340))
     keys = [new_key() for _ in range(20)]
     wanted = {key: tuple(n(f"10.{64 + index}.{host >> 8}.{host & 255}/32") for host in range(1500))
               for index, key in enumerate(keys)}
@@ -115,7 +127,7 @@ def test_userspace_streams_requests_and_answers_larger_than_a_chunk(backend: Use
 
 def test_killed_wireguard_go_is_reported_and_restarted_with_the_same_key(backend: UserspaceWireGuard) -> None:
     private = bytes(PrivateKey.generate())
-    spec = DeviceSpec(backend.ifname, private, 51998, 0x100000, 1340)
+    spec = DeviceSpec(backend.ifname, private, public_key_of(private), 51998, 0x100000, 1340)
     backend.ensure_device(spec)
     pid = backend.pid
     assert pid is not None
@@ -129,7 +141,8 @@ def test_killed_wireguard_go_is_reported_and_restarted_with_the_same_key(backend
 
 def test_close_leaves_wireguard_go_serving_and_a_new_backend_adopts_it(netns: str, short_tmp: Path) -> None:
     ifname = f"h3u{secrets.token_hex(3)}"
-    spec = DeviceSpec(ifname, bytes(PrivateKey.generate()), 51997, 0x100000, 1340)
+    private = bytes(PrivateKey.generate())
+    spec = DeviceSpec(ifname, private, public_key_of(private), 51997, 0x100000, 1340)
     first = UserspaceWireGuard(ifname, log_file=short_tmp / "wg.log")
     successor = None
     try:

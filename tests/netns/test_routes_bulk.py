@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
-from node_hook.apply.dataplane import FOREIGN_ROUTE, AddRule, DeleteRoute, RuleSpec, SetRoute
+from node_hook.addresses import prefix_from_text
 from node_hook.apply.routes import PyrouteRouting
-from node_hook.model import RouteKind, prefix_from_text
+from node_hook.contracts import FOREIGN_ROUTE, AddRule, DeleteRoute, RuleSpec, SetRoute
+from node_hook.model import RouteKind
 from node_hook.planner import RouteSets
 from tests.support.kernel_wg import ip
 

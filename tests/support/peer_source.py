@@ -6,6 +6,7 @@ held (`accept_writes`); a test that sets it False reports what it wants with `re
 
 from __future__ import annotations
 
+from node_hook.addresses import address_texts
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 from node_hook.peers import PeerSink
 
@@ -39,7 +40,7 @@ class ManualPeerSource:
         self.published.append(announcement)
         if self.accept_writes:
             self.report(Publication("written", announcement.public_key,
-                                    announcement.node_ips | announcement.pod_ips))
+                                    announcement.node_ips | frozenset(address_texts(announcement.pod_ips))))
 
     def report(self, publication: Publication) -> None:
         if self.sink is not None:

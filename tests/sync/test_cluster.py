@@ -11,8 +11,9 @@ import time
 import yaml
 from kubernetes import client
 
+from node_hook.addresses import address_texts, host_keys
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
-from node_hook.model import address_texts, host_keys
+from node_hook.addresses import address_texts, host_keys
 from tests.sync.helpers import FAST, announcement, create_node, new_key
 from tests.support.polling import wait_until
 

@@ -8,18 +8,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_hook.cluster import aggregate_pod_ips, expand_prefixes, published_status, remote_node_from_object
-from node_hook.model import address_texts, host_keys
+from node_hook.addresses import address_texts, host_keys
+from node_hook.cluster import expand_prefixes, published_status, remote_node_from_object
 from tests.sync.helpers import announcement, new_key
 
 ipv4_in_vnet = st.integers(min_value=0, max_value=2047).map(lambda n: str(ipaddress.IPv4Address("10.240.0.0") + n))
 ipv6_in_pods = st.integers(min_value=0, max_value=1023).map(lambda n: str(ipaddress.IPv6Address("fd00::") + n))
 
 
+def published_prefixes(ips: set[str]) -> list[str]:
+    return published_status(announcement("a", new_key(), ips), False, 1.0, None, now=1.0)["podIPPrefixes"]
+
+
+def collapsed_per_family(ips: set[str]) -> list[str]:
+    """The publication's rule written with the standard library: exact aggregation, IPv4 first, then IPv6."""
+    addresses = [ipaddress.ip_address(ip) for ip in ips]
+    return [str(network) for version in (4, 6)
+            for network in ipaddress.collapse_addresses(a for a in addresses if a.version == version)]
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.sets(ipv4_in_vnet | ipv6_in_pods, max_size=300))
 def test_aggregation_is_exact_and_minimal(ips):
-    prefixes = aggregate_pod_ips(ips)
+    prefixes = published_prefixes(ips)
+    assert prefixes == collapsed_per_family(ips)
     assert expand_prefixes(prefixes, 1 << 20) == host_keys(ips, "test")
     networks = [ipaddress.ip_network(prefix) for prefix in prefixes]
     # minimal: no two prefixes could be merged into one
@@ -31,10 +43,10 @@ def test_aggregation_is_exact_and_minimal(ips):
 
 
 def test_aggregation_examples():
-    assert aggregate_pod_ips({"10.240.0.8", "10.240.0.9", "10.240.0.10", "10.240.0.11", "10.240.0.12"}) == [
+    assert published_prefixes({"10.240.0.8", "10.240.0.9", "10.240.0.10", "10.240.0.11", "10.240.0.12"}) == [
         "10.240.0.8/30", "10.240.0.12/32"]
-    assert aggregate_pod_ips({"fd00::1", "10.240.0.1"}) == ["10.240.0.1/32", "fd00::1/128"]
-    assert aggregate_pod_ips(set()) == []
+    assert published_prefixes({"fd00::1", "10.240.0.1"}) == ["10.240.0.1/32", "fd00::1/128"]
+    assert published_prefixes(set()) == []
 
 
 def test_expansion_limit_and_malformed_prefixes():

@@ -1,20 +1,23 @@
-"""Contracts of the routing, firewall and sysctl appliers (pure data types and protocols, no side effects).
+"""Contracts between the planner and the appliers (pure data types and protocols, no side effects).
 
-Like `wireguard.py` for the WireGuard backends: the planner emits these ops against state read back through
-these protocols; the real appliers (`routes.py`, `firewall.py`, `sysctl.py`) and their fakes (`fakes.py`)
-implement them with the same observable behaviour.
+The planner emits these ops against the state the appliers read back through these protocols: routes, rules and
+the device address (`RoutingApplier`), the nftables table (`FirewallApplier`), sysctls (`SysctlApplier`) and the
+WireGuard device and its peers (`WireGuardBackend`). The real appliers in `apply/` (`routes.py`, `firewall.py`,
+`sysctl.py`, `wg_kernel.py` over netlink, `wg_uapi.py` over wireguard-go's UAPI) and their fakes (`apply/fakes.py`)
+implement them with the same observable behaviour; the model, the planner and the reconciler import only this.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from node_hook.addresses import IPNetwork
 from node_hook.model import RouteKind
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# ---- routes, rules, the device address, firewall and sysctls ------------------------------------------------
 
 FOREIGN_ROUTE = "foreign"  # a route in our table that we did not put there in this shape (gets replaced/deleted)
 
@@ -138,3 +141,92 @@ class SysctlApplier(Protocol):
 
     def restore(self) -> None:
         """Write every remembered original back and forget them."""
+
+# ---- the WireGuard device and its peers: the kernel (netlink) and userspace (UAPI) backends give the same result
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the device itself must look like (peers are handled by `PeerOp`s)."""
+
+    name: str
+    private_key: bytes  # 32 raw bytes; never logged
+    public_key: str  # base64, of `private_key`: derived once where the key is loaded (keys.NodeKey)
+    listen_port: int
+    fwmark: int
+    mtu: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerState:
+    """One peer as read back from the device."""
+
+    public_key: str  # base64
+    endpoint: tuple[str, int] | None
+    allowed_ips: frozenset[IPNetwork]
+    persistent_keepalive: int = 0
+    latest_handshake: float = 0.0  # unix seconds, 0 = never
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """The device as read back; `public_key` is derived from the private key the device holds."""
+
+    name: str
+    public_key: str
+    listen_port: int
+    fwmark: int
+    mtu: int
+    up: bool
+    peers: dict[str, PeerState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UpsertPeer:
+    """Create or update a peer. With `replace_allowed_ips` the list is the peer's whole set; otherwise it is added."""
+
+    public_key: str
+    endpoint: tuple[str, int] | None
+    allowed_ips: tuple[IPNetwork, ...]
+    replace_allowed_ips: bool
+    persistent_keepalive: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveAllowedIPs:
+    """Take these prefixes away from a peer without touching its other AllowedIPs and without a window
+    in which its other IPs are unreachable (per-IP remove flag where the kernel has it, else a temporary
+    zero-key peer that takes the prefixes and is then deleted)."""
+
+    public_key: str
+    allowed_ips: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RemovePeer:
+    public_key: str
+
+
+PeerOp = UpsertPeer | RemoveAllowedIPs | RemovePeer
+
+
+class WireGuardBackend(Protocol):
+    """One WireGuard device in the current network namespace."""
+
+    kind: str  # "kernel" | "userspace"
+
+    def read(self) -> DeviceState | None:
+        """The device and its peers, or None when the device does not exist."""
+
+    def ensure_device(self, spec: DeviceSpec) -> None:
+        """Create the device if missing and make key, port, fwmark, MTU and link state match `spec`."""
+
+    def apply_peer_ops(self, ops: list[PeerOp]) -> None:
+        """Apply the ops in order, batched into as few writes as the backend allows."""
+
+    def delete_device(self) -> None:
+        """Remove the device; no error when it is already gone."""
+
+    def close(self) -> None:
+        """Release sockets and child processes."""

@@ -1,6 +1,6 @@
-"""The model's packed prefixes (one int each, hashed in C) behave exactly like `ipaddress` networks - equality and
-hash both ways, text, formatting, ordering, pickling - and its integer address keys round-trip (the representation
-behind bench/p3_scale.py's figures)."""
+"""The address module's packed prefixes (one int each, hashed in C) behave exactly like `ipaddress` networks -
+equality and hash both ways, text, formatting, ordering, pickling -, its address keys round-trip, and its
+aggregation is exact and minimal."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node_hook.model import (
+from node_hook.addresses import (
     _V6,
-    _address,
-    _key_of,
     _network,
     address_key,
+    address_of,
+    aggregate,
     host_keys,
+    host_prefix,
     packed_prefix,
     prefix_of_packed,
     prefix_from_text,
@@ -70,7 +71,7 @@ def test_packed_prefixes_are_distinct_and_ordered_like_the_stdlib_ones(cases: li
 @pytest.mark.parametrize("text", ["10.240.0.70", "0.0.0.0", "255.255.255.255", "fd00::5", "::", "::ffff:1.2.3.4"])
 def test_address_keys_round_trip_and_never_collide_across_families(text: str) -> None:
     address = ipaddress.ip_address(text)
-    assert address_key(text) == _key_of(address) and _address(address_key(text)) == address
+    assert address_key(text) == host_prefix(address) and address_of(address_key(text)) == address
     assert (address_key(text) >= _V6) == (address.version == 6)
 
 
@@ -120,3 +121,28 @@ def test_prefix_of_packed_inverts_packed_prefix() -> None:
     for address, prefixlen in ((b"\x0a\x01\x02\x03", 24), (bytes(4), 33), (bytes(5), 8), (bytes(16), -1)):
         with pytest.raises(ValueError, match="is not an IP prefix"):
             prefix_of_packed(address, prefixlen)
+
+
+def test_aggregate_is_exact_and_minimal() -> None:
+    keys = host_keys([f"10.240.0.{i}" for i in (4, 5, 6, 7, 9)] + ["fd00::1"], "test")
+    assert list(aggregate(keys)) == [ipaddress.ip_network(text) for text in ("10.240.0.4/30", "10.240.0.9/32",
+                                                                             "fd00::1/128")]
+    assert list(aggregate(frozenset())) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(min_value=0, max_value=511), max_size=80))
+def test_aggregate_covers_exactly_the_addresses(offsets: set[int]) -> None:
+    base = int(ipaddress.ip_address("10.240.0.0"))
+    ips = {ipaddress.ip_address(base + offset) for offset in offsets}
+    prefixes = frozenset(aggregate(host_keys(ips, "test")))
+    assert prefixes == frozenset(ipaddress.collapse_addresses(ips))  # the library's answer
+    v6 = {ipaddress.ip_address(f"fd00::{offset:x}") for offset in offsets}
+    assert frozenset(aggregate(host_keys(v6, "test"))) == frozenset(ipaddress.collapse_addresses(v6))
+    covered = {address for prefix in prefixes for address in prefix}
+    assert covered == ips
+    # minimal: no two prefixes are siblings that could merge into their parent
+    for prefix in prefixes:
+        if prefix.prefixlen:
+            parent = prefix.supernet()
+            assert not all(sub in prefixes for sub in parent.subnets())
