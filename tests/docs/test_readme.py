@@ -1,5 +1,6 @@
 """README.md stays true to the code: its settings table mirrors `SETTINGS_DOC`, every metric it names exists,
-every `wgcni` / `wgcni-node` / `wgcni-lab` subcommand it lists is a real command, and its relative links resolve.
+every `wgcni` / `wgcni-node` subcommand it lists is a real command (and every `wgcni-lab` one docs/lab.md lists),
+and its relative links resolve.
 
 Pure file and import checks: no network, no root.
 """
@@ -21,12 +22,13 @@ from wgcni_lab.cli import cli as wgcni_lab_cli
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
+LAB_DOC = (REPO / "docs" / "lab.md").read_text()
 
 
-def section(title: str) -> str:
+def section(title: str, text: str = README) -> str:
     """The text of the `## <title>` section, up to the next `## ` heading."""
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.M | re.S)
-    assert match, f"README.md has no '## {title}' section"
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"{'README.md' if text is README else 'docs/lab.md'} has no '## {title}' section"
     return match.group(1)
 
 
@@ -104,7 +106,7 @@ def subcommands(group: click.Group) -> set[str]:
 @pytest.mark.parametrize("binary, group", [("wgcni", wgcni_cli), ("wgcni-node", wgcni_node_cli),
                                            ("wgcni-lab", wgcni_lab_cli)])
 def test_cli_section_lists_every_subcommand_and_no_other(binary: str, group: click.Group) -> None:
-    text = section("CLI")
+    text = section("`wgcni-lab`", LAB_DOC) if binary == "wgcni-lab" else section("CLI")  # the lab's CLI: docs/lab.md
     named = set(re.findall(rf"`{re.escape(binary)} ([a-z][a-z-]*)", text))
     if binary == "wgcni-lab":  # listed in one row as `wgcni-lab up ...`, `status ...`, `pod-add NODE`, ...
         row = next(line for line in text.splitlines() if line.startswith("| `wgcni-lab up"))
