@@ -1,8 +1,7 @@
 """Strict JSON for the plugin's CNI path, through CPython's C accelerator ``_json`` without importing ``json``.
 
 Deviation from the standard library, for start-up time: ``import json`` pulls in re, enum, functools and
-collections and costs ~10 ms per process on the 2-core build machines (``python3 -S -c 'import json'`` 19.4 ms
-against 9.7 ms bare, median of 80 interleaved runs), out of a 25 ms budget kubelet pays on every pod ADD and DEL.
+collections, a large share of the start-up budget kubelet pays on every pod ADD and DEL (docs/benchmarks.md, P1).
 ``_json`` is the C scanner and encoder that ``json`` itself uses, so values, escaping and number handling are
 exactly json's; this module only supplies what json's Python layer adds around them (whitespace, trailing data,
 the error type). tests/cni/test_cjson.py checks it against ``json`` on arbitrary input. Stricter than json.loads:

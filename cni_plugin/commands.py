@@ -230,7 +230,7 @@ def parse_cidr_host(cidr: str) -> tuple[int, bytes] | None:
     """``"10.240.0.65/16"`` -> (family, packed host address); None when it is not an address with a valid prefix.
 
     The C resolver functions (inet_pton/inet_ntop) parse and print the canonical form instead of ``ipaddress``,
-    which costs ~3 ms to import (it pulls in re and functools) on the plugin's start-up path. IPv4 families sort
+    whose import (it pulls in re and functools) would slow the plugin's start-up path. IPv4 families sort
     before IPv6 (AF_INET 2 < AF_INET6 10), addresses of one family in numeric order.
     """
     address, slash, prefix = cidr.partition("/")

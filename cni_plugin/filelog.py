@@ -1,8 +1,7 @@
 """Size-bounded append-only log file for the plugin (never stdout: stdout carries the CNI result).
 
-Deviation from the standard library, for start-up time: ``import logging`` costs 6-10 ms on the 2-core build
-machines (measured with ``python3 -S -c 'import logging'`` against a bare interpreter, 60 runs, median) and
-``logging.handlers`` another 3-5 ms, out of a 25 ms budget for a whole ADD. The plugin writes a handful of lines
+Deviation from the standard library, for start-up time: ``import logging`` and ``logging.handlers`` take a large
+share of the start-up budget of a whole ADD (docs/benchmarks.md, P1). The plugin writes a handful of lines
 per invocation from many short-lived processes at once, which RotatingFileHandler does not handle safely across
 processes anyway. Each line is one ``write`` on an ``O_APPEND`` descriptor (whole lines, no interleaving);
 rotation renames the file to ``<file>.1`` under an ``flock`` of the file being rotated.

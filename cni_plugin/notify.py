@@ -3,9 +3,8 @@
 Standard library only, every call bounded by one overall deadline (connect + send + answer), because the plugin
 runs on kubelet's pod-creation path and the record, not the notification, is the source of truth.
 
-It uses ``_socket``, the C socket type that ``socket.socket`` wraps, because ``import socket`` costs ~10 ms per
-plugin start on the build machines (it pulls in selectors and enum: ``python3 -S -c 'import socket'`` 19.6 ms
-against 9.7 ms bare, median of 80 interleaved runs); a Unix stream client needs nothing the wrapper adds.
+It uses ``_socket``, the C socket type that ``socket.socket`` wraps, because ``import socket`` pulls in selectors
+and enum on every plugin start (docs/benchmarks.md, P1); a Unix stream client needs nothing the wrapper adds.
 """
 
 import time
