@@ -43,9 +43,8 @@ def _value_of(address: IPAddress) -> int:
 # (IPv6?, network address, prefix length) as `ipaddress` sorts networks. CPython hashes a non-negative int as its
 # value modulo the prime 2**61 - 1, so this int hashes - in C, like any int - exactly as the equal `ipaddress`
 # network does (`hash(int(network_address) ^ int(netmask))`), compares as int in network order, and decodes back
-# to (address, prefix length). Measured at 5 000 nodes x 250 scattered pod IPs (bench/p3_scale.py): 64 instead of
-# 224 bytes per prefix (the previous IPv4Network subclass held an IPv4Address, a netmask and a cached hash in its
-# instance dict); hashing, equality, sorting and every set and dict operation on the model's prefixes run in C.
+# to (address, prefix length). An int is far smaller than an `ipaddress` network object (docs/benchmarks.md, P3);
+# hashing, equality, sorting and every set and dict operation on the model's prefixes run in C.
 _HASH_MODULUS = (1 << 61) - 1  # sys.hash_info.modulus of 64-bit CPython (checked at import below)
 _V6_SHIFT = 68  # the order of an IPv6 prefix is shifted past `address ^ netmask` (< 2**128) // modulus (< 2**67)
 _V6_FLAG = 1 << 136  # in the order: IPv6 prefixes after every IPv4 one, as ipaddress's (version, ...) ordering
@@ -169,7 +168,7 @@ def prefix_of_order(value: int) -> IPNetwork:
 def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
     """(network address in network byte order, prefix length) of any prefix, as UAPI and netlink write them; for a
     packed prefix decoded once, without building an IPv4Address (programming 1.25 M AllowedIPs, bench/p3b_uapi.py)."""
-    if type(prefix) is _PackedIPv4Network:  # `_decoded()` inlined: a UAPI line in 0.73 instead of 0.85 us
+    if type(prefix) is _PackedIPv4Network:  # `_decoded()` inlined: this runs once per AllowedIP programmed
         order = prefix // _HASH_MODULUS - 1
         return (order >> 8).to_bytes(4, "big"), order & 0xFF
     if type(prefix) is _PackedIPv6Network:

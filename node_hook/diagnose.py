@@ -213,8 +213,8 @@ def _rules(o: Observed) -> list[dict[str, str]]:
 def _routes(o: Observed) -> list[dict[str, str]]:
     desired, actual = o.desired_routes, o.table.routes
     # plan_routes' rule (a route is wrong when the table does not hold exactly the wanted kind; a route nobody
-    # wants is extra), applied without sorting the whole table: only the examples shown are ordered. With every
-    # one of 150 000 routes missing, planning them all took 3.2 s here; this whole analysis takes 0.3 s.
+    # wants is extra), applied without sorting the whole table: only the examples shown are ordered, so a check of
+    # a badly damaged table stays fast (docs/benchmarks.md, P8).
     wrong_routes = [(prefix, kind) for prefix, kind in desired.items() if actual.get(prefix) != kind]  # str enum
     extra_routes = [prefix for prefix in actual if prefix not in desired]
     wrong = [f"{prefix} ({kind.value})" for prefix, kind in heapq.nsmallest(EXAMPLES, wrong_routes, key=_route_order)]

@@ -3,7 +3,7 @@
 `NodeModel` is fed events (a local pod record appeared or went away, a remote node changed or went away)
 and keeps the desired WireGuard peers and table routes up to date *incrementally*: an event touches only the
 IPs it names and the peers that own them, so one pod event costs O(IPs of that pod + IPs of the affected peers),
-independent of the number of nodes in the cluster (issue 6: 5 000 peers x 250 pod IPs). Every change marks
+independent of the number of nodes in the cluster (sized for 5 000 peers x 250 pod IPs). Every change marks
 the affected peer keys and route prefixes dirty; `take_changes()` hands them to the planner.
 
 Rules computed here (identically on every node; see docs/design.md "Conflict rules"):
@@ -141,7 +141,7 @@ class Changes:
 def paused_gc() -> Iterator[None]:
     """Cyclic garbage collection paused for a bulk update (reference counting still frees everything at once).
     The model's and the planner's structures hold no reference cycles, but a full collection in the middle of
-    building a million of them re-scans all of them: measured 28 % of a full plan at 2 000 x 250 (bench/p3_scale.py).
+    building a million of them re-scans all of them (docs/benchmarks.md, P3).
     Nests: only the outermost use re-enables collection."""
     enabled = gc.isenabled()
     gc.disable()
@@ -182,7 +182,7 @@ class NodeModel:
         self._claims: dict[IPNetwork, str | set[str]] = {}  # remote claimant(s) per address
         self._contested: set[IPNetwork] = set()  # addresses claimed by more than one remote node
         # Remote node -> addresses it claims but does not win (local, or won by another claimant); only nodes with
-        # such addresses have an entry. A dict of every node's owned set cost 40 MB at 5 000 x 250 (bench/p3_scale.py).
+        # such addresses have an entry, so memory follows the rare losses, not every node's addresses.
         self._lost: dict[str, set[IPNetwork]] = {}
         # Our own key counts as held by this node: a remote node publishing it (a cloned disk, a copied state dir)
         # is a key conflict like any other, never a peer (the kernel would silently ignore it anyway).
@@ -192,8 +192,8 @@ class NodeModel:
         self.routes = DesiredRoutes(self)
         self._dirty_nodes: set[str] = set()
         # Addresses whose owner may have changed -> their owner before the first such change (`_winner()` of the
-        # state then). Owners are not stored: `_winner()` derives them from the claims and the local pods, and a
-        # dict of 1.25 M owners cost 52 MB at 5 000 x 250 (bench/p3_scale.py). Every change of what `_winner()`
+        # state then). Owners are not stored (a dict of every address's owner is table-sized): `_winner()` derives
+        # them from the claims and the local pods. Every change of what `_winner()`
         # reads is preceded by `_note()` of the addresses it touches.
         self._dirty_keys: dict[IPNetwork, str | None] = {}
         self._changed_keys: set[str] = set()
@@ -302,7 +302,7 @@ class NodeModel:
         """Make the remote nodes exactly `nodes` (a complete list from the peer source)."""
         remotes = self._remotes
         # The sync layer hands over the same object for a node that did not change: those are skipped in one pass
-        # of identity checks (a delivery of 5 000 nodes with one changed is ~0.3 ms of this, not 5 000 calls).
+        # of identity checks, not one update call per node.
         changed = [node for name, node in nodes.items() if remotes.get(name) is not node]
         gone = remotes.keys() - nodes.keys() if len(remotes) + len(changed) != len(nodes) else ()
         with paused_gc():
@@ -547,8 +547,8 @@ class NodeModel:
 class DesiredRoutes(Mapping[IPNetwork, RouteKind]):
     """The routes a `NodeModel` wants in the hook's table (prefix -> kind), derived on demand from its owners and
     peers: `throw` for local pods, `dev` for addresses of remote peers (`throw` while their node is not a peer).
-    Not stored: at 5 000 x 250 scattered pod IPs a dict of the 1.25 M routes cost 42 MB (bench/p3_scale.py); a
-    lookup costs about 0.4 us, iteration goes node by node, `len()` is O(nodes)."""
+    Not stored, because a dict of every route is table-sized (docs/benchmarks.md, P3): a lookup derives the kind,
+    iteration goes node by node, `len()` is O(nodes)."""
 
     __slots__ = ("_model",)
 

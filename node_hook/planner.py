@@ -59,8 +59,8 @@ _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 
 class RouteSets(Sequence[SetRoute]):
     """The `route_sets` step: SetRoute ops made one at a time as the applier takes them. A full plan at 5 000 x 250
-    scattered pod IPs sets 1.25 M routes: held as a list of prefixes and a byte per kind that is 11 MB; as op objects
-    it was 80 MB more at the hook's peak (bench/p3_scale.py)."""
+    scattered pod IPs sets 1.25 M routes: a list of prefixes and a byte per kind is a fraction of 1.25 M op objects
+    (docs/benchmarks.md, P3)."""
 
     __slots__ = ("_prefixes", "_kinds")
 
@@ -193,7 +193,7 @@ def plan_routes(
 ) -> tuple[list[RoutingOp], RouteSets]:
     """(deletes, sets) for the prefixes in scope (all when None). Foreign routes in our table are replaced."""
     if prefixes is None:  # everything: no set of the union (1.25 M prefixes at 5 000 x 250), the few extra apart
-        ordered = sorted(desired)  # the model's prefixes are packed: int order is network order, no key list (10 MB)
+        ordered = sorted(desired)  # the model's prefixes are packed: int order is network order, no key list
         ordered += sorted((prefix for prefix in actual if prefix not in desired), key=_prefix_order)
     else:
         ordered = sorted(set(prefixes), key=_prefix_order)

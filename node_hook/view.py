@@ -214,7 +214,7 @@ class NodeView:
 
         Keyset pages: a page costs a sort of the node names plus its own routes, never a walk over the routes
         before it, so listing all 150 000 routes of 5 000 nodes x 30 pods (or 1.25 M at 250) page by page stays
-        linear in routes. A page sorted by address took 645 ms at 150 000 routes; a page of groups 31 ms (P8).
+        linear in routes (docs/benchmarks.md, P8).
         """
         engine = self.engine
         by_kind = {kind.value: count for kind, count in engine.model.route_counts().items() if count}  # O(nodes)

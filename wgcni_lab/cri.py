@@ -5,7 +5,7 @@ No CRI client or `api.proto` is packaged here, but the containerd binary carries
 drops the gogoproto options and import (they only steer Go code generation and do not change the wire
 format), and the client builds its message classes from it at run time with protobuf's descriptor pool —
 so the messages always match the runtime under test and nothing is hand-written. Extraction reads the
-binary once per process (about 0.1 s for containerd 1.6's 48 MB).
+binary once per process.
 
 Only the sandbox calls the lab and the runtime tests need are wrapped: Version, Status, RunPodSandbox,
 StopPodSandbox, RemovePodSandbox, ListPodSandbox and PodSandboxStatus. Failures raise `CriError` carrying

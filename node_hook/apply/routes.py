@@ -7,16 +7,11 @@ route makes the lookup leave the table (the main table then decides). Deleting w
 what already exists succeed (ESRCH / ENOENT / EEXIST are "already done"), so a retried batch converges.
 
 The rare operations (rules, the device's address) go through pyroute2. The table's routes - as many as the
-cluster has pod IPs, 1.25 M at 5 000 nodes x 250 pods (issue 6) - do not: they are rtnetlink messages encoded here
+cluster has pod IPs, 1.25 M at 5 000 nodes x 250 pods - do not: they are rtnetlink messages encoded here
 with `struct` and sent over a raw NETLINK_ROUTE socket in batches (`RouteNetlink`), and the table dump is decoded the
-same way. Deviation from pyroute2, measured in a namespace with a veth as the device, 20 000 /32 routes, CPU (user +
-system) per route, both in the same run: pyroute2's `route("replace")` 309 us (~6.5 minutes for 1.25 M when a hook
-starts), its table dump 81 us, its delete 267 us; its own `IPBatch` compiler costs the same and encoding its `rtmsg`
-objects directly 66 us - the cost is pyroute2's message machinery, so batching through pyroute2 does not help. Here:
-add 4.0 us (replacing an existing route 2.8 us), dump 3.2 us, delete 3.2 us; `ip -batch` of the same routes 11.5 us
-(bench/p3c_routes.py measures 12.5 k to 1.25 M routes).
-The device's index is looked up on the same socket too: pyroute2's `link_lookup` cost 0.8 ms of CPU, which was
-nearly all of applying one route for a pod event; with this lookup that is 0.05 ms (P3c).
+same way. Deviation from pyroute2, for speed: its message machinery, batched or not, costs far more per route than
+the kernel's work (the measurements: docs/benchmarks.md, P3c). The device's index is looked up on the same socket
+too, since pyroute2's `link_lookup` was most of applying one route for a pod event.
 """
 
 from __future__ import annotations
@@ -91,14 +86,12 @@ _ROUTE_MESSAGE = {
 # Acks: the kernel answers every message that fails with an error ack whether or not it asked for one, and
 # handles a batch's messages in order inside the `send` call; so only a batch's last message asks for an ack
 # (NLM_F_ACK): once it is read, every message before it was handled and each failure among them was read first
-# (an ack that does not fit the receive buffer is not lost silently: the next receive fails with ENOBUFS). Measured
-# against an ack for every message, 100 000 /32 routes, CPU (user + system) per route: replace 6.1 -> 4.2 us,
-# replacing existing routes 4.9 -> 2.7 us, delete 5.2 -> 3.2 us (the kernel's ack skbs and one receive call each).
+# (an ack that does not fit the receive buffer is not lost silently: the next receive fails with ENOBUFS). One ack
+# per batch saves the kernel's ack skbs and a receive call per message (docs/benchmarks.md, P3c).
 # Route messages per `send`: at worst every message fails and is acked (an skb of its own: 832 bytes of receive
-# buffer each, measured on Linux 6.18; RECEIVE_BUFFER_PER_ACK leaves room for an error's reason), so a batch is
-# bounded by what the receive buffer holds; 256 messages are 11-16 KiB to send. Measured with an ack per message,
-# CPU per replaced /32 route (50 000 routes): 8.5 us one message per send, 6.3 us 16, 5.9 us 64, 6.0 us 256 and 1024;
-# 4 096 exceed the send buffer (EMSGSIZE).
+# buffer each on Linux 6.18; RECEIVE_BUFFER_PER_ACK leaves room for an error's reason), so a batch is bounded by
+# what the receive buffer holds; 256 messages are 11-16 KiB to send, past the point where larger batches stop
+# helping and well below the send buffer (4 096 fail with EMSGSIZE).
 BATCH_MESSAGES = 256
 RECEIVE_BUFFER = 4 << 20
 RECEIVE_BUFFER_PER_ACK = 1024
@@ -337,7 +330,7 @@ class PyrouteRouting:
     def read(self) -> TableState:
         ifindex = self._ifindex()
         routes: dict[IPNetwork, str] = {}
-        with paused_gc():  # a million new prefixes (GC-tracked ints): at 1.25 M routes 2.8 instead of 9.6 us per route
+        with paused_gc():  # a dump of a full table makes a million new prefixes (GC-tracked ints)
             for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
                 for buffer, start, end in self._netlink.dump_routes(family, self.table):
                     prefix, kind = self._decode_route(buffer, start, end, address_size, ifindex)

@@ -150,7 +150,7 @@ class WireGuardSocket(GenericNetlinkSocket):
 
     def get_device(self, ifname: str) -> Iterator[WireGuardMessage]:
         """The dump parts of WG_CMD_GET_DEVICE as they arrive (the kernel splits large devices over several
-        messages: 1 404 of them for 5 000 peers x 250 AllowedIPs, whose parsed forms are not all held at once)."""
+        messages, whose parsed forms are not all held at once)."""
         request = WireGuardMessage()
         request["cmd"] = WG_CMD_GET_DEVICE
         request["version"] = WG_GENL_VERSION

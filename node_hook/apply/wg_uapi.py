@@ -64,8 +64,8 @@ def hex_to_key(value: str) -> str:
 
 
 def prefix_text(prefix: IPNetwork) -> str:
-    """`10.0.0.1/32` for UAPI. Formats the packed address in C: `str(prefix)` is Python code and was 45 % of the
-    CPU time of programming 125 000 AllowedIPs (bench/p3b_uapi.py); this halves it."""
+    """`10.0.0.1/32` for UAPI. Formats the packed address in C: `str(prefix)` is Python code, and formatting is
+    most of the CPU of programming many AllowedIPs (docs/benchmarks.md, P3b)."""
     address, prefixlen = packed_prefix(prefix)
     return f"{inet_ntop(AF_INET6 if len(address) == 16 else AF_INET, address)}/{prefixlen}"
 
@@ -83,8 +83,8 @@ def parse_endpoint(value: str) -> tuple[str, int]:
 class UapiClient:
     """One request per connection, as `wg` does. Both directions stream: a request is written in chunks as its
     lines are made and an answer is parsed line by line as it arrives, so programming or reading 1.25 M AllowedIPs
-    (5 000 x 250) never holds the whole text - before, a `set` held its lines, their join and its encoding (~150 MB
-    at that size) and a `get` the answer's bytes, text and line list (~200 MB) on top of what was parsed."""
+    (5 000 x 250) never holds the whole text: not a `set`'s lines, their join and its encoding, nor a `get`'s
+    bytes, text and line list on top of what was parsed."""
 
     SEND_CHUNK = 1 << 16
 
@@ -270,7 +270,7 @@ class UserspaceWireGuard:
     # ---- WireGuardBackend ------------------------------------------------------------------------------
 
     def read(self) -> DeviceState | None:
-        with paused_gc():  # 1.25 M AllowedIPs (5 000 x 250): 13.4 -> 3.6 s CPU with GC paused (see model.paused_gc)
+        with paused_gc():  # a read-back builds 1.25 M AllowedIPs at 5 000 x 250 (see model.paused_gc)
             return self._read()
 
     def _read(self) -> DeviceState | None:
