@@ -341,7 +341,8 @@ def _conflist(conf_dir: Path) -> list[dict[str, str]]:
         return [_finding("conflist", "warning", f"cannot read {path}: {error.strerror}",
                          "mount the CNI config dir into the hook (conf/daemonset.yaml) to check it")]
     if not has_entry(text):
-        return [_finding("conflist", "error", f"{path} has no wgcni entry: new pods start without encryption",
+        return [_finding("conflist", "error", f"{path} has no wgcni entry: new pods start without a pod record "
+                         "(the hook learns them from their routes, later and without their names)",
                          "check the install-cni-watch container (kubectl -n kube-system logs ds/wgcni-node -c "
                          "install-cni-watch); 'wgcni-node install-cni' re-inserts it")]
     return []
