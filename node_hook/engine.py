@@ -213,16 +213,6 @@ class Engine:
                 self._wake.wait(remaining)
         return True
 
-    def wait_for_pass(self, after_generation: int, timeout: float) -> bool:
-        deadline = self.clock() + timeout
-        with self._wake:
-            while self.generation < after_generation:
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    return False
-                self._wake.wait(remaining)
-        return True
-
     def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15) -> None:
         """A notification from the plugin: re-read that record now and answer once it is applied (at most `wait`
         seconds), so a reused IP is local before the pod's first packet (docs/design.md, local API)."""

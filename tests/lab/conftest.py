@@ -128,3 +128,30 @@ def force_down(cli: Cli) -> None:
     """Remove a lab whatever state a failed test left it in."""
     if cli.lab_dir.exists():
         subprocess.run(cli.argv("down"), capture_output=True, timeout=180)
+
+
+@contextmanager
+def lab_up(lab_dir: Path, *up_args: str) -> Iterator[Cli]:
+    """`wgcni-lab up` with these arguments in `lab_dir`, yielded as its Cli, and removed afterwards whatever happens
+    (the module-scoped lab fixtures)."""
+    cli = Cli(lab_dir)
+    try:
+        cli.run("up", *up_args, timeout=300)
+        yield cli
+    finally:
+        force_down(cli)
+
+
+def down_leaves_nothing(cli: Cli, inodes: set[int], namespaces: int) -> None:
+    """`down` removes every namespace, process, mount and cgroup of the lab (which had `namespaces` named network
+    namespaces before) and leaves no link in the root namespace it did not find there."""
+    state = cli.state()
+    before = footprint(state.id, cli.lab_dir, inodes)
+    assert len(before.namespaces) == namespaces and before.processes and before.cgroups, "the footprint sees the lab"
+
+    cli.run("down", timeout=180)
+
+    after = footprint(state.id, cli.lab_dir, inodes)
+    assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
+    assert after.links <= cli.links_before  # type: ignore[attr-defined]
+    assert not cli.lab_dir.exists()

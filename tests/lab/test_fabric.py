@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.lab.conftest import Cli, captured, force_down
+from tests.lab.conftest import Cli, captured, force_down, lab_up
 from wgcni_lab import fabric, lab
 from wgcni_lab.wire import only_wireguard_between_nodes
 
@@ -47,12 +47,8 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as con
 
 @pytest.fixture(scope="module")
 def cli(lab_parent, built) -> Iterator[Cli]:  # type: ignore[no-untyped-def]
-    cli = Cli(lab_parent / "fabric")
-    try:
-        cli.run("up", "--nodes", "2", "--pods-per-node", "1", timeout=300)
+    with lab_up(lab_parent / "fabric", "--nodes", "2", "--pods-per-node", "1") as cli:
         yield cli
-    finally:
-        force_down(cli)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from node_hook.local_api import request
-from tests.lab.conftest import Cli, captured, footprint, force_down, lab_netns_inodes, root_links
+from tests.lab.conftest import Cli, captured, down_leaves_nothing, footprint, force_down, lab_netns_inodes, root_links
 from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
@@ -182,17 +182,7 @@ def test_bad_input_is_one_line_without_traceback(cli: Cli, args: tuple[str, ...]
 
 
 def test_down_leaves_nothing(cli: Cli) -> None:
-    state = cli.state()
-    inodes = lab_netns_inodes(cli)
-    before = footprint(state.id, cli.lab_dir, inodes)
-    assert len(before.namespaces) == 5 and before.processes and before.cgroups, "the footprint sees the lab"
-
-    cli.run("down", timeout=180)
-
-    after = footprint(state.id, cli.lab_dir, inodes)
-    assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
-    assert after.links <= cli.links_before  # type: ignore[attr-defined]
-    assert not cli.lab_dir.exists()
+    down_leaves_nothing(cli, lab_netns_inodes(cli), 5)
     assert "nothing to remove" in cli.run("down").stdout, "down is idempotent"
 
 

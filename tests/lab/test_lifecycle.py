@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from node_hook.local_api import request
-from tests.lab.conftest import Cli, footprint, force_down, lab_netns_inodes, root_links
+from tests.lab.conftest import Cli, down_leaves_nothing, footprint, force_down, lab_netns_inodes, root_links
 from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_state
@@ -402,17 +402,7 @@ def test_a_deleted_node_disappears_from_every_peer_and_the_api(cli: Cli) -> None
 # ---- down ----------------------------------------------------------------------------------------------------------
 
 def test_down_leaves_nothing_after_reboots_and_node_changes(cli: Cli) -> None:
-    state = cli.state()
-    inodes = lab_netns_inodes(cli) | cli.seen_netns  # type: ignore[attr-defined]
-    before = footprint(state.id, cli.lab_dir, inodes)
-    assert len(before.namespaces) == 5 and before.processes and before.cgroups, "the footprint sees the lab"
-
-    cli.run("down", timeout=180)
-
-    after = footprint(state.id, cli.lab_dir, inodes)
-    assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
-    assert after.links <= cli.links_before  # type: ignore[attr-defined]
-    assert not cli.lab_dir.exists()
+    down_leaves_nothing(cli, lab_netns_inodes(cli) | cli.seen_netns, 5)  # type: ignore[attr-defined]
 
 
 def test_down_after_a_crash_in_the_middle_of_a_reboot(lab_parent, built) -> None:  # type: ignore[no-untyped-def]

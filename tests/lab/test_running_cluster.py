@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.lab.conftest import Cli, captured, force_down
+from tests.lab.conftest import Cli, captured, lab_up
 from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
@@ -27,12 +27,8 @@ pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cli(lab_parent, built) -> Iterator[Cli]:  # type: ignore[no-untyped-def]
-    cli = Cli(lab_parent / "running")
-    try:
-        cli.run("up", "--nodes", "2", "--pods-per-node", "1", timeout=300)
+    with lab_up(lab_parent / "running", "--nodes", "2", "--pods-per-node", "1") as cli:
         yield cli
-    finally:
-        force_down(cli)
 
 
 def pod_on(cli: Cli, node: str) -> dict[str, Any]:
