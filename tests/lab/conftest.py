@@ -142,6 +142,16 @@ def lab_up(lab_dir: Path, *up_args: str) -> Iterator[Cli]:
         force_down(cli)
 
 
+def down_removes_a_crashed_lab(cli: Cli, lab_id: str, inodes: set[int]) -> None:
+    """`down` after the lab daemon crashed removes everything of the lab all the same."""
+    result = cli.run("down", timeout=180)
+
+    assert f"lab {lab_id} removed" in result.stdout
+    after = footprint(lab_id, cli.lab_dir, inodes)
+    assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
+    assert not cli.lab_dir.exists()
+
+
 def down_leaves_nothing(cli: Cli, inodes: set[int], namespaces: int) -> None:
     """`down` removes every namespace, process, mount and cgroup of the lab (which had `namespaces` named network
     namespaces before) and leaves no link in the root namespace it did not find there."""

@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from node_hook.local_api import request
-from tests.lab.conftest import Cli, captured, down_leaves_nothing, footprint, force_down, lab_netns_inodes, root_links
+from tests.lab.conftest import (
+    Cli,
+    captured,
+    down_leaves_nothing,
+    down_removes_a_crashed_lab,
+    footprint,
+    force_down,
+    lab_netns_inodes,
+    root_links,
+)
 from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
@@ -227,12 +236,7 @@ def test_down_after_a_crash_in_the_middle_of_up(lab_parent, built) -> None:  # t
         up.kill()
         up.wait(30)
 
-        result = cli.run("down", timeout=180)
-
-        assert f"lab {state.id} removed" in result.stdout
-        after = footprint(state.id, cli.lab_dir, inodes)
-        assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
-        assert not cli.lab_dir.exists()
+        down_removes_a_crashed_lab(cli, state.id, inodes)
     finally:
         if up.poll() is None:
             up.kill()

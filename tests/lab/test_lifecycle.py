@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 
 from node_hook.local_api import request
-from tests.lab.conftest import Cli, down_leaves_nothing, footprint, force_down, lab_netns_inodes, root_links
+from tests.lab.conftest import (
+    Cli,
+    down_leaves_nothing,
+    down_removes_a_crashed_lab,
+    force_down,
+    lab_netns_inodes,
+    root_links,
+)
 from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_state
@@ -421,11 +428,6 @@ def test_down_after_a_crash_in_the_middle_of_a_reboot(lab_parent, built) -> None
         _, error = reboot.communicate(timeout=60)
         assert reboot.returncode != 0 and b"Traceback" not in error
 
-        result = cli.run("down", timeout=180)
-
-        assert f"lab {state.id} removed" in result.stdout
-        after = footprint(state.id, cli.lab_dir, inodes)
-        assert (after.namespaces, after.processes, after.mounts, after.cgroups) == (set(), {}, [], [])
-        assert not cli.lab_dir.exists()
+        down_removes_a_crashed_lab(cli, state.id, inodes)
     finally:
         force_down(cli)
