@@ -32,7 +32,7 @@ from node_hook.addresses import address_texts
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
 from node_hook.addresses import address_texts
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
-from wgcni_lab.apiserver import ApiServer
+from wgcni_lab.apiserver.server import ApiServer
 from wgcni_lab.polling import wait_until
 
 TITLE = "API writes per node and events per hook under 50 pod changes/s per node (test API server + cluster.py)"

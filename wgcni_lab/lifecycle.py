@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from wgcni_lab import lab, services
-from wgcni_lab.apiserver import NODES, ApiServer, NamespacedListener
+from wgcni_lab.apiserver.resources import NODES
+from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 from wgcni_lab.cleanup import (CGROUP_ROOT, kill_processes, process_state, process_table, reap_children, remove_tree,
                                with_descendants)
 from wgcni_lab.containerd import Containerd

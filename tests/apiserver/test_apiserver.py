@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 
 from tests.support.netns import Namespaces
 from tests.support.polling import TIME_SCALE
-from wgcni_lab.apiserver import ApiServer, NamespacedListener
+from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
 GROUP, VERSION, PLURAL = "wgcni.io", "v1alpha1", "wireguardnodes"

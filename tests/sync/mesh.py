@@ -36,7 +36,7 @@ from tests.support.netns import HookNode, Namespaces, in_ns, new_bridge_namespac
 from tests.support.polling import wait_until
 from tests.support.tempdir import short_temp_dir
 from tests.sync.helpers import CRD
-from wgcni_lab.apiserver import ApiServer, NamespacedListener
+from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist
 
 SUBNET = ipaddress.IPv4Network("10.240.0.0/16")
