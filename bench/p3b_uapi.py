@@ -38,8 +38,8 @@ from node_hook.contracts import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer
 from node_hook.keys import public_key_of
 from node_hook.model import NodeModel
 from node_hook.planner import plan_peers
-from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
-from tests.support.netns import sh
+from wgcni_lab.harness.netns import entered_namespace  # the namespace helper the netns tests use
+from wgcni_lab.harness.netns import sh
 
 TITLE = "wireguard-go via the UAPI backend vs wg setconf; kernel backend netlink cost model"
 SIZES = (50, 500, 5000)

@@ -36,8 +36,8 @@ from node_hook.apply.routes import PyrouteRouting
 from node_hook.contracts import DeleteRoute, SetRoute
 from node_hook.model import NodeModel, RouteKind
 from node_hook.planner import RouteSets, plan_routes
-from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
-from tests.support.netns import sh
+from wgcni_lab.harness.netns import entered_namespace  # the namespace helper the netns tests use
+from wgcni_lab.harness.netns import sh
 
 TITLE = "routing table at scale: batched rtnetlink applier vs ip -batch"
 SIZES = (50, 500, 5000)

@@ -46,9 +46,9 @@ import time
 from pathlib import Path
 
 from bench import Clock, row
-from tests.netns.lab import Lab  # the namespace lab of the netns tests
-from tests.support.netns import in_ns, sh
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns_lab import Lab  # the namespace lab of the netns tests
+from wgcni_lab.harness.netns import in_ns, sh
+from wgcni_lab.harness.polling import wait_until
 
 TITLE = "pod-to-pod TCP through the mesh (userspace) vs a hand-configured wg tunnel, same namespaces"
 NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}

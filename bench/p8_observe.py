@@ -38,7 +38,7 @@ from node_hook.detect import Environment
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, request
 from node_hook.metrics import HookMetrics, MetricsServer
-from tests.support.peer_source import ManualPeerSource
+from wgcni_lab.harness.peer_source import ManualPeerSource
 
 TITLE = "Debug CLI, local API and metrics at 5 000 peers (wall ms)"
 NODES, PODS, REPEATS = 5000, 30, 15

@@ -1,5 +1,5 @@
 """Waiting for a condition with a deadline: the one polling loop of the lab (wgcni_lab) and of the test suites
-(through tests/support/polling.py, which adds their time scale and assertion errors)."""
+(through wgcni_lab/harness/polling.py, which adds their time scale and assertion errors)."""
 
 from __future__ import annotations
 

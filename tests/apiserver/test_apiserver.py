@@ -18,8 +18,8 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from tests.support.netns import Namespaces
-from tests.support.polling import TIME_SCALE
+from wgcni_lab.harness.netns import Namespaces
+from wgcni_lab.harness.polling import TIME_SCALE
 from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())

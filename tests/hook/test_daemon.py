@@ -27,8 +27,8 @@ from node_hook.local_api import LocalApiServer, answer, request
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
 from node_hook.static_peers import PeersFileError, StaticPeerSource, parse_peers
 from tests.support.peer_sink import RecordingSink
-from tests.support.peer_source import ManualPeerSource
-from tests.support.polling import wait_until
+from wgcni_lab.harness.peer_source import ManualPeerSource
+from wgcni_lab.harness.polling import wait_until
 
 KEY_B = "B" * 43 + "="
 

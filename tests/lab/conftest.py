@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.support.tempdir import short_temp_dir
+from wgcni_lab.harness.tempdir import short_temp_dir
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_table
 

@@ -21,7 +21,7 @@ import pytest
 
 from node_hook.local_api import request
 from tests.lab.conftest import Cli, captured, footprint, force_down, lab_netns_inodes, root_links
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.cleanup import kill_processes, netns_inode, process_table, with_descendants
 
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.lab.conftest import Cli, captured, force_down
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.wire import only_wireguard_between_nodes
 

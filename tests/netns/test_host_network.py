@@ -16,10 +16,10 @@ from typing import Iterator
 
 import pytest
 
-from tests.netns.lab import Lab, running_lab
+from wgcni_lab.harness.netns_lab import Lab, running_lab
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
-from tests.support.netns import PYTHON, in_ns
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns import PYTHON, in_ns
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -24,8 +24,8 @@ from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer
 from node_hook.metrics import HookMetrics, MetricsServer
 from node_hook.model import RemoteNode
-from tests.support.peer_source import ManualPeerSource
-from tests.support.polling import wait_until
+from wgcni_lab.harness.peer_source import ManualPeerSource
+from wgcni_lab.harness.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 AKS_CONFLIST = REPO / "tests" / "cni" / "data" / "azure-linux.conflist"

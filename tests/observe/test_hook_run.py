@@ -15,9 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_hook.keys import load_existing
-from tests.netns.lab import Lab, Node, running_lab
-from tests.support.netns import PYTHON, REPO, in_ns
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns_lab import Lab, Node, running_lab
+from wgcni_lab.harness.netns import PYTHON, REPO, in_ns
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -26,8 +26,8 @@ from tests.runtime.helpers import (
     plugin_settings,
     record_path,
 )
-from tests.support.fake_hook import FakeHook
-from tests.support.netns import Namespaces
+from wgcni_lab.harness.fake_hook import FakeHook
+from wgcni_lab.harness.netns import Namespaces
 from wgcni_lab.containerd import Containerd, link_cni_plugins, write_conflist
 from wgcni_lab.cri import CriError, PortMapping
 

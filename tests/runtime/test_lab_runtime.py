@@ -18,8 +18,8 @@ from typing import Iterator
 
 import pytest
 
-from tests.support.netns import Namespaces
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns import Namespaces
+from wgcni_lab.harness.polling import wait_until
 from wgcni_lab import pause
 from wgcni_lab.buildcache import CACHE_ENV
 from wgcni_lab.cleanup import process_state

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from tests.runtime.helpers import NETWORK, plugin_settings, record_path
-from tests.support.fake_hook import FakeHook
+from wgcni_lab.harness.fake_hook import FakeHook
 from wgcni_lab.containerd import link_cni_plugins
 
 pytestmark = [pytest.mark.runtime, pytest.mark.netns]

@@ -32,9 +32,9 @@ from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, VERSION, api_client_for_url
 from tests.support.binaries import built_binary
-from tests.support.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge, sh
-from tests.support.polling import wait_until
-from tests.support.tempdir import short_temp_dir
+from wgcni_lab.harness.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge, sh
+from wgcni_lab.harness.polling import wait_until
+from wgcni_lab.harness.tempdir import short_temp_dir
 from tests.sync.helpers import CRD
 from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist

@@ -15,7 +15,7 @@ from node_hook.addresses import address_texts, host_keys
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
 from node_hook.addresses import address_texts, host_keys
 from tests.sync.helpers import FAST, announcement, create_node, new_key
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 
 OWN_OBJECT = "/wireguardnodes/node-a"
 

@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, USER_AGENT, VERSION
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 from tests.sync.helpers import new_key
 from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod, running_mesh
 

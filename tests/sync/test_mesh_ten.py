@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 from tests.sync.mesh import Mesh, running_mesh
 from tests.sync.test_mesh import CONVERGE, Capture, converge
 
