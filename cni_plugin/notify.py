@@ -8,9 +8,8 @@ plugin start on the build machines (it pulls in selectors and enum: ``python3 -S
 against 9.7 ms bare, median of 80 interleaved runs); a Unix stream client needs nothing the wrapper adds.
 """
 
-import time
-
 import _socket
+import time
 
 from cni_plugin import cjson
 

@@ -67,7 +67,7 @@ class _PackedNetwork(int):
     _stdlib: type
     _max_prefixlen: int
 
-    def __new__(cls, address: object, strict: bool = True) -> "_PackedNetwork":
+    def __new__(cls, address: object, strict: bool = True) -> _PackedNetwork:
         """Parses anything the stdlib network accepts (its own methods, e.g. `supernet()`, build prefixes so)."""
         network = cls._stdlib(address, strict)
         return cls._of(int(network.network_address), network.prefixlen)
@@ -76,7 +76,7 @@ class _PackedNetwork(int):
         """Nothing to set up: the int's value is the whole state."""
 
     @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_PackedNetwork":
+    def _of(cls, network_address: int, prefixlen: int) -> _PackedNetwork:
         raise NotImplementedError
 
     def _decoded(self) -> tuple[int, int]:
@@ -122,7 +122,7 @@ class _PackedIPv4Network(_PackedNetwork, ipaddress.IPv4Network):
     _stdlib = ipaddress.IPv4Network
 
     @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv4Network":
+    def _of(cls, network_address: int, prefixlen: int) -> _PackedIPv4Network:
         return int.__new__(cls, (network_address ^ _MASKS4[prefixlen])
                            + _HASH_MODULUS * (1 + (network_address << 8 | prefixlen)))
 
@@ -138,7 +138,7 @@ class _PackedIPv6Network(_PackedNetwork, ipaddress.IPv6Network):
     _stdlib = ipaddress.IPv6Network
 
     @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv6Network":
+    def _of(cls, network_address: int, prefixlen: int) -> _PackedIPv6Network:
         return int.__new__(cls, (network_address ^ _MASKS6[prefixlen])
                            + _HASH_MODULUS * ((1 + (_V6_FLAG | network_address << 8 | prefixlen)) << _V6_SHIFT))
 

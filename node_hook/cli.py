@@ -104,8 +104,8 @@ def cleanup(config: Path | None) -> None:
     from node_hook.apply.routes import PyrouteRouting
     from node_hook.apply.sysctl import Sysctls
     from node_hook.engine import FIREWALL_TABLE
-    from node_hook.node import real_wireguard_backend
     from node_hook.local_api import request
+    from node_hook.node import real_wireguard_backend
 
     settings = _settings(config)
     try:

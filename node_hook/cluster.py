@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config, watch
@@ -118,7 +118,7 @@ def _valid_public_key(key: str) -> bool:
 
 
 def _timestamp(unix_time: float) -> str:
-    return datetime.fromtimestamp(unix_time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse_timestamp(text: str) -> float:
@@ -184,7 +184,7 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
             "type": "Ready", "status": ready,
             "reason": "DataplaneProgrammed" if announcement.ready else "DataplaneNotProgrammed",
             "message": announcement.message[:1024],
-            "lastTransitionTime": transition or datetime.fromtimestamp(now, timezone.utc).strftime(
+            "lastTransitionTime": transition or datetime.fromtimestamp(now, UTC).strftime(
                 "%Y-%m-%dT%H:%M:%SZ"),
         }],
     }
@@ -590,7 +590,8 @@ class KubernetesPeerSource:
                 self.status.write_errors += 1
                 self.status.last_error = f"publish: {_describe(error)}"
                 with self._changed:
-                    self._write_failure = (_failure_kind(error), f"publishing was refused or failed: {_describe(error)}")
+                    self._write_failure = (_failure_kind(error),
+                                           f"publishing was refused or failed: {_describe(error)}")
                 self._report_publication()
                 delay = backoff.next_delay()
                 log.warning("publishing %s failed (%s); retrying in %.1fs", self.node_name, _describe(error), delay)

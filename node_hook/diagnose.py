@@ -4,7 +4,8 @@ to do.
 Two halves: `NodeView.observe()` (node_hook/view.py) runs on the engine's worker thread (`NodeView.diagnose` →
 `Engine.on_worker`), the only thread that may use the appliers' netlink sockets, and only reads everything back and
 copies the model's desired state into an `Observed`, so the worker is held for no longer than a full resync pass
-reads; `analyse(observed, conf_dir)` here is pure and runs on the asking thread. The dataplane findings reuse the planner: whatever the planner would still change against
+reads; `analyse(observed, conf_dir)` here is pure and runs on the asking thread. The dataplane findings reuse the
+planner: whatever the planner would still change against
 the read-back is, by definition, what is missing or wrong right now (the hook repairs such drift within a pass, so a
 finding here means it keeps coming back or the repair keeps failing).
 
@@ -80,8 +81,8 @@ class Observed:
 def analyse(observed: Observed, conf_dir: Path) -> dict[str, Any]:
     """All findings for this node, plus the names of the checks that ran (any thread)."""
     findings: list[dict[str, str]] = []
-    for check in (_sync, _publication, _reconcile, _device, _mtu, _peers, _rules, _routes, _sysctls, _firewall, _conflicts,
-                  _handshakes, _records):
+    for check in (_sync, _publication, _reconcile, _device, _mtu, _peers, _rules, _routes, _sysctls, _firewall,
+                  _conflicts, _handshakes, _records):
         findings += check(observed)
     findings += _conflist(conf_dir)
     return {"findings": findings, "checks": list(CHECKS)}

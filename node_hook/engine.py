@@ -44,8 +44,8 @@ from node_hook.contracts import (
 from node_hook.detect import Environment
 from node_hook.keys import NodeKey
 from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, NodeModel, Publication, RemoteNode
-from node_hook.planner import desired_rules, publication_gate
 from node_hook.peers import PeerSource
+from node_hook.planner import desired_rules, publication_gate
 from node_hook.pod_routes import PodRouteSource
 from node_hook.reconciler import ASPECTS, PassResult, Reconciler, Targets
 
@@ -202,16 +202,6 @@ class Engine:
             self._out_of_sync.update(out_of_sync)
             self._wake.notify_all()
             return self.generation + 1
-
-    def wait_for_pass(self, after_generation: int, timeout: float) -> bool:
-        deadline = self.clock() + timeout
-        with self._wake:
-            while self.generation < after_generation:
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    return False
-                self._wake.wait(remaining)
-        return True
 
     def wait_for_pass(self, after_generation: int, timeout: float) -> bool:
         deadline = self.clock() + timeout

@@ -21,10 +21,10 @@ Rules computed here (identically on every node; see docs/design.md "Conflict rul
 from __future__ import annotations
 
 import gc
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
 
 from node_hook.addresses import IPAddress, IPNetwork, address_of, aggregate, host_keys, host_prefix
 
@@ -87,11 +87,12 @@ class Publication:
 
 
 UNKNOWN_PUBLICATION = Publication("unknown")
-# How the hook judges its publication (NodeView.publication_status): confirmed = the API holds its key and every local IP.
+# How the hook judges its publication (NodeView.publication_status): confirmed = the API holds its key and every local
+# IP.
 PUBLICATION_STATES = ("confirmed", "unknown", "opted-out", "pending", "denied", "unreachable", "stale")
 
 
-class RouteKind(str, Enum):
+class RouteKind(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member, which logs show
     """What a route in the hook's table does."""
 
     WIREGUARD = "dev"  # dst -> the WireGuard device

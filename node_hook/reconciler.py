@@ -14,8 +14,8 @@ what the peers look like; everything else follows `planner.APPLY_ORDER`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Mapping
 
 from node_hook.addresses import IPNetwork
 from node_hook.contracts import (
@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 ASPECTS = ("firewall", "device", "sysctls", "peers", "routes", "rules")
 _ASPECT_OF_STEP = {
-    "firewall": "firewall", "device": "device", "device_address": "routes", "sysctls": "sysctls", "peer_reshape": "peers",
-    "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes", "route_sets": "routes",
-    "rules": "rules",
+    "firewall": "firewall", "device": "device", "device_address": "routes", "sysctls": "sysctls",
+    "peer_reshape": "peers", "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes",
+    "route_sets": "routes", "rules": "rules",
 }
 
 

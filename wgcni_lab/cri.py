@@ -18,9 +18,10 @@ import functools
 import json
 import os
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory

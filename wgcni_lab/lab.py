@@ -46,9 +46,10 @@ import os
 import re
 import secrets
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cni_plugin.files import write_atomically
 from node_hook.config import Settings

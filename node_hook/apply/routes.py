@@ -2,7 +2,8 @@
 
 Only the hook's table, the rules whose table is the hook's table and the hook's bypass rules (`from <IP> lookup
 main` at the one priority `bypass_priority`, just before the tunnel rule) are read, changed or flushed; the main
-table and every other rule are never touched. A `dev <wg>` route is a unicast route out of the WireGuard device; a `throw`
+table and every other rule are never touched. A `dev <wg>` route is a unicast route out of the WireGuard device; a
+`throw`
 route makes the lookup leave the table (the main table then decides). Deleting what is already gone and adding
 what already exists succeed (ESRCH / ENOENT / EEXIST are "already done"), so a retried batch converges.
 

@@ -26,9 +26,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from socket import AF_INET, AF_INET6, inet_ntop
-from typing import Callable, Iterable, Iterator
 
 from pyroute2 import IPRoute
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from wgcni_lab.harness.tempdir import short_temp_dir

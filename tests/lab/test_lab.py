@@ -21,8 +21,8 @@ import pytest
 
 from node_hook.local_api import request
 from tests.lab.conftest import Cli, captured, footprint, force_down, lab_netns_inodes, root_links
-from wgcni_lab.harness.polling import wait_until
 from wgcni_lab import lab
+from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.wire import only_wireguard_between_nodes
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]

@@ -24,9 +24,9 @@ import pytest
 
 from node_hook.local_api import request
 from tests.lab.conftest import Cli, footprint, force_down, lab_netns_inodes, root_links
-from wgcni_lab.harness.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_state
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 

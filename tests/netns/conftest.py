@@ -3,8 +3,8 @@ three-node lab; everything created is removed afterwards, also when the test fai
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from wgcni_lab.harness.netns_lab import Lab, running_lab
 from wgcni_lab.harness.netns import in_ns
+from wgcni_lab.harness.netns_lab import Lab, running_lab
 from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns

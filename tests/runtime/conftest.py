@@ -7,8 +7,8 @@ Everything a test creates lives in a short temp dir or a uniquely named network 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
+from wgcni_lab.cleanup import process_state
 from wgcni_lab.harness.netns import Namespaces, in_ns, sh
 from wgcni_lab.harness.polling import wait_until
-from wgcni_lab.cleanup import process_state
 
 pytestmark = [pytest.mark.netns]
 

@@ -6,7 +6,7 @@ import copy
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from wgcni_lab.apiserver.errors import ApiError, conflict, gone, not_found
@@ -16,7 +16,7 @@ from wgcni_lab.apiserver.selectors import Selection
 
 
 def _now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -189,9 +189,9 @@ class Store:
                                    "strategic merge patch is not supported for custom resources")
                 patched = strategic_merge_patch(current, patch)
             else:
-                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
-                                                            f"accepted media types include: application/json-patch"
-                                                            f"+json, application/merge-patch+json")
+                raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                                                            "accepted media types include: application/json-patch"
+                                                            "+json, application/merge-patch+json")
             if not isinstance(patched, dict):
                 raise ApiError(422, "Invalid", "the patched document is not an object")
             # A resourceVersion in the patch is a precondition; otherwise the patch applies to the latest object.

@@ -34,7 +34,7 @@ class FakeHook:
         self._server: socketserver.ThreadingUnixStreamServer | None = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "FakeHook":
+    def __enter__(self) -> FakeHook:
         self.start()
         return self
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node_hook.local_api import request
-from wgcni_lab.harness.polling import TIME_SCALE, wait_until
 from wgcni_lab.cleanup import kill_processes
+from wgcni_lab.harness.polling import TIME_SCALE, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

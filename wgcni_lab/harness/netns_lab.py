@@ -36,7 +36,7 @@ PREFIX_LEN = 16
 @dataclass
 class Pod:
     name: str
-    node: "Node"
+    node: Node
     ip: str
     netns: str
     host_veth: str
