@@ -42,10 +42,11 @@ venv: $(STAMPS)/venv
 build: $(STAMPS)/venv
 	PY=$(PY) bash packaging/build.sh
 
-# The checkers configured in pyproject.toml: lint rules, the import contracts of the layers.
+# The checkers configured in pyproject.toml: lint rules, the import contracts of the layers, types.
 lint: $(STAMPS)/venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # The host suite, then the kernel WireGuard tests inside a qemu VM running Debian's kernel (tests/vm/README.md).
 test: test-host test-vm

@@ -98,7 +98,8 @@ def _sync(o: Observed) -> list[dict[str, str]]:
     elif source_error:
         out.append(_finding("sync", "warning", f"peer source: {source_error} (the last good list stays in force)",
                             "fix the peer source; " + LOGS))
-    if status is not None and getattr(status, "last_error", "") and not getattr(status, "published", True):
+    last_error: object = getattr(status, "last_error", "")
+    if status is not None and last_error and not getattr(status, "published", True):
         out.append(_finding("sync", "warning", f"this node's state is not published yet: {status.last_error}",
                             "other nodes keep the old view of this node until it is; check API access: " + LOGS))
     invalid = getattr(status, "invalid_objects", None) or {}

@@ -301,7 +301,9 @@ class MetricsServer:
     @property
     def address(self) -> tuple[str, int]:
         assert self._server is not None
-        return self._server.server_address[0], self._server.server_address[1]
+        host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET/AF_INET6 server's address
+        return host, port
 
     def start(self) -> None:
         """Bind and serve; raises ValueError for a malformed address and OSError when it cannot bind."""

@@ -188,7 +188,7 @@ def plan_peers(
 
 def plan_routes(
     desired: Mapping[IPNetwork, RouteKind],
-    actual: Mapping[IPNetwork, str],
+    actual: Mapping[IPNetwork, str | None],
     prefixes: Iterable[IPNetwork] | None = None,
 ) -> tuple[list[RoutingOp], RouteSets]:
     """(deletes, sets) for the prefixes in scope (all when None). Foreign routes in our table are replaced."""

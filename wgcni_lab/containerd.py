@@ -487,6 +487,7 @@ class SharedMountpoint:
             os.close(fd)  # removed by its last user between our mkdir and our lock: start over
 
     def _marked(self) -> bool:
+        assert self._fd is not None  # asked only while the lock is held
         try:
             return os.getxattr(self._fd, self.MARKER) == b"1"
         except OSError:

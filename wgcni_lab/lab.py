@@ -388,6 +388,7 @@ def start_node_mounts(state: LabState, node: NodeState) -> subprocess.Popen[str]
         error = holder.stderr.read().strip() if holder.stderr else ""
         holder.wait()
         raise LabError(f"{node.name}: setting up its mount namespace failed: {error or 'no output'}")
+    assert holder.stdout is not None and holder.stderr is not None  # both are pipes
     holder.stdout.close()
     holder.stderr.close()
     return holder
@@ -627,7 +628,7 @@ def netns_pids(netns: str) -> set[int]:
 
 def cgroup_pids(cgroup_parent: str) -> set[int]:
     """The processes in `cgroup_parent` or below it, in any cgroup hierarchy."""
-    from wgcni_lab.containerd import CGROUP_ROOT
+    from wgcni_lab.cleanup import CGROUP_ROOT
 
     pids: set[int] = set()
     relative = cgroup_parent.strip("/")

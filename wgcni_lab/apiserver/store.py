@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
 import threading
 import uuid
@@ -51,7 +52,8 @@ class Store:
                 raise not_found(rtype, name)
             return copy.deepcopy(obj)
 
-    def list(self, rtype: ResourceType, selection: Selection, exact_version: int | None) -> tuple[list[JSON], int]:
+    def list(self, rtype: ResourceType, selection: Selection,
+             exact_version: int | None) -> tuple[builtins.list[JSON], int]:
         with self.changed:
             if exact_version is None or exact_version == self.resource_version:
                 items = [obj for (qualified, _), obj in self.objects.items() if qualified == rtype.qualified_name]
@@ -63,7 +65,7 @@ class Store:
         selected.sort(key=lambda obj: obj["metadata"]["name"])
         return selected, version
 
-    def _state_at(self, rtype: ResourceType, version: int) -> list[JSON]:
+    def _state_at(self, rtype: ResourceType, version: int) -> builtins.list[JSON]:
         """The objects of a type as they were at `version`, rebuilt by undoing newer history."""
         if version < self.oldest_watchable - 1 or version > self.resource_version:
             raise gone(version) if version < self.resource_version else ApiError(
