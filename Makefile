@@ -14,7 +14,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make \
 	golang-go golang-github-appc-cni-dev \
 	qemu-system-x86
 
-.PHONY: all deps venv build test test-host test-vm bench demo demo-down clean
+.PHONY: all deps venv build lint test test-host test-vm bench demo demo-down clean
 
 all: build
 
@@ -42,10 +42,16 @@ venv: $(STAMPS)/venv
 build: $(STAMPS)/venv
 	PY=$(PY) bash packaging/build.sh
 
+# The checkers configured in pyproject.toml: lint rules, the import contracts of the layers, types.
+lint: $(STAMPS)/venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
+
 # The host suite, then the kernel WireGuard tests inside a qemu VM running Debian's kernel (tests/vm/README.md).
 test: test-host test-vm
 
-test-host: build
+test-host: lint build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-vm: build

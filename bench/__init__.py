@@ -73,7 +73,8 @@ def row(case: str, samples: list[float], unit: str = "ms", target_p50: float | N
 def comparison_row(case: str, mine: list[float], base: list[float], mine_wall: list[float],
                    base_wall: list[float], baseline: str, extra: str = "", target_ratio: float | None = None) -> dict:
     """A row of CPU-ms samples measured side by side with a baseline's: the note gives the baseline's p50, the CPU
-    and wall ratios of the medians (and `extra`); with `target_ratio` the row is met when the CPU ratio is at most it."""
+    and wall ratios of the medians (and `extra`); with `target_ratio` the row is met when the CPU ratio is at most
+    it."""
     ratio = statistics.median(mine) / max(statistics.median(base), 1e-9)
     wall_ratio = statistics.median(mine_wall) / max(statistics.median(base_wall), 1e-9)
     entry = row(case, mine, note=f"cpu ms; baseline {baseline} p50 {statistics.median(base):.1f} ms, ratio "

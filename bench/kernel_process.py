@@ -16,7 +16,8 @@ import multiprocessing
 import multiprocessing.connection
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from node_hook.addresses import IPNetwork, prefix_of_order, prefix_order
 from node_hook.apply.fakes import FakeRouting, FakeWireGuard

@@ -23,7 +23,7 @@ import time
 
 from bench import row
 from cni_plugin.records import RecordStore
-from tests.support.fake_hook import FakeHook
+from wgcni_lab.harness.fake_hook import FakeHook
 
 TITLE = "plugin ADD/DEL wall time of dist/bin/wgcni with an AKS prevResult (cniVersion 0.3.0, as on AKS)"
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -44,9 +44,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from bench import row
 from bench.kernel_process import KernelProcess, peak_rss_mb, state_digest
@@ -195,36 +195,39 @@ def _measure_with(kernel: KernelProcess, nodes: int, pods: int, layout: str, rep
 
         events: dict[str, list[tuple[float, float]]] = {}
 
-        def event(name: str, action: Callable[[], object]) -> None:
-            events.setdefault(name, []).append(_timed(lambda: (action(), hook.reconcile())))
+        def event(name: str, action: Callable[..., object], *args: object) -> None:
+            events.setdefault(name, []).append(_timed(lambda: (action(*args), hook.reconcile())))
+
+        def set_remote_nodes(*changed: RemoteNode) -> None:
+            for changed_node in changed:
+                hook.model.set_remote_node(changed_node)
 
         names = sorted(remote)
         for attempt in range(repeats):
             spare = str(ipaddress.IPv4Address(SPARE_BASE + attempt))
-            event("local pod added", lambda: hook.model.set_local_pod(f"net/new{attempt}@eth0", [spare]))
+            event("local pod added", hook.model.set_local_pod, f"net/new{attempt}@eth0", [spare])
             assert hook.model.routes[ipaddress.ip_network(spare)] is RouteKind.THROW
-            event("local pod deleted", lambda: hook.model.remove_local_pod(f"net/new{attempt}@eth0"))
+            event("local pod deleted", hook.model.remove_local_pod, f"net/new{attempt}@eth0")
 
             node = remote[names[attempt * 7919 % len(names)]]
             grown = replace(node, pod_ips=node.pod_ips | {spare}, pod_ips_changed_at=2.0 + attempt)
-            event("remote pod added", lambda: hook.model.set_remote_node(grown))
+            event("remote pod added", hook.model.set_remote_node, grown)
             assert hook.covers(grown, spare), "the new remote pod IP is on its node's peer"
-            event("remote pod deleted", lambda: hook.model.set_remote_node(node))
+            event("remote pod deleted", hook.model.set_remote_node, node)
             assert not hook.covers(node, spare)
 
             delivered = dict(remote)
             delivered[node.name] = grown
-            event("remote pod added (whole node list delivered)", lambda: hook.model.replace_remote_nodes(delivered))
+            event("remote pod added (whole node list delivered)", hook.model.replace_remote_nodes, delivered)
             assert hook.covers(grown, spare)
-            event("remote pod deleted (whole node list delivered)", lambda: hook.model.replace_remote_nodes(remote))
+            event("remote pod deleted (whole node list delivered)", hook.model.replace_remote_nodes, remote)
 
             target = remote[names[(attempt * 7919 + 1) % len(names)]]
             moving_key = sorted(node.pod_ips)[0]
             moving = str(moving_key.network_address)
             source_without = replace(node, pod_ips=node.pod_ips - {moving_key}, pod_ips_changed_at=3.0 + attempt)
             target_with = replace(target, pod_ips=target.pod_ips | {moving_key}, pod_ips_changed_at=3.0 + attempt)
-            event("pod IP moved between remote nodes",
-                  lambda: (hook.model.set_remote_node(source_without), hook.model.set_remote_node(target_with)))
+            event("pod IP moved between remote nodes", set_remote_nodes, source_without, target_with)
             assert hook.covers(target, moving) and not hook.covers(node, moving), "the moved IP follows its node"
             hook.model.set_remote_node(node)
             hook.model.set_remote_node(target)
@@ -233,9 +236,9 @@ def _measure_with(kernel: KernelProcess, nodes: int, pods: int, layout: str, rep
             joining = remote_node(nodes + attempt, nodes + repeats, pods, layout)
             joining = replace(joining, pod_ips=frozenset(
                 str(ipaddress.IPv4Address(SPARE_BASE + 65536 + attempt * pods + pod)) for pod in range(pods)))
-            event("node joined", lambda: hook.model.set_remote_node(joining))
+            event("node joined", hook.model.set_remote_node, joining)
             assert hook.model.node_of_key(joining.public_key) == joining.name
-            event("node left", lambda: hook.model.remove_remote_node(joining.name))
+            event("node left", hook.model.remove_remote_node, joining.name)
             assert joining.public_key not in hook.model.peers
         hook.verify()
         out["rss_peak_events_mb"] = peak_rss_mb()  # full plan and events; the resync's read-back comes next

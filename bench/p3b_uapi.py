@@ -38,8 +38,10 @@ from node_hook.contracts import DeviceSpec, PeerOp, RemoveAllowedIPs, RemovePeer
 from node_hook.keys import public_key_of
 from node_hook.model import NodeModel
 from node_hook.planner import plan_peers
-from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
-from tests.support.netns import sh
+from wgcni_lab.harness.netns import (
+    entered_namespace,  # the namespace helper the netns tests use
+    sh,
+)
 
 TITLE = "wireguard-go via the UAPI backend vs wg setconf; kernel backend netlink cost model"
 SIZES = (50, 500, 5000)
@@ -125,20 +127,19 @@ def measure_userspace(device: Device, nodes: int, pods: int, full_repeats: int, 
     for attempt in range(event_repeats):
         extra = ipaddress.ip_network(f"100.64.{attempt // 250}.{attempt % 250}/32")
         add = [UpsertPeer(peer.public_key, peer.endpoint, (extra,), False, 0)]
-        clock.measure("uapi add", lambda: device.backend.apply_peer_ops(add))
-        clock.measure("uapi remove",
-                      lambda: device.backend.apply_peer_ops([RemoveAllowedIPs(peer.public_key, (extra,))]))
+        remove = [RemoveAllowedIPs(peer.public_key, (extra,))]
+        clock.measure("uapi add", functools.partial(device.backend.apply_peer_ops, add))
+        clock.measure("uapi remove", functools.partial(device.backend.apply_peer_ops, remove))
         with_extra = ",".join(str(prefix) for prefix in [*have, extra])
         without = ",".join(str(prefix) for prefix in have)
-        clock.measure("wg set add", lambda: sh("wg", "set", device.ifname, "peer", peer.public_key, "allowed-ips",
-                                               with_extra))
-        clock.measure("wg set remove", lambda: sh("wg", "set", device.ifname, "peer", peer.public_key, "allowed-ips",
-                                                  without))
+        clock.measure("wg set add", functools.partial(sh, "wg", "set", device.ifname, "peer", peer.public_key,
+                                                      "allowed-ips", with_extra))
+        clock.measure("wg set remove", functools.partial(sh, "wg", "set", device.ifname, "peer", peer.public_key,
+                                                         "allowed-ips", without))
     assert device.counts() == expected, "events left the device changed"
     for _ in range(max(1, full_repeats)):
-        state: list = []
-        clock.measure("read()", lambda: state.append(device.backend.read()))
-        assert state[0] is not None and len(state[0].peers) == expected[0]
+        state = clock.measure("read()", device.backend.read)
+        assert state is not None and len(state.peers) == expected[0]
         clock.measure("wg show dump", lambda: sh("wg", "show", device.ifname, "dump", timeout=600))
     return {"nodes": nodes, "pods": pods, "peers": expected[0], "allowed_ips": expected[1],
             "cpu_s": {name: clock.cpu(name) for name in clock.samples},

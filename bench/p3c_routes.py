@@ -25,6 +25,7 @@ the applier; on a busy machine it takes longer. Other sizes: `python -m bench.p3
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,8 +37,10 @@ from node_hook.apply.routes import PyrouteRouting
 from node_hook.contracts import DeleteRoute, SetRoute
 from node_hook.model import NodeModel, RouteKind
 from node_hook.planner import RouteSets, plan_routes
-from tests.netns.conftest import entered_namespace  # the namespace helper the netns tests use
-from tests.support.netns import sh
+from wgcni_lab.harness.netns import (
+    entered_namespace,  # the namespace helper the netns tests use
+    sh,
+)
 
 TITLE = "routing table at scale: batched rtnetlink applier vs ip -batch"
 SIZES = (50, 500, 5000)
@@ -120,20 +123,20 @@ def measure_size(routing: PyrouteRouting, nodes: int, pods: int, full_repeats: i
         if repeat == 0:
             kernel_kib = kernel_memory_kib() - memory_before
         assert table_counts() == expected, "apply() did not program every route"
-        state: list = []
-        clock.measure("read()", lambda: state.append(routing.read()))
-        assert len(state[0].routes) == len(sets) and all(
-            state[0].routes[op.prefix] == op.kind.value for op in sets), "read() differs from what was applied"
-        state.clear()
+        state = clock.measure("read()", routing.read)
+        assert len(state.routes) == len(sets) and all(
+            state.routes[op.prefix] == op.kind.value for op in sets), "read() differs from what was applied"
+        del state
         clock.measure("ip route show", shown_routes)
         if repeat == 0:
             for attempt in range(event_repeats):
                 extra = prefix_of_packed((SPARE_BASE + attempt).to_bytes(4, "big"), 32)
-                clock.measure("apply add", lambda: routing.apply([SetRoute(extra, RouteKind.WIREGUARD)]))
-                clock.measure("apply remove", lambda: routing.apply([DeleteRoute(extra)]))
-                clock.measure("ip route replace", lambda: sh("ip", "route", "replace", str(extra), "dev", DEVICE,
-                                                             "table", str(TABLE)))
-                clock.measure("ip route del", lambda: sh("ip", "route", "del", str(extra), "table", str(TABLE)))
+                clock.measure("apply add", functools.partial(routing.apply, [SetRoute(extra, RouteKind.WIREGUARD)]))
+                clock.measure("apply remove", functools.partial(routing.apply, [DeleteRoute(extra)]))
+                clock.measure("ip route replace", functools.partial(sh, "ip", "route", "replace", str(extra), "dev",
+                                                                    DEVICE, "table", str(TABLE)))
+                clock.measure("ip route del", functools.partial(sh, "ip", "route", "del", str(extra), "table",
+                                                                str(TABLE)))
             assert table_counts() == expected, "events left the table changed"
         clock.measure("flush()", routing.flush)
         assert table_counts() == dict.fromkeys(RouteKind, 0), "flush() left routes"

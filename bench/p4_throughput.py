@@ -35,6 +35,7 @@ Run: `python -m bench.p4_throughput` (as root) or `python -m bench.run --only P4
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -46,9 +47,9 @@ import time
 from pathlib import Path
 
 from bench import Clock, row
-from tests.netns.lab import Lab  # the namespace lab of the netns tests
-from tests.support.netns import in_ns, sh
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns import in_ns, sh
+from wgcni_lab.harness.netns_lab import Lab, Node  # the namespace lab of the netns tests
+from wgcni_lab.harness.polling import wait_until
 
 TITLE = "pod-to-pod TCP through the mesh (userspace) vs a hand-configured wg tunnel, same namespaces"
 NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}
@@ -117,6 +118,10 @@ def iperf3(namespace: str, server: str, port: int, seconds: int) -> tuple[float,
         time.sleep(0.2)
 
 
+def _has_link(node: Node, ifname: str) -> bool:
+    return node.exec("ip", "link", "show", ifname, check=False).returncode == 0
+
+
 class Baseline:
     """A hand-configured WireGuard tunnel between the two node namespaces (wireguard-go + wg set) carrying the
     baseline pods' traffic through plain main-table routes. `own_session`: start each wireguard-go in a session of
@@ -143,8 +148,7 @@ class Baseline:
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        env=dict(os.environ, LOG_LEVEL="error"), start_new_session=own_session)
             self.processes.append(process)
-            wait_until(lambda: node.exec("ip", "link", "show", ifname, check=False).returncode == 0, 10,
-                       what=f"baseline wireguard-go in {node.name}")
+            wait_until(functools.partial(_has_link, node, ifname), 10, what=f"baseline wireguard-go in {node.name}")
             node.exec("wg", "set", ifname, "listen-port", str(BASELINE_PORT), "private-key", str(keys[index][0]),
                       "peer", keys[other][1], "endpoint", f"{self.nodes[other].ip}:{BASELINE_PORT}",
                       "allowed-ips", f"{BASELINE_PODS[self.nodes[other].name]}/32")

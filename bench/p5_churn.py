@@ -30,9 +30,8 @@ from kubernetes import client
 from bench import row
 from node_hook.addresses import address_texts
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
-from node_hook.addresses import address_texts
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
-from wgcni_lab.apiserver import ApiServer
+from wgcni_lab.apiserver.server import ApiServer
 from wgcni_lab.polling import wait_until
 
 TITLE = "API writes per node and events per hook under 50 pod changes/s per node (test API server + cluster.py)"
@@ -167,7 +166,7 @@ def measure(nodes: int, duration: float) -> dict:
                                                    or record.path.endswith(f"/nodes/{name}"))]
                 writes.append(len(made) / elapsed)
             events = [sum(1 for at in view.calls[before:] if at <= ended) / elapsed
-                      for view, before in zip(views, calls_before)]
+                      for view, before in zip(views, calls_before, strict=True)]
             return {"nodes": nodes, "seconds": elapsed, "changes_per_node": changes,
                     "changes_per_second": changes / elapsed, "writes_per_second": writes,
                     "events_per_second": events, "convergence_s": convergence, "lost_ips": lost,

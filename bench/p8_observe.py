@@ -23,8 +23,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from bench import row
 from bench.p3_scale import synthetic_cluster
@@ -32,13 +32,13 @@ from cni_plugin.cli import run as wgcni
 from cni_plugin.records import RecordStore
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
-from node_hook.engine import Appliers
-from node_hook.node import build_node
 from node_hook.detect import Environment
+from node_hook.engine import Appliers
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, request
 from node_hook.metrics import HookMetrics, MetricsServer
-from tests.support.peer_source import ManualPeerSource
+from node_hook.node import build_node
+from wgcni_lab.harness.peer_source import ManualPeerSource
 
 TITLE = "Debug CLI, local API and metrics at 5 000 peers (wall ms)"
 NODES, PODS, REPEATS = 5000, 30, 15

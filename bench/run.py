@@ -76,7 +76,7 @@ def render(results: dict) -> str:
             table.append((key, row["case"], str(row["n"]), f"{row['p50']:g}", f"{row['p99']:g}", f"{row['max']:g}",
                           row["unit"], row["target"], met, row.get("note", "")))
     widths = [max(len(line[column]) for line in table) for column in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() for line in table]
     titles = [f"{key}: {result['title']}" for key, result in results.items()]
     return "\n".join(titles + [""] + lines)
 

@@ -34,7 +34,8 @@ def _refuse_type(value: object) -> None:
 
 
 _WHITESPACE = " \t\n\r"
-_scan_once = _json.make_scanner(_ScannerContext())
+# typeshed types the context as a make_scanner itself (a TODO there: it is a duck type).
+_scan_once = _json.make_scanner(_ScannerContext())  # type: ignore[arg-type]
 # make_encoder(markers, default, encoder, indent, key_separator, item_separator, sort_keys, skipkeys, allow_nan):
 # no circular-reference markers (values come from parsed JSON, which has no cycles), the C encoder has no indent.
 _encode_compact = _json.make_encoder(None, _refuse_type, _json.encode_basestring_ascii, None, ":", ",",

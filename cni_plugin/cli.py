@@ -7,6 +7,7 @@ it turns every usage error or I/O failure into one line on stderr, never a trace
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -45,7 +46,7 @@ def pods(state_dir: str, network: str | None, as_json: bool, socket_path: str) -
     records = RecordStore(state_dir).list(network, errors=problems)
     for problem in problems:
         click.echo(f"wgcni: skipped {problem}", err=True)
-    rows = [{field: record.get(field) for field in POD_FIELDS} for record in records]
+    rows: list[dict[str, Any]] = [{field: record.get(field) for field in POD_FIELDS} for record in records]
     hook_pods = hook_local_pods(socket_path)
     by_key = {pod["key"]: pod for pod in hook_pods or ()}
     for row in rows:

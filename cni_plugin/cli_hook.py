@@ -19,7 +19,8 @@ import ipaddress
 import json
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -92,8 +93,8 @@ class Table:
             rows = [self.header, *rows]
             self.widths = [max(len(line[column]) for line in rows) for column in range(len(self.header))]
         for line in rows:
-            self.widths = [max(width, len(cell)) for width, cell in zip(self.widths, line)]
-            click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, self.widths)).rstrip())
+            self.widths = [max(width, len(cell)) for width, cell in zip(self.widths, line, strict=True)]
+            click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, self.widths, strict=True)).rstrip())
 
 
 def _limit_option(function: Any) -> Any:

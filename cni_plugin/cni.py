@@ -7,11 +7,17 @@ Nothing escapes as a traceback: unexpected exceptions become code 999 and their 
 Standard library only (and not even ``json``: see cni_plugin/cjson.py).
 """
 
-import io
+from __future__ import annotations
+
 import os
 
 from cni_plugin import cjson
 from cni_plugin.filelog import LEVELS, FileLog
+
+TYPE_CHECKING = False  # typing is not imported on the CNI path (start-up time); these names are the checker's
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import BinaryIO, TextIO
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
@@ -66,7 +72,7 @@ class Settings:
         self.log_level = log_level
 
     @classmethod
-    def from_conf(cls, conf: dict) -> "Settings":
+    def from_conf(cls, conf: dict) -> Settings:
         return cls(
             state_dir=_absolute_path(conf, "stateDir", DEFAULT_STATE_DIR),
             hook_socket=_absolute_path(conf, "hookSocket", DEFAULT_HOOK_SOCKET),
@@ -101,7 +107,7 @@ class Invocation:
         self.args = args
 
 
-def dispatch(env: dict, stdin: io.IOBase, stdout: io.IOBase) -> int:
+def dispatch(env: Mapping[str, str], stdin: BinaryIO, stdout: TextIO) -> int:
     """Run one CNI command; returns the process exit code. Never raises for bad input.
 
     ``stdin`` is a binary stream, ``stdout`` a text stream. Until the configuration names its log file, only
@@ -161,17 +167,17 @@ def error_object(cni_version: str, code: int, msg: str, details: str = "") -> di
     return {"cniVersion": cni_version, "code": code, "msg": msg, "details": details}
 
 
-def _write(stdout: io.IOBase, obj: dict) -> int:
+def _write(stdout: TextIO, obj: dict) -> int:
     stdout.write(cjson.dumps(obj) + "\n")
     stdout.flush()
     return 0
 
 
-def _identity(env: dict) -> str:
+def _identity(env: Mapping[str, str]) -> str:
     return f"container={env.get('CNI_CONTAINERID', '')!r:.80} ifname={env.get('CNI_IFNAME', '')!r:.20}"
 
 
-def _decode_stdin(stdin: io.IOBase) -> dict:
+def _decode_stdin(stdin: BinaryIO) -> dict:
     data = stdin.read(MAX_STDIN_BYTES + 1)
     if len(data) > MAX_STDIN_BYTES:
         raise CniError(ERR_DECODE, f"network configuration larger than {MAX_STDIN_BYTES} bytes")
@@ -227,7 +233,7 @@ def parse_netconf(raw: dict) -> NetConf:
     return NetConf(raw, version, network, Settings.from_conf(raw), prev_result)
 
 
-def parse_environment(env: dict, command: str) -> Invocation:
+def parse_environment(env: Mapping[str, str], command: str) -> Invocation:
     container_id = env.get("CNI_CONTAINERID", "")
     netns = env.get("CNI_NETNS", "")
     ifname = env.get("CNI_IFNAME", "")

@@ -7,9 +7,8 @@ It uses ``_socket``, the C socket type that ``socket.socket`` wraps, because ``i
 and enum on every plugin start (docs/benchmarks.md, P1); a Unix stream client needs nothing the wrapper adds.
 """
 
-import time
-
 import _socket
+import time
 
 from cni_plugin import cjson
 

@@ -20,6 +20,7 @@ import ipaddress
 import sys
 from collections.abc import Iterable, Iterator
 from socket import AF_INET, AF_INET6, inet_pton
+from typing import TypeGuard, cast
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -63,10 +64,10 @@ class _PackedNetwork(int):
     dicts and sorts. Never pass one where an int address is expected (`ipaddress.ip_network(prefix)` reads the int)."""
 
     __slots__ = ()
-    _stdlib: type
+    _stdlib: type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network]
     _max_prefixlen: int
 
-    def __new__(cls, address: object, strict: bool = True) -> "_PackedNetwork":
+    def __new__(cls, address: object, strict: bool = True) -> _PackedNetwork:
         """Parses anything the stdlib network accepts (its own methods, e.g. `supernet()`, build prefixes so)."""
         network = cls._stdlib(address, strict)
         return cls._of(int(network.network_address), network.prefixlen)
@@ -75,22 +76,22 @@ class _PackedNetwork(int):
         """Nothing to set up: the int's value is the whole state."""
 
     @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_PackedNetwork":
+    def _of(cls, network_address: int, prefixlen: int) -> _PackedNetwork:
         raise NotImplementedError
 
     def _decoded(self) -> tuple[int, int]:
         raise NotImplementedError
 
     @property
-    def network_address(self) -> IPAddress:  # type: ignore[override]
+    def network_address(self) -> IPAddress:
         return self._address_class(self._decoded()[0])  # type: ignore[attr-defined]
 
     @property
-    def _prefixlen(self) -> int:  # type: ignore[override]
+    def _prefixlen(self) -> int:
         return self._decoded()[1]
 
     @property
-    def netmask(self) -> IPAddress:  # type: ignore[override]
+    def netmask(self) -> IPAddress:
         return self._make_netmask(self._decoded()[1])[0]  # type: ignore[attr-defined]
 
     def hosts(self):  # type: ignore[no-untyped-def]
@@ -99,7 +100,7 @@ class _PackedNetwork(int):
             return [self.network_address]
         if prefixlen == self._max_prefixlen - 1:  # /31 and /127: both addresses (RFC 3021)
             return iter(self)  # type: ignore[call-overload]
-        return self._stdlib.hosts(self)
+        return self._stdlib.hosts(self)  # type: ignore[arg-type]  # self is also the family's network
 
     def __str__(self) -> str:
         address, prefixlen = self._decoded()
@@ -114,14 +115,15 @@ class _PackedNetwork(int):
     __reduce__ = ipaddress._IPAddressBase.__reduce__
 
 
-class _PackedIPv4Network(_PackedNetwork, ipaddress.IPv4Network):
+# The decoded properties return the family's address at run time; _PackedNetwork types them for both families.
+class _PackedIPv4Network(_PackedNetwork, ipaddress.IPv4Network):  # type: ignore[misc]
     """An IPv4 prefix as one int: `address ^ netmask + 2**61-1 * (1 + (address << 8 | prefixlen))`."""
 
     __slots__ = ()
     _stdlib = ipaddress.IPv4Network
 
     @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv4Network":
+    def _of(cls, network_address: int, prefixlen: int) -> _PackedIPv4Network:
         return int.__new__(cls, (network_address ^ _MASKS4[prefixlen])
                            + _HASH_MODULUS * (1 + (network_address << 8 | prefixlen)))
 
@@ -130,14 +132,14 @@ class _PackedIPv4Network(_PackedNetwork, ipaddress.IPv4Network):
         return order >> 8, order & 0xFF
 
 
-class _PackedIPv6Network(_PackedNetwork, ipaddress.IPv6Network):
+class _PackedIPv6Network(_PackedNetwork, ipaddress.IPv6Network):  # type: ignore[misc]  # as IPv4's
     """An IPv6 prefix as one int: `address ^ netmask + 2**61-1 * (1 + (2**136 | address << 8 | prefixlen) << 68)`."""
 
     __slots__ = ()
     _stdlib = ipaddress.IPv6Network
 
     @classmethod
-    def _of(cls, network_address: int, prefixlen: int) -> "_PackedIPv6Network":
+    def _of(cls, network_address: int, prefixlen: int) -> _PackedIPv6Network:
         return int.__new__(cls, (network_address ^ _MASKS6[prefixlen])
                            + _HASH_MODULUS * ((1 + (_V6_FLAG | network_address << 8 | prefixlen)) << _V6_SHIFT))
 
@@ -145,6 +147,8 @@ class _PackedIPv6Network(_PackedNetwork, ipaddress.IPv6Network):
         order = (self // _HASH_MODULUS >> _V6_SHIFT) - 1
         return order >> 8 & _ADDRESS6, order & 0xFF
 
+
+_PackedKey = _PackedIPv4Network | _PackedIPv6Network  # what every key of the model is
 
 assert sys.hash_info.modulus == _HASH_MODULUS, "packed prefixes need CPython's 64-bit int hash"
 
@@ -161,8 +165,9 @@ def prefix_order(prefix: IPNetwork) -> IPNetwork:
 def prefix_of_order(value: int) -> IPNetwork:
     """The prefix whose `prefix_order()` is the int `value` (a plain int crosses a pipe or a file in C; this
     turns it back into the prefix)."""
-    kind = _PackedIPv4Network if value < _PACKED_V6_FLOOR else _PackedIPv6Network
-    return int.__new__(kind, value)  # type: ignore[no-any-return]
+    if value < _PACKED_V6_FLOOR:
+        return int.__new__(_PackedIPv4Network, value)
+    return int.__new__(_PackedIPv6Network, value)
 
 
 def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
@@ -172,7 +177,7 @@ def packed_prefix(prefix: IPNetwork) -> tuple[bytes, int]:
         order = prefix // _HASH_MODULUS - 1
         return (order >> 8).to_bytes(4, "big"), order & 0xFF
     if type(prefix) is _PackedIPv6Network:
-        address, prefixlen = prefix._decoded()  # type: ignore[attr-defined]
+        address, prefixlen = prefix._decoded()
         return address.to_bytes(16, "big"), prefixlen
     return prefix.network_address.packed, prefix.prefixlen
 
@@ -233,9 +238,10 @@ _STEP6 = _HASH_MODULUS * (256 << _V6_SHIFT) - 1
 
 def _key_value(key: IPNetwork) -> int:
     """The raw address value of a key (a packed host prefix)."""
-    if key < _PACKED_V6_FLOOR:
-        return (key // _HASH_MODULUS - 1) >> 8
-    return key._decoded()[0] | _V6  # type: ignore[attr-defined]
+    packed = cast(_PackedKey, key)
+    if packed < _PACKED_V6_FLOOR:
+        return (packed // _HASH_MODULUS - 1) >> 8
+    return packed._decoded()[0] | _V6
 
 
 def address_of(key: IPNetwork) -> IPAddress:
@@ -244,12 +250,11 @@ def address_of(key: IPNetwork) -> IPAddress:
     return ipaddress.IPv6Address(value ^ _V6) if value >= _V6 else ipaddress.IPv4Address(value)
 
 
-def _is_key(value: object) -> bool:
+def _is_key(value: object) -> TypeGuard[_PackedKey]:
     """Whether `value` already is a key: a packed host prefix."""
-    kind = type(value)
-    if kind is _PackedIPv4Network:
-        return (value // _HASH_MODULUS - 1) & 0xFF == 32  # type: ignore[operator]
-    return kind is _PackedIPv6Network and value._decoded()[1] == 128  # type: ignore[union-attr]
+    if type(value) is _PackedIPv4Network:
+        return (value // _HASH_MODULUS - 1) & 0xFF == 32
+    return type(value) is _PackedIPv6Network and value._decoded()[1] == 128
 
 
 def host_keys(values: Iterable[object], what: str) -> frozenset[IPNetwork]:
@@ -302,7 +307,7 @@ def aggregate(keys: Iterable[IPNetwork]) -> Iterator[IPNetwork]:
     into aligned powers of two. The peers' AllowedIPs and the published `podIPPrefixes` are both this. An address
     alone - every one of them with scattered pod IPs - is its own key, handed back as is (no equal copy in the
     peer's AllowedIPs)."""
-    ordered = sorted(keys)  # keys sort in address order, IPv4 first
+    ordered = sorted(cast(Iterable[_PackedKey], keys))  # keys sort in address order, IPv4 first
     count = len(ordered)
     index = 0
     while index < count:

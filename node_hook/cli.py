@@ -15,6 +15,7 @@ import click
 from node_hook.config import ConfigError, Settings, load_settings
 from node_hook.install.cli import install_cni, uninstall_cni
 from node_hook.logs import redact_everywhere, setup_logging
+from node_hook.peers import PeerSource
 
 
 def _settings(config: Path | None) -> Settings:
@@ -52,6 +53,7 @@ def run(config: Path | None) -> None:
     except (KeyFileError, DetectError, OSError) as error:
         raise click.ClickException(str(error)) from None
     redact_everywhere(key.private)
+    source: PeerSource
     if settings.peers_file is not None:
         from node_hook.static_peers import StaticPeerSource
 
@@ -104,8 +106,8 @@ def cleanup(config: Path | None) -> None:
     from node_hook.apply.routes import PyrouteRouting
     from node_hook.apply.sysctl import Sysctls
     from node_hook.engine import FIREWALL_TABLE
-    from node_hook.node import real_wireguard_backend
     from node_hook.local_api import request
+    from node_hook.node import real_wireguard_backend
 
     settings = _settings(config)
     try:

@@ -37,13 +37,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from node_hook.addresses import IPNetwork, aggregate, prefix_keys
+from node_hook.addresses import IPNetwork, aggregate, host_keys, prefix_keys
 from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, Publication, RemoteNode
 from node_hook.peers import PeerSink
 
@@ -118,7 +118,7 @@ def _valid_public_key(key: str) -> bool:
 
 
 def _timestamp(unix_time: float) -> str:
-    return datetime.fromtimestamp(unix_time, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(unix_time, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse_timestamp(text: str) -> float:
@@ -142,7 +142,8 @@ def remote_node_from_object(obj: JSON, max_pod_ips: int) -> RemoteNode | None:
     port = endpoint.get("port", 0)
     if key and (endpoint_ip is None or not isinstance(port, int) or not 1 <= port <= 65535):
         raise ValueError("a node with a key needs an endpoint address and port")
-    node_ips = frozenset(str(ipaddress.ip_address(ip)) for ip in status.get("nodeIPs") or [])
+    node_ips = host_keys((str(ipaddress.ip_address(ip)) for ip in status.get("nodeIPs") or []),
+                         f"node {name} node IPs")
     pod_ips = expand_prefixes(status.get("podIPPrefixes") or [], max_pod_ips)
     changed = status.get("podIPsChangedAt")
     return RemoteNode(
@@ -163,7 +164,7 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
     else:
         changed_at = _timestamp(pod_ips_changed_at)
     ready = "True" if announcement.ready else "False"
-    previous_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
+    previous_ready: JSON = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), {})
     transition = previous_ready.get("lastTransitionTime") if previous_ready.get("status") == ready else None
     endpoint: JSON = {"port": announcement.endpoint_port}
     if announcement.endpoint_ip:
@@ -184,7 +185,7 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
             "type": "Ready", "status": ready,
             "reason": "DataplaneProgrammed" if announcement.ready else "DataplaneNotProgrammed",
             "message": announcement.message[:1024],
-            "lastTransitionTime": transition or datetime.fromtimestamp(now, timezone.utc).strftime(
+            "lastTransitionTime": transition or datetime.fromtimestamp(now, UTC).strftime(
                 "%Y-%m-%dT%H:%M:%SZ"),
         }],
     }
@@ -386,8 +387,8 @@ class KubernetesPeerSource:
         self._sink = sink
         timeout = self.settings.request_timeout
         peers = _ListWatch(
-            "wireguardnodes", lambda: self.custom.list_cluster_custom_object(
-                GROUP, VERSION, PLURAL, _request_timeout=timeout),
+            "wireguardnodes", lambda: _object(self.custom.list_cluster_custom_object(
+                GROUP, VERSION, PLURAL, _request_timeout=timeout)),
             self.custom.list_cluster_custom_object, {"group": GROUP, "version": VERSION, "plural": PLURAL},
             self._peers_listed, self._peer_event, self.settings, self._stopping, self.status)
         field_selector = f"metadata.name={self.node_name}"
@@ -426,7 +427,7 @@ class KubernetesPeerSource:
     def _list_own_node(self, field_selector: str) -> JSON:
         response = self.core.list_node(field_selector=field_selector, _preload_content=False,
                                        _request_timeout=self.settings.request_timeout)
-        return json.loads(response.data)
+        return _body(response)
 
     def _node_listed(self, items: list[JSON]) -> None:
         self._set_node(items[0] if items else None)
@@ -582,6 +583,7 @@ class KubernetesPeerSource:
                 generation = self._desired_generation
                 announcement = self._desired
                 changed_at = self._pod_ips_changed_at
+            assert announcement is not None  # the wait above ends only once there is one; it is never cleared
             try:
                 self._write(announcement, changed_at)
             except Exception as error:  # noqa: BLE001 - every failure is retried; the desired state is kept
@@ -590,7 +592,8 @@ class KubernetesPeerSource:
                 self.status.write_errors += 1
                 self.status.last_error = f"publish: {_describe(error)}"
                 with self._changed:
-                    self._write_failure = (_failure_kind(error), f"publishing was refused or failed: {_describe(error)}")
+                    self._write_failure = (_failure_kind(error),
+                                           f"publishing was refused or failed: {_describe(error)}")
                 self._report_publication()
                 delay = backoff.next_delay()
                 log.warning("publishing %s failed (%s); retrying in %.1fs", self.node_name, _describe(error), delay)
@@ -619,10 +622,9 @@ class KubernetesPeerSource:
         key = "" if opted_out else announcement.public_key
         if _annotation(node) != (key or None):
             self._spend_write()
-            node = self.core.patch_node(
+            node = _body(self.core.patch_node(
                 self.node_name, {"metadata": {"annotations": {PUBLIC_KEY_ANNOTATION: key or None}}},
-                _preload_content=False, _request_timeout=self.settings.request_timeout)
-            node = json.loads(node.data)
+                _preload_content=False, _request_timeout=self.settings.request_timeout))
         owner = {"apiVersion": "v1", "kind": "Node", "name": self.node_name, "uid": node["metadata"]["uid"]}
         for _ in range(self.settings.conflict_retries):
             try:
@@ -634,18 +636,18 @@ class KubernetesPeerSource:
                     node = self._read_node()
                     owner["uid"] = node["metadata"]["uid"]
                     self._spend_write()
-                    own = self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
+                    own = _object(self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
                         "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
                         "metadata": {"name": self.node_name, "labels": MANAGED_BY, "ownerReferences": [owner]},
-                    }, _request_timeout=self.settings.request_timeout)
+                    }, _request_timeout=self.settings.request_timeout))
                     self._remember_write(own)
                 status = published_status(announcement, opted_out, changed_at, own.get("status"), self.clock())
                 if own.get("status") == status:
                     return
                 self._spend_write()
-                own = self.custom.replace_cluster_custom_object_status(
+                own = _object(self.custom.replace_cluster_custom_object_status(
                     GROUP, VERSION, PLURAL, self.node_name, {**own, "status": status},
-                    _request_timeout=self.settings.request_timeout)
+                    _request_timeout=self.settings.request_timeout))
                 self._remember_write(own)
                 return
             except ApiException as error:
@@ -702,16 +704,28 @@ class KubernetesPeerSource:
             if error.status == 404:
                 raise _NodeMissing(f"Node {self.node_name} does not exist") from None
             raise
-        return json.loads(response.data)
+        return _body(response)
 
     def _read_own_object(self) -> JSON | None:
         try:
-            return self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.node_name,
-                                                         _request_timeout=self.settings.request_timeout)
+            return _object(self.custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, self.node_name,
+                                                                 _request_timeout=self.settings.request_timeout))
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
+
+
+def _body(response: Any) -> JSON:
+    """The decoded body of a call made with `_preload_content=False`: the client then answers the raw HTTP
+    response, although it declares the model object it would have built."""
+    return json.loads(response.data)
+
+
+def _object(value: object) -> JSON:
+    """A custom-object call's answer: the client declares `object`, it is the decoded JSON object."""
+    assert isinstance(value, dict)
+    return value
 
 
 def _uid(obj: JSON | None) -> str | None:

@@ -4,7 +4,8 @@ to do.
 Two halves: `NodeView.observe()` (node_hook/view.py) runs on the engine's worker thread (`NodeView.diagnose` →
 `Engine.on_worker`), the only thread that may use the appliers' netlink sockets, and only reads everything back and
 copies the model's desired state into an `Observed`, so the worker is held for no longer than a full resync pass
-reads; `analyse(observed, conf_dir)` here is pure and runs on the asking thread. The dataplane findings reuse the planner: whatever the planner would still change against
+reads; `analyse(observed, conf_dir)` here is pure and runs on the asking thread. The dataplane findings reuse the
+planner: whatever the planner would still change against
 the read-back is, by definition, what is missing or wrong right now (the hook repairs such drift within a pass, so a
 finding here means it keeps coming back or the repair keeps failing).
 
@@ -80,8 +81,8 @@ class Observed:
 def analyse(observed: Observed, conf_dir: Path) -> dict[str, Any]:
     """All findings for this node, plus the names of the checks that ran (any thread)."""
     findings: list[dict[str, str]] = []
-    for check in (_sync, _publication, _reconcile, _device, _mtu, _peers, _rules, _routes, _sysctls, _firewall, _conflicts,
-                  _handshakes, _records):
+    for check in (_sync, _publication, _reconcile, _device, _mtu, _peers, _rules, _routes, _sysctls, _firewall,
+                  _conflicts, _handshakes, _records):
         findings += check(observed)
     findings += _conflist(conf_dir)
     return {"findings": findings, "checks": list(CHECKS)}
@@ -97,7 +98,8 @@ def _sync(o: Observed) -> list[dict[str, str]]:
     elif source_error:
         out.append(_finding("sync", "warning", f"peer source: {source_error} (the last good list stays in force)",
                             "fix the peer source; " + LOGS))
-    if status is not None and getattr(status, "last_error", "") and not getattr(status, "published", True):
+    last_error: object = getattr(status, "last_error", "")
+    if status is not None and last_error and not getattr(status, "published", True):
         out.append(_finding("sync", "warning", f"this node's state is not published yet: {status.last_error}",
                             "other nodes keep the old view of this node until it is; check API access: " + LOGS))
     invalid = getattr(status, "invalid_objects", None) or {}

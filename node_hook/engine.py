@@ -44,8 +44,8 @@ from node_hook.contracts import (
 from node_hook.detect import Environment
 from node_hook.keys import NodeKey
 from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, NodeModel, Publication, RemoteNode
-from node_hook.planner import desired_rules, publication_gate
 from node_hook.peers import PeerSource
+from node_hook.planner import desired_rules, publication_gate
 from node_hook.pod_routes import PodRouteSource
 from node_hook.reconciler import ASPECTS, PassResult, Reconciler, Targets
 

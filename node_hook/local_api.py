@@ -75,13 +75,13 @@ def answer(node: Node, request: object) -> dict[str, Any]:
         if op == "status":
             return {"ok": True, **node.view.status()}
         if op == "peers":
-            peers_page = {"offset": _integer(request, "offset", 0, 0), "limit": _integer(request, "limit", None, 1),
-                          "node": _text(request, "node")}  # computed on the worker: it alone mutates the model
-            return {"ok": True, **node.engine.on_worker(lambda: node.view.peers(**peers_page))}
+            offset = _integer(request, "offset", 0, 0) or 0
+            limit, node_name = _integer(request, "limit", None, 1), _text(request, "node")
+            # computed on the worker: it alone mutates the model
+            return {"ok": True, **node.engine.on_worker(lambda: node.view.peers(offset, limit, node_name))}
         if op == "routes":
-            routes_page = {"limit": _integer(request, "limit", None, 1), "owner": _text(request, "owner"),
-                           "after": _text(request, "after")}
-            return {"ok": True, **node.engine.on_worker(lambda: node.view.routes(**routes_page))}
+            limit, owner, after = _integer(request, "limit", None, 1), _text(request, "owner"), _text(request, "after")
+            return {"ok": True, **node.engine.on_worker(lambda: node.view.routes(limit, owner, after))}
         if op == "pods":
             return {"ok": True, "pods": node.view.pods()}
         if op == "diagnose":

@@ -30,8 +30,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from http.server import ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -214,7 +215,8 @@ def state_families(snapshot: MetricsSnapshot, per_peer: bool, now: float) -> Ite
                  "the main table, in plaintext, until it does).", status["publication"]["unpublishedCount"])
     yield _gauge("wgcni_pod_records", "Pod attachments recorded on this node.", status["counts"]["podRecords"])
     yield _gauge("wgcni_pods_without_record", "Local pods learned only from their host routes (no pod record: they "
-                 "predate wgcni or started while the conflist lacked its entry).", status["counts"]["podsWithoutRecord"])
+                 "predate wgcni or started while the conflist lacked its entry).",
+                 status["counts"]["podsWithoutRecord"])
     yield _gauge("wgcni_pod_record_errors", "Pod records that cannot be read (never programmed).",
                  len(status["recordErrors"]))
     conflicts = GaugeMetricFamily("wgcni_conflicts", "Problems that keep traffic plaintext or ambiguous, by kind: "
@@ -299,7 +301,9 @@ class MetricsServer:
     @property
     def address(self) -> tuple[str, int]:
         assert self._server is not None
-        return self._server.server_address[0], self._server.server_address[1]
+        host, port = self._server.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET/AF_INET6 server's address
+        return host, port
 
     def start(self) -> None:
         """Bind and serve; raises ValueError for a malformed address and OSError when it cannot bind."""

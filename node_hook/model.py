@@ -21,10 +21,10 @@ Rules computed here (identically on every node; see docs/design.md "Conflict rul
 from __future__ import annotations
 
 import gc
+from collections.abc import Collection, ItemsView, Iterable, Iterator, Mapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
-from collections.abc import ItemsView, Iterable, Iterator, Mapping, ValuesView
 
 from node_hook.addresses import IPAddress, IPNetwork, address_of, aggregate, host_keys, host_prefix
 
@@ -87,11 +87,12 @@ class Publication:
 
 
 UNKNOWN_PUBLICATION = Publication("unknown")
-# How the hook judges its publication (NodeView.publication_status): confirmed = the API holds its key and every local IP.
+# How the hook judges its publication (NodeView.publication_status): confirmed = the API holds its key and every local
+# IP.
 PUBLICATION_STATES = ("confirmed", "unknown", "opted-out", "pending", "denied", "unreachable", "stale")
 
 
-class RouteKind(str, Enum):
+class RouteKind(str, Enum):  # noqa: UP042 - StrEnum would change str() of a member, which logs show
     """What a route in the hook's table does."""
 
     WIREGUARD = "dev"  # dst -> the WireGuard device
@@ -363,11 +364,12 @@ class NodeModel:
                 out.append(Problem("no-key", name, f"node {name} has no WireGuard key: its traffic stays plaintext"))
             elif remote.endpoint_ip is None:
                 out.append(Problem("no-endpoint", name, f"node {name} has no endpoint: its traffic stays plaintext"))
-        for key in sorted(self._contested):
-            ip = address_of(key)
-            owner = self._winner(key)
+        for contested in sorted(self._contested):
+            ip = address_of(contested)
+            owner = self._winner(contested)
             winner = "this node" if owner == LOCAL else owner
-            out.append(Problem("ip-conflict", str(ip), f"{ip} claimed by {', '.join(sorted(self._claims[key]))}; "
+            claimants = ", ".join(sorted(self._claims[contested]))
+            out.append(Problem("ip-conflict", str(ip), f"{ip} claimed by {claimants}; "
                                f"routed to {winner}"))
         return out
 
@@ -532,7 +534,7 @@ class NodeModel:
         """Routes by kind, in O(nodes) (status, metrics)."""
         throw, wireguard = len(self._local_count), 0
         for name, node in self._remotes.items():
-            lost = self._lost.get(name, frozenset())
+            lost: Collection[IPNetwork] = self._lost.get(name, frozenset())
             extra_node_ips = [key for key in node.node_ips if key not in node.pod_ips]
             owned = len(node.pod_ips) + len(extra_node_ips) - len(lost)
             if name not in self._peer_of_node:
@@ -581,11 +583,15 @@ class DesiredRoutes(Mapping[IPNetwork, RouteKind]):
         return _RouteKinds(self)
 
 
-class _RouteItems(ItemsView):  # type: ignore[type-arg]
+class _RouteItems(ItemsView[IPNetwork, RouteKind]):
+    _mapping: DesiredRoutes  # what MappingView.__init__ stores
+
     def __iter__(self) -> Iterator[tuple[IPNetwork, RouteKind]]:
-        return self._mapping._model._iter_routes()  # type: ignore[no-any-return]
+        return self._mapping._model._iter_routes()
 
 
-class _RouteKinds(ValuesView):  # type: ignore[type-arg]
+class _RouteKinds(ValuesView[RouteKind]):
+    _mapping: DesiredRoutes  # what MappingView.__init__ stores
+
     def __iter__(self) -> Iterator[RouteKind]:
         return (kind for _, kind in self._mapping._model._iter_routes())

@@ -188,7 +188,7 @@ def plan_peers(
 
 def plan_routes(
     desired: Mapping[IPNetwork, RouteKind],
-    actual: Mapping[IPNetwork, str],
+    actual: Mapping[IPNetwork, str | None],
     prefixes: Iterable[IPNetwork] | None = None,
 ) -> tuple[list[RoutingOp], RouteSets]:
     """(deletes, sets) for the prefixes in scope (all when None). Foreign routes in our table are replaced."""
@@ -223,7 +223,8 @@ def desired_rules(priority: int, fwmark: int, table: int, tunnel: bool = True,
     return frozenset(rules)
 
 
-def publication_gate(publication: Publication, public_key: str, local_ips: Iterable[str]) -> tuple[bool, frozenset[str]]:
+def publication_gate(publication: Publication, public_key: str,
+                     local_ips: Iterable[str]) -> tuple[bool, frozenset[str]]:
     """(tunnel, bypass sources): whether this node may send into the tunnel at all, and which of its own IPs must
     not, judged by what the API holds of its publication (peers program exactly that).
 

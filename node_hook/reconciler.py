@@ -14,8 +14,8 @@ what the peers look like; everything else follows `planner.APPLY_ORDER`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Mapping
 
 from node_hook.addresses import IPNetwork
 from node_hook.contracts import (
@@ -23,6 +23,7 @@ from node_hook.contracts import (
     DeviceState,
     FirewallApplier,
     FirewallSpec,
+    PeerOp,
     PeerState,
     RemovePeer,
     RoutingApplier,
@@ -48,9 +49,9 @@ log = logging.getLogger(__name__)
 
 ASPECTS = ("firewall", "device", "sysctls", "peers", "routes", "rules")
 _ASPECT_OF_STEP = {
-    "firewall": "firewall", "device": "device", "device_address": "routes", "sysctls": "sysctls", "peer_reshape": "peers",
-    "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes", "route_sets": "routes",
-    "rules": "rules",
+    "firewall": "firewall", "device": "device", "device_address": "routes", "sysctls": "sysctls",
+    "peer_reshape": "peers", "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes",
+    "route_sets": "routes", "rules": "rules",
 }
 
 
@@ -211,7 +212,7 @@ class Reconciler:
             for name, payload in plan.steps():
                 step = name
                 self._apply(name, payload)
-                count = len(payload) if isinstance(payload, (list, dict, RouteSets)) else 1  # type: ignore[arg-type]
+                count = len(payload) if isinstance(payload, (list, dict, RouteSets)) else 1
                 applied[name] = count
                 self._step_done(name, count)
             self._remember(peer_scope)
@@ -223,8 +224,8 @@ class Reconciler:
             return PassResult(applied, None, tuple(full))
         except Exception as error:  # noqa: BLE001 - every applier error is reported once and retried in full
             self._unapplied = changes
-            aspect = _ASPECT_OF_STEP.get(step)
-            self.mark_out_of_sync(*([aspect] if aspect else ASPECTS))
+            failed_aspect = _ASPECT_OF_STEP.get(step)
+            self.mark_out_of_sync(*([failed_aspect] if failed_aspect else ASPECTS))
             self.errors += 1
             message = f"{step}: {error}"
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
@@ -240,7 +241,7 @@ class Reconciler:
     def _hold_back_pruning(self, plan: Plan, actual_routes: Mapping[IPNetwork, str | None]) -> bool:
         """Drop peer removals and deletions of `dev` routes from `plan`; True when something was dropped.
         (Deleting a `throw` route changes nothing for traffic: without a route the lookup leaves the table too.)"""
-        peer_removals = [op for op in plan.peer_removals if not isinstance(op, RemovePeer)]
+        peer_removals: list[PeerOp] = [op for op in plan.peer_removals if not isinstance(op, RemovePeer)]
         route_deletes = [op for op in plan.route_deletes
                          if actual_routes.get(op.prefix) != RouteKind.WIREGUARD.value]  # type: ignore[union-attr]
         held_back = len(peer_removals) != len(plan.peer_removals) or len(route_deletes) != len(plan.route_deletes)

@@ -11,14 +11,14 @@ import hashlib
 import heapq
 import ipaddress
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node_hook.addresses import address_texts, host_prefix
 from node_hook.contracts import PeerState
 from node_hook.diagnose import Observed, analyse
-from node_hook.engine import ROUTE_KEY_PREFIX, Engine, route_key
+from node_hook.engine import Engine, route_key
 from node_hook.model import LOCAL, DesiredPeer, RouteKind
 from node_hook.planner import publication_gate
 
@@ -151,7 +151,8 @@ class NodeView:
                 except ValueError:
                     missing.append(text)
                     continue
-                if engine.model.owner_of(ip) != LOCAL or engine.model.routes.get(host_prefix(ip)) is not RouteKind.THROW:
+                if (engine.model.owner_of(ip) != LOCAL
+                        or engine.model.routes.get(host_prefix(ip)) is not RouteKind.THROW):
                     missing.append(text)
         programmed = not missing and engine.reconciler.converged
         if missing:

@@ -15,8 +15,8 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 CACHE_ENV = "WGCNI_LAB_CACHE"
 

@@ -9,9 +9,9 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

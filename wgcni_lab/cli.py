@@ -22,7 +22,8 @@
     wgcni-lab down                                   remove everything, also after a crash or a half-finished up
 
 Every error is one line on stderr and a non-zero exit code. The lab dir is /run/wgcni-lab (or $WGCNI_LAB_DIR, or
---lab-dir). hook, reboot, reimage, node-add, node-del, label, api, service-add and service-del are carried out by the lab
+--lab-dir). hook, reboot, reimage, node-add, node-del, label, api, service-add and service-del are carried out by the
+lab
 daemon, the one writer of the lab's state (over its control socket, wgcni_lab.control; what they do:
 wgcni_lab.lifecycle, wgcni_lab.services).
 """
@@ -225,7 +226,8 @@ def daemon(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: i
 
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)
 
 
 @cli.command()

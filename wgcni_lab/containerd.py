@@ -31,14 +31,15 @@ import secrets
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import grpc
 
 from cni_plugin.files import replace_symlink, write_atomically
-from wgcni_lab.cleanup import CGROUP_ROOT, kill_processes, process_table, remove_cgroups, remove_tree, with_descendants
+from wgcni_lab.cleanup import kill_processes, process_table, remove_cgroups, remove_tree, with_descendants
 from wgcni_lab.cri import CriClient, CriError, PortMapping, SandboxStatus
 from wgcni_lab.pause import PauseImage, pause_image
 
@@ -223,7 +224,8 @@ class Containerd:
                     break
                 except CriError as error:
                     if error.code == grpc.StatusCode.UNIMPLEMENTED:  # serving, but the CRI plugin failed
-                        raise ContainerdError(f"containerd {self.name} has no CRI service:\n{self.log_tail()}")
+                        raise ContainerdError(
+                            f"containerd {self.name} has no CRI service:\n{self.log_tail()}") from error
             if time.monotonic() > deadline:
                 raise ContainerdError(f"containerd {self.name} did not serve CRI within {timeout}s:\n{self.log_tail()}")
             time.sleep(0.02)
@@ -239,7 +241,8 @@ class Containerd:
         )
         missing = probe.stdout.split()
         if probe.returncode != 0:
-            raise ContainerdError(f"containerd {self.name}: cannot enter {self.mount_namespace}: {probe.stderr.strip()}")
+            raise ContainerdError(
+                f"containerd {self.name}: cannot enter {self.mount_namespace}: {probe.stderr.strip()}")
         if missing:
             raise ContainerdError(
                 f"containerd {self.name}: {', '.join(missing)} must exist in mount namespace {self.mount_namespace} "
@@ -484,6 +487,7 @@ class SharedMountpoint:
             os.close(fd)  # removed by its last user between our mkdir and our lock: start over
 
     def _marked(self) -> bool:
+        assert self._fd is not None  # asked only while the lock is held
         try:
             return os.getxattr(self._fd, self.MARKER) == b"1"
         except OSError:

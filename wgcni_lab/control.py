@@ -13,8 +13,9 @@ import json
 import socket
 import socketserver
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from wgcni_lab.lab import LabError
 
@@ -92,7 +93,7 @@ def request(lab_dir: Path, op: str, timeout: float = 300.0, **arguments: Any) ->
     except FileNotFoundError:
         raise LabError(f"the lab daemon has no control socket at {path}: is the lab up? (`wgcni-lab down` "
                        "removes what is left)") from None
-    except socket.timeout:
+    except TimeoutError:
         raise LabError(f"the lab daemon did not answer {op!r} within {timeout:g}s") from None
     except OSError as error:
         raise LabError(f"the lab daemon does not answer on {path}: {error.strerror or error}") from None

@@ -18,9 +18,10 @@ import functools
 import json
 import os
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message, message_factory
@@ -147,10 +148,11 @@ class _CriMessages:
         self._pool = descriptor_pool.DescriptorPool()
         self._pool.Add(proto)
 
-    def cls(self, name: str) -> type:
+    # Message classes are generated at run time from the descriptor: protobuf types them as nothing more than `type`.
+    def cls(self, name: str) -> Any:
         return message_factory.GetMessageClass(self._pool.FindMessageTypeByName(f"{CRI_PACKAGE}.{name}"))
 
-    def method(self, service: str, name: str) -> tuple[str, type, type]:
+    def method(self, service: str, name: str) -> tuple[str, Any, Any]:
         method = self._pool.FindServiceByName(service).FindMethodByName(name)
         return (
             f"/{service}/{name}",
@@ -243,7 +245,7 @@ class CriClient:
         shares the runtime's network namespace, NamespaceMode NODE, and no CNI plugin is called); returns the
         sandbox id."""
         protocol = self._messages.cls("PortMapping").DESCRIPTOR.fields_by_name["protocol"].enum_type
-        config = {
+        config: dict[str, Any] = {
             "metadata": {"name": name, "namespace": namespace, "uid": uid, "attempt": attempt},
             "hostname": "" if host_network else hostname or name,  # runc cannot set it in the node's UTS namespace
             "log_directory": log_directory,

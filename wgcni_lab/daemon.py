@@ -25,7 +25,8 @@ from typing import Any
 import yaml
 
 from wgcni_lab import control, fabric, lab, lifecycle, services
-from wgcni_lab.apiserver import NODES, ApiServer
+from wgcni_lab.apiserver.resources import NODES
+from wgcni_lab.apiserver.server import ApiServer
 from wgcni_lab.cleanup import reap_children
 from wgcni_lab.polling import wait_until
 

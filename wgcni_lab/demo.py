@@ -52,7 +52,7 @@ def heading(text: str) -> None:
 
 def cross_node_pings(pods: list[dict]) -> list[tuple[dict, dict]]:
     """One pair per node: its first pod -> the first pod of the next node (a ring over the nodes)."""
-    first = {}
+    first: dict[str, dict] = {}
     for pod in pods:
         first.setdefault(pod["node"], pod)
     ordered = list(first.values())
@@ -129,10 +129,10 @@ def main() -> int:
         (f"service-add web --pod {target['name']} --port 80 --node-port 30080",
          "a NodePort Service, programmed as kube-proxy does"),
     ]
-    width = max(len(command) for command, _ in hints)
+    width = max(len(hint) for hint, _ in hints)
     print("\nThe lab is still running. Try:")
-    for command, meaning in hints:
-        print(f"  .venv/bin/wgcni-lab {command.ljust(width)}  {meaning}")
+    for hint, meaning in hints:
+        print(f"  .venv/bin/wgcni-lab {hint.ljust(width)}  {meaning}")
     print("Stop it with:  make demo-down")
     if failed or clear or not packets:
         problems = [f"pings failed: {', '.join(failed)}"] if failed else []

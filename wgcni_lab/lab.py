@@ -46,9 +46,10 @@ import os
 import re
 import secrets
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cni_plugin.files import write_atomically
 from node_hook.config import Settings
@@ -387,6 +388,7 @@ def start_node_mounts(state: LabState, node: NodeState) -> subprocess.Popen[str]
         error = holder.stderr.read().strip() if holder.stderr else ""
         holder.wait()
         raise LabError(f"{node.name}: setting up its mount namespace failed: {error or 'no output'}")
+    assert holder.stdout is not None and holder.stderr is not None  # both are pipes
     holder.stdout.close()
     holder.stderr.close()
     return holder
@@ -626,7 +628,7 @@ def netns_pids(netns: str) -> set[int]:
 
 def cgroup_pids(cgroup_parent: str) -> set[int]:
     """The processes in `cgroup_parent` or below it, in any cgroup hierarchy."""
-    from wgcni_lab.containerd import CGROUP_ROOT
+    from wgcni_lab.cleanup import CGROUP_ROOT
 
     pids: set[int] = set()
     relative = cgroup_parent.strip("/")

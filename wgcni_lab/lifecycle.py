@@ -23,7 +23,8 @@ owns every long-lived lab process; `wgcni-lab` commands reach it through the con
   kubelet's crash-loop backoff: the first restart at once, then `initial` seconds (kubelet: 10), doubling up to
   `cap` (kubelet: 300), forgotten after 10 minutes of running; `wgcni-lab up --restart-backoff` shortens it.
 - **node-add** makes the next node (a node IP and a pod IP pool beyond every address in use), its Node object, and
-  boots it (optionally with pods that start before its DaemonSet pod, as on an AKS scale-up without a startup taint); **node-del** stops its pods (CNI DEL), kills its processes, removes its namespaces and directories and
+  boots it (optionally with pods that start before its DaemonSet pod, as on an AKS scale-up without a startup taint);
+  **node-del** stops its pods (CNI DEL), kills its processes, removes its namespaces and directories and
   deletes its Node object (the API server's garbage collection deletes its WireguardNode with it).
 """
 
@@ -37,14 +38,23 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from wgcni_lab import lab, services
-from wgcni_lab.apiserver import NODES, ApiServer, NamespacedListener
-from wgcni_lab.cleanup import (CGROUP_ROOT, kill_processes, process_state, process_table, reap_children, remove_tree,
-                               with_descendants)
+from wgcni_lab.apiserver.resources import NODES
+from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
+from wgcni_lab.cleanup import (
+    CGROUP_ROOT,
+    kill_processes,
+    process_state,
+    process_table,
+    reap_children,
+    remove_tree,
+    with_descendants,
+)
 from wgcni_lab.containerd import Containerd
 from wgcni_lab.cri import CriError
 

@@ -1,10 +1,11 @@
 """Waiting for a condition with a deadline: the one polling loop of the lab (wgcni_lab) and of the test suites
-(through tests/support/polling.py, which adds their time scale and assertion errors)."""
+(through wgcni_lab/harness/polling.py, which adds their time scale and assertion errors)."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.05,

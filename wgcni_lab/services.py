@@ -30,7 +30,7 @@ import base64
 import hashlib
 import ipaddress
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from wgcni_lab import lab
 

@@ -15,7 +15,8 @@ import re
 import signal
 import subprocess
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from wgcni_lab import lab
 

@@ -17,7 +17,8 @@ What the tables do (rendered by `render_firewall`, which the fake shares):
 - FORWARD: TCP SYNs leaving through the WireGuard device get their MSS clamped to the route MTU, so pods whose
   veths keep MTU 1500 open connections that fit the tunnel even where ICMP "fragmentation needed" is filtered.
 
-These two tables are the only nftables objects the hook touches; `delete()` removes them and nothing else. The nft CLI is the
+These two tables are the only nftables objects the hook touches; `delete()` removes them and nothing else. The nft CLI
+is the
 supported interface to nftables (libnftables' Python binding is not on PyPI); one process per apply.
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import subprocess
 
 from node_hook.contracts import FirewallSpec
-
 
 FAMILIES = ("inet", "arp")
 

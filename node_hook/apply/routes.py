@@ -2,7 +2,8 @@
 
 Only the hook's table, the rules whose table is the hook's table and the hook's bypass rules (`from <IP> lookup
 main` at the one priority `bypass_priority`, just before the tunnel rule) are read, changed or flushed; the main
-table and every other rule are never touched. A `dev <wg>` route is a unicast route out of the WireGuard device; a `throw`
+table and every other rule are never touched. A `dev <wg>` route is a unicast route out of the WireGuard device; a
+`throw`
 route makes the lookup leave the table (the main table then decides). Deleting what is already gone and adding
 what already exists succeed (ESRCH / ENOENT / EEXIST are "already done"), so a retried batch converges.
 
@@ -333,20 +334,20 @@ class PyrouteRouting:
         with paused_gc():  # a dump of a full table makes a million new prefixes (GC-tracked ints)
             for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
                 for buffer, start, end in self._netlink.dump_routes(family, self.table):
-                    prefix, kind = self._decode_route(buffer, start, end, address_size, ifindex)
-                    if kind is not None:
-                        routes[prefix] = kind
+                    route = self._decode_route(buffer, start, end, address_size, ifindex)
+                    if route is not None:
+                        routes[route[0]] = route[1]
         rules = set()
-        for family in (4, 6):
-            for message in self._ipr.get_rules(family=_FAMILY[family]):
+        for version in (4, 6):
+            for message in self._ipr.get_rules(family=_FAMILY[version]):
                 table = message.get("table")
                 priority = message.get("priority") or 0
                 if table == self.table:
-                    rules.add(RuleSpec(family, priority, message.get("fwmark") or 0, message.get("fwmask") or 0,
+                    rules.add(RuleSpec(version, priority, message.get("fwmark") or 0, message.get("fwmask") or 0,
                                        self.table, bool(message["flags"] & FIB_RULE_INVERT)))
                 elif table == MAIN_TABLE and priority == self.bypass_priority and message.get("src"):
                     source = ipaddress.ip_network(f"{message.get('src')}/{message['src_len']}", strict=False)
-                    rules.add(RuleSpec(family, priority, 0, 0, MAIN_TABLE, False, source))
+                    rules.add(RuleSpec(version, priority, 0, 0, MAIN_TABLE, False, source))
         addresses = frozenset(  # IPv4 only: the device's IPv6 link-local address is the kernel's, not ours
             ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}", strict=False)
             for message in (self._ipr.get_addr(index=ifindex, family=socket.AF_INET) if ifindex is not None else ())
@@ -354,9 +355,9 @@ class PyrouteRouting:
         return TableState(routes, frozenset(rules), addresses)
 
     def _decode_route(self, buffer: memoryview, start: int, end: int, address_size: int,
-                      ifindex: int | None) -> tuple[IPNetwork | None, str | None]:
-        """(prefix, RouteKind value or FOREIGN_ROUTE) of the RTM_NEWROUTE message at buffer[start:end]; kind None
-        when the route is in another table. `dev`: unicast straight out of the device (no gateway, via, multipath
+                      ifindex: int | None) -> tuple[IPNetwork, str] | None:
+        """(prefix, RouteKind value or FOREIGN_ROUTE) of the RTM_NEWROUTE message at buffer[start:end]; None when
+        the route is in another table. `dev`: unicast straight out of the device (no gateway, via, multipath
         or nexthop object); `throw`; anything else is foreign."""
         _, prefixlen, _, _, table, _, _, route_type, _ = _RTMSG.unpack_from(buffer, start + 16)
         destination = bytes(address_size)
@@ -377,7 +378,7 @@ class PyrouteRouting:
                 other_nexthop = True
             offset += (length + 3) & ~3
         if table != self.table:
-            return None, None
+            return None
         if route_type == RTN_THROW:
             kind = RouteKind.THROW.value
         elif route_type == RTN_UNICAST and ifindex is not None and device == ifindex and not other_nexthop:

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from socket import AF_INET, AF_INET6
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg, nla
@@ -321,7 +322,7 @@ def build_set_message(ifname: str, writes: list[PeerWrite]) -> WireGuardMessage:
     return message
 
 
-def _key_text(value) -> str:
+def _key_text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -390,7 +391,7 @@ class KernelWireGuard:
 
     # -- reading ---------------------------------------------------------------------------------------------
 
-    def _link(self):
+    def _link(self) -> Any:  # a pyroute2 link message, or None
         try:
             links = self._ipr.link("get", ifname=self.ifname)
         except NetlinkError as error:
@@ -400,7 +401,7 @@ class KernelWireGuard:
         return links[0] if links else None
 
     @staticmethod
-    def _link_kind(link) -> str | None:
+    def _link_kind(link: Any) -> str | None:
         info = link.get_attr("IFLA_LINKINFO")
         return info.get_attr("IFLA_INFO_KIND") if info else None
 

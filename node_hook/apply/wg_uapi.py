@@ -26,9 +26,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from socket import AF_INET, AF_INET6, inet_ntop
-from typing import Callable, Iterable, Iterator
 
 from pyroute2 import IPRoute
 
@@ -92,7 +92,7 @@ class UapiClient:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
 
-    def _request(self, lines: Iterable[str]) -> Iterator[str]:
+    def _request(self, lines: Iterable[str]) -> Generator[str, None, None]:
         """Send the request made of `lines` and yield the answer's lines before its final `errno=`; UapiError for
         a non-zero errno or an answer cut short."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:

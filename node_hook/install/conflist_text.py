@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from _json import scanstring  # what json.decoder.scanstring is in CPython, and typed
 from dataclasses import dataclass
 
 from cni_plugin.cni import SUPPORTED_VERSIONS
@@ -52,7 +53,7 @@ def _object_members(text: str, start: int) -> list[tuple[str, int, _Span]]:
         return members
     while True:
         key_at = index
-        key, index = json.decoder.scanstring(text, index + 1)
+        key, index = scanstring(text, index + 1)
         index = _skip_whitespace(text, _skip_whitespace(text, index) + 1)  # past ':'
         _, end = _DECODER.raw_decode(text, index)
         members.append((key, key_at, _Span(index, end)))
@@ -138,7 +139,7 @@ def _render_like(text: str, neighbour: _Span, entry: dict) -> str:
     multiline = False
     if members:
         _, key_at, value = members[0]
-        gap = text[json.decoder.scanstring(text, key_at + 1)[1] : value.start]  # e.g. ":", ": ", " : "
+        gap = text[scanstring(text, key_at + 1)[1] : value.start]  # e.g. ":", ": ", " : "
         key_value_separator = ":" + (" " if gap.split(":", 1)[1] else "")
         member_line_start = text.rfind("\n", 0, key_at) + 1
         member_indent = text[member_line_start:key_at]

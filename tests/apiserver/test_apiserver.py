@@ -18,9 +18,9 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
-from tests.support.netns import Namespaces
-from tests.support.polling import TIME_SCALE
-from wgcni_lab.apiserver import ApiServer, NamespacedListener
+from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
+from wgcni_lab.harness.netns import Namespaces
+from wgcni_lab.harness.polling import TIME_SCALE
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
 GROUP, VERSION, PLURAL = "wgcni.io", "v1alpha1", "wireguardnodes"

@@ -4,6 +4,8 @@ plus the properties of the synthetic layouts the figures depend on."""
 
 from __future__ import annotations
 
+import itertools
+
 from bench import p3_scale
 
 
@@ -37,6 +39,6 @@ def test_layouts_give_every_node_distinct_addresses() -> None:
         addresses += [str(key.network_address) for node in remote.values() for key in node.pod_ips]
         assert len(addresses) == len(set(addresses)) == 40 * 250
     scattered = sorted(int(key.network_address) for key in p3_scale.remote_node(3, 40, 250, "scattered").pod_ips)
-    assert all(b - a == 40 for a, b in zip(scattered, scattered[1:]))  # no two adjacent: every IP its own /32
+    assert all(b - a == 40 for a, b in itertools.pairwise(scattered))  # no two adjacent: every IP its own /32
     batched = sorted(int(key.network_address) for key in p3_scale.remote_node(3, 40, 250, "batch16").pod_ips)
     assert batched[:16] == list(range(batched[0], batched[0] + 16)) and batched[0] % 16 == 0

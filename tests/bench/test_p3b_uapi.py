@@ -11,7 +11,7 @@ import pytest
 from bench import p3b_uapi
 from node_hook.apply import wg_kernel
 from node_hook.contracts import UpsertPeer
-from tests.support.netns import namespaces_named
+from wgcni_lab.harness.netns import namespaces_named
 
 
 @pytest.mark.netns

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bench import p3c_routes
-from tests.support.netns import namespaces_named
+from wgcni_lab.harness.netns import namespaces_named
 
 
 @pytest.mark.netns

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 
-from tests.support.tempdir import short_temp_dir
+from wgcni_lab.harness.tempdir import short_temp_dir
 
 
 @pytest.fixture

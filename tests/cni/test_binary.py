@@ -21,7 +21,7 @@ import pytest
 from cni_plugin.records import TEMP_SWEEP_INTERVAL, RecordStore
 from tests.cni.helpers import AZURE_CONFLIST, CONTAINER_ID, VERSIONS, aks_prev_result, cni_env, plugin_stdin
 from tests.support.binaries import built_binary
-from tests.support.fake_hook import FakeHook
+from wgcni_lab.harness.fake_hook import FakeHook
 
 V04_PLUS = [v for v in VERSIONS if v >= "0.4.0"]
 

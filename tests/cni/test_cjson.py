@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cni_plugin import cjson
 from cni_plugin.commands import format_host, parse_cidr_host

@@ -25,7 +25,7 @@ from tests.cni.helpers import (
     plugin_stdin,
     record_files,
 )
-from tests.support.fake_hook import FakeHook
+from wgcni_lab.harness.fake_hook import FakeHook
 
 AZURE = AZURE_CONFLIST
 V04_PLUS = [v for v in VERSIONS if v >= "0.4.0"]

@@ -12,7 +12,8 @@ import io
 import json
 import tempfile
 
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from cni_plugin.cni import dispatch
 from tests.cni.helpers import AZURE_CONFLIST, CONTAINER_ID, aks_prev_result, cni_env, plugin_stdin, record_files

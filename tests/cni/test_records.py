@@ -21,7 +21,7 @@ from cni_plugin.records import (
     valid_network,
     validate_record,
 )
-from tests.support.fake_hook import FakeHook
+from wgcni_lab.harness.fake_hook import FakeHook
 
 
 def make_record(container_id="c1", ifname="eth0", network="azure", ips=("10.240.0.5",)):

@@ -22,8 +22,8 @@ from node_hook.addresses import (
     host_keys,
     host_prefix,
     packed_prefix,
-    prefix_of_packed,
     prefix_from_text,
+    prefix_of_packed,
     prefix_order,
 )
 

@@ -9,26 +9,26 @@ import os
 import socket
 import socketserver
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from cni_plugin.records import RecordStore, utc_now_rfc3339
+from node_hook import view as view_module
 from node_hook.addresses import address_texts
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
-from node_hook import view as view_module
-from node_hook.engine import Appliers
-from node_hook.node import build_node
 from node_hook.detect import Environment
+from node_hook.engine import Appliers
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer, answer, request
 from node_hook.model import LocalAnnouncement, Publication, RemoteNode
+from node_hook.node import build_node
 from node_hook.static_peers import PeersFileError, StaticPeerSource, parse_peers
 from tests.support.peer_sink import RecordingSink
-from tests.support.peer_source import ManualPeerSource
-from tests.support.polling import wait_until
+from wgcni_lab.harness.peer_source import ManualPeerSource
+from wgcni_lab.harness.polling import wait_until
 
 KEY_B = "B" * 43 + "="
 

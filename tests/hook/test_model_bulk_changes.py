@@ -48,8 +48,8 @@ def test_after_a_bulk_change_the_reconciler_reads_the_table_back_and_diffs_every
     routing = FakeRouting()
     wireguard = FakeWireGuard()
     sysctls = {"net/ipv4/conf/all/src_valid_mark": "1"}
-    reconciler = Reconciler(model, Targets(DeviceSpec("wgcni0", bytes(range(32)), public_key_of(bytes(range(32))), 51820, 0x100000,
-                                                      1420),
+    reconciler = Reconciler(model, Targets(DeviceSpec("wgcni0", bytes(range(32)), public_key_of(bytes(range(32))),
+                                                      51820, 0x100000, 1420),
                                            desired_rules(99, 0x100000, 51820),
                                            FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820), sysctls),
                             wireguard, routing, FakeFirewall(), FakeSysctls({"net/ipv4/conf/all/src_valid_mark": "0"},

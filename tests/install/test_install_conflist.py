@@ -36,14 +36,15 @@ def test_inserts_right_after_azure_vnet_and_keeps_everything_else(path):
     assert types[azure + 1] == "wgcni"
     assert after["plugins"][azure + 1] == ENTRY
     assert [plugin for plugin in after["plugins"] if plugin["type"] != "wgcni"] == before["plugins"]
-    for kept, original_plugin in zip([p for p in after["plugins"] if p["type"] != "wgcni"], before["plugins"]):
+    kept_plugins = [p for p in after["plugins"] if p["type"] != "wgcni"]
+    for kept, original_plugin in zip(kept_plugins, before["plugins"], strict=True):
         assert list(kept) == list(original_plugin)  # key order inside every plugin
 
 
 def _inserted(original: str, result: str) -> str:
     """The text `result` adds to `original` as one contiguous insertion that starts with the "," before the entry."""
     added = len(result) - len(original)
-    prefix = next((i for i, (a, b) in enumerate(zip(original, result)) if a != b), len(original))
+    prefix = next((i for i, (a, b) in enumerate(zip(original, result, strict=False)) if a != b), len(original))
     for start in range(prefix, -1, -1):  # the insertion point is ambiguous where the entry repeats its surroundings
         if result[:start] + result[start + added :] == original and result[start] == ",":
             return result[start : start + added]

@@ -71,7 +71,7 @@ def test_install_then_uninstall_restores_every_aks_conflist_byte_for_byte(node, 
 
 def test_install_is_idempotent_and_touches_nothing_the_second_time(node):
     conf_dir, bin_dir, plugin = node
-    conflist = _aks_conflist(conf_dir)
+    _aks_conflist(conf_dir)
     install(conf_dir, bin_dir, plugin, SETTINGS)
     inodes = {path.name: path.stat().st_ino for path in [*conf_dir.iterdir(), *bin_dir.iterdir()]}
     before = _snapshot(conf_dir, bin_dir)
@@ -287,7 +287,7 @@ def test_cli_errors_are_one_line_without_traceback(node, arguments, message):
     conf_dir, bin_dir, plugin = node
     _aks_conflist(conf_dir)
     base = {"--conf-dir": str(conf_dir), "--bin-dir": str(bin_dir), "--plugin": str(plugin)}
-    base.update(dict(zip(arguments[::2], arguments[1::2])))
+    base.update(dict(zip(arguments[::2], arguments[1::2], strict=True)))
     command = [sys.executable, "-c", "from node_hook.install.cli import install_cni; install_cni()",
                *[item for pair in base.items() for item in pair]]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)

@@ -17,7 +17,7 @@ import node_hook.install.watch as installer
 from node_hook.install.conflist_files import BACKUP_SUFFIX
 from node_hook.install.settings import PluginSettings
 from node_hook.install.watch import Watcher
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 
 DATA = Path(__file__).parents[1] / "cni" / "data"  # the AKS conflists, shared with the plugin's tests
 DEADLINE = 10.0  # seconds; the watcher normally reacts within milliseconds (inotify) or one poll interval

@@ -25,9 +25,9 @@ from node_hook.apply.wg_kernel import (
 )
 from node_hook.config import Settings
 from node_hook.contracts import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
-from node_hook.node import real_wireguard_backend
 from node_hook.detect import kernel_wireguard_available
 from node_hook.keys import public_key_of
+from node_hook.node import real_wireguard_backend
 from tests.support.kernel_wg import ip, unique_name
 
 pytestmark = [pytest.mark.kernel_wg, pytest.mark.usefixtures("kernel_wireguard")]

@@ -26,8 +26,8 @@ from node_hook.apply.wg_kernel import (
 )
 from node_hook.config import Settings
 from node_hook.contracts import RemoveAllowedIPs, RemovePeer, UpsertPeer
-from node_hook.node import real_wireguard_backend
 from node_hook.detect import kernel_wireguard_available
+from node_hook.node import real_wireguard_backend
 from tests.support import kernel_wg
 from tests.support.kernel_wg import REQUIRE_ENV
 
@@ -129,7 +129,8 @@ def mixed_prefixes(count: int, seed: int, base: int) -> list:
     """`count` distinct host prefixes, IPv4 and IPv6 interleaved in a seed-dependent pattern."""
     chooser = random.Random(seed)
     return [
-        ipaddress.ip_network((base + i, 32)) if chooser.random() < 0.7 else ipaddress.ip_network((base + i + 2**100, 128))
+        ipaddress.ip_network((base + i, 32)) if chooser.random() < 0.7
+        else ipaddress.ip_network((base + i + 2**100, 128))
         for i in range(count)
     ]
 

@@ -14,16 +14,17 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
-from tests.support.tempdir import short_temp_dir
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_table
+from wgcni_lab.harness.tempdir import short_temp_dir
 
 LAB_LINK_NAMES = ("fabric0", "node-", "client", "wgcni", "eth0")
 

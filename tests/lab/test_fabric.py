@@ -14,7 +14,8 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 

@@ -30,8 +30,8 @@ from tests.lab.conftest import (
     lab_netns_inodes,
     root_links,
 )
-from tests.support.polling import wait_until
 from wgcni_lab import lab
+from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.wire import only_wireguard_between_nodes
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]

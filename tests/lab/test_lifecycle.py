@@ -31,9 +31,9 @@ from tests.lab.conftest import (
     lab_netns_inodes,
     root_links,
 )
-from tests.support.polling import wait_until
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_state
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 

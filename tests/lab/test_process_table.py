@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-from tests.support.polling import wait_until
 from wgcni_lab.cleanup import kill_processes, netns_inode, process_table, with_descendants
+from wgcni_lab.harness.polling import wait_until
 
 
 def _sleeping_child(shell_pid: int) -> int | None:

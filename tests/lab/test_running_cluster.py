@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from tests.lab.conftest import Cli, captured, lab_up
-from tests.support.polling import wait_until
 from wgcni_lab import lab
+from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.wire import only_wireguard_between_nodes
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]

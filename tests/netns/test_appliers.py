@@ -36,8 +36,8 @@ from node_hook.contracts import (
 from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
 from node_hook.planner import desired_rules
-from tests.support.polling import wait_until
 from wgcni_lab.cleanup import process_state
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 

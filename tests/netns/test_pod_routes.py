@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from node_hook.pod_routes import KernelPodRoutes
-from tests.support.netns import Namespaces, sh
+from wgcni_lab.harness.netns import Namespaces, sh
 
 pytestmark = pytest.mark.netns
 

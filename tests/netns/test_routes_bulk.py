@@ -117,7 +117,7 @@ def test_deleting_missing_routes_succeeds_in_and_across_batches(routing: Pyroute
     routing.apply(SetRoute(prefix, kind) for prefix, kind in present.items())
     missing = [prefix_from_text(f"10.2.{index >> 8}.{index & 255}/32") for index in range(700)]
     missing += [prefix_from_text("fd00::2/128"), prefix_from_text("10.1.0.0/24")]  # a host route's network: no route
-    interleaved = [DeleteRoute(prefix) for pair in zip(present, missing) for prefix in pair]
+    interleaved = [DeleteRoute(prefix) for pair in zip(present, missing, strict=False) for prefix in pair]
     routing.apply(interleaved)
     routing.apply(interleaved)  # everything already gone now
     assert routing.read().routes == {} and table_routes(51820) == {}

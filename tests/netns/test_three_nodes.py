@@ -8,20 +8,21 @@ The tests share one lab (module scope) and run in file order; each leaves the la
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.netns.lab import Lab, Node, running_lab
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
-from tests.support.netns import PYTHON, in_ns
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns import PYTHON, in_ns
+from wgcni_lab.harness.netns_lab import Lab, Node, running_lab
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -29,6 +30,12 @@ NODES = {"a": "10.240.0.4", "b": "10.240.0.35", "c": "10.240.0.66"}
 # scattered across nodes, contiguous runs split between nodes, one aggregatable pair on b
 PODS = {"a": ["10.240.0.70", "10.240.0.12"], "b": ["10.240.0.71", "10.240.0.100", "10.240.0.101"],
         "c": ["10.240.0.72", "10.240.0.13"]}
+
+
+def _forward_chain_restored(node: Node, generation: int) -> bool:
+    """A pass after `generation` has run and the forward chain holds the MSS clamp again."""
+    return (node.api("status")["generation"] > generation
+            and "maxseg" in node.exec("nft", "list", "chain", "inet", "wgcni", "forward").stdout)
 
 
 def snapshot(node: Node) -> dict[str, str]:
@@ -87,7 +94,8 @@ class Capture:
     def __init__(self, lab: Lab) -> None:
         self.file = lab.root / f"capture-{time.monotonic_ns()}.pcap"
         self.process = subprocess.Popen(
-            ["ip", "netns", "exec", lab.vnet, "tcpdump", "-i", lab.bridge, "--immediate-mode", "-U", "-n", "-w", str(self.file), "not arp"],
+            ["ip", "netns", "exec", lab.vnet, "tcpdump", "-i", lab.bridge, "--immediate-mode", "-U", "-n",
+             "-w", str(self.file), "not arp"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert self.process.stderr is not None
         line = self.process.stderr.readline()
@@ -214,9 +222,7 @@ def test_full_size_tcp_also_works_by_path_mtu_discovery_alone(lab: Lab) -> None:
         for node in nodes:
             generation = node.api("status")["generation"]
             node.api("resync")
-            wait_until(lambda node=node: node.api("status")["generation"] > generation and
-                       "maxseg" in node.exec("nft", "list", "chain", "inet", "wgcni", "forward").stdout,
-                       10, what="forward chain restored")
+            wait_until(functools.partial(_forward_chain_restored, node, generation), 10, what="forward chain restored")
 
 
 def test_pod_ip_moved_from_one_node_to_another_is_reached_at_the_new_node(lab: Lab) -> None:

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from tests.netns.lab import Lab, running_lab
-from tests.support.netns import in_ns
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns import in_ns
+from wgcni_lab.harness.netns_lab import Lab, running_lab
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 

@@ -7,8 +7,8 @@ with the wgcni entry, and a fake /sys/class/net whose underlay MTU matches the e
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -17,15 +17,15 @@ from cni_plugin.records import RecordStore, utc_now_rfc3339
 from node_hook import diagnose
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
-from node_hook.engine import Appliers
-from node_hook.node import build_node
 from node_hook.detect import Environment
+from node_hook.engine import Appliers
 from node_hook.keys import load_or_create
 from node_hook.local_api import LocalApiServer
 from node_hook.metrics import HookMetrics, MetricsServer
 from node_hook.model import RemoteNode
-from tests.support.peer_source import ManualPeerSource
-from tests.support.polling import wait_until
+from node_hook.node import build_node
+from wgcni_lab.harness.peer_source import ManualPeerSource
+from wgcni_lab.harness.polling import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 AKS_CONFLIST = REPO / "tests" / "cni" / "data" / "azure-linux.conflist"

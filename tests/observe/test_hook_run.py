@@ -9,29 +9,29 @@ import json
 import os
 import re
 import subprocess
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node_hook.keys import load_existing
-from tests.netns.lab import Lab, Node, running_lab
-from tests.support.netns import PYTHON, REPO, in_ns
-from tests.support.polling import wait_until
+from wgcni_lab.harness.netns import PYTHON, REPO, in_ns
+from wgcni_lab.harness.netns_lab import Lab, Node, running_lab
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 
 NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}
 PODS = {"a": ["10.240.0.12"], "b": ["10.240.0.70"]}
 METRICS = "127.0.0.1:9820"
-FETCH = """
+FETCH = f"""
 import sys, urllib.request, urllib.error
 try:
-    response = urllib.request.urlopen("http://%s" + sys.argv[1], timeout=5)
+    response = urllib.request.urlopen("http://{METRICS}" + sys.argv[1], timeout=5)
     print(response.status); print(response.read().decode(), end="")
 except urllib.error.HTTPError as error:
     print(error.code); print(error.read().decode(), end="")
-""" % METRICS
+"""
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import base64
 import json
 import logging
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 

@@ -7,14 +7,14 @@ Everything a test creates lives in a short temp dir or a uniquely named network 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.runtime.helpers import BUILT_PLUGIN, build_libcni_driver
-from tests.support.netns import Namespaces
-from tests.support.tempdir import short_temp_dir
+from wgcni_lab.harness.netns import Namespaces
+from wgcni_lab.harness.tempdir import short_temp_dir
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import stat
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -26,10 +26,10 @@ from tests.runtime.helpers import (
     plugin_settings,
     record_path,
 )
-from tests.support.fake_hook import FakeHook
-from tests.support.netns import Namespaces
 from wgcni_lab.containerd import Containerd, link_cni_plugins, write_conflist
 from wgcni_lab.cri import CriError, PortMapping
+from wgcni_lab.harness.fake_hook import FakeHook
+from wgcni_lab.harness.netns import Namespaces
 
 pytestmark = [pytest.mark.runtime, pytest.mark.netns]
 

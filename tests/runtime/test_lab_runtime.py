@@ -13,13 +13,11 @@ import os
 import signal
 import subprocess
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from tests.support.netns import Namespaces
-from tests.support.polling import wait_until
 from wgcni_lab import pause
 from wgcni_lab.buildcache import CACHE_ENV
 from wgcni_lab.cleanup import process_state
@@ -32,6 +30,8 @@ from wgcni_lab.containerd import (
     write_conflist,
 )
 from wgcni_lab.cri import RUNTIME_SERVICE, cri_descriptor
+from wgcni_lab.harness.netns import Namespaces
+from wgcni_lab.harness.polling import wait_until
 
 KUBELET_SANDBOX_CALLS = {"Version", "Status", "RunPodSandbox", "StopPodSandbox", "RemovePodSandbox",
                          "ListPodSandbox", "PodSandboxStatus"}

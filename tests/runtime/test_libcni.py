@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.runtime.helpers import NETWORK, plugin_settings, record_path
-from tests.support.fake_hook import FakeHook
 from wgcni_lab.containerd import link_cni_plugins
+from wgcni_lab.harness.fake_hook import FakeHook
 
 pytestmark = [pytest.mark.runtime, pytest.mark.netns]
 

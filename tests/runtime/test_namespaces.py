@@ -1,4 +1,4 @@
-"""The suites' one way to make and remove a test network namespace (tests.support.netns.Namespaces), as the runtime
+"""The suites' one way to make and remove a test network namespace (wgcni_lab.harness.netns.Namespaces), as the runtime
 tests use it: unique names, loopback up, and nothing left behind, not even a process still running inside."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from tests.support.netns import Namespaces, in_ns, sh
-from tests.support.polling import wait_until
 from wgcni_lab.cleanup import process_state
+from wgcni_lab.harness.netns import Namespaces, in_ns, sh
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = [pytest.mark.netns]
 

@@ -8,7 +8,6 @@ import secrets
 import subprocess
 
 import pytest
-
 from pyroute2.netlink.exceptions import NetlinkError
 
 from node_hook.apply.wg_kernel import WireGuardSocket

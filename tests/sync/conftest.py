@@ -11,7 +11,7 @@ from kubernetes import client
 from node_hook.cluster import KubernetesPeerSource, SyncSettings, api_client_for_url
 from tests.support.peer_sink import RecordingSink
 from tests.sync.helpers import CRD, FAST
-from wgcni_lab.apiserver import ApiServer
+from wgcni_lab.apiserver.server import ApiServer
 
 
 @pytest.fixture

@@ -32,12 +32,12 @@ from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, VERSION, api_client_for_url
 from tests.support.binaries import built_binary
-from tests.support.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge, sh
-from tests.support.polling import wait_until
-from tests.support.tempdir import short_temp_dir
 from tests.sync.helpers import CRD
-from wgcni_lab.apiserver import ApiServer, NamespacedListener
+from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist
+from wgcni_lab.harness.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge, sh
+from wgcni_lab.harness.polling import wait_until
+from wgcni_lab.harness.tempdir import short_temp_dir
 
 SUBNET = ipaddress.IPv4Network("10.240.0.0/16")
 API_ADDRESS = "10.240.255.254"
@@ -94,6 +94,11 @@ class MeshNode(HookNode):
         routes = json.loads(result.stdout or "[]")
         return {address: route.get("type", "unicast") for route in routes
                 for address in _addresses([route["dst"]])}
+
+
+def programmed_everywhere(nodes: list[MeshNode], key: str, ip: str) -> bool:
+    """`ip` is an AllowedIP of the peer with public key `key` and has a route on every one of `nodes`."""
+    return all(ip in node.wg_peers().get(key, set()) and ip in node.wg_routes() for node in nodes)
 
 
 def _addresses(prefixes: list[str]) -> set[str]:

@@ -3,7 +3,9 @@ watching (cut streams, 410 relist, prune only after a complete list), opt-out, n
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import itertools
 import pathlib
 import threading
 import time
@@ -13,11 +15,14 @@ from kubernetes import client
 
 from node_hook.addresses import address_texts, host_keys
 from node_hook.cluster import GROUP, PLURAL, PUBLIC_KEY_ANNOTATION, VERSION, SyncSettings, expand_prefixes
-from node_hook.addresses import address_texts, host_keys
 from tests.sync.helpers import FAST, announcement, create_node, new_key
-from tests.support.polling import wait_until
+from wgcni_lab.harness.polling import wait_until
 
 OWN_OBJECT = "/wireguardnodes/node-a"
+
+
+def _published(source):
+    return source.status.published
 
 
 def object_of(custom, name):
@@ -102,7 +107,7 @@ def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(s
     writes = [record.at for record in server.writes(OWN_OBJECT, since=started)]
     elapsed = time.monotonic() - started
     assert len(writes) <= 2 * elapsed + 1, (len(writes), elapsed)
-    gaps = [later - earlier for earlier, later in zip(writes, writes[1:])]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(writes)]
     assert all(gap >= 0.45 for gap in gaps), gaps
 
 
@@ -162,7 +167,7 @@ def test_peers_are_handed_over_only_after_a_complete_list(server, core, custom, 
     for name in ("node-b", "node-c"):
         source, _ = make_source(name)
         source.publish(announcement(name, new_key(), {f"10.240.0.{10 + len(name)}"}))
-        wait_until(lambda: source.status.published, what=f"{name} published")
+        wait_until(functools.partial(_published, source), what=f"{name} published")
     server.fail_next(4, code=500, methods={"GET"}, path_contains="/wireguardnodes")
     _, seen_by_a = make_source("node-a")
     wait_until(lambda: seen_by_a.calls, what="first hand-over")

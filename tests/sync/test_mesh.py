@@ -5,17 +5,18 @@ convergence to exactly the truth after API faults during pod churn."""
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, USER_AGENT, VERSION
-from tests.support.polling import wait_until
 from tests.sync.helpers import new_key
-from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod, running_mesh
+from tests.sync.mesh import LISTEN_PORT, Mesh, MeshPod, programmed_everywhere, running_mesh
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime]
 
@@ -55,7 +56,7 @@ class Capture:
 def test_cross_node_pods_reach_each_other_encrypted(mesh):
     pods = [mesh.run_pod(node, f"web-{node.name}") for node in mesh.nodes.values()]
     converge(mesh, "pods programmed everywhere")
-    with Capture(mesh, "icmp or udp port %d" % LISTEN_PORT) as capture:
+    with Capture(mesh, f"icmp or udp port {LISTEN_PORT}") as capture:
         for source in pods:
             for target in pods:
                 if source is not target:
@@ -168,8 +169,8 @@ def test_convergence_after_pod_add_is_measured(mesh, record_property):
         started = time.monotonic()
         pod = mesh.run_pod(source, f"conv-{index}")
         allowed = pod.ip
-        wait_until(lambda: all(allowed in node.wg_peers().get(key, set()) and allowed in node.wg_routes()
-                               for node in others), CONVERGE, "AllowedIP and route everywhere", interval=0.01)
+        wait_until(functools.partial(programmed_everywhere, others, key, allowed), CONVERGE,
+                   "AllowedIP and route everywhere", interval=0.01)
         samples.append(time.monotonic() - started)
         mesh.delete_pod(pod)
     samples.sort()

@@ -4,13 +4,14 @@ pod churn across many nodes under a restart and a cut watch converges again."""
 
 from __future__ import annotations
 
-from typing import Iterator
+import functools
+from collections.abc import Iterator
 
 import pytest
 
-from tests.support.polling import wait_until
-from tests.sync.mesh import Mesh, running_mesh
+from tests.sync.mesh import Mesh, programmed_everywhere, running_mesh
 from tests.sync.test_mesh import CONVERGE, Capture, converge
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 
@@ -50,6 +51,6 @@ def test_a_pod_added_on_one_node_reaches_the_nine_others(mesh):
     key = mesh.keys()["node-0"]
     for index in range(3):
         pod = mesh.run_pod(source, f"conv-{index}")
-        wait_until(lambda: all(pod.ip in node.wg_peers().get(key, set()) and pod.ip in node.wg_routes()
-                               for node in others), CONVERGE, "AllowedIP and route on nine nodes", interval=0.01)
+        wait_until(functools.partial(programmed_everywhere, others, key, pod.ip), CONVERGE,
+                   "AllowedIP and route on nine nodes", interval=0.01)
         mesh.delete_pod(pod)

@@ -11,7 +11,8 @@ a throwaway VM:
   `/init`.
 * `/init` loads the modules, mounts the host's `/` read-only over virtio-9p with a tmpfs overlay on top, mounts
   proc/sys/dev/run (not a fresh /tmp: the overlay already keeps the VM's writes private, and the repository under
-  test may itself live in /tmp, as a CI clone can), and runs `command.sh` (written by the runner into a second, writable 9p share) chrooted
+  test may itself live in /tmp, as a CI clone can), and runs `command.sh` (written by the runner into a second, writable
+  9p share) chrooted
   into that overlay. It writes the command's exit code into the share and powers off. `panic=-1` plus
   `-no-reboot` make a dead init end qemu.
 * `run` / `pytest` boot that VM under `timeout` (TCG: KVM does not work on these machines), stream the serial
@@ -225,7 +226,8 @@ def build(cache_dir: Path) -> Path:
             target = target_root / relative.removesuffix(".xz")
             target.parent.mkdir(parents=True, exist_ok=True)
             # busybox's insmod/modprobe cannot read compressed modules.
-            target.write_bytes(lzma.decompress(source.read_bytes()) if relative.endswith(".xz") else source.read_bytes())
+            data = source.read_bytes()
+            target.write_bytes(lzma.decompress(data) if relative.endswith(".xz") else data)
         for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
             if (module_root / meta).exists():
                 shutil.copy(module_root / meta, target_root / meta)

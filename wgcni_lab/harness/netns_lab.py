@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cni_plugin.records import RecordStore, utc_now_rfc3339
-from tests.support.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge
-from tests.support.polling import wait_until
-from tests.support.tempdir import short_temp_dir
+from wgcni_lab.harness.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge
+from wgcni_lab.harness.polling import wait_until
+from wgcni_lab.harness.tempdir import short_temp_dir
 
 PREFIX_LEN = 16
 
@@ -36,7 +36,7 @@ PREFIX_LEN = 16
 @dataclass
 class Pod:
     name: str
-    node: "Node"
+    node: Node
     ip: str
     netns: str
     host_veth: str

@@ -1,24 +1,28 @@
-"""Network-namespace building blocks shared by the hook's dataplane lab (tests/netns/lab.py), the Kubernetes sync
-mesh (tests/sync/mesh.py) and the real-runtime tests (tests/runtime): commands in namespaces, a VNet bridge namespace
-with node namespaces plugged into it, a simulated node with its own `wgcni-node run`, and a teardown that leaves no
-namespace or process behind.
+"""Network-namespace building blocks shared by the hook's dataplane lab (wgcni_lab/harness/netns_lab.py), the
+Kubernetes sync mesh (tests/sync/mesh.py), the real-runtime tests (tests/runtime) and the benchmarks: commands in
+namespaces, a VNet bridge namespace with node namespaces plugged into it, a simulated node with its own
+`wgcni-node run`, a namespace entered by the calling thread, and a teardown that leaves no namespace or process
+behind.
 
-Command and hook-stop timeouts are stretched by the tests' time scale (tests/support/polling.py), like every wait.
+Command and hook-stop timeouts are stretched by the tests' time scale (wgcni_lab/harness/polling.py), like every wait.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from node_hook.local_api import request
-from tests.support.polling import TIME_SCALE, wait_until
 from wgcni_lab.cleanup import kill_processes
+from wgcni_lab.harness.polling import TIME_SCALE, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -169,3 +173,32 @@ def namespaces_named(prefix: str) -> set[str]:
     """The network namespaces whose names start with `prefix` (what a benchmark made is named so)."""
     listing = sh("ip", "netns", "list", check=False).stdout
     return {line.split()[0] for line in listing.splitlines() if line.startswith(prefix)}
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+@contextmanager
+def entered_namespace(prefix: str = "h3t") -> Iterator[str]:
+    """Create a namespace (loopback up), move this thread into it (subprocesses started here inherit it), then move
+    back and remove it with every process still inside."""
+    with Namespaces() as namespaces:
+        name = namespaces.add_unique(prefix)
+        original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield name
+            finally:
+                _setns(original)
+        finally:
+            os.close(target)
+            os.close(original)

@@ -34,7 +34,7 @@ class FakeHook:
         self._server: socketserver.ThreadingUnixStreamServer | None = None
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "FakeHook":
+    def __enter__(self) -> FakeHook:
         self.start()
         return self
 
@@ -71,6 +71,7 @@ class FakeHook:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            assert self._thread is not None  # started with the server
             self._thread.join()
             self._server = None
         try:
@@ -78,7 +79,7 @@ class FakeHook:
         except FileNotFoundError:
             pass
 
-    def ops(self) -> list[str]:
+    def ops(self) -> list[str | None]:
         with self._lock:
             return [request.get("op") for request in self.requests]
 
@@ -106,9 +107,10 @@ class FakeHook:
     def _handle(self, request: dict) -> dict:
         op = request.get("op")
         if op in ("pod-added", "pod-deleted"):
-            key = (request.get("network"), request.get("containerID"), request.get("ifname"))
-            if not all(isinstance(part, str) for part in key):
+            network, container_id, ifname = request.get("network"), request.get("containerID"), request.get("ifname")
+            if not (isinstance(network, str) and isinstance(container_id, str) and isinstance(ifname, str)):
                 return {"ok": False, "error": f"{op} needs network, containerID and ifname"}
+            key = (network, container_id, ifname)
             with self._lock:
                 self.programmed.pop(key, None)
                 if op == "pod-added" and self.store is not None:

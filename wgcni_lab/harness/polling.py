@@ -7,7 +7,8 @@ slower) sets it, so the same tests prove the same behaviour there, only with lon
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from wgcni_lab import polling
 

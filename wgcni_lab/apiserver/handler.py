@@ -1,0 +1,256 @@
+"""The HTTP side: one handler per connection that routes each request to the store, answers Status objects for
+errors and streams watches as chunked JSON lines; the threaded server a listener runs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+import sys
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from wgcni_lab.apiserver.errors import ApiError
+from wgcni_lab.apiserver.resources import JSON, ResourceType
+from wgcni_lab.apiserver.selectors import Selection
+from wgcni_lab.apiserver.watch import Watcher
+
+if TYPE_CHECKING:
+    from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
+
+log = logging.getLogger(__name__)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One client connection: reads requests, routes them to the store, answers JSON or a chunked watch."""
+
+    protocol_version = "HTTP/1.1"
+    server: HttpServer
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without this, Nagle plus the client's delayed ACK adds
+        # ~40 ms to every answer (measured: 45 ms per PATCH before, 0.65 ms after).
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.api.track_connection(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.api.track_connection(self.connection, add=False)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        """Requests are recorded in ApiServer.requests instead of printed."""
+
+    def do_GET(self) -> None:
+        self.answer("GET")
+
+    def do_POST(self) -> None:
+        self.answer("POST")
+
+    def do_PUT(self) -> None:
+        self.answer("PUT")
+
+    def do_PATCH(self) -> None:
+        self.answer("PATCH")
+
+    def do_DELETE(self) -> None:
+        self.answer("DELETE")
+
+    def send_json(self, code: int, body: JSON) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def consume_body(self) -> None:
+        """Read the request body off the connection before anything is answered (keep-alive stays in sync)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        self.raw_body = self.rfile.read(length) if length else b""
+
+    def read_body(self) -> Any:
+        raw = self.raw_body
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "BadRequest", "the request body is not valid JSON") from None
+
+    def read_object(self) -> dict[str, Any]:
+        """The body of a create or an update: a JSON object."""
+        body = self.read_body()
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the request body must be an object")
+        return body
+
+    def answer(self, method: str) -> None:
+        """Serve one request; every answer is recorded in ApiServer.requests."""
+        api = self.server.api
+        url = urlsplit(self.path)
+        query = {key: values[-1] for key, values in parse_qs(url.query, keep_blank_values=True).items()}
+        is_watch = method == "GET" and query.get("watch") in ("true", "1")
+        code = 500
+        self.consume_body()
+        try:
+            if api.faults.delay:
+                time.sleep(api.faults.delay)
+            fault = api.faults.take(method, url.path, self.headers.get("User-Agent") or "")
+            if fault is not None:
+                raise ApiError(fault, HTTPStatus(fault).phrase.replace(" ", ""),
+                               f"injected fault: {fault} {HTTPStatus(fault).phrase}")
+            if url.path == "/version":
+                code = 200
+                self.send_json(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0-wgcni-test"})
+                return
+            rtype, name, subresource = self._route(url.path)
+            if is_watch:
+                code = 200
+                api.record(method, url.path, code, is_watch)  # now: a watch may stay open for a long time
+                self._serve_watch(rtype, query)
+                return
+            code, body = self._dispatch(method, rtype, name, subresource, query)
+            self.send_json(code, body)
+        except ApiError as error:
+            code = error.code
+            self.send_json(error.code, error.status())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            if not (is_watch and code == 200):
+                api.record(method, url.path, code, is_watch)
+
+    def _route(self, path: str) -> tuple[ResourceType, str | None, str | None]:
+        parts = [part for part in path.split("/") if part]
+        if len(parts) >= 3 and parts[0] == "api":
+            group, version, rest = "", parts[1], parts[2:]
+        elif len(parts) >= 4 and parts[0] == "apis":
+            group, version, rest = parts[1], parts[2], parts[3:]
+        else:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        rtype = self.server.api.store.types.get((group, version, rest[0]))
+        if rtype is None or len(rest) > 3:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        name = rest[1] if len(rest) >= 2 else None
+        subresource = rest[2] if len(rest) == 3 else None
+        if subresource is not None and (subresource != "status" or not rtype.has_status):
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return rtype, name, subresource
+
+    def _dispatch(self, method: str, rtype: ResourceType, name: str | None,
+                  subresource: str | None, query: dict[str, str]) -> tuple[int, JSON]:
+        store = self.server.api.store
+        if name is None:
+            if method == "GET":
+                return 200, self._list(rtype, query)
+            if method == "POST":
+                return 201, store.create(rtype, self.read_object())
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a collection here")
+        if method == "GET":
+            return 200, store.get(rtype, name)
+        if method == "PUT":
+            body = self.read_object()
+            expected = (body.get("metadata") or {}).get("resourceVersion")
+            return 200, store.update(rtype, name, body, subresource, expected)
+        if method == "PATCH":
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            return 200, store.patch(rtype, name, content_type, self.read_body(), subresource)
+        if method == "DELETE" and subresource is None:
+            options = self.read_body() or {}
+            deleted = store.delete(rtype, name, options.get("preconditions") or {})
+            if rtype.return_deleted_object:
+                return 200, deleted
+            return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                         "details": {"name": name, "group": rtype.group, "kind": rtype.plural,
+                                     "uid": deleted["metadata"]["uid"]}}
+        raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+
+    def _list(self, rtype: ResourceType, query: dict[str, str]) -> JSON:
+        selection = Selection.from_query(query)
+        exact = None
+        if query.get("resourceVersionMatch") == "Exact":
+            exact = self._parse_version(query.get("resourceVersion", ""))
+            if exact is None:
+                raise ApiError(400, "BadRequest", "resourceVersionMatch=Exact needs a resourceVersion")
+        items, version = self.server.api.store.list(rtype, selection, exact)
+        return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
+                "metadata": {"resourceVersion": str(version)}, "items": items}
+
+    @staticmethod
+    def _parse_version(text: str) -> int | None:
+        if text in ("", "0"):
+            return None
+        if not text.isdigit():
+            raise ApiError(400, "BadRequest", f"invalid resource version: {text!r}")
+        return int(text)
+
+    def _serve_watch(self, rtype: ResourceType, query: dict[str, str]) -> None:
+        api = self.server.api
+        selection = Selection.from_query(query)
+        since = self._parse_version(query.get("resourceVersion", ""))
+        timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else api.default_watch_timeout
+        deadline = time.monotonic() + timeout
+        bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(event: JSON) -> None:
+            data = json.dumps(event).encode() + b"\n"
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        watcher = None
+        try:
+            watcher = Watcher(api.store, rtype, selection, since, bookmarks, api.bookmark_interval)
+            api.track_watcher(watcher, add=True)
+            while True:
+                event = watcher.next(deadline)
+                if event is None:
+                    break
+                send(event)
+        except ApiError as error:  # 410 inside the stream, as the real server sends it
+            send({"type": "ERROR", "object": error.status()})
+        finally:
+            if watcher is not None:
+                api.track_watcher(watcher, add=False)
+        if watcher is not None and watcher.cancelled:
+            # A cut stream: no terminating chunk, and the connection goes away under the client.
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class HttpServer(ThreadingHTTPServer):
+    """One listening socket of the API server; its connections are served by Handler on their own threads."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], api: ApiServer):
+        self.api = api
+        self.listener: NamespacedListener | None = None  # set when it serves inside another network namespace
+        super().__init__(address, Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Connections cut by fault injection, restarts or clients going away are normal here; anything else is
+        logged (the base class would print a traceback to stderr)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)) or (
+                isinstance(error, OSError) and error.errno in (errno.EBADF, errno.ENOTCONN)):
+            return
+        log.exception("test API server: error while serving %s", client_address)

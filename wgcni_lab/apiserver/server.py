@@ -1,0 +1,225 @@
+"""The server: the store behind one or more listeners (loopback, and other network namespaces), its lifecycle
+(start, stop, restart), the record of the requests it answered and the test's fault-injection controls."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from wgcni_lab.apiserver.faults import Fault, Faults
+from wgcni_lab.apiserver.handler import HttpServer
+from wgcni_lab.apiserver.resources import JSON, NODES, resource_types_from_crd
+from wgcni_lab.apiserver.store import Store
+from wgcni_lab.apiserver.watch import Watcher
+
+CLONE_NEWNET = 0x40000000
+
+
+@dataclass
+class RequestRecord:
+    """What a test can inspect about a request the server answered."""
+
+    method: str
+    path: str
+    code: int
+    at: float
+    watch: bool = False
+
+
+@dataclass(frozen=True)
+class NamespacedListener:
+    """An extra address to serve on inside another network namespace (e.g. the lab's VNet, so that hooks running
+    in node namespaces reach the server while the test process talks to it on loopback)."""
+
+    netns: str  # a name under /run/netns or a path
+    host: str
+    port: int
+
+
+def bind_in_namespace(listener: NamespacedListener, api: ApiServer) -> HttpServer:
+    """Create the listening socket inside `listener.netns`: setns() applies to the calling thread only, so the
+    bind happens on a short-lived thread; the socket stays in that namespace whoever serves it."""
+    result: list[HttpServer | BaseException] = []
+
+    def bind() -> None:
+        try:
+            path = listener.netns if "/" in listener.netns else f"/run/netns/{listener.netns}"
+            with open(path) as namespace:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into {path} failed")
+            http = HttpServer((listener.host, listener.port), api)
+            http.listener = listener
+            result.append(http)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            result.append(error)
+
+    thread = threading.Thread(target=bind, name="apiserver-bind")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+@dataclass
+class ApiServer:
+    """The test API server. Use as a context manager or call start()/stop(); `url` is what the client's
+    Configuration.host takes. `also_listen` serves the same store in other network namespaces too."""
+
+    crds: list[JSON] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+    history_window: int = 10_000
+    bookmark_interval: float = 1.0
+    default_watch_timeout: float = 1800.0
+    also_listen: list[NamespacedListener] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if any(listener.port == 0 for listener in self.also_listen):
+            raise ValueError("a namespaced listener needs a fixed port (it must stay the same across restarts)")
+        types = [NODES] + [rtype for crd in self.crds for rtype in resource_types_from_crd(crd)]
+        self.store = Store(types, self.history_window)
+        self.requests: collections.deque[RequestRecord] = collections.deque(maxlen=100_000)
+        self.faults = Faults()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._watchers: set[Watcher] = set()
+        self._servers: list[tuple[HttpServer, threading.Thread]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> ApiServer:
+        try:
+            primary = HttpServer((self.host, self.port), self)
+            self.port = primary.server_address[1]
+            self._serve(primary)
+            for listener in self.also_listen:
+                self._serve(bind_in_namespace(listener, self))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _serve(self, http: HttpServer) -> None:
+        thread = threading.Thread(target=http.serve_forever, kwargs={"poll_interval": 0.05},
+                                  name=f"apiserver:{http.server_address[1]}", daemon=True)
+        thread.start()
+        self._servers.append((http, thread))
+
+    def add_listener(self, listener: NamespacedListener) -> None:
+        """Serve in one more network namespace from now on (a node that joins, or comes back after a reboot)."""
+        if listener.port == 0:
+            raise ValueError("a namespaced listener needs a fixed port (it must stay the same across restarts)")
+        self._serve(bind_in_namespace(listener, self))
+        self.also_listen.append(listener)
+
+    def remove_listener(self, netns: str) -> None:
+        """Stop serving in `netns` and close its listening socket (which would keep the namespace alive)."""
+        self.also_listen = [listener for listener in self.also_listen if listener.netns != netns]
+        for http, thread in list(self._servers):
+            if http.listener is not None and http.listener.netns == netns:
+                http.shutdown()
+                http.server_close()
+                thread.join()
+                self._servers.remove((http, thread))
+
+    def stop(self) -> None:
+        for http, thread in self._servers:
+            http.shutdown()
+            http.server_close()
+            thread.join()
+        self._servers.clear()
+        self.cut_watches()
+        self.drop_connections()
+
+    def restart(self, downtime: float = 0.0, compact: bool = True) -> None:
+        """Stop listening, drop every connection and watch, optionally wait, listen again on the same port.
+        With `compact` the history is lost too (a watch resuming from before the restart gets 410 Gone)."""
+        self.stop()
+        if compact:
+            self.store.compact()
+        if downtime:
+            time.sleep(downtime)
+        self.start()
+
+    def __enter__(self) -> ApiServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # --- fault injection ---------------------------------------------------------------------------------------
+    def fail_next(self, count: int = 1, code: int = 500, methods: set[str] | None = None,
+                  path_contains: str | None = None, user_agent_prefix: str | None = None,
+                  user_agent: str | None = None) -> None:
+        """The next `count` requests with one of `methods` whose path contains `path_contains` and whose
+        User-Agent starts with `user_agent_prefix` (e.g. only the hooks', not the test's own client) or is exactly
+        `user_agent` (one hook's) get `code`."""
+        self.faults.add(Fault(count, code, frozenset(methods) if methods else None, path_contains,
+                              user_agent_prefix, user_agent))
+
+    def pending_faults(self) -> int:
+        """Injected failures not served yet."""
+        return self.faults.pending()
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    def set_delay(self, seconds: float) -> None:
+        """Every request waits this long before it is handled."""
+        self.faults.delay = seconds
+
+    def cut_watches(self) -> None:
+        """Abort every open watch stream mid-stream (no terminating chunk), as a dropped connection does."""
+        with self._lock:
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.cancel()
+
+    def drop_connections(self) -> None:
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def compact(self) -> None:
+        self.store.compact()
+
+    def track_connection(self, connection: socket.socket, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    def writes(self, path_contains: str = "", since: float = 0.0) -> list[RequestRecord]:
+        """Successful writes (POST/PUT/PATCH/DELETE) whose path contains `path_contains`, answered after `since`."""
+        with self._lock:
+            return [r for r in self.requests if r.method in ("POST", "PUT", "PATCH", "DELETE")
+                    and path_contains in r.path and r.code < 300 and r.at >= since]
+
+    def open_watches(self) -> int:
+        with self._lock:
+            return len(self._watchers)
+
+    def track_watcher(self, watcher: Watcher, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._watchers.add(watcher)
+            else:
+                self._watchers.discard(watcher)
+
+    def record(self, method: str, path: str, code: int, is_watch: bool) -> None:
+        with self._lock:
+            self.requests.append(RequestRecord(method, path, code, time.monotonic(), is_watch))

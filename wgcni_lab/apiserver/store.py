@@ -1,0 +1,262 @@
+"""The in-memory store: objects, one global resourceVersion, the bounded event history, garbage collection."""
+
+from __future__ import annotations
+
+import builtins
+import copy
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from wgcni_lab.apiserver.errors import ApiError, conflict, gone, not_found
+from wgcni_lab.apiserver.patch import json_merge_patch, json_patch, strategic_merge_patch
+from wgcni_lab.apiserver.resources import JSON, ResourceType
+from wgcni_lab.apiserver.selectors import Selection
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Event:
+    """One change in the store's history."""
+
+    resource_version: int
+    rtype: ResourceType
+    type: str  # ADDED | MODIFIED | DELETED
+    object: JSON
+    previous: JSON | None  # the object before the change (None for ADDED), to rebuild past states
+
+
+
+class Store:
+    """The objects, the global resourceVersion and the event history (what etcd plus the watch cache hold)."""
+
+    def __init__(self, resource_types: list[ResourceType], history_window: int):
+        self.types = {(rtype.group, rtype.version, rtype.plural): rtype for rtype in resource_types}
+        self.objects: dict[tuple[str, str], JSON] = {}  # (qualified name, object name) -> object
+        self.resource_version = 1
+        self.history: list[Event] = []
+        self.oldest_watchable = 1  # a watch from a resourceVersion below this is 410 Gone
+        self.history_window = history_window
+        self.changed = threading.Condition()
+
+    # --- reads -------------------------------------------------------------------------------------------------
+    def get(self, rtype: ResourceType, name: str) -> JSON:
+        with self.changed:
+            obj = self.objects.get((rtype.qualified_name, name))
+            if obj is None:
+                raise not_found(rtype, name)
+            return copy.deepcopy(obj)
+
+    def list(self, rtype: ResourceType, selection: Selection,
+             exact_version: int | None) -> tuple[builtins.list[JSON], int]:
+        with self.changed:
+            if exact_version is None or exact_version == self.resource_version:
+                items = [obj for (qualified, _), obj in self.objects.items() if qualified == rtype.qualified_name]
+                version = self.resource_version
+            else:
+                items = self._state_at(rtype, exact_version)
+                version = exact_version
+            selected = [copy.deepcopy(obj) for obj in items if selection.matches(obj)]
+        selected.sort(key=lambda obj: obj["metadata"]["name"])
+        return selected, version
+
+    def _state_at(self, rtype: ResourceType, version: int) -> builtins.list[JSON]:
+        """The objects of a type as they were at `version`, rebuilt by undoing newer history."""
+        if version < self.oldest_watchable - 1 or version > self.resource_version:
+            raise gone(version) if version < self.resource_version else ApiError(
+                504, "Timeout", f"Too large resource version: {version}, current: {self.resource_version}")
+        state = {name: obj for (qualified, name), obj in self.objects.items() if qualified == rtype.qualified_name}
+        for event in reversed(self.history):
+            if event.resource_version <= version:
+                break
+            if event.rtype.qualified_name != rtype.qualified_name:
+                continue
+            name = event.object["metadata"]["name"]
+            if event.previous is None:
+                state.pop(name, None)
+            else:
+                state[name] = event.previous
+        return list(state.values())
+
+    # --- writes ------------------------------------------------------------------------------------------------
+    def _record(self, rtype: ResourceType, event_type: str, obj: JSON, previous: JSON | None) -> None:
+        """Must hold the lock. Gives `obj` the next resourceVersion and appends the event."""
+        self.resource_version += 1
+        obj["metadata"]["resourceVersion"] = str(self.resource_version)
+        self.history.append(Event(self.resource_version, rtype, event_type, copy.deepcopy(obj), previous))
+        overflow = len(self.history) - self.history_window
+        if overflow > 0:
+            del self.history[:overflow]
+            self.oldest_watchable = self.history[0].resource_version
+        self.changed.notify_all()
+
+    def create(self, rtype: ResourceType, body: JSON) -> JSON:
+        obj = copy.deepcopy(body)
+        metadata = obj.setdefault("metadata", {})
+        name = metadata.get("name")
+        if not name:
+            raise ApiError(422, "Invalid", f"{rtype.kind} is invalid: metadata.name: Required value: name is required")
+        if obj.get("kind") not in (None, rtype.kind) or obj.get("apiVersion") not in (None, rtype.api_version):
+            raise ApiError(400, "BadRequest", f"the body is a {obj.get('apiVersion')}/{obj.get('kind')}, "
+                                              f"not a {rtype.api_version}/{rtype.kind}")
+        obj["kind"], obj["apiVersion"] = rtype.kind, rtype.api_version
+        if rtype.has_status and rtype.reset_status_on_create:
+            obj.pop("status", None)
+        if metadata.get("resourceVersion"):
+            raise ApiError(422, "Invalid", "metadata.resourceVersion must not be set on create")
+        metadata["uid"] = str(uuid.uuid4())
+        metadata["creationTimestamp"] = _now_rfc3339()
+        if rtype.tracks_generation:
+            metadata["generation"] = 1
+        for dropped in ("deletionTimestamp", "selfLink"):
+            metadata.pop(dropped, None)
+        with self.changed:
+            key = (rtype.qualified_name, name)
+            if key in self.objects:
+                raise ApiError(409, "AlreadyExists", f'{rtype.qualified_name} "{name}" already exists',
+                               {"name": name, "group": rtype.group, "kind": rtype.plural})
+            self._record(rtype, "ADDED", obj, None)
+            self.objects[key] = obj
+            created = copy.deepcopy(obj)
+            self._collect_orphan(rtype, key)
+            return created
+
+    def update(self, rtype: ResourceType, name: str, body: JSON, subresource: str | None,
+               expected_version: str | None) -> JSON:
+        """Replace an object (or its status); `expected_version` is the precondition ("" / None = unconditional)."""
+        with self.changed:
+            key = (rtype.qualified_name, name)
+            current = self.objects.get(key)
+            if current is None:
+                raise not_found(rtype, name)
+            if expected_version and expected_version != current["metadata"]["resourceVersion"]:
+                raise conflict(rtype, name, "the object has been modified; please apply your changes to the "
+                                             "latest version and try again")
+            if (body.get("metadata") or {}).get("name", name) != name:
+                raise ApiError(400, "BadRequest", "the name of the object does not match the name on the URL")
+            updated = self._merge_update(rtype, current, copy.deepcopy(body), subresource)
+            if updated == current:
+                return copy.deepcopy(current)  # a no-op write keeps the resourceVersion, as the real server does
+            previous = copy.deepcopy(current)
+            self._record(rtype, "MODIFIED", updated, previous)
+            self.objects[key] = updated
+            result = copy.deepcopy(updated)
+            self._collect_orphan(rtype, key)
+            return result
+
+    @staticmethod
+    def _merge_update(rtype: ResourceType, current: JSON, body: JSON, subresource: str | None) -> JSON:
+        """What the object becomes: the status subresource changes only status, the main resource all but status;
+        system metadata is kept from the stored object."""
+        if subresource == "status":
+            updated = copy.deepcopy(current)
+            if "status" in body:
+                updated["status"] = body["status"]
+            else:
+                updated.pop("status", None)
+            return updated
+        updated = body
+        updated["kind"], updated["apiVersion"] = rtype.kind, rtype.api_version
+        metadata = updated.setdefault("metadata", {})
+        for kept in ("uid", "creationTimestamp", "resourceVersion", "generation", "name"):
+            if kept in current["metadata"]:
+                metadata[kept] = current["metadata"][kept]
+        if rtype.has_status:
+            if "status" in current:
+                updated["status"] = current["status"]
+            else:
+                updated.pop("status", None)
+        if rtype.tracks_generation:
+            before = {k: v for k, v in current.items() if k not in ("metadata", "status")}
+            after = {k: v for k, v in updated.items() if k not in ("metadata", "status")}
+            if before != after:
+                metadata["generation"] = current["metadata"].get("generation", 1) + 1
+        return updated
+
+    def patch(self, rtype: ResourceType, name: str, content_type: str, patch: Any, subresource: str | None) -> JSON:
+        with self.changed:
+            current = self.get(rtype, name)
+            if content_type == "application/json-patch+json":
+                patched = json_patch(current, patch)
+            elif content_type == "application/merge-patch+json":
+                patched = json_merge_patch(current, patch)
+            elif content_type == "application/strategic-merge-patch+json":
+                if rtype.group:
+                    raise ApiError(415, "UnsupportedMediaType",
+                                   "strategic merge patch is not supported for custom resources")
+                patched = strategic_merge_patch(current, patch)
+            else:
+                raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                                                            "accepted media types include: application/json-patch"
+                                                            "+json, application/merge-patch+json")
+            if not isinstance(patched, dict):
+                raise ApiError(422, "Invalid", "the patched document is not an object")
+            # A resourceVersion in the patch is a precondition; otherwise the patch applies to the latest object.
+            wanted = (patched.get("metadata") or {}).get("resourceVersion")
+            return self.update(rtype, name, patched, subresource, wanted)
+
+    def delete(self, rtype: ResourceType, name: str, preconditions: JSON) -> JSON:
+        with self.changed:
+            key = (rtype.qualified_name, name)
+            current = self.objects.get(key)
+            if current is None:
+                raise not_found(rtype, name)
+            if preconditions.get("uid") and preconditions["uid"] != current["metadata"]["uid"]:
+                raise conflict(rtype, name, f"Precondition failed: UID in precondition: {preconditions['uid']}, "
+                                             f"UID in object meta: {current['metadata']['uid']}")
+            wanted = preconditions.get("resourceVersion")
+            if wanted and wanted != current["metadata"]["resourceVersion"]:
+                raise conflict(rtype, name, f"Precondition failed: ResourceVersion in precondition: {wanted}, "
+                                             f"ResourceVersion in object meta: "
+                                             f"{current['metadata']['resourceVersion']}")
+            deleted = self._delete_locked(rtype, key)
+            self._collect_garbage(deleted["metadata"]["uid"])
+            return deleted
+
+    def _delete_locked(self, rtype: ResourceType, key: tuple[str, str]) -> JSON:
+        current = self.objects.pop(key)
+        previous = copy.deepcopy(current)
+        self._record(rtype, "DELETED", current, previous)
+        return copy.deepcopy(current)
+
+    def _collect_garbage(self, owner_uid: str) -> None:
+        """Must hold the lock. Drop the owner from its dependents; delete those left without owners (cascading)."""
+        by_qualified = {rtype.qualified_name: rtype for rtype in self.types.values()}
+        pending = [owner_uid]
+        while pending:
+            uid = pending.pop()
+            for key, obj in list(self.objects.items()):
+                references = obj["metadata"].get("ownerReferences") or []
+                if not any(reference.get("uid") == uid for reference in references):
+                    continue
+                remaining = [reference for reference in references if reference.get("uid") != uid]
+                rtype = by_qualified[key[0]]
+                if remaining:
+                    previous = copy.deepcopy(obj)
+                    obj["metadata"]["ownerReferences"] = remaining
+                    self._record(rtype, "MODIFIED", obj, previous)
+                else:
+                    pending.append(self._delete_locked(rtype, key)["metadata"]["uid"])
+
+    def _collect_orphan(self, rtype: ResourceType, key: tuple[str, str]) -> None:
+        """Must hold the lock. An object whose owner references all name objects that do not exist is deleted,
+        as the garbage collector does when it sees a dependent of a vanished owner."""
+        references = self.objects[key]["metadata"].get("ownerReferences") or []
+        if not references:
+            return
+        live = {obj["metadata"]["uid"] for obj in self.objects.values()}
+        if not any(reference.get("uid") in live for reference in references):
+            deleted = self._delete_locked(rtype, key)
+            self._collect_garbage(deleted["metadata"]["uid"])
+
+    def compact(self) -> None:
+        """Forget the whole history: every watch or exact list from an older resourceVersion gets 410 Gone."""
+        with self.changed:
+            self.history.clear()
+            self.oldest_watchable = self.resource_version + 1
+            self.changed.notify_all()
