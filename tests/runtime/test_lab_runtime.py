@@ -20,9 +20,8 @@ import pytest
 
 from wgcni_lab import pause
 from wgcni_lab.buildcache import CACHE_ENV
-from wgcni_lab.cleanup import process_state
+from wgcni_lab.cleanup import CGROUP_ROOT, process_state
 from wgcni_lab.containerd import (
-    CGROUP_ROOT,
     PRIVATE_MOUNTPOINTS,
     Containerd,
     SharedMountpoint,
