@@ -1,8 +1,8 @@
 """P4: TCP throughput pod -> pod across two nodes through the wgcni mesh, beside the same traffic over a
 hand-configured WireGuard tunnel between the same two nodes, in the same run; and DF packets of exactly the MTU.
 
-Set-up (tests/netns/lab.py, everything in namespaces created for the run and removed afterwards): a VNet bridge, two
-node namespaces (10.240.0.4, 10.240.0.35), each running its own `wgcni-node run` on the userspace backend
+Set-up (wgcni_lab/harness/netns_lab.py, everything in namespaces created for the run and removed afterwards): a VNet
+bridge, two node namespaces (10.240.0.4, 10.240.0.35), each running its own `wgcni-node run` on the userspace backend
 (wireguard-go), peers fed from each other's announcements; pods plumbed like azure-vnet transparent mode (veth
 `azv...`, proxy ARP, a /32 route in the node's main table, MTU 1500).
 

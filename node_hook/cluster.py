@@ -362,6 +362,7 @@ class KubernetesPeerSource:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._sink: PeerSink | None = None
+        self._delivered: set[str] = set()  # the remote nodes the hook holds now (emit lock): status.remote_nodes
         self._emit_lock = threading.Lock()
         # Other nodes' WireguardNode objects, parsed as they arrive: name -> (resourceVersion, parsed node, why
         # ignored). Only the parsed form is kept - the raw objects of 5 000 nodes x 250 scattered pod IPs hold
@@ -512,6 +513,7 @@ class KubernetesPeerSource:
             for name in invalid.keys() - self.status.invalid_objects.keys():
                 log.warning("WireguardNode %s ignored: %s", name, invalid[name])
             self.status.invalid_objects = invalid
+            self._delivered = set(nodes)
             self.status.remote_nodes = len(nodes)
             self._tell(lambda sink: sink.nodes_synced(nodes))
 
@@ -536,9 +538,11 @@ class KubernetesPeerSource:
             else:
                 delivered = replace(remote, public_key="") if opted_out else remote
                 self._tell(lambda sink: sink.node_changed(delivered))
-            with self._changed:
-                self.status.remote_nodes = sum(1 for _, node, error in self._peers.values()
-                                               if node is not None and not error)
+            if remote is None:
+                self._delivered.discard(name)
+            else:
+                self._delivered.add(name)
+            self.status.remote_nodes = len(self._delivered)
 
     def _delivering(self) -> bool:
         """Must hold the lock: the hook has a sink and both first lists are done."""

@@ -204,11 +204,13 @@ def test_opted_out_node_hands_its_hook_no_remote_keys(core, make_source):
 
 
 def test_node_deletion_garbage_collects_object_and_peer_disappears(core, custom, make_source):
-    source_a, _, _, seen_by_b = two_nodes(core, make_source)
+    source_a, _, source_b, seen_by_b = two_nodes(core, make_source)
     source_a.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
     wait_until(lambda: "node-a" in (seen_by_b.latest or {}), what="node-a seen")
+    assert seen_by_b.kinds()[-1] == "changed" and source_b.status.remote_nodes == 1  # a delta, counted
     core.delete_node("node-a")
     wait_until(lambda: "node-a" not in seen_by_b.latest, what="node-a gone")
+    assert seen_by_b.kinds()[-1] == "gone" and source_b.status.remote_nodes == 0
     assert [o["metadata"]["name"] for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]] == []
 
 

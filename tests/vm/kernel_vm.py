@@ -75,8 +75,8 @@ AUTOLOAD_MODULE_DIRS = (
 # Where the kernel_wg tests live: the backend's own tests and the dataplane tests that run on both backends.
 KERNEL_TEST_PATHS = ("tests/kernel", "tests/netns")
 # WGCNI_TEST_TIME_SCALE in the VM (its CPU is emulated by TCG): multiplies the timeouts of the suites' wait_until
-# (tests/support/polling.py) and of tests/support/netns.py's commands (sh, in_ns) and HookNode.stop_hook; timeouts a
-# test passes straight to subprocess or socket calls, and wgcni_lab's own waits, are not scaled.
+# (wgcni_lab/harness/polling.py) and of wgcni_lab/harness/netns.py's commands (sh, in_ns) and HookNode.stop_hook;
+# timeouts a test passes straight to subprocess or socket calls, and wgcni_lab's own waits, are not scaled.
 TIME_SCALE = 10
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
