@@ -269,6 +269,18 @@ def status(lab_dir: Path, as_json: bool) -> None:
         click.echo(f"problem: {problem}")
 
 
+@cli.command()
+@click.pass_obj
+def kubeconfig(lab_dir: Path) -> None:
+    """Print the kubeconfig for kubectl against the lab's API server, as the cluster's administrator:
+    `wgcni-lab kubeconfig > lab.kubeconfig; kubectl --kubeconfig lab.kubeconfig get wireguardnodes`."""
+    state = _require_up(lab_dir)
+    try:
+        click.echo((state.path / lab.KUBECONFIG_FILE).read_text(), nl=False)
+    except OSError as error:
+        raise lab.LabError(f"no kubeconfig in {state.path}: {error.strerror}") from None
+
+
 def _pod_network(pod: dict[str, Any]) -> str:
     if pod["host_network"]:
         return "host"

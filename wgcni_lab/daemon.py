@@ -15,6 +15,7 @@ and every SUPERVISION_INTERVAL its supervision loop restarts a DaemonSet pod who
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from cni_plugin.files import write_atomically
 from wgcni_lab import control, fabric, lab, lifecycle, services
 from wgcni_lab.apiserver.resources import NODES
 from wgcni_lab.apiserver.server import ApiServer
@@ -70,6 +72,8 @@ def bring_up(cluster: lifecycle.Cluster, pods_before_install: int, pods_per_node
     api.start()
     state.apiserver_url = api.url
     state.save()
+    write_atomically(state.path / lab.KUBECONFIG_FILE, (json.dumps(api.kubeconfig(), indent=2) + "\n").encode(),
+                     0o600, temporary_prefix=f".{lab.KUBECONFIG_FILE}.", durable=False)
     progress(f"test API server: {api.url} (and 127.0.0.1:{lab.API_PORT_IN_NODE} in every node)")
     for node in state.nodes:
         api.store.create(NODES, lifecycle.node_object(node))

@@ -60,6 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LAB_DIR = Path("/run/wgcni-lab")
 LAB_DIR_ENV = "WGCNI_LAB_DIR"
 STATE_FILE = "state.json"
+KUBECONFIG_FILE = "kubeconfig"  # the administrator's kubeconfig for kubectl (`wgcni-lab kubeconfig`), 0600
 STATE_FORMAT = 1
 
 DEFAULT_PLUGIN = REPO / "dist" / "wgcni"  # the one-directory bundle `make build` produces (install-cni copies it)

@@ -78,7 +78,11 @@ def node_object(node: lab.NodeState) -> dict[str, Any]:
         "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux",
                                                    "kubernetes.azure.com/role": "agent"}},
         "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
-                                 {"type": "Hostname", "address": node.name}]},
+                                 {"type": "Hostname", "address": node.name}],
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                   "message": "the lab booted the node"}],
+                   "nodeInfo": {"kubeletVersion": "v1.31.0-lab", "osImage": "wgcni lab node (network namespace)",
+                                "kernelVersion": os.uname().release, "containerRuntimeVersion": "containerd"}},
     }
 
 

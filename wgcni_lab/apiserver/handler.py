@@ -14,9 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from wgcni_lab.apiserver import discovery, openapi
 from wgcni_lab.apiserver.errors import ApiError
-from wgcni_lab.apiserver.resources import JSON, ResourceType
+from wgcni_lab.apiserver.requests import RequestInfo, request_info
+from wgcni_lab.apiserver.resources import JSON
 from wgcni_lab.apiserver.selectors import Selection
+from wgcni_lab.apiserver.tables import table, wants_table
 from wgcni_lab.apiserver.watch import Watcher
 
 if TYPE_CHECKING:
@@ -106,17 +109,17 @@ class Handler(BaseHTTPRequestHandler):
             if fault is not None:
                 raise ApiError(fault, HTTPStatus(fault).phrase.replace(" ", ""),
                                f"injected fault: {fault} {HTTPStatus(fault).phrase}")
-            if url.path == "/version":
-                code = 200
-                self.send_json(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0-wgcni-test"})
+            info = request_info(api.store.types, method, url.path, query)
+            if info.rtype is None:
+                code, body = 200, self._non_resource(method, url.path)
+                self.send_json(code, body)
                 return
-            rtype, name, subresource = self._route(url.path)
             if is_watch:
                 code = 200
                 api.record(method, url.path, code, is_watch)  # now: a watch may stay open for a long time
-                self._serve_watch(rtype, query)
+                self._serve_watch(info, query)
                 return
-            code, body = self._dispatch(method, rtype, name, subresource, query)
+            code, body = self._dispatch(method, info, query)
             self.send_json(code, body)
         except ApiError as error:
             code = error.code
@@ -127,44 +130,58 @@ class Handler(BaseHTTPRequestHandler):
             if not (is_watch and code == 200):
                 api.record(method, url.path, code, is_watch)
 
-    def _route(self, path: str) -> tuple[ResourceType, str | None, str | None]:
+    def _non_resource(self, method: str, path: str) -> JSON:
+        """Discovery, /version and the health endpoints."""
+        if method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
+        types = list(self.server.api.store.types.values())
         parts = [part for part in path.split("/") if part]
-        if len(parts) >= 3 and parts[0] == "api":
-            group, version, rest = "", parts[1], parts[2:]
-        elif len(parts) >= 4 and parts[0] == "apis":
-            group, version, rest = parts[1], parts[2], parts[3:]
-        else:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        rtype = self.server.api.store.types.get((group, version, rest[0]))
-        if rtype is None or len(rest) > 3:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        name = rest[1] if len(rest) >= 2 else None
-        subresource = rest[2] if len(rest) == 3 else None
-        if subresource is not None and (subresource != "status" or not rtype.has_status):
-            raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        return rtype, name, subresource
+        if parts == ["version"]:
+            return discovery.VERSION
+        if parts[:2] == ["openapi", "v3"]:
+            return openapi.root(types) if len(parts) == 2 else openapi.document(types, "/".join(parts[2:]))
+        if parts in (["healthz"], ["livez"], ["readyz"]):
+            return {"status": "ok"}
+        if parts == ["api"]:
+            return discovery.api_versions()
+        if parts == ["apis"]:
+            return discovery.api_group_list(types)
+        if len(parts) == 2 and parts[0] == "api":
+            return discovery.resource_list(types, "", parts[1])
+        if len(parts) == 2 and parts[0] == "apis":
+            return discovery.api_group(types, parts[1])
+        if len(parts) == 3 and parts[0] == "apis":
+            return discovery.resource_list(types, parts[1], parts[2])
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
-    def _dispatch(self, method: str, rtype: ResourceType, name: str | None,
-                  subresource: str | None, query: dict[str, str]) -> tuple[int, JSON]:
+    def _dispatch(self, method: str, info: RequestInfo, query: dict[str, str]) -> tuple[int, JSON]:
         store = self.server.api.store
-        if name is None:
+        rtype, name, namespace, subresource = info.rtype, info.name, info.namespace, info.subresource
+        assert rtype is not None
+        if info.collection:
             if method == "GET":
-                return 200, self._list(rtype, query)
+                return 200, self._list(info, query)
             if method == "POST":
-                return 201, store.create(rtype, self.read_object())
+                created = store.create(rtype, self.read_object(), namespace)
+                return 201, created
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on a collection here")
+        assert name is not None
         if method == "GET":
-            return 200, store.get(rtype, name)
+            obj = store.get(rtype, name, namespace)
+            if wants_table(self.headers.get("Accept") or ""):
+                return 200, table(rtype, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]},
+                                  query.get("includeObject", ""))
+            return 200, obj
         if method == "PUT":
             body = self.read_object()
             expected = (body.get("metadata") or {}).get("resourceVersion")
-            return 200, store.update(rtype, name, body, subresource, expected)
+            return 200, store.update(rtype, name, body, subresource, expected, namespace)
         if method == "PATCH":
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            return 200, store.patch(rtype, name, content_type, self.read_body(), subresource)
+            return 200, store.patch(rtype, name, content_type, self.read_body(), subresource, namespace)
         if method == "DELETE" and subresource is None:
             options = self.read_body() or {}
-            deleted = store.delete(rtype, name, options.get("preconditions") or {})
+            deleted = store.delete(rtype, name, options.get("preconditions") or {}, namespace)
             if rtype.return_deleted_object:
                 return 200, deleted
             return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
@@ -172,16 +189,20 @@ class Handler(BaseHTTPRequestHandler):
                                      "uid": deleted["metadata"]["uid"]}}
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
 
-    def _list(self, rtype: ResourceType, query: dict[str, str]) -> JSON:
-        selection = Selection.from_query(query)
+    def _list(self, info: RequestInfo, query: dict[str, str]) -> JSON:
+        assert info.rtype is not None
+        rtype = info.rtype
+        selection = Selection.from_query(query, info.namespace if rtype.namespaced and info.namespace else None)
         exact = None
         if query.get("resourceVersionMatch") == "Exact":
             exact = self._parse_version(query.get("resourceVersion", ""))
             if exact is None:
                 raise ApiError(400, "BadRequest", "resourceVersionMatch=Exact needs a resourceVersion")
         items, version = self.server.api.store.list(rtype, selection, exact)
-        return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
-                "metadata": {"resourceVersion": str(version)}, "items": items}
+        metadata = {"resourceVersion": str(version)}
+        if wants_table(self.headers.get("Accept") or ""):
+            return table(rtype, items, metadata, query.get("includeObject", ""))
+        return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version, "metadata": metadata, "items": items}
 
     @staticmethod
     def _parse_version(text: str) -> int | None:
@@ -191,9 +212,11 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "BadRequest", f"invalid resource version: {text!r}")
         return int(text)
 
-    def _serve_watch(self, rtype: ResourceType, query: dict[str, str]) -> None:
+    def _serve_watch(self, info: RequestInfo, query: dict[str, str]) -> None:
         api = self.server.api
-        selection = Selection.from_query(query)
+        rtype = info.rtype
+        assert rtype is not None
+        selection = Selection.from_query(query, info.namespace if rtype.namespaced and info.namespace else None)
         since = self._parse_version(query.get("resourceVersion", ""))
         timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else api.default_watch_timeout
         deadline = time.monotonic() + timeout

@@ -22,35 +22,49 @@ def json_merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
-# Lists that a strategic merge patch merges by key instead of replacing (the ones the hook's objects carry).
-STRATEGIC_MERGE_KEYS = {("metadata", "ownerReferences"): "uid", ("status", "conditions"): "type",
-                        ("status", "addresses"): "type"}
+# Lists that a strategic merge patch merges by key instead of replacing, by field name (the patchMergeKey of the
+# built-in types kubectl apply and the hook patch: Node, DaemonSet pod templates, ConfigMap metadata).
+STRATEGIC_MERGE_KEYS = {"ownerReferences": "uid", "conditions": "type", "addresses": "type", "containers": "name",
+                        "initContainers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath",
+                        "ports": "containerPort", "taints": "key", "imagePullSecrets": "name"}
 
 
-def strategic_merge_patch(target: Any, patch: Any, path: tuple[str, ...] = ()) -> Any:
-    """Strategic merge patch as the API server applies it to the fields listed in STRATEGIC_MERGE_KEYS; elsewhere
-    it behaves as a JSON merge patch (which is what it does for lists without a merge key)."""
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """Strategic merge patch as the API server applies it: lists named in STRATEGIC_MERGE_KEYS merge by their key
+    (`$patch: delete` in an item removes it), `$setElementOrder` and `$retainKeys` directives are honoured as far
+    as ordering goes (the merged order is kept), every other list is replaced, maps merge, null deletes."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
-    if "$patch" in patch or any(key.startswith("$") for key in patch):
-        raise ApiError(400, "BadRequest", "strategic merge patch directives are not supported by this server")
+    if patch.get("$patch") == "replace":
+        return {key: copy.deepcopy(value) for key, value in patch.items() if key != "$patch"}
+    if "$patch" in patch:
+        raise ApiError(400, "BadRequest", f"strategic merge patch directive $patch: {patch['$patch']!r} is not "
+                                          "supported here")
     result = copy.deepcopy(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
-        child = path + (key,)
+        if key.startswith("$setElementOrder/") or key == "$retainKeys":
+            continue
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field = key.split("/", 1)[1]
+            result[field] = [item for item in result.get(field) or [] if item not in value]
+            continue
         if value is None:
             result.pop(key, None)
-        elif child in STRATEGIC_MERGE_KEYS and isinstance(value, list) and isinstance(result.get(key), list):
-            merge_key = STRATEGIC_MERGE_KEYS[child]
-            merged = {item.get(merge_key): item for item in result[key]}
-            order = [item.get(merge_key) for item in result[key]]
+        elif key in STRATEGIC_MERGE_KEYS and isinstance(value, list) and isinstance(result.get(key), list):
+            merge_key = STRATEGIC_MERGE_KEYS[key]
+            merged = {item.get(merge_key): item for item in result[key] if isinstance(item, dict)}
+            order = list(merged)
             for item in value:
                 identity = item.get(merge_key)
+                if item.get("$patch") == "delete":
+                    merged.pop(identity, None)
+                    continue
                 if identity not in merged:
                     order.append(identity)
-                merged[identity] = strategic_merge_patch(merged.get(identity), item, child)
-            result[key] = [merged[identity] for identity in order]
+                merged[identity] = strategic_merge_patch(merged.get(identity), item)
+            result[key] = [merged[identity] for identity in order if identity in merged]
         else:
-            result[key] = strategic_merge_patch(result.get(key), value, child)
+            result[key] = strategic_merge_patch(result.get(key), value)
     return result
 
 

@@ -1,4 +1,5 @@
-"""Which objects a list or a watch sees: `fieldSelector=metadata.name=...` and equality label selectors."""
+"""Which objects a list or a watch sees: the namespace, field selectors (`metadata.name=...`, `spec.nodeName!=...`)
+and equality label selectors."""
 
 from __future__ import annotations
 
@@ -40,26 +41,54 @@ class LabelSelector:
         return True
 
 
+_FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9.]*)(==|=|!=)(.*)$")
+
+
+def _field_value(obj: JSON, path: str) -> str:
+    """The value of a dotted field path as a field selector compares it ("" when absent)."""
+    value: object = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 @dataclass
 class Selection:
     """Which objects of a type a list or watch sees."""
 
     name: str | None = None
     labels: LabelSelector | None = None
+    namespace: str | None = None  # None: every namespace (and cluster-scoped objects)
+    fields: tuple[tuple[str, bool, str], ...] = ()  # (path, equal, value) besides metadata.name
 
     @classmethod
-    def from_query(cls, query: dict[str, str]) -> Selection:
+    def from_query(cls, query: dict[str, str], namespace: str | None = None) -> Selection:
         name = None
+        fields = []
         for term in filter(None, query.get("fieldSelector", "").split(",")):
-            key, _, value = term.partition("=")
-            value = value.lstrip("=")
-            if key != "metadata.name" or not value:
-                raise ApiError(400, "BadRequest", f'field label not supported: "{term}"')
-            name = value
+            match = _FIELD.match(term.strip())
+            if not match:
+                raise ApiError(400, "BadRequest", f'invalid field selector: "{term}"')
+            path, operator, value = match.groups()
+            if path == "metadata.name" and operator != "!=":
+                if not value:
+                    raise ApiError(400, "BadRequest", f'field label not supported: "{term}"')
+                name = value
+            else:
+                fields.append((path, operator != "!=", value))
         labels = LabelSelector(query["labelSelector"]) if query.get("labelSelector") else None
-        return cls(name=name, labels=labels)
+        return cls(name=name, labels=labels, namespace=namespace, fields=tuple(fields))
 
     def matches(self, obj: JSON) -> bool:
-        if self.name is not None and obj["metadata"]["name"] != self.name:
+        metadata = obj["metadata"]
+        if self.name is not None and metadata["name"] != self.name:
+            return False
+        if self.namespace is not None and metadata.get("namespace", "") != self.namespace:
+            return False
+        if any((_field_value(obj, path) == value) != equal for path, equal, value in self.fields):
             return False
         return self.labels is None or self.labels.matches(obj)

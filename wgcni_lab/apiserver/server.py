@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from wgcni_lab.apiserver.faults import Fault, Faults
 from wgcni_lab.apiserver.handler import HttpServer
-from wgcni_lab.apiserver.resources import JSON, NODES, resource_types_from_crd
-from wgcni_lab.apiserver.store import Store
+from wgcni_lab.apiserver.resources import BUILTIN_TYPES, JSON
+from wgcni_lab.apiserver.store import CRD_QUALIFIED_NAME, Store
 from wgcni_lab.apiserver.watch import Watcher
 
 CLONE_NEWNET = 0x40000000
@@ -82,8 +82,9 @@ class ApiServer:
     def __post_init__(self) -> None:
         if any(listener.port == 0 for listener in self.also_listen):
             raise ValueError("a namespaced listener needs a fixed port (it must stay the same across restarts)")
-        types = [NODES] + [rtype for crd in self.crds for rtype in resource_types_from_crd(crd)]
-        self.store = Store(types, self.history_window)
+        self.store = Store(list(BUILTIN_TYPES), self.history_window)
+        for crd in self.crds:  # as `kubectl apply` of the manifest would: the object, and the types it serves
+            self.store.create(self.store.type_of(CRD_QUALIFIED_NAME), crd)
         self.requests: collections.deque[RequestRecord] = collections.deque(maxlen=100_000)
         self.faults = Faults()
         self._lock = threading.Lock()
@@ -155,6 +156,15 @@ class ApiServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def kubeconfig(self, server: str = "") -> JSON:
+        """A kubeconfig for kubectl (or any client) against this server, as the cluster's administrator."""
+        return {
+            "apiVersion": "v1", "kind": "Config", "current-context": "wgcni-lab", "preferences": {},
+            "clusters": [{"name": "wgcni-lab", "cluster": {"server": server or self.url}}],
+            "users": [{"name": "admin", "user": {}}],
+            "contexts": [{"name": "wgcni-lab", "context": {"cluster": "wgcni-lab", "user": "admin"}}],
+        }
 
     # --- fault injection ---------------------------------------------------------------------------------------
     def fail_next(self, count: int = 1, code: int = 500, methods: set[str] | None = None,

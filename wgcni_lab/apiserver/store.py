@@ -6,18 +6,35 @@ import builtins
 import copy
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from wgcni_lab.apiserver.errors import ApiError, conflict, gone, not_found
 from wgcni_lab.apiserver.patch import json_merge_patch, json_patch, strategic_merge_patch
-from wgcni_lab.apiserver.resources import JSON, ResourceType
+from wgcni_lab.apiserver.resources import (
+    DEFAULT_NAMESPACES,
+    JSON,
+    NAMESPACES,
+    ResourceType,
+    resource_types_from_crd,
+)
 from wgcni_lab.apiserver.selectors import Selection
+
+CRD_QUALIFIED_NAME = "customresourcedefinitions.apiextensions.k8s.io"
+Key = tuple[str, str, str]  # (qualified resource name, namespace or "", name)
+# Called inside a write, before it is stored: (operation, type, old object or None, new object, subresource) ->
+# the object to store (pruned, validated), or an ApiError. CREATE | UPDATE | DELETE, as admission names them.
+Admit = Callable[[str, ResourceType, "JSON | None", JSON, "str | None"], JSON]
 
 
 def _now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _admit_all(operation: str, rtype: ResourceType, old: JSON | None, new: JSON, subresource: str | None) -> JSON:
+    return new
 
 
 @dataclass
@@ -31,57 +48,80 @@ class Event:
     previous: JSON | None  # the object before the change (None for ADDED), to rebuild past states
 
 
+def _key(rtype: ResourceType, namespace: str, name: str) -> Key:
+    return (rtype.qualified_name, namespace if rtype.namespaced else "", name)
+
 
 class Store:
     """The objects, the global resourceVersion and the event history (what etcd plus the watch cache hold)."""
 
     def __init__(self, resource_types: list[ResourceType], history_window: int):
-        self.types = {(rtype.group, rtype.version, rtype.plural): rtype for rtype in resource_types}
-        self.objects: dict[tuple[str, str], JSON] = {}  # (qualified name, object name) -> object
+        self.types: dict[tuple[str, str, str], ResourceType] = {}
+        for rtype in resource_types:
+            self.register(rtype)
+        self.objects: dict[Key, JSON] = {}
         self.resource_version = 1
         self.history: list[Event] = []
         self.oldest_watchable = 1  # a watch from a resourceVersion below this is 410 Gone
         self.history_window = history_window
         self.changed = threading.Condition()
+        for namespace in DEFAULT_NAMESPACES:
+            self.create(NAMESPACES, {"metadata": {"name": namespace}, "status": {"phase": "Active"}})
+
+    def register(self, rtype: ResourceType) -> None:
+        """Serve one more type from now on (a CustomResourceDefinition created or updated)."""
+        self.types[(rtype.group, rtype.version, rtype.plural)] = rtype
+
+    def type_of(self, qualified_name: str) -> ResourceType:
+        return next(rtype for rtype in self.types.values() if rtype.qualified_name == qualified_name)
 
     # --- reads -------------------------------------------------------------------------------------------------
-    def get(self, rtype: ResourceType, name: str) -> JSON:
+    def get(self, rtype: ResourceType, name: str, namespace: str = "") -> JSON:
         with self.changed:
-            obj = self.objects.get((rtype.qualified_name, name))
+            obj = self.objects.get(_key(rtype, namespace, name))
             if obj is None:
                 raise not_found(rtype, name)
             return copy.deepcopy(obj)
+
+    def find(self, rtype: ResourceType, name: str, namespace: str = "") -> JSON | None:
+        """The stored object itself (not a copy) or None; for the server's own readers (RBAC, admission)."""
+        return self.objects.get(_key(rtype, namespace, name))
 
     def list(self, rtype: ResourceType, selection: Selection,
              exact_version: int | None) -> tuple[builtins.list[JSON], int]:
         with self.changed:
             if exact_version is None or exact_version == self.resource_version:
-                items = [obj for (qualified, _), obj in self.objects.items() if qualified == rtype.qualified_name]
+                items = [obj for key, obj in self.objects.items() if key[0] == rtype.qualified_name]
                 version = self.resource_version
             else:
                 items = self._state_at(rtype, exact_version)
                 version = exact_version
             selected = [copy.deepcopy(obj) for obj in items if selection.matches(obj)]
-        selected.sort(key=lambda obj: obj["metadata"]["name"])
+        selected.sort(key=lambda obj: (obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
         return selected, version
+
+    def items_of(self, qualified_name: str) -> builtins.list[JSON]:
+        """Must hold the lock. The stored objects of one type (not copies), for the server's own readers."""
+        return [obj for key, obj in self.objects.items() if key[0] == qualified_name]
 
     def _state_at(self, rtype: ResourceType, version: int) -> builtins.list[JSON]:
         """The objects of a type as they were at `version`, rebuilt by undoing newer history."""
         if version < self.oldest_watchable - 1 or version > self.resource_version:
             raise gone(version) if version < self.resource_version else ApiError(
                 504, "Timeout", f"Too large resource version: {version}, current: {self.resource_version}")
-        state = {name: obj for (qualified, name), obj in self.objects.items() if qualified == rtype.qualified_name}
+        state = {key: obj for key, obj in self.objects.items() if key[0] == rtype.qualified_name}
         for event in reversed(self.history):
             if event.resource_version <= version:
                 break
             if event.rtype.qualified_name != rtype.qualified_name:
                 continue
-            name = event.object["metadata"]["name"]
+            metadata = event.object["metadata"]
+            key = _key(rtype, metadata.get("namespace", ""), metadata["name"])
             if event.previous is None:
-                state.pop(name, None)
+                state.pop(key, None)
             else:
-                state[name] = event.previous
-        return list(state.values())
+                state[key] = event.previous
+        return builtins.list(state.values())
 
     # --- writes ------------------------------------------------------------------------------------------------
     def _record(self, rtype: ResourceType, event_type: str, obj: JSON, previous: JSON | None) -> None:
@@ -94,8 +134,11 @@ class Store:
             del self.history[:overflow]
             self.oldest_watchable = self.history[0].resource_version
         self.changed.notify_all()
+        if rtype.qualified_name == CRD_QUALIFIED_NAME and event_type != "DELETED":
+            for served in resource_types_from_crd(obj):
+                self.register(served)
 
-    def create(self, rtype: ResourceType, body: JSON) -> JSON:
+    def create(self, rtype: ResourceType, body: JSON, namespace: str = "", admit: Admit = _admit_all) -> JSON:
         obj = copy.deepcopy(body)
         metadata = obj.setdefault("metadata", {})
         name = metadata.get("name")
@@ -104,6 +147,14 @@ class Store:
         if obj.get("kind") not in (None, rtype.kind) or obj.get("apiVersion") not in (None, rtype.api_version):
             raise ApiError(400, "BadRequest", f"the body is a {obj.get('apiVersion')}/{obj.get('kind')}, "
                                               f"not a {rtype.api_version}/{rtype.kind}")
+        if rtype.namespaced:
+            namespace = namespace or metadata.get("namespace") or "default"
+            if metadata.get("namespace", namespace) != namespace:
+                raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the "
+                                                  "namespace sent on the request")
+            metadata["namespace"] = namespace
+        else:
+            metadata.pop("namespace", None)
         obj["kind"], obj["apiVersion"] = rtype.kind, rtype.api_version
         if rtype.has_status and rtype.reset_status_on_create:
             obj.pop("status", None)
@@ -116,10 +167,14 @@ class Store:
         for dropped in ("deletionTimestamp", "selfLink"):
             metadata.pop(dropped, None)
         with self.changed:
-            key = (rtype.qualified_name, name)
+            key = _key(rtype, namespace, name)
+            if rtype.namespaced and ("namespaces", "", namespace) not in self.objects:
+                raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
+                               {"name": namespace, "kind": "namespaces"})
             if key in self.objects:
                 raise ApiError(409, "AlreadyExists", f'{rtype.qualified_name} "{name}" already exists',
                                {"name": name, "group": rtype.group, "kind": rtype.plural})
+            obj = admit("CREATE", rtype, None, obj, None)
             self._record(rtype, "ADDED", obj, None)
             self.objects[key] = obj
             created = copy.deepcopy(obj)
@@ -127,10 +182,10 @@ class Store:
             return created
 
     def update(self, rtype: ResourceType, name: str, body: JSON, subresource: str | None,
-               expected_version: str | None) -> JSON:
+               expected_version: str | None, namespace: str = "", admit: Admit = _admit_all) -> JSON:
         """Replace an object (or its status); `expected_version` is the precondition ("" / None = unconditional)."""
         with self.changed:
-            key = (rtype.qualified_name, name)
+            key = _key(rtype, namespace, name)
             current = self.objects.get(key)
             if current is None:
                 raise not_found(rtype, name)
@@ -140,6 +195,7 @@ class Store:
             if (body.get("metadata") or {}).get("name", name) != name:
                 raise ApiError(400, "BadRequest", "the name of the object does not match the name on the URL")
             updated = self._merge_update(rtype, current, copy.deepcopy(body), subresource)
+            updated = admit("UPDATE", rtype, copy.deepcopy(current), updated, subresource)
             if updated == current:
                 return copy.deepcopy(current)  # a no-op write keeps the resourceVersion, as the real server does
             previous = copy.deepcopy(current)
@@ -163,7 +219,7 @@ class Store:
         updated = body
         updated["kind"], updated["apiVersion"] = rtype.kind, rtype.api_version
         metadata = updated.setdefault("metadata", {})
-        for kept in ("uid", "creationTimestamp", "resourceVersion", "generation", "name"):
+        for kept in ("uid", "creationTimestamp", "resourceVersion", "generation", "name", "namespace"):
             if kept in current["metadata"]:
                 metadata[kept] = current["metadata"][kept]
         if rtype.has_status:
@@ -178,15 +234,16 @@ class Store:
                 metadata["generation"] = current["metadata"].get("generation", 1) + 1
         return updated
 
-    def patch(self, rtype: ResourceType, name: str, content_type: str, patch: Any, subresource: str | None) -> JSON:
+    def patch(self, rtype: ResourceType, name: str, content_type: str, patch: Any, subresource: str | None,
+              namespace: str = "", admit: Admit = _admit_all) -> JSON:
         with self.changed:
-            current = self.get(rtype, name)
+            current = self.get(rtype, name, namespace)
             if content_type == "application/json-patch+json":
                 patched = json_patch(current, patch)
             elif content_type == "application/merge-patch+json":
                 patched = json_merge_patch(current, patch)
             elif content_type == "application/strategic-merge-patch+json":
-                if rtype.group:
+                if rtype.custom:
                     raise ApiError(415, "UnsupportedMediaType",
                                    "strategic merge patch is not supported for custom resources")
                 patched = strategic_merge_patch(current, patch)
@@ -198,11 +255,12 @@ class Store:
                 raise ApiError(422, "Invalid", "the patched document is not an object")
             # A resourceVersion in the patch is a precondition; otherwise the patch applies to the latest object.
             wanted = (patched.get("metadata") or {}).get("resourceVersion")
-            return self.update(rtype, name, patched, subresource, wanted)
+            return self.update(rtype, name, patched, subresource, wanted, namespace, admit)
 
-    def delete(self, rtype: ResourceType, name: str, preconditions: JSON) -> JSON:
+    def delete(self, rtype: ResourceType, name: str, preconditions: JSON, namespace: str = "",
+               admit: Admit = _admit_all) -> JSON:
         with self.changed:
-            key = (rtype.qualified_name, name)
+            key = _key(rtype, namespace, name)
             current = self.objects.get(key)
             if current is None:
                 raise not_found(rtype, name)
@@ -214,11 +272,12 @@ class Store:
                 raise conflict(rtype, name, f"Precondition failed: ResourceVersion in precondition: {wanted}, "
                                              f"ResourceVersion in object meta: "
                                              f"{current['metadata']['resourceVersion']}")
+            admit("DELETE", rtype, copy.deepcopy(current), copy.deepcopy(current), None)
             deleted = self._delete_locked(rtype, key)
             self._collect_garbage(deleted["metadata"]["uid"])
             return deleted
 
-    def _delete_locked(self, rtype: ResourceType, key: tuple[str, str]) -> JSON:
+    def _delete_locked(self, rtype: ResourceType, key: Key) -> JSON:
         current = self.objects.pop(key)
         previous = copy.deepcopy(current)
         self._record(rtype, "DELETED", current, previous)
@@ -226,16 +285,15 @@ class Store:
 
     def _collect_garbage(self, owner_uid: str) -> None:
         """Must hold the lock. Drop the owner from its dependents; delete those left without owners (cascading)."""
-        by_qualified = {rtype.qualified_name: rtype for rtype in self.types.values()}
         pending = [owner_uid]
         while pending:
             uid = pending.pop()
-            for key, obj in list(self.objects.items()):
+            for key, obj in builtins.list(self.objects.items()):
                 references = obj["metadata"].get("ownerReferences") or []
                 if not any(reference.get("uid") == uid for reference in references):
                     continue
                 remaining = [reference for reference in references if reference.get("uid") != uid]
-                rtype = by_qualified[key[0]]
+                rtype = self.type_of(key[0])
                 if remaining:
                     previous = copy.deepcopy(obj)
                     obj["metadata"]["ownerReferences"] = remaining
@@ -243,7 +301,7 @@ class Store:
                 else:
                     pending.append(self._delete_locked(rtype, key)["metadata"]["uid"])
 
-    def _collect_orphan(self, rtype: ResourceType, key: tuple[str, str]) -> None:
+    def _collect_orphan(self, rtype: ResourceType, key: Key) -> None:
         """Must hold the lock. An object whose owner references all name objects that do not exist is deleted,
         as the garbage collector does when it sees a dependent of a vanished owner."""
         references = self.objects[key]["metadata"].get("ownerReferences") or []
