@@ -43,7 +43,9 @@ QUICK_NODES = 3
 QUICK_DURATION = 1.0
 TARGET_WRITES_PER_SECOND = 2.0
 CONVERGENCE_TIMEOUT = 30.0
-CRD = yaml.safe_load((pathlib.Path(__file__).resolve().parent.parent / "conf" / "crd.yaml").read_text())
+CONF = pathlib.Path(__file__).resolve().parent.parent / "conf"
+CRD = yaml.safe_load((CONF / "crd.yaml").read_text())
+RBAC = [doc for doc in yaml.safe_load_all((CONF / "rbac.yaml").read_text()) if doc]  # as a cluster enforces it
 
 
 class View:
@@ -112,8 +114,8 @@ def missing_and_stale(views: list[View], pods: list[set[str]]) -> tuple[int, int
 
 def measure(nodes: int, duration: float) -> dict:
     settings = SyncSettings()  # production: at most 2 writes/s per node
-    with ApiServer(crds=[CRD]) as server:
-        admin = api_client_for_url(server.url)
+    with ApiServer(crds=[CRD], manifests=RBAC) as server:
+        admin = api_client_for_url(server.url, server.admin_token, ca_file=server.ca_file)
         sources: list[tuple[KubernetesPeerSource, client.ApiClient]] = []
         views = [View() for _ in range(nodes)]
         try:
@@ -123,7 +125,8 @@ def measure(nodes: int, duration: float) -> dict:
             pods = [{pod_ip(index, serial) for serial in range(INITIAL_PODS)} for index in range(nodes)]
             serials = [INITIAL_PODS] * nodes
             for index in range(nodes):
-                api_client = api_client_for_url(server.url)
+                api_client = api_client_for_url(server.url, server.node_token(node_name(index)),
+                                                ca_file=server.ca_file)
                 source = KubernetesPeerSource(node_name(index), api_client, settings)
                 sources.append((source, api_client))
                 source.start(views[index])

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -215,17 +216,80 @@ def is_opted_out(node: JSON | None) -> bool:
 # --- API clients -----------------------------------------------------------------------------------------------
 
 def api_client_from_environment(kubeconfig: str | None = None) -> client.ApiClient:
-    """In a pod: the service account; otherwise `kubeconfig`, $KUBECONFIG or ~/.kube/config."""
+    """In a pod: the service account (the client re-reads its projected token every minute); otherwise
+    `kubeconfig`, $KUBECONFIG or ~/.kube/config, whose `tokenFile` is re-read whenever the file changes (the stock
+    loader reads it once, and a kubelet-rotated token expires)."""
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         configuration = client.Configuration()
         config.load_incluster_config(client_configuration=configuration)
         return client.ApiClient(configuration)
-    return config.new_client_from_config(config_file=kubeconfig)
+    api_client = config.new_client_from_config(config_file=kubeconfig)
+    token_file = _kubeconfig_token_file(kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
+    if token_file is not None:
+        _refresh_token_from(api_client.configuration, token_file)
+    return api_client
 
 
-def api_client_for_url(url: str) -> client.ApiClient:
-    """A client for an API server without authentication (the lab's and the tests' server)."""
-    return client.ApiClient(client.Configuration(host=url))
+def api_client_for_url(url: str, token: str = "", token_file: str | os.PathLike[str] | None = None,
+                       ca_file: str | None = None) -> client.ApiClient:
+    """A client for `url` (verified with the CA in `ca_file`) with a bearer token, given or re-read from
+    `token_file` whenever that changes."""
+    configuration = client.Configuration(host=url)
+    if ca_file is not None:
+        configuration.ssl_ca_cert = ca_file
+    if token:
+        configuration.api_key = {"BearerToken": f"Bearer {token}"}
+    if token_file is not None:
+        _refresh_token_from(configuration, os.fspath(token_file))
+    return client.ApiClient(configuration)
+
+
+def _kubeconfig_token_file(path: str) -> str | None:
+    """The current context's user's tokenFile (absolute), or None."""
+    path = os.path.expanduser(path.split(os.pathsep)[0])
+    try:
+        with open(path) as file:
+            kubeconfig = yaml.safe_load(file) or {}
+        context = next(c["context"] for c in kubeconfig.get("contexts") or []
+                       if c.get("name") == kubeconfig.get("current-context"))
+        user = next(u.get("user") or {} for u in kubeconfig.get("users") or [] if u.get("name") == context["user"])
+    except (OSError, yaml.YAMLError, StopIteration, KeyError, TypeError, AttributeError):
+        return None
+    token_file = user.get("tokenFile") if isinstance(user, dict) else None
+    if not token_file:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(path)), os.path.expanduser(token_file))
+
+
+class _TokenFile:
+    """A bearer token file as the kubelet keeps it (rewritten before the token expires): re-read when its mtime or
+    size changes, checked before every request (one stat)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+
+    def refresh(self, configuration: client.Configuration) -> None:
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            return  # keep the last token; the request says what the API thinks of it
+        if (stat.st_mtime_ns, stat.st_size) == self._seen:
+            return
+        try:
+            with open(self.path) as token:
+                text = token.read().strip()
+        except OSError:
+            return
+        self._seen = (stat.st_mtime_ns, stat.st_size)
+        if text:
+            configuration.api_key["BearerToken"] = f"Bearer {text}"
+
+
+def _refresh_token_from(configuration: client.Configuration, path: str) -> None:
+    token_file = _TokenFile(path)
+    token_file.refresh(configuration)
+    configuration.refresh_api_key_hook = token_file.refresh  # type: ignore[assignment]  # declared None
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------

@@ -124,7 +124,9 @@ def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: in
     state = lab.new_state(lab_dir, nodes, plugin, hook, settings, restart_backoff, azure_underlay)
     state.daemon_pid = os.getpid()
     state.save()
-    cluster = lifecycle.Cluster(state, ApiServer(crds=[yaml.safe_load(lab.CRD_FILE.read_text())]), progress)
+    api = ApiServer(crds=[yaml.safe_load(lab.CRD_FILE.read_text())],
+                    manifests=[doc for doc in yaml.safe_load_all(lab.RBAC_FILE.read_text()) if doc])
+    cluster = lifecycle.Cluster(state, api, progress)
     server: control.ControlServer | None = None
     try:
         try:

@@ -40,6 +40,7 @@ the namespaces, and the lab dir. Pods are not kept in the state: containerd is a
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import os
@@ -67,6 +68,8 @@ DEFAULT_PLUGIN = REPO / "dist" / "wgcni"  # the one-directory bundle `make build
 DEFAULT_HOOK = REPO / "dist" / "bin" / "wgcni-node"
 DIST_BIN = REPO / "dist" / "bin"  # on PATH inside nodes, as the DaemonSet image has the binaries on PATH
 CRD_FILE = REPO / "conf" / "crd.yaml"
+RBAC_FILE = REPO / "conf" / "rbac.yaml"  # the hook's RBAC and admission policy, which the lab's API server enforces
+TOKEN_TTL = 3600.0  # seconds a DaemonSet pod's service-account token is valid (the kubelet's default request)
 
 VNET = ipaddress.ip_network("10.240.0.0/16")
 GATEWAY = "10.240.0.1"  # Azure's subnet gateway; ptp puts it on each pod's host-side veth
@@ -282,12 +285,15 @@ def hook_config(node: NodeState, azure_underlay: bool, settings: dict[str, Any] 
     }
 
 
-def kubeconfig(node: NodeState) -> dict[str, Any]:
-    server = f"http://127.0.0.1:{API_PORT_IN_NODE}"
+def kubeconfig(node: NodeState, ca_pem: bytes) -> dict[str, Any]:
+    """The hook's kubeconfig: the cluster CA and the token file the kubelet keeps (wgcni-node's service account,
+    bound to the node)."""
+    server = f"https://127.0.0.1:{API_PORT_IN_NODE}"
     return {
         "apiVersion": "v1", "kind": "Config", "current-context": "lab",
-        "clusters": [{"name": "lab", "cluster": {"server": server}}],
-        "users": [{"name": node.name, "user": {}}],
+        "clusters": [{"name": "lab", "cluster": {"server": server,
+                                                 "certificate-authority-data": base64.b64encode(ca_pem).decode()}}],
+        "users": [{"name": node.name, "user": {"tokenFile": str(NODE_CONFIG_DIR / "token")}}],
         "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": node.name}}],
     }
 
@@ -411,13 +417,20 @@ def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untype
                       cgroup_parent=state.cgroup_parent(node))
 
 
-def write_node_config(state: LabState, node: NodeState) -> None:
-    """The ConfigMap's config.yaml and the API credentials, where the DaemonSet mounts them in the node."""
+def write_node_config(state: LabState, node: NodeState, ca_pem: bytes) -> None:
+    """The ConfigMap's config.yaml and the kubeconfig, where the DaemonSet mounts them in the node."""
     directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
     directory.mkdir(parents=True, exist_ok=True)
     config = hook_config(node, state.azure_underlay, state.settings)
     (directory / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
-    (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
+    (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node, ca_pem), indent=2) + "\n")
+
+
+def write_node_token(node: NodeState, token: str) -> None:
+    """The pod's service-account token file (0600), replaced atomically as the kubelet does."""
+    directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(directory / "token", token.encode(), 0o600, temporary_prefix=".token.", durable=False)
 
 
 def install_cni(state: LabState, node: NodeState) -> None:

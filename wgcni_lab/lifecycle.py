@@ -146,12 +146,14 @@ class DaemonSetPod:
     state: lab.LabState
     node: lab.NodeState
     backoff: RestartBackoff
+    api: ApiServer  # issues the pod's service-account token, as TokenRequest does for the kubelet
     restarts: int = 0
     phase: str = "pending"  # pending -> running <-> stopped; -> restarting (waiting for its backoff) -> running
     last_termination: str = ""
     restart_at: float = 0.0
     started_at: float = 0.0
     containers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    token_issued_at: float = 0.0
 
     @property
     def cgroup(self) -> Path:
@@ -166,7 +168,8 @@ class DaemonSetPod:
     def start(self, runtime: Containerd) -> None:
         """The ConfigMap and credentials mounted, the init container run to completion, then the containers; returns
         once the hook is ready and containerd has loaded the conflist with wgcni in it."""
-        lab.write_node_config(self.state, self.node)
+        lab.write_node_config(self.state, self.node, self.api.tls.ca_pem)
+        self.rotate_token()
         lab.install_cni(self.state, self.node)
         self.cgroup.mkdir(parents=True, exist_ok=True)
         config = str(lab.NODE_CONFIG_DIR / "config.yaml")
@@ -183,6 +186,12 @@ class DaemonSetPod:
         lab.wait_chained(runtime)
         self.phase, self.started_at = "running", time.monotonic()
         self.publish()
+
+    def rotate_token(self) -> None:
+        """A new service-account token bound to the node's Node in the pod's token file (the kubelet does this at
+        start and once 80% of the token's lifetime is over; the hook re-reads the file when it changes)."""
+        lab.write_node_token(self.node, self.api.node_token(self.node.name, lab.TOKEN_TTL))
+        self.token_issued_at = time.monotonic()
 
     def _start_container(self, argv: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start `argv` in the node, its process (and so every descendant) in the pod's cgroup before it execs."""
@@ -227,6 +236,8 @@ class DaemonSetPod:
                       if process.poll() is not None]
             if exited:
                 self.fail("; ".join(exited))
+            elif time.monotonic() - self.token_issued_at >= 0.8 * lab.TOKEN_TTL:
+                self.rotate_token()
         elif self.phase == "restarting" and time.monotonic() >= self.restart_at:
             self.restarts += 1
             try:
@@ -314,7 +325,7 @@ class Cluster:
 
     def start_daemonset(self, node: lab.NodeState, restarts: int = 0) -> None:
         first, cap = self.state.restart_backoff
-        pod = DaemonSetPod(self.state, node, RestartBackoff(first, cap), restarts=restarts)
+        pod = DaemonSetPod(self.state, node, RestartBackoff(first, cap), self.api, restarts=restarts)
         self.daemonsets[node.name] = pod
         try:
             pod.start(self.runtimes[node.name])

@@ -18,6 +18,7 @@ import yaml
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
+from node_hook.cluster import api_client_for_url
 from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 from wgcni_lab.harness.netns import Namespaces
 from wgcni_lab.harness.polling import TIME_SCALE
@@ -34,7 +35,7 @@ def server():
 
 @pytest.fixture
 def api(server):
-    api_client = client.ApiClient(client.Configuration(host=server.url))
+    api_client = api_client_for_url(server.url, server.admin_token, ca_file=server.ca_file)
     try:
         yield api_client
     finally:
@@ -292,17 +293,21 @@ def test_also_listens_inside_another_network_namespace(core):
         namespace = namespaces.add_unique("wgcni-api")
         port = 20000 + secrets.randbelow(20000)
         with ApiServer(also_listen=[NamespacedListener(namespace, "127.0.0.1", port)]) as server:
-            make_node(client.CoreV1Api(client.ApiClient(client.Configuration(host=server.url))), "node-a")
-            probe = subprocess.run(
-                ["ip", "netns", "exec", namespace, sys.executable, "-c",
-                 f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/api/v1/nodes')"
-                 ".read().decode())"], capture_output=True, text=True, timeout=30)
+            admin = api_client_for_url(server.url, server.admin_token, ca_file=server.ca_file)
+            make_node(client.CoreV1Api(admin), "node-a")
+            fetch = (f"import ssl, urllib.request; print(urllib.request.urlopen(urllib.request.Request("
+                     f"'https://127.0.0.1:{port}/api/v1/nodes', headers={{'Authorization': 'Bearer "
+                     f"{server.admin_token}'}}), context=ssl.create_default_context(cafile='{server.ca_file}'))"
+                     ".read().decode())")
+            probe = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", fetch],
+                                   capture_output=True, text=True, timeout=30)
             assert probe.returncode == 0, probe.stderr
             assert [item["metadata"]["name"] for item in json.loads(probe.stdout)["items"]] == ["node-a"]
             server.restart()
             probe = subprocess.run(
                 ["ip", "netns", "exec", namespace, sys.executable, "-c",
-                 f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/version')"],
+                 f"import ssl, urllib.request; urllib.request.urlopen('https://127.0.0.1:{port}/version', "
+                 f"context=ssl.create_default_context(cafile='{server.ca_file}'))"],
                 capture_output=True, text=True, timeout=30)
             assert probe.returncode == 0, probe.stderr
 
@@ -331,8 +336,9 @@ def test_watch_ends_cleanly_at_timeout_seconds(core):
 def test_create_and_update_bodies_must_be_json_objects(server, core, method, path):
     make_node(core, "node-a")
     request = urllib.request.Request(server.url + path, data=b"[1, 2]", method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {server.admin_token}"})
     with pytest.raises(urllib.error.HTTPError) as raised:
-        urllib.request.urlopen(request, timeout=5)
+        urllib.request.urlopen(request, timeout=5, context=server.tls.client_context())
     assert raised.value.code == 400
     assert json.loads(raised.value.read())["message"] == "the request body must be an object"

@@ -13,7 +13,9 @@ from kubernetes import client
 from node_hook.cluster import SyncSettings
 from node_hook.model import LocalAnnouncement
 
-CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
+CONF = pathlib.Path(__file__).parents[2] / "conf"
+CRD = yaml.safe_load((CONF / "crd.yaml").read_text())
+RBAC = [doc for doc in yaml.safe_load_all((CONF / "rbac.yaml").read_text()) if doc]  # RBAC and admission policy
 
 # Short intervals for tests; writes at 10/s except where the production rate (2/s) is what is tested.
 FAST = SyncSettings(max_writes_per_second=10.0, watch_timeout_seconds=5, request_timeout=2.0, watch_read_margin=2.0,

@@ -32,7 +32,7 @@ from kubernetes import client
 
 from node_hook.cluster import GROUP, PLURAL, VERSION, api_client_for_url
 from tests.support.binaries import built_binary
-from tests.sync.helpers import CRD
+from tests.sync.helpers import CRD, RBAC
 from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 from wgcni_lab.containerd import Containerd, Pod, link_cni_plugins, write_conflist
 from wgcni_lab.harness.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge, sh
@@ -120,18 +120,12 @@ class Mesh:
         try:
             new_bridge_namespace(self.namespaces, self.vnet, self.bridge)
             in_ns(self.vnet, "ip", "addr", "add", f"{API_ADDRESS}/{SUBNET.prefixlen}", "dev", self.bridge)
-            self.server = ApiServer(crds=[CRD], bookmark_interval=bookmark_interval,
+            self.server = ApiServer(crds=[CRD], manifests=RBAC, bookmark_interval=bookmark_interval,
                                     also_listen=[NamespacedListener(self.vnet, API_ADDRESS, API_PORT)]).start()
-            self.api_client = api_client_for_url(self.server.url)
+            self.api_client = api_client_for_url(self.server.url, self.server.admin_token,
+                                                 ca_file=self.server.ca_file)
             self.core = client.CoreV1Api(self.api_client)
             self.custom = client.CustomObjectsApi(self.api_client)
-            self.kubeconfig = root / "kubeconfig"
-            self.kubeconfig.write_text(json.dumps({
-                "apiVersion": "v1", "kind": "Config", "current-context": "mesh",
-                "clusters": [{"name": "mesh", "cluster": {"server": f"http://{API_ADDRESS}:{API_PORT}"}}],
-                "users": [{"name": "hook", "user": {}}],
-                "contexts": [{"name": "mesh", "context": {"cluster": "mesh", "user": "hook"}}],
-            }))
             self.plugin = Path(built_binary("wgcni"))
         except BaseException:  # what was made before the failure is removed, not left behind
             if self.server is not None:
@@ -160,8 +154,21 @@ class Mesh:
             status=client.V1NodeStatus(addresses=[client.V1NodeAddress(type="InternalIP", address=ip)])))
         self._start_containerd(node)
         self.write_hook_config(node)
-        node.start_hook(env={"KUBECONFIG": str(self.kubeconfig)}, timeout=30)
+        node.start_hook(env={"KUBECONFIG": str(self.write_kubeconfig(node))}, timeout=30)
         return node
+
+    def write_kubeconfig(self, node: MeshNode) -> Path:
+        """The node's kubeconfig: the cluster CA and the token file the kubelet keeps for wgcni's pod, a
+        service-account token bound to the node's Node."""
+        assert self.server is not None
+        token = node.directory / "token"
+        token.write_text(self.server.node_token(node.name))
+        token.chmod(0o600)
+        kubeconfig = self.server.kubeconfig(server=f"https://{API_ADDRESS}:{API_PORT}")
+        kubeconfig["users"][0]["user"] = {"tokenFile": str(token)}
+        path = node.directory / "kubeconfig"
+        path.write_text(json.dumps(kubeconfig))
+        return path
 
     def _start_containerd(self, node: MeshNode) -> None:
         node.containerd = Containerd(node.directory / "ctrd", name=node.name, netns=node.netns)

@@ -230,11 +230,12 @@ def _exists_with_ips(custom, name, prefixes):
         return False
 
 
-def test_publish_waits_for_its_node_to_exist(core, custom, make_source):
+def test_publish_waits_for_its_node_to_exist(core, custom, make_source, tokens):
     source, _ = make_source("node-a")
     source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
     wait_until(lambda: source.status.write_errors >= 1, what="a failed attempt without a Node")
     create_node(core, "node-a")
+    tokens.write("node-a")  # the kubelet's next token is bound to the Node; the hook re-reads the file
     wait_until(lambda: _exists_with_ips(custom, "node-a", ["10.240.0.70/32"]), what="object once the Node exists")
 
 

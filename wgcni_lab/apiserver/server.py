@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import ctypes
 import socket
@@ -10,10 +11,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from wgcni_lab.apiserver.admission import Admission
+from wgcni_lab.apiserver.auth import Authenticator
 from wgcni_lab.apiserver.faults import Fault, Faults
 from wgcni_lab.apiserver.handler import HttpServer
-from wgcni_lab.apiserver.resources import BUILTIN_TYPES, JSON
+from wgcni_lab.apiserver.rbac import BOOTSTRAP_POLICY, Authorizer
+from wgcni_lab.apiserver.resources import BUILTIN_TYPES, JSON, NODES
 from wgcni_lab.apiserver.store import CRD_QUALIFIED_NAME, Store
+from wgcni_lab.apiserver.tls import ServingCertificates
 from wgcni_lab.apiserver.watch import Watcher
 
 CLONE_NEWNET = 0x40000000
@@ -28,6 +33,7 @@ class RequestRecord:
     code: int
     at: float
     watch: bool = False
+    user: str = ""  # the authenticated user ("" when the request failed before authentication)
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,27 @@ class ApiServer:
     bookmark_interval: float = 1.0
     default_watch_timeout: float = 1800.0
     also_listen: list[NamespacedListener] = field(default_factory=list)
+    # Objects created at start, as `kubectl apply` of them would (conf/rbac.yaml's RBAC and admission policy).
+    manifests: list[JSON] = field(default_factory=list)
+    # RBAC (the real default) or AlwaysAllow (kube-apiserver --authorization-mode=AlwaysAllow: every authenticated
+    # or anonymous request is allowed; admission still applies).
+    authorization_mode: str = "RBAC"
+    tls_hosts: list[str] = field(default_factory=list)  # more names the serving certificate covers
 
     def __post_init__(self) -> None:
         if any(listener.port == 0 for listener in self.also_listen):
             raise ValueError("a namespaced listener needs a fixed port (it must stay the same across restarts)")
+        self.tls = ServingCertificates([self.host, "127.0.0.1", "::1", "localhost", *self.tls_hosts,
+                                        *(listener.host for listener in self.also_listen)])
         self.store = Store(list(BUILTIN_TYPES), self.history_window)
+        if self.authorization_mode not in ("RBAC", "AlwaysAllow"):
+            raise ValueError(f"authorization mode {self.authorization_mode!r}: RBAC or AlwaysAllow")
+        self.authenticator = Authenticator(self._node_uid)
+        self.authorizer = Authorizer(self.store)
+        self.admission = Admission(self.store)
         for crd in self.crds:  # as `kubectl apply` of the manifest would: the object, and the types it serves
             self.store.create(self.store.type_of(CRD_QUALIFIED_NAME), crd)
+        self.create_objects(BOOTSTRAP_POLICY + self.manifests)
         self.requests: collections.deque[RequestRecord] = collections.deque(maxlen=100_000)
         self.faults = Faults()
         self._lock = threading.Lock()
@@ -155,14 +175,52 @@ class ApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"https://{self.host}:{self.port}"
 
-    def kubeconfig(self, server: str = "") -> JSON:
-        """A kubeconfig for kubectl (or any client) against this server, as the cluster's administrator."""
+    @property
+    def ca_file(self) -> str:
+        """The cluster CA's certificate (PEM), what a client verifies the server with."""
+        return str(self.tls.ca_file)
+
+    # --- objects and credentials --------------------------------------------------------------------------------
+    def create_objects(self, objects: list[JSON]) -> None:
+        """Create manifests' objects (any served kind; namespaced ones in their metadata.namespace)."""
+        for obj in objects:
+            group, _, version = obj["apiVersion"].rpartition("/")
+            rtype = next((rtype for rtype in self.store.types.values()
+                          if (rtype.group, rtype.version, rtype.kind) == (group, version, obj["kind"])), None)
+            if rtype is None:
+                raise ValueError(f"{obj['apiVersion']}/{obj['kind']} is not served here")
+            self.store.create(rtype, obj, (obj.get("metadata") or {}).get("namespace", ""))
+
+    def _node_uid(self, name: str) -> str | None:
+        with self.store.changed:
+            node = self.store.find(NODES, name)
+            return node["metadata"]["uid"] if node else None
+
+    @property
+    def admin_token(self) -> str:
+        """A bearer token of the cluster's administrator (group system:masters)."""
+        return self.authenticator.admin_token
+
+    def node_token(self, node_name: str, ttl: float = 3600.0, namespace: str = "kube-system",
+                   service_account: str = "wgcni-node") -> str:
+        """What the kubelet gets from TokenRequest for wgcni's DaemonSet pod on `node_name`: a token of the
+        service account bound to that Node (its name and uid), expiring after `ttl` seconds."""
+        uid = self._node_uid(node_name)
+        if uid is None:
+            raise ValueError(f"no Node {node_name!r} to bind a token to")
+        return self.authenticator.service_account_token(namespace, service_account, (node_name, uid), ttl)
+
+    def kubeconfig(self, server: str = "", token: str = "") -> JSON:
+        """A kubeconfig for kubectl (or any client) against this server, as the cluster's administrator unless
+        another `token` is given."""
         return {
             "apiVersion": "v1", "kind": "Config", "current-context": "wgcni-lab", "preferences": {},
-            "clusters": [{"name": "wgcni-lab", "cluster": {"server": server or self.url}}],
-            "users": [{"name": "admin", "user": {}}],
+            "clusters": [{"name": "wgcni-lab", "cluster": {
+                "server": server or self.url,
+                "certificate-authority-data": base64.b64encode(self.tls.ca_pem).decode()}}],
+            "users": [{"name": "admin", "user": {"token": token or self.admin_token}}],
             "contexts": [{"name": "wgcni-lab", "context": {"cluster": "wgcni-lab", "user": "admin"}}],
         }
 
@@ -230,6 +288,6 @@ class ApiServer:
             else:
                 self._watchers.discard(watcher)
 
-    def record(self, method: str, path: str, code: int, is_watch: bool) -> None:
+    def record(self, method: str, path: str, code: int, is_watch: bool, user: str = "") -> None:
         with self._lock:
-            self.requests.append(RequestRecord(method, path, code, time.monotonic(), is_watch))
+            self.requests.append(RequestRecord(method, path, code, time.monotonic(), is_watch, user))
