@@ -389,3 +389,17 @@ def test_a_node_name_with_no_node_is_denied_and_says_what_to_check(make_source):
     source.publish(announcement("node-typo", new_key(), {"10.240.0.70"}))
     wait_until(lambda: reports and reports[-1].state == "denied", what="the refusal to be reported")
     assert "Node node-typo does not exist (is nodeName / NODE_NAME this node's Node name?)" in reports[-1].reason
+
+
+def test_a_write_the_admission_policy_refuses_is_reported_with_its_message(core, make_source, tokens):
+    """A hook whose token carries no node name (a kubelet without ServiceAccountTokenPodNodeInfo) has its writes
+    refused by conf/rbac.yaml's policy: `denied`, with the policy's message, until its next token carries it."""
+    source, seen = make_source("node-a")  # before its Node exists: the token is not bound to a node
+    create_node(core, "node-a")
+    source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    reports = seen.publications
+    wait_until(lambda: reports and reports[-1].state == "denied", what="the refusal to be reported")
+    assert ("denied request: wgcni-node may only write the Node and the WireguardNode of the node it runs on"
+            in reports[-1].reason)
+    tokens.write("node-a")
+    wait_until(lambda: reports[-1].state == "written", what="the write once the token is bound to the node")

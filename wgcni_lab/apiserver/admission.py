@@ -7,11 +7,13 @@ under Fail, is skipped under Ignore) and validationActions (Deny refuses; Warn a
 
 The CEL variables are the real ones: `object`, `oldObject` (null on CREATE; `object` is null on DELETE), `request`
 (kind, resource, subResource, name, namespace, operation, userInfo with extra, dryRun), `params` (null: no policy
-here has a paramKind) and `namespaceObject`. Not available: the Kubernetes CEL library functions (`authorizer`,
-`quantity()`, `ip()`, `cidr()`, `url()`, `isSorted()`; `cel` has no Kubernetes extension library), the optional
-syntax `a.?b` (unsupported by the `cel` parser) and namespaceSelector / objectSelector. A policy using one of them
-fails to compile, which under failurePolicy Fail denies every matching request with the compile error: loud, never
-silently allowed.
+here has a paramKind) and `namespaceObject`. Not available: the Kubernetes CEL library (`authorizer`, `quantity()`,
+`ip()`, `cidr()`, `url()`, `isSorted()`), the cel-go extensions Kubernetes enables (strings: `join`, `split`,
+`lowerAscii`, `substring`, `replace`, `format`; `sets.*`; `math.*`; list `sort`), the optional syntax `a.?b` (the
+`cel` parser rejects it; `optional.of()` exists) and namespaceSelector / objectSelector. conf/rbac.yaml's policy
+uses none of them (standard CEL: `has`, `in`, `all`, `exists`, ternaries, map and list equality). A policy using
+one of them fails to compile, which under failurePolicy Fail denies every matching request with the compile error:
+loud, never silently allowed.
 """
 
 from __future__ import annotations
