@@ -81,8 +81,12 @@ def node_object(node: lab.NodeState) -> dict[str, Any]:
                                  {"type": "Hostname", "address": node.name}],
                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                                    "message": "the lab booted the node"}],
-                   "nodeInfo": {"kubeletVersion": "v1.31.0-lab", "osImage": "wgcni lab node (network namespace)",
-                                "kernelVersion": os.uname().release, "containerRuntimeVersion": "containerd"}},
+                   # every field a kubelet reports: the clients' Node models require them all
+                   "nodeInfo": {"kubeletVersion": "v1.31.0-lab", "kubeProxyVersion": "v1.31.0-lab",
+                                "osImage": "wgcni lab node (network namespace)", "operatingSystem": "linux",
+                                "architecture": "amd64", "kernelVersion": os.uname().release,
+                                "containerRuntimeVersion": "containerd://lab", "machineID": node.name,
+                                "systemUUID": node.name, "bootID": node.netns}},
     }
 
 

@@ -342,3 +342,34 @@ def test_create_and_update_bodies_must_be_json_objects(server, core, method, pat
         urllib.request.urlopen(request, timeout=5, context=server.tls.client_context())
     assert raised.value.code == 400
     assert json.loads(raised.value.read())["message"] == "the request body must be an object"
+
+
+def status_of(custom, status):
+    obj = custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a")
+    obj["status"] = status
+    return custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, "node-a", obj)
+
+
+def test_custom_resources_are_pruned_and_validated_against_the_crd_schema(core, custom):
+    owner = make_node(core, "node-a")
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("node-a", owner))
+    written = status_of(custom, {"publicKey": "", "encryption": "Unavailable", "endpoint": {
+        "address": "10.0.0.4", "port": 51820, "zone": "eu"}, "extra": {"a": 1}})
+    assert written["status"] == {"publicKey": "", "encryption": "Unavailable",
+                                 "endpoint": {"address": "10.0.0.4", "port": 51820}}, "unknown fields are pruned"
+    for status, invalid in [
+        ({"endpoint": {"port": 70000}}, "status.endpoint.port: Invalid value: 70000"),
+        ({"encryption": "Sometimes"}, "status.encryption: Invalid value: 'Sometimes'"),
+        ({"publicKey": "not a key"}, "status.publicKey: Invalid value: 'not a key'"),
+        ({"nodeIPs": ["10.0.0.4"] * 17}, "status.nodeIPs: Invalid value"),
+        ({"podIPsChangedAt": "yesterday"}, "status.podIPsChangedAt: Invalid value: 'yesterday'"),
+        ({"conditions": [{"type": "Ready", "status": "True"}, {"type": "Ready", "status": "False"}]},
+         "status.conditions[1]: Duplicate value"),
+        ({"conditions": [{"type": "Ready"}]}, "status.conditions[0]: Invalid value"),
+    ]:
+        with pytest.raises(ApiException) as raised:
+            status_of(custom, status)
+        assert raised.value.status == 422
+        message = json.loads(raised.value.body)["message"]
+        assert message.startswith('WireguardNode.wgcni.io "node-a" is invalid: ') and invalid in message, message
+    assert custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a")["status"] == written["status"]

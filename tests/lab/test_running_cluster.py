@@ -11,6 +11,7 @@ Facts come from pings between pods, the fabric capture (WireGuard only between t
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +141,35 @@ def test_host_network_pods_and_nodes_reach_remote_pods_and_nodes_encrypted(cli: 
     assert to_pod and to_node and from_pod
     assert packets and only_wireguard_between_nodes(cli.state(), packets) == []
     cli.run("pod-del", host_pod["name"])
+
+
+def test_an_operator_uses_kubectl_and_a_nodes_hook_follows_its_opt_out_label(cli: Cli, tmp_path: Path) -> None:
+    """The real kubectl with `wgcni-lab kubeconfig`: the nodes and their WireguardNodes with the CRD's columns, and
+    `kubectl label node ... wgcni.io/wireguard=disabled`, which that node's hook follows (it publishes no key, so
+    peers reach it in plaintext) until the label is removed."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(cli.run("kubeconfig").stdout)
+
+    def kubectl(*args: str) -> str:
+        result = subprocess.run([str(Path(sys.executable).parent / "kubectl"), "--kubeconfig", str(kubeconfig),
+                                 *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    nodes = [line.split() for line in kubectl("get", "nodes").splitlines()[1:]]
+    assert [(node[0], node[1]) for node in nodes][:2] == [("node-1", "Ready"), ("node-2", "Ready")]
+    header, *rows = kubectl("get", "wireguardnodes").splitlines()
+    assert header.split()[:3] == ["NAME", "KEY", "ENCRYPTION"]
+    assert {row.split()[0]: row.split()[2] for row in rows}["node-2"] == "WireGuard"
+    assert "Name:               node-1" in kubectl("describe", "node", "node-1")
+
+    def encryption(node: str) -> str:
+        return kubectl("get", "wgn", node, "-o", "jsonpath={.status.encryption}")
+
+    assert kubectl("label", "node", "node-2", "wgcni.io/wireguard=disabled").strip() == "node/node-2 labeled"
+    wait_until(lambda: encryption("node-2") == "OptedOut" and publication(cli, "node-2")["state"] == "opted-out",
+               30, "node-2's hook to follow the opt-out label")
+    assert kubectl("get", "node", "node-2", "-o", "jsonpath={.metadata.annotations}").find("wgcni.io/public-key") < 0
+    kubectl("label", "node", "node-2", "wgcni.io/wireguard-")
+    wait_until(lambda: encryption("node-2") == "WireGuard" and publication(cli, "node-2")["state"] == "confirmed",
+               30, "node-2's hook to publish its key again")

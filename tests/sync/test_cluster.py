@@ -244,12 +244,13 @@ def test_invalid_objects_are_ignored_and_reported(core, custom, make_source):
     custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "WireguardNode", "metadata": {"name": "node-x"}})
     bad = object_of(custom, "node-x")
-    bad["status"] = {"publicKey": "not-a-key", "podIPPrefixes": ["10.240.0.5/32"]}
+    # the CRD's schema refuses a malformed key, so this one is what the schema allows but no peer can be made of
+    bad["status"] = {"publicKey": new_key(), "podIPPrefixes": ["10.240.0.5/32"]}
     custom.replace_cluster_custom_object_status(GROUP, VERSION, PLURAL, "node-x", bad)
     source_b, seen_by_b = make_source("node-b")
     wait_until(lambda: seen_by_b.calls, what="hand-over")
     assert "node-x" not in seen_by_b.latest
-    assert "node-x" in source_b.status.invalid_objects
+    assert source_b.status.invalid_objects["node-x"] == "a node with a key needs an endpoint address and port"
 
 
 def test_ip_moving_between_nodes_carries_a_later_claim(core, make_source):

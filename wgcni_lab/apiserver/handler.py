@@ -168,12 +168,16 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
     def _admitter(self, user: UserInfo, query: dict[str, str]) -> Admit:
-        """The store's admission step for this request: the ValidatingAdmissionPolicies, as `user`."""
-        admission = self.server.api.admission
+        """The store's admission step for this request: a custom resource pruned and validated against its schema,
+        then the ValidatingAdmissionPolicies, as `user`."""
+        api = self.server.api
         dry_run = bool(query.get("dryRun"))
+        field_validation = query.get("fieldValidation", "")
 
         def admit(operation: str, rtype: ResourceType, old: JSON | None, new: JSON, subresource: str | None) -> JSON:
-            admission.admit(user, operation, rtype, old, new, subresource, dry_run)
+            if operation != "DELETE":
+                new = api.schema_of(rtype).admit(rtype, new, field_validation) if rtype.schema else new
+            api.admission.admit(user, operation, rtype, old, new, subresource, dry_run)
             return new
 
         return admit

@@ -16,7 +16,8 @@ from wgcni_lab.apiserver.auth import Authenticator
 from wgcni_lab.apiserver.faults import Fault, Faults
 from wgcni_lab.apiserver.handler import HttpServer
 from wgcni_lab.apiserver.rbac import BOOTSTRAP_POLICY, Authorizer
-from wgcni_lab.apiserver.resources import BUILTIN_TYPES, JSON, NODES
+from wgcni_lab.apiserver.resources import BUILTIN_TYPES, JSON, NODES, ResourceType
+from wgcni_lab.apiserver.schema import CustomResourceSchema
 from wgcni_lab.apiserver.store import CRD_QUALIFIED_NAME, Store
 from wgcni_lab.apiserver.tls import ServingCertificates
 from wgcni_lab.apiserver.watch import Watcher
@@ -111,6 +112,7 @@ class ApiServer:
         self._connections: set[socket.socket] = set()
         self._watchers: set[Watcher] = set()
         self._servers: list[tuple[HttpServer, threading.Thread]] = []
+        self._schemas: dict[int, tuple[JSON, CustomResourceSchema]] = {}  # by the schema's identity
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> ApiServer:
@@ -192,6 +194,15 @@ class ApiServer:
             if rtype is None:
                 raise ValueError(f"{obj['apiVersion']}/{obj['kind']} is not served here")
             self.store.create(rtype, obj, (obj.get("metadata") or {}).get("namespace", ""))
+
+    def schema_of(self, rtype: ResourceType) -> CustomResourceSchema:
+        """The compiled structural schema of a custom resource version (compiled once per schema)."""
+        assert rtype.schema is not None
+        with self._lock:
+            entry = self._schemas.get(id(rtype.schema))
+            if entry is None or entry[0] is not rtype.schema:
+                entry = self._schemas[id(rtype.schema)] = (rtype.schema, CustomResourceSchema(rtype.schema))
+            return entry[1]
 
     def _node_uid(self, name: str) -> str | None:
         with self.store.changed:
