@@ -21,7 +21,7 @@ from kubernetes.client.rest import ApiException
 from node_hook.cluster import api_client_for_url
 from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
 from wgcni_lab.harness.netns import Namespaces
-from wgcni_lab.harness.polling import TIME_SCALE
+from wgcni_lab.harness.polling import TIME_SCALE, wait_until
 
 CRD = yaml.safe_load((pathlib.Path(__file__).parents[2] / "conf" / "crd.yaml").read_text())
 GROUP, VERSION, PLURAL = "wgcni.io", "v1alpha1", "wireguardnodes"
@@ -140,21 +140,74 @@ def test_node_annotation_strategic_and_json_patch(core):
     assert raised.value.status == 422
 
 
-def test_deleting_node_garbage_collects_owned_object(core, custom):
+@pytest.fixture
+def lagging_gc():
+    """A server whose garbage collector lags 0.3 s behind deletions, as a loaded real one does."""
+    with ApiServer(crds=[CRD], gc_delay=0.3) as api_server:
+        api_client = api_client_for_url(api_server.url, api_server.admin_token, ca_file=api_server.ca_file)
+        yield client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+        api_client.close()
+
+
+def names_of(custom):
+    return [o["metadata"]["name"] for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]]
+
+
+def test_deleting_node_garbage_collects_owned_object_asynchronously(lagging_gc):
+    core, custom = lagging_gc
     node = make_node(core, "node-a")
     custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("node-a", owner=node))
     custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("unowned"))
     core.delete_node("node-a")
-    names = [o["metadata"]["name"] for o in custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]]
-    assert names == ["unowned"]
+    assert names_of(custom) == ["node-a", "unowned"], "the dependent outlives its owner's DELETE for a while"
+    wait_until(lambda: names_of(custom) == ["unowned"], what="the garbage collector")
 
 
-def test_object_whose_owner_is_gone_is_garbage_collected_at_once(core, custom):
+def test_object_whose_owner_is_gone_is_garbage_collected(lagging_gc):
+    core, custom = lagging_gc
     node = make_node(core, "node-a")
     core.delete_node("node-a")
     created = custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("node-a", owner=node))
     assert created["metadata"]["name"] == "node-a"
-    assert custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"] == []
+    wait_until(lambda: names_of(custom) == [], what="the garbage collector")
+
+
+def test_lists_are_paginated_with_continue_tokens_at_one_resource_version(server, core, custom):
+    for index in range(7):
+        custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object(f"n{index}"))
+    first = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=3)
+    assert [o["metadata"]["name"] for o in first["items"]] == ["n0", "n1", "n2"]
+    assert first["metadata"]["remainingItemCount"] == 4
+    custom.delete_cluster_custom_object(GROUP, VERSION, PLURAL, "n5")  # after the first page: still listed
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("n9"))  # not listed
+    second = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=3, _continue=first["metadata"]["continue"])
+    third = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=3, _continue=second["metadata"]["continue"])
+    assert [o["metadata"]["name"] for o in second["items"] + third["items"]] == ["n3", "n4", "n5", "n6"]
+    assert second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    assert "continue" not in third["metadata"]
+    everything = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=2, resource_version="0")
+    assert len(everything["items"]) == 7 and "continue" not in everything["metadata"], "rv=0: the cache, whole"
+
+
+def test_an_expired_continue_token_is_410(server, custom):
+    for index in range(3):
+        custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object(f"n{index}"))
+    first = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=1)
+    custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, wg_object("later"))
+    server.compact()  # etcd compacted past the first page's revision
+    with pytest.raises(ApiException) as raised:
+        custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=1, _continue=first["metadata"]["continue"])
+    assert raised.value.status == 410 and json.loads(raised.value.body)["reason"] == "Expired"
+
+
+def test_429_carries_retry_after(server, core):
+    """(A GET would not show it: urllib3, under the client, retries idempotent requests after Retry-After.)"""
+    server.fail_next(1, code=429, retry_after=7, methods={"POST"})
+    with pytest.raises(ApiException) as raised:
+        make_node(core, "node-a")
+    assert raised.value.status == 429 and raised.value.headers["Retry-After"] == "7"
+    assert json.loads(raised.value.body)["details"]["retryAfterSeconds"] == 7
+    make_node(core, "node-a")
 
 
 def test_list_then_watch_from_resource_version_sees_only_later_changes(core, custom):

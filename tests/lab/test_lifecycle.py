@@ -411,7 +411,8 @@ def test_a_deleted_node_disappears_from_every_peer_and_the_api(cli: Cli) -> None
     assert netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not (cli.lab_dir / "nodes" / "node-4").exists()
     assert api_get(cli, "/api/v1/nodes/node-4") == 404
-    assert api_get(cli, "/apis/wgcni.io/v1alpha1/wireguardnodes/node-4") == 404, "garbage-collected with its Node"
+    wait_until(lambda: api_get(cli, "/apis/wgcni.io/v1alpha1/wireguardnodes/node-4") == 404, 10,
+               "node-4's WireguardNode to be garbage-collected with its Node")
 
 
 # ---- down ----------------------------------------------------------------------------------------------------------

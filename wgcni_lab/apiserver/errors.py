@@ -8,8 +8,10 @@ from wgcni_lab.apiserver.resources import JSON, ResourceType
 class ApiError(Exception):
     """An error answered as a Kubernetes Status object."""
 
-    def __init__(self, code: int, reason: str, message: str, details: JSON | None = None):
+    def __init__(self, code: int, reason: str, message: str, details: JSON | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
+        self.headers = headers or {}
         self.code = code
         self.reason = reason
         self.message = message

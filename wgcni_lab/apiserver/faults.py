@@ -1,4 +1,5 @@
-"""Fault injection: the next N matching requests fail with a chosen code; every request may be delayed."""
+"""Fault injection: the next N matching requests fail with a chosen code (a 429 with a Retry-After); every request
+may be delayed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Fault:
     path_contains: str | None
     user_agent_prefix: str | None
     user_agent: str | None = None  # exactly this User-Agent (one hook: `wgcni-node/<node>`)
+    retry_after: int | None = None  # seconds, in the Retry-After header of a 429
 
     def matches(self, method: str, path: str, user_agent: str) -> bool:
         return ((self.methods is None or method in self.methods)
@@ -45,12 +47,13 @@ class Faults:
             self._faults.clear()
             self.delay = 0.0
 
-    def take(self, method: str, path: str, user_agent: str) -> int | None:
-        """The code the request fails with, counting it against the first matching fault; None to serve it."""
+    def take(self, method: str, path: str, user_agent: str) -> tuple[int, int | None] | None:
+        """(code, Retry-After) the request fails with, counting it against the first matching fault; None to
+        serve it."""
         with self._lock:
             for fault in self._faults:
                 if fault.remaining > 0 and fault.matches(method, path, user_agent):
                     fault.remaining -= 1
-                    return fault.code
+                    return fault.code, fault.retry_after
             self._faults = [fault for fault in self._faults if fault.remaining > 0]
         return None

@@ -3,6 +3,7 @@ errors and streams watches as chunked JSON lines; the threaded server a listener
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import logging
@@ -30,6 +31,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 10.0  # seconds a client has to finish the TLS handshake
+
+
+def fault_error(code: int, retry_after: int | None) -> ApiError:
+    """An injected failure as the real server answers it; 429 (API priority and fairness, max-in-flight) with
+    `Retry-After` and details.retryAfterSeconds."""
+    if code == 429:
+        seconds = 1 if retry_after is None else retry_after
+        return ApiError(429, "TooManyRequests", "Too many requests, please try again later.",
+                        {"retryAfterSeconds": seconds}, {"Retry-After": str(seconds)})
+    return ApiError(code, HTTPStatus(code).phrase.replace(" ", ""), f"injected fault: {code} {HTTPStatus(code).phrase}")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -73,9 +84,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self.answer("DELETE")
 
-    def send_json(self, code: int, body: JSON) -> None:
+    def send_json(self, code: int, body: JSON, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -116,8 +129,7 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(api.faults.delay)
             fault = api.faults.take(method, url.path, self.headers.get("User-Agent") or "")
             if fault is not None:
-                raise ApiError(fault, HTTPStatus(fault).phrase.replace(" ", ""),
-                               f"injected fault: {fault} {HTTPStatus(fault).phrase}")
+                raise fault_error(*fault)
             info = request_info(api.store.types, method, url.path, query)
             user = api.authenticator.authenticate(self.headers.get("Authorization"))
             username = user.username
@@ -136,7 +148,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(code, body)
         except ApiError as error:
             code = error.code
-            self.send_json(error.code, error.status())
+            self.send_json(error.code, error.status(), error.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
@@ -218,19 +230,44 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
 
     def _list(self, info: RequestInfo, query: dict[str, str]) -> JSON:
+        """A list, paginated as the real server does: `limit` answers that many items and a `continue` token for
+        the rest, read at the first page's resourceVersion (410 Expired once the history no longer reaches it);
+        `resourceVersion=0` is served whole from the "watch cache", ignoring `limit`."""
         assert info.rtype is not None
-        rtype = info.rtype
+        rtype, store = info.rtype, self.server.api.store
         selection = Selection.from_query(query, info.namespace if rtype.namespaced and info.namespace else None)
+        limit = self._parse_limit(query.get("limit", ""))
+        after: tuple[str, str] | None = None
         exact = None
-        if query.get("resourceVersionMatch") == "Exact":
+        if query.get("continue"):
+            exact, after = decode_continue(query["continue"])
+            if exact < store.oldest_watchable - 1:
+                raise ApiError(410, "Expired", CONTINUE_EXPIRED)
+        elif query.get("resourceVersionMatch") == "Exact":
             exact = self._parse_version(query.get("resourceVersion", ""))
             if exact is None:
                 raise ApiError(400, "BadRequest", "resourceVersionMatch=Exact needs a resourceVersion")
-        items, version = self.server.api.store.list(rtype, selection, exact)
-        metadata = {"resourceVersion": str(version)}
+        elif query.get("resourceVersion") == "0":
+            limit = 0
+        items, version = store.list(rtype, selection, exact)
+        if after is not None:
+            items = [obj for obj in items if _list_key(obj) > after]
+        metadata: JSON = {"resourceVersion": str(version)}
+        if limit and len(items) > limit:
+            metadata["continue"] = encode_continue(version, _list_key(items[limit - 1]))
+            metadata["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
         if wants_table(self.headers.get("Accept") or ""):
             return table(rtype, items, metadata, query.get("includeObject", ""))
         return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version, "metadata": metadata, "items": items}
+
+    @staticmethod
+    def _parse_limit(text: str) -> int:
+        if not text:
+            return 0
+        if not text.isdigit():
+            raise ApiError(400, "BadRequest", f"invalid limit: {text!r}")
+        return int(text)
 
     @staticmethod
     def _parse_version(text: str) -> int | None:
@@ -283,6 +320,27 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+
+CONTINUE_EXPIRED = ("The provided continue parameter is too old to display a consistent list result. You can start a "
+                    "new list without the continue parameter.")
+
+
+def _list_key(obj: JSON) -> tuple[str, str]:
+    return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+
+
+def encode_continue(version: int, after: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"rv": version, "start": list(after)}).encode()).decode()
+
+
+def decode_continue(token: str) -> tuple[int, tuple[str, str]]:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+        version, (namespace, name) = int(decoded["rv"]), decoded["start"]
+        return version, (str(namespace), str(name))
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(400, "BadRequest", "continue key is not valid") from None
 
 
 class HttpServer(ThreadingHTTPServer):

@@ -91,6 +91,9 @@ class ApiServer:
     # or anonymous request is allowed; admission still applies).
     authorization_mode: str = "RBAC"
     tls_hosts: list[str] = field(default_factory=list)  # more names the serving certificate covers
+    # Seconds the garbage collector lags behind a deletion (the real one: milliseconds to seconds, more under
+    # load); dependents are always deleted asynchronously, after the owner's DELETE has been answered.
+    gc_delay: float = 0.0
 
     def __post_init__(self) -> None:
         if any(listener.port == 0 for listener in self.also_listen):
@@ -113,9 +116,14 @@ class ApiServer:
         self._watchers: set[Watcher] = set()
         self._servers: list[tuple[HttpServer, threading.Thread]] = []
         self._schemas: dict[int, tuple[JSON, CustomResourceSchema]] = {}  # by the schema's identity
+        self._gc_stop = threading.Event()
+        self._gc_thread: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> ApiServer:
+        self._gc_stop.clear()
+        self._gc_thread = threading.Thread(target=self._garbage_collector, name="apiserver-gc", daemon=True)
+        self._gc_thread.start()
         try:
             primary = HttpServer((self.host, self.port), self)
             self.port = primary.server_address[1]
@@ -150,7 +158,23 @@ class ApiServer:
                 thread.join()
                 self._servers.remove((http, thread))
 
+    def _garbage_collector(self) -> None:
+        store = self.store
+        while not self._gc_stop.is_set():
+            with store.changed:
+                while not store.garbage_pending() and not self._gc_stop.is_set():
+                    store.changed.wait(0.5)
+            if self._gc_stop.wait(self.gc_delay) if self.gc_delay else self._gc_stop.is_set():
+                return
+            store.collect_garbage()
+
     def stop(self) -> None:
+        self._gc_stop.set()
+        with self.store.changed:
+            self.store.changed.notify_all()
+        if self._gc_thread is not None:
+            self._gc_thread.join()
+            self._gc_thread = None
         for http, thread in self._servers:
             http.shutdown()
             http.server_close()
@@ -238,12 +262,12 @@ class ApiServer:
     # --- fault injection ---------------------------------------------------------------------------------------
     def fail_next(self, count: int = 1, code: int = 500, methods: set[str] | None = None,
                   path_contains: str | None = None, user_agent_prefix: str | None = None,
-                  user_agent: str | None = None) -> None:
+                  user_agent: str | None = None, retry_after: int | None = None) -> None:
         """The next `count` requests with one of `methods` whose path contains `path_contains` and whose
         User-Agent starts with `user_agent_prefix` (e.g. only the hooks', not the test's own client) or is exactly
-        `user_agent` (one hook's) get `code`."""
+        `user_agent` (one hook's) get `code` (429s with `Retry-After: retry_after`, 1 s by default)."""
         self.faults.add(Fault(count, code, frozenset(methods) if methods else None, path_contains,
-                              user_agent_prefix, user_agent))
+                              user_agent_prefix, user_agent, retry_after))
 
     def pending_faults(self) -> int:
         """Injected failures not served yet."""

@@ -1,4 +1,5 @@
-"""The in-memory store: objects, one global resourceVersion, the bounded event history, garbage collection."""
+"""The in-memory store: objects, one global resourceVersion, the bounded event history, and what the garbage
+collector (a thread of the server) works through."""
 
 from __future__ import annotations
 
@@ -65,6 +66,10 @@ class Store:
         self.oldest_watchable = 1  # a watch from a resourceVersion below this is 410 Gone
         self.history_window = history_window
         self.changed = threading.Condition()
+        # What the garbage collector has to look at (asynchronously, as the real one, see collect_garbage): the
+        # uids of deleted owners, and objects written with owner references.
+        self.gc_owners: builtins.list[str] = []
+        self.gc_dependents: builtins.list[Key] = []
         for namespace in DEFAULT_NAMESPACES:
             self.create(NAMESPACES, {"metadata": {"name": namespace}, "status": {"phase": "Active"}})
 
@@ -178,7 +183,7 @@ class Store:
             self._record(rtype, "ADDED", obj, None)
             self.objects[key] = obj
             created = copy.deepcopy(obj)
-            self._collect_orphan(rtype, key)
+            self._queue_dependent(key)
             return created
 
     def update(self, rtype: ResourceType, name: str, body: JSON, subresource: str | None,
@@ -202,7 +207,7 @@ class Store:
             self._record(rtype, "MODIFIED", updated, previous)
             self.objects[key] = updated
             result = copy.deepcopy(updated)
-            self._collect_orphan(rtype, key)
+            self._queue_dependent(key)
             return result
 
     @staticmethod
@@ -274,7 +279,8 @@ class Store:
                                              f"{current['metadata']['resourceVersion']}")
             admit("DELETE", rtype, copy.deepcopy(current), copy.deepcopy(current), None)
             deleted = self._delete_locked(rtype, key)
-            self._collect_garbage(deleted["metadata"]["uid"])
+            self.gc_owners.append(deleted["metadata"]["uid"])
+            self.changed.notify_all()
             return deleted
 
     def _delete_locked(self, rtype: ResourceType, key: Key) -> JSON:
@@ -283,34 +289,46 @@ class Store:
         self._record(rtype, "DELETED", current, previous)
         return copy.deepcopy(current)
 
-    def _collect_garbage(self, owner_uid: str) -> None:
-        """Must hold the lock. Drop the owner from its dependents; delete those left without owners (cascading)."""
-        pending = [owner_uid]
-        while pending:
-            uid = pending.pop()
-            for key, obj in builtins.list(self.objects.items()):
-                references = obj["metadata"].get("ownerReferences") or []
-                if not any(reference.get("uid") == uid for reference in references):
-                    continue
-                remaining = [reference for reference in references if reference.get("uid") != uid]
-                rtype = self.type_of(key[0])
-                if remaining:
-                    previous = copy.deepcopy(obj)
-                    obj["metadata"]["ownerReferences"] = remaining
-                    self._record(rtype, "MODIFIED", obj, previous)
-                else:
-                    pending.append(self._delete_locked(rtype, key)["metadata"]["uid"])
+    def _queue_dependent(self, key: Key) -> None:
+        """Must hold the lock."""
+        if self.objects[key]["metadata"].get("ownerReferences"):
+            self.gc_dependents.append(key)
+            self.changed.notify_all()
 
-    def _collect_orphan(self, rtype: ResourceType, key: Key) -> None:
-        """Must hold the lock. An object whose owner references all name objects that do not exist is deleted,
-        as the garbage collector does when it sees a dependent of a vanished owner."""
-        references = self.objects[key]["metadata"].get("ownerReferences") or []
-        if not references:
-            return
-        live = {obj["metadata"]["uid"] for obj in self.objects.values()}
-        if not any(reference.get("uid") in live for reference in references):
-            deleted = self._delete_locked(rtype, key)
-            self._collect_garbage(deleted["metadata"]["uid"])
+    def garbage_pending(self) -> bool:
+        """Must hold the lock."""
+        return bool(self.gc_owners or self.gc_dependents)
+
+    def collect_garbage(self) -> int:
+        """One pass of the garbage collector (background propagation): every dependent of a deleted owner loses
+        that owner reference and is deleted once it has none left (cascading), and an object whose owner references
+        all name objects that do not exist is deleted. Returns how many objects it deleted."""
+        deleted = 0
+        with self.changed:
+            live = {obj["metadata"]["uid"] for obj in self.objects.values()}
+            for key in self.gc_dependents:
+                obj = self.objects.get(key)
+                references = (obj or {}).get("metadata", {}).get("ownerReferences") or []
+                if obj is not None and references and not any(ref.get("uid") in live for ref in references):
+                    self.gc_owners.append(self._delete_locked(self.type_of(key[0]), key)["metadata"]["uid"])
+                    deleted += 1
+            self.gc_dependents.clear()
+            while self.gc_owners:
+                uid = self.gc_owners.pop()
+                for key, obj in builtins.list(self.objects.items()):
+                    references = obj["metadata"].get("ownerReferences") or []
+                    if not any(reference.get("uid") == uid for reference in references):
+                        continue
+                    remaining = [reference for reference in references if reference.get("uid") != uid]
+                    rtype = self.type_of(key[0])
+                    if remaining:
+                        previous = copy.deepcopy(obj)
+                        obj["metadata"]["ownerReferences"] = remaining
+                        self._record(rtype, "MODIFIED", obj, previous)
+                    else:
+                        self.gc_owners.append(self._delete_locked(rtype, key)["metadata"]["uid"])
+                        deleted += 1
+        return deleted
 
     def compact(self) -> None:
         """Forget the whole history: every watch or exact list from an older resourceVersion gets 410 Gone."""
