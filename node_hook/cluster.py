@@ -62,6 +62,7 @@ USER_AGENT = "wgcni-node"
 
 JSON = dict[str, Any]
 DENIED_STATUSES = (400, 401, 403, 404, 422)  # the API will refuse the same write again: not a passing fault
+MAX_RETRY_AFTER = 300.0  # seconds; a longer Retry-After is taken as this
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class SyncSettings:
     backoff_max: float = 30.0
     conflict_retries: int = 5  # 409s answered by re-reading at once before backing off
     max_pod_ips_per_node: int = 65536  # a published object expanding to more addresses is rejected
+    list_page_size: int = 500  # objects per page of a relist (limit/continue), as client-go's reflector pages
 
 
 @dataclass
@@ -329,6 +331,31 @@ class _RateLimiter:
         self.next_allowed = time.monotonic() + self.interval
 
 
+def list_pages(list_call: Callable[..., JSON], page_size: int) -> JSON:
+    """A complete list read in pages of `page_size` (limit/continue), every page at the first one's
+    resourceVersion; an expired continue token raises the server's 410, on which the caller relists from the
+    start."""
+    listing = list_call(limit=page_size)
+    items = list(listing.get("items") or [])
+    token = (listing.get("metadata") or {}).get("continue")
+    while token:
+        page = list_call(limit=page_size, _continue=token)
+        items.extend(page.get("items") or [])
+        token = (page.get("metadata") or {}).get("continue")
+    return {"metadata": {"resourceVersion": listing["metadata"]["resourceVersion"]}, "items": items}
+
+
+def retry_after(error: Exception) -> float:
+    """The seconds a 429 or 503 asks the client to wait (Retry-After), 0 otherwise. urllib3 already waits that long
+    before retrying idempotent requests itself; this covers the rest (POST, PATCH) and the retries it gave up."""
+    if not isinstance(error, ApiException) or error.status not in (429, 503) or not error.headers:
+        return 0.0
+    try:
+        return min(float(error.headers.get("Retry-After") or 0), MAX_RETRY_AFTER)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class _NodeMissing(Exception):
     """This node's Node object does not exist (yet): nothing can own the WireguardNode object."""
 
@@ -366,7 +393,7 @@ class _ListWatch:
                     log.info("%s: resourceVersion %s expired (410 Gone); relisting", self.what, resource_version)
                     resource_version = None
                     continue
-                self._failed(backoff, f"{self.what}: API error {error.status} {error.reason}")
+                self._failed(backoff, f"{self.what}: API error {error.status} {error.reason}", retry_after(error))
             except Exception as error:  # noqa: BLE001 - connection errors come in many types; all are retried
                 if self.stopping.is_set():
                     return
@@ -397,10 +424,10 @@ class _ListWatch:
                 self._watch = None
         return resource_version
 
-    def _failed(self, backoff: Backoff, message: str) -> None:
+    def _failed(self, backoff: Backoff, message: str, at_least: float = 0.0) -> None:
         self.status.watch_errors += 1
         self.status.last_error = message
-        delay = backoff.next_delay()
+        delay = max(backoff.next_delay(), at_least)
         log.warning("%s; retrying in %.1fs", message, delay)
         self.stopping.wait(delay)
 
@@ -452,8 +479,9 @@ class KubernetesPeerSource:
         self._sink = sink
         timeout = self.settings.request_timeout
         peers = _ListWatch(
-            "wireguardnodes", lambda: _object(self.custom.list_cluster_custom_object(
-                GROUP, VERSION, PLURAL, _request_timeout=timeout)),
+            "wireguardnodes", lambda: list_pages(
+                lambda **page: _object(self.custom.list_cluster_custom_object(
+                    GROUP, VERSION, PLURAL, _request_timeout=timeout, **page)), self.settings.list_page_size),
             self.custom.list_cluster_custom_object, {"group": GROUP, "version": VERSION, "plural": PLURAL},
             self._peers_listed, self._peer_event, self.settings, self._stopping, self.status)
         field_selector = f"metadata.name={self.node_name}"
@@ -663,7 +691,7 @@ class KubernetesPeerSource:
                     self._write_failure = (_failure_kind(error),
                                            f"publishing was refused or failed: {_describe(error)}")
                 self._report_publication()
-                delay = backoff.next_delay()
+                delay = max(backoff.next_delay(), retry_after(error))
                 log.warning("publishing %s failed (%s); retrying in %.1fs", self.node_name, _describe(error), delay)
                 self._stopping.wait(delay)
                 continue

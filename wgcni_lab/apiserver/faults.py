@@ -14,7 +14,7 @@ class Fault:
     remaining: int
     code: int
     methods: frozenset[str] | None
-    path_contains: str | None
+    path_contains: str | None  # in the path or the query string
     user_agent_prefix: str | None
     user_agent: str | None = None  # exactly this User-Agent (one hook: `wgcni-node/<node>`)
     retry_after: int | None = None  # seconds, in the Retry-After header of a 429

@@ -127,7 +127,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if api.faults.delay:
                 time.sleep(api.faults.delay)
-            fault = api.faults.take(method, url.path, self.headers.get("User-Agent") or "")
+            fault = api.faults.take(method, self.path, self.headers.get("User-Agent") or "")  # path and query
             if fault is not None:
                 raise fault_error(*fault)
             info = request_info(api.store.types, method, url.path, query)
@@ -141,7 +141,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if is_watch:
                 code = 200
-                api.record(method, url.path, code, is_watch, username)  # now: a watch may stay open long
+                api.record(method, url.path, code, is_watch, username, url.query)  # now: a watch may stay open
                 self._serve_watch(info, query)
                 return
             code, body = self._dispatch(method, info, query, self._admitter(user, query))
@@ -153,7 +153,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             if not (is_watch and code == 200):
-                api.record(method, url.path, code, is_watch, username)
+                api.record(method, url.path, code, is_watch, username, url.query)
 
     def _non_resource(self, method: str, path: str) -> JSON:
         """Discovery, /version and the health endpoints."""

@@ -35,6 +35,7 @@ class RequestRecord:
     at: float
     watch: bool = False
     user: str = ""  # the authenticated user ("" when the request failed before authentication)
+    query: str = ""
 
 
 @dataclass(frozen=True)
@@ -323,6 +324,6 @@ class ApiServer:
             else:
                 self._watchers.discard(watcher)
 
-    def record(self, method: str, path: str, code: int, is_watch: bool, user: str = "") -> None:
+    def record(self, method: str, path: str, code: int, is_watch: bool, user: str = "", query: str = "") -> None:
         with self._lock:
-            self.requests.append(RequestRecord(method, path, code, time.monotonic(), is_watch, user))
+            self.requests.append(RequestRecord(method, path, code, time.monotonic(), is_watch, user, query))

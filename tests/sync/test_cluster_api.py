@@ -1,0 +1,104 @@
+"""The hook's Kubernetes sync against what a real API server does that the first test server never did: paginated
+relists and expired continue tokens, 429s with Retry-After, schema pruning, asynchronous garbage collection, and
+service-account tokens that expire and are rotated by the kubelet."""
+
+from __future__ import annotations
+
+import time
+
+from node_hook.cluster import GROUP, PLURAL, VERSION, SyncSettings
+from tests.sync.helpers import FAST, announcement, create_node, new_key
+from wgcni_lab.harness.polling import wait_until
+
+PAGED = SyncSettings(**{**FAST.__dict__, "list_page_size": 2})
+
+
+def object_of(custom, name):
+    return custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+
+
+def publish_peers(core, make_source, count):
+    """`count` nodes whose hooks published one pod IP each; returns their keys by name."""
+    keys, sources = {}, []
+    for index in range(count):
+        name = f"peer-{index}"
+        create_node(core, name)
+        source, _ = make_source(name)
+        keys[name] = new_key()
+        source.publish(announcement(name, keys[name], {f"10.240.1.{index + 10}"}, endpoint=f"10.240.0.{index + 4}"))
+        sources.append(source)
+    wait_until(lambda: all(source.status.published for source in sources), what="every peer published")
+    return keys
+
+
+def test_relists_are_paginated_and_an_expired_continue_relists_from_the_start(server, core, make_source):
+    keys = publish_peers(core, make_source, 5)
+    server.fail_next(1, code=410, methods={"GET"}, path_contains="continue=")  # the history moved on mid-list
+    create_node(core, "node-a")
+    since = len(server.requests)
+    _, seen = make_source("node-a", PAGED)
+    wait_until(lambda: seen.calls and {name: node.public_key for name, node in seen.latest.items()} == keys,
+               what="every peer through pages of two")
+    lists = [(r.query, r.code) for r in list(server.requests)[since:] if r.method == "GET" and not r.watch
+             and r.path == "/apis/wgcni.io/v1alpha1/wireguardnodes" and "user" not in r.query]
+    assert [code for _, code in lists[:5]] == [200, 410, 200, 200, 200], lists  # page, 410, then three pages
+    assert all("limit=2" in query for query, _ in lists[:5]) and "continue=" in lists[1][0], lists
+    assert not server.pending_faults()
+
+
+def test_a_429_on_a_write_is_retried_after_retry_after(server, core, custom, make_source):
+    create_node(core, "node-a")
+    source, _ = make_source("node-a")
+    server.fail_next(1, code=429, retry_after=1, methods={"PATCH"}, user_agent="wgcni-node/node-a")
+    source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    wait_until(lambda: source.status.published, what="the write after the 429")
+    patches = [r for r in server.requests if r.method == "PATCH" and r.path.endswith("/nodes/node-a")]
+    assert [r.code for r in patches] == [429, 200]
+    assert patches[1].at - patches[0].at >= 0.9, "the retry came before Retry-After, not after FAST's 0.05 s backoff"
+
+
+def test_what_the_hook_writes_survives_pruning_unchanged(server, core, custom, make_source):
+    """Anything the CRD's schema does not name is pruned; the hook must write nothing of the kind, or it would
+    find its object differing from what it wants and rewrite it forever."""
+    create_node(core, "node-a")
+    source, _ = make_source("node-a")
+    source.publish(announcement("node-a", new_key(), {"10.240.0.70", "10.240.0.71"}))
+    wait_until(lambda: source.status.published, what="published")
+    writes = source.status.writes
+    time.sleep(1.0)
+    assert source.status.writes == writes, "the hook keeps rewriting its object"
+    status = object_of(custom, "node-a")["status"]
+    assert set(status) <= set(server.store.types[(GROUP, VERSION, PLURAL)].schema["properties"]["status"][
+        "properties"])
+
+
+def test_a_recreated_node_gets_an_object_owned_by_it_despite_a_lagging_garbage_collector(server, core, custom,
+                                                                                         make_source, tokens):
+    """Reimage: the Node is deleted and created again under the same name; its old WireguardNode is removed by the
+    garbage collector only later. The hook ends with an object owned by the new Node."""
+    server.gc_delay = 1.0
+    create_node(core, "node-a")
+    source, _ = make_source("node-a")
+    key = new_key()
+    source.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_until(lambda: source.status.published, what="published")
+    core.delete_node("node-a")
+    new = create_node(core, "node-a")
+    tokens.write("node-a")  # the kubelet's token for the new Node (the old one's is refused: another uid)
+    wait_until(lambda: [o["uid"] for o in object_of(custom, "node-a")["metadata"].get("ownerReferences", [])]
+               == [new.metadata.uid] and object_of(custom, "node-a").get("status", {}).get("publicKey") == key,
+               15, "an object owned by the new Node, with the key")
+
+
+def test_an_expired_token_is_refused_until_the_kubelet_rotates_it(server, core, make_source, tokens):
+    create_node(core, "node-a")
+    source, seen = make_source("node-a")
+    tokens.write("node-a", ttl=1.0)  # the hook re-reads the file: from now on this short-lived token
+    time.sleep(1.2)
+    source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    reports = seen.publications
+    wait_until(lambda: reports and reports[-1].state == "denied" and "401" in reports[-1].reason,
+               what="the write refused with the expired token")
+    assert any(r.code == 401 for r in server.requests)
+    tokens.write("node-a")
+    wait_until(lambda: reports[-1].state == "written", what="the write with the rotated token")
