@@ -35,7 +35,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -147,21 +147,51 @@ def remote_node_from_object(obj: JSON, max_pod_ips: int) -> RemoteNode | None:
         raise ValueError("a node with a key needs an endpoint address and port")
     node_ips = host_keys((str(ipaddress.ip_address(ip)) for ip in status.get("nodeIPs") or []),
                          f"node {name} node IPs")
-    pod_ips = expand_prefixes(status.get("podIPPrefixes") or [], max_pod_ips)
+    prefixes = status.get("podIPPrefixes") or []
+    pod_ips = expand_prefixes(prefixes, max_pod_ips)
     changed = status.get("podIPsChangedAt")
     return RemoteNode(
         name=name, public_key=key, endpoint_ip=endpoint_ip, endpoint_port=port if isinstance(port, int) else 0,
         node_ips=node_ips, pod_ips=pod_ips, pod_ips_changed_at=_parse_timestamp(changed) if changed else 0.0,
+        pod_ip_claims=claim_groups(prefixes, status.get("podIPClaimRevisions"), max_pod_ips),
     )
 
 
+def claim_groups(prefixes: list[str], revisions: object, limit: int) -> tuple[tuple[int, frozenset[IPNetwork]], ...]:
+    """The published (revision, pod IPs) claims, revisions ascending; () when the object has none (a publisher
+    from before them). ValueError when the revisions do not pair up with the prefixes."""
+    if revisions is None:
+        return ()
+    if not isinstance(revisions, list) or len(revisions) != len(prefixes):
+        raise ValueError("podIPClaimRevisions does not give one revision per pod IP prefix")
+    groups: dict[int, set[IPNetwork]] = {}
+    for prefix, revision in zip(prefixes, revisions, strict=True):
+        if not isinstance(revision, str) or not revision.isdigit():
+            raise ValueError(f"claim revision {revision!r} is not a resourceVersion")
+        groups.setdefault(int(revision), set()).update(prefix_keys(prefix, limit))
+    return tuple((revision, frozenset(keys)) for revision, keys in sorted(groups.items()))
+
+
 def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_changed_at: float,
-                     previous: JSON | None, now: float) -> JSON:
+                     previous: JSON | None, now: float, claims: Mapping[IPNetwork, int] | None = None) -> JSON:
     """The status this node writes into its own object. The pod IP timestamp and the Ready condition's
-    transition time are kept from `previous` when the pod IPs or readiness did not change."""
+    transition time are kept from `previous` when the pod IPs or readiness did not change. With `claims` (pod IP ->
+    the revision after which this node claimed it), the pod IPs are aggregated per claim revision, oldest first, and
+    `podIPClaimRevisions` gives each prefix its revision."""
     previous = previous or {}
     key = "" if opted_out else announcement.public_key
-    prefixes = [str(prefix) for prefix in aggregate(announcement.pod_ips)]
+    revisions: list[str] = []
+    if claims is None:
+        prefixes = [str(prefix) for prefix in aggregate(announcement.pod_ips)]
+    else:
+        groups: dict[int, list[IPNetwork]] = {}
+        for ip in announcement.pod_ips:
+            groups.setdefault(claims[ip], []).append(ip)
+        prefixes = []
+        for revision in sorted(groups):
+            aggregated = [str(prefix) for prefix in aggregate(groups[revision])]
+            prefixes.extend(aggregated)
+            revisions.extend([str(revision)] * len(aggregated))
     if previous.get("podIPPrefixes") == prefixes and previous.get("podIPsChangedAt"):
         changed_at = previous["podIPsChangedAt"]
     else:
@@ -181,6 +211,7 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
         "endpoint": endpoint,
         "nodeIPs": node_ips,
         "podIPPrefixes": prefixes,
+        **({"podIPClaimRevisions": revisions} if claims is not None else {}),
         "podIPCount": len(announcement.pod_ips),
         "podIPsChangedAt": changed_at,
         "mtu": announcement.mtu,
@@ -373,6 +404,11 @@ class _ListWatch:
         self.settings, self.stopping, self.status = settings, stopping, status
         self._watch: watch.Watch | None = None
         self._lock = threading.Lock()
+        self.revision = 0  # the latest resourceVersion seen (list, event or bookmark): how far this node has seen
+
+    def _seen(self, resource_version: str) -> None:
+        if resource_version.isdigit():
+            self.revision = max(self.revision, int(resource_version))
 
     def run(self) -> None:
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
@@ -383,6 +419,7 @@ class _ListWatch:
                 if resource_version is None or time.monotonic() - listed_at >= self.settings.resync_interval:
                     listing = self.list_call()
                     resource_version = listing["metadata"]["resourceVersion"]
+                    self._seen(resource_version)
                     listed_at = time.monotonic()
                     self.on_list(listing.get("items") or [])
                     self.status.relists += 1
@@ -415,6 +452,7 @@ class _ListWatch:
                     _request_timeout=(self.settings.request_timeout, timeout + self.settings.watch_read_margin)):
                 obj = event["raw_object"]
                 resource_version = obj["metadata"]["resourceVersion"]
+                self._seen(resource_version)
                 if event["type"] != "BOOKMARK":
                     self.on_event(event["type"], obj)
                 if self.stopping.is_set():
@@ -467,6 +505,9 @@ class KubernetesPeerSource:
         self._desired_generation = 0
         self._written_generation = 0
         self._own_write_versions: collections.deque[str] = collections.deque(maxlen=16)  # our writes' versions
+        # When this node claimed each of its pod IPs: the revision published with it (podIPClaimRevisions), kept
+        # while the IP stays; a new IP gets the latest revision this node has seen when it is first written.
+        self._claims: dict[IPNetwork, int] = {}
         self._limiter = _RateLimiter(settings.max_writes_per_second, self._stopping)
         self._threads: list[threading.Thread] = []
         self._list_watches: list[_ListWatch] = []
@@ -737,7 +778,8 @@ class KubernetesPeerSource:
                         "metadata": {"name": self.node_name, "labels": MANAGED_BY, "ownerReferences": [owner]},
                     }, _request_timeout=self.settings.request_timeout))
                     self._remember_write(own)
-                status = published_status(announcement, opted_out, changed_at, own.get("status"), self.clock())
+                status = published_status(announcement, opted_out, changed_at, own.get("status"), self.clock(),
+                                          self._claims_for(announcement, own))
                 if own.get("status") == status:
                     return
                 self._spend_write()
@@ -756,6 +798,24 @@ class KubernetesPeerSource:
                 raise
         raise RuntimeError(f"WireguardNode {self.node_name}: still conflicting after "
                            f"{self.settings.conflict_retries} attempts")
+
+    def _claims_for(self, announcement: LocalAnnouncement, own: JSON) -> dict[IPNetwork, int]:
+        """The claim revision of each pod IP to publish: kept from what this node published before (also before a
+        restart: its object says), new ones at the latest revision this node has seen, the API's ordering rather
+        than this node's clock."""
+        previous = (own.get("status") or {})
+        try:
+            published = {key: revision for revision, keys in claim_groups(
+                previous.get("podIPPrefixes") or [], previous.get("podIPClaimRevisions"),
+                self.settings.max_pod_ips_per_node) for key in keys}
+        except ValueError:
+            published = {}
+        seen = max([list_watch.revision for list_watch in self._list_watches[:1]]
+                   + [int(own["metadata"].get("resourceVersion") or 0)])
+        with self._changed:
+            claims = {ip: self._claims.get(ip) or published.get(ip) or seen for ip in announcement.pod_ips}
+            self._claims = claims
+        return claims
 
     def _remember_write(self, obj: JSON) -> None:
         with self._changed:

@@ -9,8 +9,10 @@ the affected peer keys and route prefixes dirty; `take_changes()` hands them to 
 Rules computed here (identically on every node; see docs/design.md "Conflict rules"):
 - an IP that is local (a pod record on this node, or one of this node's IPs) is never given to a remote peer;
   local pod IPs get a `throw` route so they leave the table and use the main table's veth route;
-- an IP claimed by several remote nodes belongs to the one with the latest `pod_ips_changed_at`
-  (ties: lowest node name);
+- an IP claimed by several remote nodes belongs to the one that claimed *that IP* last: the highest claim revision
+  (`RemoteNode.pod_ip_claims`: the API's resourceVersion after which the node first published the IP, the same
+  ordering on every node whatever their clocks); claims without a revision (a publisher from before them) rank
+  below any with one and among themselves by `pod_ips_changed_at`; ties: lowest node name;
 - a node is a peer only with a non-empty key that no other node claims and an endpoint; the IPs of a node that
   is not a peer get `throw` (plaintext, reported in `problems()`);
 - a peer's AllowedIPs are its pod IPs *and* its node IPs, aggregated exactly. Node IPs are always allowed as
@@ -45,11 +47,25 @@ class RemoteNode:
     # them.
     node_ips: frozenset[IPNetwork]
     pod_ips: frozenset[IPNetwork]  # host addresses; the sync layer expands published prefixes
-    pod_ips_changed_at: float = 0.0  # unix time the node last changed its published pod IPs (conflict rule)
+    pod_ips_changed_at: float = 0.0  # unix time the node last changed its published pod IPs (legacy conflict rule)
+    # (claim revision, pod IPs claimed after it), revisions ascending: when the node claimed each IP (conflict rule)
+    pod_ip_claims: tuple[tuple[int, frozenset[IPNetwork]], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "node_ips", host_keys(self.node_ips, f"node {self.name} node IPs"))
         object.__setattr__(self, "pod_ips", host_keys(self.pod_ips, f"node {self.name} pod IPs"))
+        if self.pod_ip_claims:
+            object.__setattr__(self, "pod_ip_claims", tuple(
+                (int(revision), host_keys(keys, f"node {self.name} claimed pod IPs"))
+                for revision, keys in self.pod_ip_claims))
+
+    def claim_rank(self, key: IPNetwork) -> tuple[int, float]:
+        """How late this node claimed `key`, comparable across nodes: (claim revision, 0) or, without one,
+        (0, pod_ips_changed_at)."""
+        for revision, keys in self.pod_ip_claims:
+            if key in keys:
+                return revision, 0.0
+        return 0, self.pod_ips_changed_at
 
 
 @dataclass(frozen=True)
@@ -264,8 +280,9 @@ class NodeModel:
         # being) also a pod IP, may change its route kind (found by tests/hook/test_model_incremental.py).
         for key in (old_node_keys ^ new_node_keys) | ((old_pod_keys ^ new_pod_keys) & (old_node_keys | new_node_keys)):
             note(key)
-        if old is not None and old.pod_ips_changed_at != node.pod_ips_changed_at:
-            # the winner of a contested address may change with the timestamp (new claims are noted above)
+        if old is not None and (old.pod_ips_changed_at != node.pod_ips_changed_at
+                                or old.pod_ip_claims != node.pod_ip_claims):
+            # the winner of a contested address may change with its claim (new claims are noted above)
             for key in old_keys & new_keys:
                 if key in self._contested:
                     note(key)
@@ -435,7 +452,11 @@ class NodeModel:
         claim = self._claims.get(key)
         if claim is None or isinstance(claim, str):
             return claim
-        return min(claim, key=lambda name: (-self._remotes[name].pod_ips_changed_at, name))
+        def rank(name: str) -> tuple[int, float, str]:
+            revision, changed_at = self._remotes[name].claim_rank(key)
+            return -revision, -changed_at, name
+
+        return min(claim, key=rank)
 
     def _owned(self, name: str) -> frozenset[IPNetwork]:
         """The addresses remote node `name` wins: its claims minus its losses."""

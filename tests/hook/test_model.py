@@ -81,6 +81,34 @@ def test_ip_claimed_by_two_nodes_goes_to_the_latest_then_lowest_name() -> None:
     assert model.owner_of(ipaddress.ip_address("10.240.0.70")) == "b"  # tie: lowest name
 
 
+def claimed(name: str, key: str, node_ip: str, changed: float, claims: dict[str, int]) -> RemoteNode:
+    """A node whose pod IPs carry claim revisions (podIPClaimRevisions): {ip: revision}."""
+    groups: dict[int, set[str]] = {}
+    for ip, revision in claims.items():
+        groups.setdefault(revision, set()).add(ip)
+    return RemoteNode(name, key, node_ip, 51820, frozenset({node_ip}), frozenset(claims), changed,
+                      tuple((revision, frozenset(ips)) for revision, ips in sorted(groups.items())))
+
+
+def test_a_stale_claim_does_not_win_an_ip_back_when_its_node_changes_another_pod() -> None:
+    """b's clock is an hour ahead and it still claims .70 from before; c claimed .70 later (revision 20). Per-IP
+    claim revisions give .70 to c, also after b adds a pod (its podIPsChangedAt jumps ahead again)."""
+    model = NodeModel("a")
+    model.set_remote_node(claimed("b", KEY_B, "10.240.0.35", 5000.0, {"10.240.0.70": 10}))
+    model.set_remote_node(claimed("c", KEY_C, "10.240.0.66", 100.0, {"10.240.0.70": 20}))
+    seventy = ipaddress.ip_address("10.240.0.70")
+    assert model.owner_of(seventy) == "c"
+    model.set_remote_node(claimed("b", KEY_B, "10.240.0.35", 9000.0, {"10.240.0.70": 10, "10.240.0.71": 30}))
+    assert model.owner_of(seventy) == "c" and model.owner_of(ipaddress.ip_address("10.240.0.71")) == "b"
+    assert net("10.240.0.70/32") in model.peers[KEY_C].allowed_ips
+    model.set_remote_node(claimed("c", KEY_C, "10.240.0.66", 100.0, {}))
+    assert model.owner_of(seventy) == "b"  # c released it: b's claim is the only one
+    model.set_remote_node(claimed("c", KEY_C, "10.240.0.66", 100.0, {"10.240.0.70": 40}))
+    assert model.owner_of(seventy) == "c"
+    model.set_remote_node(node("d", "D" * 43 + "=", ["10.240.0.70"], "10.240.0.90", changed=99999.0))
+    assert model.owner_of(seventy) == "c", "a claim without a revision ranks below every claim with one"
+
+
 def test_ip_moving_between_nodes_changes_both_peers() -> None:
     model = NodeModel("a")
     model.set_remote_node(node("b", KEY_B, ["10.240.0.70"], "10.240.0.35", changed=1))

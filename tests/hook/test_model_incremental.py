@@ -19,18 +19,24 @@ NODE_NAMES = ["a", "b", "c"]
 KEYS = ["", "K" * 43 + "=", "L" * 43 + "=", "M" * 43 + "="]
 LOCAL_NODE_IP = "10.0.0.7"
 
-remote_nodes = st.builds(
-    RemoteNode,
-    name=st.sampled_from(NODE_NAMES),
-    public_key=st.sampled_from(KEYS),
-    endpoint_ip=st.sampled_from([None, "172.16.0.1"]),
-    endpoint_port=st.just(51820),
-    node_ips=st.frozensets(st.sampled_from(ADDRESSES), max_size=1),
-    pod_ips=st.frozensets(st.sampled_from(ADDRESSES), max_size=5),
-    pod_ips_changed_at=st.sampled_from([0.0, 1.0, 2.0]),
-)
+@st.composite
+def remote_nodes(draw: st.DrawFn) -> RemoteNode:
+    """Remote nodes with and without per-IP claim revisions (some of their pod IPs claimed at 1, others at 2)."""
+    pod_ips = draw(st.frozensets(st.sampled_from(ADDRESSES), max_size=5))
+    claims: tuple[tuple[int, frozenset[str]], ...] = ()
+    if pod_ips and draw(st.booleans()):
+        late = draw(st.frozensets(st.sampled_from(sorted(pod_ips))))
+        claims = tuple((revision, ips) for revision, ips in ((1, pod_ips - late), (2, late)) if ips)
+    return RemoteNode(
+        name=draw(st.sampled_from(NODE_NAMES)), public_key=draw(st.sampled_from(KEYS)),
+        endpoint_ip=draw(st.sampled_from([None, "172.16.0.1"])), endpoint_port=51820,
+        node_ips=draw(st.frozensets(st.sampled_from(ADDRESSES), max_size=1)), pod_ips=pod_ips,
+        pod_ips_changed_at=draw(st.sampled_from([0.0, 1.0, 2.0])), pod_ip_claims=claims)
+
+
+
 events = st.one_of(
-    st.tuples(st.just("remote"), remote_nodes),
+    st.tuples(st.just("remote"), remote_nodes()),
     st.tuples(st.just("remove"), st.sampled_from(NODE_NAMES)),
     st.tuples(st.just("local"), st.sampled_from(["p1", "p2"]), st.frozensets(st.sampled_from(ADDRESSES), max_size=2)),
 )

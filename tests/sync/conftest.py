@@ -3,6 +3,7 @@ always stopped."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -67,9 +68,10 @@ def make_source(server, tokens) -> Iterator[Callable[..., tuple[KubernetesPeerSo
     """Start peer sources, each with its node's token file (stopped at the end, whatever happens)."""
     started: list[tuple[KubernetesPeerSource, client.ApiClient]] = []
 
-    def start(name: str, settings: SyncSettings = FAST) -> tuple[KubernetesPeerSource, RecordingSink]:
+    def start(name: str, settings: SyncSettings = FAST,
+              clock: Callable[[], float] = time.time) -> tuple[KubernetesPeerSource, RecordingSink]:
         api_client = api_client_for_url(server.url, token_file=tokens.write(name), ca_file=server.ca_file)
-        source = KubernetesPeerSource(name, api_client, settings)
+        source = KubernetesPeerSource(name, api_client, settings, clock)
         recorder = RecordingSink()
         started.append((source, api_client))
         source.start(recorder)

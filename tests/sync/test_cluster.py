@@ -117,7 +117,11 @@ def test_conflict_storm_and_server_errors_never_lose_the_update(server, core, cu
     server.fail_next(6, code=500, methods={"PUT", "GET"}, path_contains=OWN_OBJECT)
     source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71"}))
     wait_until(lambda: source.status.published, timeout=20, what="publish through the storm")
-    assert object_of(custom, "node-a")["status"]["podIPPrefixes"] == ["10.240.0.70/31"]
+    status = object_of(custom, "node-a")["status"]
+    # .70 was claimed before .71: published in two claim groups (podIPClaimRevisions), each aggregated
+    assert address_texts(expand_prefixes(status["podIPPrefixes"], 8)) == ["10.240.0.70", "10.240.0.71"]
+    assert len(status["podIPClaimRevisions"]) == len(status["podIPPrefixes"]) == 2
+    assert int(status["podIPClaimRevisions"][0]) < int(status["podIPClaimRevisions"][1])
     assert source.status.write_errors >= 1
 
 

@@ -4,9 +4,12 @@ service-account tokens that expire and are rotated by the kubelet."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 
+from node_hook.addresses import address_texts
 from node_hook.cluster import GROUP, PLURAL, VERSION, SyncSettings
+from node_hook.model import NodeModel
 from tests.sync.helpers import FAST, announcement, create_node, new_key
 from wgcni_lab.harness.polling import wait_until
 
@@ -102,3 +105,32 @@ def test_an_expired_token_is_refused_until_the_kubelet_rotates_it(server, core, 
     assert any(r.code == 401 for r in server.requests)
     tokens.write("node-a")
     wait_until(lambda: reports[-1].state == "written", what="the write with the rotated token")
+
+
+def test_claims_are_decided_per_ip_by_the_apis_ordering_not_the_nodes_clocks(core, make_source):
+    """node-a's clock is an hour ahead and it keeps a stale claim of .70 after the IP moved to node-b; node-a then
+    adds a pod. Per-IP claim revisions keep .70 with node-b on every observer; node-a's new pod IP is its own."""
+    for name in ("node-a", "node-b", "node-c"):
+        create_node(core, name)
+    source_a, _ = make_source("node-a", clock=lambda: time.time() + 3600)
+    source_b, _ = make_source("node-b")
+    _, seen_by_c = make_source("node-c")
+    key_a, key_b = new_key(), new_key()
+    source_a.publish(announcement("node-a", key_a, {"10.240.0.70"}, endpoint="10.240.0.4"))
+    wait_until(lambda: "10.240.0.70" in pod_ips_of(seen_by_c, "node-a"), what="node-a's claim")
+    source_b.publish(announcement("node-b", key_b, {"10.240.0.70"}, endpoint="10.240.0.35"))
+    wait_until(lambda: "10.240.0.70" in pod_ips_of(seen_by_c, "node-b"), what="node-b's claim")
+    source_a.publish(announcement("node-a", key_a, {"10.240.0.70", "10.240.0.80"}, endpoint="10.240.0.4"))
+    wait_until(lambda: "10.240.0.80" in pod_ips_of(seen_by_c, "node-a"), what="node-a's new pod")
+    latest = seen_by_c.latest
+    assert latest["node-a"].pod_ips_changed_at > latest["node-b"].pod_ips_changed_at  # the clocks would say node-a
+    model = NodeModel("node-c")
+    for remote in latest.values():
+        model.set_remote_node(remote)
+    assert model.owner_of(ipaddress.ip_address("10.240.0.70")) == "node-b"
+    assert model.owner_of(ipaddress.ip_address("10.240.0.80")) == "node-a"
+
+
+def pod_ips_of(seen, name):
+    node = (seen.latest or {}).get(name)
+    return set(address_texts(node.pod_ips)) if node is not None else set()

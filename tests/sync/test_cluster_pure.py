@@ -103,3 +103,19 @@ def test_status_keeps_timestamps_when_nothing_they_describe_changed():
     assert moved["podIPsChangedAt"] != first["podIPsChangedAt"]
     assert moved["conditions"][0]["status"] == "False"
     assert moved["conditions"][0]["lastTransitionTime"] != first["conditions"][0]["lastTransitionTime"]
+
+
+def test_claim_revisions_are_published_per_prefix_and_read_back_per_ip() -> None:
+    ips = {"10.240.0.70", "10.240.0.71", "10.240.0.90"}
+    local = announcement("node-b", new_key(), ips)
+    claims = {key: (7 if address_texts([key]) == ["10.240.0.90"] else 3) for key in local.pod_ips}
+    status = published_status(local, opted_out=False, pod_ips_changed_at=1.0, previous=None, now=1.0, claims=claims)
+    assert status["podIPPrefixes"] == ["10.240.0.70/31", "10.240.0.90/32"]
+    assert status["podIPClaimRevisions"] == ["3", "7"]
+    remote = remote_node_from_object({"metadata": {"name": "node-b"}, "status": status}, 100)
+    assert [(revision, address_texts(keys)) for revision, keys in remote.pod_ip_claims] == [
+        (3, ["10.240.0.70", "10.240.0.71"]), (7, ["10.240.0.90"])]
+    for revisions in (["3"], ["3", "x"], "3,7"):
+        with pytest.raises(ValueError):
+            remote_node_from_object({"metadata": {"name": "node-b"}, "status": {
+                **status, "podIPClaimRevisions": revisions}}, 100)
