@@ -9,6 +9,9 @@ This is the only module of the hook that imports `kubernetes`. It does three thi
   with the complete list once the first list of peers *and* of this node's own Node object have completed (so the
   hook never prunes a live mesh at start-up) and after every relist, then `node_changed` / `node_gone` for each
   watch event - O(one node) per event, not a copy of every node.
+- **Every Node's addresses**: list+watch of all Nodes for their `status.addresses` (InternalIP, ExternalIP): a
+  peer's endpoint and node IPs are taken only if they are among its Node's addresses (else the peer is ignored and
+  listed in `status.invalid_objects`), so a node cannot announce another node's address as its own.
 - **Own Node**: list+watch of this node's `Node` (field selector), for its uid (owner reference) and the opt-out
   label `wgcni.io/wireguard=disabled`. An opted-out node publishes an empty key (peers reach it in plaintext) and
   hands the hook every remote node with an empty key, so it programs no peer and sends plaintext too.
@@ -44,7 +47,7 @@ import yaml
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
-from node_hook.addresses import IPNetwork, aggregate, host_keys, prefix_keys
+from node_hook.addresses import IPNetwork, address_texts, aggregate, host_keys, prefix_keys
 from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, Publication, RemoteNode
 from node_hook.peers import PeerSink
 
@@ -96,6 +99,7 @@ class SyncStatus:
     relists: int = 0
     published: bool = False  # the latest announcement is written
     last_error: str = ""
+    addresses_synced: bool = False  # every Node's status.addresses listed (peers' endpoints are checked against them)
 
 
 # --- pure conversions ------------------------------------------------------------------------------------------
@@ -223,6 +227,32 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
                 "%Y-%m-%dT%H:%M:%SZ"),
         }],
     }
+
+
+def node_addresses(node: JSON) -> frozenset[str]:
+    """The IP addresses a Node's status lists (InternalIP, ExternalIP), as the kubelet and the cloud report them."""
+    addresses = set()
+    for entry in (node.get("status") or {}).get("addresses") or []:
+        if entry.get("type") in ("InternalIP", "ExternalIP"):
+            try:
+                addresses.add(str(ipaddress.ip_address(entry.get("address", ""))))
+            except ValueError:
+                continue
+    return frozenset(addresses)
+
+
+def address_mismatch(remote: RemoteNode, addresses: frozenset[str] | None) -> str:
+    """Why a peer's published endpoint or node IPs cannot be taken (they are not its Node's addresses), or "".
+    A Node that lists no addresses (none on AKS: the kubelet reports InternalIP) is not checked."""
+    if not addresses:
+        return ""
+    if remote.endpoint_ip is not None and remote.endpoint_ip not in addresses:
+        return (f"endpoint {remote.endpoint_ip} is not an address of Node {remote.name} "
+                f"({', '.join(sorted(addresses))})")
+    foreign = [ip for ip in address_texts(remote.node_ips) if ip not in addresses]
+    if foreign:
+        return f"node IPs {', '.join(foreign)} are not addresses of Node {remote.name} ({', '.join(sorted(addresses))})"
+    return ""
 
 
 def held_addresses(status: JSON | None, limit: int) -> frozenset[str]:
@@ -498,6 +528,7 @@ class KubernetesPeerSource:
         # 1.25 M prefix strings - and an event parses only the object it changed, so its cost does not grow with
         # the cluster.
         self._peers: dict[str, tuple[str, RemoteNode | None, str]] = {}
+        self._node_addresses: dict[str, frozenset[str]] = {}  # every Node's IP addresses, by name
         self._own_object: JSON | None = None
         self._node: JSON | None = None  # this node's Node object
         self._desired: LocalAnnouncement | None = None
@@ -530,8 +561,14 @@ class KubernetesPeerSource:
             f"node {self.node_name}", lambda: self._list_own_node(field_selector),
             self.core.list_node, {"field_selector": field_selector},
             self._node_listed, self._node_event, self.settings, self._stopping, self.status)
-        self._list_watches = [peers, own_node]
-        for name, target in (("peers", peers.run), ("node", own_node.run), ("publish", self._publish_loop)):
+        all_nodes = _ListWatch(
+            "nodes", lambda: list_pages(lambda **page: _body(self.core.list_node(
+                _preload_content=False, _request_timeout=timeout, **page)), self.settings.list_page_size),
+            self.core.list_node, {}, self._nodes_listed, self._nodes_event, self.settings, self._stopping,
+            self.status)
+        self._list_watches = [peers, own_node, all_nodes]
+        for name, target in (("peers", peers.run), ("node", own_node.run), ("nodes", all_nodes.run),
+                             ("publish", self._publish_loop)):
             thread = threading.Thread(target=target, name=f"wgcni-sync-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -588,6 +625,40 @@ class KubernetesPeerSource:
             self._emit_synced()
             self._report_publication()
 
+    # --- every Node's addresses (a peer's endpoint and node IPs must be among them) ---------------------------
+    def _nodes_listed(self, items: list[JSON]) -> None:
+        addresses = {obj["metadata"]["name"]: node_addresses(obj) for obj in items}
+        with self._changed:
+            changed = {name for name in addresses.keys() | self._node_addresses.keys()
+                       if addresses.get(name) != self._node_addresses.get(name)}
+            self._node_addresses = addresses
+            first = not self.status.addresses_synced
+            self.status.addresses_synced = True
+        if first or changed:
+            self._emit_synced()
+
+    def _nodes_event(self, event_type: str, obj: JSON) -> None:
+        name = obj["metadata"]["name"]
+        addresses = None if event_type == "DELETED" else node_addresses(obj)
+        with self._changed:
+            if self._node_addresses.get(name) == addresses:
+                return
+            if addresses is None:
+                self._node_addresses.pop(name, None)
+            else:
+                self._node_addresses[name] = addresses
+            entry = self._peers.get(name)
+        if entry is not None:
+            self._emit_change(name, entry)
+
+    def _checked(self, entry: tuple[str, RemoteNode | None, str]) -> tuple[str, RemoteNode | None, str]:
+        """Must hold the lock. The entry, invalid when its endpoint or node IPs are not its Node's addresses."""
+        version, remote, error = entry
+        if error or remote is None:
+            return entry
+        mismatch = address_mismatch(remote, self._node_addresses.get(remote.name))
+        return (version, None, mismatch) if mismatch else entry
+
     # --- peers -----------------------------------------------------------------------------------------------
     def _peers_listed(self, items: list[JSON]) -> None:
         known = self._peers  # only this watch thread replaces it
@@ -634,7 +705,7 @@ class KubernetesPeerSource:
             with self._changed:
                 if not self._delivering():
                     return
-                peers = list(self._peers.items())
+                peers = [(name, self._checked(entry)) for name, entry in self._peers.items()]
                 opted_out = is_opted_out(self._node)
             nodes: dict[str, RemoteNode] = {}
             invalid: dict[str, str] = {}
@@ -657,6 +728,7 @@ class KubernetesPeerSource:
                 if not self._delivering():
                     return  # folded into the first complete list
                 opted_out = is_opted_out(self._node)
+                entry = self._checked(entry) if entry is not None else None
             invalid = dict(self.status.invalid_objects)
             remote = entry[1] if entry is not None and not entry[2] else None
             if entry is not None and entry[2]:
@@ -678,8 +750,9 @@ class KubernetesPeerSource:
             self.status.remote_nodes = len(self._delivered)
 
     def _delivering(self) -> bool:
-        """Must hold the lock: the hook has a sink and both first lists are done."""
-        return self._sink is not None and self.status.peers_synced and self.status.node_synced
+        """Must hold the lock: the hook has a sink and the first lists (peers, own Node, all Nodes) are done."""
+        return (self._sink is not None and self.status.peers_synced and self.status.node_synced
+                and self.status.addresses_synced)
 
     def _tell(self, deliver: Callable[[PeerSink], None]) -> None:
         """Must hold the emit lock: deliver to the hook; a failing consumer must not stop the watch."""

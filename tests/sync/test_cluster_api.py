@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from dataclasses import replace
+
+from kubernetes import client
 
 from node_hook.addresses import address_texts
 from node_hook.cluster import GROUP, PLURAL, VERSION, SyncSettings
@@ -36,7 +39,8 @@ def publish_peers(core, make_source, count):
 
 def test_relists_are_paginated_and_an_expired_continue_relists_from_the_start(server, core, make_source):
     keys = publish_peers(core, make_source, 5)
-    server.fail_next(1, code=410, methods={"GET"}, path_contains="continue=")  # the history moved on mid-list
+    # the history moved on mid-list (only the peers' list: the Nodes' relist is paged too)
+    server.fail_next(1, code=410, methods={"GET"}, path_contains="/wireguardnodes?continue=")
     create_node(core, "node-a")
     since = len(server.requests)
     _, seen = make_source("node-a", PAGED)
@@ -134,3 +138,36 @@ def test_claims_are_decided_per_ip_by_the_apis_ordering_not_the_nodes_clocks(cor
 def pod_ips_of(seen, name):
     node = (seen.latest or {}).get(name)
     return set(address_texts(node.pod_ips)) if node is not None else set()
+
+
+def node_with_addresses(core, name, *addresses):
+    return core.create_node(client.V1Node(
+        metadata=client.V1ObjectMeta(name=name),
+        status=client.V1NodeStatus(addresses=[client.V1NodeAddress(type="InternalIP", address=address)
+                                              for address in addresses])))
+
+
+def test_a_peers_endpoint_and_node_ips_are_taken_only_if_they_are_its_nodes_addresses(core, make_source):
+    """A compromised node-b announces node-a's address as its own, then an endpoint it does not have: neither is
+    programmed anywhere; once what it announces is among its Node's status.addresses (as the kubelet and Azure
+    report them), it is a peer."""
+    node_with_addresses(core, "node-a", "10.240.0.4")
+    node_with_addresses(core, "node-b", "10.240.0.35")
+    source_a, _ = make_source("node-a")
+    source_b, _ = make_source("node-b")
+    _, seen_by_c = make_source("node-c")
+    key_b = new_key()
+    stolen = replace(announcement("node-b", key_b, {"10.240.0.70"}, endpoint="10.240.0.35"),
+                     node_ips=frozenset({"10.240.0.35", "10.240.0.4"}))
+    source_b.publish(stolen)
+    wait_until(lambda: "node-b" in source_a.status.invalid_objects, what="node-b's node IP claim refused")
+    assert source_a.status.invalid_objects["node-b"] == (
+        "node IPs 10.240.0.4 are not addresses of Node node-b (10.240.0.35)")
+    source_b.publish(announcement("node-b", key_b, {"10.240.0.70"}, endpoint="10.240.0.99"))
+    wait_until(lambda: source_a.status.invalid_objects.get("node-b", "").startswith("endpoint 10.240.0.99 is not"),
+               what="node-b's endpoint refused")
+    assert "node-b" not in (seen_by_c.latest or {})
+    core.patch_node_status("node-b", {"status": {"addresses": [{"type": "ExternalIP", "address": "10.240.0.99"}]}})
+    wait_until(lambda: "node-b" in (seen_by_c.latest or {}) and "node-b" not in source_a.status.invalid_objects,
+               what="node-b a peer once its Node lists the address")
+    assert seen_by_c.latest["node-b"].endpoint_ip == "10.240.0.99"
