@@ -17,6 +17,7 @@ import multiprocessing.connection
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from node_hook.addresses import IPNetwork, prefix_of_order, prefix_order
@@ -25,6 +26,7 @@ from node_hook.contracts import (
     DeleteRoute,
     DeviceSpec,
     DeviceState,
+    DeviceStream,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
@@ -32,6 +34,7 @@ from node_hook.contracts import (
     RoutingOp,
     SetRoute,
     TableState,
+    TableStream,
     UpsertPeer,
 )
 from node_hook.model import RouteKind
@@ -224,12 +227,21 @@ class RemoteWireGuard:
         self._kernel = kernel
 
     def read(self) -> DeviceState | None:
+        stream = self.read_stream()
+        if stream is None:
+            return None
+        return replace(stream.device, peers={peer.public_key: peer for peer in stream.peers})
+
+    def read_stream(self) -> DeviceStream | None:
         head = self._kernel.call("wg.read")
         if head is None:
             return None
-        peers = {key: PeerState(key, endpoint, frozenset(_in(allowed)), keepalive)
-                 for part in self._kernel.parts("wg") for key, endpoint, allowed, keepalive in part}
-        return DeviceState(*head, peers)
+        return DeviceStream(DeviceState(*head, {}), self._peers())
+
+    def _peers(self) -> Iterator[PeerState]:
+        for part in self._kernel.parts("wg"):
+            for key, endpoint, allowed, keepalive in part:
+                yield PeerState(key, endpoint, frozenset(_in(allowed)), keepalive)
 
     def ensure_device(self, spec: DeviceSpec) -> None:
         self._kernel.call("wg.ensure_device", spec)
@@ -252,9 +264,17 @@ class RemoteRouting:
         self._kernel = kernel
 
     def read(self) -> TableState:
+        stream = self.read_stream()
+        return replace(stream.table, routes=dict(stream.routes))
+
+    def read_stream(self) -> TableStream:
         rules, addresses = self._kernel.call("routing.read")
-        routes = {prefix_of_order(value): kind for part in self._kernel.parts("routing") for value, kind in part}
-        return TableState(routes, rules, frozenset(_in(addresses)))
+        return TableStream(TableState({}, rules, frozenset(_in(addresses))), self._routes())
+
+    def _routes(self) -> Iterator[tuple[IPNetwork, str]]:
+        for part in self._kernel.parts("routing"):
+            for value, kind in part:
+                yield prefix_of_order(value), kind
 
     def apply(self, ops: list[RoutingOp]) -> None:
         for chunk in _chunks(ops, ROUTES_PER_CHUNK):

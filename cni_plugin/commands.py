@@ -26,6 +26,7 @@ from cni_plugin.cni import (
     version_tuple,
 )
 from cni_plugin.filelog import FileLog
+from cni_plugin.files import fsync_directory
 from cni_plugin.records import (
     RECORD_FORMAT,
     RecordError,
@@ -68,6 +69,7 @@ def add(conf: NetConf, invocation: Invocation, log: FileLog) -> dict:
         "created": now,
         "updated": now,
     }
+    pending = None
     try:
         with store.lock():
             try:
@@ -77,18 +79,22 @@ def add(conf: NetConf, invocation: Invocation, log: FileLog) -> dict:
                 previous = None
             if previous is not None:
                 record["created"] = previous["created"]
-            store.write(record)
+            directory = store.write(record, sync_directory=False)
+            log.info(
+                f"ADD {conf.network}/{invocation.container_id}@{invocation.ifname} "
+                f"pod={record['podNamespace']}/{record['podName']} ips={','.join(ips) or '-'}"
+            )
+            if not ips:
+                log.warning(f"prevResult of {invocation.container_id} has no IPs: nothing for the hook to encrypt")
+            # The record is visible: the hook reads it while its directory is synced; ADD succeeds only after both.
+            pending = _notify(conf, invocation, "pod-added", log)
+            fsync_directory(directory)
     except OSError as error:
+        _abandon(pending)
         raise CniError(ERR_IO, f"cannot write the pod record under {store.pods_dir}", _os_reason(error)) from None
     except RecordError as error:
         raise CniError(ERR_IO, f"cannot write the pod record under {store.pods_dir}", str(error)) from None
-    log.info(
-        f"ADD {conf.network}/{invocation.container_id}@{invocation.ifname} "
-        f"pod={record['podNamespace']}/{record['podName']} ips={','.join(ips) or '-'}"
-    )
-    if not ips:
-        log.warning(f"prevResult of {invocation.container_id} has no IPs: nothing for the hook to encrypt")
-    _notify(conf, invocation, "pod-added", log)
+    _finish_notification(pending, "pod-added", log)
     return convert_result(conf.prev_result, conf.cni_version)
 
 
@@ -98,15 +104,19 @@ def delete(conf: NetConf, invocation: Invocation, log: FileLog) -> None:
         log.info(f"DEL of an attachment wgcni cannot have recorded ({invocation.container_id!r:.80}): nothing to do")
         return None
     store = RecordStore(conf.settings.state_dir)
+    pending = None
     try:
         with store.lock():
-            removed = store.remove(conf.network, invocation.container_id, invocation.ifname)
+            removed = store.remove(conf.network, invocation.container_id, invocation.ifname, sync_directory=False)
+            log.info(f"DEL {conf.network}/{invocation.container_id}@{invocation.ifname} "
+                     f"{'removed the record' if removed else 'found no record'}")
+            if removed:  # as in ADD: the hook drops the pod while the removal is synced
+                pending = _notify(conf, invocation, "pod-deleted", log)
+                fsync_directory(store.network_dir(conf.network))
     except OSError as error:
+        _abandon(pending)
         raise CniError(ERR_IO, f"cannot remove the pod record under {store.pods_dir}", _os_reason(error)) from None
-    log.info(f"DEL {conf.network}/{invocation.container_id}@{invocation.ifname} "
-             f"{'removed the record' if removed else 'found no record'}")
-    if removed:
-        _notify(conf, invocation, "pod-deleted", log)
+    _finish_notification(pending, "pod-deleted", log)
     return None
 
 
@@ -193,8 +203,10 @@ def gc(conf: NetConf, invocation: Invocation, log: FileLog) -> None:
         log.info(f"GC removed {conf.network}/{record['containerID']}@{record['ifname']} ips={','.join(record['ips'])}")
         message = {"op": "pod-deleted", "network": conf.network, "containerID": record["containerID"],
                    "ifname": record["ifname"]}
-        if not _send_notification(conf.settings.hook_socket, message, log):
+        pending = _send_notification(conf.settings.hook_socket, message, log)
+        if pending is None:
             break  # the hook is away: its periodic rescan catches the rest, no need to wait once per record
+        _finish_notification(pending, "pod-deleted", log)
     return None
 
 
@@ -280,25 +292,40 @@ def _require_version(conf: NetConf, command: str, minimum: tuple[int, int, int])
                        f"{command} exists from cniVersion {wanted} on")
 
 
-def _notify(conf: NetConf, invocation: Invocation, op: str, log: FileLog) -> None:
+def _notify(conf: NetConf, invocation: Invocation, op: str, log: FileLog) -> notify.Pending | None:
     message = {"op": op, "network": conf.network, "containerID": invocation.container_id,
                "ifname": invocation.ifname}
-    _send_notification(conf.settings.hook_socket, message, log)
+    return _send_notification(conf.settings.hook_socket, message, log)
 
 
-def _send_notification(socket_path: str, message: dict, log: FileLog) -> bool:
-    """Best effort: True when the hook could be reached (whatever it answered)."""
+def _send_notification(socket_path: str, message: dict, log: FileLog) -> notify.Pending | None:
+    """Best effort: the notification sent (its answer read by `_finish_notification`), or None when the hook could
+    not be reached (logged; the hook picks the record up on its next rescan)."""
     try:
-        answer = notify.request(socket_path, message, notify.NOTIFY_TIMEOUT_SECONDS)
+        return notify.send(socket_path, message, notify.NOTIFY_TIMEOUT_SECONDS)
     except notify.HookUnavailable as error:
         log.info(f"{message['op']} not delivered ({error}); the hook picks the record up on its next rescan")
-        return False
+        return None
+
+
+def _finish_notification(pending: notify.Pending | None, op: str, log: FileLog) -> None:
+    if pending is None:
+        return
+    try:
+        answer = pending.answer()
+    except notify.HookUnavailable as error:
+        log.info(f"{op} not delivered ({error}); the hook picks the record up on its next rescan")
+        return
     except notify.HookProtocolError as error:
-        log.warning(f"{message['op']}: invalid answer from the hook: {error}")
-        return True
+        log.warning(f"{op}: invalid answer from the hook: {error}")
+        return
     if not answer["ok"]:
-        log.warning(f"{message['op']}: the hook reports: {_hook_error(answer)}")
-    return True
+        log.warning(f"{op}: the hook reports: {_hook_error(answer)}")
+
+
+def _abandon(pending: notify.Pending | None) -> None:
+    if pending is not None:
+        pending.close()
 
 
 def _hook_error(answer: dict) -> str:

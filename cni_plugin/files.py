@@ -55,6 +55,7 @@ def write_atomically(
     durable: bool = True,
     exclusive: bool = False,
     create_directory: bool = False,
+    sync_directory: bool = True,
 ) -> bool:
     """Give ``path`` the ``content`` (bytes, or chunks of bytes written one after the other) with exactly ``mode``
     and, when given, ``owner`` (uid, gid).
@@ -62,6 +63,8 @@ def write_atomically(
     ``exclusive``: create ``path`` only if it does not exist (a hard link instead of a rename); returns False, and
     leaves the existing file alone, when it does. Otherwise ``path`` is replaced and the result is True.
     ``create_directory``: create the missing directory of ``path`` (mode 0700) instead of failing.
+    ``sync_directory=False`` (with ``durable``): the file is fsynced before the rename, and the directory's fsync
+    (``fsync_directory``) is left to the caller, who may do something else first; durable only once that returns.
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
@@ -94,7 +97,7 @@ def write_atomically(
     except BaseException:
         _remove_if_present(temporary)
         raise
-    if durable:
+    if durable and sync_directory:
         fsync_directory(directory)
     return written
 

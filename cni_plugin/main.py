@@ -1,9 +1,13 @@
 """Entry point of the `wgcni` binary: the CNI plugin when CNI_COMMAND is set, the operator CLI otherwise.
 
 The CNI path imports only the standard library (enforced by tests/unit/test_layering.py); click is loaded only
-for the CLI.
+for the CLI. The CNI path is one short process on kubelet's pod start: it runs without the cyclic garbage
+collector (reference counting frees what it makes; a collection only scans the modules it imported) and ends
+with `os._exit` once stdout is flushed, skipping the interpreter's teardown, whose final collection and
+deallocation of every module is work nobody waits for (docs/benchmarks.md, P1).
 """
 
+import gc
 import io
 import os
 import sys
@@ -11,11 +15,19 @@ import sys
 
 def main() -> None:
     if "CNI_COMMAND" in os.environ:
+        gc.disable()
         from cni_plugin.cni import dispatch
 
         stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
         stdout = sys.stdout if sys.stdout is not None else io.StringIO()
-        sys.exit(dispatch(os.environ, stdin, stdout))
+        code = dispatch(os.environ, stdin, stdout)
+        try:
+            stdout.flush()
+            if sys.stderr is not None:
+                sys.stderr.flush()
+        except OSError:
+            code = code or 1  # the runtime did not get the result: not a success
+        os._exit(code)
     from cni_plugin.cli import run
 
     sys.exit(run(sys.argv[1:]))

@@ -140,21 +140,28 @@ class RecordStore:
         """The exclusive writer lock; use as a context manager around read-modify-write sequences."""
         return StoreLock(self)
 
-    def write(self, record: dict) -> None:
-        """Atomically create or replace one record. The caller holds ``lock()``."""
+    def write(self, record: dict, sync_directory: bool = True) -> str:
+        """Atomically create or replace one record; returns its directory. The caller holds ``lock()``. With
+        ``sync_directory=False`` the record is visible but durable only once the caller has run
+        ``files.fsync_directory`` on that directory."""
         validate_record(record)
         directory = self.network_dir(record["network"])
         _remove_stale_temp_files_when_due(directory, self.temp_sweep_stamp(record["network"]))
         final_path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
         payload = cjson.dumps(record, sort_keys=True).encode() + b"\n"
-        write_atomically(final_path, payload, 0o600, temporary_prefix=TEMP_PREFIX + ".", create_directory=True)
+        write_atomically(final_path, payload, 0o600, temporary_prefix=TEMP_PREFIX + ".", create_directory=True,
+                         sync_directory=sync_directory)
+        return directory
 
-    def remove(self, network: str, container_id: str, ifname: str) -> bool:
-        """Remove one record; False when there was none. The caller holds ``lock()``."""
+    def remove(self, network: str, container_id: str, ifname: str, sync_directory: bool = True) -> bool:
+        """Remove one record; False when there was none. The caller holds ``lock()``. With
+        ``sync_directory=False`` the removal is durable only once the caller has run ``files.fsync_directory`` on
+        the record's directory."""
         path = self.record_path(network, container_id, ifname)
         if not _unlink_if_present(path):
             return False
-        fsync_directory(os.path.dirname(path))
+        if sync_directory:
+            fsync_directory(os.path.dirname(path))
         return True
 
     def remove_all_except(self, network: str, keep: set[tuple[str, str]]) -> list[dict]:

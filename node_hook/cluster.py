@@ -20,10 +20,12 @@ This is the only module of the hook that imports `kubernetes`. It does three thi
   the API holds and whether the latest write is written, pending, denied (401/403/404/422: RBAC, admission, no Node
   of this name) or unreachable. The hook trusts its publication only as far as the API holds it.
 - **Publishing**: `publish()` only records the latest announcement; one writer thread writes it into this node's
-  own object (status subresource) and the Node's `wgcni.io/public-key` annotation. Writes are rate limited (at most
-  `max_writes_per_second`, default 2: a burst of pod churn collapses into one write of the latest state), use
-  optimistic concurrency on resourceVersion (409 → re-read and retry), and a failed write is retried with backoff
-  until the latest announcement is written — an update is never dropped (Calico #12715).
+  own object (status subresource) and the Node's `wgcni.io/public-key` annotation. Writes are paced (`WritePacer`):
+  a lone change is written at once, a burst of pod churn is coalesced into writes of the latest state spaced
+  1 / `max_writes_per_second` apart, and never more than `write_burst` writes go in any `write_burst /
+  max_writes_per_second` seconds (defaults: 2 in any second). Writes use optimistic concurrency on resourceVersion
+  (409 → re-read and retry), and a failed write is retried with backoff until the latest announcement is written —
+  an update is never dropped (Calico #12715).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import collections
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -72,7 +75,9 @@ MAX_RETRY_AFTER = 300.0  # seconds; a longer Retry-After is taken as this
 class SyncSettings:
     """Tuning of the Kubernetes sync; the defaults suit production, tests shorten the intervals."""
 
-    max_writes_per_second: float = 2.0  # per node, across every write this node makes
+    max_writes_per_second: float = 2.0  # per node, across every write this node makes (WritePacer)
+    write_burst: int = 2  # at most this many writes in any write_burst / max_writes_per_second seconds
+    burst_gap: float = 0.05  # changes closer together than this are a burst, coalesced into evenly spaced writes
     watch_timeout_seconds: int = 300  # server-side timeout of one watch request; it is then resumed
     request_timeout: float = 10.0  # connect and read timeout of one non-watch request
     watch_read_margin: float = 30.0  # a watch with no byte for timeout + margin seconds is considered dead
@@ -373,23 +378,53 @@ class Backoff:
         self.attempt = 0
 
 
-class _RateLimiter:
-    """At most one write per `interval` seconds; `wait()` sleeps until the next write may go (or stop is set)."""
+class WritePacer:
+    """When the next write may go: a lone change at once, a burst coalesced, and never more than `burst` writes in
+    any `burst / writes_per_second` seconds (with the defaults: 2 writes in any second).
 
-    def __init__(self, writes_per_second: float, stopping: threading.Event):
-        self.interval = 1.0 / writes_per_second
-        self.stopping = stopping
-        self.next_allowed = 0.0
+    A change is part of a burst when it comes less than `burst_gap` after the change before it. A write of a burst
+    waits `1 / writes_per_second` after the previous write, so sustained churn is written evenly spaced (the latest
+    state at most that late); a write of a lone change waits only for the sliding window. `clock` and `sleep` are
+    injectable so that the pacing is tested on a fake clock; `sleep(seconds)` returns True when the writer is to
+    stop."""
+
+    def __init__(self, writes_per_second: float, burst: int, burst_gap: float, sleep: Callable[[float], bool],
+                 clock: Callable[[], float] = time.monotonic):
+        if writes_per_second <= 0 or burst < 1 or burst_gap < 0:
+            raise ValueError("writes_per_second > 0, burst >= 1 and burst_gap >= 0 are required")
+        self.spacing = 1.0 / writes_per_second
+        self.window = burst / writes_per_second
+        self.burst_gap = burst_gap
+        self.sleep, self.clock = sleep, clock
+        self._writes: collections.deque[float] = collections.deque(maxlen=burst)  # the latest writes' times
+        self._last_change = -math.inf
+        self._bursting = False  # the latest change came within burst_gap of the one before it
+
+    def changed(self) -> None:
+        """The state to write changed (called by `publish`, under the source's lock)."""
+        now = self.clock()
+        self._bursting = now - self._last_change < self.burst_gap
+        self._last_change = now
+
+    def delay(self) -> float:
+        """Seconds until the next write may go (0: now)."""
+        earliest = -math.inf
+        if len(self._writes) == self._writes.maxlen:
+            earliest = self._writes[0] + self.window
+        if self._bursting and self._writes:
+            earliest = max(earliest, self._writes[-1] + self.spacing)
+        return max(0.0, earliest - self.clock())
 
     def wait(self) -> bool:
-        """False when stopping."""
-        delay = self.next_allowed - time.monotonic()
-        if delay > 0 and self.stopping.wait(delay):
-            return False
-        return not self.stopping.is_set()
+        """Sleep until the next write may go; False when stopping."""
+        while (delay := self.delay()) > 0:
+            if self.sleep(delay):
+                return False
+        return True
 
     def spend(self) -> None:
-        self.next_allowed = time.monotonic() + self.interval
+        """A write goes now."""
+        self._writes.append(self.clock())
 
 
 def list_pages(list_call: Callable[..., JSON], page_size: int) -> JSON:
@@ -539,7 +574,8 @@ class KubernetesPeerSource:
         # When this node claimed each of its pod IPs: the revision published with it (podIPClaimRevisions), kept
         # while the IP stays; a new IP gets the latest revision this node has seen when it is first written.
         self._claims: dict[IPNetwork, int] = {}
-        self._limiter = _RateLimiter(settings.max_writes_per_second, self._stopping)
+        self._pacer = WritePacer(settings.max_writes_per_second, settings.write_burst, settings.burst_gap,
+                                 self._stopping.wait)
         self._threads: list[threading.Thread] = []
         self._list_watches: list[_ListWatch] = []
         self._own_object_seen = False  # the API has answered about this node's own object (list, watch or write)
@@ -578,6 +614,7 @@ class KubernetesPeerSource:
             if self._desired is None or self._desired.pod_ips != announcement.pod_ips:
                 self._pod_ips_changed_at = self.clock()
             if announcement != self._desired:
+                self._pacer.changed()
                 self._desired = announcement
                 self._desired_generation += 1
                 self.status.published = False
@@ -787,7 +824,7 @@ class KubernetesPeerSource:
                 while not self._stopping.is_set() and (
                         self._desired is None or self._written_generation == self._desired_generation):
                     self._changed.wait()
-            if not self._limiter.wait():  # coalesce: whatever is published meanwhile goes into this write
+            if not self._pacer.wait():  # coalesce: whatever is published meanwhile goes into this write
                 return
             with self._changed:
                 generation = self._desired_generation
@@ -817,9 +854,9 @@ class KubernetesPeerSource:
             self._report_publication()
 
     def _spend_write(self) -> None:
-        if not self._limiter.wait():
+        if not self._pacer.wait():
             raise InterruptedError("stopping")
-        self._limiter.spend()
+        self._pacer.spend()
         self.status.writes += 1
 
     def _write(self, announcement: LocalAnnouncement, changed_at: float) -> None:

@@ -10,7 +10,7 @@ implement them with the same observable behaviour; the model, the planner and th
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +62,15 @@ class TableState:
     device_addresses: frozenset[IPNetwork] = frozenset()  # addresses on the WireGuard device
 
 
+@dataclass(frozen=True)
+class TableStream:
+    """A table read back route by route: `table` with every field but `routes`, then (prefix, RouteKind value or
+    FOREIGN_ROUTE) per route of the table."""
+
+    table: TableState
+    routes: Iterator[tuple[IPNetwork, str]]
+
+
 # The route and peer ops have __slots__: 48 bytes a SetRoute instead of 88 as a plain frozen dataclass (tracemalloc,
 # CPython 3.11.7). The plan's route sets are made one at a time (planner.RouteSets), the peer ops are per peer.
 @dataclass(frozen=True, slots=True)
@@ -101,6 +110,10 @@ class RoutingApplier(Protocol):
     """Routes in one table, rules pointing at it and the WireGuard device's address, in the current namespace."""
 
     def read(self) -> TableState: ...
+
+    def read_stream(self) -> TableStream:
+        """The same read-back with the routes as they are decoded, none of them held. The caller takes the whole
+        stream before it calls anything else on the applier."""
 
     def apply(self, ops: Iterable[RoutingOp]) -> None:
         """Apply in order, taking `ops` once (the plan's route sets are made as they are taken). Deleting what is
@@ -182,6 +195,14 @@ class DeviceState:
     peers: dict[str, PeerState] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DeviceStream:
+    """A device read back peer by peer: `device` with every field but `peers` (empty), then each peer once."""
+
+    device: DeviceState
+    peers: Iterator[PeerState]
+
+
 @dataclass(frozen=True, slots=True)
 class UpsertPeer:
     """Create or update a peer. With `replace_allowed_ips` the list is the peer's whole set; otherwise it is added."""
@@ -218,6 +239,10 @@ class WireGuardBackend(Protocol):
 
     def read(self) -> DeviceState | None:
         """The device and its peers, or None when the device does not exist."""
+
+    def read_stream(self) -> DeviceStream | None:
+        """The same read-back with the peers as they are decoded, each complete and none held, or None when the
+        device does not exist. The caller takes the whole stream before it calls anything else on the backend."""
 
     def ensure_device(self, spec: DeviceSpec) -> None:
         """Create the device if missing and make key, port, fwmark, MTU and link state match `spec`."""

@@ -537,8 +537,21 @@ class NodeModel:
         return None  # a remote node IP without host encryption: main table, plaintext
 
     def _route_kind(self, key: IPNetwork) -> RouteKind | None:
-        owner = self._winner(key)
-        return self._kind_for(key, owner, owner in self._peer_of_node)
+        """`_kind_for(key, _winner(key), ...)` in one call: a full resync looks up every route of the table."""
+        if key in self._local_count:
+            return RouteKind.THROW
+        if key in self._local_node_keys:
+            return None
+        claim = self._claims.get(key)
+        if claim is None:
+            return None
+        owner = claim if isinstance(claim, str) else self._winner(key)
+        if owner not in self._peer_of_node:
+            return RouteKind.THROW
+        node = self._remotes[owner]
+        if self.host_encryption or key not in node.node_ips or key in node.pod_ips:
+            return RouteKind.WIREGUARD
+        return None
 
     def _iter_routes(self) -> Iterator[tuple[IPNetwork, RouteKind]]:
         for key in self._local_count:

@@ -9,6 +9,7 @@ when the scope is None (after an error or at the periodic resync).
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import overload
@@ -159,31 +160,57 @@ def plan_peers(
     removals: list[PeerOp] = []
     adds: list[PeerOp] = []
     for key in scope:
-        want = desired.get(key)
-        have = actual.get(key)
-        if want is None:
-            if have is not None:
-                removals.append(RemovePeer(key))
-            continue
-        if have is None:
-            adds.append(UpsertPeer(key, want.endpoint, tuple(sorted(want.allowed_ips, key=_prefix_order)), True,
-                                   want.persistent_keepalive))
-            continue
-        to_add = want.allowed_ips - have.allowed_ips
-        to_remove = have.allowed_ips - want.allowed_ips
-        regrouped = sorted((p for p in to_add if _within(p, have.allowed_ips)), key=_prefix_order)
-        gained = sorted(to_add.difference(regrouped), key=_prefix_order)
-        if regrouped:
-            reshape.append(UpsertPeer(key, want.endpoint, tuple(regrouped), False, want.persistent_keepalive))
-        if to_remove:
-            removals.append(RemoveAllowedIPs(key, tuple(sorted(to_remove, key=_prefix_order))))
-        settings_differ = (
-            _normal_endpoint(have.endpoint) != _normal_endpoint(want.endpoint)
-            or have.persistent_keepalive != want.persistent_keepalive
-        )
-        if gained or settings_differ:
-            adds.append(UpsertPeer(key, want.endpoint, tuple(gained), False, want.persistent_keepalive))
+        _plan_peer(key, desired.get(key), actual.get(key), reshape, removals, adds)
     return reshape, removals, adds
+
+
+def plan_peers_streamed(
+    desired: Mapping[str, DesiredPeer], actual: Iterable[PeerState]
+) -> tuple[list[PeerOp], list[PeerOp], list[PeerOp]]:
+    """`plan_peers` of every peer against a device read back peer by peer: each peer is diffed as it arrives and
+    let go, so a full diff holds one read-back peer at a time, not the whole device."""
+    reshape: list[PeerOp] = []
+    removals: list[PeerOp] = []
+    adds: list[PeerOp] = []
+    seen: set[str] = set()
+    for have in actual:
+        seen.add(have.public_key)
+        _plan_peer(have.public_key, desired.get(have.public_key), have, reshape, removals, adds)
+    for key in desired.keys() - seen:
+        _plan_peer(key, desired[key], None, reshape, removals, adds)
+    for ops in (reshape, removals, adds):  # in key order, as `plan_peers` makes them
+        ops.sort(key=_op_key)
+    return reshape, removals, adds
+
+
+def _op_key(op: PeerOp) -> str:
+    return op.public_key
+
+
+def _plan_peer(key: str, want: DesiredPeer | None, have: PeerState | None, reshape: list[PeerOp],
+               removals: list[PeerOp], adds: list[PeerOp]) -> None:
+    if want is None:
+        if have is not None:
+            removals.append(RemovePeer(key))
+        return
+    if have is None:
+        adds.append(UpsertPeer(key, want.endpoint, tuple(sorted(want.allowed_ips, key=_prefix_order)), True,
+                               want.persistent_keepalive))
+        return
+    to_add = want.allowed_ips - have.allowed_ips
+    to_remove = have.allowed_ips - want.allowed_ips
+    regrouped = sorted((p for p in to_add if _within(p, have.allowed_ips)), key=_prefix_order)
+    gained = sorted(to_add.difference(regrouped), key=_prefix_order)
+    if regrouped:
+        reshape.append(UpsertPeer(key, want.endpoint, tuple(regrouped), False, want.persistent_keepalive))
+    if to_remove:
+        removals.append(RemoveAllowedIPs(key, tuple(sorted(to_remove, key=_prefix_order))))
+    settings_differ = (
+        _normal_endpoint(have.endpoint) != _normal_endpoint(want.endpoint)
+        or have.persistent_keepalive != want.persistent_keepalive
+    )
+    if gained or settings_differ:
+        adds.append(UpsertPeer(key, want.endpoint, tuple(gained), False, want.persistent_keepalive))
 
 
 def plan_routes(
@@ -208,6 +235,82 @@ def plan_routes(
         elif have != want._value_ or have == FOREIGN_ROUTE:  # _value_: `.value` is a slow property (x3)
             sets.add(prefix, want)
     return deletes, sets
+
+
+def plan_routes_counted(
+    desired: Mapping[IPNetwork, RouteKind], actual: Iterable[tuple[IPNetwork, str | None]]
+) -> tuple[list[RoutingOp], RouteSets, dict[IPNetwork, str]] | None:
+    """`plan_routes` of every prefix against a table read back route by route, keeping nothing of it but the routes
+    that differ: (deletes, sets, what the table holds for each deleted prefix). A table that has every desired
+    prefix is recognised by counting them (a table holds a prefix once, or its few variants - metrics - one after
+    the other); None when some are missing, which `plan_routes_streamed` then finds on a second read."""
+    get = desired.get
+    extra: dict[IPNetwork, str] = {}  # routes the model does not want: what the table holds (pruning needs it)
+    different: list[IPNetwork] = []
+    found = 0
+    previous: IPNetwork | None = None
+    for prefix, have in actual:
+        want = get(prefix)
+        if want is None:
+            if have is not None:
+                extra[prefix] = have
+            continue
+        if prefix != previous:
+            found += 1
+            previous = prefix
+        if have != want._value_ or have == FOREIGN_ROUTE:  # _value_: `.value` is a slow property (x3)
+            different.append(prefix)
+    if found < len(desired):
+        return None
+    sets = RouteSets()
+    for prefix in sorted(set(different), key=_prefix_order):
+        sets.add(prefix, desired[prefix])
+    deletes: list[RoutingOp] = [DeleteRoute(prefix) for prefix in sorted(extra, key=_prefix_order)]
+    return deletes, sets, extra
+
+
+# A byte per desired route while a streamed table is diffed: not in the table yet, as wanted, to be set.
+_ABSENT, _AS_WANTED, _DIFFERENT = 0, 1, 2
+_TO_SET = bytes.maketrans(bytes((_ABSENT, _AS_WANTED, _DIFFERENT)), b"\x01\x00\x01")
+
+
+def plan_routes_streamed(
+    desired: Mapping[IPNetwork, RouteKind], actual: Iterable[tuple[IPNetwork, str | None]]
+) -> tuple[list[RoutingOp], RouteSets, dict[IPNetwork, str]]:
+    """`plan_routes_counted` for a table that lacks desired routes (a hook starting, or damage): (deletes, sets,
+    what the table holds for each deleted prefix). No read-back route is kept but the few to delete: the desired
+    prefixes are sorted once (the model's own objects) with a byte each for what the table showed, and each route
+    read back is found in that list - in O(1) while the table comes in network order, as the kernel dumps it, by
+    bisection otherwise."""
+    ordered = sorted(desired)  # packed prefixes: int order is network order, no key list
+    count = len(ordered)
+    seen = bytearray(count)
+    extra: dict[IPNetwork, str] = {}  # routes the model does not want: what the table holds (pruning needs it)
+    cursor = 0
+    for prefix, have in actual:
+        prefix = _prefix_order(prefix)
+        if cursor < count and ordered[cursor] == prefix:
+            index = cursor
+        else:
+            index = bisect_left(ordered, prefix)
+            if index == count or ordered[index] != prefix:
+                if have is not None:
+                    extra[prefix] = have
+                continue
+        cursor = index + 1
+        if seen[index] != _DIFFERENT:
+            want = desired[ordered[index]]
+            seen[index] = _DIFFERENT if have != want._value_ or have == FOREIGN_ROUTE else _AS_WANTED
+    sets = RouteSets()
+    marks = seen.translate(_TO_SET)
+    del seen
+    index = marks.find(1)
+    while index >= 0:
+        prefix = ordered[index]
+        sets.add(prefix, desired[prefix])
+        index = marks.find(1, index + 1)
+    deletes: list[RoutingOp] = [DeleteRoute(prefix) for prefix in sorted(extra, key=_prefix_order)]
+    return deletes, sets, extra
 
 
 def desired_rules(priority: int, fwmark: int, table: int, tunnel: bool = True,

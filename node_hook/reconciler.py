@@ -14,13 +14,13 @@ what the peers look like; everything else follows `planner.APPLY_ORDER`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from node_hook.addresses import IPNetwork
 from node_hook.contracts import (
     DeviceSpec,
-    DeviceState,
+    DeviceStream,
     FirewallApplier,
     FirewallSpec,
     PeerOp,
@@ -40,7 +40,10 @@ from node_hook.planner import (
     plan_device_address,
     plan_firewall,
     plan_peers,
+    plan_peers_streamed,
     plan_routes,
+    plan_routes_counted,
+    plan_routes_streamed,
     plan_rules,
     plan_sysctls,
 )
@@ -83,6 +86,14 @@ def _merged(earlier: Changes | None, later: Changes) -> Changes:
     else:
         routes = {**later.previous_routes, **earlier.previous_routes}
     return Changes(earlier.peer_keys | later.peer_keys, routes)
+
+
+def _drain(device: DeviceStream | None) -> None:
+    """Take the rest of a device's stream (a backend's read-back is taken whole), for a pass that does not diff its
+    peers."""
+    if device is not None:
+        for _ in device.peers:
+            pass
 
 
 def _as_state(peer: DesiredPeer) -> PeerState:
@@ -149,14 +160,15 @@ class Reconciler:
         applied: dict[str, int] = {}
         full: list[str] = [aspect for aspect in ASPECTS if not self.in_sync[aspect]]
         step = "read"
-        device_state: DeviceState | None = None  # a device read back for the device step, reused for the peers
+        device: DeviceStream | None = None  # a device read back for the device step, its peers for the peers step
         try:
             step = "device"
             if not self.in_sync["device"]:
-                device_state = self.wireguard.read()
-                spec = plan_device(self.targets.device, device_state)
+                device = self.wireguard.read_stream()
+                spec = plan_device(self.targets.device, device.device if device is not None else None)
                 if spec is not None:
-                    device_state = None  # it has just changed
+                    _drain(device)  # it is about to change
+                    device = None
                     self.wireguard.ensure_device(spec)
                     applied["device"] = 1
                     self._step_done("device", 1)
@@ -169,26 +181,26 @@ class Reconciler:
                 self.in_sync["device"] = True
             step = "read"
             plan = Plan()
+            # The peers first: a device read back for the device step is still streaming.
+            if self.in_sync["peers"]:
+                _drain(device)
+                device = None
+                peer_scope: frozenset[str] | None = changes.peer_keys
+                plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, self._peers,
+                                                                                   peer_scope)
+            else:
+                if device is None:
+                    device = self.wireguard.read_stream()
+                self._peers = {}  # refilled from the model once applied
+                peer_scope = None
+                # Streamed: one read-back peer at a time, never the whole device.
+                plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers_streamed(
+                    self.model.peers, device.peers if device is not None else ())
+                device = None
             if not self.in_sync["firewall"]:
                 plan.firewall = plan_firewall(self.targets.firewall, self.firewall.read(), self._firewall_listing)
             if not self.in_sync["sysctls"]:
                 plan.sysctls = plan_sysctls(self.targets.sysctls, self.sysctls.read(sorted(self.targets.sysctls)))
-            actual_peers: Mapping[str, PeerState]
-            if self.in_sync["peers"]:
-                peer_scope = changes.peer_keys
-                actual_peers = self._peers
-            else:
-                if device_state is None:
-                    device_state = self.wireguard.read()
-                actual_peers = device_state.peers if device_state is not None else {}
-                self._peers = {}  # refilled from the model once applied
-                peer_scope = None
-            device_state = None
-            plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, actual_peers,
-                                                                               peer_scope)
-            # A read-back device or table (1.25 M AllowedIPs or routes at 5 000 x 250) is not kept past planning,
-            # and the device's is let go before the table is read: a resync holds one of them at a time.
-            del actual_peers
             if changes.previous_routes is None:  # a bulk change: any route may differ, read the table back
                 self.in_sync["routes"] = False
                 if "routes" not in full:
@@ -196,11 +208,16 @@ class Reconciler:
             actual_routes: Mapping[IPNetwork, str | None]
             if self.in_sync["routes"] and self.in_sync["rules"]:
                 actual_routes = changes.previous_routes  # type: ignore[assignment]
-                route_scope: Iterable[IPNetwork] | None = actual_routes
+                plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, actual_routes, actual_routes)
             else:
-                actual_routes = self._read_table(plan)
-                route_scope = None
-            plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, actual_routes, route_scope)
+                # Streamed too: what is kept of the table is the kind of each route to delete.
+                table = self.routing.read_stream()
+                self._rules = table.table.rules
+                plan.device_address = plan_device_address(table.table.device_addresses)
+                planned = plan_routes_counted(self.model.routes, table.routes)
+                if planned is None:  # some desired routes are missing: which ones takes a second read
+                    planned = plan_routes_streamed(self.model.routes, self.routing.read_stream().routes)
+                plan.route_deletes, plan.route_sets, actual_routes = planned
             if not self.in_sync["rules"] or self._rules_changed:
                 plan.rules = plan_rules(self.targets.rules, self._rules)
             held_back = False if self.prune else self._hold_back_pruning(plan, actual_routes)
@@ -230,13 +247,6 @@ class Reconciler:
             message = f"{step}: {error}"
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
             return PassResult(applied, message, tuple(full), step)
-
-    def _read_table(self, plan: Plan) -> dict[IPNetwork, str]:
-        """The table's routes; its rules and the device's address go into `plan` and the rule cache."""
-        table = self.routing.read()
-        self._rules = table.rules
-        plan.device_address = plan_device_address(table.device_addresses)
-        return table.routes
 
     def _hold_back_pruning(self, plan: Plan, actual_routes: Mapping[IPNetwork, str | None]) -> bool:
         """Drop peer removals and deletions of `dev` routes from `plan`; True when something was dropped.

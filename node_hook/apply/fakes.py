@@ -30,6 +30,7 @@ from node_hook.contracts import (
     DeleteRule,
     DeviceSpec,
     DeviceState,
+    DeviceStream,
     FirewallSpec,
     PeerOp,
     PeerState,
@@ -39,6 +40,7 @@ from node_hook.contracts import (
     RuleSpec,
     SetRoute,
     TableState,
+    TableStream,
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
@@ -101,6 +103,12 @@ class FakeWireGuard(_FailNext):
     def read(self) -> DeviceState | None:
         self._maybe_fail("read")
         return self.device
+
+    def read_stream(self) -> DeviceStream | None:
+        self._maybe_fail("read")
+        if self.device is None:
+            return None
+        return DeviceStream(replace(self.device, peers={}), iter(list(self.device.peers.values())))
 
     def ensure_device(self, spec: DeviceSpec) -> None:
         self._maybe_fail("ensure_device")
@@ -190,6 +198,11 @@ class FakeRouting(_FailNext):
     def read(self) -> TableState:
         self._maybe_fail("read")
         return TableState(dict(self.routes), frozenset(self.rules), frozenset(self.device_addresses))
+
+    def read_stream(self) -> TableStream:
+        self._maybe_fail("read")
+        return TableStream(TableState({}, frozenset(self.rules), frozenset(self.device_addresses)),
+                           iter(list(self.routes.items())))
 
     def apply(self, ops: Iterable[RoutingOp]) -> None:
         for op in self._batch("apply", ops):

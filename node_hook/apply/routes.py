@@ -24,6 +24,7 @@ import select
 import socket
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from itertools import chain
 
 from pyroute2 import IPRoute
@@ -41,6 +42,7 @@ from node_hook.contracts import (
     RuleSpec,
     SetRoute,
     TableState,
+    TableStream,
 )
 from node_hook.model import RouteKind, paused_gc
 
@@ -329,14 +331,13 @@ class PyrouteRouting:
         return self._netlink.link_index(self.ifname)
 
     def read(self) -> TableState:
-        ifindex = self._ifindex()
-        routes: dict[IPNetwork, str] = {}
+        stream = self.read_stream()
         with paused_gc():  # a dump of a full table makes a million new prefixes (GC-tracked ints)
-            for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
-                for buffer, start, end in self._netlink.dump_routes(family, self.table):
-                    route = self._decode_route(buffer, start, end, address_size, ifindex)
-                    if route is not None:
-                        routes[route[0]] = route[1]
+            routes = dict(stream.routes)
+        return replace(stream.table, routes=routes)
+
+    def read_stream(self) -> TableStream:
+        ifindex = self._ifindex()
         rules = set()
         for version in (4, 6):
             for message in self._ipr.get_rules(family=_FAMILY[version]):
@@ -352,7 +353,15 @@ class PyrouteRouting:
             ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}", strict=False)
             for message in (self._ipr.get_addr(index=ifindex, family=socket.AF_INET) if ifindex is not None else ())
         )
-        return TableState(routes, frozenset(rules), addresses)
+        return TableStream(TableState({}, frozenset(rules), addresses), self._routes(ifindex))
+
+    def _routes(self, ifindex: int | None) -> Iterator[tuple[IPNetwork, str]]:
+        """Every route of the table, decoded as its message is taken (an abandoned dump is read to its end)."""
+        for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
+            for buffer, start, end in self._netlink.dump_routes(family, self.table):
+                route = self._decode_route(buffer, start, end, address_size, ifindex)
+                if route is not None:
+                    yield route
 
     def _decode_route(self, buffer: memoryview, start: int, end: int, address_size: int,
                       ifindex: int | None) -> tuple[IPNetwork, str] | None:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import base64
 import errno
 import ipaddress
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from socket import AF_INET, AF_INET6
 from typing import Any
 
@@ -35,6 +36,7 @@ from node_hook.addresses import IPNetwork, packed_prefix, prefix_of_packed
 from node_hook.contracts import (
     DeviceSpec,
     DeviceState,
+    DeviceStream,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
@@ -329,52 +331,71 @@ def _key_text(value: object) -> str:
 def parse_device(ifname: str, parts: Iterable[WireGuardMessage], mtu: int, up: bool) -> DeviceState:
     """Merge the dump parts, taken one at a time, into one DeviceState (a peer may continue in the next part with
     more AllowedIPs)."""
-    device: WireGuardMessage | None = None
-    peers: dict[str, dict] = {}
-    for part in parts:
-        if device is None:
-            device = part
-            public_key = device.get_attr("WGDEVICE_A_PUBLIC_KEY")
-            listen_port = device.get_attr("WGDEVICE_A_LISTEN_PORT") or 0
-            fwmark = device.get_attr("WGDEVICE_A_FWMARK") or 0
-        for peer in part.get_attr("WGDEVICE_A_PEERS") or []:
-            key = _key_text(peer.get_attr("WGPEER_A_PUBLIC_KEY"))
-            entry = peers.get(key)
-            if entry is None:
-                endpoint_attr = peer.get_attr("WGPEER_A_ENDPOINT")
-                handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
-                entry = peers[key] = {
-                    "endpoint": (endpoint_attr["addr"], endpoint_attr["port"]) if endpoint_attr else None,
-                    "keepalive": peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0,
-                    "handshake": (handshake["tv_sec"] + handshake["tv_nsec"] / 1e9) if handshake else 0.0,
-                    "rx": peer.get_attr("WGPEER_A_RX_BYTES") or 0,
-                    "tx": peer.get_attr("WGPEER_A_TX_BYTES") or 0,
-                    "allowed": set(),
-                }
-            for allowed in peer.get_attr("WGPEER_A_ALLOWEDIPS") or []:  # the model's packed form, not via text
-                entry["allowed"].add(prefix_of_packed(allowed.get_attr("WGALLOWEDIP_A_IPADDR"),
-                                                      allowed.get_attr("WGALLOWEDIP_A_CIDR_MASK")))
+    stream = parse_device_stream(ifname, parts, mtu, up)
+    return replace(stream.device, peers={peer.public_key: peer for peer in stream.peers})
+
+
+def parse_device_stream(ifname: str, parts: Iterable[WireGuardMessage], mtu: int, up: bool) -> DeviceStream:
+    """The device from the first dump part, then its peers as the parts are taken: a peer is handed over once the
+    next one starts (it may continue in the next part with more AllowedIPs). The dump is read to its end even when
+    the peers are not all taken, or the socket would answer the next request with the rest of this one."""
+    iterator = iter(parts)
+    device = next(iterator, None)
     if device is None:
         raise KernelWireGuardError(f"the dump of {ifname} is empty")
-    return DeviceState(
+    public_key = device.get_attr("WGDEVICE_A_PUBLIC_KEY")
+    state = DeviceState(
         name=ifname,
         public_key=_key_text(public_key) if public_key else "",
-        listen_port=listen_port,
-        fwmark=fwmark,
+        listen_port=device.get_attr("WGDEVICE_A_LISTEN_PORT") or 0,
+        fwmark=device.get_attr("WGDEVICE_A_FWMARK") or 0,
         mtu=mtu,
         up=up,
-        peers={
-            key: PeerState(
-                public_key=key,
-                endpoint=entry["endpoint"],
-                allowed_ips=frozenset(entry["allowed"]),
-                persistent_keepalive=entry["keepalive"],
-                latest_handshake=entry["handshake"],
-                rx_bytes=entry["rx"],
-                tx_bytes=entry["tx"],
-            )
-            for key, entry in peers.items()
-        },
+        peers={},
+    )
+    return DeviceStream(state, _dumped_peers(device, iterator))
+
+
+def _dumped_peers(first: WireGuardMessage, rest: Iterator[WireGuardMessage]) -> Iterator[PeerState]:
+    key: str | None = None
+    entry: dict = {}
+    try:
+        for part in itertools.chain((first,), rest):
+            for peer in part.get_attr("WGDEVICE_A_PEERS") or []:
+                peer_key = _key_text(peer.get_attr("WGPEER_A_PUBLIC_KEY"))
+                if peer_key != key:
+                    if key is not None:
+                        yield _dumped_peer(key, entry)
+                    key = peer_key
+                    endpoint_attr = peer.get_attr("WGPEER_A_ENDPOINT")
+                    handshake = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+                    entry = {
+                        "endpoint": (endpoint_attr["addr"], endpoint_attr["port"]) if endpoint_attr else None,
+                        "keepalive": peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0,
+                        "handshake": (handshake["tv_sec"] + handshake["tv_nsec"] / 1e9) if handshake else 0.0,
+                        "rx": peer.get_attr("WGPEER_A_RX_BYTES") or 0,
+                        "tx": peer.get_attr("WGPEER_A_TX_BYTES") or 0,
+                        "allowed": set(),
+                    }
+                for allowed in peer.get_attr("WGPEER_A_ALLOWEDIPS") or []:  # the model's packed form, not via text
+                    entry["allowed"].add(prefix_of_packed(allowed.get_attr("WGALLOWEDIP_A_IPADDR"),
+                                                          allowed.get_attr("WGALLOWEDIP_A_CIDR_MASK")))
+        if key is not None:
+            yield _dumped_peer(key, entry)
+    finally:
+        for _ in rest:  # abandoned: read the dump to its end
+            pass
+
+
+def _dumped_peer(key: str, entry: dict) -> PeerState:
+    return PeerState(
+        public_key=key,
+        endpoint=entry["endpoint"],
+        allowed_ips=frozenset(entry["allowed"]),
+        persistent_keepalive=entry["keepalive"],
+        latest_handshake=entry["handshake"],
+        rx_bytes=entry["rx"],
+        tx_bytes=entry["tx"],
     )
 
 
@@ -414,14 +435,25 @@ class KernelWireGuard:
         return self._genl
 
     def read(self) -> DeviceState | None:
+        stream = self.read_stream()
+        if stream is None:
+            return None
+        try:
+            return replace(stream.device, peers={peer.public_key: peer for peer in stream.peers})
+        except NetlinkError as error:
+            if error.code == errno.ENODEV:  # removed between the two reads
+                return None
+            raise KernelWireGuardError(f"reading {self.ifname}: {error}") from error
+
+    def read_stream(self) -> DeviceStream | None:
         link = self._link()
         if link is None:
             return None
         if self._link_kind(link) != "wireguard":
             raise KernelWireGuardError(f"{self.ifname} exists but is a {self._link_kind(link)} link, not wireguard")
         try:
-            return parse_device(self.ifname, self._socket().get_device(self.ifname), link.get_attr("IFLA_MTU"),
-                                bool(link["flags"] & IFF_UP))
+            return parse_device_stream(self.ifname, self._socket().get_device(self.ifname), link.get_attr("IFLA_MTU"),
+                                       bool(link["flags"] & IFF_UP))
         except NetlinkError as error:
             if error.code == errno.ENODEV:  # removed between the two reads
                 return None

@@ -27,6 +27,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from socket import AF_INET, AF_INET6, inet_ntop
 
@@ -36,6 +37,7 @@ from node_hook.addresses import IPNetwork, packed_prefix, prefix_from_text
 from node_hook.contracts import (
     DeviceSpec,
     DeviceState,
+    DeviceStream,
     PeerOp,
     PeerState,
     RemoveAllowedIPs,
@@ -133,7 +135,7 @@ class UapiClient:
         except (OSError, UapiError):
             return False
 
-    def get(self) -> Iterator[str]:
+    def get(self) -> Generator[str, None, None]:
         """The lines of a `get`, as they arrive: the device's fields, then each peer's, from its `public_key`."""
         return self._request(["get=1"])
 
@@ -271,56 +273,65 @@ class UserspaceWireGuard:
 
     def read(self) -> DeviceState | None:
         with paused_gc():  # a read-back builds 1.25 M AllowedIPs at 5 000 x 250 (see model.paused_gc)
-            return self._read()
+            stream = self.read_stream()
+            if stream is None:
+                return None
+            try:
+                peers = {peer.public_key: peer for peer in stream.peers}
+            except (OSError, UapiError):
+                return None
+            return replace(stream.device, peers=peers)
 
-    def _read(self) -> DeviceState | None:
+    def read_stream(self) -> DeviceStream | None:
         with self._lock:
             links = self._ipr.link_lookup(ifname=self.ifname)
             if not links:
                 return None
-            try:
-                device, peers = self._parse(self.client.get())
-            except (OSError, UapiError):
-                return None
             link = self._ipr.get_links(links[0])[0]
+            lines = self.client.get()
+            device: dict[str, str] = {}
+            first_peer: str | None = None
+            try:
+                for line in lines:  # the device's fields come before the first peer's `public_key`
+                    key, _, value = line.partition("=")
+                    if key == "public_key":
+                        first_peer = value
+                        break
+                    device[key] = value
+            except (OSError, UapiError):
+                lines.close()
+                return None
         private_hex = device.get("private_key", "")
         public_key = public_key_of(bytes.fromhex(private_hex)) if private_hex else ""
-        return DeviceState(
+        state = DeviceState(
             name=self.ifname,
             public_key=public_key,
             listen_port=int(device.get("listen_port", "0")),
             fwmark=int(device.get("fwmark", "0")),
             mtu=link.get("mtu"),
             up=bool(link["flags"] & 1),
-            peers=peers,
+            peers={},
         )
+        return DeviceStream(state, self._peers(first_peer, lines))
 
     @staticmethod
-    def _parse(lines: Iterator[str]) -> tuple[dict[str, str], dict[str, PeerState]]:
-        """(device fields, peers) of a `get` answer, each AllowedIP parsed as its line arrives."""
-        device: dict[str, str] = {}
-        peers: dict[str, PeerState] = {}
-        fields: dict[str, str] | None = None
+    def _peers(first_key: str | None, lines: Iterator[str]) -> Iterator[PeerState]:
+        """The peers of a `get` answer from the line after the first `public_key` on, each AllowedIP parsed as its
+        line arrives and each peer handed over once its last line is read."""
+        if first_key is None:
+            return
+        fields: dict[str, str] = {"public_key": first_key}
         allowed: list[IPNetwork] = []
-
-        def finish() -> None:
-            if fields is not None:
-                state = _peer_state(fields, allowed)
-                peers[state.public_key] = state
-
         for line in lines:
             key, _, value = line.partition("=")
-            if key == "allowed_ip" and fields is not None:
+            if key == "allowed_ip":
                 allowed.append(prefix_from_text(value))  # as wireguard-go prints it: the network address
             elif key == "public_key":
-                finish()
+                yield _peer_state(fields, allowed)
                 fields, allowed = {"public_key": value}, []
-            elif fields is None:
-                device[key] = value
             else:
                 fields[key] = value
-        finish()
-        return device, peers
+        yield _peer_state(fields, allowed)
 
     def ensure_device(self, spec: DeviceSpec) -> None:
         with self._lock:

@@ -220,3 +220,31 @@ def test_a_large_peer_is_continued_over_several_messages():
     assert [w.flags for m in messages for w in m] == [WGPEER_F_REPLACE_ALLOWEDIPS] + [0] * (len(messages) - 1)
     assert [p for m in messages for w in m for p in w.allowed_ips] == list(big)
     assert all(len(encode(m).data) <= 4096 for m in messages)
+
+
+def test_a_streamed_dump_hands_over_each_peer_once_complete_and_is_read_to_its_end_when_abandoned():
+    """A peer split over two dump parts (as the kernel splits a large device) comes out once, with all its
+    AllowedIPs; a stream abandoned after its first peer still takes every part (the socket's next answer must not
+    be the rest of this dump)."""
+    first = encode(plan_peer_writes([UpsertPeer(KEY_A, ("10.240.0.35", 51820), (net("10.240.1.7/32"),), True)],
+                                    per_ip_remove=False)[0:1])
+    second = encode(plan_peer_writes([UpsertPeer(KEY_A, None, (net("10.240.1.9/32"),), False),
+                                      UpsertPeer(KEY_B, ("10.240.0.66", 51820), (net("10.240.2.0/30"),), True)],
+                                     per_ip_remove=False))
+    stream = wg_kernel.parse_device_stream("wgcni0", [first, second], mtu=1420, up=True)
+    assert stream.device.peers == {} and stream.device.mtu == 1420
+    peers = list(stream.peers)
+    assert [peer.public_key for peer in peers] == [KEY_A, KEY_B]
+    assert peers[0].allowed_ips == {net("10.240.1.7/32"), net("10.240.1.9/32")}
+    assert peers[0].endpoint == ("10.240.0.35", 51820)
+    taken = []
+
+    def parts():
+        for part in (first, second, second):
+            taken.append(part)
+            yield part
+
+    abandoned = wg_kernel.parse_device_stream("wgcni0", parts(), mtu=1420, up=True)
+    assert next(abandoned.peers).public_key == KEY_A
+    abandoned.peers.close()  # type: ignore[attr-defined]
+    assert len(taken) == 3

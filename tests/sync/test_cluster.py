@@ -108,7 +108,31 @@ def test_churn_is_coalesced_to_two_writes_per_second_and_every_ip_is_published(s
     elapsed = time.monotonic() - started
     assert len(writes) <= 2 * elapsed + 1, (len(writes), elapsed)
     gaps = [later - earlier for earlier, later in itertools.pairwise(writes)]
-    assert all(gap >= 0.45 for gap in gaps), gaps
+    assert all(gap >= 0.45 for gap in gaps), gaps  # a burst: evenly spaced writes of the latest state
+
+
+def test_a_lone_change_soon_after_a_write_is_written_at_once(server, core, custom, make_source):
+    """A pod's DEL 0.1 s after its ADD was written used to wait for the 0.5 s spacing; a third change within the
+    second waits for the window (2 writes in any second)."""
+    create_node(core, "node-a")
+    source, _ = make_source("node-a", SyncSettings(**{**FAST.__dict__, "max_writes_per_second": 2.0}))
+    key = new_key()
+    source.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_until(lambda: source.status.published, what="first publish")
+    time.sleep(1.1)  # quiet: the window is empty again
+    started = time.monotonic()
+    source.publish(announcement("node-a", key, {"10.240.0.70", "10.240.0.71"}))
+    wait_until(lambda: source.status.published, what="the ADD")
+    time.sleep(0.1)
+    source.publish(announcement("node-a", key, {"10.240.0.70"}))
+    wait_until(lambda: source.status.published, what="the DEL")
+    source.publish(announcement("node-a", key, {"10.240.0.72"}))
+    wait_until(lambda: source.status.published, what="the third change")
+    writes = [record.at for record in server.writes(OWN_OBJECT, since=started)]
+    assert len(writes) == 3, writes
+    assert writes[1] - writes[0] < 0.45, writes  # at once (0.1 s and the requests), not 0.5 s after the ADD
+    assert writes[2] - writes[0] >= 1.0 - 0.02, writes  # the window, with the server clock's rounding margin
+    assert object_of(custom, "node-a")["status"]["podIPPrefixes"] == ["10.240.0.72/32"]
 
 
 def test_conflict_storm_and_server_errors_never_lose_the_update(server, core, custom, make_source):
