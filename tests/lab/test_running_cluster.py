@@ -162,6 +162,9 @@ def test_an_operator_uses_kubectl_and_a_nodes_hook_follows_its_opt_out_label(cli
     assert header.split()[:3] == ["NAME", "KEY", "ENCRYPTION"]
     assert {row.split()[0]: row.split()[2] for row in rows}["node-2"] == "WireGuard"
     assert "Name:               node-1" in kubectl("describe", "node", "node-1")
+    applied = kubectl("apply", "-k", str(lab.REPO / "conf")).splitlines()  # the lab applied crd.yaml and rbac.yaml
+    assert "daemonset.apps/wgcni-node created" in applied and "configmap/wgcni-config created" in applied
+    assert "clusterrole.rbac.authorization.k8s.io/wgcni-node configured" in applied
 
     def encryption(node: str) -> str:
         return kubectl("get", "wgn", node, "-o", "jsonpath={.status.encryption}")

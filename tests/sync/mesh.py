@@ -161,14 +161,19 @@ class Mesh:
         """The node's kubeconfig: the cluster CA and the token file the kubelet keeps for wgcni's pod, a
         service-account token bound to the node's Node."""
         assert self.server is not None
-        token = node.directory / "token"
-        token.write_text(self.server.node_token(node.name))
-        token.chmod(0o600)
         kubeconfig = self.server.kubeconfig(server=f"https://{API_ADDRESS}:{API_PORT}")
-        kubeconfig["users"][0]["user"] = {"tokenFile": str(token)}
+        kubeconfig["users"][0]["user"] = {"tokenFile": str(self.rotate_token(node))}
         path = node.directory / "kubeconfig"
         path.write_text(json.dumps(kubeconfig))
         return path
+
+    def rotate_token(self, node: MeshNode) -> Path:
+        """A new token bound to the node's Node as it is now (the kubelet's next one; the hook re-reads the file)."""
+        assert self.server is not None
+        token = node.directory / "token"
+        token.write_text(self.server.node_token(node.name))
+        token.chmod(0o600)
+        return token
 
     def _start_containerd(self, node: MeshNode) -> None:
         node.containerd = Containerd(node.directory / "ctrd", name=node.name, netns=node.netns)

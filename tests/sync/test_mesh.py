@@ -191,6 +191,7 @@ def test_deleting_a_node_removes_it_everywhere_and_it_comes_back(mesh):
                    and not c_addresses & {ip for ip, kind in node.wg_routes().items() if kind == "unicast"},
                    CONVERGE, f"{node.name} dropped node-c's peer and tunnel routes")
     mesh.core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name="node-c")))
+    mesh.rotate_token(node_c)  # its old token was bound to the deleted Node: 401 until the kubelet's new one
     wait_until(lambda: mesh.keys().get("node-c") == key_c, CONVERGE, "node-c republished with the same key")
     converge(mesh, "node-c back everywhere")
 
@@ -224,11 +225,13 @@ def test_key_and_ip_claimed_twice_follow_the_conflict_rules(mesh):
     finally:
         mesh.core.delete_node("rogue-key")
     converge(mesh, "node-b's key unique again")
-    # A later claim of pod_a's IP by another node wins on every other node (latest podIPsChangedAt).
+    # A later claim of pod_a's IP by another node wins on every other node: a higher claim revision (the API's
+    # latest, after node-a's claim), not a later clock (its podIPsChangedAt is years behind node-a's).
     rogue_key = new_key()
     _rogue(mesh, "rogue-ip", {"publicKey": rogue_key, "endpoint": {"address": "10.240.0.201", "port": 51820},
                               "nodeIPs": ["10.240.0.201"], "podIPPrefixes": [f"{pod_a.ip}/32"],
-                              "podIPsChangedAt": "2099-01-01T00:00:00.000000Z"})
+                              "podIPClaimRevisions": [str(mesh.server.store.resource_version)],
+                              "podIPsChangedAt": "2000-01-01T00:00:00.000000Z"})
     try:
         for node in (node_b, node_c):
             wait_until(lambda node=node: pod_a.ip in node.wg_peers().get(rogue_key, set())

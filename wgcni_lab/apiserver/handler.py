@@ -249,14 +249,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(400, "BadRequest", "resourceVersionMatch=Exact needs a resourceVersion")
         elif query.get("resourceVersion") == "0":
             limit = 0
-        items, version = store.list(rtype, selection, exact)
-        if after is not None:
-            items = [obj for obj in items if _list_key(obj) > after]
+        items, version, remaining = store.list(rtype, selection, exact, after, limit)
         metadata: JSON = {"resourceVersion": str(version)}
-        if limit and len(items) > limit:
-            metadata["continue"] = encode_continue(version, _list_key(items[limit - 1]))
-            metadata["remainingItemCount"] = len(items) - limit
-            items = items[:limit]
+        if remaining:
+            metadata["continue"] = encode_continue(version, _list_key(items[-1]))
+            metadata["remainingItemCount"] = remaining
         if wants_table(self.headers.get("Accept") or ""):
             return table(rtype, items, metadata, query.get("includeObject", ""))
         return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version, "metadata": metadata, "items": items}

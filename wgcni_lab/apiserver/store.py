@@ -49,6 +49,11 @@ class Event:
     previous: JSON | None  # the object before the change (None for ADDED), to rebuild past states
 
 
+def _order(obj: JSON) -> tuple[str, str]:
+    """Where an object comes in a list: by namespace, then name."""
+    return obj["metadata"].get("namespace", ""), obj["metadata"]["name"]
+
+
 def _key(rtype: ResourceType, namespace: str, name: str) -> Key:
     return (rtype.qualified_name, namespace if rtype.namespaced else "", name)
 
@@ -92,8 +97,10 @@ class Store:
         """The stored object itself (not a copy) or None; for the server's own readers (RBAC, admission)."""
         return self.objects.get(_key(rtype, namespace, name))
 
-    def list(self, rtype: ResourceType, selection: Selection,
-             exact_version: int | None) -> tuple[builtins.list[JSON], int]:
+    def list(self, rtype: ResourceType, selection: Selection, exact_version: int | None,
+             after: tuple[str, str] | None = None, limit: int = 0) -> tuple[builtins.list[JSON], int, int]:
+        """(objects in (namespace, name) order, the resourceVersion they are at, how many more there are): those
+        after `after`, at most `limit` (0: all) - only those are copied, as the real server reads only a page."""
         with self.changed:
             if exact_version is None or exact_version == self.resource_version:
                 items = [obj for key, obj in self.objects.items() if key[0] == rtype.qualified_name]
@@ -101,9 +108,12 @@ class Store:
             else:
                 items = self._state_at(rtype, exact_version)
                 version = exact_version
-            selected = [copy.deepcopy(obj) for obj in items if selection.matches(obj)]
-        selected.sort(key=lambda obj: (obj["metadata"].get("namespace", ""), obj["metadata"]["name"]))
-        return selected, version
+            selected = sorted((obj for obj in items if selection.matches(obj)), key=_order)
+            if after is not None:
+                selected = [obj for obj in selected if _order(obj) > after]
+            remaining = max(0, len(selected) - limit) if limit else 0
+            page = [copy.deepcopy(obj) for obj in (selected[:limit] if limit else selected)]
+        return page, version, remaining
 
     def items_of(self, qualified_name: str) -> builtins.list[JSON]:
         """Must hold the lock. The stored objects of one type (not copies), for the server's own readers."""

@@ -23,7 +23,7 @@ class Watcher:
         with store.changed:
             if since is None:
                 # No resourceVersion (or "0"): synthetic ADDED events for the current state, then changes.
-                items, _ = store.list(rtype, selection, None)
+                items, _, _ = store.list(rtype, selection, None)
                 self.pending = [{"type": "ADDED", "object": obj} for obj in items]
                 self.position = store.resource_version
             elif since < store.oldest_watchable - 1:
