@@ -47,7 +47,7 @@ from wgcni_lab import control, fabric, lab, lifecycle, services
 from wgcni_lab.cleanup import remove_tree
 
 TEARDOWN_WAIT = 120.0  # seconds a failed `up` waits for the daemon to remove what it made
-LAB_OWNED_SETTINGS = ("nodeName", "endpoint", "socket")  # the lab sets them per node / reaches the hook there
+LAB_OWNED_SETTINGS = ("nodeName", "endpoint", "socket")  # each node's own (NODE_NAME, its route) / the lab's socket
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "wireguard-go",
                   "wg", "nft", "gcc")
 
@@ -111,9 +111,8 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
         if isinstance(value, (dict, list)):
             raise lab.LabError(f"--setting {pair!r}: the value must be a scalar, not a YAML {type(value).__name__}")
         settings[key] = value
-    sample = lab.NodeState(name="node-1", ip=lab.node_ip(0), netns="", pod_ips=[])
     try:
-        settings_from_mapping(lab.hook_config(sample, True, settings))
+        settings_from_mapping(lab.hook_config(True, settings))
     except ConfigError as error:
         raise lab.LabError(f"--setting: {error}") from None
     return settings

@@ -265,12 +265,11 @@ def base_conflist(pool: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def hook_config(node: NodeState, azure_underlay: bool, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The hook's settings in a node, as the DaemonSet's ConfigMap would carry them for the lab (`azure` follows the
-    lab's underlay), with `settings` (file keys, `up --setting`) merged over the lab's."""
+def hook_config(azure_underlay: bool, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hook's settings, as the DaemonSet's ConfigMap would carry them for the lab: one config for every node,
+    as on AKS (the node name comes from NODE_NAME, the endpoint from the node's default route), `azure` following
+    the lab's underlay, with `settings` (file keys, `up --setting`) merged over the lab's."""
     return {
-        "nodeName": node.name,
-        "endpoint": node.ip,
         "backend": "userspace",
         "azure": azure_underlay,
         "hostEncryption": True,
@@ -414,7 +413,7 @@ def write_node_config(state: LabState, node: NodeState) -> None:
     """The ConfigMap's config.yaml and the API credentials, where the DaemonSet mounts them in the node."""
     directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
     directory.mkdir(parents=True, exist_ok=True)
-    config = hook_config(node, state.azure_underlay, state.settings)
+    config = hook_config(state.azure_underlay, state.settings)
     (directory / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
     (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node), indent=2) + "\n")
 

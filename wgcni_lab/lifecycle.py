@@ -166,7 +166,7 @@ class DaemonSetPod:
         lab.install_cni(self.state, self.node)
         self.cgroup.mkdir(parents=True, exist_ok=True)
         config = str(lab.NODE_CONFIG_DIR / "config.yaml")
-        hook_env = dict(lab.node_env(), KUBECONFIG=str(lab.NODE_CONFIG_DIR / "kubeconfig"))
+        hook_env = dict(lab.node_env(), KUBECONFIG=str(lab.NODE_CONFIG_DIR / "kubeconfig"), NODE_NAME=self.node.name)
         self.containers = {
             HOOK_CONTAINER: self._start_container([self.state.hook, "run", "--config", config], "wgcni-node.log",
                                                   hook_env),

@@ -197,10 +197,18 @@ def test_a_host_network_pod_has_the_node_ip_and_its_network_namespace(cli: Cli) 
 # ---- settings and labels ------------------------------------------------------------------------------------------
 
 def test_a_setting_reaches_every_node_config_and_its_peers(cli: Cli) -> None:
+    """One config on every node, as a ConfigMap is: the hook takes its node's name from NODE_NAME (the
+    DaemonSet's downward-API env: the lab came up only if every hook knows every other by its node name) and its
+    endpoint from its default route."""
+    configs = [cli.run("exec", node, "--", "cat", "/etc/wgcni/config.yaml").stdout
+               for node in ("node-1", "node-2", "node-3")]
+    assert len(set(configs)) == 1
+    config = json.loads(configs[0])
+    assert config["persistentKeepalive"] == KEEPALIVE and "nodeName" not in config and "endpoint" not in config
+    ips = {node["name"]: node["ip"] for node in status(cli)["nodes"]}
     for node in ("node-1", "node-2", "node-3"):
-        config = json.loads(cli.run("exec", node, "--", "cat", "/etc/wgcni/config.yaml").stdout)
-        assert config["persistentKeepalive"] == KEEPALIVE and config["nodeName"] == node
         assert {peer["keepalive"] for peer in peers(cli, node).values()} == {str(KEEPALIVE)}
+        assert set(peers(cli, node)) == {ip for name, ip in ips.items() if name != node}
 
 
 @pytest.mark.parametrize("setting", ["mtu=12", "noSuchSetting=1", "logLevel=[debug]", "nodeName=x", "mtu"])
