@@ -186,6 +186,7 @@ class LabState:
     settings: dict[str, Any] = field(default_factory=dict)  # `up --setting`s, merged into every node's hook config
     restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF  # the DaemonSet pod's: first delay, cap
     daemonset_installed: bool = False  # wgcni's DaemonSet runs on every node (after the pods that predate it)
+    daemonset_image: str = ""  # the image's OCI archive: the DaemonSet runs from it (kubelet); "": bare processes
     format: int = STATE_FORMAT
 
     @property
@@ -402,11 +403,12 @@ def prepare_node_cni(node: NodeState) -> None:
 
 
 def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untyped-def]
-    from wgcni_lab.containerd import Containerd
+    from wgcni_lab.containerd import OVERLAY_SNAPSHOTTER, SNAPSHOTTER, Containerd
 
     return Containerd(node.containerd_dir(state.path), name=node.name, cni_conf_dir=Path("/etc/cni/net.d"),
                       cni_bin_dir=Path("/opt/cni/bin"), netns=node.netns, mount_namespace=node.mount_namespace,
-                      cgroup_parent=state.cgroup_parent(node))
+                      cgroup_parent=state.cgroup_parent(node),
+                      snapshotter=OVERLAY_SNAPSHOTTER if state.daemonset_image else SNAPSHOTTER)
 
 
 def write_node_config(state: LabState, node: NodeState) -> None:
