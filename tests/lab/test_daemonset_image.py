@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(bool(image.missing_tools()),
                                 reason=f"{', '.join(image.missing_tools())} not installed: `make deps`")
 
 BACKOFF = 1.0
+OUTAGE_BOUND = 12.0  # seconds of lost pod-to-pod pings across a hook container restart (see the test)
 MANIFEST = yaml.safe_load(kubelet.DAEMONSET_FILE.read_text())["spec"]["template"]["spec"]
 CAP_CHOWN = 1 << 0
 
@@ -106,7 +107,9 @@ def test_status_shows_the_pods_as_kubectl_does(cli: Cli) -> None:
 def test_a_killed_hook_container_comes_back_with_its_key_alone(cli: Cli) -> None:
     """kubelet restarts the killed container, not the pod: the init container does not run again and
     install-cni-watch keeps running; the key survives in the state hostPath. With the userspace backend the tunnel
-    dies with the container (wireguard-go is in its PID namespace): the outage is measured and bounded."""
+    dies with the container (wireguard-go is in its PID namespace): the outage is measured and bounded. Bound:
+    the remote peers would send into their dead session for 15 s (WireGuard's keepalive + rekey timeouts) unless
+    the new device greets them (wg_uapi: a keepalive to each new peer); measured 5.5 s with it, 15.5 s without."""
     key = public_key(cli, "node-1")
     before = node_status(cli, "node-1")["daemonset"]
     source = next(pod for pod in status(cli)["pods"] if pod["node"] == "node-2")
@@ -147,7 +150,7 @@ def test_a_killed_hook_container_comes_back_with_its_key_alone(cli: Cli) -> None
     outage = (max(lost) - min(lost) + 1.0) if lost else 0.0
     print(f"\nuserspace backend: pod-to-pod pings lost for {outage:.1f} s across the hook container's restart "
           f"({len(lost)} lost)")
-    assert outage < 30
+    assert outage < OUTAGE_BOUND
 
 
 def test_a_stopped_hook_fails_readiness_then_liveness(cli: Cli) -> None:
