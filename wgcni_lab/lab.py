@@ -20,9 +20,11 @@ Layout (everything is named after the lab's random id, so two labs never collide
   transparent mode does. Pod IPs come from the same /16 as the nodes and are scattered across nodes the way
   Azure's node-subnet mode ends up after churn: the AKS secondary-IP slots are dealt round-robin, so no node owns
   an aggregatable block;
-- per node what the DaemonSet runs, with its settings in the node's `/etc/wgcni/config.yaml`: `wgcni-node
-  install-cni --wait` (the init container), then `wgcni-node run` on the userspace backend, host encryption on, and
-  `wgcni-node install-cni --watch` (which re-inserts the entry when the conflist is rewritten, as Azure CNS does);
+- per node what the DaemonSet runs (conf/daemonset.yaml from the wgcni image through the node's containerd,
+  wgcni_lab.kubelet, or the bundles of dist/ as bare processes, wgcni_lab.lifecycle), with one config for every
+  node as a ConfigMap carries it (the node's name from NODE_NAME): `wgcni-node install-cni --wait` (the init
+  container), then `wgcni-node run` on the userspace backend, host encryption on, and `wgcni-node install-cni
+  --watch` (which re-inserts the entry when the conflist is rewritten, as Azure CNS does);
   the hook syncs peers through the test API server (`wgcni_lab.apiserver`), which the lab daemon serves on
   127.0.0.1:6443 inside every node namespace (so API traffic never crosses the fabric); with Azure's underlay
   (the default; `up --no-azure-underlay` turns it off) the hooks run with `azure: true`, so their auto MTU is 1340;

@@ -13,7 +13,10 @@ owns every long-lived lab process; `wgcni-lab` commands reach it through the con
   made for the same pod (same name and uid, attempt + 1: CNI ADD) and the old one removed. **Reimage** is the same
   with the OS disk and containerd's root wiped and re-provisioned (`lab.prepare_node_cni`, a new WireGuard key); the
   node's pods are made again from their specs (kubelet reads them from the API server).
-- **DaemonSet pod** (`DaemonSetPod`): the init container `install-cni --wait`, then the containers `wgcni-node run`
+- **DaemonSet pod**: from the wgcni image through the node's containerd, as kubelet runs conf/daemonset.yaml
+  (`wgcni_lab.kubelet.ImageDaemonSetPod`, when `up` found or built the image: `LabState.daemonset_image`), or as
+  bare processes (`DaemonSetPod`, `up --daemonset-runtime processes` or no image tools), described here: the init
+  container `install-cni --wait`, then the containers `wgcni-node run`
   and `install-cni --watch`, each started in the pod's cgroup (cgroup v2 hierarchy), so wireguard-go, which the hook
   starts in a session of its own, is part of the pod too. stop = SIGSTOP to every process of the pod, start =
   SIGCONT, kill = SIGKILL. The supervision loop (`Cluster.supervise`) restarts the pod when one of its containers
