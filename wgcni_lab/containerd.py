@@ -261,6 +261,14 @@ class Containerd:
             prefix.append(f"--mount={self.mount_namespace}")
         return ["nsenter", *prefix, "--"] if prefix else []
 
+    def has_image(self, name: str) -> bool:
+        """The image is in the CRI namespace (kept in containerd's root across a power-off)."""
+        result = subprocess.run(
+            [self._ctr_binary, "--address", str(self.address), "--namespace", K8S_NAMESPACE, "images", "ls", "-q"],
+            capture_output=True, text=True,
+        )
+        return result.returncode == 0 and name in result.stdout.split()
+
     def import_image(self, archive: Path, what: str = "") -> None:
         """`ctr images import` of an OCI archive into the CRI namespace, unpacked for the CRI snapshotter; the
         image is named by the archive's annotations."""

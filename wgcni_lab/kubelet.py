@@ -303,8 +303,8 @@ class ImageDaemonSetPod:
         return lab.cri_client(self.state, self.node)
 
     def start(self, runtime: Any) -> None:
-        """The sandbox, the init containers to completion, then the containers; returns once every container is
-        ready (its readiness probe passed) and containerd has loaded the conflist with wgcni in it."""
+        """The sandbox, the init containers to completion, then the containers; returns once they run, the hook
+        serves and containerd has loaded the conflist with wgcni in it."""
         volumes = self._volume_paths()
         env_fields = {"spec.nodeName": self.node.name, "metadata.name": f"{self.template.name}-{self.node.name}",
                       "metadata.namespace": self.template.namespace}
@@ -330,7 +330,7 @@ class ImageDaemonSetPod:
                     self._create(cri, run)
             except CriError as error:
                 raise lab.LabError(f"{self.node.name}: {self.template.name}: {error.details or error}") from None
-        lab.wait_until(self._all_ready, 90, f"{self.template.name} on {self.node.name} to be ready", interval=0.1,
+        lab.wait_until(self._serving, 90, f"wgcni-node on {self.node.name} to be ready", interval=0.1,
                        error=lab.LabError)
         lab.wait_chained(runtime)
         self.publish()
@@ -427,21 +427,19 @@ class ImageDaemonSetPod:
         if run.spec.name == "wgcni-node":
             self.node.hook_pid = cri.container_status(run.id).pid
 
-    def _all_ready(self) -> bool:
-        for run in self.runs.values():
-            if run.state != "running" or not run.started:
-                if run.state == "terminated" or run.liveness_failed:
-                    raise lab.LabError(f"{self.node.name}: container {run.spec.name} "
-                                       f"{run.liveness_failed or run.last_termination}: "
+    def _serving(self) -> bool:
+        """Every container runs and the hook answers on its socket with its device made (what the lab needs to go
+        on; the probes run on their own: a hook whose node is not published yet is not ready, and kubelet does not
+        wait for readiness either)."""
+        with self.cri() as cri:
+            for run in self.runs.values():
+                if run.state == "running" and cri.container_status(run.id).state == "CONTAINER_EXITED":
+                    raise lab.LabError(f"{self.node.name}: container {run.spec.name} exited at start: "
                                        f"{self._log_tail(run.spec.name, run.restarts)}")
-                with self.cri() as cri:
-                    if run.id and cri.container_status(run.id).state == "CONTAINER_EXITED":
-                        raise lab.LabError(f"{self.node.name}: container {run.spec.name} exited at start: "
-                                           f"{self._log_tail(run.spec.name, run.restarts)}")
-                return False
-            if not run.ready:
-                return False
-        return True
+                if run.state != "running":
+                    return False
+        status = lab.hook_request(self.node, "status")
+        return bool(status and status.get("ready"))
 
     def _log_tail(self, name: str, attempt: int) -> str:
         try:

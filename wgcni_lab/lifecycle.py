@@ -61,6 +61,7 @@ from wgcni_lab.cleanup import (
 from wgcni_lab.containerd import Containerd, ContainerdError
 from wgcni_lab.control import one_line as control_line
 from wgcni_lab.cri import CriError
+from wgcni_lab.image import daemonset_image
 from wgcni_lab.kubelet import ImageDaemonSetPod, load_template
 
 CGROUP_V2 = CGROUP_ROOT / "unified"  # the cgroup v2 hierarchy beside the v1 controllers on these hosts
@@ -313,7 +314,7 @@ class Cluster:
         runtime.start()
         self.runtimes[node.name] = runtime
         self.progress(f"{node.name}: netns {node.netns}, eth0 {node.ip}/{lab.VNET.prefixlen}, containerd (CRI) up")
-        if self.state.daemonset_image:
+        if self.state.daemonset_image and not runtime.has_image(daemonset_image()):  # kept across a reboot
             try:
                 runtime.import_image(Path(self.state.daemonset_image), "the wgcni image")
             except ContainerdError as error:

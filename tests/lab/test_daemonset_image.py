@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(bool(image.missing_tools()),
                                 reason=f"{', '.join(image.missing_tools())} not installed: `make deps`")
 
 BACKOFF = 1.0
-OUTAGE_BOUND = 12.0  # seconds of lost pod-to-pod pings across a hook container restart (see the test)
+OUTAGE_BOUND = 14.0  # seconds of lost pod-to-pod pings across a hook container restart (see the test)
 MANIFEST = yaml.safe_load(kubelet.DAEMONSET_FILE.read_text())["spec"]["template"]["spec"]
 CAP_CHOWN = 1 << 0
 
@@ -64,7 +64,13 @@ def mounts(pid: int) -> dict[str, str]:
     return found
 
 
+def all_ready(cli: Cli) -> bool:
+    return all(node["daemonset"]["ready"] == "2/2" for node in status(cli)["nodes"])
+
+
 def test_the_pod_runs_the_manifests_containers_from_the_image(cli: Cli) -> None:
+    # the startup probe runs every 5 s, readiness after it: READY can lag `up` by ~10 s, as on AKS
+    wait_until(lambda: all_ready(cli), 30, "both DaemonSet pods ready", interval=0.5)
     for node in status(cli)["nodes"]:
         pod = node["daemonset"]
         assert (pod["runtime"], pod["image"], pod["ready"], pod["status"]) == (
@@ -109,7 +115,7 @@ def test_a_killed_hook_container_comes_back_with_its_key_alone(cli: Cli) -> None
     install-cni-watch keeps running; the key survives in the state hostPath. With the userspace backend the tunnel
     dies with the container (wireguard-go is in its PID namespace): the outage is measured and bounded. Bound:
     the remote peers would send into their dead session for 15 s (WireGuard's keepalive + rekey timeouts) unless
-    the new device greets them (wg_uapi: a keepalive to each new peer); measured 5.5 s with it, 15.5 s without."""
+    the new device greets them (wg_uapi: a keepalive to each new peer); measured 5.5-8 s with it, 15.5 s without."""
     key = public_key(cli, "node-1")
     before = node_status(cli, "node-1")["daemonset"]
     source = next(pod for pod in status(cli)["pods"] if pod["node"] == "node-2")
@@ -173,7 +179,7 @@ def test_processes_is_the_visible_fallback(lab_parent: Path, built: None) -> Non
                 "--daemonset-runtime", "processes") as cli:
         cli.seen_netns = set()  # type: ignore[attr-defined]
         (node,) = status(cli)["nodes"]
-        assert node["daemonset"]["runtime"] == "processes" and node["daemonset"]["ready"] == "2/2"
+        assert node["daemonset"]["runtime"] == "processes" and node["daemonset"]["ready"] == "2/2"  # no probes run
         assert not lab.require_state(cli.lab_dir).daemonset_image
         row = next(line for line in cli.run("status").stdout.splitlines() if line.startswith("wgcni-node-node-1"))
         assert row.split()[-1] == "processes"
