@@ -197,6 +197,8 @@ class ProbeWorker(threading.Thread):
         if self.stopped.wait(self.probe.initial_delay):
             return
         while not self.stopped.is_set():
+            if self.probe.kind == "startup" and self.run_.started:
+                return  # kubelet stops a startup probe once it has passed
             if self.probe.kind == "startup" or self.run_.started:
                 ok, message = self.probe.check()
                 if self.stopped.is_set():
