@@ -12,9 +12,10 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make \
 	wireguard-go wireguard-tools nftables iptables tcpdump iperf3 \
 	containerd runc containernetworking-plugins \
 	golang-go golang-github-appc-cni-dev \
-	qemu-system-x86
+	qemu-system-x86 \
+	mmdebstrap buildah
 
-.PHONY: all deps venv build lint test test-host test-vm bench demo demo-down clean
+.PHONY: all deps venv build image lint test test-host test-vm bench demo demo-down clean
 
 all: build
 
@@ -41,6 +42,11 @@ venv: $(STAMPS)/venv
 
 build: $(STAMPS)/venv
 	PY=$(PY) bash packaging/build.sh
+
+# The DaemonSet's image as an OCI archive, built from Debian packages and dist/ without a registry (packaging/image.sh),
+# cached by content in .build/lab-cache/image/; prints its size per part.
+image: build
+	$(PY) -m wgcni_lab.image
 
 # The checkers configured in pyproject.toml: lint rules, the import contracts of the layers, types.
 lint: $(STAMPS)/venv

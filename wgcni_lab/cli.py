@@ -47,7 +47,7 @@ from wgcni_lab import control, fabric, lab, lifecycle, services
 from wgcni_lab.cleanup import remove_tree
 
 TEARDOWN_WAIT = 120.0  # seconds a failed `up` waits for the daemon to remove what it made
-LAB_OWNED_SETTINGS = ("nodeName", "endpoint", "socket")  # the lab sets them per node / reaches the hook there
+LAB_OWNED_SETTINGS = ("nodeName", "endpoint", "socket")  # each node's own (NODE_NAME, its route) / the lab's socket
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-runc-v2", "runc", "ctr", "wireguard-go",
                   "wg", "nft", "gcc")
 
@@ -111,9 +111,8 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
         if isinstance(value, (dict, list)):
             raise lab.LabError(f"--setting {pair!r}: the value must be a scalar, not a YAML {type(value).__name__}")
         settings[key] = value
-    sample = lab.NodeState(name="node-1", ip=lab.node_ip(0), netns="", pod_ips=[])
     try:
-        settings_from_mapping(lab.hook_config(sample, True, settings))
+        settings_from_mapping(lab.hook_config(True, settings))
     except ConfigError as error:
         raise lab.LabError(f"--setting: {error}") from None
     return settings
@@ -140,10 +139,15 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="seconds until a lab that is not up yet is given up (and removed)")
 @click.option("--no-azure-underlay", is_flag=True,
               help="no DF limit of 1400 bytes in the fabric and `azure: false` in the hooks (auto MTU 1440)")
+@click.option("--daemonset-runtime", type=click.Choice(["auto", "containerd", "processes"]), default="auto",
+              show_default=True,
+              help="containerd: conf/daemonset.yaml run from the wgcni image (`make image`, built if needed) through "
+                   "each node's containerd; processes: the bundles of dist/ as bare processes; auto: containerd when "
+                   "mmdebstrap and buildah are installed")
 @click.pass_obj
 def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings: tuple[str, ...],
        restart_backoff: float, restart_backoff_max: float, plugin: Path, hook: Path, timeout: float,
-       no_azure_underlay: bool) -> None:
+       no_azure_underlay: bool, daemonset_runtime: str) -> None:
     """Bring the lab up and leave it running."""
     plugin, hook = plugin.absolute(), hook.absolute()
     if pods_before_install + pods_per_node > lab.MAX_PODS:
@@ -155,12 +159,13 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, 
     if lab.load_state(lab_dir) is not None or lab_dir.exists():
         raise lab.LabError(f"a lab already exists in {lab_dir}: `wgcni-lab down` first, or run a second lab beside it "
                            f"with another --lab-dir (or ${lab.LAB_DIR_ENV})")
+    image_archive = _daemonset_image(daemonset_runtime)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(lab_dir), "daemon", "--nodes", str(nodes),
          "--pods-per-node", str(pods_per_node), "--pods-before-install", str(pods_before_install),
          "--settings-json", json.dumps(hook_settings), "--restart-backoff", f"{restart_backoff}:{restart_backoff_max}",
          "--plugin", str(plugin), "--hook", str(hook), "--parent", str(os.getpid()),
-         *(["--no-azure-underlay"] if no_azure_underlay else [])],
+         "--daemonset-image", image_archive, *(["--no-azure-underlay"] if no_azure_underlay else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
@@ -193,6 +198,26 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, 
     raise lab.LabError(f"the lab daemon exited ({daemon.returncode}) before the lab was up")
 
 
+def _daemonset_image(choice: str) -> str:
+    """The image archive the DaemonSet runs from ("" = bare processes), said on one line either way."""
+    from wgcni_lab import image
+
+    missing = image.missing_tools()
+    if choice == "processes" or (choice == "auto" and missing):
+        why = "--daemonset-runtime processes" if choice == "processes" else (
+            f"{', '.join(missing)} not installed, so no image: `make deps` installs them")
+        click.echo(f"DaemonSet: the bundles of dist/ as bare processes ({why})")
+        return ""
+    started = time.monotonic()
+    try:
+        built = image.build_image()
+    except image.ImageError as error:
+        raise lab.LabError(f"--daemonset-runtime {choice}: {error}") from None
+    click.echo(f"DaemonSet: conf/daemonset.yaml from {built.name} through each node's containerd "
+               f"(image {built.archive.parent.name}, {time.monotonic() - started:.1f}s)")
+    return str(built.archive)
+
+
 def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
     """Wait for a failed `up`'s daemon to remove what it made and exit; a LabError if it has not after
     TEARDOWN_WAIT."""
@@ -213,15 +238,17 @@ def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
 @click.option("--hook", type=click.Path(path_type=Path), required=True)
 @click.option("--parent", type=int, required=True)
 @click.option("--no-azure-underlay", is_flag=True)
+@click.option("--daemonset-image", default="")
 @click.pass_obj
 def daemon(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings_json: str,
-           restart_backoff: str, plugin: Path, hook: Path, parent: int, no_azure_underlay: bool) -> None:
+           restart_backoff: str, plugin: Path, hook: Path, parent: int, no_azure_underlay: bool,
+           daemonset_image: str) -> None:
     """The lab daemon (started by `up`)."""
     from wgcni_lab.daemon import serve
 
     first, cap = (float(part) for part in restart_backoff.split(":"))
     sys.exit(serve(lab_dir, nodes, pods_before_install, pods_per_node, plugin, hook, json.loads(settings_json),
-                   (first, cap), parent, azure_underlay=not no_azure_underlay))
+                   (first, cap), parent, azure_underlay=not no_azure_underlay, daemonset_image=daemonset_image))
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -253,6 +280,12 @@ def status(lab_dir: Path, as_json: bool) -> None:
          str(node["daemonset"].get("restarts", 0)), node["hook_socket"])
         for node in report["nodes"]]))
     click.echo("")
+    click.echo(_table([("DAEMONSET POD", "NODE", "READY", "STATUS", "RESTARTS", "AGE", "RUNTIME")] + [
+        (f"wgcni-node-{node['name']}", node["name"], node["daemonset"].get("ready", "0/2"),
+         node["daemonset"].get("status", "Pending"), str(node["daemonset"].get("restarts", 0)),
+         _age(node["daemonset"].get("created_at", 0.0)), node["daemonset"].get("runtime", "-"))
+        for node in report["nodes"]]))
+    click.echo("")
     if report["pods"]:
         click.echo(_table([("POD", "NODE", "IP", "NETWORK", "NETNS")] + [
             (pod["name"], pod["node"], pod["ip"], _pod_network(pod), pod["netns"]) for pod in report["pods"]]))
@@ -279,6 +312,16 @@ def kubeconfig(lab_dir: Path) -> None:
         click.echo((state.path / lab.KUBECONFIG_FILE).read_text(), nl=False)
     except OSError as error:
         raise lab.LabError(f"no kubeconfig in {state.path}: {error.strerror}") from None
+
+
+def _age(created_at: float) -> str:
+    """kubectl's AGE: seconds up to 2 minutes, then minutes up to 2 hours, then hours."""
+    if not created_at:
+        return "-"
+    seconds = max(0, int(time.time() - created_at))
+    if seconds < 120:
+        return f"{seconds}s"
+    return f"{seconds // 60}m" if seconds < 7200 else f"{seconds // 3600}h"
 
 
 def _pod_network(pod: dict[str, Any]) -> str:

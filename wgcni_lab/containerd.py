@@ -56,6 +56,7 @@ DISABLED_PLUGINS = (
     "io.containerd.snapshotter.v1.overlayfs",
 )  # io.containerd.runtime.v1.linux must stay: containerd 1.6's tasks service (and so CRI) requires it
 SNAPSHOTTER = "native"  # the pause image is one 700 kB file: copying beats needing overlayfs in every node
+OVERLAY_SNAPSHOTTER = "overlayfs"  # for the 140 MB wgcni image: native would copy it for every container
 
 
 class ContainerdError(RuntimeError):
@@ -131,6 +132,7 @@ class Containerd:
         containerd_binary: str = "containerd",
         ctr_binary: str = "ctr",
         log_level: str = "info",
+        snapshotter: str = SNAPSHOTTER,
     ) -> None:
         self.base_dir = Path(base_dir).absolute()
         self.name = name
@@ -146,6 +148,7 @@ class Containerd:
         self._containerd_binary = containerd_binary
         self._ctr_binary = ctr_binary
         self._log_level = log_level
+        self.snapshotter = snapshotter
         self.address = self.base_dir / "containerd.sock"
         self.config_path = self.base_dir / "config.toml"
         self.log_path = self.base_dir / "containerd.log"
@@ -229,7 +232,7 @@ class Containerd:
             if time.monotonic() > deadline:
                 raise ContainerdError(f"containerd {self.name} did not serve CRI within {timeout}s:\n{self.log_tail()}")
             time.sleep(0.02)
-        self._import_image(image)
+        self.import_image(image.archive, "the pause image")
 
     def _require_node_mountpoints(self) -> None:
         """In a node's mount namespace the mountpoints must exist already: creating them here would leave empty
@@ -258,24 +261,35 @@ class Containerd:
             prefix.append(f"--mount={self.mount_namespace}")
         return ["nsenter", *prefix, "--"] if prefix else []
 
-    def _import_image(self, image: PauseImage) -> None:
+    def has_image(self, name: str) -> bool:
+        """The image is in the CRI namespace (kept in containerd's root across a power-off)."""
+        result = subprocess.run(
+            [self._ctr_binary, "--address", str(self.address), "--namespace", K8S_NAMESPACE, "images", "ls", "-q"],
+            capture_output=True, text=True,
+        )
+        return result.returncode == 0 and name in result.stdout.split()
+
+    def import_image(self, archive: Path, what: str = "") -> None:
+        """`ctr images import` of an OCI archive into the CRI namespace, unpacked for the CRI snapshotter; the
+        image is named by the archive's annotations."""
         result = subprocess.run(
             [self._ctr_binary, "--address", str(self.address), "--namespace", K8S_NAMESPACE, "images", "import",
-             "--snapshotter", SNAPSHOTTER, str(image.archive)],
+             "--snapshotter", self.snapshotter, str(archive)],
             capture_output=True,
             text=True,
         )
         if result.returncode != 0:
-            raise ContainerdError(f"importing the pause image into {self.name} failed: {result.stderr.strip()}")
+            raise ContainerdError(f"importing {what or archive} into {self.name} failed: {result.stderr.strip()}")
 
     def _config_toml(self, sandbox_image: str) -> str:
         cri = '"io.containerd.grpc.v1.cri"'
+        disabled = ", ".join(_toml(name) for name in DISABLED_PLUGINS if not name.endswith(f".{self.snapshotter}"))
         return f"""\
 # containerd config for lab node {self.name}; written by wgcni_lab.containerd
 version = 2
 root = {_toml(self.root_dir)}
 state = {_toml(self.state_dir)}
-disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = {_toml(self.address)}
@@ -293,7 +307,7 @@ disabled_plugins = [{", ".join(_toml(plugin) for plugin in DISABLED_PLUGINS)}]
     enable_selinux = false
     disable_apparmor = true
     [plugins.{cri}.containerd]
-      snapshotter = {_toml(SNAPSHOTTER)}
+      snapshotter = {_toml(self.snapshotter)}
       default_runtime_name = "runc"
       [plugins.{cri}.containerd.runtimes.runc]
         runtime_type = "io.containerd.runc.v2"

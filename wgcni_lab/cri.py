@@ -7,8 +7,9 @@ format), and the client builds its message classes from it at run time with prot
 so the messages always match the runtime under test and nothing is hand-written. Extraction reads the
 binary once per process.
 
-Only the sandbox calls the lab and the runtime tests need are wrapped: Version, Status, RunPodSandbox,
-StopPodSandbox, RemovePodSandbox, ListPodSandbox and PodSandboxStatus. Failures raise `CriError` carrying
+Only the calls the lab and the runtime tests need are wrapped: Version, Status, RunPodSandbox, StopPodSandbox,
+RemovePodSandbox, ListPodSandbox, PodSandboxStatus, and for the DaemonSet's containers (wgcni_lab.kubelet)
+CreateContainer, StartContainer, StopContainer, RemoveContainer and ContainerStatus. Failures raise `CriError` carrying
 the method, the gRPC status code and containerd's message.
 """
 
@@ -93,6 +94,23 @@ class SandboxStatus:
     pid: int
     netns_path: str
     created_at_ns: int
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """ContainerStatus as the lab's kubelet reads it; `pid` is the container's first process (0 once it exited),
+    times are Unix nanoseconds (0: not yet)."""
+
+    id: str
+    name: str
+    attempt: int
+    state: str  # CONTAINER_CREATED | CONTAINER_RUNNING | CONTAINER_EXITED | CONTAINER_UNKNOWN
+    exit_code: int
+    reason: str
+    message: str
+    pid: int
+    started_at_ns: int
+    finished_at_ns: int
 
 
 @functools.lru_cache(maxsize=4)
@@ -244,6 +262,35 @@ class CriClient:
         """Create and start a pod sandbox (this runs the CNI ADD chain, unless `host_network`: then the sandbox
         shares the runtime's network namespace, NamespaceMode NODE, and no CNI plugin is called); returns the
         sandbox id."""
+        config = self.sandbox_config(name=name, namespace=namespace, uid=uid, attempt=attempt, hostname=hostname,
+                                     log_directory=log_directory, port_mappings=port_mappings, labels=labels,
+                                     annotations=annotations, cgroup_parent=cgroup_parent, sysctls=sysctls,
+                                     host_network=host_network)
+        return self.run_sandbox(config, runtime_handler)
+
+    def run_sandbox(self, config: Mapping[str, Any], runtime_handler: str = "") -> str:
+        """RunPodSandbox of a PodSandboxConfig made by sandbox_config; returns the sandbox id."""
+        return str(self._call("RunPodSandbox", config=dict(config), runtime_handler=runtime_handler).pod_sandbox_id)
+
+    def sandbox_config(
+        self,
+        *,
+        name: str,
+        namespace: str,
+        uid: str,
+        attempt: int = 0,
+        hostname: str = "",
+        log_directory: str = "",
+        port_mappings: Iterable[PortMapping] = (),
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+        cgroup_parent: str = "",
+        sysctls: Mapping[str, str] | None = None,
+        host_network: bool = False,
+        privileged: bool = False,
+    ) -> dict[str, Any]:
+        """The PodSandboxConfig of run_pod_sandbox (CreateContainer is given it again); `privileged`: the sandbox
+        may hold privileged containers (kubelet sets it when one of the pod's containers is)."""
         protocol = self._messages.cls("PortMapping").DESCRIPTOR.fields_by_name["protocol"].enum_type
         config: dict[str, Any] = {
             "metadata": {"name": name, "namespace": namespace, "uid": uid, "attempt": attempt},
@@ -262,12 +309,47 @@ class CriClient:
             "annotations": dict(annotations or {}),
             "linux": {"cgroup_parent": cgroup_parent, "sysctls": dict(sysctls or {})},
         }
+        security: dict[str, Any] = {"privileged": privileged}
         if host_network:
-            modes = self._messages.cls("NamespaceOption").DESCRIPTOR.fields_by_name["network"].enum_type
-            node_mode = modes.values_by_name["NODE"].number
-            config["linux"]["security_context"] = {"namespace_options": {"network": node_mode}}
-        answer = self._call("RunPodSandbox", config=config, runtime_handler=runtime_handler)
-        return answer.pod_sandbox_id
+            security["namespace_options"] = {"network": self.namespace_mode("NODE")}
+        config["linux"]["security_context"] = security
+        return config
+
+    def namespace_mode(self, name: str) -> int:
+        """A NamespaceMode (POD, CONTAINER, NODE, TARGET) by name."""
+        modes = self._messages.cls("NamespaceOption").DESCRIPTOR.fields_by_name["network"].enum_type
+        return int(modes.values_by_name[name].number)
+
+    # ---- containers ------------------------------------------------------------------------------------------------
+
+    def create_container(self, sandbox_id: str, config: Mapping[str, Any], sandbox_config: Mapping[str, Any]) -> str:
+        """CreateContainer in the sandbox from a ContainerConfig (as a dict of its fields); returns its id."""
+        answer = self._call("CreateContainer", pod_sandbox_id=sandbox_id, config=dict(config),
+                            sandbox_config=dict(sandbox_config))
+        return answer.container_id
+
+    def start_container(self, container_id: str) -> None:
+        self._call("StartContainer", container_id=container_id)
+
+    def stop_container(self, container_id: str, timeout: int = 0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` seconds (0: SIGKILL at once)."""
+        self._call("StopContainer", container_id=container_id, timeout=timeout)
+
+    def remove_container(self, container_id: str) -> None:
+        self._call("RemoveContainer", container_id=container_id)
+
+    def container_status(self, container_id: str) -> ContainerInfo:
+        answer = self._call("ContainerStatus", container_id=container_id, verbose=True)
+        status = answer.status
+        info = _maybe_json(answer.info.get("info", "{}"))
+        info = info if isinstance(info, dict) else {}
+        enum = self._messages.cls("ContainerStatus").DESCRIPTOR.fields_by_name["state"].enum_type
+        return ContainerInfo(
+            id=status.id, name=status.metadata.name, attempt=status.metadata.attempt,
+            state=enum.values_by_number[status.state].name, exit_code=status.exit_code, reason=status.reason,
+            message=status.message, pid=int(info.get("pid") or 0), started_at_ns=status.started_at,
+            finished_at_ns=status.finished_at,
+        )
 
     def stop_pod_sandbox(self, sandbox_id: str) -> None:
         """Stop the sandbox's processes and tear down its network (CNI DEL with the netns)."""

@@ -113,7 +113,8 @@ def control_handlers(cluster: lifecycle.Cluster) -> dict[str, control.Handler]:
 
 
 def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: int, plugin: Path, hook: Path,
-          settings: dict[str, Any], restart_backoff: tuple[float, float], parent: int, azure_underlay: bool) -> int:
+          settings: dict[str, Any], restart_backoff: tuple[float, float], parent: int, azure_underlay: bool,
+          daemonset_image: str = "") -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -122,6 +123,7 @@ def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: in
         return 1
     lab_dir.mkdir(mode=0o700, parents=True)
     state = lab.new_state(lab_dir, nodes, plugin, hook, settings, restart_backoff, azure_underlay)
+    state.daemonset_image = daemonset_image
     state.daemon_pid = os.getpid()
     state.save()
     api = ApiServer(crds=[yaml.safe_load(lab.CRD_FILE.read_text())],

@@ -20,9 +20,11 @@ Layout (everything is named after the lab's random id, so two labs never collide
   transparent mode does. Pod IPs come from the same /16 as the nodes and are scattered across nodes the way
   Azure's node-subnet mode ends up after churn: the AKS secondary-IP slots are dealt round-robin, so no node owns
   an aggregatable block;
-- per node what the DaemonSet runs, with its settings in the node's `/etc/wgcni/config.yaml`: `wgcni-node
-  install-cni --wait` (the init container), then `wgcni-node run` on the userspace backend, host encryption on, and
-  `wgcni-node install-cni --watch` (which re-inserts the entry when the conflist is rewritten, as Azure CNS does);
+- per node what the DaemonSet runs (conf/daemonset.yaml from the wgcni image through the node's containerd,
+  wgcni_lab.kubelet, or the bundles of dist/ as bare processes, wgcni_lab.lifecycle), with one config for every
+  node as a ConfigMap carries it (the node's name from NODE_NAME): `wgcni-node install-cni --wait` (the init
+  container), then `wgcni-node run` on the userspace backend, host encryption on, and `wgcni-node install-cni
+  --watch` (which re-inserts the entry when the conflist is rewritten, as Azure CNS does);
   the hook syncs peers through the test API server (`wgcni_lab.apiserver`), which the lab daemon serves on
   127.0.0.1:6443 inside every node namespace (so API traffic never crosses the fabric); with Azure's underlay
   (the default; `up --no-azure-underlay` turns it off) the hooks run with `azure: true`, so their auto MTU is 1340;
@@ -190,6 +192,7 @@ class LabState:
     settings: dict[str, Any] = field(default_factory=dict)  # `up --setting`s, merged into every node's hook config
     restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF  # the DaemonSet pod's: first delay, cap
     daemonset_installed: bool = False  # wgcni's DaemonSet runs on every node (after the pods that predate it)
+    daemonset_image: str = ""  # the image's OCI archive: the DaemonSet runs from it (kubelet); "": bare processes
     format: int = STATE_FORMAT
 
     @property
@@ -269,12 +272,11 @@ def base_conflist(pool: Iterable[str]) -> dict[str, Any]:
     }
 
 
-def hook_config(node: NodeState, azure_underlay: bool, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The hook's settings in a node, as the DaemonSet's ConfigMap would carry them for the lab (`azure` follows the
-    lab's underlay), with `settings` (file keys, `up --setting`) merged over the lab's."""
+def hook_config(azure_underlay: bool, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The hook's settings, as the DaemonSet's ConfigMap would carry them for the lab: one config for every node,
+    as on AKS (the node name comes from NODE_NAME, the endpoint from the node's default route), `azure` following
+    the lab's underlay, with `settings` (file keys, `up --setting`) merged over the lab's."""
     return {
-        "nodeName": node.name,
-        "endpoint": node.ip,
         "backend": "userspace",
         "azure": azure_underlay,
         "hostEncryption": True,
@@ -285,15 +287,15 @@ def hook_config(node: NodeState, azure_underlay: bool, settings: dict[str, Any] 
     }
 
 
-def kubeconfig(node: NodeState, ca_pem: bytes) -> dict[str, Any]:
+def kubeconfig(node: NodeState, ca_pem: bytes, token_file: Path = NODE_CONFIG_DIR / "token") -> dict[str, Any]:
     """The hook's kubeconfig: the cluster CA and the token file the kubelet keeps (wgcni-node's service account,
-    bound to the node)."""
+    bound to the node), `token_file` as the hook sees it."""
     server = f"https://127.0.0.1:{API_PORT_IN_NODE}"
     return {
         "apiVersion": "v1", "kind": "Config", "current-context": "lab",
         "clusters": [{"name": "lab", "cluster": {"server": server,
                                                  "certificate-authority-data": base64.b64encode(ca_pem).decode()}}],
-        "users": [{"name": node.name, "user": {"tokenFile": str(NODE_CONFIG_DIR / "token")}}],
+        "users": [{"name": node.name, "user": {"tokenFile": str(token_file)}}],
         "contexts": [{"name": "lab", "context": {"cluster": "lab", "user": node.name}}],
     }
 
@@ -410,25 +412,26 @@ def prepare_node_cni(node: NodeState) -> None:
 
 
 def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untyped-def]
-    from wgcni_lab.containerd import Containerd
+    from wgcni_lab.containerd import OVERLAY_SNAPSHOTTER, SNAPSHOTTER, Containerd
 
     return Containerd(node.containerd_dir(state.path), name=node.name, cni_conf_dir=Path("/etc/cni/net.d"),
                       cni_bin_dir=Path("/opt/cni/bin"), netns=node.netns, mount_namespace=node.mount_namespace,
-                      cgroup_parent=state.cgroup_parent(node))
+                      cgroup_parent=state.cgroup_parent(node),
+                      snapshotter=OVERLAY_SNAPSHOTTER if state.daemonset_image else SNAPSHOTTER)
 
 
 def write_node_config(state: LabState, node: NodeState, ca_pem: bytes) -> None:
     """The ConfigMap's config.yaml and the kubeconfig, where the DaemonSet mounts them in the node."""
     directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
     directory.mkdir(parents=True, exist_ok=True)
-    config = hook_config(node, state.azure_underlay, state.settings)
+    config = hook_config(state.azure_underlay, state.settings)
     (directory / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
     (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node, ca_pem), indent=2) + "\n")
 
 
-def write_node_token(node: NodeState, token: str) -> None:
-    """The pod's service-account token file (0600), replaced atomically as the kubelet does."""
-    directory = node.root / str(NODE_CONFIG_DIR).lstrip("/")
+def write_node_token(node: NodeState, token: str, directory_in_node: Path = NODE_CONFIG_DIR) -> None:
+    """The pod's service-account token file (0600) in `directory_in_node`, replaced atomically as the kubelet does."""
+    directory = node.root / str(directory_in_node).lstrip("/")
     directory.mkdir(parents=True, exist_ok=True)
     write_atomically(directory / "token", token.encode(), 0o600, temporary_prefix=".token.", durable=False)
 

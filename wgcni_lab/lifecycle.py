@@ -13,7 +13,10 @@ owns every long-lived lab process; `wgcni-lab` commands reach it through the con
   made for the same pod (same name and uid, attempt + 1: CNI ADD) and the old one removed. **Reimage** is the same
   with the OS disk and containerd's root wiped and re-provisioned (`lab.prepare_node_cni`, a new WireGuard key); the
   node's pods are made again from their specs (kubelet reads them from the API server).
-- **DaemonSet pod** (`DaemonSetPod`): the init container `install-cni --wait`, then the containers `wgcni-node run`
+- **DaemonSet pod**: from the wgcni image through the node's containerd, as kubelet runs conf/daemonset.yaml
+  (`wgcni_lab.kubelet.ImageDaemonSetPod`, when `up` found or built the image: `LabState.daemonset_image`), or as
+  bare processes (`DaemonSetPod`, `up --daemonset-runtime processes` or no image tools), described here: the init
+  container `install-cni --wait`, then the containers `wgcni-node run`
   and `install-cni --watch`, each started in the pod's cgroup (cgroup v2 hierarchy), so wireguard-go, which the hook
   starts in a session of its own, is part of the pod too. stop = SIGSTOP to every process of the pod, start =
   SIGCONT, kill = SIGKILL. The supervision loop (`Cluster.supervise`) restarts the pod when one of its containers
@@ -55,8 +58,11 @@ from wgcni_lab.cleanup import (
     remove_tree,
     with_descendants,
 )
-from wgcni_lab.containerd import Containerd
+from wgcni_lab.containerd import Containerd, ContainerdError
+from wgcni_lab.control import one_line as control_line
 from wgcni_lab.cri import CriError
+from wgcni_lab.image import daemonset_image
+from wgcni_lab.kubelet import ImageDaemonSetPod, load_template
 
 CGROUP_V2 = CGROUP_ROOT / "unified"  # the cgroup v2 hierarchy beside the v1 controllers on these hosts
 DAEMONSET_CGROUP = "wgcni-node-daemonset"
@@ -156,6 +162,7 @@ class DaemonSetPod:
     last_termination: str = ""
     restart_at: float = 0.0
     started_at: float = 0.0
+    created_at: float = 0.0  # wall clock, for AGE
     containers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     token_issued_at: float = 0.0
 
@@ -177,7 +184,7 @@ class DaemonSetPod:
         lab.install_cni(self.state, self.node)
         self.cgroup.mkdir(parents=True, exist_ok=True)
         config = str(lab.NODE_CONFIG_DIR / "config.yaml")
-        hook_env = dict(lab.node_env(), KUBECONFIG=str(lab.NODE_CONFIG_DIR / "kubeconfig"))
+        hook_env = dict(lab.node_env(), KUBECONFIG=str(lab.NODE_CONFIG_DIR / "kubeconfig"), NODE_NAME=self.node.name)
         self.containers = {
             HOOK_CONTAINER: self._start_container([self.state.hook, "run", "--config", config], "wgcni-node.log",
                                                   hook_env),
@@ -189,6 +196,7 @@ class DaemonSetPod:
         lab.wait_hook_ready(self.state, self.node, self.containers[HOOK_CONTAINER])
         lab.wait_chained(runtime)
         self.phase, self.started_at = "running", time.monotonic()
+        self.created_at = self.created_at or time.time()
         self.publish()
 
     def rotate_token(self) -> None:
@@ -261,13 +269,18 @@ class DaemonSetPod:
         self.publish()
 
     def report(self) -> dict[str, Any]:
-        """The pod as `status --json` shows it (kubectl's STATUS and RESTARTS, plus the process ids)."""
+        """The pod as `status --json` shows it (kubectl's STATUS and RESTARTS, plus the process ids); the keys of
+        kubelet.ImageDaemonSetPod.report that apply to bare processes."""
         live = {name: process.pid for name, process in self.containers.items()
                 if process.poll() is None and self.phase in ("running", "stopped")}
         waiting = max(0.0, self.restart_at - time.monotonic()) if self.phase == "restarting" else 0.0
-        return {"state": self.phase, "restarts": self.restarts, "pid": live.get(HOOK_CONTAINER, 0),
-                "containers": live, "last_termination": self.last_termination,
-                "reason": "CrashLoopBackOff" if waiting else "", "restart_in_seconds": round(waiting, 1)}
+        status = {"running": "Running", "stopped": "Running", "pending": "Init:0/1"}.get(self.phase, "Error")
+        return {"runtime": "processes", "state": self.phase, "restarts": self.restarts,
+                "pid": live.get(HOOK_CONTAINER, 0), "containers": live, "last_termination": self.last_termination,
+                "status": "CrashLoopBackOff" if waiting else status,
+                "ready": f"{len(live) if self.phase == 'running' else 0}/{len(self.containers) or 2}",
+                "created_at": self.created_at, "reason": "CrashLoopBackOff" if waiting else "",
+                "restart_in_seconds": round(waiting, 1)}
 
     def publish(self) -> None:
         """Write the pod's report into the state file, where `wgcni-lab status` reads it."""
@@ -299,7 +312,7 @@ class Cluster:
         self.progress = progress
         self.lock = threading.RLock()
         self.runtimes: dict[str, Containerd] = {}
-        self.daemonsets: dict[str, DaemonSetPod] = {}
+        self.daemonsets: dict[str, DaemonSetPod | ImageDaemonSetPod] = {}
         self.write_denied: set[str] = set()  # nodes whose hook's writes the API server refuses (`api deny`)
 
     # ---- boot and power-off ----------------------------------------------------------------------------------------
@@ -320,6 +333,11 @@ class Cluster:
         runtime.start()
         self.runtimes[node.name] = runtime
         self.progress(f"{node.name}: netns {node.netns}, eth0 {node.ip}/{lab.VNET.prefixlen}, containerd (CRI) up")
+        if self.state.daemonset_image and not runtime.has_image(daemonset_image()):  # kept across a reboot
+            try:
+                runtime.import_image(Path(self.state.daemonset_image), "the wgcni image")
+            except ContainerdError as error:
+                raise lab.LabError(control_line(str(error))) from None
         for _ in range(pods_before_daemonset):
             pod = lab.add_pod(self.state, node.name, predates_install=True)
             self.progress(f"{node.name}: pod {pod['name']} {pod['ip']} (before wgcni: no pod record)")
@@ -329,14 +347,21 @@ class Cluster:
 
     def start_daemonset(self, node: lab.NodeState, restarts: int = 0) -> None:
         first, cap = self.state.restart_backoff
-        pod = DaemonSetPod(self.state, node, RestartBackoff(first, cap), self.api, restarts=restarts)
+        pod: DaemonSetPod | ImageDaemonSetPod
+        if self.state.daemonset_image:
+            pod = ImageDaemonSetPod(self.state, node, load_template(), lambda: RestartBackoff(first, cap), self.api,
+                                    restarts=restarts)
+        else:
+            pod = DaemonSetPod(self.state, node, RestartBackoff(first, cap), self.api, restarts=restarts)
         self.daemonsets[node.name] = pod
         try:
             pod.start(self.runtimes[node.name])
         except lab.LabError as error:  # kubelet keeps trying: the supervision loop restarts it after its backoff
             pod.fail(str(error))
             raise
-        self.progress(f"{node.name}: wgcni-node ready ({lab.WG_INTERFACE}, UDP {lab.WG_PORT}), "
+        how = (f"from {pod.template.containers[0].image} through containerd, as in conf/daemonset.yaml"
+               if isinstance(pod, ImageDaemonSetPod) else "as bare processes")
+        self.progress(f"{node.name}: wgcni-node ready ({lab.WG_INTERFACE}, UDP {lab.WG_PORT}; {how}), "
                       f"wgcni installed after azure-vnet in /etc/cni/net.d")
 
     def restore_pods(self, node: lab.NodeState, pods: list[dict[str, Any]]) -> None:
@@ -363,7 +388,9 @@ class Cluster:
     def power_off(self, node: lab.NodeState) -> None:
         """Everything volatile of the node gone: its processes killed, containerd's state, its mount namespace (and
         so its /run), its network namespace; the OS disk stays."""
-        self.daemonsets.pop(node.name, None)
+        pod = self.daemonsets.pop(node.name, None)
+        if isinstance(pod, ImageDaemonSetPod):
+            pod.stop_probes()
         kill_processes(node_process_ids(self.state, node))
         reap_children()  # the daemon is their reaper: a zombie would keep the node's cgroups from being removed
         runtime = self.runtimes.pop(node.name, None) or lab.node_containerd(self.state, node)

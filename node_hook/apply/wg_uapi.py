@@ -9,6 +9,10 @@
   port and fwmark over UAPI and MTU/up over netlink. A watcher thread reports the child's exit through `on_exit` so
   the daemon restarts it at once with the same key.
 - `apply_peer_ops` sends all ops in ONE `set=1` transaction (wireguard-go applies it under the device lock).
+  A peer put on a device this process started (after a restart of the hook's container, which wireguard-go does
+  not outlive, or of a crashed wireguard-go) is sent one keepalive at once, by turning persistent keepalive on and
+  back off (wireguard-go sends a keepalive when it is turned on): it makes a handshake, so the remote peer drops
+  its session with the dead device now, instead of sending into it until its own handshake timeout (15 s).
   `RemoveAllowedIPs` gives the prefixes to a temporary all-zero-key peer and deletes that peer in the same
   transaction: the peer's other AllowedIPs are never touched and there is no window (wireguard-go accepts the
   zero key; checked against wireguard-go 0.0.20220316 in tests/netns/test_wg_uapi.py).
@@ -205,6 +209,8 @@ class UserspaceWireGuard:
         self._lock = threading.Lock()
         self._ipr = IPRoute()
         self.restarts = 0
+        self._started_here = False  # the device is one this process started: its peers have no sessions
+        self._greeted: set[str] = set()  # peers sent their first keepalive on that device
 
     # ---- process supervision ---------------------------------------------------------------------------
 
@@ -247,6 +253,7 @@ class UserspaceWireGuard:
                 raise UapiError(f"wireguard-go {self.ifname} exited with {process.returncode} at start")
             if self.client.alive() and self._ipr.link_lookup(ifname=self.ifname):
                 self.restarts += 1
+                self._started_here, self._greeted = True, set()
                 return
             time.sleep(0.01)
         raise UapiError(f"wireguard-go {self.ifname}: no UAPI socket after {self.start_timeout:.0f}s")
@@ -349,6 +356,22 @@ class UserspaceWireGuard:
         if ops:
             with self._lock:
                 self.client.set(peer_op_lines(ops))
+                self._greet(ops)
+
+    def _greet(self, ops: list[PeerOp]) -> None:
+        """The first keepalive to each peer new on a device this process started (see the module docstring)."""
+        if not self._started_here:
+            return
+        for op in ops:
+            if isinstance(op, RemovePeer):
+                self._greeted.discard(op.public_key)
+        new = [op for op in ops if isinstance(op, UpsertPeer) and op.public_key not in self._greeted
+               and op.endpoint is not None and op.persistent_keepalive == 0]
+        if new:
+            keys = [f"public_key={key_to_hex(op.public_key)}" for op in new]
+            self.client.set(line for key in keys for line in (key, "persistent_keepalive_interval=1"))
+            self.client.set(line for key in keys for line in (key, "persistent_keepalive_interval=0"))
+            self._greeted.update(op.public_key for op in new)
 
     def delete_device(self) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
 """packaging/Dockerfile without Docker: its sources exist after `make build`, its paths match install-cni's defaults and
 the DaemonSet's commands, and the built bundles laid out as in the image install and run the plugin like on a node.
+(tests/install/test_image_build.py builds the image with `make image`'s tools and holds it to this Dockerfile.)
 """
 
 from __future__ import annotations
@@ -40,27 +41,39 @@ def _instructions() -> list[tuple[str, str]]:
     return instructions
 
 
+ROOTFS_STAGE = "/rootfs"  # where the first stage assembles the file system the final stage copies whole
+
+
 def _copies() -> dict[str, str]:
-    """COPY destination -> source (build-context relative), flags like --chown skipped."""
+    """COPY destination -> source (build-context relative) of the final stage's copies from the build context
+    (the first stage's copies of the build scripts and `COPY --from` skipped)."""
     copies = {}
-    for keyword, arguments in _instructions():
+    for keyword, arguments in _final_stage():
         if keyword == "COPY":
             words = json.loads(arguments) if arguments.startswith("[") else shlex.split(arguments)
+            if any(word.startswith("--from=") for word in words):
+                continue
             words = [word for word in words if not word.startswith("--")]
             assert len(words) == 2, f"COPY {arguments}: one source per COPY keeps the layout obvious"
             copies[words[1].rstrip("/")] = words[0].rstrip("/")
     return copies
 
 
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _instructions()
+    last = max(index for index, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last:]
+
+
 def _symlinks() -> dict[str, str]:
-    """Links made by `ln -s TARGET LINK` in RUN instructions: LINK -> TARGET."""
+    """Links made by `ln -s TARGET LINK` in RUN instructions, as the image has them: LINK -> TARGET."""
     links = {}
     for keyword, arguments in _instructions():
-        if keyword == "RUN":
+        if keyword == "RUN" and not arguments.startswith("["):
             for command in arguments.split("&&"):
                 words = shlex.split(command)
                 if words[:2] == ["ln", "-s"]:
-                    links[words[3]] = words[2]
+                    links[words[3].removeprefix(ROOTFS_STAGE)] = words[2]
     return links
 
 
@@ -73,14 +86,19 @@ def _image_path(path: str) -> Path:
     raise AssertionError(f"{path} is not provided by any COPY in the Dockerfile")
 
 
-def test_base_and_packages():
+def test_stages_and_packages():
+    """The first stage runs packaging/rootfs.sh (as `make image` does) on Debian 12; the image is only its result
+    and the bundles; the packages are real Debian 12 packages, the tools the hook calls and `ip`/`wg`."""
     instructions = _instructions()
-    assert instructions[0] == ("FROM", "debian:12-slim")
-    (install_command,) = [arguments for keyword, arguments in instructions
-                          if keyword == "RUN" and "apt-get install" in arguments]
-    words = shlex.split(install_command.split("apt-get install", 1)[1].split("&&")[0])
-    assert "--no-install-recommends" in words
-    packages = {word for word in words if not word.startswith("-")}
+    assert instructions[0] == ("FROM", "debian:12-slim AS rootfs")
+    assert _final_stage()[0] == ("FROM", "scratch")
+    assert ("COPY", "--from=rootfs /rootfs/ /") in _final_stage()
+    runs = [arguments for keyword, arguments in instructions if keyword == "RUN"]
+    assert any(arguments.startswith("/build/rootfs.sh ") for arguments in runs)
+    assert ("COPY", "packaging/rootfs.sh /build/rootfs.sh") in instructions
+    assert ("COPY", "packaging/image-packages.txt /build/image-packages.txt") in instructions
+    listed = (REPO / "packaging" / "image-packages.txt").read_text().splitlines()
+    packages = {line.split("#")[0].strip() for line in listed} - {""}
     assert packages == {"wireguard-go", "wireguard-tools", "nftables", "iproute2"}
     for package in packages:  # real Debian 12 package names (the Makefile installs them on this machine)
         subprocess.run(["dpkg-query", "-W", package], check=True, capture_output=True)
