@@ -11,7 +11,7 @@ import hashlib
 import heapq
 import ipaddress
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from node_hook.planner import publication_gate
 RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older session can no longer carry data
 PUBLICATION_GRACE_SECONDS = 10.0  # a write on its way for less than this is normal (writes are rate limited)
 UNPUBLISHED_LISTED = 20  # status lists at most this many local IPs the API does not hold yet
+STRICT_SAMPLE_SECONDS = 1.0  # `wgcni check` reads the strict counters twice this far apart: drops still growing
 
 
 def key_fingerprint(public_key: str) -> str:
@@ -130,6 +131,7 @@ class NodeView:
             "peersComplete": engine.peers_complete,
             "peerSourceError": source_error,
             "publication": self.publication_status(),
+            "strict": self.strict_status(),
             "sync": _plain(sync_status),
             "counts": counts,
             "problems": [{"kind": p.kind, "subject": p.subject, "message": p.message} for p in problems],
@@ -304,6 +306,45 @@ class NodeView:
                 "unpublishedSeconds": round(age, 1), "overdue": age >= PUBLICATION_GRACE_SECONDS}
 
 
+    def strict_status(self) -> dict[str, Any]:
+        """Strict mode as the hook applies it (node_hook/strict.py) and the strict table's kernel counters."""
+        engine = self.engine
+        spec = engine.targets.firewall.strict
+        if spec is None:
+            return {"mode": "off", "strictMode": engine.settings.strict_mode}
+        mode = "strict" if spec.enforce else ("opted-out" if engine.settings.strict_mode else "permissive")
+        out: dict[str, Any] = {
+            "mode": mode, "strictMode": engine.settings.strict_mode, "table": f"inet {spec.table}",
+            "cluster": [str(network) for network in spec.cluster], "allow": [str(network) for network in spec.allow],
+            "exempt": [str(network) for network in spec.exempt][:UNPUBLISHED_LISTED], "exemptCount": len(spec.exempt),
+            "published": len(spec.published), "host": spec.host, "bootFile": spec.boot_file if spec.enforce else "",
+        }
+        try:
+            counters = engine.appliers.firewall.counters()
+        except Exception as error:  # noqa: BLE001 - status still answers; the message says what failed
+            out["error"] = str(error)
+            return out
+        out["tablePresent"] = counters is not None
+        if counters is not None:
+            out["dropped"], out["counted"] = counters.dropped, counters.counted
+            out["top"] = {direction: [{"address": address, "packets": packets} for address, packets in hits]
+                          for direction, hits in counters.top.items()}
+        return out
+
+    def strict_growth(self, seconds: float = STRICT_SAMPLE_SECONDS) -> dict[str, Any]:
+        """Two readings of the strict counters `seconds` apart (caller's thread: it sleeps): status plus `growth`,
+        the packets each verdict and direction gained in between."""
+        first = self.strict_status()
+        if not first.get("tablePresent"):
+            return first
+        time.sleep(seconds)
+        second = self.strict_status()
+        if second.get("tablePresent"):
+            second["growth"] = {kind: {direction: second[kind][direction] - first[kind][direction]
+                                       for direction in second[kind]} for kind in ("dropped", "counted")}
+            second["sampledSeconds"] = seconds
+        return second
+
     # ---- reads of the dataplane (on the worker) -------------------------------------------------------------
 
     def observe(self) -> Observed:
@@ -330,8 +371,10 @@ class NodeView:
         )
 
     def diagnose(self) -> dict[str, Any]:
-        """Read the dataplane back (on the worker) and list what is wrong (node_hook/diagnose.py)."""
-        return analyse(self.engine.on_worker(self.observe), self.cni_conf_dir)
+        """Read the dataplane back (on the worker) and list what is wrong (node_hook/diagnose.py); the strict counters
+        are sampled twice on the caller's thread (drops that keep growing)."""
+        observed = self.engine.on_worker(self.observe)
+        return analyse(replace(observed, strict=self.strict_growth()), self.cni_conf_dir)
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """The state one scrape reports (worker thread: it reads the device back)."""
