@@ -34,6 +34,7 @@ from cni_plugin.records import (
     valid_container_id,
     valid_ifname,
 )
+from cni_plugin.strict import ensure_strict_table
 
 NOT_CHAINED = "must be called as chained plugin"
 NOT_CHAINED_DETAILS = "list wgcni after azure-vnet in the conflist's plugins so that it receives a prevResult"
@@ -51,6 +52,9 @@ def add(conf: NetConf, invocation: Invocation, log: FileLog) -> dict:
         raise CniError(ERR_INVALID_CONFIG, NOT_CHAINED, NOT_CHAINED_DETAILS)
     _require_valid_names(invocation)
     ips = pod_ips(conf.prev_result)
+    loaded = ensure_strict_table(conf.settings.state_dir)  # before the record: a failed ADD leaves nothing behind
+    if loaded:
+        log.warning(loaded)
     store = RecordStore(conf.settings.state_dir)
     now = utc_now_rfc3339()
     record = {

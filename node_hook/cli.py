@@ -100,14 +100,15 @@ def run(config: Path | None) -> None:
 @main.command()
 @config_option
 def cleanup(config: Path | None) -> None:
-    """Remove what the hook created (device, routes in its table, its rules, its nftables table) and restore the
-    sysctls it changed. The key file and the pod records are kept."""
+    """Remove what the hook created (device, routes in its table, its rules, its nftables tables, the strict boot
+    file) and restore the sysctls it changed. The key file and the pod records are kept."""
     from node_hook.apply.firewall import NftFirewall
     from node_hook.apply.routes import PyrouteRouting
     from node_hook.apply.sysctl import Sysctls
     from node_hook.engine import FIREWALL_TABLE
     from node_hook.local_api import request
     from node_hook.node import real_wireguard_backend
+    from node_hook.strict import boot_file as strict_boot_file
 
     settings = _settings(config)
     try:
@@ -121,7 +122,7 @@ def cleanup(config: Path | None) -> None:
         ("rules and routes", lambda: _flush_routing(PyrouteRouting(settings.route_table, settings.interface,
                                                                        settings.bypass_rule_priority))),
         ("device", lambda: _delete_device(real_wireguard_backend(settings, lambda code: None))),
-        ("firewall", lambda: NftFirewall(FIREWALL_TABLE).delete()),
+        ("firewall", lambda: NftFirewall(FIREWALL_TABLE, boot_file=strict_boot_file(settings)).delete()),
         ("sysctls", lambda: Sysctls(settings.sysctl_originals_file).restore()),
     )
     for what, step in steps:
@@ -132,7 +133,8 @@ def cleanup(config: Path | None) -> None:
     if problems:
         raise click.ClickException("; ".join(problems))
     click.echo(f"removed {settings.interface}, table {settings.route_table} routes and rules, "
-               f"nftables table inet {FIREWALL_TABLE}; sysctls restored")
+               f"nftables tables inet {FIREWALL_TABLE} and inet {FIREWALL_TABLE}-strict (and its boot file); "
+               "sysctls restored")
 
 
 def _flush_routing(routing) -> None:  # type: ignore[no-untyped-def]
