@@ -258,6 +258,14 @@ class Engine:
             self.publication = publication
         self._enqueue(apply)
 
+    def strict_settings_changed(self, new: Settings) -> None:
+        """strictMode, strictCIDRs or strictAllow changed in the config file: the next pass applies them (live; the
+        strict table's chains are replaced in one transaction)."""
+        def apply() -> None:
+            self.settings = replace(self.settings, strict_mode=new.strict_mode, strict_cidrs=new.strict_cidrs,
+                                    strict_allow=new.strict_allow)
+        self._enqueue(apply)
+
     # the netlink monitor's and the WireGuard backend's events
     def dataplane_changed(self, *aspects: str) -> None:
         """Something outside changed these aspects (device, routes, rules ...): read them back and repair."""

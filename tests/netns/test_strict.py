@@ -211,3 +211,32 @@ def test_frozen_hook_keeps_strict_mode_in_the_kernel(lab: Lab) -> None:
 
 def test_dead_hook_keeps_strict_mode_in_the_kernel(lab: Lab) -> None:
     _new_pod_dropped_until_known(lab, "kill")
+
+
+def test_strict_to_permissive_and_back_is_applied_live(lab: Lab) -> None:
+    """The config file changes under the running hook: permissive counts (and sends) what strict dropped, and strict
+    drops it again; the boot file follows; the hook is never restarted."""
+    a, b = lab.nodes["a"], lab.nodes["b"]
+    hook_pid = a.hook.pid  # type: ignore[union-attr]
+    a_pod = pod_of(lab, "10.240.0.70")
+    unknown = lab.add_pod(b, "10.240.0.83")
+    sync(lab, hold_back=(unknown,))  # a never learns it in this test: plaintext to it is what the modes differ on
+
+    def mode_is(enforce: bool) -> bool:
+        listing = a.exec("nft", "list", "chain", "inet", "wgcni-strict", "plaintext-out4").stdout
+        return (" drop" in listing) == enforce and (a.state_dir / "strict.nft").exists() == enforce
+
+    lab.write_config(a, strictMode=False)
+    wait_until(lambda: mode_is(False), 30, what="a to count instead of dropping")
+    assert a.api("status")["strict"]["mode"] == "permissive"
+    before = counters(a)
+    ping(a_pod.netns, unknown.ip, "-W", "0.5")
+    assert counters(a).counted["out"] > before.counted["out"]  # sent in plaintext, counted
+    lab.write_config(a, strictMode=True)
+    wait_until(lambda: mode_is(True), 30, what="a to drop again")
+    before = counters(a)
+    capture = Capture(lab)
+    assert ping(a_pod.netns, unknown.ip, "-W", "0.5").returncode != 0
+    assert plaintext(capture.lines(), unknown.ip) == []
+    assert counters(a).dropped["out"] > before.dropped["out"]
+    assert a.hook.pid == hook_pid and a.hook.poll() is None  # type: ignore[union-attr]
