@@ -52,7 +52,7 @@ def add(conf: NetConf, invocation: Invocation, log: FileLog) -> dict:
         raise CniError(ERR_INVALID_CONFIG, NOT_CHAINED, NOT_CHAINED_DETAILS)
     _require_valid_names(invocation)
     ips = pod_ips(conf.prev_result)
-    loaded = ensure_strict_table(conf.settings.state_dir)  # before the record: a failed ADD leaves nothing behind
+    loaded, hold = ensure_strict_table(conf.settings.state_dir)  # before the record: a refused ADD leaves nothing
     if loaded:
         log.warning(loaded)
     store = RecordStore(conf.settings.state_dir)
@@ -92,7 +92,7 @@ def add(conf: NetConf, invocation: Invocation, log: FileLog) -> dict:
     )
     if not ips:
         log.warning(f"prevResult of {invocation.container_id} has no IPs: nothing for the hook to encrypt")
-    _notify(conf, invocation, "pod-added", log)
+    _notify(conf, invocation, "pod-added", log, hold)
     return convert_result(conf.prev_result, conf.cni_version)
 
 
@@ -284,16 +284,20 @@ def _require_version(conf: NetConf, command: str, minimum: tuple[int, int, int])
                        f"{command} exists from cniVersion {wanted} on")
 
 
-def _notify(conf: NetConf, invocation: Invocation, op: str, log: FileLog) -> None:
-    message = {"op": op, "network": conf.network, "containerID": invocation.container_id,
+def _notify(conf: NetConf, invocation: Invocation, op: str, log: FileLog, hold: float = 0.0) -> None:
+    """`hold` (strict mode, pod-added): the hook answers once the API holds the pod's IP, at most `hold` s later."""
+    message: dict[str, object] = {"op": op, "network": conf.network, "containerID": invocation.container_id,
                "ifname": invocation.ifname}
-    _send_notification(conf.settings.hook_socket, message, log)
+    if hold > 0:
+        message["hold"] = hold
+    _send_notification(conf.settings.hook_socket, message, log, notify.NOTIFY_TIMEOUT_SECONDS + hold)
 
 
-def _send_notification(socket_path: str, message: dict, log: FileLog) -> bool:
+def _send_notification(socket_path: str, message: dict, log: FileLog,
+                       timeout: float = notify.NOTIFY_TIMEOUT_SECONDS) -> bool:
     """Best effort: True when the hook could be reached (whatever it answered)."""
     try:
-        answer = notify.request(socket_path, message, notify.NOTIFY_TIMEOUT_SECONDS)
+        answer = notify.request(socket_path, message, timeout)
     except notify.HookUnavailable as error:
         log.info(f"{message['op']} not delivered ({error}); the hook picks the record up on its next rescan")
         return False

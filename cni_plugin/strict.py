@@ -4,6 +4,8 @@ table in `<stateDir>/strict.nft` while strict mode is on (node_hook/apply/firewa
 table `inet wgcni-strict` does not, ADD loads the file (`nft -f`: its `create table` fails, changing nothing, when the
 hook got there first) and fails with "try again later" if the table is still missing, so the runtime retries the
 sandbox instead of running a pod whose packets could leave in plaintext. The common case costs one netlink request.
+The file's first line also says how long ADD may wait for the hook to see the pod's IP in the API (`strictAddHold`):
+its peers learn it from there, so the pod's containers start once they can reach it.
 """
 
 import _socket
@@ -13,6 +15,7 @@ import struct
 from cni_plugin.cni import ERR_NOT_AVAILABLE, CniError
 
 BOOT_FILE = "strict.nft"
+ADD_HOLD_PREFIX = "# wgcni add-hold "  # the boot file's first line: seconds ADD waits for the hook's publication
 TABLE = "wgcni-strict"
 NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
 NETLINK_NETFILTER = 12
@@ -69,17 +72,31 @@ def _load(path: str) -> str:
     return ""
 
 
-def ensure_strict_table(state_dir: str) -> str:
-    """Raise CniError unless strict mode is off here or its table is loaded; returns what was done ('' = nothing)."""
+def _add_hold(path: str) -> float:
+    with open(path, encoding="utf-8") as file:
+        first = file.readline()
+    try:
+        return max(0.0, min(30.0, float(first[len(ADD_HOLD_PREFIX):]))) if first.startswith(ADD_HOLD_PREFIX) else 0.0
+    except ValueError:
+        return 0.0
+
+
+def ensure_strict_table(state_dir: str) -> tuple[str, float]:
+    """Raise CniError unless strict mode is off here or its table is loaded. Returns what was done ('' = nothing)
+    and how long ADD may wait for the hook to publish the pod (0 without strict mode)."""
     path = os.path.join(state_dir, BOOT_FILE)
-    if not os.path.exists(path):
-        return ""
+    try:
+        hold = _add_hold(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "", 0.0  # strict mode is off (or the state dir is unusable: the record write says so)
+    except OSError:
+        hold = 0.0  # there but unreadable: strict mode is on, the table must be there all the same
     try:
         if table_present():
-            return ""
+            return "", hold
         why = _load(path)
         if not why and table_present():
-            return f"strict mode: loaded {path} (the table was missing: boot)"
+            return f"strict mode: loaded {path} (the table was missing: boot)", hold
     except OSError as error:
         why = f"nftables: {error.strerror or error}"
     raise CniError(ERR_NOT_AVAILABLE, f"strict mode: the nftables table inet {TABLE} is not loaded",

@@ -39,6 +39,9 @@ SETTINGS_DOC: tuple[tuple[str, object, str], ...] = (
                         "interface's addresses (on AKS the VNet subnet of nodes and pods)"),
     ("strictAllow", [], "addresses or CIDRs inside the cluster ranges that may be reached in plaintext in strict "
                         "mode (an API server or a VM in the VNet); Azure's 168.63.129.16 and 169.254.169.254 always"),
+    ("strictAddHold", 1.0, "strict mode: seconds the plugin's ADD waits at most for the API to hold the new pod's IP "
+                           "(its peers learn it from there), so its containers start once peers can reach it; 0 = "
+                           "no wait"),
     ("persistentKeepalive", 0, "seconds between keepalives to each peer; 0 = off"),
     ("endpoint", "", "this node's underlay address peers send to; empty = the source IP of the default route"),
     ("peersFile", "", "static peer source (JSON, re-read when it changes); empty = Kubernetes sync"),
@@ -79,6 +82,7 @@ class Settings:
     strict_mode: bool = False
     strict_cidrs: tuple[str, ...] = ()
     strict_allow: tuple[str, ...] = ()
+    strict_add_hold: float = 1.0
     persistent_keepalive: int = 0
     endpoint: str = ""
     peers_file: Path | None = None
@@ -222,6 +226,10 @@ def settings_from_mapping(raw: dict[str, Any]) -> Settings:
             value = _boolean(key, value)
         elif key in ("strictCIDRs", "strictAllow"):
             value = _networks(key, value)
+        elif key == "strictAddHold":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 30:
+                raise ConfigError(f"strictAddHold: must be 0..30 seconds, not {value!r}")
+            value = float(value)
         elif key == "persistentKeepalive":
             value = _integer(key, value, 0, 65535)
         elif key == "endpoint":

@@ -133,6 +133,7 @@ class StrictSpec:
     exempt: tuple[IPNetwork, ...] = ()
     published: tuple[IPNetwork, ...] = ()
     boot_file: str = ""
+    add_hold: float = 0.0  # written into the boot file: how long the plugin's ADD waits for the publication
 
 
 @dataclass(frozen=True)

@@ -218,12 +218,28 @@ class Engine:
                 self._wake.wait(remaining)
         return True
 
-    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15) -> None:
+    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15,
+                    hold: float = 0.0) -> None:
         """A notification from the plugin: re-read that record now and answer once it is applied (at most `wait`
-        seconds), so a reused IP is local before the pod's first packet (docs/design.md, local API)."""
+        seconds), so a reused IP is local before the pod's first packet (docs/design.md, local API). With `hold`
+        (strict mode's ADD) answer only once the API holds the pod's IPs too, at most `hold` s after it came."""
         seen_at = time.monotonic()
         generation = self._enqueue(lambda: self._load_record(network, container_id, ifname, seen_at))
         self.wait_for_pass(generation, wait)
+        if hold > 0:
+            self._wait_published(record_key(network, container_id, ifname), seen_at + hold)
+
+    def _wait_published(self, key: str, deadline: float) -> bool:
+        """Wait until what the API holds of this node lists every IP of the record `key` (or `deadline`)."""
+        with self._wake:
+            while True:
+                ips = (self.records_meta.get(key) or {}).get("ips")
+                if ips and self.publication.ips.issuperset(ips):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
 
     # PeerSink: the peer source's deltas
     def nodes_synced(self, nodes: Mapping[str, RemoteNode]) -> None:

@@ -64,4 +64,5 @@ def desired_strict(settings: Settings, environment: Environment, host_encryption
         exempt=exempt,
         published=published,
         boot_file=str(boot_file(settings)),
+        add_hold=settings.strict_add_hold,
     )

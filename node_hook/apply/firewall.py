@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugin.files import write_atomically
+from cni_plugin.strict import ADD_HOLD_PREFIX
 from node_hook.addresses import IPNetwork
 from node_hook.contracts import FirewallSpec, PlaintextCounters, StrictSpec
 
@@ -150,8 +151,9 @@ def render_strict(spec: StrictSpec) -> str:
 
 def render_strict_boot(spec: StrictSpec) -> str:
     """The boot file: the strict table, loaded only where it is missing (`create` fails the whole transaction when
-    the table exists, so a load racing the hook's never replaces the live table)."""
-    return f"create table inet {spec.table}\n{render_strict(spec)}"
+    the table exists, so a load racing the hook's never replaces the live table). Its first line, a comment to nft,
+    tells the plugin how long ADD may wait for the publication (cni_plugin/strict.py reads it)."""
+    return f"{ADD_HOLD_PREFIX}{spec.add_hold:g}\ncreate table inet {spec.table}\n{render_strict(spec)}"
 
 
 def _strict_reset(spec: StrictSpec) -> str:

@@ -7,12 +7,17 @@ remote nodes (an opted-out node's addresses are exempt) and the boot file follow
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cni_plugin.strict import ADD_HOLD_PREFIX
 from node_hook.contracts import PlaintextCounters
+from node_hook.local_api import request
+from node_hook.model import Publication
 from tests.observe.conftest import Hook, remote, running_hook
 from tests.observe.test_cli_hook import mesh
 from tests.observe.test_metrics import scrape
@@ -101,3 +106,44 @@ def test_a_missing_strict_table_is_an_error_in_strict_mode(strict_hook: Hook,
     code, out, _ = strict_hook.cli("check", "--json", capsys=capsys)
     findings = [f for f in json.loads(out)["findings"] if f["check"] == "strict"]
     assert code == 1 and findings[0]["severity"] == "error" and "wgcni-strict is missing" in findings[0]["message"]
+
+
+def test_add_hold_answers_once_the_api_holds_the_pod_or_at_the_bound(strict_hook: Hook) -> None:
+    """strictAddHold: the plugin's pod-added waits for the publication of the pod's IP, never longer than asked."""
+    hook = strict_hook
+    mesh(hook)
+    hook.source.accept_writes = False  # the API holds only what the test reports
+    hook.source.report(Publication("written", hook.key.public_key, frozenset({"10.240.0.4", "10.240.0.9"})))
+
+    def add(name: str, ip: str, hold: float) -> float:
+        with hook.store.lock():
+            hook.store.write({"format": 1, "network": "azure", "containerID": f"c-{name}", "ifname": "eth0",
+                              "netns": "/var/run/netns/x", "podNamespace": "shop", "podName": name, "podUID": None,
+                              "ips": [ip], "cniVersion": "0.3.0", "prevResult": {}, "created": "x", "updated": "x"})
+        started = time.monotonic()
+        answer = request(hook.settings.socket, {"op": "pod-added", "network": "azure", "containerID": f"c-{name}",
+                                                "ifname": "eth0", "hold": hold})
+        assert answer == {"ok": True}
+        return time.monotonic() - started
+
+    assert add("late", "10.240.0.10", 0.6) >= 0.6  # the API never lists it: the bound ends the wait
+    timer = threading.Timer(0.3, lambda: hook.source.report(Publication(
+        "written", hook.key.public_key, frozenset({"10.240.0.4", "10.240.0.9", "10.240.0.10", "10.240.0.11"}))))
+    timer.start()
+    try:
+        waited = add("listed", "10.240.0.11", 5.0)
+    finally:
+        timer.join()
+    assert 0.3 <= waited < 4.0, waited  # answered when the API listed it, long before the bound
+    answer = request(hook.settings.socket, {"op": "pod-added", "network": "azure", "containerID": "c-x",
+                                            "ifname": "eth0", "hold": "long"})
+    assert answer["ok"] is False and "'hold' must be 0..30 seconds" in answer["error"]
+    assert strict_boot_hold(hook) == "1"
+
+
+def strict_boot_hold(hook: Hook) -> str:
+    """The add-hold line the plugin reads from the boot file (strictAddHold, 1 s by default)."""
+    (text,) = hook.firewall.boot_files.values()
+    first = text.splitlines()[0]
+    assert first.startswith(ADD_HOLD_PREFIX)
+    return first[len(ADD_HOLD_PREFIX):]
