@@ -21,6 +21,7 @@ from node_hook.diagnose import Observed, analyse
 from node_hook.engine import Engine, route_key
 from node_hook.model import LOCAL, DesiredPeer, RouteKind
 from node_hook.planner import publication_gate
+from node_hook.strict import enforcing
 
 RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older session can no longer carry data
 PUBLICATION_GRACE_SECONDS = 10.0  # a write on its way for less than this is normal (writes are rate limited)
@@ -299,7 +300,11 @@ class NodeView:
             state, message = "pending", "the latest publication is on its way to the API"
         if state not in ("confirmed", "unknown", "opted-out"):
             scope = "all its traffic" if not tunnel else f"{len(bypass)} local IP(s)"
-            message += f"; until the API holds it, {scope} leave(s) in plaintext (peers could not take it encrypted)"
+            if enforcing(engine.settings, publication):
+                message += f"; until the API holds it, the traffic of {scope} is dropped (strict mode)"
+            else:
+                message += (f"; until the API holds it, {scope} leave(s) in plaintext (peers could not take it "
+                            "encrypted)")
         age = 0.0 if since is None else max(0.0, engine.clock() - since)
         return {"state": state, "message": message, "tunnel": tunnel, "keyPublished": held_key == engine.key.public_key,
                 "unpublished": sorted(bypass)[:UNPUBLISHED_LISTED], "unpublishedCount": len(bypass),
