@@ -60,6 +60,7 @@ def test_strict_status_and_table_on_every_node(cli: Cli) -> None:
     for node in ("node-1", "node-2", "node-3"):
         status = json.loads(cli.run("exec", node, "--", "wgcni", "status", "--json").stdout)
         assert status["strict"]["mode"] == "strict", status["strict"]
+        assert status["ready"] and status["publication"]["state"] == "confirmed"  # the node itself stays ready
         listing = cli.run("exec", node, "--", "nft", "list", "table", "inet", "wgcni-strict").stdout
         assert "10.240.0.0/16" in listing and " drop" in listing
 
