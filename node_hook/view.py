@@ -26,7 +26,8 @@ from node_hook.strict import enforcing
 RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older session can no longer carry data
 PUBLICATION_GRACE_SECONDS = 10.0  # a write on its way for less than this is normal (writes are rate limited)
 UNPUBLISHED_LISTED = 20  # status lists at most this many local IPs the API does not hold yet
-STRICT_SAMPLE_SECONDS = 1.0  # `wgcni check` reads the strict counters twice this far apart: drops still growing
+STRICT_SAMPLE_SECONDS = 1.0  # `wgcni check` compares strict counters at least this far apart: drops still growing
+STRICT_SAMPLE_MAX_AGE = 300.0  # an earlier reading (a scrape's) older than this is not used: check reads twice
 
 
 def key_fingerprint(public_key: str) -> str:
@@ -57,6 +58,8 @@ class NodeView:
     def __init__(self, engine: Engine, cni_conf_dir: Path) -> None:
         self.engine = engine
         self.cni_conf_dir = cni_conf_dir  # where `diagnose` looks for the conflist's wgcni entry
+        # the latest reading of the strict counters: (monotonic time, {"dropped": ..., "counted": ...})
+        self._strict_sample: tuple[float, dict[str, dict[str, int]]] | None = None
 
     # facts the probes read
     @property
@@ -332,23 +335,31 @@ class NodeView:
         out["tablePresent"] = counters is not None
         if counters is not None:
             out["dropped"], out["counted"] = counters.dropped, counters.counted
+            self._strict_sample = (time.monotonic(), {"dropped": counters.dropped, "counted": counters.counted})
             out["top"] = {direction: [{"address": address, "packets": packets} for address, packets in hits]
                           for direction, hits in counters.top.items()}
         return out
 
     def strict_growth(self, seconds: float = STRICT_SAMPLE_SECONDS) -> dict[str, Any]:
-        """Two readings of the strict counters `seconds` apart (caller's thread: it sleeps): status plus `growth`,
-        the packets each verdict and direction gained in between."""
-        first = self.strict_status()
-        if not first.get("tablePresent"):
-            return first
-        time.sleep(seconds)
-        second = self.strict_status()
-        if second.get("tablePresent"):
-            second["growth"] = {kind: {direction: second[kind][direction] - first[kind][direction]
-                                       for direction in second[kind]} for kind in ("dropped", "counted")}
-            second["sampledSeconds"] = seconds
-        return second
+        """The strict status plus `growth`: the packets each verdict and direction gained since an earlier reading -
+        the last one any status, scrape or check took, when it is between `seconds` and STRICT_SAMPLE_MAX_AGE old
+        (a scraped hook answers at once), else one taken now and `seconds` later (caller's thread: it sleeps)."""
+        earlier = self._strict_sample
+        now = self.strict_status()
+        if not now.get("tablePresent"):
+            return now
+        if earlier is None or not seconds <= time.monotonic() - earlier[0] <= STRICT_SAMPLE_MAX_AGE:
+            earlier = self._strict_sample
+            time.sleep(seconds)
+            now = self.strict_status()
+            if not now.get("tablePresent"):
+                return now
+        assert earlier is not None
+        then, before = earlier
+        now["growth"] = {kind: {direction: now[kind][direction] - before[kind][direction]
+                                for direction in now[kind]} for kind in ("dropped", "counted")}
+        now["sampledSeconds"] = round(time.monotonic() - then, 1)
+        return now
 
     # ---- reads of the dataplane (on the worker) -------------------------------------------------------------
 

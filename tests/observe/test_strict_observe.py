@@ -129,12 +129,14 @@ def test_add_hold_answers_once_the_api_holds_the_pod_or_at_the_bound(strict_hook
     assert add("late", "10.240.0.10", 0.6) >= 0.6  # the API never lists it: the bound ends the wait
     timer = threading.Timer(0.3, lambda: hook.source.report(Publication(
         "written", hook.key.public_key, frozenset({"10.240.0.4", "10.240.0.9", "10.240.0.10", "10.240.0.11"}))))
+    reported_from = time.monotonic()
     timer.start()
     try:
         waited = add("listed", "10.240.0.11", 5.0)
     finally:
         timer.join()
-    assert 0.3 <= waited < 4.0, waited  # answered when the API listed it, long before the bound
+    answered_after = time.monotonic() - reported_from
+    assert answered_after >= 0.3 and waited < 4.0, waited  # answered when the API listed it, long before the bound
     answer = request(hook.settings.socket, {"op": "pod-added", "network": "azure", "containerID": "c-x",
                                             "ifname": "eth0", "hold": "long"})
     assert answer["ok"] is False and "'hold' must be 0..30 seconds" in answer["error"]
@@ -147,3 +149,15 @@ def strict_boot_hold(hook: Hook) -> str:
     first = text.splitlines()[0]
     assert first.startswith(ADD_HOLD_PREFIX)
     return first[len(ADD_HOLD_PREFIX):]
+
+
+def test_check_compares_with_a_recent_reading_instead_of_waiting(strict_hook: Hook) -> None:
+    """A scraped hook answers `wgcni check` at once: the last reading (older than 1 s) is the earlier sample."""
+    hook = strict_hook
+    mesh(hook)
+    growing(hook, "dropped", "10.240.0.88")
+    hook.view.status()  # what a scrape does: one reading
+    time.sleep(1.1)
+    strict = hook.view.strict_growth()
+    assert strict["dropped"]["out"] == 14  # the second reading only: no extra reading a second later
+    assert strict["growth"]["dropped"]["out"] == 7 and strict["sampledSeconds"] >= 1.0
