@@ -148,6 +148,40 @@ def test_host_network_pod_and_cluster_dns_style_traffic_work(cli: Cli, echo: dic
     assert packets and plaintext(cli, packets) == []
 
 
+UDP_ANSWER = """
+import socket, sys
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("0.0.0.0", 53))
+print("listening", flush=True)
+while True:
+    data, peer = server.recvfrom(512)
+    server.sendto(data[::-1], peer)
+"""
+UDP_ASK = """
+import socket, sys
+client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+client.settimeout(2)
+client.sendto(b"wgcni.example.", (sys.argv[1], 53))
+print(client.recvfrom(512)[0].decode())
+"""
+
+
+def test_dns_over_udp_to_a_pod_on_another_node(cli: Cli) -> None:
+    """What a pod's DNS query to CoreDNS on another node is: UDP to port 53 of a pod there, answered."""
+    server_pod, client_pod = pod_on(cli, "node-2"), pod_on(cli, "node-1")
+    server = subprocess.Popen(["nsenter", f"--net={server_pod['netns']}", "--", sys.executable, "-c", UDP_ANSWER],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+        with captured(cli) as packets:
+            answer = cli.run("exec", client_pod["name"], "--", sys.executable, "-c", UDP_ASK, server_pod["ip"])
+        assert answer.stdout.strip() == "wgcni.example."[::-1]
+    finally:
+        server.kill()
+        server.wait()
+    assert packets and plaintext(cli, packets) == []
+
+
 def test_reboot_of_a_strict_node_leaks_nothing(cli: Cli) -> None:
     target, remote = pod_on(cli, "node-1"), pod_on(cli, "node-2")
     stop = threading.Event()
