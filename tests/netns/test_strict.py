@@ -25,7 +25,7 @@ from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 
-CLUSTER = (ipaddress.ip_network("10.240.0.0/16"),)
+CLUSTER = (ipaddress.ip_network("10.240.0.0/16"), ipaddress.ip_network("fd00:240::/64"))
 ALLOW = (ipaddress.ip_network("168.63.129.16/32"), ipaddress.ip_network("169.254.169.254/32"))
 
 
@@ -37,13 +37,14 @@ def _spec(boot_file: Path, enforce: bool = True, **changes: object) -> FirewallS
 
 def _send(target: str) -> subprocess.CompletedProcess[str]:
     """One ping from the current namespace's host (the output chain): out of the veth underlay."""
-    return subprocess.run(["ping", "-c", "1", "-W", "0.3", target], capture_output=True, text=True)
+    return subprocess.run(["ping", "-n", "-c", "1", "-W", "0.3", target], capture_output=True, text=True)
 
 
 def test_strict_table_drops_counts_keeps_counters_and_boot_file(netns: str, tmp_path: Path) -> None:
     subprocess.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"], check=True)
     subprocess.run(["ip", "addr", "add", "10.240.0.4/16", "dev", "eth0"], check=True)
     subprocess.run(["ip", "link", "set", "eth0", "up"], check=True)
+    subprocess.run(["ip", "-6", "addr", "add", "fd00:240::4/64", "dev", "eth0", "nodad"], check=True)
     boot = tmp_path / "strict.nft"
     firewall = NftFirewall("wgcni", boot_file=boot)
     spec = _spec(boot)
@@ -55,26 +56,31 @@ def test_strict_table_drops_counts_keeps_counters_and_boot_file(netns: str, tmp_
     counters = firewall.counters()
     assert counters is not None and counters.dropped["out"] == 2 and counters.counted["out"] == 0
     assert counters.top["out"] == [("10.240.0.9", 2)]
+    subprocess.run(["ip", "-6", "neigh", "replace", "fd00:240::9", "lladdr", "02:00:00:00:00:09", "dev", "eth0"],
+                   check=True)
+    assert _send("fd00:240::9").returncode != 0  # IPv6 the same way
+    counters = firewall.counters()
+    assert counters is not None and counters.dropped["out"] == 3 and ("fd00:240::9", 1) in counters.top["out"]
     # an exempt address (an opted-out node's) passes; the counters and the hits survive the re-apply
     exempt = _spec(boot, exempt=(ipaddress.ip_network("10.240.0.9/32"),))
     assert firewall.apply(exempt) != listing
     assert "Operation not permitted" not in _send("10.240.0.9").stderr  # sent (nobody answers on the veth)
     counters = firewall.counters()
-    assert counters is not None and counters.dropped["out"] == 2 and counters.top["out"] == [("10.240.0.9", 2)]
+    assert counters is not None and counters.dropped["out"] == 3 and ("10.240.0.9", 2) in counters.top["out"]
     # permissive: counted, not dropped, and no boot file
     firewall.apply(_spec(boot, enforce=False))
     assert not boot.exists()
     result = _send("10.240.0.10")
     assert "Operation not permitted" not in result.stderr
     counters = firewall.counters()
-    assert counters is not None and counters.counted["out"] == 1 and counters.dropped["out"] == 2
+    assert counters is not None and counters.counted["out"] == 1 and counters.dropped["out"] == 3
     _send("192.0.2.1")  # outside the cluster: neither counted nor dropped
     assert firewall.counters().counted["out"] == 1  # type: ignore[union-attr]
     # the boot file loads where the table is missing and refuses (changing nothing) where it exists
     firewall.apply(spec)
     load = subprocess.run(["nft", "-f", str(boot)], capture_output=True, text=True)
     assert load.returncode != 0 and "File exists" in load.stderr
-    assert firewall.counters().dropped["out"] == 2  # type: ignore[union-attr]
+    assert firewall.counters().dropped["out"] == 3  # type: ignore[union-attr]
     firewall.delete()
     assert firewall.read() is None and firewall.counters() is None and not boot.exists()
     boot.write_text(render_strict_boot(spec.strict))  # type: ignore[arg-type]
