@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
-from node_hook.addresses import IPAddress, IPNetwork, address_of, aggregate, host_keys, host_prefix
+from node_hook.addresses import IPAddress, IPNetwork, address_of, aggregate, host_keys, host_prefix, outside
 
 LOCAL = "\x00local"  # owner marker for IPs of this node (not a valid node name)
 
@@ -368,22 +368,19 @@ class NodeModel:
         if self._strict_result is None or self._strict_result[0][1] != cluster:  # type: ignore[index]
             cache.clear()
         exempt: list[IPNetwork] = []
-        outside: list[IPNetwork] = []
+        published: list[IPNetwork] = []
         for name, node in self._remotes.items():
             if not node.public_key:
                 exempt.extend(self._owned(name))
                 continue
             entry = cache.get(name)
             if entry is None or entry[0] is not node:
-                entry = cache[name] = (node, tuple(
-                    key for key in node.pod_ips | node.node_ips
-                    if not any(key.version == network.version and key.subnet_of(network)  # type: ignore[arg-type]
-                               for network in cluster)))
-            outside.extend(entry[1])
+                entry = cache[name] = (node, tuple(outside(node.pod_ips | node.node_ips, cluster)))
+            published.extend(entry[1])
         if len(cache) > len(self._remotes):
             for name in cache.keys() - self._remotes.keys():
                 del cache[name]
-        result = (tuple(aggregate(exempt)), tuple(aggregate(set(outside))))
+        result = (tuple(aggregate(exempt)), tuple(aggregate(set(published))))
         self._strict_result = ((self._remote_version, cluster), result)
         return result
 
