@@ -106,7 +106,7 @@ def _strict_at_boot(state_dir: str) -> None:
     from cni_plugin.strict import ensure_strict_table
 
     try:
-        done = ensure_strict_table(state_dir)
+        done, _hold = ensure_strict_table(state_dir)
     except CniError as error:
         log.warning("%s: %s", error.msg, error.details)
     else:
