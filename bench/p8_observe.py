@@ -73,8 +73,9 @@ def measure(nodes: int, pods: int, repeats: int) -> dict[str, list[float]]:
     conf_dir.mkdir()
     (conf_dir / "10-azure.conflist").write_text(json.dumps({"cniVersion": "0.3.0", "name": "azure", "plugins": [
         {"type": "azure-vnet"}, {"type": "wgcni"}]}))
+    # subnets: the node and pod ranges of synthetic_cluster, the cluster of the strict table (as on AKS)
     environment = Environment("172.31.0.1", frozenset({"172.31.0.1"}), "p8-no-such-link", 1500, False, "bench",
-                              1440, "bench")
+                              1440, "bench", frozenset({"172.16.0.0/12", "10.0.0.0/8"}))
     metrics = HookMetrics()
     wireguard = FakeWireGuard()
     source = ManualPeerSource()

@@ -211,6 +211,7 @@ def status(socket_path: str, as_json: bool) -> None:
         ("routing", f"rule {answer['rulePriority']}: not fwmark {answer['fwmark']}/{answer['fwmark']} lookup "
                     f"{answer['routeTable']}"),
         ("host encryption", "on" if answer["hostEncryption"] else "off"),
+        ("strict mode", _strict_text(answer.get("strict") or {})),
         ("dataplane", "in sync" if not out_of_sync else f"out of sync: {', '.join(out_of_sync)}"),
         ("sync", sync_text),
         ("publication", f"{answer['publication']['state']}: {answer['publication']['message']}"),
@@ -230,6 +231,22 @@ def status(socket_path: str, as_json: bool) -> None:
     for error in answer["recordErrors"][:5]:
         pairs.append(("bad record", error))
     _block(f"node: {answer['node']}", pairs)
+
+
+def _strict_text(strict: dict[str, Any]) -> str:
+    """`strict mode` of `wgcni status`: on (dropping) or off (counting), the cluster ranges and the counters."""
+    mode = strict.get("mode", "off")
+    text = {"strict": "ON: plaintext between WireGuard nodes is dropped",
+            "permissive": "off: plaintext between WireGuard nodes is counted, not dropped",
+            "opted-out": "off: this node is opted out (strictMode is set)"}.get(mode, "off")
+    if strict.get("cluster"):
+        text += f"; cluster {', '.join(strict['cluster'])}"
+    if strict.get("tablePresent") is False:
+        text += f"; TABLE MISSING ({strict.get('table')})"
+    elif "dropped" in strict:
+        kind = "dropped" if mode == "strict" else "counted"
+        text += f"; {kind} out {strict[kind]['out']}, in {strict[kind]['in']} packets"
+    return text
 
 
 Rows = list[dict[str, Any]]

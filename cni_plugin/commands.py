@@ -35,6 +35,7 @@ from cni_plugin.records import (
     valid_container_id,
     valid_ifname,
 )
+from cni_plugin.strict import ensure_strict_table
 
 NOT_CHAINED = "must be called as chained plugin"
 NOT_CHAINED_DETAILS = "list wgcni after azure-vnet in the conflist's plugins so that it receives a prevResult"
@@ -52,6 +53,9 @@ def add(conf: NetConf, invocation: Invocation, log: FileLog) -> dict:
         raise CniError(ERR_INVALID_CONFIG, NOT_CHAINED, NOT_CHAINED_DETAILS)
     _require_valid_names(invocation)
     ips = pod_ips(conf.prev_result)
+    loaded, hold = ensure_strict_table(conf.settings.state_dir)  # before the record: a refused ADD leaves nothing
+    if loaded:
+        log.warning(loaded)
     store = RecordStore(conf.settings.state_dir)
     now = utc_now_rfc3339()
     record = {
@@ -87,7 +91,7 @@ def add(conf: NetConf, invocation: Invocation, log: FileLog) -> dict:
             if not ips:
                 log.warning(f"prevResult of {invocation.container_id} has no IPs: nothing for the hook to encrypt")
             # The record is visible: the hook reads it while its directory is synced; ADD succeeds only after both.
-            pending = _notify(conf, invocation, "pod-added", log)
+            pending = _notify(conf, invocation, "pod-added", log, hold)
             fsync_directory(directory)
     except OSError as error:
         _abandon(pending)
@@ -292,17 +296,21 @@ def _require_version(conf: NetConf, command: str, minimum: tuple[int, int, int])
                        f"{command} exists from cniVersion {wanted} on")
 
 
-def _notify(conf: NetConf, invocation: Invocation, op: str, log: FileLog) -> notify.Pending | None:
-    message = {"op": op, "network": conf.network, "containerID": invocation.container_id,
-               "ifname": invocation.ifname}
-    return _send_notification(conf.settings.hook_socket, message, log)
+def _notify(conf: NetConf, invocation: Invocation, op: str, log: FileLog, hold: float = 0.0) -> notify.Pending | None:
+    """`hold` (strict mode, pod-added): the hook answers once the API holds the pod's IP, at most `hold` s later."""
+    message: dict[str, object] = {"op": op, "network": conf.network, "containerID": invocation.container_id,
+                                  "ifname": invocation.ifname}
+    if hold > 0:
+        message["hold"] = hold
+    return _send_notification(conf.settings.hook_socket, message, log, notify.NOTIFY_TIMEOUT_SECONDS + hold)
 
 
-def _send_notification(socket_path: str, message: dict, log: FileLog) -> notify.Pending | None:
+def _send_notification(socket_path: str, message: dict, log: FileLog,
+                       timeout: float = notify.NOTIFY_TIMEOUT_SECONDS) -> notify.Pending | None:
     """Best effort: the notification sent (its answer read by `_finish_notification`), or None when the hook could
     not be reached (logged; the hook picks the record up on its next rescan)."""
     try:
-        return notify.send(socket_path, message, notify.NOTIFY_TIMEOUT_SECONDS)
+        return notify.send(socket_path, message, timeout)
     except notify.HookUnavailable as error:
         log.info(f"{message['op']} not delivered ({error}); the hook picks the record up on its next rescan")
         return None

@@ -244,6 +244,19 @@ def _key_value(key: IPNetwork) -> int:
     return packed._decoded()[0] | _V6
 
 
+def outside(keys: Iterable[IPNetwork], networks: Iterable[IPNetwork]) -> list[IPNetwork]:
+    """The host keys of `keys` that lie in none of `networks`. Host keys order as ints in address order (IPv4 before
+    IPv6), so each network is the int range from its first to its last address's key: plain int comparisons, about
+    a tenth of a microsecond a key instead of a microsecond-sized `subnet_of` (strict mode at 5 000 x 250)."""
+    bounds = [(int(cast(_PackedKey, host_prefix(network.network_address))),
+               int(cast(_PackedKey, host_prefix(network.broadcast_address)))) for network in networks]
+    packed = cast(Iterable[_PackedKey], keys)
+    if len(bounds) == 1:
+        low, high = bounds[0]
+        return [key for key in packed if not low <= key <= high]
+    return [key for key in packed if not any(low <= key <= high for low, high in bounds)]
+
+
 def address_of(key: IPNetwork) -> IPAddress:
     """The `ipaddress` address a key stands for."""
     value = _key_value(key)

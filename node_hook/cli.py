@@ -5,10 +5,12 @@ Errors are one line on stderr with a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,6 +18,9 @@ from node_hook.config import ConfigError, Settings, load_settings
 from node_hook.install.cli import install_cni, uninstall_cni
 from node_hook.logs import redact_everywhere, setup_logging
 from node_hook.peers import PeerSource
+
+if TYPE_CHECKING:
+    from node_hook.node import Node  # the wiring pulls in netlink: only `run` imports it
 
 
 def _settings(config: Path | None) -> Settings:
@@ -87,8 +92,11 @@ def run(config: Path | None) -> None:
              settings.node_name, key.public_key, node.engine.appliers.wireguard.kind, settings.interface,
              environment.endpoint, environment.mtu, environment.mtu_reason, node.engine.host_encryption)
     node.start()
+    follower = ConfigFollower(config, settings, node, log) if config is not None else None
     try:
-        stop.wait()
+        while not stop.wait(CONFIG_POLL_SECONDS):
+            if follower is not None:
+                follower.poll()
     finally:
         log.info("stopping")
         if metrics_server is not None:
@@ -97,17 +105,57 @@ def run(config: Path | None) -> None:
         node.stop()
 
 
+CONFIG_POLL_SECONDS = 5.0  # how often `run` re-reads its config file (a ConfigMap update lands within a minute)
+LIVE_SETTINGS = ("strict_mode", "strict_cidrs", "strict_allow")
+
+
+class ConfigFollower:
+    """Re-reads the config file of `run`: the strict settings are applied live, a change of any other setting is
+    logged once as waiting for a restart, an invalid file once as ignored."""
+
+    def __init__(self, config: Path, settings: Settings, node: Node, log: logging.Logger) -> None:
+        self.config, self.seen, self.node, self.log = config, settings, node, log
+        self.error = ""
+
+    def poll(self) -> None:
+        try:
+            new = load_settings(self.config)
+        except ConfigError as error:
+            if str(error) != self.error:
+                self.log.error("%s (the running settings stay in force)", error)
+                self.error = str(error)
+            return
+        self.error = ""
+        if new == self.seen:
+            return
+        later = [item.name for item in dataclasses.fields(Settings)
+                 if item.name not in LIVE_SETTINGS and getattr(new, item.name) != getattr(self.seen, item.name)]
+        if later:
+            self.log.warning("%s changed: applied when the hook restarts", ", ".join(later))
+        if any(getattr(new, name) != getattr(self.seen, name) for name in LIVE_SETTINGS):
+            if new.strict_mode and not self.node.engine.host_encryption:
+                self.log.error("strictMode: needs host encryption, which this hook runs without; restart it with "
+                               "hostEncryption true")
+            else:
+                self.node.engine.strict_settings_changed(new)
+                self.log.info("strict settings applied live: strictMode %s, strictCIDRs %s, strictAllow %s",
+                              new.strict_mode, list(new.strict_cidrs) or "(the underlay subnets)",
+                              list(new.strict_allow))
+        self.seen = new
+
+
 @main.command()
 @config_option
 def cleanup(config: Path | None) -> None:
-    """Remove what the hook created (device, routes in its table, its rules, its nftables table) and restore the
-    sysctls it changed. The key file and the pod records are kept."""
+    """Remove what the hook created (device, routes in its table, its rules, its nftables tables, the strict boot
+    file) and restore the sysctls it changed. The key file and the pod records are kept."""
     from node_hook.apply.firewall import NftFirewall
     from node_hook.apply.routes import PyrouteRouting
     from node_hook.apply.sysctl import Sysctls
     from node_hook.engine import FIREWALL_TABLE
     from node_hook.local_api import request
     from node_hook.node import real_wireguard_backend
+    from node_hook.strict import boot_file as strict_boot_file
 
     settings = _settings(config)
     try:
@@ -121,7 +169,7 @@ def cleanup(config: Path | None) -> None:
         ("rules and routes", lambda: _flush_routing(PyrouteRouting(settings.route_table, settings.interface,
                                                                        settings.bypass_rule_priority))),
         ("device", lambda: _delete_device(real_wireguard_backend(settings, lambda code: None))),
-        ("firewall", lambda: NftFirewall(FIREWALL_TABLE).delete()),
+        ("firewall", lambda: NftFirewall(FIREWALL_TABLE, boot_file=strict_boot_file(settings)).delete()),
         ("sysctls", lambda: Sysctls(settings.sysctl_originals_file).restore()),
     )
     for what, step in steps:
@@ -132,7 +180,8 @@ def cleanup(config: Path | None) -> None:
     if problems:
         raise click.ClickException("; ".join(problems))
     click.echo(f"removed {settings.interface}, table {settings.route_table} routes and rules, "
-               f"nftables table inet {FIREWALL_TABLE}; sysctls restored")
+               f"nftables tables inet {FIREWALL_TABLE} and inet {FIREWALL_TABLE}-strict (and its boot file); "
+               "sysctls restored")
 
 
 def _flush_routing(routing) -> None:  # type: ignore[no-untyped-def]

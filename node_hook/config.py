@@ -32,6 +32,16 @@ SETTINGS_DOC: tuple[tuple[str, object, str], ...] = (
     ("mtu", 0, "WireGuard device MTU; 0 = auto (underlay MTU - 60 v4 / 80 v6, - 100 more on Azure)"),
     ("azure", "auto", "running on Azure: auto (DMI vendor / asset tag) | true | false; affects auto MTU"),
     ("hostEncryption", "auto", "encrypt node-to-node traffic too: auto (on when Azure) | true | false"),
+    ("strictMode", False, "fail closed: a pod's (and, with host encryption, the host's) packet to an address of the "
+                          "cluster that would leave the underlay unencrypted is dropped and counted; false = counted "
+                          "only (docs/design.md, strict mode)"),
+    ("strictCIDRs", [], "the cluster's address ranges for strict mode; empty = the subnets of the underlay "
+                        "interface's addresses (on AKS the VNet subnet of nodes and pods)"),
+    ("strictAllow", [], "addresses or CIDRs inside the cluster ranges that may be reached in plaintext in strict "
+                        "mode (an API server or a VM in the VNet); Azure's 168.63.129.16 and 169.254.169.254 always"),
+    ("strictAddHold", 1.0, "strict mode: seconds the plugin's ADD waits at most for the API to hold the new pod's IP "
+                           "(its peers learn it from there), so its containers start once peers can reach it; 0 = "
+                           "no wait"),
     ("persistentKeepalive", 0, "seconds between keepalives to each peer; 0 = off"),
     ("endpoint", "", "this node's underlay address peers send to; empty = the source IP of the default route"),
     ("peersFile", "", "static peer source (JSON, re-read when it changes); empty = Kubernetes sync"),
@@ -69,6 +79,10 @@ class Settings:
     mtu: int = 0
     azure: str = "auto"
     host_encryption: str = "auto"
+    strict_mode: bool = False
+    strict_cidrs: tuple[str, ...] = ()
+    strict_allow: tuple[str, ...] = ()
+    strict_add_hold: float = 1.0
     persistent_keepalive: int = 0
     endpoint: str = ""
     peers_file: Path | None = None
@@ -99,7 +113,7 @@ class Settings:
 
 
 def _snake(key: str) -> str:
-    return re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower()
+    return re.sub(r"(?<!^)(?<![A-Z])([A-Z])", r"_\1", key).lower()  # strictCIDRs -> strict_cidrs
 
 
 _FILE_KEYS = {doc[0]: _snake(doc[0]) for doc in SETTINGS_DOC}
@@ -124,6 +138,25 @@ def _integer(name: str, value: object, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ConfigError(f"{name}: {value} is outside {low}..{high}")
     return value
+
+
+def _boolean(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: must be true or false, not {value!r}")
+    return value
+
+
+def _networks(name: str, value: object) -> tuple[str, ...]:
+    """A list of addresses or CIDRs, normalised to network text (host bits must be zero)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{name}: must be a list of addresses or CIDRs, not {value!r}")
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(item)))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: {item!r} is not an address or a CIDR with zero host bits") from None
+    return tuple(out)
 
 
 def _seconds(name: str, value: object) -> float:
@@ -189,6 +222,14 @@ def settings_from_mapping(raw: dict[str, Any]) -> Settings:
                 raise ConfigError(f"mtu: {value} is below 1280 (the IPv6 minimum); use 0 for auto")
         elif key in ("azure", "hostEncryption"):
             value = _tristate(key, value)
+        elif key == "strictMode":
+            value = _boolean(key, value)
+        elif key in ("strictCIDRs", "strictAllow"):
+            value = _networks(key, value)
+        elif key == "strictAddHold":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 30:
+                raise ConfigError(f"strictAddHold: must be 0..30 seconds, not {value!r}")
+            value = float(value)
         elif key == "persistentKeepalive":
             value = _integer(key, value, 0, 65535)
         elif key == "endpoint":
@@ -213,6 +254,9 @@ def settings_from_mapping(raw: dict[str, Any]) -> Settings:
         elif key == "logFormat":
             value = _choice(key, value, ("text", "json"))
         values[_FILE_KEYS[key]] = value
+    if values.get("strict_mode") and values.get("host_encryption") == "false":
+        raise ConfigError("strictMode: needs host encryption (hostEncryption auto or true): without it every pod "
+                          "packet to another node's IP would be dropped")
     return Settings(**values)
 
 

@@ -124,25 +124,68 @@ class RoutingApplier(Protocol):
 
 
 @dataclass(frozen=True)
+class StrictSpec:
+    """The strict-mode table (`inet <table>`, docs/design.md "Strict mode"): a packet from a local pod - and with
+    `host` from the host - to an address in `cluster` or `published` that leaves by anything but the WireGuard
+    device, lo or a pod veth is counted and, with `enforce`, dropped; so is a plaintext packet from an address that
+    routes into the tunnel (a WireGuard node's) to a local pod. Exempt: `allow` (strictAllow and Azure's platform
+    addresses), `exempt` (the addresses of nodes without a key: opted out), WireGuard's own UDP, and the replies of
+    a connection that was opened in plaintext from outside the WireGuard nodes (an outside client of a NodePort).
+    With `boot_file` the applier keeps the same table there, in a form `nft -f` loads only where it is missing (at
+    boot, before the hook runs), while `enforce` holds; and removes the file otherwise."""
+
+    table: str
+    enforce: bool
+    host: bool
+    fwmark: int  # WireGuard's packets carry it; the same bit in the conntrack mark marks plaintext-origin connections
+    wireguard_interface: str
+    pod_interface_prefixes: tuple[str, ...]
+    listen_port: int
+    cluster: tuple[IPNetwork, ...]
+    allow: tuple[IPNetwork, ...]
+    exempt: tuple[IPNetwork, ...] = ()
+    published: tuple[IPNetwork, ...] = ()
+    boot_file: str = ""
+    add_hold: float = 0.0  # written into the boot file: how long the plugin's ADD waits for the publication
+
+
+@dataclass(frozen=True)
 class FirewallSpec:
-    """The hook's own nftables table: rp_filter marks, the WireGuard port, MSS clamping into the tunnel."""
+    """The hook's own nftables tables: rp_filter marks, the WireGuard port, MSS clamping into the tunnel; and the
+    strict-mode table when `strict` is set."""
 
     table: str
     fwmark: int
     wireguard_interface: str
     pod_interface_prefixes: tuple[str, ...]
     listen_port: int
+    strict: StrictSpec | None = None
+
+
+@dataclass(frozen=True)
+class PlaintextCounters:
+    """The strict table's kernel counters: packets (and bytes) that matched, by verdict and direction ("out": a
+    local pod or the host to the cluster, "in": a WireGuard node's address to a local pod), and the addresses hit
+    most (destinations out, sources in) with their packet counts, most first."""
+
+    dropped: dict[str, int]
+    counted: dict[str, int]
+    top: dict[str, list[tuple[str, int]]]
 
 
 class FirewallApplier(Protocol):
     def read(self) -> str | None:
-        """The kernel's listing of the hook's table, or None when it does not exist."""
+        """The kernel's listing of the hook's tables (without counter values and the strict table's dynamic sets),
+        or None when one does not exist."""
 
     def apply(self, spec: FirewallSpec) -> str:
-        """Replace the table atomically with `spec`; returns the kernel's listing of the result."""
+        """Replace the tables atomically with `spec` (keeping the strict table's counters); returns the listing."""
 
     def delete(self) -> None:
-        """Remove the table; no error when it is already gone."""
+        """Remove the tables and the strict boot file; no error when they are already gone."""
+
+    def counters(self) -> PlaintextCounters | None:
+        """The strict table's counters, or None when it does not exist (any thread: it reads, writes nothing)."""
 
 
 class SysctlApplier(Protocol):

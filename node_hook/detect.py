@@ -36,6 +36,7 @@ class Environment:
     azure_reason: str
     mtu: int
     mtu_reason: str
+    subnets: frozenset[str] = frozenset()  # the networks of the underlay interface's addresses (strict mode's cluster)
 
 
 def kernel_wireguard_available(sys_root: Path = Path("/sys/module"), modules_root: Path = Path("/lib/modules")) -> bool:
@@ -96,11 +97,12 @@ def detect(settings: Settings) -> Environment:
             raise DetectError(f"endpoint: {endpoint} is not an address of this node")
         index = addresses[0]["index"]
         link = ipr.get_links(index)[0]
-        node_ips = frozenset(
-            message.get("address") for message in ipr.get_addr(index=index)
-            if message["scope"] == 0 and message.get("address")
-        )
+        messages = [message for message in ipr.get_addr(index=index)
+                    if message["scope"] == 0 and message.get("address")]
+        node_ips = frozenset(message.get("address") for message in messages)
+        subnets = frozenset(str(ipaddress.ip_interface(f"{message.get('address')}/{message['prefixlen']}").network)
+                            for message in messages)
     azure, azure_reason = detect_azure(settings.azure)
     mtu, mtu_reason = wireguard_mtu(link.get("mtu"), version, azure, settings.mtu)
     return Environment(endpoint, node_ips | {endpoint}, link.get("ifname"), link.get("mtu"), azure, azure_reason,
-                       mtu, mtu_reason)
+                       mtu, mtu_reason, subnets)

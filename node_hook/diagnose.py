@@ -30,7 +30,7 @@ from node_hook.planner import plan_device_address, plan_peers, plan_rules, plan_
 
 SYS_CLASS_NET = Path("/sys/class/net")
 CHECKS = ("sync", "publication", "reconcile", "device", "mtu", "peers", "rules", "routes", "sysctls", "firewall",
-          "conflicts", "handshakes", "records", "conflist")
+          "strict", "conflicts", "handshakes", "records", "conflist")
 HANDSHAKE_REJECT_AFTER = 180.0  # WireGuard's REJECT_AFTER_TIME: older session keys no longer carry data
 EXAMPLES = 3  # a finding names at most this many peers/prefixes, then "and N more"
 LOGS = "kubectl -n kube-system logs ds/wgcni-node -c wgcni-node"
@@ -76,13 +76,14 @@ class Observed:
     targets: Any
     settings: Any
     environment: Any
+    strict: dict[str, Any] | None = None  # NodeView.strict_growth(): strict mode, its counters read twice
 
 
 def analyse(observed: Observed, conf_dir: Path) -> dict[str, Any]:
     """All findings for this node, plus the names of the checks that ran (any thread)."""
     findings: list[dict[str, str]] = []
     for check in (_sync, _publication, _reconcile, _device, _mtu, _peers, _rules, _routes, _sysctls, _firewall,
-                  _conflicts, _handshakes, _records):
+                  _strict, _conflicts, _handshakes, _records):
         findings += check(observed)
     findings += _conflist(conf_dir)
     return {"findings": findings, "checks": list(CHECKS)}
@@ -263,6 +264,43 @@ def _firewall(o: Observed) -> list[dict[str, str]]:
                          "are not marked and may loop", "the hook recreates it; something flushes the ruleset "
                          "(nft flush ruleset / iptables-restore with nft backend?)")]
     return []
+
+
+def _hits(strict: dict[str, Any], direction: str) -> str:
+    top = strict.get("top", {}).get(direction) or []
+    return _some([f"{hit['address']} ({hit['packets']})" for hit in top])
+
+
+def _strict(o: Observed) -> list[dict[str, str]]:
+    strict = o.strict
+    if not strict or strict.get("mode") == "off":
+        return []
+    if "error" in strict:
+        return [_finding("strict", "warning", f"cannot read the strict table's counters: {strict['error']}", LOGS)]
+    if not strict.get("tablePresent"):
+        severity = "error" if strict["mode"] == "strict" else "warning"
+        return [_finding("strict", severity, f"nftables table {strict['table']} is missing: plaintext between "
+                         "WireGuard nodes is neither dropped nor counted", "the hook recreates it at its next pass; "
+                         "something flushes the ruleset (nft flush ruleset?)")]
+    growth = strict.get("growth")
+    if growth is None:
+        return []
+    out = []
+    seconds = strict.get("sampledSeconds", 0)
+    for direction, what in (("out", "to cluster addresses not reached through the tunnel (destinations hit most: "),
+                            ("in", "into local pods from WireGuard nodes' addresses (sources hit most: ")):
+        if strict["mode"] == "strict" and growth["dropped"][direction] > 0:
+            out.append(_finding("strict", "warning", f"strict mode keeps dropping plaintext packets {what}"
+                                f"{_hits(strict, direction)}): {growth['dropped'][direction]} in {seconds:g} s, "
+                                f"{strict['dropped'][direction]} in all",
+                                "a destination no peer programs: a pod that is new for a moment, a node whose hook "
+                                "is down or cannot publish (`wgcni peers`, its `wgcni check`), or an address outside "
+                                "the WireGuard nodes that belongs in strictAllow"))
+        elif strict["mode"] != "strict" and growth["counted"][direction] > 0:
+            out.append(_finding("strict", "info", f"{growth['counted'][direction]} plaintext packet(s) in {seconds:g}"
+                                f" s {what}{_hits(strict, direction)}): strict mode would drop them",
+                                "see which node or address they go to before turning strictMode on"))
+    return out
 
 
 def _conflicts(o: Observed) -> list[dict[str, str]]:

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from node_hook.addresses import IPNetwork, address_of, host_keys
@@ -48,6 +48,7 @@ from node_hook.peers import PeerSource
 from node_hook.planner import desired_rules, publication_gate
 from node_hook.pod_routes import PodRouteSource
 from node_hook.reconciler import ASPECTS, PassResult, Reconciler, Targets
+from node_hook.strict import desired_strict, enforcing
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,11 @@ def route_key(interface: str) -> str:
 
 
 def host_encryption_enabled(settings: Settings, environment: Environment) -> bool:
-    return environment.azure if settings.host_encryption == "auto" else settings.host_encryption == "true"
+    """`hostEncryption`; auto = on Azure, and always in strict mode (without it pod traffic to node IPs would be
+    dropped; config.py refuses strictMode with hostEncryption false)."""
+    if settings.host_encryption == "auto":
+        return environment.azure or settings.strict_mode
+    return settings.host_encryption == "true"
 
 
 def desired_sysctls(settings: Settings) -> dict[str, str]:
@@ -213,12 +218,28 @@ class Engine:
                 self._wake.wait(remaining)
         return True
 
-    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15) -> None:
+    def pod_changed(self, network: str, container_id: str, ifname: str, wait: float = 0.15,
+                    hold: float = 0.0) -> None:
         """A notification from the plugin: re-read that record now and answer once it is applied (at most `wait`
-        seconds), so a reused IP is local before the pod's first packet (docs/design.md, local API)."""
+        seconds), so a reused IP is local before the pod's first packet (docs/design.md, local API). With `hold`
+        (strict mode's ADD) answer only once the API holds the pod's IPs too, at most `hold` s after it came."""
         seen_at = time.monotonic()
         generation = self._enqueue(lambda: self._load_record(network, container_id, ifname, seen_at))
         self.wait_for_pass(generation, wait)
+        if hold > 0:
+            self._wait_published(record_key(network, container_id, ifname), seen_at + hold)
+
+    def _wait_published(self, key: str, deadline: float) -> bool:
+        """Wait until what the API holds of this node lists every IP of the record `key` (or `deadline`)."""
+        with self._wake:
+            while True:
+                ips = (self.records_meta.get(key) or {}).get("ips")
+                if ips and self.publication.ips.issuperset(ips):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
 
     # PeerSink: the peer source's deltas
     def nodes_synced(self, nodes: Mapping[str, RemoteNode]) -> None:
@@ -251,6 +272,14 @@ class Engine:
         """What the API now holds of this node's publication."""
         def apply() -> None:
             self.publication = publication
+        self._enqueue(apply)
+
+    def strict_settings_changed(self, new: Settings) -> None:
+        """strictMode, strictCIDRs or strictAllow changed in the config file: the next pass applies them (live; the
+        strict table's chains are replaced in one transaction)."""
+        def apply() -> None:
+            self.settings = replace(self.settings, strict_mode=new.strict_mode, strict_cidrs=new.strict_cidrs,
+                                    strict_allow=new.strict_allow)
         self._enqueue(apply)
 
     # the netlink monitor's and the WireGuard backend's events
@@ -339,6 +368,7 @@ class Engine:
             self.reconciler.prune = self.peers_complete
             with self.model_lock:
                 self._gate_rules()
+                self._gate_strict()
             started = time.monotonic()
             result = self.reconciler.reconcile()
             if self.observer is not None:
@@ -366,6 +396,8 @@ class Engine:
         """Worker thread, before a pass: the rules as the publication allows them (planner.publication_gate)."""
         tunnel, bypass = publication_gate(self.publication, self.key.public_key, self.local_ips())
         settings = self.settings
+        if enforcing(settings, self.publication):  # strict: an unpublished IP's packets are dropped in the main
+            bypass = frozenset()  # table; in the tunnel they reach every peer that has learned it already
         self.reconciler.set_rules(desired_rules(settings.rule_priority, settings.fwmark, settings.route_table,
                                                 tunnel, bypass))
         covered = tunnel and not bypass
@@ -373,6 +405,11 @@ class Engine:
             self.unpublished_since = None
         elif self.unpublished_since is None:
             self.unpublished_since = self.clock()
+
+    def _gate_strict(self) -> None:
+        """Worker thread, before a pass: the strict table as the settings, remote nodes and publication want it."""
+        strict = desired_strict(self.settings, self.environment, self.host_encryption, self.model, self.publication)
+        self.reconciler.set_firewall(replace(self.targets.firewall, strict=strict))
 
     def _load_record(self, network: str, container_id: str, ifname: str, seen_at: float) -> None:
         from cni_plugin.records import RecordError

@@ -65,7 +65,10 @@ def answer(node: Node, request: object) -> dict[str, Any]:
     try:
         if op in ("pod-added", "pod-deleted"):
             network, container_id, ifname = _require_record_key(request)
-            node.engine.pod_changed(network, container_id, ifname)
+            hold = request.get("hold", 0.0) if op == "pod-added" else 0.0
+            if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= 30:
+                raise ApiError(f"{op}: 'hold' must be 0..30 seconds")
+            node.engine.pod_changed(network, container_id, ifname, hold=float(hold))
             return {"ok": True}
         if op == "check":
             ips = request.get("ips")

@@ -169,6 +169,22 @@ class _StateCollector(Collector):
         yield from state_families(snapshot, getattr(self.per_peer, "enabled", True), time.time())
 
 
+def _strict_families(strict: dict[str, Any]) -> Iterable[Metric]:
+    """The strict table's kernel counters (node_hook/apply/firewall.py): one series per direction, out = a local pod
+    or the host to a cluster address not through the tunnel, in = a WireGuard node's address to a local pod."""
+    yield _gauge("wgcni_strict_mode", "1 when strict mode drops plaintext between WireGuard nodes, 0 when it only "
+                 "counts it (permissive, or this node is opted out).", int(strict.get("mode") == "strict"))
+    for name, key, documentation in (
+            ("wgcni_plaintext_dropped_packets", "dropped", "Packets strict mode dropped because they would have "
+             "crossed the VNet unencrypted between WireGuard nodes."),
+            ("wgcni_plaintext_packets", "counted", "Packets that crossed the VNet unencrypted between WireGuard "
+             "nodes (permissive mode: what strict mode would drop).")):
+        family = CounterMetricFamily(name, documentation, labels=["direction"])
+        for direction, value in sorted((strict.get(key) or {"in": 0, "out": 0}).items()):
+            family.add_metric([direction], value)
+        yield family
+
+
 def _gauge(name: str, documentation: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
     family = GaugeMetricFamily(name, documentation, labels=list(labels) if labels else None)
     family.add_metric(list(labels.values()) if labels else [], value)
@@ -227,6 +243,7 @@ def state_families(snapshot: MetricsSnapshot, per_peer: bool, now: float) -> Ite
     for kind, count in sorted(counts.items()):
         conflicts.add_metric([kind], count)
     yield conflicts
+    yield from _strict_families(status.get("strict") or {})
     yield from _sync_families(status.get("sync"))
     yield from _peer_families(snapshot.peers, per_peer, now)
 

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 
-from node_hook.addresses import IPAddress, IPNetwork, address_of, aggregate, host_keys, host_prefix
+from node_hook.addresses import IPAddress, IPNetwork, address_of, aggregate, host_keys, host_prefix, outside
 
 LOCAL = "\x00local"  # owner marker for IPs of this node (not a valid node name)
 
@@ -217,6 +217,9 @@ class NodeModel:
         # Addresses whose route may have changed since the last take_changes() -> their route then; None after
         # more than CHANGED_ROUTES_LISTED (any route may have changed).
         self._previous_routes: dict[IPNetwork, RouteKind | None] | None = {}
+        self._remote_version = 0  # bumped by every change of a remote node (strict_addresses() caches on it)
+        self._strict_outside: dict[str, tuple[RemoteNode, tuple[IPNetwork, ...]]] = {}
+        self._strict_result: tuple[object, tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] | None = None
 
     # ---- events -------------------------------------------------------------------------------------------
 
@@ -261,6 +264,7 @@ class NodeModel:
         old = self._remotes.get(name)
         if old is not None and (old is node or old == node):  # compared before parsing: a re-delivered node is cheap
             return
+        self._remote_version += 1
         new_node_keys, new_pod_keys = node.node_ips, node.pod_ips
         new_keys = new_pod_keys | new_node_keys
         if old is None:
@@ -305,6 +309,7 @@ class NodeModel:
         old = self._remotes.get(name)
         if old is None:
             return
+        self._remote_version += 1
         keys = old.pod_ips | old.node_ips
         for key in keys:
             self._note(key)
@@ -367,6 +372,34 @@ class NodeModel:
     def node_of_key(self, public_key: str) -> str | None:
         peer = self.peers.get(public_key)
         return peer.node if peer else None
+
+    def strict_addresses(self, cluster: tuple[IPNetwork, ...]) -> tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]:
+        """Strict mode's view of the remote nodes (docs/design.md "Strict mode"): (exempt, published), each aggregated
+        exactly - the addresses won by nodes without a key (opted out: reached in plaintext), and the addresses of
+        nodes with a key that lie outside `cluster` (inside, the cluster's ranges already cover them). Recomputed
+        only after a remote node changed: O(remote nodes) plus the addresses of keyless nodes and of nodes whose
+        object changed (each node's outside addresses are kept with the node object they come from)."""
+        if self._strict_result is not None and self._strict_result[0] == (self._remote_version, cluster):
+            return self._strict_result[1]
+        cache = self._strict_outside
+        if self._strict_result is None or self._strict_result[0][1] != cluster:  # type: ignore[index]
+            cache.clear()
+        exempt: list[IPNetwork] = []
+        published: list[IPNetwork] = []
+        for name, node in self._remotes.items():
+            if not node.public_key:
+                exempt.extend(self._owned(name))
+                continue
+            entry = cache.get(name)
+            if entry is None or entry[0] is not node:
+                entry = cache[name] = (node, tuple(outside(node.pod_ips | node.node_ips, cluster)))
+            published.extend(entry[1])
+        if len(cache) > len(self._remotes):
+            for name in cache.keys() - self._remotes.keys():
+                del cache[name]
+        result = (tuple(aggregate(exempt)), tuple(aggregate(set(published))))
+        self._strict_result = ((self._remote_version, cluster), result)
+        return result
 
     def problems(self) -> list[Problem]:
         """Costs O(nodes + contested addresses), never O(all addresses)."""

@@ -39,11 +39,12 @@ def real_appliers(settings: Settings, on_wireguard_exit: Callable[[int], None]) 
     from node_hook.apply.firewall import NftFirewall
     from node_hook.apply.routes import PyrouteRouting
     from node_hook.apply.sysctl import Sysctls
+    from node_hook.strict import boot_file as strict_boot_file
 
     return Appliers(
         real_wireguard_backend(settings, on_wireguard_exit),
         PyrouteRouting(settings.route_table, settings.interface, settings.bypass_rule_priority),
-        NftFirewall(FIREWALL_TABLE),
+        NftFirewall(FIREWALL_TABLE, boot_file=strict_boot_file(settings)),
         Sysctls(settings.sysctl_originals_file),
     )
 

@@ -359,8 +359,10 @@ def plan_sysctls(desired: Mapping[str, str], actual: Mapping[str, str | None]) -
     return {name: value for name, value in sorted(desired.items()) if actual.get(name) != value}
 
 
-def plan_firewall(spec: FirewallSpec, listing: str | None, applied_listing: str | None) -> FirewallSpec | None:
-    """Re-apply unless the kernel still lists exactly what it listed right after our last apply."""
-    if listing is None or applied_listing is None or listing != applied_listing:
+def plan_firewall(spec: FirewallSpec, listing: str | None, applied_listing: str | None,
+                  applied_spec: FirewallSpec | None = None) -> FirewallSpec | None:
+    """Re-apply when the spec changed since the last apply (`applied_spec`; the strict table follows the model) or
+    the kernel no longer lists exactly what it listed right after it."""
+    if spec != applied_spec or listing is None or applied_listing is None or listing != applied_listing:
         return spec
     return None

@@ -123,6 +123,7 @@ class Reconciler:
         self._rules: frozenset[RuleSpec] = frozenset()
         self._rules_changed = False  # the desired rules changed since the last pass: diff them against `_rules`
         self._firewall_listing: str | None = None
+        self._firewall_spec: FirewallSpec | None = None  # what `_firewall_listing` is the listing of
         # The model's changes taken by a pass that failed: an aspect that stayed in sync has not applied them yet,
         # so the next pass diffs them too (else a failure in another step - the device's, say - lost them for good).
         self._unapplied: Changes | None = None
@@ -139,6 +140,12 @@ class Reconciler:
         if rules != self.targets.rules:
             self.targets = replace(self.targets, rules=rules)
             self._rules_changed = True
+
+    def set_firewall(self, spec: FirewallSpec) -> None:
+        """A new desired firewall (the strict table follows the remote nodes and the strict settings); the next pass
+        applies it when it differs from the one last applied."""
+        if spec != self.targets.firewall:
+            self.targets = replace(self.targets, firewall=spec)
 
     def mark_out_of_sync(self, *aspects: str) -> None:
         for aspect in aspects or ASPECTS:
@@ -198,7 +205,10 @@ class Reconciler:
                     self.model.peers, device.peers if device is not None else ())
                 device = None
             if not self.in_sync["firewall"]:
-                plan.firewall = plan_firewall(self.targets.firewall, self.firewall.read(), self._firewall_listing)
+                plan.firewall = plan_firewall(self.targets.firewall, self.firewall.read(), self._firewall_listing,
+                                              self._firewall_spec)
+            elif self.targets.firewall != self._firewall_spec:
+                plan.firewall = self.targets.firewall
             if not self.in_sync["sysctls"]:
                 plan.sysctls = plan_sysctls(self.targets.sysctls, self.sysctls.read(sorted(self.targets.sysctls)))
             if changes.previous_routes is None:  # a bulk change: any route may differ, read the table back
@@ -264,7 +274,9 @@ class Reconciler:
 
     def _apply(self, name: str, payload: object) -> None:
         if name == "firewall":
+            self._firewall_spec = None  # until the apply returns: a failed one leaves the kernel unknown
             self._firewall_listing = self.firewall.apply(payload)  # type: ignore[arg-type]
+            self._firewall_spec = payload  # type: ignore[assignment]
         elif name == "sysctls":
             self.sysctls.write(payload)  # type: ignore[arg-type]
         elif name in ("peer_reshape", "peer_removals", "peer_adds"):

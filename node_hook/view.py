@@ -11,7 +11,7 @@ import hashlib
 import heapq
 import ipaddress
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,13 @@ from node_hook.diagnose import Observed, analyse
 from node_hook.engine import Engine, route_key
 from node_hook.model import LOCAL, DesiredPeer, RouteKind
 from node_hook.planner import publication_gate
+from node_hook.strict import enforcing
 
 RECENT_HANDSHAKE_SECONDS = 180.0  # WireGuard's REJECT_AFTER_TIME: an older session can no longer carry data
 PUBLICATION_GRACE_SECONDS = 10.0  # a write on its way for less than this is normal (writes are rate limited)
 UNPUBLISHED_LISTED = 20  # status lists at most this many local IPs the API does not hold yet
+STRICT_SAMPLE_SECONDS = 1.0  # `wgcni check` compares strict counters at least this far apart: drops still growing
+STRICT_SAMPLE_MAX_AGE = 300.0  # an earlier reading (a scrape's) older than this is not used: check reads twice
 
 
 def key_fingerprint(public_key: str) -> str:
@@ -55,6 +58,8 @@ class NodeView:
     def __init__(self, engine: Engine, cni_conf_dir: Path) -> None:
         self.engine = engine
         self.cni_conf_dir = cni_conf_dir  # where `diagnose` looks for the conflist's wgcni entry
+        # the latest reading of the strict counters: (monotonic time, {"dropped": ..., "counted": ...})
+        self._strict_sample: tuple[float, dict[str, dict[str, int]]] | None = None
 
     # facts the probes read
     @property
@@ -130,6 +135,7 @@ class NodeView:
             "peersComplete": engine.peers_complete,
             "peerSourceError": source_error,
             "publication": self.publication_status(),
+            "strict": self.strict_status(),
             "sync": _plain(sync_status),
             "counts": counts,
             "problems": [{"kind": p.kind, "subject": p.subject, "message": p.message} for p in problems],
@@ -297,12 +303,63 @@ class NodeView:
             state, message = "pending", "the latest publication is on its way to the API"
         if state not in ("confirmed", "unknown", "opted-out"):
             scope = "all its traffic" if not tunnel else f"{len(bypass)} local IP(s)"
-            message += f"; until the API holds it, {scope} leave(s) in plaintext (peers could not take it encrypted)"
+            if enforcing(engine.settings, publication):
+                message += f"; until the API holds it, the traffic of {scope} is dropped (strict mode)"
+            else:
+                message += (f"; until the API holds it, {scope} leave(s) in plaintext (peers could not take it "
+                            "encrypted)")
         age = 0.0 if since is None else max(0.0, engine.clock() - since)
         return {"state": state, "message": message, "tunnel": tunnel, "keyPublished": held_key == engine.key.public_key,
                 "unpublished": sorted(bypass)[:UNPUBLISHED_LISTED], "unpublishedCount": len(bypass),
                 "unpublishedSeconds": round(age, 1), "overdue": age >= PUBLICATION_GRACE_SECONDS}
 
+
+    def strict_status(self) -> dict[str, Any]:
+        """Strict mode as the hook applies it (node_hook/strict.py) and the strict table's kernel counters."""
+        engine = self.engine
+        spec = engine.targets.firewall.strict
+        if spec is None:
+            return {"mode": "off", "strictMode": engine.settings.strict_mode}
+        mode = "strict" if spec.enforce else ("opted-out" if engine.settings.strict_mode else "permissive")
+        out: dict[str, Any] = {
+            "mode": mode, "strictMode": engine.settings.strict_mode, "table": f"inet {spec.table}",
+            "cluster": [str(network) for network in spec.cluster], "allow": [str(network) for network in spec.allow],
+            "exempt": [str(network) for network in spec.exempt][:UNPUBLISHED_LISTED], "exemptCount": len(spec.exempt),
+            "published": len(spec.published), "host": spec.host, "bootFile": spec.boot_file if spec.enforce else "",
+        }
+        try:
+            counters = engine.appliers.firewall.counters()
+        except Exception as error:  # noqa: BLE001 - status still answers; the message says what failed
+            out["error"] = str(error)
+            return out
+        out["tablePresent"] = counters is not None
+        if counters is not None:
+            out["dropped"], out["counted"] = counters.dropped, counters.counted
+            self._strict_sample = (time.monotonic(), {"dropped": counters.dropped, "counted": counters.counted})
+            out["top"] = {direction: [{"address": address, "packets": packets} for address, packets in hits]
+                          for direction, hits in counters.top.items()}
+        return out
+
+    def strict_growth(self, seconds: float = STRICT_SAMPLE_SECONDS) -> dict[str, Any]:
+        """The strict status plus `growth`: the packets each verdict and direction gained since an earlier reading -
+        the last one any status, scrape or check took, when it is between `seconds` and STRICT_SAMPLE_MAX_AGE old
+        (a scraped hook answers at once), else one taken now and `seconds` later (caller's thread: it sleeps)."""
+        earlier = self._strict_sample
+        now = self.strict_status()
+        if not now.get("tablePresent"):
+            return now
+        if earlier is None or not seconds <= time.monotonic() - earlier[0] <= STRICT_SAMPLE_MAX_AGE:
+            earlier = self._strict_sample
+            time.sleep(seconds)
+            now = self.strict_status()
+            if not now.get("tablePresent"):
+                return now
+        assert earlier is not None
+        then, before = earlier
+        now["growth"] = {kind: {direction: now[kind][direction] - before[kind][direction]
+                                for direction in now[kind]} for kind in ("dropped", "counted")}
+        now["sampledSeconds"] = round(time.monotonic() - then, 1)
+        return now
 
     # ---- reads of the dataplane (on the worker) -------------------------------------------------------------
 
@@ -330,8 +387,10 @@ class NodeView:
         )
 
     def diagnose(self) -> dict[str, Any]:
-        """Read the dataplane back (on the worker) and list what is wrong (node_hook/diagnose.py)."""
-        return analyse(self.engine.on_worker(self.observe), self.cni_conf_dir)
+        """Read the dataplane back (on the worker) and list what is wrong (node_hook/diagnose.py); the strict counters
+        are sampled twice on the caller's thread (drops that keep growing)."""
+        observed = self.engine.on_worker(self.observe)
+        return analyse(replace(observed, strict=self.strict_growth()), self.cni_conf_dir)
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """The state one scrape reports (worker thread: it reads the device back)."""

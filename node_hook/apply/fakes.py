@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from node_hook.addresses import IPNetwork
-from node_hook.apply.firewall import render_firewall
+from node_hook.apply.firewall import DIRECTIONS, render_firewall, render_strict, render_strict_boot
 from node_hook.contracts import (
     AddDeviceAddress,
     AddRule,
@@ -34,6 +34,7 @@ from node_hook.contracts import (
     FirewallSpec,
     PeerOp,
     PeerState,
+    PlaintextCounters,
     RemoveAllowedIPs,
     RemovePeer,
     RoutingOp,
@@ -224,13 +225,18 @@ class FakeRouting(_FailNext):
 
 
 class FakeFirewall(_FailNext):
-    """A FirewallApplier in memory; the 'kernel listing' is the rendered text."""
+    """A FirewallApplier in memory; the 'kernel listing' is the rendered text, the strict boot files a dict (path ->
+    text) and the counters whatever a test puts in `plaintext` (kept across applies, as the kernel keeps them)."""
 
-    operations = ("read", "apply", "delete")
+    operations = ("read", "apply", "delete", "counters")
 
     def __init__(self) -> None:
         super().__init__()
         self.listing: str | None = None
+        self.spec: FirewallSpec | None = None
+        self.boot_files: dict[str, str] = {}
+        self.plaintext = PlaintextCounters(dict.fromkeys(DIRECTIONS, 0), dict.fromkeys(DIRECTIONS, 0),
+                                           {direction: [] for direction in DIRECTIONS})
 
     def read(self) -> str | None:
         self._maybe_fail("read")
@@ -238,12 +244,23 @@ class FakeFirewall(_FailNext):
 
     def apply(self, spec: FirewallSpec) -> str:
         self._maybe_fail("apply")
-        self.listing = render_firewall(spec)
+        self.spec = spec
+        self.listing = render_firewall(spec) + (render_strict(spec.strict) if spec.strict else "")
+        if spec.strict is not None and spec.strict.boot_file:
+            if spec.strict.enforce:
+                self.boot_files[spec.strict.boot_file] = render_strict_boot(spec.strict)
+            else:
+                self.boot_files.pop(spec.strict.boot_file, None)
         return self.listing
 
     def delete(self) -> None:
         self._maybe_fail("delete")
-        self.listing = None
+        self.listing = self.spec = None
+        self.boot_files.clear()
+
+    def counters(self) -> PlaintextCounters | None:
+        self._maybe_fail("counters")
+        return self.plaintext if self.spec is not None and self.spec.strict is not None else None
 
 
 class FakeSysctls(_FailNext):

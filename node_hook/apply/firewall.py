@@ -17,18 +17,42 @@ What the tables do (rendered by `render_firewall`, which the fake shares):
 - FORWARD: TCP SYNs leaving through the WireGuard device get their MSS clamped to the route MTU, so pods whose
   veths keep MTU 1500 open connections that fit the tunnel even where ICMP "fragmentation needed" is filtered.
 
-These two tables are the only nftables objects the hook touches; `delete()` removes them and nothing else. The nft CLI
-is the
-supported interface to nftables (libnftables' Python binding is not on PyPI); one process per apply.
+- the strict-mode table `inet <table>-strict` (`render_strict`, docs/design.md "Strict mode"): in permissive mode
+  its rules count the plaintext packets between WireGuard nodes, in strict mode they drop them too. It is kernel
+  state: it outlives the hook process, and `apply()` keeps its named counters and the sets of the addresses hit
+  most across re-applies (chains and the other sets are replaced in the same transaction). In strict mode the same
+  table is also written to the spec's boot file, which the plugin (cni_plugin/strict.py) and the init container
+  load at boot where the table is missing, so a rebooted node is fail-closed before the hook runs.
+
+These three tables are the only nftables objects the hook touches; `delete()` removes them and nothing else. The nft
+CLI is the supported interface to nftables (libnftables' Python binding is not on PyPI); one process per apply.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
-from node_hook.contracts import FirewallSpec
+from cni_plugin.files import write_atomically
+from cni_plugin.strict import ADD_HOLD_PREFIX
+from node_hook.addresses import IPNetwork
+from node_hook.contracts import FirewallSpec, PlaintextCounters, StrictSpec
 
 FAMILIES = ("inet", "arp")
+DIRECTIONS = ("out", "in")
+# Every chain and set of the strict table but the dynamic sets of addresses hit, which a re-apply keeps.
+STRICT_CHAINS = ("origin", "forward", "output", "to-pod", "outbound", "plaintext-out4", "plaintext-out6",
+                 "plaintext-in4", "plaintext-in6")
+STRICT_SETS = tuple(f"{name}{family}" for name in ("cluster", "published", "allow", "exempt") for family in (4, 6))
+HITS_SETS = tuple(f"hits-{direction}{family}" for direction in DIRECTIONS for family in (4, 6))
+HITS_SIZE = 1024  # addresses remembered per direction and family, each for HITS_TIMEOUT
+HITS_TIMEOUT = "10m"
+TOP_HITS = 5
+_HITS_BLOCK = re.compile(r"\tset hits-[a-z]+[46] \{.*?\n\t\}\n\n?", re.DOTALL)
 
 
 def render_firewall(spec: FirewallSpec) -> str:
@@ -65,14 +89,118 @@ def render_firewall(spec: FirewallSpec) -> str:
     )
 
 
+def _elements(networks: Iterable[IPNetwork], version: int) -> str:
+    chosen = sorted(str(network) for network in networks if network.version == version)
+    return f"\t\telements = {{ {', '.join(chosen)} }}\n" if chosen else ""
+
+
+def render_strict(spec: StrictSpec) -> str:
+    """The strict table's text (shared by the real applier, the fake and the boot file)."""
+    mark = f"{spec.fwmark:#x}"
+    wg = f'"{spec.wireguard_interface}"'
+    pods = [f'"{prefix}*"' for prefix in spec.pod_interface_prefixes]
+    verdict = " drop" if spec.enforce else ""
+    counted = "dropped" if spec.enforce else "plaintext"
+    lines = [f"table inet {spec.table} {{"]
+    for kind in ("dropped", "plaintext"):
+        for direction in DIRECTIONS:
+            lines.append(f"\tcounter {kind}-{direction} {{\n\t}}")
+    for name, networks in (("cluster", spec.cluster), ("published", spec.published), ("allow", spec.allow),
+                           ("exempt", spec.exempt)):
+        for version in (4, 6):
+            lines.append(f"\tset {name}{version} {{\n\t\ttype ipv{version}_addr\n\t\tflags interval\n"
+                         f"\t\tauto-merge\n{_elements(networks, version)}\t}}")
+    for direction in DIRECTIONS:
+        for version in (4, 6):
+            lines.append(f"\tset hits-{direction}{version} {{\n\t\ttype ipv{version}_addr\n\t\tsize {HITS_SIZE}\n"
+                         f"\t\tflags dynamic,timeout\n\t\ttimeout {HITS_TIMEOUT}\n\t}}")
+
+    def chain(name: str, hook: str | None, rules: list[str]) -> None:
+        head = [f"\t\ttype filter hook {hook}; policy accept;"] if hook else []
+        lines.append("\tchain " + name + " {\n" + "\n".join(head + [f"\t\t{rule}" for rule in rules]) + "\n\t}")
+
+    skip_local = [f"iifname {wg} return", 'iifname "lo" return', *(f"iifname {pod} return" for pod in pods)]
+    # A connection whose first packet came from the underlay in plaintext, from an address that does not route
+    # into the tunnel (an outside client, an opted-out node): its replies may leave in plaintext.
+    chain("origin", "prerouting priority dstnat + 2", [
+        "ct state != new return", *skip_local, f"fib saddr oifname {wg} return",
+        f"ct mark set ct mark | {mark}"])
+    chain("forward", "forward priority filter - 5", [
+        f"oifname {wg} return", *(f"oifname {pod} goto to-pod" for pod in pods), "jump outbound"])
+    if spec.host:
+        chain("output", "output priority filter - 5", [
+            f"oifname {wg} return", 'oifname "lo" return', *(f"oifname {pod} return" for pod in pods),
+            f"meta mark & {mark} == {mark} udp sport {spec.listen_port} return", "jump outbound"])
+    # Plaintext into a local pod from an address a WireGuard node owns (it routes into the tunnel).
+    chain("to-pod", None, [
+        *skip_local, f"fib saddr oifname != {wg} return",
+        "meta nfproto ipv4 goto plaintext-in4", "meta nfproto ipv6 goto plaintext-in6"])
+    chain("outbound", None, [
+        f"ct direction reply ct mark & {mark} == {mark} return",
+        "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } return",
+        "ip daddr @allow4 return", "ip6 daddr @allow6 return", "ip daddr @exempt4 return", "ip6 daddr @exempt6 return",
+        "ip daddr @cluster4 goto plaintext-out4", "ip daddr @published4 goto plaintext-out4",
+        "ip6 daddr @cluster6 goto plaintext-out6", "ip6 daddr @published6 goto plaintext-out6"])
+    for direction, field in (("out", "daddr"), ("in", "saddr")):
+        for version, family in ((4, "ip"), (6, "ip6")):
+            chain(f"plaintext-{direction}{version}", None, [
+                f"counter name {counted}-{direction} update @hits-{direction}{version} "
+                f"{{ {family} {field} counter }}{verdict}"])
+    return "\n\n".join(lines) + "\n}\n"
+
+
+def render_strict_boot(spec: StrictSpec) -> str:
+    """The boot file: the strict table, loaded only where it is missing (`create` fails the whole transaction when
+    the table exists, so a load racing the hook's never replaces the live table). Its first line, a comment to nft,
+    tells the plugin how long ADD may wait for the publication (cni_plugin/strict.py reads it)."""
+    return f"{ADD_HOLD_PREFIX}{spec.add_hold:g}\ncreate table inet {spec.table}\n{render_strict(spec)}"
+
+
+def _strict_reset(spec: StrictSpec) -> str:
+    """The transaction's head that empties the strict table but keeps its counters and the sets of addresses hit:
+    every rule flushed, then our chains and other sets deleted (each added first, so a missing one is no error)."""
+    table = f"inet {spec.table}"
+    out = [f"add table {table}"]
+    out += [f"add counter {table} {kind}-{direction}" for kind in ("dropped", "plaintext") for direction in DIRECTIONS]
+    out.append(f"flush table {table}")
+    out += [f"add chain {table} {name}\ndelete chain {table} {name}" for name in STRICT_CHAINS]
+    out += [f"add set {table} {name} {{ type ipv{name[-1]}_addr; flags interval; }}\ndelete set {table} {name}"
+            for name in STRICT_SETS]
+    return "\n".join(out) + "\n"
+
+
+def parse_counters(listing: dict[str, Any]) -> PlaintextCounters:
+    """The counters and the hits of `nft -j list table inet <strict table>`."""
+    dropped = dict.fromkeys(DIRECTIONS, 0)
+    counted = dict.fromkeys(DIRECTIONS, 0)
+    hits: dict[str, dict[str, int]] = {direction: {} for direction in DIRECTIONS}
+    for item in listing.get("nftables", []):
+        if "counter" in item:
+            kind, _, direction = item["counter"]["name"].partition("-")
+            if direction in DIRECTIONS:
+                (dropped if kind == "dropped" else counted)[direction] = int(item["counter"].get("packets", 0))
+        elif "set" in item and item["set"]["name"].startswith("hits-"):
+            direction = item["set"]["name"][len("hits-"):-1]
+            for element in item["set"].get("elem", []):
+                value = element.get("elem", element) if isinstance(element, dict) else element
+                if isinstance(value, dict) and direction in hits:
+                    address = str(value.get("val"))
+                    hits[direction][address] = int((value.get("counter") or {}).get("packets", 0))
+    top = {direction: sorted(found.items(), key=lambda item: (-item[1], item[0]))[:TOP_HITS]
+           for direction, found in hits.items()}
+    return PlaintextCounters(dropped, counted, top)
+
+
 class FirewallError(RuntimeError):
     pass
 
 
 class NftFirewall:
-    def __init__(self, table: str = "wgcni", nft: str = "nft") -> None:
+    def __init__(self, table: str = "wgcni", nft: str = "nft", boot_file: Path | None = None) -> None:
         self.table = table
+        self.strict_table = f"{table}-strict"
         self.nft = nft
+        self.boot_file = boot_file  # what delete() removes besides the tables
 
     def _run(self, args: list[str], script: str | None = None) -> subprocess.CompletedProcess[str]:
         try:
@@ -89,22 +217,64 @@ class NftFirewall:
                     return None
                 raise FirewallError(f"nft list table {family} {self.table}: {result.stderr.strip()}")
             listings.append(result.stdout)
-        return "".join(listings)
+        strict = self._read_strict()
+        return "".join(listings) + (strict or "")
+
+    def _read_strict(self) -> str | None:
+        result = self._run(["-s", "list", "table", "inet", self.strict_table])
+        if result.returncode != 0:
+            if "No such file or directory" in result.stderr:
+                return None
+            raise FirewallError(f"nft list table inet {self.strict_table}: {result.stderr.strip()}")
+        return _HITS_BLOCK.sub("", result.stdout)
 
     def apply(self, spec: FirewallSpec) -> str:
-        # One transaction: create-if-missing, delete, recreate. Never a moment without the marks rules.
+        # One transaction: create-if-missing, delete, recreate. Never a moment without the marks rules; the strict
+        # table's chains and sets are replaced in the same transaction, its counters and hits kept.
         reset = "".join(f"table {family} {spec.table} {{}}\ndelete table {family} {spec.table}\n"
                         for family in FAMILIES)
-        result = self._run(["-f", "-"], reset + render_firewall(spec))
+        script = reset + render_firewall(spec)
+        if spec.strict is not None:
+            script += _strict_reset(spec.strict) + render_strict(spec.strict)
+        result = self._run(["-f", "-"], script)
         if result.returncode != 0:
             raise FirewallError(f"nft -f: {result.stderr.strip()}")
+        if spec.strict is not None and spec.strict.boot_file:
+            self._keep_boot_file(spec.strict)
         listing = self.read()
         if listing is None:
             raise FirewallError(f"tables {self.table} missing right after they were applied")
         return listing
 
+    @staticmethod
+    def _keep_boot_file(spec: StrictSpec) -> None:
+        path = Path(spec.boot_file)
+        if spec.enforce:
+            text = render_strict_boot(spec).encode()
+            try:
+                if path.read_bytes() == text:
+                    return
+            except FileNotFoundError:
+                pass
+            write_atomically(path, text, 0o600, temporary_prefix=".strict-tmp.", create_directory=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def counters(self) -> PlaintextCounters | None:
+        result = self._run(["-j", "list", "table", "inet", self.strict_table])
+        if result.returncode != 0:
+            if "No such file or directory" in result.stderr:
+                return None
+            raise FirewallError(f"nft list table inet {self.strict_table}: {result.stderr.strip()}")
+        try:
+            return parse_counters(json.loads(result.stdout))
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise FirewallError(f"nft -j list table inet {self.strict_table}: unreadable ({error})") from None
+
     def delete(self) -> None:
-        for family in FAMILIES:
-            result = self._run(["delete", "table", family, self.table])
+        for family, table in (*((family, self.table) for family in FAMILIES), ("inet", self.strict_table)):
+            result = self._run(["delete", "table", family, table])
             if result.returncode != 0 and "No such file or directory" not in result.stderr:
-                raise FirewallError(f"nft delete table {family} {self.table}: {result.stderr.strip()}")
+                raise FirewallError(f"nft delete table {family} {table}: {result.stderr.strip()}")
+        if self.boot_file is not None:
+            self.boot_file.unlink(missing_ok=True)

@@ -80,6 +80,7 @@ def install_cni(conf_dir: Path, bin_dir: Path, plugin: Path, config: Path | None
     """Install the wgcni plugin and chain it right after azure-vnet in the active conflist."""
     try:
         settings = _settings_from(config, state_dir, hook_socket, log_file, log_level)
+        _strict_at_boot(settings.state_dir)
         if not (watch or wait):
             for change in install(conf_dir, bin_dir, plugin, settings) or ["already installed; nothing changed"]:
                 click.echo(change)
@@ -96,6 +97,21 @@ def install_cni(conf_dir: Path, bin_dir: Path, plugin: Path, config: Path | None
     log.info("watching %s (%s)", conf_dir, "inotify" if watcher.uses_inotify else f"polling every {poll_interval}s")
     if not watcher.run(until_installed=not watch):
         sys.exit(1)  # stopped by a signal before the entry could be installed
+
+
+def _strict_at_boot(state_dir: str) -> None:
+    """The init container runs first on a booting node: load the strict table where strict mode was on and the table
+    is missing (cni_plugin/strict.py; the plugin does the same on ADD, the hook when it starts)."""
+    from cni_plugin.cni import CniError
+    from cni_plugin.strict import ensure_strict_table
+
+    try:
+        done, _hold = ensure_strict_table(state_dir)
+    except CniError as error:
+        log.warning("%s: %s", error.msg, error.details)
+    else:
+        if done:
+            click.echo(done)
 
 
 @click.command("uninstall-cni")

@@ -52,7 +52,7 @@ def readme_settings() -> list[tuple[str, str, str]]:
 def parse_default(text: str, documented: object) -> object:
     """The README's default, read as the type of the documented one (fwmark may be written in hex)."""
     if isinstance(documented, bool):
-        raise AssertionError("no boolean defaults expected")
+        return {"true": True, "false": False}[text]
     if isinstance(documented, int):
         return int(text, 0)
     if isinstance(documented, float):
@@ -82,7 +82,7 @@ def test_settings_doc_defaults_are_what_the_loader_applies() -> None:
     for key, default, _ in SETTINGS_DOC:
         if key == "nodeName":
             continue  # the host name, shown as <hostname>
-        field = re.sub(r"(?<!^)([A-Z])", r"_\1", key).lower()
+        field = re.sub(r"(?<!^)(?<![A-Z])([A-Z])", r"_\1", key).lower()  # strictCIDRs -> strict_cidrs
         value = getattr(loaded, field)
         value = list(value) if isinstance(value, tuple) else value
         value = "" if value is None else str(value) if isinstance(value, Path) else value

@@ -146,3 +146,15 @@ def test_aggregate_covers_exactly_the_addresses(offsets: set[int]) -> None:
         if prefix.prefixlen:
             parent = prefix.supernet()
             assert not all(sub in prefixes for sub in parent.subnets())
+
+
+def test_outside_keeps_exactly_the_keys_in_no_network() -> None:
+    from node_hook.addresses import outside
+
+    texts = ["10.0.0.0", "10.0.0.255", "10.0.1.0", "9.255.255.255", "10.1.0.0", "fd00::1", "fd00:0:0:1::", "::1"]
+    keys = host_keys(texts, "test")
+    for networks in ([], ["10.0.0.0/24"], ["10.0.0.0/24", "fd00::/64"], ["0.0.0.0/0"], ["::/0", "10.0.0.0/8"]):
+        parsed = [ipaddress.ip_network(text) for text in networks]
+        expected = sorted(key for key in keys
+                          if not any(key.version == net.version and key.subnet_of(net) for net in parsed))
+        assert sorted(outside(keys, parsed)) == expected, networks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
@@ -19,6 +20,7 @@ from node_hook.contracts import (
     RemovePeer,
     RuleSpec,
     SetRoute,
+    StrictSpec,
     UpsertPeer,
 )
 from node_hook.keys import public_key_of
@@ -159,6 +161,10 @@ def test_device_sysctl_and_firewall_diffs() -> None:
     assert plan_device(spec, fake.read()) == spec
     assert plan_sysctls({"a": "1", "b": "2"}, {"a": "1", "b": "0"}) == {"b": "2"}
     firewall = FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820)
-    assert plan_firewall(firewall, "x", "x") is None
-    assert plan_firewall(firewall, None, "x") == firewall
-    assert plan_firewall(firewall, "x", None) == firewall
+    assert plan_firewall(firewall, "x", "x", firewall) is None
+    assert plan_firewall(firewall, None, "x", firewall) == firewall
+    assert plan_firewall(firewall, "x", None, firewall) == firewall
+    assert plan_firewall(firewall, "x", "x", None) == firewall  # the last apply failed: the kernel is unknown
+    strict = replace(firewall, strict=StrictSpec("wgcni-strict", True, True, 0x100000, "wgcni0", ("azv",), 51820,
+                                                 (ipaddress.ip_network("10.240.0.0/16"),), ()))
+    assert plan_firewall(strict, "x", "x", firewall) == strict  # the strict table changed: re-applied

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,13 +44,14 @@ def remote(name: str, letter: str, node_ip: str, pod_ips: set[str], changed_at: 
 
 
 class Hook:
-    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> None:
         self.tmp = tmp
         self.settings = Settings(node_name="node-a", state_dir=tmp / "state", socket=tmp / "hook.sock",
-                                 record_rescan_interval=0.2, resync_interval=600)
+                                 record_rescan_interval=0.2, resync_interval=600, **settings)
         self.key = load_or_create(self.settings.key_file)
         self.environment = Environment("10.240.0.4", frozenset({"10.240.0.4"}), "eth0", 1500, False,
-                                       "test", 1440, "underlay 1500 - 60 (WireGuard over IPv4) = 1440")
+                                       "test", 1440, "underlay 1500 - 60 (WireGuard over IPv4) = 1440",
+                                       frozenset({"10.240.0.0/16"}))
         self.sys_class_net = tmp / "sys-class-net"
         self.set_underlay_mtu(1500)
         monkeypatch.setattr(diagnose, "SYS_CLASS_NET", self.sys_class_net)
@@ -114,9 +117,10 @@ class Hook:
         return code, captured.out, captured.err
 
 
-@pytest.fixture
-def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hook]:
-    hook = Hook(tmp_path, monkeypatch)
+@contextmanager
+def running_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> Iterator[Hook]:
+    """A Hook (`settings` as Settings takes them) started with its local API and metrics, stopped afterwards."""
+    hook = Hook(tmp_path, monkeypatch, **settings)
     hook.node.start()
     try:
         hook.api.start()
@@ -130,3 +134,9 @@ def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hook]:
             hook.api.stop()
     finally:
         hook.node.stop()
+
+
+@pytest.fixture
+def hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hook]:
+    with running_hook(tmp_path, monkeypatch) as hook:
+        yield hook

@@ -189,7 +189,7 @@ def test_check_passes_on_a_healthy_node(hook: Hook, capsys: pytest.CaptureFixtur
     mesh(hook)
     code, out, _ = hook.cli("check", capsys=capsys)
     assert code == 0, out
-    assert out.startswith("ok: 14 checks passed (sync, publication, reconcile, device, mtu, peers, rules, routes, "
+    assert out.startswith("ok: 15 checks passed (sync, publication, reconcile, device, mtu, peers, rules, routes, "
                           "sysctls")
     code, out, _ = hook.cli("check", "--json", capsys=capsys)
     assert code == 0 and json.loads(out) == {"exitCode": 0, "ok": True, "findings": [],

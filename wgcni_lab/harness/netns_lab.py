@@ -173,6 +173,8 @@ class Lab:
             self.write_config(node)
         node.start_hook()
         wait_until(lambda: node.api("status")["generation"] > 0, 20, what=f"{node.name} first pass")
+        # the announcement follows the first pass: sync_peers right after would miss this node
+        wait_until(node.announce_file.exists, 20, what=f"{node.name} announcement")
 
     def sync_peers(self) -> None:
         """Write each node's peers file from the other hooks' announcements and this lab's pod bookkeeping."""
