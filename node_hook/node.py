@@ -96,4 +96,4 @@ def build_node(
     engine = Engine(settings, key, environment, peer_source, appliers, records, pod_routes, clock, observer)
     engine_ref.append(engine)
     monitor = NetlinkMonitor(settings, engine) if monitor_netlink else None
-    return Node(engine, NodeView(engine, cni_conf_dir), monitor)
+    return Node(engine, NodeView(engine, cni_conf_dir, monitor), monitor)
