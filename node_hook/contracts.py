@@ -100,7 +100,9 @@ RoutingOp = SetRoute | DeleteRoute | AddRule | DeleteRule | AddDeviceAddress
 class RoutingApplier(Protocol):
     """Routes in one table, rules pointing at it and the WireGuard device's address, in the current namespace."""
 
-    def read(self) -> TableState: ...
+    def read(self, routes: bool = True) -> TableState:
+        """The table's state; without `routes`, only its rules and the device's addresses (the routes left empty:
+        no dump of a table of 1.25 M routes to repair a rule)."""
 
     def apply(self, ops: Iterable[RoutingOp]) -> None:
         """Apply in order, taking `ops` once (the plan's route sets are made as they are taken). Deleting what is

@@ -7,9 +7,9 @@ netlink monitor, wireguard-go watcher) enqueue events and wake it:
 - local pods are also learned from the main table's pod host routes (node_hook.pod_routes): a pod without a record
   (it predates wgcni, or started while the conflist lacked the wgcni entry) is local and published all the same;
   the netlink monitor says when such a route or a pod interface comes or goes, and every rescan reads them again;
-- the netlink monitor (node_hook.apply.monitor) says our device or its address, a rule of ours, or a route we want
-  was removed, or wireguard-go exited -> that aspect is marked out of sync and repaired in the next pass, with the
-  same key;
+- the netlink monitor (node_hook.apply.monitor) says our device, its address, a rule of ours, our nftables tables
+  or a sysctl changed, or wireguard-go exited -> that aspect is marked out of sync and repaired in the next pass,
+  with the same key; a route of our table that is not what the model wants is rechecked alone;
 - every `resyncInterval` every aspect is read back in full and diffed;
 - a failed pass is retried after a short backoff (max 1 s) and reads back what failed.
 After each pass the local announcement (key, endpoint, node IPs, local pod IPs, MTU, readiness) is published to
@@ -258,11 +258,15 @@ class Engine:
         """Something outside changed these aspects (device, routes, rules ...): read them back and repair."""
         self._enqueue(out_of_sync=aspects)
 
-    def route_removed(self, prefix: IPNetwork) -> None:
-        """A route left our table: repair it on the worker if we still want it (our own deletes are not wanted)."""
+    def routes_seen(self, routes: Mapping[IPNetwork, str | None]) -> None:
+        """Routes of our table added, changed (RouteKind value, or FOREIGN_ROUTE) or removed (None) by anyone: on
+        the worker, each that is not what the model wants is rechecked alone (the hook's own writes match)."""
         def apply() -> None:
-            if prefix in self.model.routes:
-                self.reconciler.mark_out_of_sync("routes")
+            wanted = self.model.routes
+            differing = [prefix for prefix, kind in routes.items()
+                         if (wanted[prefix]._value_ if prefix in wanted else None) != kind]
+            if differing:
+                self.reconciler.recheck_routes(differing)
         self._enqueue(apply)
 
     def pod_routes_changed(self) -> None:

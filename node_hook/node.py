@@ -95,5 +95,7 @@ def build_node(
         appliers = real_appliers(settings, lambda code: engine_ref[0].wireguard_exited(code) if engine_ref else None)
     engine = Engine(settings, key, environment, peer_source, appliers, records, pod_routes, clock, observer)
     engine_ref.append(engine)
-    monitor = NetlinkMonitor(settings, engine) if monitor_netlink else None
+    targets = engine.targets
+    monitor = NetlinkMonitor(settings, engine, sysctls=targets.sysctls, firewall_table=targets.firewall.table,
+                             mtu=targets.device.mtu) if monitor_netlink else None
     return Node(engine, NodeView(engine, cni_conf_dir, monitor), monitor)

@@ -3,8 +3,11 @@
 When an aspect is in sync, only the model's dirty peer keys / prefixes are diffed against what was last applied
 (O(change)): for peers a cache of the desired peers of the last pass, for routes the kinds the model hands over with
 its changes (what it wanted at the last pass is what the table holds; no copy of a 1.25 M-route table is kept).
-Any error, or an outside event (netlink: device, route or rule removed; wireguard-go exited), clears that aspect's
-flag; the next pass reads the whole aspect back from the kernel and diffs all of it.
+Any error, or an outside event (the netlink monitor: device, rule, address, nftables table or sysctl changed;
+wireguard-go exited), clears that aspect's flag; the next pass reads the whole aspect back from the kernel and diffs
+all of it. The `rules` aspect reads the rules and the device's address only, never the table's routes; a route seen
+changed or removed outside is rechecked alone (`recheck_routes`: set as the model wants it, or deleted), so
+repairing a rule or a route costs no dump of a 1.25 M-route table.
 An aspect whose ops were not all applied stays out of sync, so a pass that fails half-way converges on the next.
 
 The device step is applied before the rest is planned, because whether the device had to be (re)created decides
@@ -19,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from node_hook.addresses import IPNetwork
 from node_hook.contracts import (
+    FOREIGN_ROUTE,
     DeviceSpec,
     DeviceState,
     FirewallApplier,
@@ -49,7 +53,7 @@ log = logging.getLogger(__name__)
 
 ASPECTS = ("firewall", "device", "sysctls", "peers", "routes", "rules")
 _ASPECT_OF_STEP = {
-    "firewall": "firewall", "device": "device", "device_address": "routes", "sysctls": "sysctls",
+    "firewall": "firewall", "device": "device", "device_address": "rules", "sysctls": "sysctls",
     "peer_reshape": "peers", "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes",
     "route_sets": "routes", "rules": "rules",
 }
@@ -112,6 +116,7 @@ class Reconciler:
         self._rules: frozenset[RuleSpec] = frozenset()
         self._rules_changed = False  # the desired rules changed since the last pass: diff them against `_rules`
         self._firewall_listing: str | None = None
+        self._recheck_routes: set[IPNetwork] = set()  # prefixes whose route the table may not hold as last applied
         # The model's changes taken by a pass that failed: an aspect that stayed in sync has not applied them yet,
         # so the next pass diffs them too (else a failure in another step - the device's, say - lost them for good).
         self._unapplied: Changes | None = None
@@ -128,6 +133,11 @@ class Reconciler:
         if rules != self.targets.rules:
             self.targets = replace(self.targets, rules=rules)
             self._rules_changed = True
+
+    def recheck_routes(self, prefixes: Iterable[IPNetwork]) -> None:
+        """Routes of our table seen changed or removed outside: the next pass sets each as the model wants it (or
+        deletes it), without reading the whole table back."""
+        self._recheck_routes.update(prefixes)
 
     def mark_out_of_sync(self, *aspects: str) -> None:
         for aspect in aspects or ASPECTS:
@@ -146,6 +156,7 @@ class Reconciler:
         self.passes += 1
         changes = _merged(self._unapplied, self.model.take_changes())
         self._unapplied = None
+        rechecked, self._recheck_routes = self._recheck_routes, set()
         applied: dict[str, int] = {}
         full: list[str] = [aspect for aspect in ASPECTS if not self.in_sync[aspect]]
         step = "read"
@@ -194,11 +205,16 @@ class Reconciler:
                 if "routes" not in full:
                     full.append("routes")
             actual_routes: Mapping[IPNetwork, str | None]
-            if self.in_sync["routes"] and self.in_sync["rules"]:
+            route_scope: Iterable[IPNetwork] | None
+            if not self.in_sync["rules"] or not self.in_sync["routes"]:
+                table = self._read_table(plan, routes=not self.in_sync["routes"])
+            if self.in_sync["routes"]:
                 actual_routes = changes.previous_routes  # type: ignore[assignment]
-                route_scope: Iterable[IPNetwork] | None = actual_routes
+                if rechecked:  # what the table holds there is not known: replaced (or deleted) as the model wants
+                    actual_routes = {**actual_routes, **dict.fromkeys(rechecked, FOREIGN_ROUTE)}
+                route_scope = actual_routes
             else:
-                actual_routes = self._read_table(plan)
+                actual_routes = table
                 route_scope = None
             plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, actual_routes, route_scope)
             if not self.in_sync["rules"] or self._rules_changed:
@@ -224,6 +240,7 @@ class Reconciler:
             return PassResult(applied, None, tuple(full))
         except Exception as error:  # noqa: BLE001 - every applier error is reported once and retried in full
             self._unapplied = changes
+            self._recheck_routes |= rechecked
             failed_aspect = _ASPECT_OF_STEP.get(step)
             self.mark_out_of_sync(*([failed_aspect] if failed_aspect else ASPECTS))
             self.errors += 1
@@ -231,9 +248,10 @@ class Reconciler:
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
             return PassResult(applied, message, tuple(full), step)
 
-    def _read_table(self, plan: Plan) -> dict[IPNetwork, str]:
-        """The table's routes; its rules and the device's address go into `plan` and the rule cache."""
-        table = self.routing.read()
+    def _read_table(self, plan: Plan, routes: bool) -> dict[IPNetwork, str]:
+        """The table's routes (with `routes`; else none are read); its rules and the device's address go into
+        `plan` and the rule cache."""
+        table = self.routing.read(routes)
         self._rules = table.rules
         plan.device_address = plan_device_address(table.device_addresses)
         return table.routes

@@ -1,49 +1,77 @@
 """The netlink monitor: what changes on the node outside the hook's own writes, turned into engine events.
 
-It reads, never writes (the appliers beside it are the only writers). On its own thread it listens to link, address,
-route and rule notifications and tells the `DataplaneEvents` receiver (the engine):
-- our WireGuard device deleted or set down, or its address removed -> that aspect is read back and repaired;
-- a rule pointing at our table removed -> the rules are;
-- a route of our table removed -> `route_removed(prefix)` (the engine repairs it if it still wants it);
-- a host route of the main table added or removed, or a pod interface deleted -> `pod_routes_changed()`, so the
-  local pods learned from azure-vnet's host routes follow (IPv4 removes a deleted link's routes without
-  RTM_DELROUTE, hence the link).
+It reads, never writes (the appliers beside it are the only writers). Its watchers, each on a thread of its own, tell
+the `DataplaneEvents` receiver (the engine), which marks that aspect out of sync and repairs it in the next pass:
+- rtnetlink (link, address, route and rule notifications): our WireGuard device deleted, set down or given another
+  MTU -> `device`; its address removed -> `routes` (the kernel drops the device's routes with its last IPv4
+  address, silently); a rule pointing at our table (or a bypass rule) added or removed -> `rules` (read without
+  the table's routes); a route of our table added, changed or removed -> `routes_seen`
+  (the engine rechecks alone each that is not what it wants; its own writes are); a host route of the main table
+  added or removed, or a pod interface deleted -> `pod_routes_changed()`, so the local pods learned from
+  azure-vnet's host routes follow (IPv4 removes a deleted link's routes without RTM_DELROUTE, hence the link);
+- nftables (the NFNLGRP_NFTABLES notifications of every nftables transaction): anything in our tables -> `firewall`;
+- poll: every `POLL_INTERVAL` the sysctls the hook sets are read from /proc (no notification exists for them; two
+  small files) -> `sysctls` when one differs.
 
 Faults. Each watcher runs under a supervisor. An overflow of its socket (ENOBUFS: the kernel dropped notifications)
-reopens it at once (pyroute2 keeps a socket that saw an error failing for good) and asks the engine for a full
-resync once subscribed again; any other error (a closed socket, a failed decode) is logged, and the socket is
-reopened after a backoff (`RESTART_DELAYS`), again followed by a full resync, as notifications were lost meanwhile.
-`health()` says whether every watcher is listening: one that is not listening again within `DOWN_GRACE` seconds,
-or whose thread ended, fails `/healthz`, so the kubelet restarts the hook.
+reopens it at once (pyroute2 keeps a socket that saw an error failing for good) and, once subscribed again, asks
+for a read-back of what the lost notifications could have been about (rtnetlink: a full resync; nftables: the
+firewall); any other error (a closed socket, a failed decode) is logged, and the socket is reopened after a backoff
+(`RESTART_DELAYS`), followed by the same read-back. `health()` says whether every watcher is listening: one that is
+not listening again within `DOWN_GRACE` seconds, or whose thread ended, fails `/healthz`, so the kubelet restarts
+the hook.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import socket
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from node_hook.addresses import IPNetwork, prefix_from_text
 from node_hook.config import Settings
+from node_hook.contracts import FOREIGN_ROUTE
+from node_hook.model import RouteKind
 from node_hook.pod_routes import HOST_PREFIX_LENGTH, MAIN_TABLE, is_pod_interface
 
 log = logging.getLogger(__name__)
 
 IFF_UP = 1
-RECEIVE_BUFFER = 1 << 20  # pyroute2's default; a burst past it is an overflow, answered by a full resync
+RECEIVE_BUFFER = 1 << 20  # pyroute2's default; a burst past it is an overflow, answered by a read-back
 RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 DOWN_GRACE = 15.0  # a watcher not listening for longer fails health (its restarts keep failing)
+POLL_INTERVAL = 0.5  # seconds between two reads of the sysctls
+RECEIVE_TIMEOUT = 1.0  # a raw socket's receive wakes this often to see `stop()` (closing it does not wake it)
+
+RTN_UNICAST, RTN_THROW = 1, 9
+_OTHER_NEXTHOP = ("RTA_GATEWAY", "RTA_MULTIPATH", "RTA_VIA", "RTA_NH_ID")  # not "straight out of the device"
+_DEFAULT_ROUTE = {2: "0.0.0.0", 10: "::"}  # a dump gives no RTA_DST for a /0
+
+# nfnetlink (linux/netfilter/nfnetlink.h, nf_tables.h)
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NFNLGRP_NFTABLES = 7
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 16  # the end of every transaction, of any table
+NFPROTO_INET, NFPROTO_ARP = 1, 3  # the families of our two tables (node_hook.apply.firewall.FAMILIES)
+NFTA_TABLE = 1  # the table's name is attribute 1 of every table, chain, rule, set, element, object, flowtable
+NLA_TYPE_MASK = 0x3FFF
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr
+_ATTRIBUTE = struct.Struct("=HH")
 
 
 class DataplaneEvents(Protocol):
     def dataplane_changed(self, *aspects: str) -> None: ...
 
-    def route_removed(self, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None: ...
+    def routes_seen(self, routes: Mapping[IPNetwork, str | None]) -> None: ...
 
     def pod_routes_changed(self) -> None: ...
 
@@ -59,7 +87,7 @@ class WatcherState:
     down_since: float | None = None  # monotonic time it stopped listening (None while listening or never started)
     overflows: int = 0
     restarts: int = 0
-    resync_pending: bool = False  # notifications were lost: a full resync once listening again
+    resync_pending: bool = False  # notifications were lost: a read-back once listening again
     last_error: str | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
     socket: Any = field(default=None, repr=False)  # the open netlink socket, closed by `stop()`
@@ -80,17 +108,75 @@ def is_overflow(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno == errno.ENOBUFS
 
 
-class NetlinkMonitor:
-    """Listens in the current network namespace from `start()` until `stop()`."""
+def route_of(message: Any, ifindex: int | None) -> tuple[IPNetwork, str | None]:
+    """(prefix, what the table holds there now) of an RTM_NEWROUTE/RTM_DELROUTE of our table: a RouteKind value,
+    FOREIGN_ROUTE (as `PyrouteRouting.read` classifies it), or None once removed."""
+    destination = message.get_attr("RTA_DST") or _DEFAULT_ROUTE.get(message["family"], "0.0.0.0")
+    prefix = prefix_from_text(f"{destination}/{message['dst_len']}")
+    if message["event"] == "RTM_DELROUTE":
+        return prefix, None
+    if message["type"] == RTN_THROW:
+        return prefix, RouteKind.THROW.value
+    if (message["type"] == RTN_UNICAST and ifindex is not None and message.get_attr("RTA_OIF") == ifindex
+            and not any(message.get_attr(name) is not None for name in _OTHER_NEXTHOP)):
+        return prefix, RouteKind.WIREGUARD.value
+    return prefix, FOREIGN_ROUTE
 
-    def __init__(self, settings: Settings, events: DataplaneEvents, *, receive_buffer: int = RECEIVE_BUFFER,
+
+def nftables_tables(data: bytes) -> set[tuple[int, str]]:
+    """(family, table) of every nftables object a datagram of NFNLGRP_NFTABLES notifications is about. Parsed here
+    with struct, not pyroute2: kube-proxy's and iptables-nft's transactions arrive too, and decoding their rules
+    would cost far more than reading one attribute."""
+    tables: set[tuple[int, str]] = set()
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind = _HEADER.unpack_from(data, offset)[:2]
+        if length < _HEADER.size:
+            break
+        end = min(offset + length, len(data))
+        if kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF != NFT_MSG_NEWGEN:
+            family = data[offset + _HEADER.size]
+            attribute = offset + _HEADER.size + 4  # after struct nfgenmsg
+            while attribute + 4 <= end:
+                size, number = _ATTRIBUTE.unpack_from(data, attribute)
+                if size < 4:
+                    break
+                if number & NLA_TYPE_MASK == NFTA_TABLE:
+                    name = data[attribute + 4:attribute + size].split(b"\0", 1)[0]
+                    tables.add((family, name.decode(errors="replace")))
+                    break
+                attribute += (size + 3) & ~3
+        offset += (length + 3) & ~3
+    return tables
+
+
+class NetlinkMonitor:
+    """Watches the current network namespace from `start()` until `stop()`.
+
+    `sysctls` are the values the hook sets (name with `/` -> value), `firewall_table` the name of its nftables tables
+    and `mtu` the device's; `sysctl_root` and `poll_interval` are for the tests."""
+
+    def __init__(self, settings: Settings, events: DataplaneEvents, *, sysctls: Mapping[str, str] | None = None,
+                 firewall_table: str = "wgcni", mtu: int | None = None, receive_buffer: int = RECEIVE_BUFFER,
+                 sysctl_root: Path = Path("/proc/sys"), poll_interval: float = POLL_INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.events = events
+        self.sysctls = dict(sysctls or {})
+        self.firewall_table = firewall_table
+        self.mtu = mtu
         self.receive_buffer = receive_buffer
+        self.sysctl_root = sysctl_root
+        self.poll_interval = poll_interval
         self.clock = clock
         self._stopping = threading.Event()
-        self._bodies: dict[str, Callable[[WatcherState], None]] = {"rtnetlink": self._watch_rtnetlink}
+        self._bodies: dict[str, Callable[[WatcherState], None]] = {
+            "rtnetlink": self._watch_rtnetlink, "nftables": self._watch_nftables, "poll": self._poll,
+        }
+        self._on_lost: dict[str, Callable[[], None]] = {
+            "rtnetlink": self._lost_rtnetlink, "nftables": lambda: events.dataplane_changed("firewall"),
+            "poll": lambda: None,
+        }
         self.watchers = {name: WatcherState(name) for name in self._bodies}
 
     def start(self) -> None:
@@ -137,12 +223,12 @@ class NetlinkMonitor:
                 state.resync_pending = True
                 if is_overflow(error):
                     state.overflows += 1
-                    log.warning("netlink monitor %s: notifications lost (ENOBUFS); reopening, then a full resync",
+                    log.warning("netlink monitor %s: notifications lost (ENOBUFS); reopening, then a read-back",
                                 state.name)
                     continue
                 state.last_error = f"{type(error).__name__}: {error}"
                 delay = RESTART_DELAYS[min(attempt, len(RESTART_DELAYS) - 1)]
-                log.error("netlink monitor %s failed (reopening in %.1fs, then a full resync): %s", state.name,
+                log.error("netlink monitor %s failed (reopening in %.1fs, then a read-back): %s", state.name,
                           delay, state.last_error)
                 attempt += 1
                 state.restarts += 1
@@ -154,13 +240,16 @@ class NetlinkMonitor:
     def _listening(self, state: WatcherState, subscribed: Any) -> None:
         """Called by a watcher once subscribed: after a fault, what happened while it was down is read back."""
         state.socket = subscribed
-        if self._stopping.is_set():
+        if self._stopping.is_set() and subscribed is not None:
             subscribed.close()
         state.listening, state.down_since = True, None
         if state.resync_pending:
             state.resync_pending = False
-            self.events.trigger_resync()
-            self.events.pod_routes_changed()
+            self._on_lost[state.name]()
+
+    def _lost_rtnetlink(self) -> None:
+        self.events.trigger_resync()
+        self.events.pod_routes_changed()
 
     # ---- watchers -----------------------------------------------------------------------------------------
 
@@ -176,6 +265,7 @@ class NetlinkMonitor:
         )
 
         interface, table = self.settings.interface, self.settings.route_table
+        bypass_priority = self.settings.bypass_rule_priority
         pod_prefixes = self.settings.pod_interface_prefixes
         host_lengths = set(HOST_PREFIX_LENGTH.values())
         events = self.events
@@ -188,21 +278,60 @@ class NetlinkMonitor:
                 messages = ipr.get()
                 if not messages:
                     raise ConnectionError("the rtnetlink socket was closed")
+                routes: dict[IPNetwork, str | None] = {}
                 for message in messages:
                     event = message["event"]
-                    if event in ("RTM_DELLINK", "RTM_NEWLINK") and message.get("ifname") == interface:
+                    if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+                        route_table = message.get("table")
+                        if route_table == table:
+                            prefix, kind = route_of(message, wireguard_index)
+                            routes[prefix] = kind
+                        elif route_table == MAIN_TABLE and message["dst_len"] in host_lengths:
+                            events.pod_routes_changed()
+                    elif event in ("RTM_DELLINK", "RTM_NEWLINK") and message.get("ifname") == interface:
                         wireguard_index = message["index"]
-                        if event == "RTM_DELLINK" or not message["flags"] & IFF_UP:
+                        if (event == "RTM_DELLINK" or not message["flags"] & IFF_UP
+                                or (self.mtu is not None and message.get("mtu") != self.mtu)):
                             events.dataplane_changed("device")
                     elif event == "RTM_DELADDR" and message["index"] == wireguard_index:
+                        # the device's last IPv4 address gone takes its routes with it, without RTM_DELROUTE
                         events.dataplane_changed("routes")
-                    elif event == "RTM_DELRULE" and message.get("table") == table:
+                    elif event in ("RTM_NEWRULE", "RTM_DELRULE") and (
+                            message.get("table") == table
+                            or (message.get("table") == MAIN_TABLE and message.get("priority") == bypass_priority)):
                         events.dataplane_changed("rules")
-                    elif event == "RTM_DELROUTE" and message.get("table") == table:
-                        events.route_removed(
-                            ipaddress.ip_network(f"{message.get('dst')}/{message['dst_len']}", strict=False))
-                    elif event in ("RTM_NEWROUTE", "RTM_DELROUTE") and message.get("table") == MAIN_TABLE:
-                        if message["dst_len"] in host_lengths:
-                            events.pod_routes_changed()
                     elif event == "RTM_DELLINK" and is_pod_interface(message.get("ifname"), pod_prefixes):
                         events.pod_routes_changed()
+                if routes:
+                    events.routes_seen(routes)
+
+    def _watch_nftables(self, state: WatcherState) -> None:
+        ours = {(NFPROTO_INET, self.firewall_table), (NFPROTO_ARP, self.firewall_table)}
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as nft:
+            nft.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+            nft.bind((0, 0))
+            nft.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+            nft.settimeout(RECEIVE_TIMEOUT)
+            self._listening(state, nft)
+            while not self._stopping.is_set():
+                try:
+                    data = nft.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                if nftables_tables(data) & ours:
+                    self.events.dataplane_changed("firewall")
+
+    def _poll(self, state: WatcherState) -> None:
+        """What has no notification, read every `poll_interval`: the sysctls. A value that differs is reported once
+        (the engine's own retries take it from there), again once it has changed."""
+        self._listening(state, None)
+        reported: dict[str, str | None] = {}
+        while not self._stopping.wait(self.poll_interval):
+            for name, wanted in self.sysctls.items():
+                try:
+                    value: str | None = (self.sysctl_root / name).read_text().strip()
+                except FileNotFoundError:
+                    value = None  # a per-device sysctl without the device: the device's repair recreates it
+                if value is not None and value != wanted and reported.get(name) != value:
+                    self.events.dataplane_changed("sysctls")
+                reported[name] = value

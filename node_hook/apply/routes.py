@@ -328,15 +328,15 @@ class PyrouteRouting:
     def _ifindex(self) -> int | None:
         return self._netlink.link_index(self.ifname)
 
-    def read(self) -> TableState:
+    def read(self, routes: bool = True) -> TableState:
         ifindex = self._ifindex()
-        routes: dict[IPNetwork, str] = {}
+        table_routes: dict[IPNetwork, str] = {}
         with paused_gc():  # a dump of a full table makes a million new prefixes (GC-tracked ints)
-            for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
+            for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)) if routes else ():
                 for buffer, start, end in self._netlink.dump_routes(family, self.table):
                     route = self._decode_route(buffer, start, end, address_size, ifindex)
                     if route is not None:
-                        routes[route[0]] = route[1]
+                        table_routes[route[0]] = route[1]
         rules = set()
         for version in (4, 6):
             for message in self._ipr.get_rules(family=_FAMILY[version]):
@@ -352,7 +352,7 @@ class PyrouteRouting:
             ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}", strict=False)
             for message in (self._ipr.get_addr(index=ifindex, family=socket.AF_INET) if ifindex is not None else ())
         )
-        return TableState(routes, frozenset(rules), addresses)
+        return TableState(table_routes, frozenset(rules), addresses)
 
     def _decode_route(self, buffer: memoryview, start: int, end: int, address_size: int,
                       ifindex: int | None) -> tuple[IPNetwork, str] | None:

@@ -1,16 +1,18 @@
-"""The netlink monitor on a real kernel, in a namespace of the test's own: it survives an overflow of its socket
-(ENOBUFS -> reopened, full resync), a closed socket and an error of its own, keeps reporting afterwards, and says
-in `health()` when it cannot listen."""
+"""The netlink monitor on a real kernel, in a namespace of the test's own: what it reports for each kind of outside
+change (routes of our table added, changed, removed; rules; the device's address, state and MTU; our nftables
+tables; the sysctls), and that it survives an overflow of its socket (ENOBUFS -> reopened, full resync), a closed
+socket and an error of its own, keeps reporting afterwards, and says in `health()` when it cannot listen."""
 
 from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
+from node_hook.addresses import IPNetwork
 from node_hook.apply import monitor as monitor_module
 from node_hook.apply.monitor import NetlinkMonitor
 from node_hook.config import Settings
@@ -28,7 +30,7 @@ class Events:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.aspects: list[str] = []
-        self.removed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.routes: list[tuple[IPNetwork, str | None]] = []
         self.resyncs = 0
         self.fail_next = 0  # the next N reports raise, as a bug in the receiver would
         self.released = threading.Event()  # cleared: a report blocks (the monitor stops reading its socket)
@@ -44,11 +46,11 @@ class Events:
             self._maybe_fail()
             self.aspects.extend(aspects)
 
-    def route_removed(self, prefix: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    def routes_seen(self, routes: Mapping[IPNetwork, str | None]) -> None:
         self.released.wait()
         with self.lock:
             self._maybe_fail()
-            self.removed.append(prefix)
+            self.routes.extend(routes.items())
 
     def pod_routes_changed(self) -> None:
         pass
@@ -67,17 +69,80 @@ def node(netns: str, tmp_path: Path) -> Iterator[tuple[NetlinkMonitor, Events]]:
     sh("ip", "link", "set", "wgt1", "up")
     settings = Settings(node_name="n", state_dir=tmp_path, interface="wgt0", route_table=TABLE)
     events = Events()
-    monitor = NetlinkMonitor(settings, events, receive_buffer=4096)
+    sysctls = tmp_path / "sys"
+    (sysctls / "net/ipv4/conf/all").mkdir(parents=True)
+    (sysctls / "net/ipv4/conf/all/src_valid_mark").write_text("1\n")
+    monitor = NetlinkMonitor(settings, events, sysctls={"net/ipv4/conf/all/src_valid_mark": "1"}, mtu=1500,
+                             receive_buffer=4096, sysctl_root=sysctls, poll_interval=0.05)
     monitor.start()
     wait_until(lambda: all(state.listening for state in monitor.watchers.values()), 5, what="monitor listening")
     yield monitor, events
     monitor.stop()
 
 
+def _reported(events: Events, aspect: str) -> None:
+    wait_until(lambda: aspect in events.aspects, 3, what=f"{aspect} reported", detail=lambda: events.aspects)
+    events.aspects.clear()
+
+
+def test_each_kind_of_outside_change_is_reported(node: tuple[NetlinkMonitor, Events], tmp_path: Path) -> None:
+    monitor, events = node
+    table = str(TABLE)
+    sh("ip", "route", "add", "10.8.1.1", "dev", "wgt0", "table", table)
+    sh("ip", "route", "replace", "10.8.1.1", "dev", "wgt1", "table", table)
+    sh("ip", "route", "replace", "10.8.1.1", "via", "10.8.1.1", "dev", "wgt0", "onlink", "table", table)
+    sh("ip", "route", "add", "throw", "10.8.2.0/24", "table", table)
+    sh("ip", "route", "del", "10.8.1.1", "table", table)
+    sh("ip", "route", "add", "10.8.3.1", "dev", "wgt1")  # another table: not ours
+    expected = [("10.8.1.1/32", "dev"), ("10.8.1.1/32", "foreign"), ("10.8.1.1/32", "foreign"),
+                ("10.8.2.0/24", "throw"), ("10.8.1.1/32", None)]
+    wait_until(lambda: [(str(prefix), kind) for prefix, kind in events.routes] == expected, 3,
+               what="the route changes, in order", detail=lambda: events.routes)
+    sh("ip", "rule", "add", "pref", "99", "not", "fwmark", "0x10000/0x10000", "lookup", table)
+    _reported(events, "rules")
+    sh("ip", "rule", "del", "pref", "99")
+    _reported(events, "rules")
+    sh("ip", "address", "add", "192.0.0.8/32", "dev", "wgt0")
+    sh("ip", "address", "del", "192.0.0.8/32", "dev", "wgt0")
+    _reported(events, "routes")
+    sh("ip", "link", "set", "wgt0", "mtu", "1400")
+    _reported(events, "device")
+    sh("ip", "link", "set", "wgt0", "down")
+    _reported(events, "device")
+    sh("nft", "add", "table", "inet", "wgcni")
+    _reported(events, "firewall")
+    sh("nft", "add", "chain", "inet", "wgcni", "c")
+    _reported(events, "firewall")
+    sh("nft", "add", "table", "arp", "wgcni")
+    _reported(events, "firewall")
+    sh("nft", "add", "table", "inet", "other")  # not ours
+    sh("nft", "flush", "ruleset")
+    _reported(events, "firewall")
+    (tmp_path / "sys/net/ipv4/conf/all/src_valid_mark").write_text("0\n")
+    _reported(events, "sysctls")
+    assert all(state.listening for state in monitor.watchers.values())
+
+
+def test_changes_elsewhere_are_not_reported(node: tuple[NetlinkMonitor, Events]) -> None:
+    monitor, events = node
+    sh("ip", "route", "add", "10.8.3.1", "dev", "wgt1")
+    sh("ip", "rule", "add", "pref", "300", "lookup", "100")
+    sh("ip", "rule", "del", "pref", "300")
+    sh("nft", "add", "table", "inet", "other")
+    sh("nft", "add", "chain", "inet", "other", "c")
+    sh("nft", "delete", "table", "inet", "other")
+    sh("ip", "link", "set", "wgt1", "mtu", "1400")
+    # markers, one per watcher: once each is reported, everything before it was seen
+    sh("ip", "route", "add", "10.8.1.1", "dev", "wgt0", "table", str(TABLE))
+    sh("nft", "add", "table", "inet", "wgcni")
+    wait_until(lambda: events.routes and "firewall" in events.aspects, 3, what="the markers")
+    assert set(events.aspects) == {"firewall"}
+
+
 def _still_reports(monitor: NetlinkMonitor, events: Events, address: str) -> None:
     sh("ip", "route", "add", address, "dev", "wgt0", "table", str(TABLE))
     sh("ip", "route", "del", address, "table", str(TABLE))
-    wait_until(lambda: ipaddress.ip_network(address) in events.removed, 5, what=f"removal of {address} reported")
+    wait_until(lambda: (ipaddress.ip_network(address), None) in events.routes, 5, what=f"removal of {address} reported")
 
 
 def test_an_overflow_reopens_the_socket_and_asks_for_a_full_resync(node: tuple[NetlinkMonitor, Events]) -> None:

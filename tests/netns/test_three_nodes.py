@@ -14,7 +14,7 @@ import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -273,6 +273,72 @@ def test_outside_damage_is_repaired_with_the_same_key(lab: Lab, damage: str) -> 
                    5, what="wireguard-go gone")
     _repaired(lab, a, key)
     print(f"{damage}: repaired in {time.monotonic() - started:.2f}s")
+
+
+REPAIR_BOUND = 2.0  # seconds, the product's bound for every kind of tampering (issue 15); scaled in the VM tier
+
+
+def _sysctl(node: Node, name: str) -> str:
+    return node.exec("sysctl", "-n", name).stdout.strip()
+
+
+def _tampering(node: Node) -> dict[str, tuple[list[list[str]], Callable[[], bool]]]:
+    """kind (TAMPERING) -> (the commands that tamper, the check that it is repaired)."""
+    wg, table = node.wg, "51820"
+
+    def route() -> str:
+        return node.exec("ip", "route", "show", "table", table, "10.240.0.71").stdout
+
+    def link() -> dict:
+        return json.loads(node.exec("ip", "-j", "link", "show", wg).stdout)[0]
+
+    def nft(*what: str) -> str:
+        return node.exec("nft", "list", *what, check=False).stdout
+
+    return {
+        "rule deleted": ([["ip", "rule", "del", "pref", "99"]],
+                         lambda: "99:\tnot from all fwmark" in node.exec("ip", "rule").stdout),
+        "route deleted": ([["ip", "route", "del", "10.240.0.71", "table", table]],
+                          lambda: route().startswith(f"10.240.0.71 dev {wg}")),
+        "route changed": ([["ip", "route", "replace", "blackhole", "10.240.0.71", "table", table]],
+                          lambda: route().startswith(f"10.240.0.71 dev {wg}")),
+        "address deleted": ([["ip", "address", "del", "192.0.0.8/32", "dev", wg]],  # its routes go with it
+                            lambda: "192.0.0.8/32" in node.exec("ip", "address", "show", "dev", wg).stdout
+                            and route().startswith(f"10.240.0.71 dev {wg}")),
+        "device down": ([["ip", "link", "set", wg, "down"]],
+                        lambda: "UP" in link()["flags"] and route().startswith(f"10.240.0.71 dev {wg}")),
+        "device mtu": ([["ip", "link", "set", wg, "mtu", "1500"]], lambda: link()["mtu"] != 1500),
+        "src_valid_mark": ([["sysctl", "-w", "net.ipv4.conf.all.src_valid_mark=0"]],
+                           lambda: _sysctl(node, "net.ipv4.conf.all.src_valid_mark") == "1"),
+        "rp_filter": ([["sysctl", "-w", f"net.ipv4.conf.{wg}.rp_filter=1"]],
+                      lambda: _sysctl(node, f"net.ipv4.conf.{wg}.rp_filter") == "2"),
+        "nft table deleted": ([["nft", "delete", "table", "inet", "wgcni"]],
+                              lambda: "mark-underlay" in nft("table", "inet", "wgcni")),
+        "nft rules flushed": ([["nft", "flush", "chain", "inet", "wgcni", "forward"]],
+                              lambda: "maxseg" in nft("chain", "inet", "wgcni", "forward")),
+        "nft chain deleted": ([["nft", "flush", "chain", "arp", "wgcni", "input"],
+                               ["nft", "delete", "chain", "arp", "wgcni", "input"]],
+                              lambda: "meta mark set" in nft("table", "arp", "wgcni")),
+    }
+
+
+TAMPERING = ("rule deleted", "route deleted", "route changed", "address deleted", "device down", "device mtu",
+             "src_valid_mark", "rp_filter", "nft table deleted", "nft rules flushed", "nft chain deleted")
+
+
+@pytest.mark.parametrize("kind", TAMPERING)
+def test_every_kind_of_tampering_is_repaired_within_2_s(lab: Lab, kind: str) -> None:
+    a = lab.nodes["a"]
+    key = public_key(a)
+    commands, repaired = _tampering(a)[kind]
+    assert repaired(), f"{kind}: not in its repaired state before the tampering"
+    for command in commands:
+        a.exec(*command)
+    started = time.monotonic()
+    wait_until(repaired, REPAIR_BOUND, what=f"{kind} repaired", interval=0.01)
+    seconds = time.monotonic() - started
+    print(f"{kind}: repaired in {seconds:.2f}s")
+    _repaired(lab, a, key)
 
 
 def test_cleanup_leaves_the_node_as_found(lab: Lab) -> None:
