@@ -184,6 +184,17 @@ class DeviceState:
     peers: dict[str, PeerState] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WireGuardChange:
+    """A write to our device by someone else, as a backend saw it go by (the userspace backend's UAPI proxy, the
+    kernel backend's netlink capture): what the hook must recheck."""
+
+    peer_keys: frozenset[str] = frozenset()  # the peers it named
+    allowed_ips: frozenset[IPNetwork] = frozenset()  # the AllowedIPs it gave (they may have left one of our peers)
+    device: bool = False  # private key, port or fwmark set
+    all_peers: bool = False  # replace_peers (wg setconf/syncconf): any peer may differ
+
+
 @dataclass(frozen=True, slots=True)
 class UpsertPeer:
     """Create or update a peer. With `replace_allowed_ips` the list is the peer's whole set; otherwise it is added."""

@@ -40,6 +40,7 @@ from node_hook.contracts import (
     RoutingApplier,
     SysctlApplier,
     WireGuardBackend,
+    WireGuardChange,
 )
 from node_hook.detect import Environment
 from node_hook.keys import NodeKey
@@ -277,6 +278,26 @@ class Engine:
                 return
             self._pod_routes_pending = True
         self._enqueue(self._rescan_pod_routes)
+
+    def wireguard_changed(self, change: WireGuardChange) -> None:
+        """Someone else wrote to our device (the backend saw it): the device and the peers it named, and those that
+        held an AllowedIP it gave away, are rechecked on the worker."""
+        def apply() -> None:
+            if change.device:
+                self.reconciler.mark_out_of_sync("device")
+            if change.all_peers or any(prefix.num_addresses != 1 for prefix in change.allowed_ips):
+                self.reconciler.mark_out_of_sync("peers")  # any peer may differ (a wide prefix cuts into any)
+                return
+            keys = set(change.peer_keys)
+            if change.allowed_ips:
+                key_of_node = {peer.node: key for key, peer in self.model.peers.items()}
+                for prefix in change.allowed_ips:
+                    owner = self.model.owner_of(prefix.network_address)
+                    if owner in key_of_node:
+                        keys.add(key_of_node[owner])
+            if keys:
+                self.reconciler.recheck_peers(keys)
+        self._enqueue(apply)
 
     def wireguard_exited(self, code: int) -> None:
         self.dataplane_changed("device")

@@ -7,7 +7,8 @@ Any error, or an outside event (the netlink monitor: device, rule, address, nfta
 wireguard-go exited), clears that aspect's flag; the next pass reads the whole aspect back from the kernel and diffs
 all of it. The `rules` aspect reads the rules and the device's address only, never the table's routes; a route seen
 changed or removed outside is rechecked alone (`recheck_routes`: set as the model wants it, or deleted), so
-repairing a rule or a route costs no dump of a 1.25 M-route table.
+repairing a rule or a route costs no dump of a 1.25 M-route table; likewise a peer written outside (`recheck_peers`:
+programmed whole again, or removed), without reading back a device of 5 000 peers.
 An aspect whose ops were not all applied stays out of sync, so a pass that fails half-way converges on the next.
 
 The device step is applied before the rest is planned, because whether the device had to be (re)created decides
@@ -117,6 +118,7 @@ class Reconciler:
         self._rules_changed = False  # the desired rules changed since the last pass: diff them against `_rules`
         self._firewall_listing: str | None = None
         self._recheck_routes: set[IPNetwork] = set()  # prefixes whose route the table may not hold as last applied
+        self._recheck_peers: set[str] = set()  # peers the device may not hold as last applied
         # The model's changes taken by a pass that failed: an aspect that stayed in sync has not applied them yet,
         # so the next pass diffs them too (else a failure in another step - the device's, say - lost them for good).
         self._unapplied: Changes | None = None
@@ -139,6 +141,21 @@ class Reconciler:
         deletes it), without reading the whole table back."""
         self._recheck_routes.update(prefixes)
 
+    def recheck_peers(self, keys: Iterable[str]) -> None:
+        """Peers written outside (node_hook.contracts.WireGuardChange): the next pass programs each desired one whole
+        (endpoint, keepalive, AllowedIPs replaced) and removes the others, without reading the device back."""
+        self._recheck_peers.update(keys)
+
+    def _unknown_peers(self, keys: frozenset[str]) -> dict[str, PeerState]:
+        """The peer cache with `keys` unknown: a desired one as absent (re-added whole), another present (removed)."""
+        actual = dict(self._peers)
+        desired = self.model.peers
+        for key in keys:
+            actual.pop(key, None)
+            if key not in desired:
+                actual[key] = PeerState(key, None, frozenset(), 0)
+        return actual
+
     def mark_out_of_sync(self, *aspects: str) -> None:
         for aspect in aspects or ASPECTS:
             self.in_sync[aspect] = False
@@ -157,6 +174,7 @@ class Reconciler:
         changes = _merged(self._unapplied, self.model.take_changes())
         self._unapplied = None
         rechecked, self._recheck_routes = self._recheck_routes, set()
+        rechecked_peers, self._recheck_peers = frozenset(self._recheck_peers), set()
         applied: dict[str, int] = {}
         full: list[str] = [aspect for aspect in ASPECTS if not self.in_sync[aspect]]
         step = "read"
@@ -188,6 +206,9 @@ class Reconciler:
             if self.in_sync["peers"]:
                 peer_scope = changes.peer_keys
                 actual_peers = self._peers
+                if rechecked_peers:  # what the device holds of these is not known: programmed whole again
+                    peer_scope = peer_scope | rechecked_peers
+                    actual_peers = self._unknown_peers(rechecked_peers)
             else:
                 if device_state is None:
                     device_state = self.wireguard.read()
@@ -241,6 +262,7 @@ class Reconciler:
         except Exception as error:  # noqa: BLE001 - every applier error is reported once and retried in full
             self._unapplied = changes
             self._recheck_routes |= rechecked
+            self._recheck_peers |= rechecked_peers
             failed_aspect = _ASPECT_OF_STEP.get(step)
             self.mark_out_of_sync(*([failed_aspect] if failed_aspect else ASPECTS))
             self.errors += 1

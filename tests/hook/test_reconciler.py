@@ -199,6 +199,22 @@ def test_rechecks_survive_a_pass_that_fails_before_the_routes(node: Node) -> Non
     node.assert_converged()
 
 
+def test_rechecked_peers_are_programmed_whole_without_reading_the_device(node: Node) -> None:
+    from node_hook.contracts import RemovePeer, UpsertPeer
+
+    node.populate()
+    node.reconciler.reconcile()
+    intruder = "X" * 43 + "="
+    node.wg.apply_peer_ops([RemovePeer(KEY_B),
+                            UpsertPeer(KEY_C, ("10.9.9.9", 1), (ipaddress.ip_network("10.240.0.70/32"),), True),
+                            UpsertPeer(intruder, None, (ipaddress.ip_network("10.240.0.12/32"),), False)])
+    node.wg.calls.clear()
+    node.reconciler.recheck_peers([KEY_B, KEY_C, intruder])
+    assert node.reconciler.reconcile().error is None
+    assert "read" not in node.wg.calls
+    node.assert_converged()
+
+
 def test_foreign_peer_is_removed(node: Node) -> None:
     node.populate()
     node.reconciler.reconcile()
