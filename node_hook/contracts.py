@@ -195,6 +195,10 @@ class WireGuardChange:
     all_peers: bool = False  # replace_peers (wg setconf/syncconf): any peer may differ
 
 
+class CaptureUnavailable(RuntimeError):
+    """The kernel cannot show the writes by others to the device (no nlmon): they are found by the resync only."""
+
+
 @dataclass(frozen=True, slots=True)
 class UpsertPeer:
     """Create or update a peer. With `replace_allowed_ips` the list is the peer's whole set; otherwise it is added."""

@@ -102,5 +102,6 @@ def build_node(
     engine_ref.append(engine)
     targets = engine.targets
     monitor = NetlinkMonitor(settings, engine, sysctls=targets.sysctls, firewall_table=targets.firewall.table,
-                             mtu=targets.device.mtu) if monitor_netlink else None
+                             mtu=targets.device.mtu, wireguard_capture=getattr(appliers.wireguard, "capture", None),
+                             ) if monitor_netlink else None
     return Node(engine, NodeView(engine, cni_conf_dir, monitor), monitor)

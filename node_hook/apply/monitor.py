@@ -11,7 +11,11 @@ the `DataplaneEvents` receiver (the engine), which marks that aspect out of sync
   azure-vnet's host routes follow (IPv4 removes a deleted link's routes without RTM_DELROUTE, hence the link);
 - nftables (the NFNLGRP_NFTABLES notifications of every nftables transaction): anything in our tables -> `firewall`;
 - poll: every `POLL_INTERVAL` the sysctls the hook sets are read from /proc (no notification exists for them; two
-  small files) -> `sysctls` when one differs.
+  small files) -> `sysctls` when one differs;
+- wireguard (kernel backend): the WG_CMD_SET_DEVICE requests others send for our device, captured by the backend
+  (node_hook.apply.wg_kernel.ForeignWriteCapture) -> `wireguard_changed` (the userspace backend reports its own:
+  its UAPI proxy sees every `wg set`). Without nlmon in the kernel it is `unavailable`: status says so, and such
+  writes are found by the resync.
 
 Faults. Each watcher runs under a supervisor. An overflow of its socket (ENOBUFS: the kernel dropped notifications)
 reopens it at once (pyroute2 keeps a socket that saw an error failing for good) and, once subscribed again, asks
@@ -37,7 +41,7 @@ from typing import Any, Protocol
 
 from node_hook.addresses import IPNetwork, prefix_from_text
 from node_hook.config import Settings
-from node_hook.contracts import FOREIGN_ROUTE
+from node_hook.contracts import FOREIGN_ROUTE, CaptureUnavailable, WireGuardChange
 from node_hook.model import RouteKind
 from node_hook.pod_routes import HOST_PREFIX_LENGTH, MAIN_TABLE, is_pod_interface
 
@@ -73,6 +77,8 @@ class DataplaneEvents(Protocol):
 
     def routes_seen(self, routes: Mapping[IPNetwork, str | None]) -> None: ...
 
+    def wireguard_changed(self, change: WireGuardChange) -> None: ...
+
     def pod_routes_changed(self) -> None: ...
 
     def trigger_resync(self) -> int: ...
@@ -87,6 +93,7 @@ class WatcherState:
     down_since: float | None = None  # monotonic time it stopped listening (None while listening or never started)
     overflows: int = 0
     restarts: int = 0
+    unavailable: str | None = None  # why this watcher cannot run on this node (it is not restarted)
     resync_pending: bool = False  # notifications were lost: a read-back once listening again
     last_error: str | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
@@ -94,7 +101,7 @@ class WatcherState:
 
     def describe(self) -> dict[str, Any]:
         return {"listening": self.listening, "overflows": self.overflows, "restarts": self.restarts,
-                "lastError": self.last_error}
+                "lastError": self.last_error, "unavailable": self.unavailable}
 
 
 def _index_of(interface: str) -> int | None:
@@ -153,12 +160,14 @@ def nftables_tables(data: bytes) -> set[tuple[int, str]]:
 class NetlinkMonitor:
     """Watches the current network namespace from `start()` until `stop()`.
 
-    `sysctls` are the values the hook sets (name with `/` -> value), `firewall_table` the name of its nftables tables
-    and `mtu` the device's; `sysctl_root` and `poll_interval` are for the tests."""
+    `sysctls` are the values the hook sets (name with `/` -> value), `firewall_table` the name of its nftables tables,
+    `mtu` the device's and `wireguard_capture` what opens the kernel backend's capture; `sysctl_root` and
+    `poll_interval` are for the tests."""
 
     def __init__(self, settings: Settings, events: DataplaneEvents, *, sysctls: Mapping[str, str] | None = None,
                  firewall_table: str = "wgcni", mtu: int | None = None, receive_buffer: int = RECEIVE_BUFFER,
                  sysctl_root: Path = Path("/proc/sys"), poll_interval: float = POLL_INTERVAL,
+                 wireguard_capture: Callable[[], Any] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.events = events
@@ -177,6 +186,10 @@ class NetlinkMonitor:
             "rtnetlink": self._lost_rtnetlink, "nftables": lambda: events.dataplane_changed("firewall"),
             "poll": lambda: None,
         }
+        self.wireguard_capture = wireguard_capture  # makes a ForeignWriteCapture (kernel backend)
+        if wireguard_capture is not None:
+            self._bodies["wireguard"] = self._watch_wireguard
+            self._on_lost["wireguard"] = lambda: events.dataplane_changed("device", "peers")
         self.watchers = {name: WatcherState(name) for name in self._bodies}
 
     def start(self) -> None:
@@ -197,6 +210,8 @@ class NetlinkMonitor:
         DOWN_GRACE seconds."""
         now = self.clock()
         for state in self.watchers.values():
+            if state.unavailable is not None:
+                continue
             if state.thread is not None and not state.thread.is_alive() and not self._stopping.is_set():
                 return False, f"netlink monitor {state.name}: its thread ended ({state.last_error or 'no error'})"
             if not state.listening and state.down_since is not None and now - state.down_since > DOWN_GRACE:
@@ -320,6 +335,23 @@ class NetlinkMonitor:
                     continue
                 if nftables_tables(data) & ours:
                     self.events.dataplane_changed("firewall")
+
+    def _watch_wireguard(self, state: WatcherState) -> None:
+        assert self.wireguard_capture is not None
+        capture = self.wireguard_capture()
+        try:
+            capture.open()
+        except CaptureUnavailable as error:
+            state.unavailable = str(error)
+            log.warning("writes by others to the WireGuard device are found by the resync only: %s", error)
+            return
+        try:
+            self._listening(state, capture.socket)
+            while not self._stopping.is_set():
+                for change in capture.receive():
+                    self.events.wireguard_changed(change)
+        finally:
+            capture.close()
 
     def _poll(self, state: WatcherState) -> None:
         """What has no notification, read every `poll_interval`: the sysctls. A value that differs is reported once

@@ -25,7 +25,7 @@ from node_hook.apply.wg_kernel import (
     split_messages,
 )
 from node_hook.config import Settings
-from node_hook.contracts import RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import RemoveAllowedIPs, RemovePeer, UpsertPeer, WireGuardChange
 from node_hook.detect import kernel_wireguard_available
 from node_hook.node import real_wireguard_backend
 from tests.support import kernel_wg
@@ -220,3 +220,22 @@ def test_a_large_peer_is_continued_over_several_messages():
     assert [w.flags for m in messages for w in m] == [WGPEER_F_REPLACE_ALLOWEDIPS] + [0] * (len(messages) - 1)
     assert [p for m in messages for w in m for p in w.allowed_ips] == list(big)
     assert all(len(encode(m).data) <= 4096 for m in messages)
+
+
+def test_a_captured_set_device_names_its_peers_allowed_ips_and_device_fields():
+    """What ForeignWriteCapture reports of a request as the kernel receives it (encoded, then decoded from bytes)."""
+    writes = wg_kernel.plan_peer_writes([UpsertPeer(KEY_A, ("10.0.0.1", 51820), (net("10.9.0.0/24"),), True),
+                                         RemovePeer(KEY_B)], per_ip_remove=True)
+    message = encode(writes)
+    captured = WireGuardMessage(message.data)
+    captured.decode()
+    assert wg_kernel.change_of_set_device(captured) == WireGuardChange(frozenset({KEY_A, KEY_B}),
+                                                                       frozenset({net("10.9.0.0/24")}))
+    device = WireGuardMessage()
+    device["cmd"], device["version"] = wg_kernel.WG_CMD_SET_DEVICE, 1
+    device["attrs"] = [["WGDEVICE_A_IFNAME", "wg0"], ["WGDEVICE_A_FLAGS", wg_kernel.WGDEVICE_F_REPLACE_PEERS],
+                       ["WGDEVICE_A_LISTEN_PORT", 1]]
+    device.encode()
+    captured = WireGuardMessage(device.data)
+    captured.decode()
+    assert wg_kernel.change_of_set_device(captured) == WireGuardChange(device=True, all_peers=True)
