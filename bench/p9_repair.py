@@ -75,7 +75,10 @@ class Passes:
                         return ended, seconds
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"no pass applied {step} within {timeout:.0f} s")
+                    recent = [(round(ended - after, 2), applied, round(seconds, 2))
+                              for ended, applied, seconds in self.done[-8:]]
+                    raise TimeoutError(f"no pass applied {step} within {timeout:.0f} s; the last passes (end after "
+                                       f"the tampering s, applied, duration s): {recent}")
                 self.lock.wait(remaining)
 
 
@@ -106,15 +109,19 @@ def tamperings(interface: str, peer_key: str, pod_ip: str) -> dict[str, tuple[li
     }
 
 
-def converged(node: Node, passes: Passes, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def converged(node: Node, timeout: float) -> None:
+    """Wait until the worker is idle with every aspect in sync: an event run on the worker (it gets there once the
+    pass under way, however long, is done), the pass it causes, then nothing more for half a second."""
     engine = node.engine
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if engine.generation > 0 and engine.reconciler.converged and engine.peers_complete and not engine.last_error:
-            with passes.lock:
-                if passes.done and passes.done[-1][0] < time.monotonic() - 0.5:  # quiet for half a second
-                    return
-        time.sleep(0.1)
+        # read on the worker: the pass this event causes is the next one (it may be over before this thread reads)
+        generation = engine.on_worker(lambda: engine.generation, timeout=max(1.0, deadline - time.monotonic()))
+        engine.wait_for_pass(generation + 1, timeout=max(1.0, deadline - time.monotonic()))
+        time.sleep(0.5)
+        if (engine.generation == generation + 1 and engine.reconciler.converged and engine.peers_complete
+                and not engine.last_error):
+            return
     raise TimeoutError(f"the hook did not converge within {timeout:.0f} s: {engine.last_error}")
 
 
@@ -134,7 +141,7 @@ def measure(size: int, pods: int, repeats: int, idle_seconds: float) -> dict[str
             node.start()
             started, monitor_before = time.monotonic(), monitor_cpu(node)
             source.sync(*remote.values())
-            converged(node, passes, timeout=1800)
+            converged(node, timeout=1800)
             program_seconds, monitor_programming = time.monotonic() - started, monitor_cpu(node) - monitor_before
             backend: Any = node.engine.appliers.wireguard
             wireguard_go = [backend.pid] if backend.pid is not None else []
@@ -163,7 +170,7 @@ def measure(size: int, pods: int, repeats: int, idle_seconds: float) -> dict[str
                     ended, seconds = passes.wait_for(step, tampered, timeout=60)
                     samples["wall ms"].append((ended - tampered) * 1000)
                     samples["pass ms"].append(seconds * 1000)
-                    converged(node, passes, timeout=120)
+                    converged(node, timeout=120)
             device = backend.read()
             exact = device is not None and {key: peer.allowed_ips for key, peer in device.peers.items()} == {
                 key: peer.allowed_ips for key, peer in node.engine.model.peers.items()}

@@ -18,7 +18,7 @@ the `DataplaneEvents` receiver (the engine), which marks that aspect out of sync
   writes are found by the resync.
 
 Faults. Each watcher runs under a supervisor. An overflow of its socket (ENOBUFS: the kernel dropped notifications)
-reopens it at once (pyroute2 keeps a socket that saw an error failing for good) and, once subscribed again, asks
+reopens it at once (as pyroute2 would have to: it keeps a socket that saw an error failing) and, once subscribed, asks
 for a read-back of what the lost notifications could have been about (rtnetlink: a full resync; nftables: the
 firewall); any other error (a closed socket, a failed decode) is logged, and the socket is reopened after a backoff
 (`RESTART_DELAYS`), followed by the same read-back. `health()` says whether every watcher is listening: one that is
@@ -34,29 +34,40 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from node_hook.addresses import IPNetwork, prefix_from_text
+from node_hook.addresses import IPNetwork
+from node_hook.apply.routes import decode_route
 from node_hook.config import Settings
-from node_hook.contracts import FOREIGN_ROUTE, CaptureUnavailable, WireGuardChange
-from node_hook.model import RouteKind
+from node_hook.contracts import CaptureUnavailable, WireGuardChange
 from node_hook.pod_routes import HOST_PREFIX_LENGTH, MAIN_TABLE, is_pod_interface
 
 log = logging.getLogger(__name__)
 
 IFF_UP = 1
-RECEIVE_BUFFER = 1 << 20  # pyroute2's default; a burst past it is an overflow, answered by a read-back
+RECEIVE_BUFFER = 8 << 20  # a burst past it is an overflow, answered by a read-back
 RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 DOWN_GRACE = 15.0  # a watcher not listening for longer fails health (its restarts keep failing)
 POLL_INTERVAL = 0.5  # seconds between two reads of the sysctls
 RECEIVE_TIMEOUT = 1.0  # a raw socket's receive wakes this often to see `stop()` (closing it does not wake it)
 
-RTN_UNICAST, RTN_THROW = 1, 9
-_OTHER_NEXTHOP = ("RTA_GATEWAY", "RTA_MULTIPATH", "RTA_VIA", "RTA_NH_ID")  # not "straight out of the device"
-_DEFAULT_ROUTE = {2: "0.0.0.0", 10: "::"}  # a dump gives no RTA_DST for a /0
+# rtnetlink (linux/rtnetlink.h, if_link.h, fib_rules.h). Parsed here with struct, not pyroute2: the hook's own route
+# writes come back as notifications, 1.25 M of them when it programs a 5 000 x 250 table, and pyroute2 decoding
+# each would cost far more than the writes (the routing applier's decoder is shared: routes.decode_route).
+NETLINK_ROUTE = 0
+RTNETLINK_GROUPS = 0x1 | 0x10 | 0x40 | 0x400 | 0x80 | 0x40000  # link, IPv4 address, IPv4/IPv6 route and rule
+RTM_NEWLINK, RTM_DELLINK, RTM_DELADDR = 16, 17, 21
+RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
+IFLA_IFNAME, IFLA_MTU = 3, 4
+FRA_PRIORITY, FRA_TABLE = 6, 15
+SO_RCVBUFFORCE = 33  # root may pass net.core.rmem_max (what the routing applier does too)
+_ADDRESS_SIZE = {2: 4, 10: 16}  # AF_INET, AF_INET6
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
+_U32 = struct.Struct("=I")
 
 # nfnetlink (linux/netfilter/nfnetlink.h, nf_tables.h)
 NETLINK_NETFILTER = 12
@@ -115,19 +126,35 @@ def is_overflow(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno == errno.ENOBUFS
 
 
-def route_of(message: Any, ifindex: int | None) -> tuple[IPNetwork, str | None]:
-    """(prefix, what the table holds there now) of an RTM_NEWROUTE/RTM_DELROUTE of our table: a RouteKind value,
-    FOREIGN_ROUTE (as `PyrouteRouting.read` classifies it), or None once removed."""
-    destination = message.get_attr("RTA_DST") or _DEFAULT_ROUTE.get(message["family"], "0.0.0.0")
-    prefix = prefix_from_text(f"{destination}/{message['dst_len']}")
-    if message["event"] == "RTM_DELROUTE":
-        return prefix, None
-    if message["type"] == RTN_THROW:
-        return prefix, RouteKind.THROW.value
-    if (message["type"] == RTN_UNICAST and ifindex is not None and message.get_attr("RTA_OIF") == ifindex
-            and not any(message.get_attr(name) is not None for name in _OTHER_NEXTHOP)):
-        return prefix, RouteKind.WIREGUARD.value
-    return prefix, FOREIGN_ROUTE
+def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, start, end) of each netlink message in a datagram."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind = _HEADER.unpack_from(data, offset)[:2]
+        if length < _HEADER.size:
+            return
+        yield kind, offset, min(offset + length, len(data))
+        offset += (length + 3) & ~3
+
+
+def _attributes(data: bytes, offset: int, end: int, wanted: tuple[int, ...]) -> dict[int, bytes]:
+    """The payloads of the `wanted` top-level attributes from `offset` to `end`."""
+    found: dict[int, bytes] = {}
+    while offset + 4 <= end:
+        size, number = _ATTRIBUTE.unpack_from(data, offset)
+        if size < 4:
+            break
+        if number & NLA_TYPE_MASK in wanted:
+            found[number & NLA_TYPE_MASK] = data[offset + 4:offset + size]
+        offset += (size + 3) & ~3
+    return found
+
+
+def _receive_buffer(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def nftables_tables(data: bytes) -> set[tuple[int, str]]:
@@ -269,61 +296,63 @@ class NetlinkMonitor:
     # ---- watchers -----------------------------------------------------------------------------------------
 
     def _watch_rtnetlink(self, state: WatcherState) -> None:
-        from pyroute2 import IPRoute
-        from pyroute2.netlink.rtnl import (
-            RTMGRP_IPV4_IFADDR,
-            RTMGRP_IPV4_ROUTE,
-            RTMGRP_IPV4_RULE,
-            RTMGRP_IPV6_ROUTE,
-            RTMGRP_IPV6_RULE,
-            RTMGRP_LINK,
-        )
-
         interface, table = self.settings.interface, self.settings.route_table
         bypass_priority = self.settings.bypass_rule_priority
         pod_prefixes = self.settings.pod_interface_prefixes
         host_lengths = set(HOST_PREFIX_LENGTH.values())
         events = self.events
-        with IPRoute(rcvbuf=self.receive_buffer) as ipr:
-            ipr.bind(groups=RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
-                     | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE)
-            wireguard_index = _index_of(interface)  # no request on a subscribed socket: an overflow loses its answer
-            self._listening(state, ipr)
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as rtnl:
+            _receive_buffer(rtnl, self.receive_buffer)
+            rtnl.bind((0, RTNETLINK_GROUPS))
+            rtnl.settimeout(RECEIVE_TIMEOUT)
+            wireguard_index = _index_of(interface)
+            self._listening(state, rtnl)
             while not self._stopping.is_set():
-                messages = ipr.get()
-                if not messages:
-                    raise ConnectionError("the rtnetlink socket was closed")
+                try:
+                    data = rtnl.recv(1 << 16)
+                except TimeoutError:
+                    continue
                 routes: dict[IPNetwork, str | None] = {}
-                for message in messages:
-                    event = message["event"]
-                    if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
-                        route_table = message.get("table")
+                for kind, start, end in _messages(data):
+                    if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+                        family, prefixlen = data[start + 16], data[start + 17]
+                        size = _ADDRESS_SIZE.get(family)
+                        if size is None:
+                            continue
+                        route_table, prefix, route_kind = decode_route(data, start, end, size, wireguard_index)
                         if route_table == table:
-                            prefix, kind = route_of(message, wireguard_index)
-                            routes[prefix] = kind
-                        elif route_table == MAIN_TABLE and message["dst_len"] in host_lengths:
+                            routes[prefix] = None if kind == RTM_DELROUTE else route_kind
+                        elif route_table == MAIN_TABLE and prefixlen in host_lengths:
                             events.pod_routes_changed()
-                    elif event in ("RTM_DELLINK", "RTM_NEWLINK") and message.get("ifname") == interface:
-                        wireguard_index = message["index"]
-                        if (event == "RTM_DELLINK" or not message["flags"] & IFF_UP
-                                or (self.mtu is not None and message.get("mtu") != self.mtu)):
-                            events.dataplane_changed("device")
-                    elif event == "RTM_DELADDR" and message["index"] == wireguard_index:
+                    elif kind in (RTM_NEWLINK, RTM_DELLINK):
+                        index, flags = _IFINFOMSG.unpack_from(data, start + 16)[2:4]
+                        attributes = _attributes(data, start + 32, end, (IFLA_IFNAME, IFLA_MTU))
+                        name = attributes.get(IFLA_IFNAME, b"").split(b"\0", 1)[0].decode(errors="replace")
+                        if name == interface:
+                            wireguard_index = index
+                            mtu = attributes.get(IFLA_MTU)
+                            if (kind == RTM_DELLINK or not flags & IFF_UP or (
+                                    self.mtu is not None and mtu is not None and _U32.unpack(mtu)[0] != self.mtu)):
+                                events.dataplane_changed("device")
+                        elif kind == RTM_DELLINK and is_pod_interface(name, pod_prefixes):
+                            events.pod_routes_changed()
+                    elif kind == RTM_DELADDR and _IFADDRMSG.unpack_from(data, start + 16)[4] == wireguard_index:
                         # the device's last IPv4 address gone takes its routes with it, without RTM_DELROUTE
                         events.dataplane_changed("routes")
-                    elif event in ("RTM_NEWRULE", "RTM_DELRULE") and (
-                            message.get("table") == table
-                            or (message.get("table") == MAIN_TABLE and message.get("priority") == bypass_priority)):
-                        events.dataplane_changed("rules")
-                    elif event == "RTM_DELLINK" and is_pod_interface(message.get("ifname"), pod_prefixes):
-                        events.pod_routes_changed()
+                    elif kind in (RTM_NEWRULE, RTM_DELRULE):
+                        attributes = _attributes(data, start + 28, end, (FRA_TABLE, FRA_PRIORITY))
+                        rule_table = (_U32.unpack(attributes[FRA_TABLE])[0] if FRA_TABLE in attributes
+                                      else data[start + 20])
+                        priority = _U32.unpack(attributes[FRA_PRIORITY])[0] if FRA_PRIORITY in attributes else 0
+                        if rule_table == table or (rule_table == MAIN_TABLE and priority == bypass_priority):
+                            events.dataplane_changed("rules")
                 if routes:
                     events.routes_seen(routes)
 
     def _watch_nftables(self, state: WatcherState) -> None:
         ours = {(NFPROTO_INET, self.firewall_table), (NFPROTO_ARP, self.firewall_table)}
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as nft:
-            nft.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
+            _receive_buffer(nft, self.receive_buffer)
             nft.bind((0, 0))
             nft.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
             nft.settimeout(RECEIVE_TIMEOUT)
