@@ -18,7 +18,7 @@ the `DataplaneEvents` receiver (the engine), which marks that aspect out of sync
   writes are found by the resync.
 
 Faults. Each watcher runs under a supervisor. An overflow of its socket (ENOBUFS: the kernel dropped notifications)
-reopens it at once (as pyroute2 would have to: it keeps a socket that saw an error failing) and, once subscribed, asks
+reopens it at once (a fresh socket, subscribed again) and asks
 for a read-back of what the lost notifications could have been about (rtnetlink: a full resync; nftables: the
 firewall); any other error (a closed socket, a failed decode) is logged, and the socket is reopened after a backoff
 (`RESTART_DELAYS`), followed by the same read-back. `health()` says whether every watcher is listening: one that is
@@ -230,7 +230,7 @@ class NetlinkMonitor:
         self._stopping.set()
         for state in self.watchers.values():
             if state.socket is not None:
-                state.socket.close()  # its blocked receive returns nothing: the watcher ends
+                state.socket.close()  # its receive fails at the latest after RECEIVE_TIMEOUT: the watcher ends
 
     def health(self) -> tuple[bool, str]:
         """(ok, message): every watcher's thread runs and it listens, or has been trying again for less than
