@@ -109,7 +109,9 @@ RoutingOp = SetRoute | DeleteRoute | AddRule | DeleteRule | AddDeviceAddress
 class RoutingApplier(Protocol):
     """Routes in one table, rules pointing at it and the WireGuard device's address, in the current namespace."""
 
-    def read(self) -> TableState: ...
+    def read(self, routes: bool = True) -> TableState:
+        """The table's state; without `routes`, only its rules and the device's addresses (the routes left empty:
+        no dump of a table of 1.25 M routes to repair a rule)."""
 
     def read_stream(self) -> TableStream:
         """The same read-back with the routes as they are decoded, none of them held. The caller takes the whole
@@ -244,6 +246,21 @@ class DeviceStream:
 
     device: DeviceState
     peers: Iterator[PeerState]
+
+
+@dataclass(frozen=True)
+class WireGuardChange:
+    """A write to our device by someone else, as a backend saw it go by (the userspace backend's UAPI proxy, the
+    kernel backend's netlink capture): what the hook must recheck."""
+
+    peer_keys: frozenset[str] = frozenset()  # the peers it named
+    allowed_ips: frozenset[IPNetwork] = frozenset()  # the AllowedIPs it gave (they may have left one of our peers)
+    device: bool = False  # private key, port or fwmark set
+    all_peers: bool = False  # replace_peers (wg setconf/syncconf): any peer may differ
+
+
+class CaptureUnavailable(RuntimeError):
+    """The kernel cannot show the writes by others to the device (no nlmon): they are found by the resync only."""
 
 
 @dataclass(frozen=True, slots=True)

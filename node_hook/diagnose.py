@@ -191,7 +191,10 @@ def _peers(o: Observed) -> list[dict[str, str]]:
     out = []
     if missing:
         out.append(_finding("peers", "error", f"{len(missing)} peer(s) missing or with wrong AllowedIPs/endpoint on "
-                            f"the device: {_some(missing)}", "the hook repairs peers each pass; " + LOGS))
+                            f"the device: {_some(missing)}", "the hook re-programs a peer written by others as "
+                            "soon as it sees the write (wireguard-go: every `wg set` passes its UAPI proxy; kernel: "
+                            "with nlmon, see `monitor` in `wgcni status --json`), every peer at the next resync (every "
+                            f"{o.settings.resync_interval:g} s); still wrong after that: " + LOGS))
     if extra and o.peers_complete:
         out.append(_finding("peers", "warning", f"{len(extra)} unknown peer(s) on the device: {_some(extra)}",
                             "the hook removes them; something else adds peers to the device"))
@@ -226,8 +229,9 @@ def _routes(o: Observed) -> list[dict[str, str]]:
     if wrong:
         out.append(_finding("routes", "error", f"{len(wrong_routes)} route(s) missing or wrong in table "
                             f"{o.settings.route_table}: {_some(wrong, len(wrong_routes))}",
-                            "the hook repairs the table each pass; if routes keep disappearing, another agent "
-                            f"flushes table {o.settings.route_table}"))
+                            "the hook repairs a route within a second of its change or removal (netlink "
+                            "notifications) and the whole table at each resync; if routes keep disappearing, "
+                            f"another agent flushes table {o.settings.route_table}"))
     if extra and o.peers_complete:
         out.append(_finding("routes", "warning", f"{len(extra_routes)} route(s) in table {o.settings.route_table} "
                             f"that the hook does not want: {_some(extra, len(extra_routes))}",

@@ -7,9 +7,9 @@ netlink monitor, wireguard-go watcher) enqueue events and wake it:
 - local pods are also learned from the main table's pod host routes (node_hook.pod_routes): a pod without a record
   (it predates wgcni, or started while the conflist lacked the wgcni entry) is local and published all the same;
   the netlink monitor says when such a route or a pod interface comes or goes, and every rescan reads them again;
-- the netlink monitor (node_hook.apply.monitor) says our device or its address, a rule of ours, or a route we want
-  was removed, or wireguard-go exited -> that aspect is marked out of sync and repaired in the next pass, with the
-  same key;
+- the netlink monitor (node_hook.apply.monitor) says our device, its address, a rule of ours, our nftables tables
+  or a sysctl changed, or wireguard-go exited -> that aspect is marked out of sync and repaired in the next pass,
+  with the same key; a route of our table that is not what the model wants is rechecked alone;
 - every `resyncInterval` every aspect is read back in full and diffed;
 - a failed pass is retried after a short backoff (max 1 s) and reads back what failed.
 After each pass the local announcement (key, endpoint, node IPs, local pod IPs, MTU, readiness) is published to
@@ -40,6 +40,7 @@ from node_hook.contracts import (
     RoutingApplier,
     SysctlApplier,
     WireGuardBackend,
+    WireGuardChange,
 )
 from node_hook.detect import Environment
 from node_hook.keys import NodeKey
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 FIREWALL_TABLE = "wgcni"
 RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 WORKER_REQUEST_TIMEOUT = 10.0  # a read-back asked of the worker (diagnose) waits at most this for a busy pass
+ROUTES_SEEN_LIMIT = 10_000  # routes reported changed, pending a check, past which the table is read back whole
 ROUTE_KEY_PREFIX = "route:"  # model keys of the pods learned from host routes: "route:<host interface>"
 
 
@@ -154,6 +156,7 @@ class Engine:
                                      appliers.firewall, appliers.sysctls)
         self.route_pods: dict[str, frozenset[str]] = {}  # host interface -> pod IPs, from the main table
         self._pod_routes_pending = False
+        self._routes_seen: dict[IPNetwork, str | None] = {}  # reported by the monitor, not checked yet
         self._lock = threading.Lock()
         # Held by the worker while it changes the model (events, rescans) and by other threads while they read
         # more than one value of it (the view): a consistent view, and no "dict changed size during iteration".
@@ -287,12 +290,31 @@ class Engine:
         """Something outside changed these aspects (device, routes, rules ...): read them back and repair."""
         self._enqueue(out_of_sync=aspects)
 
-    def route_removed(self, prefix: IPNetwork) -> None:
-        """A route left our table: repair it on the worker if we still want it (our own deletes are not wanted)."""
-        def apply() -> None:
-            if prefix in self.model.routes:
-                self.reconciler.mark_out_of_sync("routes")
-        self._enqueue(apply)
+    def routes_seen(self, routes: Mapping[IPNetwork, str | None]) -> None:
+        """Routes of our table added, changed (RouteKind value, or FOREIGN_ROUTE) or removed (None) by anyone:
+        gathered into one pending set (the hook's own bulk writes come back as 1.25 M notifications at 5 000 x
+        250), checked on the worker: each that is not what the model wants is rechecked alone. More than
+        ROUTES_SEEN_LIMIT pending -> the table is read back whole instead, so memory stays bounded."""
+        with self._wake:
+            pending = self._routes_seen
+            first = not pending
+            pending.update(routes)
+            if len(pending) > ROUTES_SEEN_LIMIT:
+                pending.clear()
+                self._out_of_sync.add("routes")
+                self._wake.notify_all()
+                return
+        if first:
+            self._enqueue(self._check_routes_seen)
+
+    def _check_routes_seen(self) -> None:
+        with self._wake:
+            seen, self._routes_seen = self._routes_seen, {}
+        wanted = self.model.routes
+        differing = [prefix for prefix, kind in seen.items()
+                     if (wanted[prefix]._value_ if prefix in wanted else None) != kind]
+        if differing:
+            self.reconciler.recheck_routes(differing)
 
     def pod_routes_changed(self) -> None:
         """A main-table host route or a pod interface came or went: re-read the pod routes once, however many such
@@ -302,6 +324,26 @@ class Engine:
                 return
             self._pod_routes_pending = True
         self._enqueue(self._rescan_pod_routes)
+
+    def wireguard_changed(self, change: WireGuardChange) -> None:
+        """Someone else wrote to our device (the backend saw it): the device and the peers it named, and those that
+        held an AllowedIP it gave away, are rechecked on the worker."""
+        def apply() -> None:
+            if change.device:
+                self.reconciler.mark_out_of_sync("device")
+            if change.all_peers or any(prefix.num_addresses != 1 for prefix in change.allowed_ips):
+                self.reconciler.mark_out_of_sync("peers")  # any peer may differ (a wide prefix cuts into any)
+                return
+            keys = set(change.peer_keys)
+            if change.allowed_ips:
+                key_of_node = {peer.node: key for key, peer in self.model.peers.items()}
+                for prefix in change.allowed_ips:
+                    owner = self.model.owner_of(prefix.network_address)
+                    if owner in key_of_node:
+                        keys.add(key_of_node[owner])
+            if keys:
+                self.reconciler.recheck_peers(keys)
+        self._enqueue(apply)
 
     def wireguard_exited(self, code: int) -> None:
         self.dataplane_changed("device")

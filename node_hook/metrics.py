@@ -19,8 +19,10 @@ At 5 000 peers that is 15 000 series per node; a scrape of `/metrics?per_peer=0`
 ["0"]}`) leaves them out, and the fixed-cardinality aggregates (`wgcni_peer_handshake_age_seconds` as a gauge
 histogram, byte totals, peer counts) still show the mesh's health.
 
-Health. `/healthz` is 200 while the worker loop completes passes: it wakes at least every `recordRescanInterval`,
-so no pass for `max(STUCK_AFTER_MIN, 6 × recordRescanInterval)` seconds means the loop is stuck. `/readyz` is 200
+Health. `/healthz` is 200 while the worker loop completes passes and the netlink monitor listens. The loop wakes at
+least every `recordRescanInterval`, so no pass for `max(STUCK_AFTER_MIN, 6 × recordRescanInterval)` seconds means
+it is stuck; a monitor watcher that cannot listen again (node_hook.apply.monitor, `DOWN_GRACE`) means outside
+changes go unrepaired: both fail the probe, and the kubelet restarts the hook. `/readyz` is 200
 once the dataplane is programmed (every aspect in sync after at least one pass) and the peer source delivered a
 complete list.
 """
@@ -134,7 +136,10 @@ class HookMetrics:
         age = time.time() - last
         if age > stuck_after:
             return False, f"no reconcile pass for {age:.0f}s (limit {stuck_after:.0f}s): the worker loop is stuck"
-        return True, f"ok: last pass {age:.1f}s ago"
+        watching, message = view.monitor_health()
+        if not watching:
+            return False, f"{message}: outside changes would go unrepaired until the next resync"
+        return True, f"ok: last pass {age:.1f}s ago, {message}"
 
     def readiness(self) -> tuple[bool, str]:
         view = self._attached()

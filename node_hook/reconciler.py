@@ -3,8 +3,12 @@
 When an aspect is in sync, only the model's dirty peer keys / prefixes are diffed against what was last applied
 (O(change)): for peers a cache of the desired peers of the last pass, for routes the kinds the model hands over with
 its changes (what it wanted at the last pass is what the table holds; no copy of a 1.25 M-route table is kept).
-Any error, or an outside event (netlink: device, route or rule removed; wireguard-go exited), clears that aspect's
-flag; the next pass reads the whole aspect back from the kernel and diffs all of it.
+Any error, or an outside event (the netlink monitor: device, rule, address, nftables table or sysctl changed;
+wireguard-go exited), clears that aspect's flag; the next pass reads the whole aspect back from the kernel and diffs
+all of it. The `rules` aspect reads the rules and the device's address only, never the table's routes; a route seen
+changed or removed outside is rechecked alone (`recheck_routes`: set as the model wants it, or deleted), so
+repairing a rule or a route costs no dump of a 1.25 M-route table; likewise a peer written outside (`recheck_peers`:
+programmed whole again, or removed), without reading back a device of 5 000 peers.
 An aspect whose ops were not all applied stays out of sync, so a pass that fails half-way converges on the next.
 
 The device step is applied before the rest is planned, because whether the device had to be (re)created decides
@@ -14,11 +18,12 @@ what the peers look like; everything else follows `planner.APPLY_ORDER`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from node_hook.addresses import IPNetwork
 from node_hook.contracts import (
+    FOREIGN_ROUTE,
     DeviceSpec,
     DeviceStream,
     FirewallApplier,
@@ -52,7 +57,7 @@ log = logging.getLogger(__name__)
 
 ASPECTS = ("firewall", "device", "sysctls", "peers", "routes", "rules")
 _ASPECT_OF_STEP = {
-    "firewall": "firewall", "device": "device", "device_address": "routes", "sysctls": "sysctls",
+    "firewall": "firewall", "device": "device", "device_address": "rules", "sysctls": "sysctls",
     "peer_reshape": "peers", "peer_removals": "peers", "peer_adds": "peers", "route_deletes": "routes",
     "route_sets": "routes", "rules": "rules",
 }
@@ -124,6 +129,8 @@ class Reconciler:
         self._rules_changed = False  # the desired rules changed since the last pass: diff them against `_rules`
         self._firewall_listing: str | None = None
         self._firewall_spec: FirewallSpec | None = None  # what `_firewall_listing` is the listing of
+        self._recheck_routes: set[IPNetwork] = set()  # prefixes whose route the table may not hold as last applied
+        self._recheck_peers: set[str] = set()  # peers the device may not hold as last applied
         # The model's changes taken by a pass that failed: an aspect that stayed in sync has not applied them yet,
         # so the next pass diffs them too (else a failure in another step - the device's, say - lost them for good).
         self._unapplied: Changes | None = None
@@ -147,6 +154,26 @@ class Reconciler:
         if spec != self.targets.firewall:
             self.targets = replace(self.targets, firewall=spec)
 
+    def recheck_routes(self, prefixes: Iterable[IPNetwork]) -> None:
+        """Routes of our table seen changed or removed outside: the next pass sets each as the model wants it (or
+        deletes it), without reading the whole table back."""
+        self._recheck_routes.update(prefixes)
+
+    def recheck_peers(self, keys: Iterable[str]) -> None:
+        """Peers written outside (node_hook.contracts.WireGuardChange): the next pass programs each desired one whole
+        (endpoint, keepalive, AllowedIPs replaced) and removes the others, without reading the device back."""
+        self._recheck_peers.update(keys)
+
+    def _unknown_peers(self, keys: frozenset[str]) -> dict[str, PeerState]:
+        """The peer cache with `keys` unknown: a desired one as absent (re-added whole), another present (removed)."""
+        actual = dict(self._peers)
+        desired = self.model.peers
+        for key in keys:
+            actual.pop(key, None)
+            if key not in desired:
+                actual[key] = PeerState(key, None, frozenset(), 0)
+        return actual
+
     def mark_out_of_sync(self, *aspects: str) -> None:
         for aspect in aspects or ASPECTS:
             self.in_sync[aspect] = False
@@ -164,6 +191,8 @@ class Reconciler:
         self.passes += 1
         changes = _merged(self._unapplied, self.model.take_changes())
         self._unapplied = None
+        rechecked, self._recheck_routes = self._recheck_routes, set()
+        rechecked_peers, self._recheck_peers = frozenset(self._recheck_peers), set()
         applied: dict[str, int] = {}
         full: list[str] = [aspect for aspect in ASPECTS if not self.in_sync[aspect]]
         step = "read"
@@ -193,8 +222,13 @@ class Reconciler:
                 _drain(device)
                 device = None
                 peer_scope: frozenset[str] | None = changes.peer_keys
-                plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, self._peers,
+                actual_peers: Mapping[str, PeerState] = self._peers
+                if rechecked_peers:  # what the device holds of these is not known: programmed whole again
+                    peer_scope = changes.peer_keys | rechecked_peers
+                    actual_peers = self._unknown_peers(rechecked_peers)
+                plan.peer_reshape, plan.peer_removals, plan.peer_adds = plan_peers(self.model.peers, actual_peers,
                                                                                    peer_scope)
+                del actual_peers
             else:
                 if device is None:
                     device = self.wireguard.read_stream()
@@ -216,8 +250,12 @@ class Reconciler:
                 if "routes" not in full:
                     full.append("routes")
             actual_routes: Mapping[IPNetwork, str | None]
-            if self.in_sync["routes"] and self.in_sync["rules"]:
+            if self.in_sync["routes"]:
                 actual_routes = changes.previous_routes  # type: ignore[assignment]
+                if not self.in_sync["rules"]:  # a rule to repair: the rules read back, not the 1.25 M routes
+                    self._read_rules(plan)
+                if rechecked:  # what the table holds there is not known: replaced (or deleted) as the model wants
+                    actual_routes = {**actual_routes, **dict.fromkeys(rechecked, FOREIGN_ROUTE)}
                 plan.route_deletes, plan.route_sets = plan_routes(self.model.routes, actual_routes, actual_routes)
             else:
                 # Streamed too: what is kept of the table is the kind of each route to delete.
@@ -251,12 +289,20 @@ class Reconciler:
             return PassResult(applied, None, tuple(full))
         except Exception as error:  # noqa: BLE001 - every applier error is reported once and retried in full
             self._unapplied = changes
+            self._recheck_routes |= rechecked
+            self._recheck_peers |= rechecked_peers
             failed_aspect = _ASPECT_OF_STEP.get(step)
             self.mark_out_of_sync(*([failed_aspect] if failed_aspect else ASPECTS))
             self.errors += 1
             message = f"{step}: {error}"
             log.warning("reconcile failed in %s (will read back and retry): %s", step, error)
             return PassResult(applied, message, tuple(full), step)
+
+    def _read_rules(self, plan: Plan) -> None:
+        """The table's rules and the device's address read back (no routes) into the rule cache and `plan`."""
+        table = self.routing.read(routes=False)
+        self._rules = table.rules
+        plan.device_address = plan_device_address(table.device_addresses)
 
     def _hold_back_pruning(self, plan: Plan, actual_routes: Mapping[IPNetwork, str | None]) -> bool:
         """Drop peer removals and deletions of `dev` routes from `plan`; True when something was dropped.

@@ -13,7 +13,7 @@ import ipaddress
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from node_hook.addresses import address_texts, host_prefix
 from node_hook.contracts import PeerState
@@ -52,14 +52,27 @@ class MetricsSnapshot:
     peers: list[tuple[str, float, int, int]] = field(default_factory=list)  # node, handshake, rx, tx
 
 
+class DataplaneMonitor(Protocol):
+    """What the view reads of the netlink monitor (node_hook.apply.monitor.NetlinkMonitor)."""
+
+    def health(self) -> tuple[bool, str]: ...
+
+    def describe(self) -> dict[str, dict[str, Any]]: ...
+
+
 class NodeView:
     """Read-only answers about one engine (any thread)."""
 
-    def __init__(self, engine: Engine, cni_conf_dir: Path) -> None:
+    def __init__(self, engine: Engine, cni_conf_dir: Path, monitor: DataplaneMonitor | None = None) -> None:
         self.engine = engine
         self.cni_conf_dir = cni_conf_dir  # where `diagnose` looks for the conflist's wgcni entry
         # the latest reading of the strict counters: (monotonic time, {"dropped": ..., "counted": ...})
         self._strict_sample: tuple[float, dict[str, dict[str, int]]] | None = None
+        self.monitor = monitor  # the netlink monitor (node_hook.apply.monitor), None where the node runs without
+
+    def monitor_health(self) -> tuple[bool, str]:
+        """Whether the outside changes are being watched (the monitor's watchers listen): part of /healthz."""
+        return self.monitor.health() if self.monitor is not None else (True, "no netlink monitor")
 
     # facts the probes read
     @property
@@ -144,6 +157,7 @@ class NodeView:
             "passes": engine.reconciler.passes,
             "errors": engine.reconciler.errors,
             "generation": engine.generation,
+            "monitor": self.monitor.describe() if self.monitor is not None else None,
         }
 
     def check(self, ips: list[str]) -> dict[str, Any]:

@@ -195,10 +195,13 @@ class FakeRouting(_FailNext):
         self.routes: dict[IPNetwork, str] = {}
         self.rules: set[RuleSpec] = set()
         self.device_addresses: set[IPNetwork] = set()
+        self.reads: list[bool] = []  # the `routes` argument of each read
 
-    def read(self) -> TableState:
+    def read(self, routes: bool = True) -> TableState:
         self._maybe_fail("read")
-        return TableState(dict(self.routes), frozenset(self.rules), frozenset(self.device_addresses))
+        self.reads.append(routes)
+        return TableState(dict(self.routes) if routes else {}, frozenset(self.rules),
+                          frozenset(self.device_addresses))
 
     def read_stream(self) -> TableStream:
         self._maybe_fail("read")

@@ -195,10 +195,15 @@ class FirewallError(RuntimeError):
     pass
 
 
+def strict_table_name(table: str) -> str:
+    """The strict-mode table beside the hook's `table` (both in the `inet` family)."""
+    return f"{table}-strict"
+
+
 class NftFirewall:
     def __init__(self, table: str = "wgcni", nft: str = "nft", boot_file: Path | None = None) -> None:
         self.table = table
-        self.strict_table = f"{table}-strict"
+        self.strict_table = strict_table_name(table)
         self.nft = nft
         self.boot_file = boot_file  # what delete() removes besides the tables
 

@@ -312,6 +312,38 @@ class _RouteBatch:
                                      f"{os.strerror(code)}{reason}")
 
 
+def decode_route(buffer: memoryview | bytes, start: int, end: int, address_size: int,
+                 ifindex: int | None) -> tuple[int, IPNetwork, str]:
+    """(table, prefix, RouteKind value or FOREIGN_ROUTE) of the RTM_NEWROUTE message at buffer[start:end] (shared
+    with the netlink monitor). `dev`: unicast straight out of device `ifindex` (no gateway, via, multipath or
+    nexthop object); `throw`; anything else is foreign."""
+    _, prefixlen, _, _, table, _, _, route_type, _ = _RTMSG.unpack_from(buffer, start + 16)
+    destination = bytes(address_size)
+    device = None
+    other_nexthop = False
+    offset = start + 28
+    while offset + 4 <= end:
+        length, attribute = _ATTRIBUTE.unpack_from(buffer, offset)
+        if length < 4:
+            break
+        if attribute == RTA_TABLE:
+            table = _U32.unpack_from(buffer, offset + 4)[0]
+        elif attribute == RTA_DST:
+            destination = bytes(buffer[offset + 4:offset + length])
+        elif attribute == RTA_OIF:
+            device = _U32.unpack_from(buffer, offset + 4)[0]
+        elif attribute in _OTHER_NEXTHOP:
+            other_nexthop = True
+        offset += (length + 3) & ~3
+    if route_type == RTN_THROW:
+        kind = RouteKind.THROW.value
+    elif route_type == RTN_UNICAST and ifindex is not None and device == ifindex and not other_nexthop:
+        kind = RouteKind.WIREGUARD.value
+    else:
+        kind = FOREIGN_ROUTE
+    return table, prefix_of_packed(destination, prefixlen), kind
+
+
 class PyrouteRouting:
     """RoutingApplier for table `table`, whose `dev` routes go out of interface `ifname`: routes through
     `RouteNetlink`, rules and the device's address through pyroute2."""
@@ -330,13 +362,13 @@ class PyrouteRouting:
     def _ifindex(self) -> int | None:
         return self._netlink.link_index(self.ifname)
 
-    def read(self) -> TableState:
-        stream = self.read_stream()
+    def read(self, routes: bool = True) -> TableState:
+        stream = self.read_stream(routes)
         with paused_gc():  # a dump of a full table makes a million new prefixes (GC-tracked ints)
-            routes = dict(stream.routes)
-        return replace(stream.table, routes=routes)
+            table_routes = dict(stream.routes)
+        return replace(stream.table, routes=table_routes)
 
-    def read_stream(self) -> TableStream:
+    def read_stream(self, routes: bool = True) -> TableStream:
         ifindex = self._ifindex()
         rules = set()
         for version in (4, 6):
@@ -353,48 +385,15 @@ class PyrouteRouting:
             ipaddress.ip_network(f"{message.get('address')}/{message['prefixlen']}", strict=False)
             for message in (self._ipr.get_addr(index=ifindex, family=socket.AF_INET) if ifindex is not None else ())
         )
-        return TableStream(TableState({}, frozenset(rules), addresses), self._routes(ifindex))
+        return TableStream(TableState({}, frozenset(rules), addresses), self._routes(ifindex) if routes else iter(()))
 
     def _routes(self, ifindex: int | None) -> Iterator[tuple[IPNetwork, str]]:
         """Every route of the table, decoded as its message is taken (an abandoned dump is read to its end)."""
         for family, address_size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
             for buffer, start, end in self._netlink.dump_routes(family, self.table):
-                route = self._decode_route(buffer, start, end, address_size, ifindex)
-                if route is not None:
-                    yield route
-
-    def _decode_route(self, buffer: memoryview, start: int, end: int, address_size: int,
-                      ifindex: int | None) -> tuple[IPNetwork, str] | None:
-        """(prefix, RouteKind value or FOREIGN_ROUTE) of the RTM_NEWROUTE message at buffer[start:end]; None when
-        the route is in another table. `dev`: unicast straight out of the device (no gateway, via, multipath
-        or nexthop object); `throw`; anything else is foreign."""
-        _, prefixlen, _, _, table, _, _, route_type, _ = _RTMSG.unpack_from(buffer, start + 16)
-        destination = bytes(address_size)
-        device = None
-        other_nexthop = False
-        offset = start + 28
-        while offset + 4 <= end:
-            length, attribute = _ATTRIBUTE.unpack_from(buffer, offset)
-            if length < 4:
-                break
-            if attribute == RTA_TABLE:
-                table = _U32.unpack_from(buffer, offset + 4)[0]
-            elif attribute == RTA_DST:
-                destination = bytes(buffer[offset + 4:offset + length])
-            elif attribute == RTA_OIF:
-                device = _U32.unpack_from(buffer, offset + 4)[0]
-            elif attribute in _OTHER_NEXTHOP:
-                other_nexthop = True
-            offset += (length + 3) & ~3
-        if table != self.table:
-            return None
-        if route_type == RTN_THROW:
-            kind = RouteKind.THROW.value
-        elif route_type == RTN_UNICAST and ifindex is not None and device == ifindex and not other_nexthop:
-            kind = RouteKind.WIREGUARD.value
-        else:
-            kind = FOREIGN_ROUTE
-        return prefix_of_packed(destination, prefixlen), kind
+                table, prefix, kind = decode_route(buffer, start, end, address_size, ifindex)
+                if table == self.table:
+                    yield prefix, kind
 
     def apply(self, ops: Iterable[RoutingOp]) -> None:
         """Apply `ops` in order (iterated once: a full plan's 1.25 M route ops are made as they are taken). Routes

@@ -12,15 +12,26 @@ Removing single AllowedIPs without a window in which the peer's other IPs are un
   a temporary peer with the all-zero public key (adding a prefix to a peer takes it from its current owner
   atomically), which is deleted again at the end of the same message. The peer itself is never rebuilt and never
   given a replace-AllowedIPs, so its remaining prefixes stay in the routing trie throughout.
+
+Writes by others. Kernel WireGuard sends no change notifications, and a dump of 5 000 peers x 251 AllowedIPs is
+seconds of CPU, so the hook watches the writes themselves: `ForeignWriteCapture` puts up an `nlmon` device (the
+kernel's netlink tap) and a packet socket on it whose classic BPF filter passes only generic-netlink messages of the
+wireguard family with WG_CMD_SET_DEVICE, so the rest of the node's netlink traffic is dropped in the kernel; each
+such request not sent by this process (its nlmsg_pid) names the peers to recheck (`WireGuardChange`).
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import ipaddress
 import itertools
 import logging
+import os
+import socket
+import struct
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from socket import AF_INET, AF_INET6
@@ -34,6 +45,7 @@ from pyroute2.netlink.generic.wireguard import wgmsg
 
 from node_hook.addresses import IPNetwork, packed_prefix, prefix_of_packed
 from node_hook.contracts import (
+    CaptureUnavailable,
     DeviceSpec,
     DeviceState,
     DeviceStream,
@@ -42,6 +54,7 @@ from node_hook.contracts import (
     RemoveAllowedIPs,
     RemovePeer,
     UpsertPeer,
+    WireGuardChange,
 )
 
 log = logging.getLogger(__name__)
@@ -54,6 +67,7 @@ WGPEER_F_REMOVE_ME = 0x1
 WGPEER_F_REPLACE_ALLOWEDIPS = 0x2
 WGPEER_F_UPDATE_ONLY = 0x4
 WGALLOWEDIP_F_REMOVE_ME = 0x1
+WGDEVICE_F_REPLACE_PEERS = 0x1
 IFF_UP = 0x1
 
 # The temporary peer that takes prefixes away from a peer on kernels without WGALLOWEDIP_F_REMOVE_ME. Nobody holds
@@ -399,6 +413,121 @@ def _dumped_peer(key: str, entry: dict) -> PeerState:
     )
 
 
+# nlmon capture (linux/filter.h, if_packet.h)
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+SKF_AD_PROTOCOL = 0xFFFFF000  # SKF_AD_OFF + SKF_AD_PROTOCOL: the skb's protocol (the netlink family of a tap copy)
+NETLINK_GENERIC = 16
+RECEIVE_TIMEOUT = 1.0  # the capture's receive wakes this often, to see that it is being stopped
+_SOCK_FILTER = struct.Struct("=HBBI")
+_NLMSGHDR = struct.Struct("=IHHII")
+
+
+def capture_link_name(ifname: str) -> str:
+    return f"{ifname[:11]}-nlm"
+
+
+def set_device_filter(family_id: int) -> bytes:
+    """Classic BPF: accept a netlink tap copy that is a generic netlink WG_CMD_SET_DEVICE, drop the rest. The
+    header's fields are little-endian; BPF loads are big-endian, hence the swapped family id."""
+    swapped = int.from_bytes(family_id.to_bytes(2, "little"), "big")
+    program = [
+        (0x28, 0, 0, SKF_AD_PROTOCOL),  # ldh skb->protocol
+        (0x15, 0, 5, NETLINK_GENERIC),  # jeq NETLINK_GENERIC, else drop
+        (0x28, 0, 0, 4),  # ldh nlmsg_type
+        (0x15, 0, 3, swapped),  # jeq wireguard, else drop
+        (0x30, 0, 0, 16),  # ldb genlmsghdr.cmd
+        (0x15, 0, 1, WG_CMD_SET_DEVICE),  # jeq SET_DEVICE, else drop
+        (0x06, 0, 0, 0x40000),  # accept (the whole message)
+        (0x06, 0, 0, 0),  # drop
+    ]
+    return b"".join(_SOCK_FILTER.pack(*instruction) for instruction in program)
+
+
+def change_of_set_device(message: WireGuardMessage) -> WireGuardChange:
+    """What one WG_CMD_SET_DEVICE request changes."""
+    keys: set[str] = set()
+    allowed: set[IPNetwork] = set()
+    for peer in message.get_attr("WGDEVICE_A_PEERS") or []:
+        keys.add(_key_text(peer.get_attr("WGPEER_A_PUBLIC_KEY")))
+        for entry in peer.get_attr("WGPEER_A_ALLOWEDIPS") or []:
+            allowed.add(prefix_of_packed(entry.get_attr("WGALLOWEDIP_A_IPADDR"),
+                                         entry.get_attr("WGALLOWEDIP_A_CIDR_MASK")))
+    device = any(message.get_attr(name) is not None
+                 for name in ("WGDEVICE_A_PRIVATE_KEY", "WGDEVICE_A_LISTEN_PORT", "WGDEVICE_A_FWMARK"))
+    all_peers = bool((message.get_attr("WGDEVICE_A_FLAGS") or 0) & WGDEVICE_F_REPLACE_PEERS)
+    return WireGuardChange(frozenset(keys), frozenset(allowed), device, all_peers)
+
+
+class ForeignWriteCapture:
+    """The WG_CMD_SET_DEVICE requests others send for device `ifname` (see the module docstring), from `open()`
+    to `close()`. `own_pids` are the nlmsg_pid values of this process's requests."""
+
+    def __init__(self, ifname: str, family_id: int, own_pids: frozenset[int]) -> None:
+        self.ifname = ifname
+        self.family_id = family_id
+        self.own_pids = own_pids
+        self.link = capture_link_name(ifname)
+        self.socket: socket.socket | None = None
+        self._filter: ctypes.Array[ctypes.c_char] | None = None
+
+    def open(self) -> None:
+        with IPRoute() as ipr:
+            if not ipr.link_lookup(ifname=self.link):
+                try:
+                    ipr.link("add", ifname=self.link, kind="nlmon")
+                except NetlinkError as error:
+                    if error.code in (errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL):
+                        raise CaptureUnavailable(f"no nlmon in this kernel ({error})") from error
+                    raise
+            ipr.link("set", index=ipr.link_lookup(ifname=self.link)[0], state="up")
+        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            program = set_device_filter(self.family_id)
+            self._filter = ctypes.create_string_buffer(program, len(program))
+            capture.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                               struct.pack("HL", len(program) // _SOCK_FILTER.size, ctypes.addressof(self._filter)))
+            capture.bind((self.link, ETH_P_ALL))
+            capture.settimeout(RECEIVE_TIMEOUT)
+        except BaseException:
+            capture.close()
+            raise
+        self.socket = capture
+
+    def receive(self) -> list[WireGuardChange]:
+        """The changes of the next captured datagram (none after a timeout or for our own requests)."""
+        assert self.socket is not None
+        try:
+            data = self.socket.recv(1 << 18)
+        except TimeoutError:
+            return []
+        changes = []
+        offset = 0
+        while offset + _NLMSGHDR.size + 4 <= len(data):
+            length, kind, _, _, pid = _NLMSGHDR.unpack_from(data, offset)
+            if length < _NLMSGHDR.size:
+                break
+            if kind == self.family_id and data[offset + 16] == WG_CMD_SET_DEVICE and pid not in self.own_pids:
+                message = WireGuardMessage(data[offset:offset + length])
+                message.decode()
+                if message.get_attr("WGDEVICE_A_IFNAME") in (self.ifname, None):
+                    changes.append(change_of_set_device(message))
+            offset += (length + 3) & ~3
+        return changes
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+            self.socket = None
+        delete_capture_link(self.ifname)
+
+
+def delete_capture_link(ifname: str) -> None:
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=capture_link_name(ifname)):
+            ipr.link("del", index=index)
+
+
 class KernelWireGuard:
     """A kernel WireGuard device in the current network namespace (see `WireGuardBackend`)."""
 
@@ -408,6 +537,7 @@ class KernelWireGuard:
         self.ifname = ifname
         self._ipr = IPRoute()
         self._genl: WireGuardSocket | None = None
+        self._genl_lock = threading.Lock()  # the monitor's capture asks for the socket's family id and pid too
         self._per_ip_remove: bool | None = None  # probed on first use
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -427,12 +557,13 @@ class KernelWireGuard:
         return info.get_attr("IFLA_INFO_KIND") if info else None
 
     def _socket(self) -> WireGuardSocket:
-        if self._genl is None:
-            try:
-                self._genl = WireGuardSocket()
-            except NetlinkError as error:
-                raise KernelWireGuardError(f"kernel WireGuard is not available: {error}") from error
-        return self._genl
+        with self._genl_lock:
+            if self._genl is None:
+                try:
+                    self._genl = WireGuardSocket()
+                except NetlinkError as error:
+                    raise KernelWireGuardError(f"kernel WireGuard is not available: {error}") from error
+            return self._genl
 
     def read(self) -> DeviceState | None:
         stream = self.read_stream()
@@ -541,7 +672,13 @@ class KernelWireGuard:
             )
         return self._per_ip_remove
 
+    def capture(self) -> ForeignWriteCapture:
+        """A capture of the writes by others to this device (not yet open)."""
+        genl = self._socket()
+        return ForeignWriteCapture(self.ifname, genl.prid, frozenset({genl.asyncore.epid, os.getpid()}))
+
     def delete_device(self) -> None:
+        delete_capture_link(self.ifname)
         link = self._link()
         if link is None:
             return

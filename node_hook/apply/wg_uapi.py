@@ -8,6 +8,12 @@
   hook process is adopted: `close()` leaves it serving, so restarting the hook does not cut traffic), then sets key,
   port and fwmark over UAPI and MTU/up over netlink. A watcher thread reports the child's exit through `on_exit` so
   the daemon restarts it at once with the same key.
+- With a `private_dir`, wireguard-go runs in a mount namespace of its own in which `/var/run/wireguard` is that
+  directory: its UAPI socket is private to the hook, and `UapiProxy` serves the public path `wg` uses, forwarding
+  both ways and reporting every `set` that goes through it (`on_change`), so a peer edited with `wg set` is
+  repaired at once. wireguard-go sends no change notifications, and reading back 5 000 peers costs seconds of CPU,
+  so the hook must see the writes; the proxy can be recreated by each hook process (wireguard-go exits when the
+  socket file it created is replaced or deleted, hence not simply a proxy in front of its own socket file).
 - `apply_peer_ops` sends all ops in ONE `set=1` transaction (wireguard-go applies it under the device lock).
   A peer put on a device this process started (after a restart of the hook's container, which wireguard-go does
   not outlive, or of a crashed wireguard-go) is sent one keepalive at once, by turning persistent keepalive on and
@@ -47,6 +53,7 @@ from node_hook.contracts import (
     RemoveAllowedIPs,
     RemovePeer,
     UpsertPeer,
+    WireGuardChange,
 )
 from node_hook.keys import public_key_of
 from node_hook.model import paused_gc
@@ -171,6 +178,116 @@ def peer_op_lines(ops: Iterable[PeerOp]) -> Iterator[str]:
             yield "remove=true"
 
 
+def change_of_request(lines: Iterable[str]) -> WireGuardChange | None:
+    """What a UAPI request (its lines, without the blank line ending it) changes: None for a `get`."""
+    iterator = iter(lines)
+    if next(iterator, None) != "set=1":
+        return None
+    keys: set[str] = set()
+    allowed: set[IPNetwork] = set()
+    device = all_peers = False
+    for line in iterator:
+        key, _, value = line.partition("=")
+        if key == "public_key":
+            keys.add(hex_to_key(value))
+        elif key == "allowed_ip":
+            try:
+                allowed.add(prefix_from_text(value))
+            except ValueError:
+                all_peers = True  # wireguard-go rejects it; whatever it applied before is read back
+        elif key == "replace_peers":
+            all_peers = True
+        elif key in ("private_key", "listen_port", "fwmark"):
+            device = True
+    return WireGuardChange(frozenset(keys), frozenset(allowed), device, all_peers)
+
+
+class UapiProxy:
+    """The public UAPI socket (`<socket_dir>/<ifname>.sock`, where `wg` looks) in front of wireguard-go's private
+    one: each connection is forwarded both ways as it streams, and the `set` requests it carried are reported to
+    `on_change` once it ends (wg closes it after the answer, when wireguard-go has applied the request)."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, public: Path, private: Path, on_change: Callable[[WireGuardChange], None]) -> None:
+        self.public = Path(public)
+        self.private = Path(private)
+        self.on_change = on_change
+        self._listener: socket.socket | None = None
+        self.forwarded = 0  # connections forwarded
+
+    def start(self) -> None:
+        self.public.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.public.unlink(missing_ok=True)  # left by a hook process that ended; nobody serves it
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.public))
+        os.chmod(self.public, 0o600)
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name=f"uapi-proxy-{self.public.stem}",
+                         daemon=True).start()
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # the accept thread ends; a new hook process serves the path again
+            self.public.unlink(missing_ok=True)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._forward, args=(client,), name="uapi-proxy-connection", daemon=True).start()
+
+    def _forward(self, client: socket.socket) -> None:
+        changes: list[WireGuardChange] = []
+        with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            try:
+                server.connect(str(self.private))
+            except OSError as error:
+                log.warning("UAPI proxy %s: wireguard-go does not answer (%s)", self.public, error)
+                return
+            answers = threading.Thread(target=self._pump, args=(server, client), daemon=True)
+            answers.start()
+            request: list[str] = []
+            pending = b""
+            try:
+                while data := client.recv(self.CHUNK):
+                    server.sendall(data)
+                    *complete, pending = (pending + data).split(b"\n")
+                    for raw in complete:
+                        if raw:
+                            request.append(raw.decode(errors="replace"))
+                            continue
+                        change = change_of_request(request)  # a blank line ends a request
+                        if change is not None:
+                            changes.append(change)
+                        request = []
+                server.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            answers.join()
+        self.forwarded += 1
+        for change in changes:
+            self.on_change(change)
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        """wireguard-go's answers to the client; once wireguard-go ends the connection (or dies) the client's is
+        ended too, so neither `wg` nor the request side waits for an answer that cannot come."""
+        try:
+            while data := source.recv(self.CHUNK):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                target.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def _peer_state(fields: dict[str, str], allowed: list[IPNetwork]) -> PeerState:
     endpoint = fields.get("endpoint", "")
     return PeerState(
@@ -198,19 +315,35 @@ class UserspaceWireGuard:
         on_exit: Callable[[int], None] | None = None,
         start_timeout: float = 5.0,
         log_file: Path | None = None,
+        private_dir: Path | None = None,
+        on_change: Callable[[WireGuardChange], None] | None = None,
     ) -> None:
         self.ifname = ifname
         self.log_file = log_file
         self.wireguard_go = wireguard_go
-        self.client = UapiClient(Path(socket_dir) / f"{ifname}.sock")
+        self.public_client = UapiClient(Path(socket_dir) / f"{ifname}.sock")
+        self.private_dir = Path(private_dir) if private_dir is not None else None
+        self.proxy: UapiProxy | None = None
+        if self.private_dir is None:
+            self.client = self.public_client
+        else:
+            self.client = UapiClient(self.private_dir / f"{ifname}.sock")
+            self.proxy = UapiProxy(self.public_client.socket_path, self.client.socket_path,
+                                   on_change if on_change is not None else lambda change: None)
         self.on_exit = on_exit
         self.start_timeout = start_timeout
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._ipr = IPRoute()
+        self._proxy_serving = False
         self.restarts = 0
         self._started_here = False  # the device is one this process started: its peers have no sessions
         self._greeted: set[str] = set()  # peers sent their first keepalive on that device
+
+    @property
+    def intercepting(self) -> bool:
+        """Whether writes by others to the device are seen (the proxy serves the public socket)."""
+        return self._proxy_serving
 
     # ---- process supervision ---------------------------------------------------------------------------
 
@@ -227,12 +360,20 @@ class UserspaceWireGuard:
         if self.client.socket_path.exists():  # left by a killed wireguard-go; nobody answers on it
             self.client.socket_path.unlink()
         environment = dict(os.environ, LOG_LEVEL="error", WG_PROCESS_FOREGROUND="1")
+        command = [self.wireguard_go, "-f", self.ifname]
+        if self.private_dir is not None:
+            # its /var/run/wireguard is the private directory, in a mount namespace of its own (unshare execs the
+            # shell, which execs wireguard-go: the child's pid stays wireguard-go's)
+            self.private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            SOCKET_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       f'mount --bind "$0" {SOCKET_DIR} && exec "$@"', str(self.private_dir), *command]
         # Its output goes to a file, not a pipe: wireguard-go outlives the hook (see close()), and a Go program
         # writing to a broken stdout pipe dies of SIGPIPE without removing its socket.
         output = open(self.log_file, "ab") if self.log_file is not None else subprocess.DEVNULL
         try:
             process = subprocess.Popen(
-                [self.wireguard_go, "-f", self.ifname],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -308,6 +449,7 @@ class UserspaceWireGuard:
             except (OSError, UapiError):
                 lines.close()
                 return None
+            self._serve_proxy()  # an adopted wireguard-go needing nothing else is proxied from the first read
         private_hex = device.get("private_key", "")
         public_key = public_key_of(bytes.fromhex(private_hex)) if private_hex else ""
         state = DeviceState(
@@ -343,7 +485,14 @@ class UserspaceWireGuard:
     def ensure_device(self, spec: DeviceSpec) -> None:
         with self._lock:
             if not (self.client.alive() and self._ipr.link_lookup(ifname=self.ifname)):
-                self._start()
+                if self.proxy is not None and self.public_client.alive() and self._ipr.link_lookup(ifname=self.ifname):
+                    # started by a hook without the private directory: adopted as it is (no cut in traffic)
+                    log.warning("adopted wireguard-go %s serving the public UAPI socket: writes by others to its "
+                                "peers are seen at the next resync only, until it restarts", self.ifname)
+                    self.client, self.proxy = self.public_client, None
+                else:
+                    self._start()
+            self._serve_proxy()
             self.client.set([
                 f"private_key={spec.private_key.hex()}",
                 f"listen_port={spec.listen_port}",
@@ -382,13 +531,26 @@ class UserspaceWireGuard:
             deadline = time.monotonic() + 3
             while self.client.socket_path.exists() and self.client.alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if self.client.socket_path.exists() and not self.client.alive():
-                self.client.socket_path.unlink(missing_ok=True)
+            self._close_proxy()
+            for client in {self.client, self.public_client}:
+                if client.socket_path.exists() and not client.alive():
+                    client.socket_path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Release the netlink socket and stop supervising. wireguard-go keeps serving the device, as a kernel
+        """Release the netlink socket, stop supervising and proxying. wireguard-go keeps serving the device, as a kernel
         device outlives the hook: a restarted hook adopts it, so a hook restart or upgrade does not cut traffic.
         `delete_device()` (wgcni-node cleanup) ends it."""
         with self._lock:
             self._process = None
+            self._close_proxy()
             self._ipr.close()
+
+    def _serve_proxy(self) -> None:
+        if self.proxy is not None and not self._proxy_serving:
+            self.proxy.start()
+            self._proxy_serving = True
+
+    def _close_proxy(self) -> None:
+        if self.proxy is not None and self._proxy_serving:
+            self.proxy.close()  # `wg` cannot reach the device until a hook serves the public socket again
+            self._proxy_serving = False

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.records import RecordStore, utc_now_rfc3339
+from node_hook import engine as engine_module
 from node_hook import view as view_module
 from node_hook.addresses import address_texts
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
@@ -148,6 +149,23 @@ def test_outside_deletion_of_the_device_is_repaired_with_the_same_key(harness: H
     harness.engine._enqueue(out_of_sync=("device",))  # what the netlink monitor does on RTM_DELLINK
     harness.settle(lambda: harness.wg.device is not None)
     assert harness.wg.device.public_key == before == harness.key.public_key  # type: ignore[union-attr]
+
+
+def test_routes_seen_are_rechecked_and_a_flood_reads_the_table_back(harness: Harness,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    harness.source.sync(node_b({"10.240.0.70"}))
+    harness.settle(lambda: harness.view.status()["ready"] and "10.240.0.70/32" in routes(harness))
+    pod = ipaddress.ip_network("10.240.0.70/32")
+    harness.routing.routes[pod] = "foreign"  # what the monitor reports as a changed route
+    harness.routing.reads.clear()
+    harness.engine.routes_seen({pod: "foreign", ipaddress.ip_network("10.240.0.35/32"): "dev"})  # one of ours
+    harness.settle(lambda: harness.routing.routes[pod] == "dev")
+    assert harness.routing.reads == []  # rechecked alone
+    monkeypatch.setattr(engine_module, "ROUTES_SEEN_LIMIT", 2)
+    harness.routing.routes[pod] = "foreign"
+    harness.engine.routes_seen({ipaddress.ip_network(f"10.9.0.{i}/32"): None for i in range(3)})
+    harness.settle(lambda: harness.routing.routes[pod] == "dev")  # found by reading the table back
+    assert True in harness.routing.reads
 
 
 def test_local_api_over_the_socket(harness: Harness) -> None:

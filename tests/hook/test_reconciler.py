@@ -158,6 +158,63 @@ def test_rule_and_route_removed_outside_are_restored(node: Node) -> None:
     node.assert_converged()
 
 
+def test_rules_and_the_address_are_repaired_without_reading_the_routes(node: Node) -> None:
+    node.populate()
+    node.reconciler.reconcile()
+    node.routing.reads.clear()
+    node.routing.rules.clear()
+    node.routing.device_addresses.clear()
+    node.reconciler.mark_out_of_sync("rules")
+    assert node.reconciler.reconcile().applied == {"device_address": 1, "rules": 2}
+    assert node.routing.reads == [False]  # rules and addresses only: no dump of the table's routes
+    node.assert_converged()
+
+
+def test_rechecked_routes_are_set_as_the_model_wants_without_a_table_read(node: Node) -> None:
+    node.populate()
+    node.reconciler.reconcile()
+    node.routing.reads.clear()
+    changed, removed, foreign = (ipaddress.ip_network(p) for p in ("10.240.0.70/32", "10.240.0.20/32", "10.9.9.9/32"))
+    node.routing.routes[changed] = "foreign"
+    node.routing.routes.pop(removed)
+    node.routing.routes[foreign] = "dev"
+    node.reconciler.recheck_routes([changed, removed, foreign])
+    assert node.reconciler.reconcile().applied == {"route_deletes": 1, "route_sets": 2}
+    assert node.routing.reads == []
+    node.assert_converged()
+
+
+def test_rechecks_survive_a_pass_that_fails_before_the_routes(node: Node) -> None:
+    node.populate()
+    node.reconciler.reconcile()
+    changed = ipaddress.ip_network("10.240.0.70/32")
+    node.routing.routes[changed] = "foreign"
+    node.reconciler.recheck_routes([changed])
+    node.wg.fail_next.add("read")  # the pass fails reading the device, before the routes are planned
+    node.reconciler.mark_out_of_sync("device")
+    node.routing.reads.clear()
+    assert (node.reconciler.reconcile().error or "").startswith("device")
+    assert node.reconciler.reconcile().error is None
+    assert node.routing.reads == []  # the route was rechecked alone, not found by a read-back
+    node.assert_converged()
+
+
+def test_rechecked_peers_are_programmed_whole_without_reading_the_device(node: Node) -> None:
+    from node_hook.contracts import RemovePeer, UpsertPeer
+
+    node.populate()
+    node.reconciler.reconcile()
+    intruder = "X" * 43 + "="
+    node.wg.apply_peer_ops([RemovePeer(KEY_B),
+                            UpsertPeer(KEY_C, ("10.9.9.9", 1), (ipaddress.ip_network("10.240.0.70/32"),), True),
+                            UpsertPeer(intruder, None, (ipaddress.ip_network("10.240.0.12/32"),), False)])
+    node.wg.calls.clear()
+    node.reconciler.recheck_peers([KEY_B, KEY_C, intruder])
+    assert node.reconciler.reconcile().error is None
+    assert "read" not in node.wg.calls
+    node.assert_converged()
+
+
 def test_foreign_peer_is_removed(node: Node) -> None:
     node.populate()
     node.reconciler.reconcile()

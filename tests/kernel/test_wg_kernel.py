@@ -24,7 +24,7 @@ from node_hook.apply.wg_kernel import (
     KernelWireGuardError,
 )
 from node_hook.config import Settings
-from node_hook.contracts import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import DeviceSpec, RemoveAllowedIPs, RemovePeer, UpsertPeer, WireGuardChange
 from node_hook.detect import kernel_wireguard_available
 from node_hook.keys import public_key_of
 from node_hook.node import real_wireguard_backend
@@ -80,6 +80,35 @@ def test_the_daemon_picks_the_kernel_backend_for_auto_in_the_vm(wg_ifname):
         assert isinstance(backend, KernelWireGuard) and backend.kind == "kernel"
     finally:
         backend.close()
+
+
+def _captured(capture, timeout: float = 20.0) -> list:
+    changes: list = []
+    deadline = time.monotonic() + timeout
+    while not changes and time.monotonic() < deadline:
+        changes += capture.receive()
+    return changes
+
+
+def test_writes_by_others_are_captured_and_our_own_are_not(backend, wg_ifname):
+    private, _ = new_key()
+    backend.ensure_device(spec_for(wg_ifname, private))
+    capture = backend.capture()
+    capture.open()
+    try:
+        assert wg_kernel.capture_link_name(wg_ifname) in ip("link")
+        one, two = new_key()[1], new_key()[1]
+        backend.apply_peer_ops([UpsertPeer(one, ("10.0.0.2", 51820), (net("10.9.0.0/24"),), True)])  # ours
+        subprocess.run(["wg", "set", wg_ifname, "peer", two, "allowed-ips", "10.9.1.1/32"], check=True)
+        assert _captured(capture) == [WireGuardChange(frozenset({two}), frozenset({net("10.9.1.1/32")}))]
+        backend.apply_peer_ops([RemovePeer(one)])  # ours
+        subprocess.run(["wg", "set", wg_ifname, "peer", one, "remove"], check=True)
+        assert _captured(capture) == [WireGuardChange(frozenset({one}))]
+        subprocess.run(["wg", "set", wg_ifname, "listen-port", "51821"], check=True)
+        assert _captured(capture)[0].device
+    finally:
+        capture.close()
+    assert wg_kernel.capture_link_name(wg_ifname) not in ip("link")
 
 
 def test_device_created_configured_and_deleted(backend, wg_ifname):

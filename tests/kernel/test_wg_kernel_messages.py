@@ -25,7 +25,7 @@ from node_hook.apply.wg_kernel import (
     split_messages,
 )
 from node_hook.config import Settings
-from node_hook.contracts import RemoveAllowedIPs, RemovePeer, UpsertPeer
+from node_hook.contracts import RemoveAllowedIPs, RemovePeer, UpsertPeer, WireGuardChange
 from node_hook.detect import kernel_wireguard_available
 from node_hook.node import real_wireguard_backend
 from tests.support import kernel_wg
@@ -248,3 +248,22 @@ def test_a_streamed_dump_hands_over_each_peer_once_complete_and_is_read_to_its_e
     assert next(abandoned.peers).public_key == KEY_A
     abandoned.peers.close()  # type: ignore[attr-defined]
     assert len(taken) == 3
+
+
+def test_a_captured_set_device_names_its_peers_allowed_ips_and_device_fields():
+    """What ForeignWriteCapture reports of a request as the kernel receives it (encoded, then decoded from bytes)."""
+    writes = wg_kernel.plan_peer_writes([UpsertPeer(KEY_A, ("10.0.0.1", 51820), (net("10.9.0.0/24"),), True),
+                                         RemovePeer(KEY_B)], per_ip_remove=True)
+    message = encode(writes)
+    captured = WireGuardMessage(message.data)
+    captured.decode()
+    assert wg_kernel.change_of_set_device(captured) == WireGuardChange(frozenset({KEY_A, KEY_B}),
+                                                                       frozenset({net("10.9.0.0/24")}))
+    device = WireGuardMessage()
+    device["cmd"], device["version"] = wg_kernel.WG_CMD_SET_DEVICE, 1
+    device["attrs"] = [["WGDEVICE_A_IFNAME", "wg0"], ["WGDEVICE_A_FLAGS", wg_kernel.WGDEVICE_F_REPLACE_PEERS],
+                       ["WGDEVICE_A_LISTEN_PORT", 1]]
+    device.encode()
+    captured = WireGuardMessage(device.data)
+    captured.decode()
+    assert wg_kernel.change_of_set_device(captured) == WireGuardChange(device=True, all_peers=True)

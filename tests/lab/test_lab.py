@@ -13,8 +13,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +133,64 @@ def test_cross_node_pod_traffic_crosses_the_fabric_only_as_wireguard(cli: Cli) -
     assert only_wireguard_between_nodes(cli.state(), packets) == []
     pod_ips = {pod["ip"] for pod in pods}
     assert not [packet for packet in packets if packet["src"] in pod_ips or packet["dst"] in pod_ips]
+
+
+def _pair(cli: Cli) -> tuple[dict, dict, str]:
+    """A pod on node-1, a pod on node-2, and node-1's peer key for node-2."""
+    pods = cli.json("status", "--json")["pods"]
+    source = next(pod for pod in pods if pod["node"] == "node-1")
+    target = next(pod for pod in pods if pod["node"] == "node-2")
+    dump = cli.run("exec", "node-1", "--", "wg", "show", lab.WG_INTERFACE, "dump").stdout.splitlines()[1:]
+    key = next(line.split("\t")[0] for line in dump if line.split("\t")[2].startswith("10.240.0.35:"))
+    return source, target, key
+
+
+def test_a_removed_peer_is_back_and_so_is_the_node_pairs_pod_traffic_within_2_s(cli: Cli) -> None:
+    """A ping every 5 ms from a pod on node-1 to one on node-2 while node-1's peer for node-2 is removed by hand:
+    the replies lost are the outage (the peer's session goes with it: a new handshake follows the repair)."""
+    source, target, key = _pair(cli)
+    replies: list[str] = []
+    pinger = threading.Thread(target=lambda: replies.append(cli.run(
+        "exec", source["name"], "--", "ping", "-n", "-q", "-i", "0.005", "-c", "600", "-W", "1", target["ip"],
+        check=False).stdout))
+    pinger.start()
+    time.sleep(0.5)
+    cli.run("exec", "node-1", "--", "wg", "set", lab.WG_INTERFACE, "peer", key, "remove")
+    pinger.join(timeout=60)
+    received = int(re.search(r"(\d+) received", replies[0]).group(1))  # type: ignore[union-attr]
+    outage = (600 - received) * 0.005
+    print(f"removed peer: {600 - received} of 600 echo replies lost, an outage of about {outage * 1000:.0f} ms")
+    assert outage <= 2.0
+    assert programmed_everywhere(cli, target["ip"], "10.240.0.35")
+
+
+@pytest.mark.parametrize("kind", ["rule deleted", "route deleted", "device down"])
+def test_the_plaintext_interval_of_a_repair_in_the_default_mode_is_measured(cli: Cli, kind: str) -> None:
+    """A ping every 2 ms from a pod on node-1 to one on node-2 while node-1 is tampered with: in the default mode the
+    traffic falls back to the main table (plaintext, through Azure's fabric) until the repair; the interval those
+    packets span on the fabric is measured and bounded by the repair bound (strict mode, issue 16, makes it zero)."""
+    source, target, _ = _pair(cli)
+    tamper = {"rule deleted": ["ip", "rule", "del", "pref", "99"],
+              "route deleted": ["ip", "route", "del", target["ip"], "table", str(ROUTE_TABLE)],
+              "device down": ["ip", "link", "set", lab.WG_INTERFACE, "down"]}[kind]
+    replies: list[str] = []
+    with captured(cli) as packets:
+        pinger = threading.Thread(target=lambda: replies.append(cli.run(
+            "exec", source["name"], "--", "ping", "-n", "-q", "-i", "0.002", "-c", "1000", "-W", "1", target["ip"],
+            check=False).stdout))
+        pinger.start()
+        time.sleep(0.5)
+        cli.run("exec", "node-1", "--", *tamper)
+        wait_until(lambda: programmed_everywhere(cli, target["ip"], "10.240.0.35")
+                   and "lookup 51820" in cli.run("exec", "node-1", "--", "ip", "rule").stdout, 2.0,
+                   what=f"{kind} repaired", interval=0.01)
+        pinger.join(timeout=30)
+    plaintext = [packet for packet in packets if packet["src"] == source["ip"] and packet["dst"] == target["ip"]]
+    window = max(p["time"] for p in plaintext) - min(p["time"] for p in plaintext) if plaintext else 0.0
+    print(f"{kind}: {len(plaintext)} pod packets in plaintext on the fabric over {window * 1000:.0f} ms; "
+          f"ping: {replies[0].strip().splitlines()[-2] if replies else '?'}")
+    assert any(packet["dport"] == 51820 for packet in packets), "the capture saw the encrypted pings"
+    assert window <= 2.0
 
 
 def test_exec_runs_in_the_node_or_pod_and_passes_the_exit_code(cli: Cli) -> None:

@@ -34,6 +34,7 @@ from node_hook.contracts import (
     RuleSpec,
     SetRoute,
     UpsertPeer,
+    WireGuardChange,
 )
 from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
@@ -162,6 +163,61 @@ def test_close_leaves_wireguard_go_serving_and_a_new_backend_adopts_it(netns: st
         assert not (SOCKET_DIR / f"{ifname}.sock").exists()
     finally:
         subprocess.run(["ip", "link", "del", ifname], capture_output=True)  # ends wireguard-go if still there
+        if successor is not None:
+            successor.close()
+
+
+def wg(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["wg", *args], capture_output=True, text=True, check=check)
+
+
+def test_the_uapi_proxy_forwards_wg_and_reports_what_others_write(netns: str, short_tmp: Path) -> None:
+    """wireguard-go's own socket is private (its mount namespace); `wg` goes through the proxy, which reports every
+    set it forwarded; the hook's own writes are not reported; a successor adopts wireguard-go and proxies again."""
+    ifname = f"h3u{secrets.token_hex(3)}"
+    private = bytes(PrivateKey.generate())
+    spec = DeviceSpec(ifname, private, public_key_of(private), 51996, 0x100000, 1340)
+    private_dir = short_tmp / "wireguard-go"
+    changes: list[WireGuardChange] = []
+    first = UserspaceWireGuard(ifname, log_file=short_tmp / "wg.log", private_dir=private_dir,
+                               on_change=changes.append)
+    successor = None
+    try:
+        first.ensure_device(spec)
+        assert first.intercepting
+        assert (private_dir / f"{ifname}.sock").is_socket()
+        one, two = new_key(), new_key()
+        first.apply_peer_ops([UpsertPeer(one, ("10.0.0.2", 51820), (n("10.9.0.0/24"),), True),
+                              UpsertPeer(two, ("10.0.0.3", 51820), (n("10.9.1.1/32"),), True)])
+        assert wg_show(ifname) == {one: ["10.9.0.0/24"], two: ["10.9.1.1/32"]}  # a get through the proxy
+        assert changes == []
+        wg("set", ifname, "peer", one, "remove")
+        wait_until(lambda: changes, 5, what="the removal reported")
+        assert changes.pop() == WireGuardChange(frozenset({one}))
+        wg("set", ifname, "peer", two, "allowed-ips", "10.9.2.0/24", "endpoint", "10.0.0.9:1")
+        wait_until(lambda: changes, 5, what="the edit reported")
+        assert changes.pop() == WireGuardChange(frozenset({two}), frozenset({n("10.9.2.0/24")}))
+        wg("set", ifname, "listen-port", "51995")
+        wait_until(lambda: changes, 5, what="the port change reported")
+        assert changes.pop().device
+        pid = first.pid
+        first.close()
+        assert wg("show", ifname, check=False).returncode != 0  # no proxy while no hook serves it
+        successor = UserspaceWireGuard(ifname, log_file=short_tmp / "wg.log", private_dir=private_dir,
+                                       on_change=changes.append)
+        successor.ensure_device(spec)
+        assert os.path.exists(f"/proc/{pid}") and successor.intercepting  # the same process, proxied again
+        assert set(wg_show(ifname)) == {two}
+        wg("set", ifname, "peer", one, "allowed-ips", "10.9.1.1/32")
+        wait_until(lambda: changes, 5, what="a write reported to the successor")
+        assert changes.pop() == WireGuardChange(frozenset({one}), frozenset({n("10.9.1.1/32")}))
+        successor.delete_device()
+        wait_until(lambda: process_state(pid) in (None, "Z"), 5, what="wireguard-go ended by delete_device")
+        assert not (SOCKET_DIR / f"{ifname}.sock").exists()
+        assert not (private_dir / f"{ifname}.sock").exists()
+    finally:
+        subprocess.run(["ip", "link", "del", ifname], capture_output=True)  # ends wireguard-go if still there
+        first.close()
         if successor is not None:
             successor.close()
 

@@ -8,16 +8,18 @@ The tests share one lab (module scope) and run in file order; each leaves the la
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from nacl.public import PrivateKey
 
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
 from wgcni_lab.harness.netns import PYTHON, in_ns
@@ -273,6 +275,96 @@ def test_outside_damage_is_repaired_with_the_same_key(lab: Lab, damage: str) -> 
                    5, what="wireguard-go gone")
     _repaired(lab, a, key)
     print(f"{damage}: repaired in {time.monotonic() - started:.2f}s")
+
+
+REPAIR_BOUND = 2.0  # seconds, the product's bound for every kind of tampering (issue 15); scaled in the VM tier
+
+
+def _endpoints(node: Node) -> dict[str, str]:
+    out = node.exec("wg", "show", node.wg, "endpoints").stdout
+    return dict(line.split("\t", 1) for line in out.splitlines())
+
+
+def _sysctl(node: Node, name: str) -> str:
+    return node.exec("sysctl", "-n", name).stdout.strip()
+
+
+def _tampering(lab: Lab, node: Node) -> dict[str, tuple[list[list[str]], Callable[[], bool]]]:
+    """kind (TAMPERING) -> (the commands that tamper, the check that it is repaired)."""
+    wg, table = node.wg, "51820"
+
+    def route() -> str:
+        return node.exec("ip", "route", "show", "table", table, "10.240.0.71").stdout
+
+    def link() -> dict:
+        return json.loads(node.exec("ip", "-j", "link", "show", wg).stdout)[0]
+
+    def nft(*what: str) -> str:
+        return node.exec("nft", "list", *what, check=False).stdout
+
+    b_key = public_key(lab.nodes["b"])
+    intruder = base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+    b_ips = wg_allowed(node)[b_key]
+    b_endpoint = _endpoints(node)[b_key]
+
+    def b_whole() -> bool:
+        return wg_allowed(node).get(b_key) == b_ips and _endpoints(node).get(b_key) == b_endpoint
+
+    return {
+        "peer removed": ([["wg", "set", wg, "peer", b_key, "remove"]], b_whole),
+        "peer allowed-ips replaced": ([["wg", "set", wg, "peer", b_key, "allowed-ips", "10.240.0.71/32"]], b_whole),
+        "peer endpoint changed": ([["wg", "set", wg, "peer", b_key, "endpoint", "10.240.0.99:51820"]], b_whole),
+        "foreign peer took an IP": ([["wg", "set", wg, "peer", intruder, "allowed-ips", "10.240.0.71/32"]],
+                                    lambda: intruder not in wg_allowed(node) and b_whole()),
+        "rule deleted": ([["ip", "rule", "del", "pref", "99"]],
+                         lambda: "99:\tnot from all fwmark" in node.exec("ip", "rule").stdout),
+        "route deleted": ([["ip", "route", "del", "10.240.0.71", "table", table]],
+                          lambda: route().startswith(f"10.240.0.71 dev {wg}")),
+        "route changed": ([["ip", "route", "replace", "blackhole", "10.240.0.71", "table", table]],
+                          lambda: route().startswith(f"10.240.0.71 dev {wg}")),
+        "address deleted": ([["ip", "address", "del", "192.0.0.8/32", "dev", wg]],  # its routes go with it
+                            lambda: "192.0.0.8/32" in node.exec("ip", "address", "show", "dev", wg).stdout
+                            and route().startswith(f"10.240.0.71 dev {wg}")),
+        "device down": ([["ip", "link", "set", wg, "down"]],
+                        lambda: "UP" in link()["flags"] and route().startswith(f"10.240.0.71 dev {wg}")),
+        "device mtu": ([["ip", "link", "set", wg, "mtu", "1500"]], lambda: link()["mtu"] != 1500),
+        "src_valid_mark": ([["sysctl", "-w", "net.ipv4.conf.all.src_valid_mark=0"]],
+                           lambda: _sysctl(node, "net.ipv4.conf.all.src_valid_mark") == "1"),
+        "rp_filter": ([["sysctl", "-w", f"net.ipv4.conf.{wg}.rp_filter=1"]],
+                      lambda: _sysctl(node, f"net.ipv4.conf.{wg}.rp_filter") == "2"),
+        "nft table deleted": ([["nft", "delete", "table", "inet", "wgcni"]],
+                              lambda: "mark-underlay" in nft("table", "inet", "wgcni")),
+        "nft rules flushed": ([["nft", "flush", "chain", "inet", "wgcni", "forward"]],
+                              lambda: "maxseg" in nft("chain", "inet", "wgcni", "forward")),
+        "nft chain deleted": ([["nft", "flush", "chain", "arp", "wgcni", "input"],
+                               ["nft", "delete", "chain", "arp", "wgcni", "input"]],
+                              lambda: "meta mark set" in nft("table", "arp", "wgcni")),
+    }
+
+
+TAMPERING = ("peer removed", "peer allowed-ips replaced", "peer endpoint changed", "foreign peer took an IP",
+             "rule deleted", "route deleted", "route changed", "address deleted", "device down", "device mtu",
+             "src_valid_mark", "rp_filter", "nft table deleted", "nft rules flushed", "nft chain deleted")
+
+
+@pytest.mark.parametrize("kind", TAMPERING)
+def test_every_kind_of_tampering_is_repaired_within_2_s(lab: Lab, kind: str) -> None:
+    a = lab.nodes["a"]
+    key = public_key(a)
+    commands, repaired = _tampering(lab, a)[kind]
+    assert repaired(), f"{kind}: not in its repaired state before the tampering"
+    for command in commands:
+        a.exec(*command)
+    started = time.monotonic()
+    wait_until(repaired, REPAIR_BOUND, what=f"{kind} repaired", interval=0.01)
+    seconds = time.monotonic() - started
+    print(f"{kind}: repaired in {seconds:.2f}s")
+    if kind == "peer removed":  # the node pair's pod traffic is back within the bound too
+        source = pod(lab, "10.240.0.70").netns
+        wait_until(lambda: in_ns(source, "ping", "-c", "1", "-W", "0.2", "10.240.0.71", check=False).returncode == 0,
+                   REPAIR_BOUND, what="pod traffic a -> b back", interval=0.0)
+        print(f"{kind}: pod traffic back {time.monotonic() - started:.2f}s after the tampering")
+    _repaired(lab, a, key)
 
 
 def test_cleanup_leaves_the_node_as_found(lab: Lab) -> None:

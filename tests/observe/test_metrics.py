@@ -163,3 +163,22 @@ def test_healthz_fails_when_the_loop_stops(hook: Hook, monkeypatch: pytest.Monke
     time.sleep(0.3 + 6 * hook.settings.record_rescan_interval)
     status, body = get(hook, "/healthz")
     assert status == 503 and "the worker loop is stuck" in body
+
+
+class _Monitor:
+    """A netlink monitor whose watchers cannot listen (the real one: tests/netns/test_monitor.py)."""
+
+    def health(self) -> tuple[bool, str]:
+        return False, "netlink monitor rtnetlink: not listening for 20s (7 restarts; OSError: [Errno 24])"
+
+    def describe(self) -> dict[str, dict[str, object]]:
+        return {"rtnetlink": {"listening": False}}
+
+
+def test_healthz_fails_when_the_monitor_cannot_listen(hook: Hook) -> None:
+    hook.settle(lambda: hook.engine.generation > 0)
+    assert get(hook, "/healthz")[0] == 200
+    hook.view.monitor = _Monitor()
+    status, body = get(hook, "/healthz")
+    assert status == 503 and body.startswith("netlink monitor rtnetlink: not listening for 20s")
+    assert hook.view.status()["monitor"] == {"rtnetlink": {"listening": False}}

@@ -57,6 +57,7 @@ BOOT_MODULES = (
     "dummy",
     "tun",
     "wireguard",
+    "nlmon",
     "nf_tables",
     "nf_conntrack",
 )
