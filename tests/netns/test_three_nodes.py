@@ -339,12 +339,15 @@ def _tampering(lab: Lab, node: Node) -> dict[str, tuple[list[list[str]], Callabl
         "nft chain deleted": ([["nft", "flush", "chain", "arp", "wgcni", "input"],
                                ["nft", "delete", "chain", "arp", "wgcni", "input"]],
                               lambda: "meta mark set" in nft("table", "arp", "wgcni")),
+        "nft strict table deleted": ([["nft", "delete", "table", "inet", "wgcni-strict"]],
+                                     lambda: "chain outbound" in nft("table", "inet", "wgcni-strict")),
     }
 
 
 TAMPERING = ("peer removed", "peer allowed-ips replaced", "peer endpoint changed", "foreign peer took an IP",
              "rule deleted", "route deleted", "route changed", "address deleted", "device down", "device mtu",
-             "src_valid_mark", "rp_filter", "nft table deleted", "nft rules flushed", "nft chain deleted")
+             "src_valid_mark", "rp_filter", "nft table deleted", "nft rules flushed", "nft chain deleted",
+             "nft strict table deleted")
 
 
 @pytest.mark.parametrize("kind", TAMPERING)
