@@ -128,8 +128,8 @@ def _serve(connection: multiprocessing.connection.Connection, parent_end: multip
                           for peer in chunk] for chunk in _chunks(peers, PEERS_PER_CHUNK))
         return device.name, device.public_key, device.listen_port, device.fwmark, device.mtu, device.up
 
-    def start_table_read() -> tuple:
-        state = routing.read()
+    def start_table_read(routes: bool = True) -> tuple:
+        state = routing.read(routes)
         routes = list(state.routes.items())
         reading["routing"] = ([(prefix_order(prefix) + 0, kind) for prefix, kind in chunk]
                               for chunk in _chunks(routes, ROUTES_PER_CHUNK))
@@ -251,8 +251,8 @@ class RemoteRouting:
     def __init__(self, kernel: KernelProcess) -> None:
         self._kernel = kernel
 
-    def read(self) -> TableState:
-        rules, addresses = self._kernel.call("routing.read")
+    def read(self, routes: bool = True) -> TableState:
+        rules, addresses = self._kernel.call("routing.read", routes)
         routes = {prefix_of_order(value): kind for part in self._kernel.parts("routing") for value, kind in part}
         return TableState(routes, rules, frozenset(_in(addresses)))
 
