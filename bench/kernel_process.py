@@ -131,8 +131,8 @@ def _serve(connection: multiprocessing.connection.Connection, parent_end: multip
                           for peer in chunk] for chunk in _chunks(peers, PEERS_PER_CHUNK))
         return device.name, device.public_key, device.listen_port, device.fwmark, device.mtu, device.up
 
-    def start_table_read() -> tuple:
-        state = routing.read()
+    def start_table_read(routes: bool = True) -> tuple:
+        state = routing.read(routes)
         routes = list(state.routes.items())
         reading["routing"] = ([(prefix_order(prefix) + 0, kind) for prefix, kind in chunk]
                               for chunk in _chunks(routes, ROUTES_PER_CHUNK))
@@ -263,12 +263,12 @@ class RemoteRouting:
     def __init__(self, kernel: KernelProcess) -> None:
         self._kernel = kernel
 
-    def read(self) -> TableState:
-        stream = self.read_stream()
+    def read(self, routes: bool = True) -> TableState:
+        stream = self.read_stream(routes)
         return replace(stream.table, routes=dict(stream.routes))
 
-    def read_stream(self) -> TableStream:
-        rules, addresses = self._kernel.call("routing.read")
+    def read_stream(self, routes: bool = True) -> TableStream:
+        rules, addresses = self._kernel.call("routing.read", routes)
         return TableStream(TableState({}, rules, frozenset(_in(addresses))), self._routes())
 
     def _routes(self) -> Iterator[tuple[IPNetwork, str]]:
