@@ -133,9 +133,9 @@ def _serve(connection: multiprocessing.connection.Connection, parent_end: multip
 
     def start_table_read(routes: bool = True) -> tuple:
         state = routing.read(routes)
-        routes = list(state.routes.items())
+        table = list(state.routes.items())
         reading["routing"] = ([(prefix_order(prefix) + 0, kind) for prefix, kind in chunk]
-                              for chunk in _chunks(routes, ROUTES_PER_CHUNK))
+                              for chunk in _chunks(table, ROUTES_PER_CHUNK))
         return state.rules, _out(state.device_addresses)
 
     def covers(public_key: str, value: int) -> bool:
