@@ -14,6 +14,10 @@ if [[ "${1:-}" == "--prune" ]]; then  # mmdebstrap's extract hook: $2 = SIZES.tx
     done | sort -rn > "$sizes"
     rm -rf "$root"/usr/share/{doc,man,info,locale,lintian,bash-completion,zsh}
     rm -rf "$root"/usr/lib/*-linux-gnu/gconv  # glibc's iconv modules: nothing in the image calls iconv
+    mkdir -p "$root/usr/local/bin"
+    for applet in sh unshare mount; do  # the three busybox applets the hook runs (image-packages.txt)
+        ln -sf /bin/busybox "$root/usr/local/bin/$applet"
+    done
     exit 0
 fi
 
