@@ -195,7 +195,7 @@ class FakeRouting(_FailNext):
         self.routes: dict[IPNetwork, str] = {}
         self.rules: set[RuleSpec] = set()
         self.device_addresses: set[IPNetwork] = set()
-        self.reads: list[bool] = []  # the `routes` argument of each read
+        self.reads: list[bool] = []  # the `routes` argument of each read (a streamed read reads the routes: True)
 
     def read(self, routes: bool = True) -> TableState:
         self._maybe_fail("read")
@@ -205,6 +205,7 @@ class FakeRouting(_FailNext):
 
     def read_stream(self) -> TableStream:
         self._maybe_fail("read")
+        self.reads.append(True)
         return TableStream(TableState({}, frozenset(self.rules), frozenset(self.device_addresses)),
                            iter(list(self.routes.items())))
 

@@ -99,7 +99,7 @@ def test_stages_and_packages():
     assert ("COPY", "packaging/image-packages.txt /build/image-packages.txt") in instructions
     listed = (REPO / "packaging" / "image-packages.txt").read_text().splitlines()
     packages = {line.split("#")[0].strip() for line in listed} - {""}
-    assert packages == {"wireguard-go", "wireguard-tools", "nftables", "iproute2"}
+    assert packages == {"wireguard-go", "wireguard-tools", "nftables", "iproute2", "busybox"}
     for package in packages:  # real Debian 12 package names (the Makefile installs them on this machine)
         subprocess.run(["dpkg-query", "-W", package], check=True, capture_output=True)
 

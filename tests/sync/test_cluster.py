@@ -382,7 +382,7 @@ def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custo
         for index in range(1, 31):
             source.publish(announcement("node-a", key, {str(base + n) for n in range(index)}))
             time.sleep(0.03)
-        wait_until(lambda: source.status.published, timeout=20, what="published despite the concurrent writer")
+        wait_until(lambda: source.status.published, timeout=60, what="published despite the concurrent writer")
     finally:
         stop.set()
         meddler.join()
