@@ -259,7 +259,42 @@ class ContainerRun:
         self.workers = []
 
 
-class ImageDaemonSetPod:
+class FreezablePod:
+    """`wgcni-lab hook NODE stop|start` on either kind of DaemonSet pod: SIGSTOP / SIGCONT to each of its processes
+    (`pids()`), its phase running <-> stopped."""
+
+    node: lab.NodeState
+    phase: str
+
+    def pids(self) -> set[int]:
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        raise NotImplementedError
+
+    def signal_all(self, signum: signal.Signals) -> None:
+        for pid in self.pids():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def freeze(self) -> None:
+        if self.phase != "running":
+            raise lab.LabError(f"{self.node.name}: the DaemonSet pod is {self.phase}, not running")
+        self.signal_all(signal.SIGSTOP)
+        self.phase = "stopped"
+        self.publish()
+
+    def thaw(self) -> None:
+        if self.phase != "stopped":
+            raise lab.LabError(f"{self.node.name}: the DaemonSet pod is {self.phase}, not stopped")
+        self.signal_all(signal.SIGCONT)
+        self.phase = "running"
+        self.publish()
+
+
+class ImageDaemonSetPod(FreezablePod):
     """wgcni's DaemonSet pod on one node, run from the image through the node's containerd (module docstring)."""
 
     runtime_kind = "containerd"
@@ -471,27 +506,8 @@ class ImageDaemonSetPod:
             pid = cri.container_status(run.id).pid if run.id else 0
         return with_descendants({pid}, process_table()) if pid else set()
 
-    def _signal(self, signum: signal.Signals) -> None:
-        for run in self.runs.values():
-            for pid in self._container_pids(run):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    pass
-
-    def freeze(self) -> None:
-        if self.phase != "running":
-            raise lab.LabError(f"{self.node.name}: the DaemonSet pod is {self.phase}, not running")
-        self._signal(signal.SIGSTOP)
-        self.phase = "stopped"
-        self.publish()
-
-    def thaw(self) -> None:
-        if self.phase != "stopped":
-            raise lab.LabError(f"{self.node.name}: the DaemonSet pod is {self.phase}, not stopped")
-        self._signal(signal.SIGCONT)
-        self.phase = "running"
-        self.publish()
+    def pids(self) -> set[int]:
+        return {pid for run in self.runs.values() for pid in self._container_pids(run)}
 
     def kill(self) -> None:
         """SIGKILL the hook container's process (as a crash or an OOM kill ends it) and wait until the runtime

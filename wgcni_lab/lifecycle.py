@@ -36,7 +36,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -62,7 +61,7 @@ from wgcni_lab.containerd import Containerd, ContainerdError
 from wgcni_lab.control import one_line as control_line
 from wgcni_lab.cri import CriError
 from wgcni_lab.image import daemonset_image
-from wgcni_lab.kubelet import ImageDaemonSetPod, load_template
+from wgcni_lab.kubelet import FreezablePod, ImageDaemonSetPod, load_template
 
 CGROUP_V2 = CGROUP_ROOT / "unified"  # the cgroup v2 hierarchy beside the v1 controllers on these hosts
 DAEMONSET_CGROUP = "wgcni-node-daemonset"
@@ -150,7 +149,7 @@ class RestartBackoff:
 
 
 @dataclass
-class DaemonSetPod:
+class DaemonSetPod(FreezablePod):
     """wgcni's DaemonSet pod on one node, run and supervised as kubelet runs it (see the module docstring)."""
 
     state: lab.LabState
@@ -212,27 +211,6 @@ class DaemonSetPod:
             return subprocess.Popen(["sh", "-c", join_cgroup, str(self.cgroup), *lab.node_enter_argv(self.node),
                                      *argv], stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                     start_new_session=True)
-
-    def signal_all(self, signum: signal.Signals) -> None:
-        for pid in self.pids():
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    def freeze(self) -> None:
-        if self.phase != "running":
-            raise lab.LabError(f"{self.node.name}: the DaemonSet pod is {self.phase}, not running")
-        self.signal_all(signal.SIGSTOP)
-        self.phase = "stopped"
-        self.publish()
-
-    def thaw(self) -> None:
-        if self.phase != "stopped":
-            raise lab.LabError(f"{self.node.name}: the DaemonSet pod is {self.phase}, not stopped")
-        self.signal_all(signal.SIGCONT)
-        self.phase = "running"
-        self.publish()
 
     def kill(self) -> None:
         """SIGKILL every process of the pod and wait until they are gone (the supervision loop restarts it)."""
