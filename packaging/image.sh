@@ -17,7 +17,10 @@ for bundle in wgcni wgcni-node; do
 done
 mkdir -p "$out"
 work="$(mktemp -d "${TMPDIR:-/tmp}/wgcni-image.XXXXXX")"
-buildah=(buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs)
+# Each buildah call in a mount namespace of its own with an empty /var/lib: containers/image keeps a blob-info cache
+# in /var/lib/containers/cache for root whatever --root says, and this build leaves nothing on the machine.
+buildah=(unshare --mount --propagation private -- sh -c 'mount -t tmpfs wgcni-image /var/lib && exec "$@"' buildah
+         buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs)
 cleanup() {
     "${buildah[@]}" rm --all >/dev/null 2>&1 || true
     rm -rf "$work"
