@@ -856,9 +856,13 @@ class KubernetesPeerSource:
                 self._write_failure = None
             self._report_publication()
 
-    def _spend_write(self) -> None:
+    def _await_write_slot(self) -> None:
+        """Sleep until the pacer lets a write go."""
         if not self._pacer.wait():
             raise InterruptedError("stopping")
+
+    def _spend_write(self) -> None:
+        self._await_write_slot()
         self._pacer.spend()
         self.status.writes += 1
 
@@ -879,6 +883,9 @@ class KubernetesPeerSource:
         for _ in range(self.settings.conflict_retries):
             try:
                 if own is None:
+                    # The pacing wait before the read, not between it and the write: a copy read and then held
+                    # while the pacer waits is stale by the time it is written when another writer is busy.
+                    self._await_write_slot()
                     own = self._read_own_object()
                 if own is None:
                     # Owned by the Node as it is now: a cached copy may be of a Node deleted meanwhile, and an

@@ -462,13 +462,16 @@ class Engine:
         except RecordError as error:
             log.error("pod record %s: %s (ignored until it is valid)", key, error)
             return
+        previous = self.records_meta.get(key)
         if record is None:
             self.model.remove_local_pod(key)
             self.records_meta.pop(key, None)
         else:
             self.model.set_local_pod(key, record["ips"])
             self.records_meta[key] = _record_meta(record)
-        if self.observer is not None:  # a change the next successful pass applies
+        current = self.records_meta.get(key)
+        # A change the next successful pass applies - unless a rescan took this record in already (and counted it).
+        if self.observer is not None and _ips_of(previous) != _ips_of(current):
             self.observer.pod_seen(key, seen_at)
 
     def _rescan_records(self) -> None:
@@ -489,10 +492,8 @@ class Engine:
                 log.error("pod record %s", error)
         if self.observer is not None:
             seen_at = time.monotonic()
-            for key in meta.keys() ^ self.records_meta.keys():
-                self.observer.pod_seen(key, seen_at)
-            for key in meta.keys() & self.records_meta.keys():
-                if meta[key]["ips"] != self.records_meta[key]["ips"]:
+            for key in meta.keys() | self.records_meta.keys():
+                if _ips_of(meta.get(key)) != _ips_of(self.records_meta.get(key)):
                     self.observer.pod_seen(key, seen_at)
         self.record_errors = errors
         local.update((route_key(interface), sorted(ips)) for interface, ips in self.route_pods.items())
@@ -539,6 +540,11 @@ class Engine:
             except Exception as error:  # noqa: BLE001 - the source retries; never stop the worker
                 log.error("publishing this node's state: %s", error)
 
+
+
+def _ips_of(meta: dict[str, Any] | None) -> list[str] | None:
+    """A pod record's IPs as the hook holds them (None: no record): what a pod convergence is counted on."""
+    return None if meta is None else meta["ips"]
 
 
 def _record_meta(record: dict[str, Any]) -> dict[str, Any]:
