@@ -367,12 +367,18 @@ def test_real_conflicts_from_a_concurrent_writer_are_retried(server, core, custo
     source, key = fast_writer_published(core, make_source)
     stop = threading.Event()
 
-    def meddle() -> None:  # another writer bumping the object's resourceVersion as fast as it can
+    def meddle() -> None:
+        """Another writer in bursts: bumping the object's resourceVersion as fast as it can for 0.3 s, then quiet
+        for 0.3 s. A writer that never pauses starves any optimistic-concurrency writer, in a real API server too;
+        the bursts make conflicts certain and leave the retries a window, as a busy controller does."""
         index = 0
         while not stop.is_set():
-            index += 1
-            custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a",
-                                               {"metadata": {"labels": {"touched": str(index)}}})
+            burst_ends = time.monotonic() + 0.3
+            while time.monotonic() < burst_ends and not stop.is_set():
+                index += 1
+                custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a",
+                                                   {"metadata": {"labels": {"touched": str(index)}}})
+            stop.wait(0.3)
 
     meddler = threading.Thread(target=meddle)
     meddler.start()
