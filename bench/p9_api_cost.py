@@ -40,6 +40,7 @@ from node_hook.model import LocalAnnouncement
 from wgcni_lab.apiserver.resources import NODES
 from wgcni_lab.apiserver.server import ApiServer
 
+TITLE = "what the design costs the Kubernetes API at 5 000 nodes x 250 pod IPs (test API server, hook code)"
 CRD_FILE = pathlib.Path(__file__).resolve().parent.parent / "conf" / "crd.yaml"
 NODES_FULL, NODES_QUICK, POD_IPS = 5000, 200, 250
 PAGE = 500
