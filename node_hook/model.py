@@ -217,7 +217,9 @@ class NodeModel:
         # Addresses whose route may have changed since the last take_changes() -> their route then; None after
         # more than CHANGED_ROUTES_LISTED (any route may have changed).
         self._previous_routes: dict[IPNetwork, RouteKind | None] | None = {}
-        self._remote_version = 0  # bumped by every change of a remote node (strict_addresses() caches on it)
+        # Bumped by every change of a remote node, and of a local pod that takes or frees an address a remote node
+        # claims (the losses of that node change): strict_addresses() caches on it.
+        self._owners_version = 0
         self._strict_outside: dict[str, tuple[RemoteNode, tuple[IPNetwork, ...]]] = {}
         self._strict_result: tuple[object, tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]] | None = None
 
@@ -233,7 +235,7 @@ class NodeModel:
             self._local_records[record_key] = new
         else:
             self._local_records.pop(record_key, None)
-        note = self._note
+        note, claims = self._note, self._claims
         for key in old - new:
             count = self._local_count[key] - 1
             if count:
@@ -241,8 +243,12 @@ class NodeModel:
             else:
                 note(key)
                 del self._local_count[key]
+                if key in claims:
+                    self._owners_version += 1
         for key in new - old:
             note(key)
+            if key in claims and key not in self._local_count:
+                self._owners_version += 1
             self._local_count[key] = self._local_count.get(key, 0) + 1
         self._settle()
 
@@ -264,7 +270,7 @@ class NodeModel:
         old = self._remotes.get(name)
         if old is not None and (old is node or old == node):  # compared before parsing: a re-delivered node is cheap
             return
-        self._remote_version += 1
+        self._owners_version += 1
         new_node_keys, new_pod_keys = node.node_ips, node.pod_ips
         new_keys = new_pod_keys | new_node_keys
         if old is None:
@@ -309,7 +315,7 @@ class NodeModel:
         old = self._remotes.get(name)
         if old is None:
             return
-        self._remote_version += 1
+        self._owners_version += 1
         keys = old.pod_ips | old.node_ips
         for key in keys:
             self._note(key)
@@ -377,9 +383,10 @@ class NodeModel:
         """Strict mode's view of the remote nodes (docs/design.md "Strict mode"): (exempt, published), each aggregated
         exactly - the addresses won by nodes without a key (opted out: reached in plaintext), and the addresses of
         nodes with a key that lie outside `cluster` (inside, the cluster's ranges already cover them). Recomputed
-        only after a remote node changed: O(remote nodes) plus the addresses of keyless nodes and of nodes whose
-        object changed (each node's outside addresses are kept with the node object they come from)."""
-        if self._strict_result is not None and self._strict_result[0] == (self._remote_version, cluster):
+        only after a remote node changed or a local pod took or freed an address a remote node claims: O(remote
+        nodes) plus the addresses of keyless nodes and of nodes whose object changed (each node's outside addresses
+        are kept with the node object they come from)."""
+        if self._strict_result is not None and self._strict_result[0] == (self._owners_version, cluster):
             return self._strict_result[1]
         cache = self._strict_outside
         if self._strict_result is None or self._strict_result[0][1] != cluster:  # type: ignore[index]
@@ -398,7 +405,7 @@ class NodeModel:
             for name in cache.keys() - self._remotes.keys():
                 del cache[name]
         result = (tuple(aggregate(exempt)), tuple(aggregate(set(published))))
-        self._strict_result = ((self._remote_version, cluster), result)
+        self._strict_result = ((self._owners_version, cluster), result)
         return result
 
     def problems(self) -> list[Problem]:

@@ -205,3 +205,14 @@ def test_bad_ip_in_a_record_is_a_clear_error() -> None:
     else:
         raise AssertionError("expected ValueError")
     assert model.routes == {}
+
+
+def test_strict_exemption_follows_local_pods_taking_and_releasing_a_keyless_nodes_ip() -> None:
+    model = NodeModel("a", local_node_ips=["10.240.0.4"])
+    model.set_remote_node(node("c", "", ["10.240.0.70"], "10.240.0.36"))
+    cluster = (net("10.240.0.0/16"),)
+    assert model.strict_addresses(cluster) == ((net("10.240.0.36/32"), net("10.240.0.70/32")), ())
+    model.set_local_pod("c1@eth0", ["10.240.0.70"])  # the IP is local now: no longer exempt
+    assert model.strict_addresses(cluster) == ((net("10.240.0.36/32"),), ())
+    model.remove_local_pod("c1@eth0")
+    assert model.strict_addresses(cluster) == ((net("10.240.0.36/32"), net("10.240.0.70/32")), ())
