@@ -335,12 +335,11 @@ class Engine:
                 self.reconciler.mark_out_of_sync("peers")  # any peer may differ (a wide prefix cuts into any)
                 return
             keys = set(change.peer_keys)
-            if change.allowed_ips:
-                key_of_node = {peer.node: key for key, peer in self.model.peers.items()}
-                for prefix in change.allowed_ips:
-                    owner = self.model.owner_of(prefix.network_address)
-                    if owner in key_of_node:
-                        keys.add(key_of_node[owner])
+            for prefix in change.allowed_ips:
+                owner = self.model.owner_of(prefix.network_address)
+                peer_key = self.model.key_of_node(owner) if owner is not None else None
+                if peer_key is not None:
+                    keys.add(peer_key)
             if keys:
                 self.reconciler.recheck_peers(keys)
         self._enqueue(apply)

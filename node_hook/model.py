@@ -379,6 +379,10 @@ class NodeModel:
         peer = self.peers.get(public_key)
         return peer.node if peer else None
 
+    def key_of_node(self, name: str) -> str | None:
+        """The key remote node `name` is a peer under, or None when it is not a peer."""
+        return self._peer_of_node.get(name)
+
     def strict_addresses(self, cluster: tuple[IPNetwork, ...]) -> tuple[tuple[IPNetwork, ...], tuple[IPNetwork, ...]]:
         """Strict mode's view of the remote nodes (docs/design.md "Strict mode"): (exempt, published), each aggregated
         exactly - the addresses won by nodes without a key (opted out: reached in plaintext), and the addresses of

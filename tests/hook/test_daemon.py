@@ -20,6 +20,7 @@ from node_hook import view as view_module
 from node_hook.addresses import address_texts
 from node_hook.apply.fakes import FakeFirewall, FakePodRoutes, FakeRouting, FakeSysctls, FakeWireGuard
 from node_hook.config import Settings
+from node_hook.contracts import WireGuardChange
 from node_hook.detect import Environment
 from node_hook.engine import Appliers
 from node_hook.keys import load_or_create
@@ -166,6 +167,20 @@ def test_routes_seen_are_rechecked_and_a_flood_reads_the_table_back(harness: Har
     harness.engine.routes_seen({ipaddress.ip_network(f"10.9.0.{i}/32"): None for i in range(3)})
     harness.settle(lambda: harness.routing.routes[pod] == "dev")  # found by reading the table back
     assert True in harness.routing.reads
+
+
+def test_a_foreign_write_of_a_peers_allowed_ip_rechecks_that_peer(harness: Harness,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    harness.source.sync(node_b({"10.240.0.70"}))
+    harness.settle(lambda: harness.view.status()["ready"] and "10.240.0.70/32" in routes(harness))
+    rechecked: list[set[str]] = []
+    monkeypatch.setattr(harness.engine.reconciler, "recheck_peers", lambda keys: rechecked.append(set(keys)))
+    other = "X" * 43 + "="
+    harness.engine.wireguard_changed(WireGuardChange(
+        peer_keys=frozenset({other}),
+        allowed_ips=frozenset(ipaddress.ip_network(ip) for ip in ("10.240.0.70/32", "10.240.0.4/32", "10.9.0.1/32"))))
+    harness.settle(lambda: bool(rechecked))
+    assert rechecked == [{other, KEY_B}]  # b holds 10.240.0.70; the local and the unowned address name no peer
 
 
 def test_local_api_over_the_socket(harness: Harness) -> None:
