@@ -311,8 +311,11 @@ class Engine:
         with self._wake:
             seen, self._routes_seen = self._routes_seen, {}
         wanted = self.model.routes
-        differing = [prefix for prefix, kind in seen.items()
-                     if (wanted[prefix]._value_ if prefix in wanted else None) != kind]
+        differing = []
+        for prefix, kind in seen.items():
+            wanted_kind = wanted.get(prefix)  # one lookup: each derives the route from the owners
+            if (None if wanted_kind is None else wanted_kind._value_) != kind:
+                differing.append(prefix)
         if differing:
             self.reconciler.recheck_routes(differing)
 
