@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from node_hook.config import ConfigError, Settings, load_settings
+from node_hook.config import LIVE_SETTINGS, ConfigError, Settings, load_settings
 from node_hook.install.cli import install_cni, uninstall_cni
 from node_hook.logs import redact_everywhere, setup_logging
 from node_hook.peers import PeerSource
@@ -106,7 +106,6 @@ def run(config: Path | None) -> None:
 
 
 CONFIG_POLL_SECONDS = 5.0  # how often `run` re-reads its config file (a ConfigMap update lands within a minute)
-LIVE_SETTINGS = ("strict_mode", "strict_cidrs", "strict_allow")
 
 
 class ConfigFollower:

@@ -58,6 +58,11 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _RESERVED_TABLES = {0, 253, 254, 255}
 
 
+# The settings a running hook takes from a changed config file without a restart (the strict table is replaced in one
+# transaction); any other change waits for the hook to restart.
+LIVE_SETTINGS = ("strict_mode", "strict_cidrs", "strict_allow")
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message is one line naming the setting and the fix."""
 
@@ -258,6 +263,11 @@ def settings_from_mapping(raw: dict[str, Any]) -> Settings:
         raise ConfigError("strictMode: needs host encryption (hostEncryption auto or true): without it every pod "
                           "packet to another node's IP would be dropped")
     return Settings(**values)
+
+
+def with_live_settings(running: Settings, new: Settings) -> Settings:
+    """`running` with the LIVE_SETTINGS of `new`."""
+    return dataclasses.replace(running, **{name: getattr(new, name) for name in LIVE_SETTINGS})
 
 
 def load_settings(path: Path) -> Settings:

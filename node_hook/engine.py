@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from node_hook.addresses import IPNetwork, address_of, host_keys
-from node_hook.config import Settings
+from node_hook.config import Settings, with_live_settings
 from node_hook.contracts import (
     DeviceSpec,
     FirewallApplier,
@@ -281,8 +281,7 @@ class Engine:
         """strictMode, strictCIDRs or strictAllow changed in the config file: the next pass applies them (live; the
         strict table's chains are replaced in one transaction)."""
         def apply() -> None:
-            self.settings = replace(self.settings, strict_mode=new.strict_mode, strict_cidrs=new.strict_cidrs,
-                                    strict_allow=new.strict_allow)
+            self.settings = with_live_settings(self.settings, new)
         self._enqueue(apply)
 
     # the netlink monitor's and the WireGuard backend's events

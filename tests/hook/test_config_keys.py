@@ -11,13 +11,29 @@ from pathlib import Path
 import pytest
 
 from node_hook import keys
-from node_hook.config import SETTINGS_DOC, ConfigError, Settings, load_settings, settings_as_mapping
+from node_hook.config import (
+    SETTINGS_DOC,
+    ConfigError,
+    Settings,
+    load_settings,
+    settings_as_mapping,
+    with_live_settings,
+)
 from node_hook.keys import KeyFileError, load_existing, load_or_create
 
 
 def test_every_setting_is_documented_with_its_default() -> None:
     documented = {key for key, _, _ in SETTINGS_DOC}
     assert documented == set(settings_as_mapping(Settings(node_name="n")))
+
+
+def test_a_running_hook_takes_the_strict_settings_live_and_nothing_else() -> None:
+    running = Settings(node_name="a")
+    new = Settings(node_name="b", strict_mode=True, strict_cidrs=("10.0.0.0/8",), strict_allow=("10.1.0.0/16",),
+                   resync_interval=5.0)
+    live = with_live_settings(running, new)
+    assert (live.strict_mode, live.strict_cidrs, live.strict_allow) == (True, ("10.0.0.0/8",), ("10.1.0.0/16",))
+    assert (live.node_name, live.resync_interval) == ("a", running.resync_interval)
 
 
 def test_yaml_and_json_load(tmp_path: Path) -> None:
