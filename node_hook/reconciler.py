@@ -149,10 +149,9 @@ class Reconciler:
             self._rules_changed = True
 
     def set_firewall(self, spec: FirewallSpec) -> None:
-        """A new desired firewall (the strict table follows the remote nodes and the strict settings); the next pass
-        applies it when it differs from the one last applied."""
-        if spec != self.targets.firewall:
-            self.targets = replace(self.targets, firewall=spec)
+        """The desired firewall (the strict table follows the remote nodes and the strict settings); the next pass
+        applies it when it differs from the one last applied (compared there, once per pass)."""
+        self.targets = replace(self.targets, firewall=spec)
 
     def recheck_routes(self, prefixes: Iterable[IPNetwork]) -> None:
         """Routes of our table seen changed or removed outside: the next pass sets each as the model wants it (or

@@ -267,3 +267,14 @@ def test_changes_taken_by_a_pass_that_failed_in_the_device_step_are_applied_by_t
     assert node.reconciler.reconcile().error is not None
     assert node.reconciler.reconcile().error is None
     node.assert_converged()
+
+
+def test_a_desired_firewall_is_applied_when_it_differs_from_the_applied_one(node: Node) -> None:
+    node.populate()
+    node.reconciler.reconcile()
+    node.reconciler.set_firewall(FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv",), 51820))  # equal, a new object
+    assert "firewall" not in node.reconciler.reconcile().applied
+    changed = FirewallSpec("wgcni", 0x100000, "wgcni0", ("azv", "eth"), 51820)
+    node.reconciler.set_firewall(changed)
+    assert node.reconciler.reconcile().applied.get("firewall") == 1
+    assert node.firewall.spec == changed
