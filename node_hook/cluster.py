@@ -581,6 +581,7 @@ class KubernetesPeerSource:
                                  self._stopping.wait)
         self._threads: list[threading.Thread] = []
         self._list_watches: list[_ListWatch] = []
+        self._peers_watch: _ListWatch | None = None  # the WireguardNodes' list-watch (one of `_list_watches`)
         self._own_object_seen = False  # the API has answered about this node's own object (list, watch or write)
         self._write_failure: tuple[str, str] | None = None  # (denied | unreachable, why) of the last failed write
         self._reported: Publication | None = None
@@ -606,6 +607,7 @@ class KubernetesPeerSource:
             self.core.list_node, {}, self._nodes_listed, self._nodes_event, self.settings, self._stopping,
             self.status)
         self._list_watches = [peers, own_node, all_nodes]
+        self._peers_watch = peers
         for name, target in (("peers", peers.run), ("node", own_node.run), ("nodes", all_nodes.run),
                              ("publish", self._publish_loop)):
             thread = threading.Thread(target=target, name=f"wgcni-sync-{name}", daemon=True)
@@ -930,12 +932,16 @@ class KubernetesPeerSource:
                 self.settings.max_pod_ips_per_node) for key in keys}
         except ValueError:
             published = {}
-        seen = max([list_watch.revision for list_watch in self._list_watches[:1]]
-                   + [int(own["metadata"].get("resourceVersion") or 0)])
+        seen = max(self._peers_revision(), int(own["metadata"].get("resourceVersion") or 0))
         with self._changed:
             claims = {ip: self._claims.get(ip) or published.get(ip) or seen for ip in announcement.pod_ips}
             self._claims = claims
         return claims
+
+    def _peers_revision(self) -> int:
+        """How far this node has seen the WireguardNodes: the latest resourceVersion of their list-watch (0 before
+        it started)."""
+        return self._peers_watch.revision if self._peers_watch is not None else 0
 
     def _remember_write(self, obj: JSON) -> None:
         with self._changed:
