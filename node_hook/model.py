@@ -581,7 +581,8 @@ class NodeModel:
         return None  # a remote node IP without host encryption: main table, plaintext
 
     def _route_kind(self, key: IPNetwork) -> RouteKind | None:
-        """`_kind_for(key, _winner(key), ...)` in one call: a full resync looks up every route of the table."""
+        """`_kind_for(key, _winner(key), ...)` in one call: a full resync looks up every route of the table.
+        tests/hook/test_model.py (test_a_route_looked_up_is_the_route_listed) holds the two to the same routes."""
         if key in self._local_count:
             return RouteKind.THROW
         if key in self._local_node_keys:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from node_hook.model import LOCAL, NodeModel, RemoteNode, RouteKind
 
 KEY_B = "B" * 43 + "="
@@ -216,3 +218,25 @@ def test_strict_exemption_follows_local_pods_taking_and_releasing_a_keyless_node
     assert model.strict_addresses(cluster) == ((net("10.240.0.36/32"),), ())
     model.remove_local_pod("c1@eth0")
     assert model.strict_addresses(cluster) == ((net("10.240.0.36/32"), net("10.240.0.70/32")), ())
+
+
+@pytest.mark.parametrize("host_encryption", [True, False])
+def test_a_route_looked_up_is_the_route_listed(host_encryption: bool) -> None:
+    """`routes.get()` derives a route inline (NodeModel._route_kind, for the speed of a full resync); iteration goes
+    through NodeModel._kind_for. Every case of ownership and peer state must give the same route both ways."""
+    model = NodeModel("a", local_node_ips=["10.240.0.4"], host_encryption=host_encryption, local_public_key=KEY_B)
+    model.set_local_pod("p1@eth0", ["10.240.0.9", "10.240.0.4"])  # a pod IP, and one that is also a node IP
+    model.set_local_pod("p2@eth0", ["10.240.0.10"])
+    model.set_remote_node(node("c", KEY_C, ["10.240.0.70", "10.240.0.36", "10.240.0.9"], "10.240.0.36", 1.0))
+    model.set_remote_node(node("d", "D" * 43 + "=", ["10.240.0.71", "10.240.0.80"], "10.240.0.37", 2.0))
+    model.set_remote_node(node("e", "D" * 43 + "=", ["10.240.0.72"], "10.240.0.38"))  # d's key: neither is a peer
+    model.set_remote_node(node("f", "", ["10.240.0.73", "10.240.0.70"], "10.240.0.39", 3.0))  # keyless, wins .70
+    model.set_remote_node(node("g", "G" * 43 + "=", ["10.240.0.74", "10.240.0.4"], "10.240.0.40", endpoint=None))
+    model.set_remote_node(node("h", KEY_B, ["10.240.0.75"], "10.240.0.41"))  # this node's key
+    model.set_remote_node(node("i", "I" * 43 + "=", ["10.240.0.76", "10.240.0.80"], "10.240.0.42", 1.5))
+    assert KEY_C in model.peers and "I" * 43 + "=" in model.peers
+    universe = {net(f"10.240.0.{last}/32") for last in range(1, 100)}
+    listed = dict(model.routes.items())
+    looked_up = {prefix: model.routes.get(prefix) for prefix in universe}
+    assert looked_up == {prefix: listed.get(prefix) for prefix in universe}
+    assert set(looked_up.values()) == {RouteKind.THROW, RouteKind.WIREGUARD, None}
