@@ -61,7 +61,7 @@ def planned_routes(nodes: int, pods: int) -> tuple[RouteSets, dict[RouteKind, in
     model = NodeModel("node-00000")
     model.replace_remote_nodes(remote)
     model.replace_local_pods(local)
-    deletes, sets = plan_routes(model.routes, {})
+    deletes, sets = plan_routes(model.routes, {}, model.routes)
     assert not deletes
     return sets, model.route_counts()
 

@@ -216,14 +216,10 @@ def _plan_peer(key: str, want: DesiredPeer | None, have: PeerState | None, resha
 def plan_routes(
     desired: Mapping[IPNetwork, RouteKind],
     actual: Mapping[IPNetwork, str | None],
-    prefixes: Iterable[IPNetwork] | None = None,
+    prefixes: Iterable[IPNetwork],
 ) -> tuple[list[RoutingOp], RouteSets]:
-    """(deletes, sets) for the prefixes in scope (all when None). Foreign routes in our table are replaced."""
-    if prefixes is None:  # everything: no set of the union (1.25 M prefixes at 5 000 x 250), the few extra apart
-        ordered = sorted(desired)  # the model's prefixes are packed: int order is network order, no key list
-        ordered += sorted((prefix for prefix in actual if prefix not in desired), key=_prefix_order)
-    else:
-        ordered = sorted(set(prefixes), key=_prefix_order)
+    """(deletes, sets) for `prefixes` (the ones that may differ). Foreign routes in our table are replaced."""
+    ordered = sorted(set(prefixes), key=_prefix_order)
     deletes: list[RoutingOp] = []
     sets = RouteSets()
     for prefix in ordered:

@@ -107,9 +107,11 @@ def test_scope_limits_the_diff() -> None:
 
 def test_routes_deletes_then_sets_and_foreign_routes_are_replaced() -> None:
     n = ipaddress.ip_network
-    deletes, sets = plan_routes(
-        {n("10.0.0.1/32"): RouteKind.WIREGUARD, n("10.0.0.2/32"): RouteKind.THROW, n("10.0.0.3/32"): RouteKind.THROW},
-        {n("10.0.0.1/32"): "dev", n("10.0.0.2/32"): "dev", n("10.0.0.3/32"): FOREIGN_ROUTE, n("10.9.0.0/16"): "dev"})
+    desired = {n("10.0.0.1/32"): RouteKind.WIREGUARD, n("10.0.0.2/32"): RouteKind.THROW,
+               n("10.0.0.3/32"): RouteKind.THROW}
+    actual = {n("10.0.0.1/32"): "dev", n("10.0.0.2/32"): "dev", n("10.0.0.3/32"): FOREIGN_ROUTE,
+              n("10.9.0.0/16"): "dev"}
+    deletes, sets = plan_routes(desired, actual, desired.keys() | actual.keys())
     assert deletes == [DeleteRoute(n("10.9.0.0/16"))]
     assert sets == [SetRoute(n("10.0.0.2/32"), RouteKind.THROW), SetRoute(n("10.0.0.3/32"), RouteKind.THROW)]
 
