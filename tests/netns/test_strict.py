@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -141,11 +142,25 @@ def counters(node: Node) -> PlaintextCounters:
     return parse_counters(json.loads(node.exec("nft", "-j", "list", "table", "inet", "wgcni-strict").stdout))
 
 
+def mentions(line: str, ip: str) -> bool:
+    """Whether a `tcpdump -nn` line has `ip` as its source or destination, in each form tcpdump prints it: `ip > `,
+    `> ip: ` (ICMP) and `ip.port` (TCP, UDP)."""
+    return re.search(rf"(?<![\d.]){re.escape(ip)}(?=[ :.,]|$)", line) is not None
+
+
 def plaintext(lines: list[str], ip: str) -> list[str]:
     """Packets on the bridge that carry `ip` in the clear to or from a WireGuard node (WireGuard's UDP carries only
     node IPs outside; the keyless node's pod is reached in plaintext by design)."""
-    return [line for line in lines if f"{ip} " in line and "UDP" not in line and f"{KEYLESS[2]} " not in line
-            and f"{KEYLESS[2]}:" not in line]
+    return [line for line in lines if mentions(line, ip) and "UDP" not in line and not mentions(line, KEYLESS[2])]
+
+
+def test_an_address_is_found_on_either_side_of_a_capture_line() -> None:
+    icmp = "12:00:00.1 IP 10.240.0.70 > 10.240.0.71: ICMP echo request, id 1, seq 1, length 64"
+    tcp = "12:00:00.2 IP 10.240.0.73.41000 > 10.240.0.7.80: Flags [S], seq 1, length 0"
+    assert mentions(icmp, "10.240.0.70") and mentions(icmp, "10.240.0.71")
+    assert mentions(tcp, "10.240.0.73") and mentions(tcp, "10.240.0.7")
+    assert not mentions(icmp, "10.240.0.7") and not mentions(tcp, "10.240.0.4")
+    assert plaintext([icmp], "10.240.0.71") == [icmp], "a packet sent to the address is plaintext too"
 
 
 def pod_of(lab: Lab, ip: str) -> Pod:
