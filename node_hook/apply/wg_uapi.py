@@ -214,7 +214,11 @@ class UapiProxy:
         self.private = Path(private)
         self.on_change = on_change
         self._listener: socket.socket | None = None
-        self.forwarded = 0  # connections forwarded
+
+    @property
+    def serving(self) -> bool:
+        """Whether the public socket is served (between start() and close())."""
+        return self._listener is not None
 
     def start(self) -> None:
         self.public.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -230,7 +234,11 @@ class UapiProxy:
     def close(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.close()  # the accept thread ends; a new hook process serves the path again
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread: close() alone leaves it blocked
+            except OSError:
+                pass
+            listener.close()  # a new hook process serves the path again
             self.public.unlink(missing_ok=True)
 
     def _accept(self, listener: socket.socket) -> None:
@@ -269,7 +277,6 @@ class UapiProxy:
             except OSError:
                 pass
             answers.join()
-        self.forwarded += 1
         for change in changes:
             self.on_change(change)
 
@@ -335,7 +342,6 @@ class UserspaceWireGuard:
         self._process: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._ipr = IPRoute()
-        self._proxy_serving = False
         self.restarts = 0
         self._started_here = False  # the device is one this process started: its peers have no sessions
         self._greeted: set[str] = set()  # peers sent their first keepalive on that device
@@ -343,7 +349,7 @@ class UserspaceWireGuard:
     @property
     def intercepting(self) -> bool:
         """Whether writes by others to the device are seen (the proxy serves the public socket)."""
-        return self._proxy_serving
+        return self.proxy is not None and self.proxy.serving
 
     # ---- process supervision ---------------------------------------------------------------------------
 
@@ -546,11 +552,9 @@ class UserspaceWireGuard:
             self._ipr.close()
 
     def _serve_proxy(self) -> None:
-        if self.proxy is not None and not self._proxy_serving:
+        if self.proxy is not None and not self.proxy.serving:
             self.proxy.start()
-            self._proxy_serving = True
 
     def _close_proxy(self) -> None:
-        if self.proxy is not None and self._proxy_serving:
+        if self.proxy is not None:
             self.proxy.close()  # `wg` cannot reach the device until a hook serves the public socket again
-            self._proxy_serving = False
