@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 IFF_UP = 1
 RECEIVE_BUFFER = 8 << 20  # a burst past it is an overflow, answered by a read-back
 RESTART_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+HEALTHY_RUN = 30.0  # a watcher that listened this long before failing restarts from the first delay again
 DOWN_GRACE = 15.0  # a watcher not listening for longer fails health (its restarts keep failing)
 POLL_INTERVAL = 0.5  # seconds between two reads of the sysctls
 RECEIVE_TIMEOUT = 1.0  # a raw socket's receive wakes this often to see `stop()` (closing it does not wake it)
@@ -104,6 +105,7 @@ class WatcherState:
     name: str
     listening: bool = False
     down_since: float | None = None  # monotonic time it stopped listening (None while listening or never started)
+    listening_since: float | None = None  # monotonic time it last began listening
     overflows: int = 0
     restarts: int = 0
     unavailable: str | None = None  # why this watcher cannot run on this node (it is not restarted)
@@ -262,6 +264,9 @@ class NetlinkMonitor:
             except Exception as error:  # noqa: BLE001 - any failure: reopen, and resync what may have been missed
                 if self._stopping.is_set():
                     return
+                if state.listening and state.listening_since is not None \
+                        and self.clock() - state.listening_since >= HEALTHY_RUN:
+                    attempt = 0  # a fault after a healthy run is a new fault, not the last one's next attempt
                 state.listening = False
                 state.down_since = self.clock() if state.down_since is None else state.down_since
                 state.resync_pending = True
@@ -286,7 +291,7 @@ class NetlinkMonitor:
         state.socket = subscribed
         if self._stopping.is_set() and subscribed is not None:
             subscribed.close()
-        state.listening, state.down_since = True, None
+        state.listening, state.down_since, state.listening_since = True, None, self.clock()
         if state.resync_pending:
             state.resync_pending = False
             self._on_lost[state.name]()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from node_hook.addresses import IPNetwork
 from node_hook.apply import monitor as monitor_module
-from node_hook.apply.monitor import NetlinkMonitor
+from node_hook.apply.monitor import NetlinkMonitor, WatcherState
 from node_hook.config import Settings
 from wgcni_lab.harness.netns import sh
 from wgcni_lab.harness.polling import wait_until
@@ -198,3 +199,26 @@ def test_health_fails_when_the_monitor_cannot_listen_again(node: tuple[NetlinkMo
     ok, message = monitor.health()
     assert "rtnetlink: not listening" in message and "Too many open files" in message
     assert state.restarts >= 2
+
+
+def test_a_fault_after_a_healthy_run_restarts_from_the_first_delay(node: tuple[NetlinkMonitor, Events],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backoff grows over consecutive failed reopens only: a watcher that listened for HEALTHY_RUN before it
+    failed is reopened after the first delay again, however many faults it has had over the node's life."""
+    monitor, _ = node
+    state = monitor.watchers["rtnetlink"]
+    monkeypatch.setattr(monitor_module, "HEALTHY_RUN", 0.2)
+    monkeypatch.setattr(monitor_module, "RESTART_DELAYS", (0.05, 5.0))
+    starts: list[float] = []
+
+    def listen_then_fail(state: WatcherState) -> None:
+        starts.append(time.monotonic())
+        monitor._listening(state, None)
+        time.sleep(0.3)  # a healthy run
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setitem(monitor._bodies, "rtnetlink", listen_then_fail)
+    state.socket.close()  # the real watcher fails once; from its reopen on every run listens, then fails
+    wait_until(lambda: len(starts) >= 4, 4, what="four runs, each after the first delay", detail=state.describe)
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+    assert max(gaps) < 2.0, f"the backoff kept growing across healthy runs: gaps {gaps}"
