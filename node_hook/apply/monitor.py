@@ -231,10 +231,14 @@ class NetlinkMonitor:
             state.thread.start()
 
     def stop(self) -> None:
+        """Stop every watcher and wait for it to end, so what a watcher put up (the nlmon link) is gone on return."""
         self._stopping.set()
         for state in self.watchers.values():
             if state.socket is not None:
                 state.socket.close()  # its receive fails at the latest after RECEIVE_TIMEOUT: the watcher ends
+        for state in self.watchers.values():
+            if state.thread is not None and state.thread is not threading.current_thread():
+                state.thread.join(timeout=2 * RECEIVE_TIMEOUT)
 
     def health(self) -> tuple[bool, str]:
         """(ok, message): every watcher's thread runs and it listens, or has been trying again for less than

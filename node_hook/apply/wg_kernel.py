@@ -480,19 +480,22 @@ class ForeignWriteCapture:
                     if error.code in (errno.EOPNOTSUPP, errno.ENOENT, errno.EINVAL):
                         raise CaptureUnavailable(f"no nlmon in this kernel ({error})") from error
                     raise
-            ipr.link("set", index=ipr.link_lookup(ifname=self.link)[0], state="up")
-        capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            try:
+                ipr.link("set", index=ipr.link_lookup(ifname=self.link)[0], state="up")
+            except BaseException:
+                self.close()  # a failed open leaves no link behind
+                raise
         try:
+            self.socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             program = set_device_filter(self.family_id)
             self._filter = ctypes.create_string_buffer(program, len(program))
-            capture.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
-                               struct.pack("HL", len(program) // _SOCK_FILTER.size, ctypes.addressof(self._filter)))
-            capture.bind((self.link, ETH_P_ALL))
-            capture.settimeout(RECEIVE_TIMEOUT)
+            self.socket.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack(
+                "HL", len(program) // _SOCK_FILTER.size, ctypes.addressof(self._filter)))
+            self.socket.bind((self.link, ETH_P_ALL))
+            self.socket.settimeout(RECEIVE_TIMEOUT)
         except BaseException:
-            capture.close()
+            self.close()  # the socket and the link: a failed open leaves nothing
             raise
-        self.socket = capture
 
     def receive(self) -> list[WireGuardChange]:
         """The changes of the next captured datagram (none after a timeout or for our own requests)."""

@@ -111,6 +111,21 @@ def test_writes_by_others_are_captured_and_our_own_are_not(backend, wg_ifname):
     assert wg_kernel.capture_link_name(wg_ifname) not in ip("link")
 
 
+def test_a_capture_that_fails_to_open_leaves_no_link(backend, wg_ifname, monkeypatch):
+    private, _ = new_key()
+    backend.ensure_device(spec_for(wg_ifname, private))
+    capture = backend.capture()
+
+    def broken_filter(family_id: int) -> bytes:
+        raise OSError(errno.EINVAL, "injected: the filter cannot be built")
+
+    monkeypatch.setattr(wg_kernel, "set_device_filter", broken_filter)
+    with pytest.raises(OSError, match="injected"):
+        capture.open()
+    assert wg_kernel.capture_link_name(wg_ifname) not in ip("link")
+    assert capture.socket is None
+
+
 def test_device_created_configured_and_deleted(backend, wg_ifname):
     assert backend.read() is None
     private, public = new_key()
