@@ -48,7 +48,6 @@ DIRECTIONS = ("out", "in")
 STRICT_CHAINS = ("origin", "forward", "output", "to-pod", "outbound", "plaintext-out4", "plaintext-out6",
                  "plaintext-in4", "plaintext-in6")
 STRICT_SETS = tuple(f"{name}{family}" for name in ("cluster", "published", "allow", "exempt") for family in (4, 6))
-HITS_SETS = tuple(f"hits-{direction}{family}" for direction in DIRECTIONS for family in (4, 6))
 HITS_SIZE = 1024  # addresses remembered per direction and family, each for HITS_TIMEOUT
 HITS_TIMEOUT = "10m"
 TOP_HITS = 5
@@ -213,25 +212,25 @@ class NftFirewall:
         except FileNotFoundError:
             raise FirewallError(f"{self.nft} not found: install nftables") from None
 
-    def read(self) -> str | None:
-        listings = []
-        for family in FAMILIES:
-            result = self._run(["list", "table", family, self.table])
-            if result.returncode != 0:
-                if "No such file or directory" in result.stderr:
-                    return None
-                raise FirewallError(f"nft list table {family} {self.table}: {result.stderr.strip()}")
-            listings.append(result.stdout)
-        strict = self._read_strict()
-        return "".join(listings) + (strict or "")
-
-    def _read_strict(self) -> str | None:
-        result = self._run(["-s", "list", "table", "inet", self.strict_table])
+    def _list(self, *args: str) -> str | None:
+        """`nft [options] list table FAMILY NAME`'s output (args end with the family and name), None without it."""
+        command = [*args[:-2], "list", "table", *args[-2:]]
+        result = self._run(command)
         if result.returncode != 0:
             if "No such file or directory" in result.stderr:
                 return None
-            raise FirewallError(f"nft list table inet {self.strict_table}: {result.stderr.strip()}")
-        return _HITS_BLOCK.sub("", result.stdout)
+            raise FirewallError(f"nft {' '.join(command)}: {result.stderr.strip()}")
+        return result.stdout
+
+    def read(self) -> str | None:
+        listings = []
+        for family in FAMILIES:
+            listing = self._list(family, self.table)
+            if listing is None:
+                return None
+            listings.append(listing)
+        strict = self._list("-s", "inet", self.strict_table)
+        return "".join(listings) + (_HITS_BLOCK.sub("", strict) if strict is not None else "")
 
     def apply(self, spec: FirewallSpec) -> str:
         # One transaction: create-if-missing, delete, recreate. Never a moment without the marks rules; the strict
@@ -266,13 +265,11 @@ class NftFirewall:
             path.unlink(missing_ok=True)
 
     def counters(self) -> PlaintextCounters | None:
-        result = self._run(["-j", "list", "table", "inet", self.strict_table])
-        if result.returncode != 0:
-            if "No such file or directory" in result.stderr:
-                return None
-            raise FirewallError(f"nft list table inet {self.strict_table}: {result.stderr.strip()}")
+        listing = self._list("-j", "inet", self.strict_table)
+        if listing is None:
+            return None
         try:
-            return parse_counters(json.loads(result.stdout))
+            return parse_counters(json.loads(listing))
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise FirewallError(f"nft -j list table inet {self.strict_table}: unreadable ({error})") from None
 
