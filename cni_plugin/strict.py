@@ -17,6 +17,7 @@ from cni_plugin.cni import ERR_NOT_AVAILABLE, CniError
 BOOT_FILE = "strict.nft"
 ADD_HOLD_PREFIX = "# wgcni add-hold "  # the boot file's first line: seconds ADD waits for the hook's publication
 TABLE = "wgcni-strict"
+ADD_HOLD_MAX = 30.0  # seconds; strictAddHold and the hook's local API refuse more
 NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")
 NETLINK_NETFILTER = 12
 NFT_MSG_GETTABLE = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE
@@ -76,7 +77,9 @@ def _add_hold(path: str) -> float:
     with open(path, encoding="utf-8") as file:
         first = file.readline()
     try:
-        return max(0.0, min(30.0, float(first[len(ADD_HOLD_PREFIX):]))) if first.startswith(ADD_HOLD_PREFIX) else 0.0
+        if not first.startswith(ADD_HOLD_PREFIX):
+            return 0.0
+        return max(0.0, min(ADD_HOLD_MAX, float(first[len(ADD_HOLD_PREFIX):])))
     except ValueError:
         return 0.0
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cni_plugin.strict import ADD_HOLD_MAX
+
 # The single place that documents each setting: (file key, default, meaning).
 SETTINGS_DOC: tuple[tuple[str, object, str], ...] = (
     ("nodeName", "$NODE_NAME or <hostname>", "this node's name (the Kubernetes Node name; the DaemonSet passes it as "
@@ -232,8 +234,8 @@ def settings_from_mapping(raw: dict[str, Any]) -> Settings:
         elif key in ("strictCIDRs", "strictAllow"):
             value = _networks(key, value)
         elif key == "strictAddHold":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 30:
-                raise ConfigError(f"strictAddHold: must be 0..30 seconds, not {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= ADD_HOLD_MAX:
+                raise ConfigError(f"strictAddHold: must be 0..{ADD_HOLD_MAX:g} seconds, not {value!r}")
             value = float(value)
         elif key == "persistentKeepalive":
             value = _integer(key, value, 0, 65535)

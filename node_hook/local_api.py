@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cni_plugin.strict import ADD_HOLD_MAX
+
 if TYPE_CHECKING:
     from node_hook.node import Node
 
@@ -66,8 +68,8 @@ def answer(node: Node, request: object) -> dict[str, Any]:
         if op in ("pod-added", "pod-deleted"):
             network, container_id, ifname = _require_record_key(request)
             hold = request.get("hold", 0.0) if op == "pod-added" else 0.0
-            if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= 30:
-                raise ApiError(f"{op}: 'hold' must be 0..30 seconds")
+            if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= ADD_HOLD_MAX:
+                raise ApiError(f"{op}: 'hold' must be 0..{ADD_HOLD_MAX:g} seconds")
             node.engine.pod_changed(network, container_id, ifname, hold=float(hold))
             return {"ok": True}
         if op == "check":

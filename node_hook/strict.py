@@ -16,15 +16,15 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+from cni_plugin.strict import BOOT_FILE  # in stateDir: the table the plugin and install-cni load at boot
+from cni_plugin.strict import TABLE as STRICT_TABLE
 from node_hook.addresses import IPNetwork
 from node_hook.config import Settings
 from node_hook.contracts import StrictSpec
 from node_hook.detect import Environment
 from node_hook.model import NodeModel, Publication
 
-STRICT_TABLE = "wgcni-strict"
 PLATFORM_ADDRESSES = ("168.63.129.16/32", "169.254.169.254/32")  # Azure's wireserver (DNS, health probes) and IMDS
-BOOT_FILE = "strict.nft"  # in stateDir: the strict table the plugin and install-cni load at boot where it is missing
 
 
 def networks(texts: tuple[str, ...] | frozenset[str]) -> tuple[IPNetwork, ...]:
