@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from node_hook.addresses import address_texts
 from node_hook.cluster import GROUP, PLURAL, VERSION, SyncSettings
@@ -92,9 +93,18 @@ def test_a_recreated_node_gets_an_object_owned_by_it_despite_a_lagging_garbage_c
     core.delete_node("node-a")
     new = create_node(core, "node-a")
     tokens.write("node-a")  # the kubelet's token for the new Node (the old one's is refused: another uid)
-    wait_until(lambda: [o["uid"] for o in object_of(custom, "node-a")["metadata"].get("ownerReferences", [])]
-               == [new.metadata.uid] and object_of(custom, "node-a").get("status", {}).get("publicKey") == key,
-               15, "an object owned by the new Node, with the key")
+
+    def owned_by_the_new_node_with_the_key() -> bool:
+        try:
+            obj = object_of(custom, "node-a")
+        except ApiException as error:
+            if error.status == 404:  # between the garbage collector's delete and the hook's create
+                return False
+            raise
+        owners = [owner["uid"] for owner in obj["metadata"].get("ownerReferences", [])]
+        return owners == [new.metadata.uid] and obj.get("status", {}).get("publicKey") == key
+
+    wait_until(owned_by_the_new_node_with_the_key, 15, "an object owned by the new Node, with the key")
 
 
 def test_an_expired_token_is_refused_until_the_kubelet_rotates_it(server, core, make_source, tokens):
