@@ -300,6 +300,16 @@ class NetlinkMonitor:
             state.resync_pending = False
             self._on_lost[state.name]()
 
+    def _datagrams(self, state: WatcherState, subscribed: socket.socket) -> Iterator[bytes]:
+        """The datagrams of a subscribed netlink socket until `stop()`; it is listening from the first wait on."""
+        subscribed.settimeout(RECEIVE_TIMEOUT)
+        self._listening(state, subscribed)
+        while not self._stopping.is_set():
+            try:
+                yield subscribed.recv(1 << 16)
+            except TimeoutError:
+                continue
+
     def _lost_rtnetlink(self) -> None:
         self.events.trigger_resync()
         self.events.pod_routes_changed()
@@ -315,14 +325,8 @@ class NetlinkMonitor:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE) as rtnl:
             _receive_buffer(rtnl, self.receive_buffer)
             rtnl.bind((0, RTNETLINK_GROUPS))
-            rtnl.settimeout(RECEIVE_TIMEOUT)
             wireguard_index = _index_of(interface)
-            self._listening(state, rtnl)
-            while not self._stopping.is_set():
-                try:
-                    data = rtnl.recv(1 << 16)
-                except TimeoutError:
-                    continue
+            for data in self._datagrams(state, rtnl):
                 routes: dict[IPNetwork, str | None] = {}
                 for kind, start, end in _messages(data):
                     if kind in (RTM_NEWROUTE, RTM_DELROUTE):
@@ -367,13 +371,7 @@ class NetlinkMonitor:
             _receive_buffer(nft, self.receive_buffer)
             nft.bind((0, 0))
             nft.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
-            nft.settimeout(RECEIVE_TIMEOUT)
-            self._listening(state, nft)
-            while not self._stopping.is_set():
-                try:
-                    data = nft.recv(1 << 16)
-                except TimeoutError:
-                    continue
+            for data in self._datagrams(state, nft):
                 if nftables_tables(data) & ours:
                     self.events.dataplane_changed("firewall")
 
