@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tempfile
 
 from hypothesis import HealthCheck, event, given, settings
@@ -98,7 +99,9 @@ def run_and_check(env: dict, stdin: bytes, state_dir: str) -> None:
     assert record_files(state_dir + "/state") == before
 
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 100 inputs per test in `make test`; WGCNI_FUZZ_EXAMPLES=N runs a longer campaign.
+FUZZ = settings(max_examples=int(os.environ.get("WGCNI_FUZZ_EXAMPLES", "100")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @FUZZ
