@@ -482,20 +482,16 @@ class ForeignWriteCapture:
                     raise
             try:
                 ipr.link("set", index=ipr.link_lookup(ifname=self.link)[0], state="up")
+                self.socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+                program = set_device_filter(self.family_id)
+                self._filter = ctypes.create_string_buffer(program, len(program))
+                self.socket.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack(
+                    "HL", len(program) // _SOCK_FILTER.size, ctypes.addressof(self._filter)))
+                self.socket.bind((self.link, ETH_P_ALL))
+                self.socket.settimeout(RECEIVE_TIMEOUT)
             except BaseException:
-                self.close()  # a failed open leaves no link behind
+                self.close()  # the socket and the link: a failed open leaves nothing
                 raise
-        try:
-            self.socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            program = set_device_filter(self.family_id)
-            self._filter = ctypes.create_string_buffer(program, len(program))
-            self.socket.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack(
-                "HL", len(program) // _SOCK_FILTER.size, ctypes.addressof(self._filter)))
-            self.socket.bind((self.link, ETH_P_ALL))
-            self.socket.settimeout(RECEIVE_TIMEOUT)
-        except BaseException:
-            self.close()  # the socket and the link: a failed open leaves nothing
-            raise
 
     def receive(self) -> list[WireGuardChange]:
         """The changes of the next captured datagram (none after a timeout or for our own requests)."""
