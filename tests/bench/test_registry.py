@@ -1,5 +1,5 @@
-"""The benchmark registry as `make bench` walks it: every module it discovers can be run by bench.run (a `run`
-module has the TITLE the table prints; a `measure` module returns its own name)."""
+"""The benchmark registry as `make bench` walks it: every module it discovers has what bench.run reads (a `run`
+module the TITLE the table prints, otherwise a `measure`)."""
 
 from __future__ import annotations
 

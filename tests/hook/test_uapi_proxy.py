@@ -3,7 +3,6 @@ frees the public path."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -25,13 +24,3 @@ def test_close_wakes_the_accept_thread_and_frees_the_path(tmp_path: Path) -> Non
     thread.join(timeout=2)
     assert not thread.is_alive(), "the accept thread stayed blocked after close()"
     assert not proxy.serving and not proxy.public.exists()
-    refused = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        try:
-            refused.connect(str(proxy.public))
-        except OSError:
-            pass
-        else:
-            raise AssertionError("a closed proxy still accepted a connection")
-    finally:
-        refused.close()
