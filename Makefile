@@ -57,8 +57,12 @@ lint: $(STAMPS)/venv
 # The host suite, then the kernel WireGuard tests inside a qemu VM running Debian's kernel (tests/vm/README.md).
 test: test-host test-vm
 
+# Two pytest-xdist workers, each running whole test files (--dist loadfile: a file's module-scoped lab or API
+# server stays in one worker); PYTEST_WORKERS=0 runs the suite in this process (docs/development.md, "Test time").
+PYTEST_WORKERS ?= 2
+
 test-host: lint build
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-vm: build
 	$(PY) tests/vm/kernel_vm.py pytest

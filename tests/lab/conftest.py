@@ -86,13 +86,24 @@ def root_links() -> set[str]:
                                                                  text=True, check=True).stdout)}
 
 
+def in_another_lab(pid: int, lab_id: str) -> bool:
+    """`pid` runs in a cgroup of a lab other than `lab_id`: the kernel reuses the inode number of a destroyed
+    network namespace, so a pod of a lab running beside this one can sit in a namespace with a number seen here."""
+    try:
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    return "/wgcni-lab-" in cgroups and f"/wgcni-lab-{lab_id}-" not in cgroups
+
+
 def footprint(lab_id: str, lab_dir: Path, netns_inodes: set[int]) -> Footprint:
     """Everything of the lab `lab_id` that exists right now."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
     namespaces = {line.split()[0] for line in listed if line.startswith(f"wgl-{lab_id}-")}
     processes = {info.pid: info.command_line for info in process_table().values()
                  if info.live and (str(lab_dir) in info.command_line
-                                   or netns_inode(f"/proc/{info.pid}/ns/net") in netns_inodes)}
+                                   or (netns_inode(f"/proc/{info.pid}/ns/net") in netns_inodes
+                                       and not in_another_lab(info.pid, lab_id)))}
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if str(lab_dir) in line or f"wgl-{lab_id}" in line]
     cgroups = [str(path) for hierarchy in Path("/sys/fs/cgroup").iterdir() if hierarchy.is_dir()

@@ -48,7 +48,9 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3) as con
 
 @pytest.fixture(scope="module")
 def cli(lab_parent, built) -> Iterator[Cli]:  # type: ignore[no-untyped-def]
-    with lab_up(lab_parent / "fabric", "--nodes", "2", "--pods-per-node", "1") as cli:
+    # The DaemonSet as bare processes: this module does not test it (test_daemonset_image.py, test_lifecycle.py do)
+    with lab_up(lab_parent / "fabric", "--nodes", "2", "--pods-per-node", "1",
+                "--daemonset-runtime", "processes") as cli:
         yield cli
 
 

@@ -29,7 +29,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cli(lab_parent, built) -> Iterator[Cli]:  # type: ignore[no-untyped-def]
-    with lab_up(lab_parent / "running", "--nodes", "2", "--pods-per-node", "1") as cli:
+    # The DaemonSet as bare processes: this module does not test it (test_daemonset_image.py, test_lifecycle.py do)
+    with lab_up(lab_parent / "running", "--nodes", "2", "--pods-per-node", "1",
+                "--daemonset-runtime", "processes") as cli:
         yield cli
 
 

@@ -31,7 +31,9 @@ pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cli(lab_parent, built) -> Iterator[Cli]:  # type: ignore[no-untyped-def]
-    with lab_up(lab_parent / "strict", "--nodes", "3", "--pods-per-node", "1", "--setting", "strictMode=true") as cli:
+    # The DaemonSet as bare processes: this module does not test it (test_daemonset_image.py, test_lifecycle.py do)
+    with lab_up(lab_parent / "strict", "--nodes", "3", "--pods-per-node", "1", "--setting", "strictMode=true",
+                "--daemonset-runtime", "processes") as cli:
         yield cli
 
 
