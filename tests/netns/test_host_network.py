@@ -3,9 +3,11 @@ host-network pods dropped as "unallowed src"), and restarting a hook keeps the s
 
 Why #9751 happens: with host encryption off the request from a pod to a host-network pod (a node IP) leaves in
 plaintext, but the reply (node IP -> pod IP) matches the pod's /32 in the table and goes through the tunnel with
-the node IP as source; a receiver whose peer entry lacks the node IP drops it. wgcni always lists a peer's node IPs
-in its AllowedIPs (sources it accepts) while routing to them through the tunnel only with host encryption on, and
-sets loose rp_filter on the WireGuard device, so the tunnelled reply is accepted.
+the node IP as source; a receiver whose peer entry lacks the node IP drops it. In wgcni that reply follows its
+request in plaintext (the firewall's conntrack bit; the VNet delivers pod IPs as Azure does), and a host-network
+pod's own request to a pod goes through the tunnel with the node IP as source, which the peer accepts: wgcni always
+lists a peer's node IPs in its AllowedIPs (sources it accepts) while routing to them through the tunnel only with
+host encryption on, and sets loose rp_filter on the WireGuard device.
 """
 
 from __future__ import annotations

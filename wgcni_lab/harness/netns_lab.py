@@ -5,6 +5,8 @@
 - pods are namespaces plumbed like azure-vnet transparent mode: host veth `azv<hash>` with proxy_arp and a /32
   route in the node's main table; pod side `eth0` with the pod IP, `169.254.1.1` as gateway via a static
   neighbour entry to the host veth's MAC; both veth ends MTU 1500;
+- the VNet delivers a pod IP sent in plaintext to the pod's node, as Azure's fabric does: every other node holds a
+  permanent neighbour entry mapping the pod IP to that node's NIC (no node answers ARP for its pods' IPs);
 - each node runs its own `wgcni-node run` on the lab's backend (userspace: wireguard-go, unique interface name as
   /var/run/wireguard is not per namespace; kernel: in the VM tier), with pod records written through
   `cni_plugin.records` and peers fed through a peers file built from the hooks' own announcements (the stand-in
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cni_plugin.records import RecordStore, utc_now_rfc3339
-from wgcni_lab.harness.netns import HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge
+from wgcni_lab.harness.netns import PYTHON, HookNode, Namespaces, in_ns, new_bridge_namespace, plug_into_bridge
 from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.harness.tempdir import short_temp_dir
 
@@ -96,7 +98,22 @@ class Lab:
         node.exec("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")  # strict, as on many distros
         node.exec("sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1")
         self.nodes[name] = node
+        for other in self.nodes.values():
+            for pod in other.pods.values():
+                self._deliver(pod, to=[node])
         return node
+
+    def _deliver(self, pod: Pod, to: list[Node] | None = None, deliver: bool = True) -> None:
+        """The VNet delivering `pod`'s IP to its node's NIC (or, `deliver=False`, no longer) as seen from `to`
+        (default: every other node)."""
+        mac = json.loads(pod.node.exec("ip", "-j", "link", "show", "eth0").stdout)[0]["address"]
+        for node in to if to is not None else self.nodes.values():
+            if node is pod.node:
+                continue
+            if deliver:
+                node.exec("ip", "neigh", "replace", pod.ip, "lladdr", mac, "dev", "eth0", "nud", "permanent")
+            else:
+                node.exec("ip", "neigh", "del", pod.ip, "dev", "eth0", check=False)
 
     def add_pod(self, node: Node, ip: str, name: str | None = None, record: bool = True) -> Pod:
         """Plumb a pod as azure-vnet does; `record=False` leaves out the pod record (a pod that predates wgcni)."""
@@ -120,6 +137,7 @@ class Lab:
         container_id = secrets.token_hex(16)
         pod = Pod(name, node, ip, netns, host_veth, container_id)
         node.pods[name] = pod
+        self._deliver(pod)
         if record:
             self.write_record(pod)
         return pod
@@ -150,6 +168,7 @@ class Lab:
             store.remove("azure", pod.container_id, "eth0")
         pod.node.pod_ips_changed_at = time.time()
         self.notify(pod, "pod-deleted")
+        self._deliver(pod, deliver=False)
         pod.node.exec("ip", "link", "del", pod.host_veth, check=False)
         self.namespaces.delete(pod.netns)
         del pod.node.pods[pod.name]
@@ -193,10 +212,35 @@ class Lab:
                     "endpointPort": announcement["endpointPort"], "nodeIPs": [other.ip],
                     "podIPs": sorted(pod.ip for pod in other.pods.values()),
                     "podIPsChangedAt": other.pod_ips_changed_at,
+                    **{field: announcement[field] for field in ("nextPublicKey", "keySwitchAt")
+                       if field in announcement},
                 })
             temporary = node.peers_file.with_suffix(".tmp")
             temporary.write_text(json.dumps({"nodes": entries}))
             os.replace(temporary, node.peers_file)
+
+    def rotate_key(self, node: Node) -> tuple[str, str]:
+        """`wgcni-node rotate-key` on `node`, its peers told as the API would tell them (the announcement before the
+        switch time, then the new key); (old, new public key) once every device holds the new key and none the
+        old."""
+        def keys_on(other: Node) -> set[str]:
+            dump = other.exec("wg", "show", other.wg, "dump").stdout.splitlines()
+            return {dump[0].split("\t")[1]} | {line.split("\t")[0] for line in dump[1:]}
+
+        old = node.exec("wg", "show", node.wg, "public-key").stdout.strip()
+        node.exec(PYTHON, "-m", "node_hook.cli", "rotate-key", "--no-wait", "--config", str(node.config_file))
+        new = node.api("status")["keyRotation"]["nextPublicKey"]
+        if new in (None, old):
+            raise AssertionError(f"{node.name}: rotate-key announced no next key")
+        wait_until(lambda: json.loads(node.announce_file.read_text()).get("nextPublicKey") == new, 5,
+                   what=f"{node.name}'s announcement of its next key", interval=0.01)
+        self.sync_peers()
+        wait_until(lambda: keys_on(node) & {old, new} == {new}, 15, what=f"{node.name} switched to its next key",
+                   interval=0.02)
+        self.sync_peers()
+        wait_until(lambda: all(keys_on(other) & {old, new} == {new} for other in self.nodes.values()), 15,
+                   what=f"every peer of {node.name} on its new key only", interval=0.05)
+        return old, new
 
     def wait_converged(self, timeout: float = 15.0) -> None:
         """Every hook programmed exactly the pods the lab has on the other nodes."""
@@ -235,6 +279,24 @@ class Lab:
 
         wait_until(done, timeout, "all hooks converged", interval=0.1, detail=state)
 
+    def wait_sessions(self, timeout: float = 15.0) -> float:
+        """Every device has a WireGuard session with every peer (the greeting's handshake, or WireGuard's retry 5 s
+        later when the greeting reached a node that did not know the sender yet); the seconds it took."""
+        started = time.monotonic()
+
+        def missing() -> list[str]:
+            lacking = []
+            for name, node in self.nodes.items():
+                for line in node.exec("wg", "show", node.wg, "latest-handshakes").stdout.splitlines():
+                    key, _, when = line.partition("\t")
+                    if when.strip() == "0":
+                        lacking.append(f"{name} -> {key}")
+            return lacking
+
+        wait_until(lambda: not missing(), timeout, "a session between every pair of nodes", interval=0.1,
+                   detail=lambda: "no handshake yet: " + ", ".join(missing()))
+        return time.monotonic() - started
+
     # ---- teardown ---------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -264,6 +326,9 @@ def running_lab(nodes: dict[str, str], pods: dict[str, list[str]], prepare: Call
                 lab.start_hook(node)
             lab.sync_peers()
             lab.wait_converged()
+            took = lab.wait_sessions()  # the first packet between nodes that just met may otherwise wait out a retry
+            if took > 1.0:
+                print(f"netns lab: a session between every pair after {took:.1f} s (a greeting was not answered)")
             yield lab
         finally:
             lab.close()
