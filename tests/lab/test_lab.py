@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from node_hook.contracts import DEVICE_ADDRESS
 from node_hook.local_api import request
 from tests.lab.conftest import (
     Cli,
@@ -164,7 +165,8 @@ def test_a_removed_peer_is_back_and_so_is_the_node_pairs_pod_traffic_within_2_s(
     assert programmed_everywhere(cli, target["ip"], "10.240.0.35")
 
 
-@pytest.mark.parametrize("kind", ["rule deleted", "route deleted", "device down"])
+@pytest.mark.parametrize("kind", ["rule deleted", "route deleted", "route changed", "device down", "device deleted",
+                                  "address deleted"])
 def test_the_plaintext_interval_of_a_repair_in_the_default_mode_is_measured(cli: Cli, kind: str) -> None:
     """A ping every 2 ms from a pod on node-1 to one on node-2 while node-1 is tampered with: in the default mode the
     traffic falls back to the main table (plaintext, through Azure's fabric) until the repair; the interval those
@@ -172,7 +174,11 @@ def test_the_plaintext_interval_of_a_repair_in_the_default_mode_is_measured(cli:
     source, target, _ = _pair(cli)
     tamper = {"rule deleted": ["ip", "rule", "del", "pref", "99"],
               "route deleted": ["ip", "route", "del", target["ip"], "table", str(ROUTE_TABLE)],
-              "device down": ["ip", "link", "set", lab.WG_INTERFACE, "down"]}[kind]
+              "route changed": ["ip", "route", "replace", "blackhole", target["ip"], "table", str(ROUTE_TABLE)],
+              "device down": ["ip", "link", "set", lab.WG_INTERFACE, "down"],
+              "device deleted": ["ip", "link", "del", lab.WG_INTERFACE],  # its routes go with it
+              "address deleted": ["ip", "address", "del", str(DEVICE_ADDRESS), "dev", lab.WG_INTERFACE],  # and routes
+              }[kind]
     replies: list[str] = []
     with captured(cli) as packets:
         pinger = threading.Thread(target=lambda: replies.append(cli.run(
