@@ -16,7 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -31,11 +31,13 @@ from node_hook.contracts import (
     PeerState,
     RemoveAllowedIPs,
     RemovePeer,
+    RoutingApplier,
     RoutingOp,
     SetRoute,
     TableState,
     TableStream,
     UpsertPeer,
+    WireGuardBackend,
 )
 from node_hook.model import RouteKind
 
@@ -155,6 +157,7 @@ def _serve(connection: multiprocessing.connection.Connection, parent_end: multip
         "wg.read": start_device_read,
         "wg.ensure_device": wireguard.ensure_device,
         "wg.apply_peer_ops": lambda wire: wireguard.apply_peer_ops([_peer_op_in(item) for item in wire]),
+        "wg.greet": wireguard.greet,
         "wg.delete_device": wireguard.delete_device,
         "routing.read": start_table_read,
         "routing.apply": lambda wire: routing.apply([_routing_op_in(item) for item in wire]),
@@ -184,8 +187,8 @@ class KernelProcess:
         self._process = context.Process(target=_serve, args=(child, self._connection, interface, table), daemon=True)
         self._process.start()
         child.close()
-        self.wireguard = RemoteWireGuard(self)
-        self.routing = RemoteRouting(self)
+        self.wireguard: WireGuardBackend = RemoteWireGuard(self)
+        self.routing: RoutingApplier = RemoteRouting(self)
 
     def call(self, name: str, *args: object) -> Any:
         self._connection.send((name, args))
@@ -249,6 +252,9 @@ class RemoteWireGuard:
     def apply_peer_ops(self, ops: list[PeerOp]) -> None:
         for chunk in _chunks(ops, PEERS_PER_CHUNK):
             self._kernel.call("wg.apply_peer_ops", [_peer_op_out(op) for op in chunk])
+
+    def greet(self, peers: Mapping[str, int]) -> None:
+        self._kernel.call("wg.greet", dict(peers))
 
     def delete_device(self) -> None:
         self._kernel.call("wg.delete_device")

@@ -1,4 +1,4 @@
-"""`wgcni-node`: run the hook, clean up after it, show the public key, install/uninstall the CNI plugin.
+"""`wgcni-node`: run the hook, clean up after it, show or rotate the key, install/uninstall the CNI plugin.
 
 Errors are one line on stderr with a non-zero exit code, never a traceback.
 """
@@ -9,8 +9,9 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -208,6 +209,51 @@ def show_key(config: Path | None) -> None:
         click.echo(load_existing(settings.key_file).public_key)
     except KeyFileError as error:
         raise click.ClickException(str(error)) from None
+
+
+@main.command("rotate-key")
+@config_option
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="wait until the node uses the new key and the API holds it")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="seconds to wait at most")
+def rotate_key(config: Path | None, wait: bool, timeout: float) -> None:
+    """Replace this node's WireGuard key without cutting its connections: the running hook announces the next key,
+    switches to it a few seconds later, and every peer follows (docs/design.md, key rotation)."""
+    settings = _settings(config)
+    started = time.monotonic()
+    answer = _ask(settings.socket, {"op": "rotate-key"})
+    old, new = answer["publicKey"], answer["nextPublicKey"]
+    if new is None:  # switched between the question and the answer: nothing was left pending
+        click.echo(f"key is {old[:8]}... (no rotation pending)")
+        return
+    click.echo(f"next key {new[:8]}... announced; switching from {old[:8]}... at "
+               f"{time.strftime('%H:%M:%S', time.gmtime(answer['switchAt']))} UTC")
+    if not wait:
+        return
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        status = _ask(settings.socket, {"op": "status"}, request_timeout=min(10.0, timeout))
+        rotation = status["keyRotation"]
+        if rotation["publicKey"] == new and status["publication"]["state"] == "confirmed":
+            click.echo(f"key rotated: {old[:8]}... -> {new[:8]}... in {time.monotonic() - started:.1f} s; the API "
+                       "holds the new key")
+            return
+        time.sleep(0.2)
+    raise click.ClickException(f"the key did not switch within {timeout:.0f} s; see 'wgcni status' and the hook's log")
+
+
+def _ask(socket_path: Path, payload: dict[str, object], request_timeout: float = 10.0) -> dict[str, Any]:
+    """One local API request; its failure as a one-line CLI error."""
+    from node_hook.local_api import request
+
+    try:
+        answer = request(socket_path, payload, timeout=request_timeout)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(f"no hook answers on {socket_path}: {error}") from None
+    if not answer.get("ok"):
+        raise click.ClickException(str(answer.get("error")))
+    return answer
 
 
 main.add_command(install_cni)

@@ -162,11 +162,30 @@ def remote_node_from_object(obj: JSON, max_pod_ips: int) -> RemoteNode | None:
     prefixes = status.get("podIPPrefixes") or []
     pod_ips = expand_prefixes(prefixes, max_pod_ips)
     changed = status.get("podIPsChangedAt")
+    next_key, switch_at = rotation_of(status)
+    if next_key and not key:
+        raise ValueError("nextPublicKey without a publicKey")
     return RemoteNode(
         name=name, public_key=key, endpoint_ip=endpoint_ip, endpoint_port=port if isinstance(port, int) else 0,
         node_ips=node_ips, pod_ips=pod_ips, pod_ips_changed_at=_parse_timestamp(changed) if changed else 0.0,
         pod_ip_claims=claim_groups(prefixes, status.get("podIPClaimRevisions"), max_pod_ips),
+        next_public_key=next_key, key_switch_at=switch_at,
     )
+
+
+def rotation_of(status: JSON) -> tuple[str, float]:
+    """(next public key, switch time) of a key rotation the status announces, ("", 0.0) when none.
+    ValueError for a malformed announcement."""
+    next_key = status.get("nextPublicKey") or ""
+    if not next_key:
+        return "", 0.0
+    if not isinstance(next_key, str) or not _valid_public_key(next_key):
+        raise ValueError("nextPublicKey is not a base64 X25519 key")
+    switch_at = status.get("keySwitchAt")
+    try:
+        return next_key, _parse_timestamp(switch_at)  # type: ignore[arg-type]
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError("nextPublicKey needs a keySwitchAt timestamp") from None
 
 
 def claim_groups(prefixes: list[str], revisions: object, limit: int) -> tuple[tuple[int, frozenset[IPNetwork]], ...]:
@@ -219,6 +238,8 @@ def published_status(announcement: LocalAnnouncement, opted_out: bool, pod_ips_c
     return {
         "publicKey": key,
         "publicKeyPrefix": key[:8],
+        **({"nextPublicKey": announcement.next_public_key, "keySwitchAt": _timestamp(announcement.key_switch_at)}
+           if key and announcement.next_public_key else {}),
         "encryption": "OptedOut" if opted_out else ("WireGuard" if key else "Unavailable"),
         "endpoint": endpoint,
         "nodeIPs": node_ips,
@@ -755,7 +776,7 @@ class KubernetesPeerSource:
                 if error:
                     invalid[name] = error
                 elif remote is not None:
-                    nodes[name] = replace(remote, public_key="") if opted_out else remote
+                    nodes[name] = replace(remote, public_key="", next_public_key="") if opted_out else remote
             for name in invalid.keys() - self.status.invalid_objects.keys():
                 log.warning("WireguardNode %s ignored: %s", name, invalid[name])
             self.status.invalid_objects = invalid
@@ -783,7 +804,7 @@ class KubernetesPeerSource:
             if remote is None:
                 self._tell(lambda sink: sink.node_gone(name))
             else:
-                delivered = replace(remote, public_key="") if opted_out else remote
+                delivered = replace(remote, public_key="", next_public_key="") if opted_out else remote
                 self._tell(lambda sink: sink.node_changed(delivered))
             if remote is None:
                 self._delivered.discard(name)
@@ -829,6 +850,8 @@ class KubernetesPeerSource:
                 while not self._stopping.is_set() and (
                         self._desired is None or self._written_generation == self._desired_generation):
                     self._changed.wait()
+                if self._stopping.is_set():
+                    return
             if not self._pacer.wait():  # coalesce: whatever is published meanwhile goes into this write
                 return
             with self._changed:
@@ -889,6 +912,8 @@ class KubernetesPeerSource:
                     # while the pacer waits is stale by the time it is written when another writer is busy.
                     self._await_write_slot()
                     own = self._read_own_object()
+                    with self._changed:  # what the API holds now, also when nothing needs writing: a list taken
+                        self._own_object = own  # before this node's writes may have been observed after them
                 if own is None:
                     # Owned by the Node as it is now: a cached copy may be of a Node deleted meanwhile, and an
                     # object owned by a vanished Node is garbage-collected at once.
@@ -958,18 +983,25 @@ class KubernetesPeerSource:
             status = (self._own_object or {}).get("status") or {}
             key = status.get("publicKey") or ""
             held = held_addresses(status, self.settings.max_pod_ips_per_node)
+            try:
+                next_key, switch_at = rotation_of(status)
+            except ValueError:
+                next_key, switch_at = "", 0.0
             if is_opted_out(self._node):
                 return Publication("opted-out", key, held)
             if self._desired is not None and self._written_generation == self._desired_generation:
-                return Publication("written", key, held)
-            if self._write_failure is not None:
-                return Publication(self._write_failure[0], key, held, self._write_failure[1])
-            return Publication("pending", key, held)
+                state, reason = "written", ""
+            elif self._write_failure is not None:
+                state, reason = self._write_failure
+            else:
+                state, reason = "pending", ""
+            return Publication(state, key, held, reason, next_key, switch_at)
 
     def _report_publication(self) -> None:
-        """Tell the hook what the API holds, when that changed (never under the lock: the hook enqueues)."""
-        publication = self.publication()
+        """Tell the hook what the API holds, when that changed (never under the lock: the hook enqueues). Read under
+        the emit lock: a copy read before another thread reported a newer one must not be reported after it."""
         with self._emit_lock:
+            publication = self.publication()
             if publication == self._reported or self._sink is None:
                 return
             self._reported = publication

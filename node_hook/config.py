@@ -45,6 +45,9 @@ SETTINGS_DOC: tuple[tuple[str, object, str], ...] = (
                            "(its peers learn it from there), so its containers start once peers can reach it; 0 = "
                            "no wait"),
     ("persistentKeepalive", 0, "seconds between keepalives to each peer; 0 = off"),
+    ("keyRotationInterval", 0, "rotate this node's WireGuard key when it is this many seconds old (at least 3600; "
+                               "make-before-break, docs/design.md 'Key rotation'); 0 = only on `wgcni-node "
+                               "rotate-key`"),
     ("endpoint", "", "this node's underlay address peers send to; empty = the source IP of the default route"),
     ("peersFile", "", "static peer source (JSON, re-read when it changes); empty = Kubernetes sync"),
     ("announceFile", "", "with peersFile: where to write this node's announcement (JSON); empty = none"),
@@ -56,6 +59,8 @@ SETTINGS_DOC: tuple[tuple[str, object, str], ...] = (
     ("logFormat", "text", "text | json (JSON lines)"),
 )
 
+MIN_KEY_ROTATION_INTERVAL = 3600  # a rotation costs every peer a handshake; more often is no use
+MAX_KEY_ROTATION_INTERVAL = 10 * 365 * 86400
 _IFNAME = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 _RESERVED_TABLES = {0, 253, 254, 255}
 
@@ -91,6 +96,7 @@ class Settings:
     strict_allow: tuple[str, ...] = ()
     strict_add_hold: float = 1.0
     persistent_keepalive: int = 0
+    key_rotation_interval: float = 0.0
     endpoint: str = ""
     peers_file: Path | None = None
     announce_file: Path | None = None
@@ -239,6 +245,12 @@ def settings_from_mapping(raw: dict[str, Any]) -> Settings:
             value = float(value)
         elif key == "persistentKeepalive":
             value = _integer(key, value, 0, 65535)
+        elif key == "keyRotationInterval":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    value == 0 or MIN_KEY_ROTATION_INTERVAL <= value <= MAX_KEY_ROTATION_INTERVAL):
+                raise ConfigError(f"keyRotationInterval: must be 0 (off) or {MIN_KEY_ROTATION_INTERVAL}.."
+                                  f"{MAX_KEY_ROTATION_INTERVAL} seconds, not {value!r}")
+            value = float(value)
         elif key == "endpoint":
             value = _text(key, value)
             if value:

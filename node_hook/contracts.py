@@ -10,7 +10,7 @@ implement them with the same observable behaviour; the model, the planner and th
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -309,6 +309,11 @@ class WireGuardBackend(Protocol):
 
     def apply_peer_ops(self, ops: list[PeerOp]) -> None:
         """Apply the ops in order, batched into as few writes as the backend allows."""
+
+    def greet(self, peers: Mapping[str, int]) -> None:
+        """Send each existing peer (public key -> its persistent keepalive, restored after) one keepalive now, which
+        starts a handshake when it has no session: by turning persistent keepalive off, on and back, as WireGuard
+        sends a keepalive when it is turned on. Unknown keys are skipped, never created."""
 
     def delete_device(self) -> None:
         """Remove the device; no error when it is already gone."""

@@ -314,8 +314,8 @@ def _conflicts(o: Observed) -> list[dict[str, str]]:
         by_kind.setdefault(problem.kind, []).append(problem.message)
     if "key-conflict" in by_kind:
         out.append(_finding("conflicts", "error", "; ".join(by_kind["key-conflict"][:EXAMPLES]),
-                            "two nodes share a private key (cloned disk image?): delete /var/lib/wgcni/private.key "
-                            "on all but one and restart their wgcni-node"))
+                            "two nodes share a private key (cloned disk image?): run 'wgcni-node rotate-key' on all "
+                            "but one of them (make-before-break, no restart)"))
     if "ip-conflict" in by_kind:
         claims = by_kind["ip-conflict"]
         out.append(_finding("conflicts", "error", f"{len(claims)} IP(s) claimed by more than one node: "

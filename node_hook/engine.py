@@ -11,6 +11,9 @@ netlink monitor, wireguard-go watcher) enqueue events and wake it:
   or a sysctl changed, or wireguard-go exited -> that aspect is marked out of sync and repaired in the next pass,
   with the same key; a route of our table that is not what the model wants is rechecked alone;
 - every `resyncInterval` every aspect is read back in full and diffed;
+- key rotation (node_hook.rotation): `rotate_key()` (or `keyRotationInterval`) creates the next key, which is
+  published with a switch time; once the API holds both, the device switches at that time. A remote node announcing
+  a rotation is handed to the model with the key its peers use at the moment, and again when that changes;
 - a failed pass is retried after a short backoff (max 1 s) and reads back what failed.
 After each pass the local announcement (key, endpoint, node IPs, local pod IPs, MTU, readiness) is published to
 the peer source, which coalesces. The source reports back what the API holds of it (`Publication`), and the rules
@@ -43,12 +46,13 @@ from node_hook.contracts import (
     WireGuardChange,
 )
 from node_hook.detect import Environment
-from node_hook.keys import NodeKey
+from node_hook.keys import KeyStore, NodeKey
 from node_hook.model import UNKNOWN_PUBLICATION, LocalAnnouncement, NodeModel, Publication, RemoteNode
 from node_hook.peers import PeerSource
 from node_hook.planner import desired_rules, publication_gate
 from node_hook.pod_routes import PodRouteSource
 from node_hook.reconciler import ASPECTS, PassResult, Reconciler, Targets
+from node_hook.rotation import SWITCH_LEAD, confirmed, effective, next_change, switch_time
 from node_hook.strict import desired_strict, enforcing
 
 log = logging.getLogger(__name__)
@@ -83,6 +87,10 @@ def desired_sysctls(settings: Settings) -> dict[str, str]:
         # loose reverse-path check on the tunnel: WireGuard already checks every inner source against AllowedIPs
         f"net/ipv4/conf/{settings.interface}/rp_filter": "2",
     }
+
+
+class KeyRotationError(RuntimeError):
+    """A key rotation cannot start on this hook (the message says why)."""
 
 
 # ---- seams -----------------------------------------------------------------------------------------------------
@@ -131,6 +139,8 @@ class Engine:
         pod_routes: PodRouteSource,
         clock: Callable[[], float] = time.monotonic,
         observer: Observer | None = None,
+        key_store: KeyStore | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.key = key
@@ -141,6 +151,13 @@ class Engine:
         self.pod_routes = pod_routes
         self.clock = clock
         self.observer = observer
+        self.key_store = key_store
+        self.wall_clock = wall_clock
+        self.next_key: NodeKey | None = None  # a rotation under way: the key switched to at `key_switch_at`
+        self.key_switch_at = 0.0  # unix time
+        self.key_rotated_at: float | None = None  # unix time of this process's last switch
+        self.key_rotations = 0
+        self._rotating_nodes: dict[str, RemoteNode] = {}  # remote nodes announcing a rotation, as published
         self.host_encryption = host_encryption_enabled(settings, environment)
         self.model = NodeModel(settings.node_name, environment.node_ips, self.host_encryption,
                                settings.persistent_keepalive, local_public_key=key.public_key)
@@ -185,6 +202,9 @@ class Engine:
     # ---- lifecycle --------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.key_store is not None:
+            self.next_key = self.key_store.pending()  # a rotation this hook started before a restart goes on
+            self.key_switch_at = self.wall_clock() + SWITCH_LEAD
         self._rescan_pod_routes()
         self._rescan_records()
         self._worker = threading.Thread(target=self._run, name="wgcni-reconcile", daemon=True)
@@ -250,32 +270,63 @@ class Engine:
         nodes = dict(nodes)
 
         def apply() -> None:
+            self._rotating_nodes = {name: node for name, node in nodes.items() if node.next_public_key}
+            now = self.wall_clock()
+            programmed = {name: effective(node, now) for name, node in nodes.items()}
             if self.observer is not None:
                 # Only the nodes that are new objects: a source re-delivers unchanged nodes as the same objects;
                 # comparing all their pod IP sets would cost a pass over every address per delivery.
                 previous = self.model.remote_nodes
-                for name, node in nodes.items():
+                for name, node in programmed.items():
                     if previous.get(name) is not node:
                         self.observer.remote_node_received(previous.get(name), node)
             self.peers_complete = True
-            self.model.replace_remote_nodes(nodes)
+            self.model.replace_remote_nodes(programmed)
         self._enqueue(apply)
 
     def node_changed(self, node: RemoteNode) -> None:
         def apply() -> None:
-            if self.observer is not None:
-                self.observer.remote_node_received(self.model.remote_nodes.get(node.name), node)
-            self.model.set_remote_node(node)
+            if node.next_public_key:
+                self._rotating_nodes[node.name] = node
+            else:
+                self._rotating_nodes.pop(node.name, None)
+            self._set_remote(effective(node, self.wall_clock()))
         self._enqueue(apply)
 
+    def _set_remote(self, node: RemoteNode) -> None:
+        if self.observer is not None:
+            self.observer.remote_node_received(self.model.remote_nodes.get(node.name), node)
+        self.model.set_remote_node(node)
+
     def node_gone(self, name: str) -> None:
-        self._enqueue(lambda: self.model.remove_remote_node(name))
+        def apply() -> None:
+            self._rotating_nodes.pop(name, None)
+            self.model.remove_remote_node(name)
+        self._enqueue(apply)
 
     def published(self, publication: Publication) -> None:
         """What the API now holds of this node's publication."""
         def apply() -> None:
             self.publication = publication
+            key = self.key.public_key
+            if self.key_store is not None and publication.state != "unknown" and key in (
+                    publication.public_key, publication.next_public_key):
+                self._mark_published(key)
         self._enqueue(apply)
+
+    def _mark_published(self, public_key: str) -> None:
+        assert self.key_store is not None
+        try:
+            self.key_store.mark_published(public_key)
+        except OSError as error:  # a restart would then wait for the first list before using the tunnel
+            log.warning("cannot record the published key in %s: %s", self.key_store.published_path, error)
+
+    def key_held_before(self) -> bool:
+        """Whether the API held this node's current key when last seen (KeyStore.last_published)."""
+        if self.key_store is None:
+            return True
+        last = self.key_store.last_published()
+        return last is None or last == self.key.public_key
 
     def strict_settings_changed(self, new: Settings) -> None:
         """strictMode, strictCIDRs or strictAllow changed in the config file: the next pass applies them (live; the
@@ -349,6 +400,32 @@ class Engine:
     def wireguard_exited(self, code: int) -> None:
         self.dataplane_changed("device")
 
+    def rotate_key(self) -> dict[str, Any]:
+        """Start a key rotation (none when one is under way) and return `key_state()`; KeyRotationError when this
+        hook cannot rotate."""
+        return self.on_worker(self._start_rotation)
+
+    def _start_rotation(self) -> dict[str, Any]:
+        if self.key_store is None:
+            raise KeyRotationError("this hook has no key file to rotate")
+        if self.next_key is None:
+            self.next_key = self.key_store.create_next()
+            self.key_switch_at = self.wall_clock() + SWITCH_LEAD
+            log.info("key rotation: next key %s... announced, switch in %.0f s", self.next_key.public_key[:8],
+                     SWITCH_LEAD)
+        return self.key_state()
+
+    def key_state(self) -> dict[str, Any]:
+        """The node's key and rotation, for status (any thread: a snapshot of plain values)."""
+        next_key = self.next_key
+        return {
+            "publicKey": self.key.public_key,
+            "nextPublicKey": next_key.public_key if next_key is not None else None,
+            "switchAt": self.key_switch_at if next_key is not None else None,
+            "rotatedAt": self.key_rotated_at,
+            "rotations": self.key_rotations,
+        }
+
     def trigger_resync(self) -> int:
         return self._enqueue(out_of_sync=ASPECTS)
 
@@ -383,7 +460,8 @@ class Engine:
         while not self._stopping.is_set():
             with self._wake:
                 while not self._events and not self._out_of_sync and not self._stopping.is_set():
-                    deadline = min(next_rescan, next_resync, retry_at if retry_at is not None else next_resync)
+                    deadline = min(next_rescan, next_resync, retry_at if retry_at is not None else next_resync,
+                                   self._next_key_event())
                     remaining = deadline - self.clock()
                     if remaining <= 0:
                         break
@@ -403,6 +481,8 @@ class Engine:
                     self._rescan_pod_routes()
                     self._rescan_records()
                     next_rescan = now + self.settings.record_rescan_interval
+                self._follow_rotations()
+                self._advance_rotation()
             if now >= next_resync:
                 out_of_sync.update(ASPECTS)
                 next_resync = now + self.settings.resync_interval
@@ -431,13 +511,85 @@ class Engine:
                 self._wake.notify_all()
             self._publish()
 
+    def _next_key_event(self) -> float:
+        """The monotonic time of the next rotation step: a remote node's switch, this node's switch or its next
+        rotation by `keyRotationInterval` (infinity when none)."""
+        wall = self.wall_clock()
+        moments = []
+        for name, node in self._rotating_nodes.items():
+            current = self.model.remote_nodes.get(name)
+            if current is None or current.public_key != effective(node, wall).public_key:
+                moments.append(wall)  # its switch time passed since the last look: at once
+            elif (moment := next_change(node, wall)) is not None:
+                moments.append(moment)
+        if self.next_key is not None:
+            moments.append(self.key_switch_at)
+        elif self.settings.key_rotation_interval and self.key_store is not None:
+            moments.append(self._key_created_at() + self.settings.key_rotation_interval)
+        return self.clock() + max(0.0, min(moments) - wall) if moments else float("inf")
+
+    def _key_created_at(self) -> float:
+        assert self.key_store is not None
+        try:
+            return self.key_store.created_at()
+        except OSError:
+            return self.wall_clock()
+
+    def _follow_rotations(self) -> None:
+        """Worker: hand the model each rotating remote node whose programmed key changed since (node_hook.rotation)."""
+        now = self.wall_clock()
+        for name, node in list(self._rotating_nodes.items()):
+            programmed = effective(node, now)
+            current = self.model.remote_nodes.get(name)
+            if current is None or current.public_key != programmed.public_key:
+                log.info("node %s: key %s... -> %s... (rotation)", name,
+                         current.public_key[:8] if current else "", programmed.public_key[:8])
+                self._set_remote(programmed)
+            if next_change(node, now) is None:
+                del self._rotating_nodes[name]
+
+    def _advance_rotation(self) -> None:
+        """Worker: this node's own rotation - start one when `keyRotationInterval` is due, switch once the API holds
+        the announcement and the switch time came, announce a new time when the old one passed unannounced."""
+        if self.key_store is None:
+            return
+        now = self.wall_clock()
+        if self.next_key is None:
+            interval = self.settings.key_rotation_interval
+            if interval and now >= self._key_created_at() + interval:
+                self._start_rotation()
+            return
+        next_public = self.next_key.public_key
+        self.key_switch_at = switch_time(self.publication, next_public, self.key_switch_at, now)
+        if now < self.key_switch_at:
+            return
+        if confirmed(self.publication, next_public, self.key_switch_at):
+            self._switch_key()
+            self._mark_published(next_public)
+        elif self.publication.state == "opted-out":
+            self._switch_key()
+        else:  # peers cannot have known that time: a new one, announced again
+            self.key_switch_at = now + SWITCH_LEAD
+
+    def _switch_key(self) -> None:
+        assert self.key_store is not None
+        old = self.key
+        self.key = self.key_store.promote_next()
+        self.next_key = None
+        self.reconciler.set_device_key(self.key.private, self.key.public_key)
+        self.model.set_local_public_key(self.key.public_key)
+        self.key_rotated_at = self.wall_clock()
+        self.key_rotations += 1
+        log.info("key rotation: switched from %s... to %s...", old.public_key[:8], self.key.public_key[:8])
+
     def local_ips(self) -> frozenset[str]:
         """This node's IPs: its node IPs and every local pod IP (any thread holding `model_lock`, or the worker)."""
         return frozenset(str(address_of(key)) for key in self.model.local_pod_ips) | self.environment.node_ips
 
     def _gate_rules(self) -> None:
         """Worker thread, before a pass: the rules as the publication allows them (planner.publication_gate)."""
-        tunnel, bypass = publication_gate(self.publication, self.key.public_key, self.local_ips())
+        tunnel, bypass = publication_gate(self.publication, self.key.public_key, self.local_ips(),
+                                          self.key_held_before())
         settings = self.settings
         if enforcing(settings, self.publication):  # strict: an unpublished IP's packets are dropped in the main
             bypass = frozenset()  # table; in the tunnel they reach every peer that has learned it already
@@ -533,6 +685,8 @@ class Engine:
             mtu=self.environment.mtu,
             ready=self.reconciler.converged,
             message=self.last_error or "dataplane programmed",
+            next_public_key=self.next_key.public_key if self.next_key is not None else "",
+            key_switch_at=self.key_switch_at if self.next_key is not None else 0.0,
         )
         if announcement != self._last_announcement:
             self._last_announcement = announcement

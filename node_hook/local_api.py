@@ -1,8 +1,8 @@
 """The hook's local API: a Unix stream socket (mode 0600), one JSON request line -> one JSON answer line.
 
-Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods, diagnose, resync. `peers` takes
-optional `offset`, `limit` and `node`; `routes` optional `limit`, `owner` and the keyset cursor `after` (a `limit`
-is at least 1, as the CLI's `--limit`); so answers stay small at 5 000 peers.
+Ops (docs/design.md): pod-added, pod-deleted, check, status, peers, routes, pods, diagnose, resync, rotate-key.
+`peers` takes optional `offset`, `limit` and `node`; `routes` optional `limit`, `owner` and the keyset cursor
+`after` (a `limit` is at least 1, as the CLI's `--limit`); so answers stay small at 5 000 peers.
 Every answer has `ok`; on `ok: false` an `error` a person can act on. A malformed request never reaches the
 engine and never kills the server.
 `request()` is the client used by the CLI (the plugin has its own stdlib client).
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cni_plugin.strict import ADD_HOLD_MAX
+from node_hook.engine import KeyRotationError
+from node_hook.keys import KeyFileError
 
 if TYPE_CHECKING:
     from node_hook.node import Node
@@ -94,13 +96,15 @@ def answer(node: Node, request: object) -> dict[str, Any]:
         if op == "resync":
             node.engine.trigger_resync()
             return {"ok": True}
-    except ApiError as error:
+        if op == "rotate-key":
+            return {"ok": True, **node.engine.rotate_key()}
+    except (ApiError, KeyRotationError, KeyFileError) as error:
         return {"ok": False, "error": str(error)}
     except Exception as error:  # noqa: BLE001 - the server answers, logs, and keeps serving
         log.exception("local API %s failed", op)
         return {"ok": False, "error": f"{op} failed in the hook: {error}"}
     return {"ok": False, "error": f"unknown op {op!r}; known: pod-added, pod-deleted, check, status, peers, "
-                                  "routes, pods, diagnose, resync"}
+                                  "routes, pods, diagnose, resync, rotate-key"}
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):

@@ -50,6 +50,8 @@ class RemoteNode:
     pod_ips_changed_at: float = 0.0  # unix time the node last changed its published pod IPs (legacy conflict rule)
     # (claim revision, pod IPs claimed after it), revisions ascending: when the node claimed each IP (conflict rule)
     pod_ip_claims: tuple[tuple[int, frozenset[IPNetwork]], ...] = ()
+    next_public_key: str = ""  # a rotation under way: the key it switches to at `key_switch_at` (node_hook.rotation)
+    key_switch_at: float = 0.0  # unix time
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "node_ips", host_keys(self.node_ips, f"node {self.name} node IPs"))
@@ -81,6 +83,8 @@ class LocalAnnouncement:
     mtu: int
     ready: bool
     message: str
+    next_public_key: str = ""  # a rotation under way: the key this node switches to at `key_switch_at`
+    key_switch_at: float = 0.0  # unix time
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pod_ips", host_keys(self.pod_ips, f"node {self.name} local pod IPs"))
@@ -100,6 +104,8 @@ class Publication:
     public_key: str = ""
     ips: frozenset[str] = frozenset()
     reason: str = ""
+    next_public_key: str = ""  # a rotation's next key and switch time, as the API holds them
+    key_switch_at: float = 0.0
 
 
 UNKNOWN_PUBLICATION = Publication("unknown")
@@ -204,6 +210,7 @@ class NodeModel:
         # Our own key counts as held by this node: a remote node publishing it (a cloned disk, a copied state dir)
         # is a key conflict like any other, never a peer (the kernel would silently ignore it anyway).
         self._key_holders: dict[str, set[str]] = {local_public_key: {node_name}} if local_public_key else {}
+        self._local_public_key = local_public_key
         self._peer_of_node: dict[str, str] = {}  # node -> key it is programmed under (usable nodes only)
         self.peers: dict[str, DesiredPeer] = {}
         self.routes = DesiredRoutes(self)
@@ -309,6 +316,20 @@ class NodeModel:
                 holders.add(name)
                 self._dirty_nodes.update(holders)
         self._dirty_nodes.add(name)
+        self._settle()
+
+    def set_local_public_key(self, public_key: str) -> None:
+        """This node now uses `public_key` (a key rotation switched): a remote node still claiming the old one is no
+        longer in conflict with this node, one claiming the new one is."""
+        if public_key == self._local_public_key:
+            return
+        self._release_key(self._local_public_key, self.node_name)
+        self._local_public_key = public_key
+        if public_key:
+            holders = self._key_holders.setdefault(public_key, set())
+            holders.add(self.node_name)
+            self._dirty_nodes.update(holders)
+        self._dirty_nodes.discard(self.node_name)
         self._settle()
 
     def remove_remote_node(self, name: str) -> None:

@@ -15,7 +15,7 @@ from node_hook.contracts import WireGuardBackend, WireGuardChange
 from node_hook.detect import Environment, kernel_wireguard_available
 from node_hook.engine import FIREWALL_TABLE, Appliers, Engine, Observer, PeerSource, RecordSource
 from node_hook.install.settings import DEFAULT_CONF_DIR as DEFAULT_CNI_CONF_DIR
-from node_hook.keys import NodeKey
+from node_hook.keys import KeyStore, NodeKey
 from node_hook.pod_routes import PodRouteSource
 from node_hook.view import NodeView
 
@@ -99,7 +99,8 @@ def build_node(
     if appliers is None:
         appliers = real_appliers(settings, lambda code: engine_ref[0].wireguard_exited(code) if engine_ref else None,
                                  lambda change: engine_ref[0].wireguard_changed(change) if engine_ref else None)
-    engine = Engine(settings, key, environment, peer_source, appliers, records, pod_routes, clock, observer)
+    engine = Engine(settings, key, environment, peer_source, appliers, records, pod_routes, clock, observer,
+                    key_store=KeyStore(settings.key_file))
     engine_ref.append(engine)
     targets = engine.targets
     monitor = NetlinkMonitor(settings, engine, sysctls=targets.sysctls, firewall_table=targets.firewall.table,

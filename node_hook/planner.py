@@ -138,6 +138,19 @@ def plan_device(spec: DeviceSpec, actual: DeviceState | None) -> DeviceSpec | No
     return None
 
 
+def only_key_differs(spec: DeviceSpec, actual: DeviceState | None) -> bool:
+    """A key rotation's switch: the device is up and as wanted but for its private key (its peers stay)."""
+    return (actual is not None and actual.up and actual.public_key != spec.public_key
+            and (actual.listen_port, actual.fwmark, actual.mtu) == (spec.listen_port, spec.fwmark, spec.mtu))
+
+
+def greetings(ops: Iterable[PeerOp]) -> dict[str, int]:
+    """The peers of `ops` that are new on the device (added whole, with an endpoint) -> their persistent keepalive:
+    each is sent one keepalive, so the pair has a session at once (see WireGuardBackend.greet)."""
+    return {op.public_key: op.persistent_keepalive for op in ops
+            if isinstance(op, UpsertPeer) and op.replace_allowed_ips and op.endpoint is not None}
+
+
 def _normal_endpoint(endpoint: tuple[str, int] | None) -> tuple[str, int] | None:
     if endpoint is None:
         return None
@@ -322,18 +335,21 @@ def desired_rules(priority: int, fwmark: int, table: int, tunnel: bool = True,
     return frozenset(rules)
 
 
-def publication_gate(publication: Publication, public_key: str,
-                     local_ips: Iterable[str]) -> tuple[bool, frozenset[str]]:
+def publication_gate(publication: Publication, public_key: str, local_ips: Iterable[str],
+                     held_before: bool = True) -> tuple[bool, frozenset[str]]:
     """(tunnel, bypass sources): whether this node may send into the tunnel at all, and which of its own IPs must
     not, judged by what the API holds of its publication (peers program exactly that).
 
-    Nothing seen yet: the tunnel as it is (a restarted hook must not drop a working mesh before its first list).
+    Nothing seen yet: the tunnel as it is when the API held this key when last seen (`held_before`: a restarted
+    hook must not drop a working mesh before its first list), else none - a key no peer can know (a reimage, a lost
+    key file) must not send the node's first requests, those to the API server among them, into the tunnel.
     The API holds another key, or none: no tunnel - no peer could take what it sends, so the node's traffic stays
-    in the main table (plaintext) instead of vanishing. Otherwise every local IP the API does not list yet is a
+    in the main table (plaintext) instead of vanishing. The key a rotation announced as next counts as held: peers
+    switch to it at the announced time (node_hook.rotation). Otherwise every local IP the API does not list yet is a
     bypass source: peers would drop it as an unallowed source, so it leaves by the main table until it is there."""
     if publication.state == "unknown":
-        return True, frozenset()
-    if not public_key or publication.public_key != public_key:
+        return held_before, frozenset()
+    if not public_key or public_key not in (publication.public_key, publication.next_public_key):
         return False, frozenset()
     return True, frozenset(local_ips) - publication.ips
 

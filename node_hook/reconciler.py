@@ -41,6 +41,8 @@ from node_hook.planner import (
     APPLY_ORDER,
     Plan,
     RouteSets,
+    greetings,
+    only_key_differs,
     plan_device,
     plan_device_address,
     plan_firewall,
@@ -148,6 +150,12 @@ class Reconciler:
             self.targets = replace(self.targets, rules=rules)
             self._rules_changed = True
 
+    def set_device_key(self, private_key: bytes, public_key: str) -> None:
+        """A key rotation switched: the next pass gives the device this key (its peers stay) and greets every peer."""
+        self.targets = replace(self.targets, device=replace(self.targets.device, private_key=private_key,
+                                                            public_key=public_key))
+        self.in_sync["device"] = False
+
     def set_firewall(self, spec: FirewallSpec) -> None:
         """The desired firewall (the strict table follows the remote nodes and the strict settings); the next pass
         applies it when it differs from the one last applied (compared there, once per pass)."""
@@ -202,17 +210,22 @@ class Reconciler:
                 device = self.wireguard.read_stream()
                 spec = plan_device(self.targets.device, device.device if device is not None else None)
                 if spec is not None:
+                    rekey = only_key_differs(spec, device.device if device is not None else None)
                     _drain(device)  # it is about to change
                     device = None
                     self.wireguard.ensure_device(spec)
                     applied["device"] = 1
                     self._step_done("device", 1)
-                    # A (re)created device has no peers, its routes went with the old link and its own sysctls
-                    # are back to defaults: read those aspects back in full.
-                    for aspect in ("peers", "routes", "sysctls"):
-                        self.in_sync[aspect] = False
-                        if aspect not in full:
-                            full.append(aspect)
+                    if rekey:  # every session ended with the old key: each peer is greeted to start a new one
+                        self.wireguard.greet({peer.public_key: peer.persistent_keepalive
+                                              for peer in self.model.peers.values() if peer.endpoint is not None})
+                    else:
+                        # A (re)created device has no peers, its routes went with the old link and its own sysctls
+                        # are back to defaults: read those aspects back in full.
+                        for aspect in ("peers", "routes", "sysctls"):
+                            self.in_sync[aspect] = False
+                            if aspect not in full:
+                                full.append(aspect)
                 self.in_sync["device"] = True
             step = "read"
             plan = Plan()
@@ -326,6 +339,8 @@ class Reconciler:
             self.sysctls.write(payload)  # type: ignore[arg-type]
         elif name in ("peer_reshape", "peer_removals", "peer_adds"):
             self.wireguard.apply_peer_ops(payload)  # type: ignore[arg-type]
+            if name == "peer_adds":
+                self.wireguard.greet(greetings(payload))  # type: ignore[arg-type]
         else:
             self.routing.apply(payload)  # type: ignore[arg-type]
 

@@ -3,9 +3,11 @@
 For tests and for clusters without Kubernetes. File format:
 
     {"nodes": [{"name": "node-b", "publicKey": "<base64>", "endpoint": "10.240.0.35", "endpointPort": 51820,
-                "nodeIPs": ["10.240.0.35"], "podIPs": ["10.240.0.70"], "podIPsChangedAt": 1732580000.0}]}
+                "nodeIPs": ["10.240.0.35"], "podIPs": ["10.240.0.70"], "podIPsChangedAt": 1732580000.0,
+                "nextPublicKey": "<base64>", "keySwitchAt": 1732580100.0}]}
 
-`publicKey` may be "" (a node without WireGuard: plaintext, reported). Every successful read is a complete list.
+`publicKey` may be "" (a node without WireGuard: plaintext, reported); `nextPublicKey` and `keySwitchAt` (unix time)
+announce a key rotation (node_hook.rotation), as the announcement does. Every successful read is a complete list.
 A file that cannot be parsed is reported once per change and the last good list stays in force. `publish()` writes
 this node's announcement to `announce_file` (atomically, JSON with the same field names) when one is configured.
 """
@@ -49,12 +51,15 @@ def parse_peers(text: str, where: str) -> dict[str, RemoteNode]:
                 host_keys([endpoint], f"{label} endpoint")
             port = int(entry.get("endpointPort", 51820))
             changed_at = float(entry.get("podIPsChangedAt", 0.0))
+            switch_at = float(entry.get("keySwitchAt", 0.0))
         except (TypeError, ValueError) as error:
             raise PeersFileError(str(error) if label in str(error) else f"{label}: {error}") from None
         key = entry.get("publicKey", "")
-        if not isinstance(key, str):
-            raise PeersFileError(f"{label}: publicKey must be a string")
-        nodes[entry["name"]] = RemoteNode(entry["name"], key, endpoint, port, node_ips, pod_ips, changed_at)
+        next_key = entry.get("nextPublicKey", "")
+        if not isinstance(key, str) or not isinstance(next_key, str):
+            raise PeersFileError(f"{label}: publicKey and nextPublicKey must be strings")
+        nodes[entry["name"]] = RemoteNode(entry["name"], key, endpoint, port, node_ips, pod_ips, changed_at,
+                                          next_public_key=next_key, key_switch_at=switch_at)
     return nodes
 
 
@@ -69,6 +74,8 @@ def announcement_json(announcement: LocalAnnouncement) -> dict[str, object]:
         "mtu": announcement.mtu,
         "ready": announcement.ready,
         "message": announcement.message,
+        **({"nextPublicKey": announcement.next_public_key, "keySwitchAt": announcement.key_switch_at}
+           if announcement.next_public_key else {}),
     }
 
 
@@ -130,7 +137,9 @@ class StaticPeerSource:
                              temporary_prefix=f".{self.announce_file.name}.tmp.", durable=False)
         if self._sink is not None:
             self._sink.published(Publication("written", announcement.public_key,
-                                             announcement.node_ips | frozenset(address_texts(announcement.pod_ips))))
+                                             announcement.node_ips | frozenset(address_texts(announcement.pod_ips)),
+                                             next_public_key=announcement.next_public_key,
+                                             key_switch_at=announcement.key_switch_at))
 
     def stop(self) -> None:
         self._stopping.set()

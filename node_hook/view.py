@@ -130,6 +130,7 @@ class NodeView:
             "node": engine.settings.node_name,
             "publicKey": engine.key.public_key,
             "keyFingerprint": key_fingerprint(engine.key.public_key),
+            "keyRotation": engine.key_state(),
             "backend": engine.appliers.wireguard.kind,
             "interface": engine.settings.interface,
             "listenPort": engine.settings.listen_port,
@@ -300,8 +301,8 @@ class NodeView:
         engine = self.engine
         with engine.model_lock:
             publication, local = engine.publication, engine.local_ips()
-            since = engine.unpublished_since
-        tunnel, bypass = publication_gate(publication, engine.key.public_key, local)
+            since, held_before = engine.unpublished_since, engine.key_held_before()
+        tunnel, bypass = publication_gate(publication, engine.key.public_key, local, held_before)
         held_key = publication.public_key
         if publication.state == "unknown":
             state, message = "unknown", "waiting for the API's copy of this node's WireguardNode"
@@ -323,7 +324,8 @@ class NodeView:
                 message += (f"; until the API holds it, {scope} leave(s) in plaintext (peers could not take it "
                             "encrypted)")
         age = 0.0 if since is None else max(0.0, engine.clock() - since)
-        return {"state": state, "message": message, "tunnel": tunnel, "keyPublished": held_key == engine.key.public_key,
+        published = engine.key.public_key in (held_key, publication.next_public_key)
+        return {"state": state, "message": message, "tunnel": tunnel, "keyPublished": published,
                 "unpublished": sorted(bypass)[:UNPUBLISHED_LISTED], "unpublishedCount": len(bypass),
                 "unpublishedSeconds": round(age, 1), "overdue": age >= PUBLICATION_GRACE_SECONDS}
 

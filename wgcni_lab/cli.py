@@ -144,16 +144,21 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
               help="containerd: conf/daemonset.yaml run from the wgcni image (`make image`, built if needed) through "
                    "each node's containerd; processes: the bundles of dist/ as bare processes; auto: containerd when "
                    "mmdebstrap and buildah are installed")
+@click.option("--apiserver-on", metavar="NODE", default="",
+              help="serve the API server on this node's IP (a self-managed control plane, inside the addresses "
+                   "host encryption covers) instead of on loopback in every node (AKS's managed API server)")
 @click.pass_obj
 def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings: tuple[str, ...],
        restart_backoff: float, restart_backoff_max: float, plugin: Path, hook: Path, timeout: float,
-       no_azure_underlay: bool, daemonset_runtime: str) -> None:
+       no_azure_underlay: bool, daemonset_runtime: str, apiserver_on: str) -> None:
     """Bring the lab up and leave it running."""
     plugin, hook = plugin.absolute(), hook.absolute()
     if pods_before_install + pods_per_node > lab.MAX_PODS:
         raise lab.LabError(f"--pods-before-install + --pods-per-node is more than a node's {lab.MAX_PODS} pod IPs")
     if restart_backoff_max < restart_backoff:
         raise lab.LabError("--restart-backoff-max is below --restart-backoff")
+    if apiserver_on and apiserver_on not in lab.node_names(nodes):
+        raise lab.LabError(f"--apiserver-on {apiserver_on}: no such node (nodes: {', '.join(lab.node_names(nodes))})")
     hook_settings = parse_settings(settings)
     _preflight(plugin, hook)
     if lab.load_state(lab_dir) is not None or lab_dir.exists():
@@ -165,7 +170,8 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, 
          "--pods-per-node", str(pods_per_node), "--pods-before-install", str(pods_before_install),
          "--settings-json", json.dumps(hook_settings), "--restart-backoff", f"{restart_backoff}:{restart_backoff_max}",
          "--plugin", str(plugin), "--hook", str(hook), "--parent", str(os.getpid()),
-         "--daemonset-image", image_archive, *(["--no-azure-underlay"] if no_azure_underlay else [])],
+         "--daemonset-image", image_archive, "--apiserver-on", apiserver_on,
+         *(["--no-azure-underlay"] if no_azure_underlay else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
@@ -239,16 +245,18 @@ def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
 @click.option("--parent", type=int, required=True)
 @click.option("--no-azure-underlay", is_flag=True)
 @click.option("--daemonset-image", default="")
+@click.option("--apiserver-on", default="")
 @click.pass_obj
 def daemon(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings_json: str,
            restart_backoff: str, plugin: Path, hook: Path, parent: int, no_azure_underlay: bool,
-           daemonset_image: str) -> None:
+           daemonset_image: str, apiserver_on: str) -> None:
     """The lab daemon (started by `up`)."""
     from wgcni_lab.daemon import serve
 
     first, cap = (float(part) for part in restart_backoff.split(":"))
     sys.exit(serve(lab_dir, nodes, pods_before_install, pods_per_node, plugin, hook, json.loads(settings_json),
-                   (first, cap), parent, azure_underlay=not no_azure_underlay, daemonset_image=daemonset_image))
+                   (first, cap), parent, azure_underlay=not no_azure_underlay, daemonset_image=daemonset_image,
+                   apiserver_node=apiserver_on))
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:

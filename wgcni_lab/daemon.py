@@ -114,7 +114,7 @@ def control_handlers(cluster: lifecycle.Cluster) -> dict[str, control.Handler]:
 
 def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: int, plugin: Path, hook: Path,
           settings: dict[str, Any], restart_backoff: tuple[float, float], parent: int, azure_underlay: bool,
-          daemonset_image: str = "") -> int:
+          daemonset_image: str = "", apiserver_node: str = "") -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -124,10 +124,13 @@ def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: in
     lab_dir.mkdir(mode=0o700, parents=True)
     state = lab.new_state(lab_dir, nodes, plugin, hook, settings, restart_backoff, azure_underlay)
     state.daemonset_image = daemonset_image
+    state.apiserver_node = apiserver_node
     state.daemon_pid = os.getpid()
     state.save()
     api = ApiServer(crds=[yaml.safe_load(lab.CRD_FILE.read_text())],
-                    manifests=[doc for doc in yaml.safe_load_all(lab.RBAC_FILE.read_text()) if doc])
+                    manifests=[doc for doc in yaml.safe_load_all(lab.RBAC_FILE.read_text()) if doc],
+                    tls_dir=lab_dir / "apiserver-tls",
+                    tls_hosts=[state.node(apiserver_node).ip] if apiserver_node else [])
     cluster = lifecycle.Cluster(state, api, progress)
     server: control.ControlServer | None = None
     try:

@@ -406,7 +406,7 @@ class ImageDaemonSetPod(FreezablePod):
                 paths[name] = str(path)
         credentials = self.pod_dir / "volumes" / "wgcni-lab~credentials"
         self.in_node(credentials).mkdir(parents=True, exist_ok=True)
-        kubeconfig = lab.kubeconfig(self.node, self.api.tls.ca_pem, token_file=CREDENTIALS_DIR / "token")
+        kubeconfig = lab.kubeconfig(self.state, self.node, self.api.tls.ca_pem, token_file=CREDENTIALS_DIR / "token")
         (self.in_node(credentials) / "kubeconfig").write_text(json.dumps(kubeconfig, indent=2) + "\n")
         paths[""] = str(credentials)
         self.credentials = credentials

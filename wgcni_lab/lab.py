@@ -193,6 +193,7 @@ class LabState:
     restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF  # the DaemonSet pod's: first delay, cap
     daemonset_installed: bool = False  # wgcni's DaemonSet runs on every node (after the pods that predate it)
     daemonset_image: str = ""  # the image's OCI archive: the DaemonSet runs from it (kubelet); "": bare processes
+    apiserver_node: str = ""  # the node whose IP serves the API server (`up --apiserver-on`); "": loopback in each
     format: int = STATE_FORMAT
 
     @property
@@ -287,10 +288,17 @@ def hook_config(azure_underlay: bool, settings: dict[str, Any] | None = None) ->
     }
 
 
-def kubeconfig(node: NodeState, ca_pem: bytes, token_file: Path = NODE_CONFIG_DIR / "token") -> dict[str, Any]:
+def api_host_in_node(state: LabState) -> str:
+    """Where a node reaches the API server: loopback (the lab daemon serves it in every node, as AKS's managed API
+    server is outside the encrypted set), or with `up --apiserver-on` that node's IP, across the fabric."""
+    return state.node(state.apiserver_node).ip if state.apiserver_node else "127.0.0.1"
+
+
+def kubeconfig(state: LabState, node: NodeState, ca_pem: bytes,
+               token_file: Path = NODE_CONFIG_DIR / "token") -> dict[str, Any]:
     """The hook's kubeconfig: the cluster CA and the token file the kubelet keeps (wgcni-node's service account,
     bound to the node), `token_file` as the hook sees it."""
-    server = f"https://127.0.0.1:{API_PORT_IN_NODE}"
+    server = f"https://{api_host_in_node(state)}:{API_PORT_IN_NODE}"
     return {
         "apiVersion": "v1", "kind": "Config", "current-context": "lab",
         "clusters": [{"name": "lab", "cluster": {"server": server,
@@ -337,6 +345,11 @@ def in_node(node: NodeState, argv: list[str], **kwargs: Any) -> subprocess.Compl
 
 # ---- bring-up steps (run by the lab daemon, wgcni_lab.daemon) -------------------------------------------------------
 
+def node_names(count: int) -> list[str]:
+    """The names `up --nodes count` gives its nodes."""
+    return [f"node-{index + 1}" for index in range(count)]
+
+
 def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dict[str, Any] | None = None,
               restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF, azure_underlay: bool = True) -> LabState:
     lab_id = secrets.token_hex(3)
@@ -346,8 +359,8 @@ def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dic
         lab_dir=str(lab_dir),
         vnet_netns=f"wgl-{lab_id}-vnet",
         client_netns=f"wgl-{lab_id}-client",
-        nodes=[NodeState(name=f"node-{index + 1}", ip=node_ip(index), netns=f"wgl-{lab_id}-node-{index + 1}",
-                         pod_ips=pools[index]) for index in range(nodes)],
+        nodes=[NodeState(name=name, ip=node_ip(index), netns=f"wgl-{lab_id}-{name}", pod_ips=pools[index])
+               for index, name in enumerate(node_names(nodes))],
         cgroup_prefix=f"wgcni-lab-{lab_id}",
         plugin=str(plugin),
         hook=str(hook),
@@ -369,9 +382,14 @@ def create_node_network(state: LabState, node: NodeState) -> None:
 
 
 def remove_node_network(state: LabState, node: NodeState, timeout: float = 10.0) -> None:
-    """Delete the node's network namespace with everything in it and wait until the kernel has destroyed it (it
-    does so asynchronously): its VNet link is gone, so `create_node_network` can attach the node again."""
+    """Delete the node's network namespace with everything in it (its processes already killed) and wait until the
+    kernel has destroyed it (it does so asynchronously): its VNet link is gone, so `create_node_network` can attach
+    the node again."""
     if node.netns in lab_namespaces(state):
+        # A powered-off kernel keeps no connection: the closed sockets of its killed processes would stay as orphans
+        # retransmitting their FIN (for minutes when the peer's answer goes into a tunnel this node no longer has),
+        # and each holds the namespace, so its VNet link, alive.
+        in_netns(node.netns, ["ss", "--kill", "--tcp", "--all"], check=False)
         run(["ip", "netns", "delete", node.netns])
 
     def detached() -> bool:
@@ -426,7 +444,7 @@ def write_node_config(state: LabState, node: NodeState, ca_pem: bytes) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = hook_config(state.azure_underlay, state.settings)
     (directory / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
-    (directory / "kubeconfig").write_text(json.dumps(kubeconfig(node, ca_pem), indent=2) + "\n")
+    (directory / "kubeconfig").write_text(json.dumps(kubeconfig(state, node, ca_pem), indent=2) + "\n")
 
 
 def write_node_token(node: NodeState, token: str, directory_in_node: Path = NODE_CONFIG_DIR) -> None:

@@ -305,6 +305,8 @@ class Cluster:
         lab.start_node_mounts(self.state, node)
         services.program_node(self.state, node)  # kube-proxy's chains, before any pod of the node runs
         self.api.add_listener(NamespacedListener(node.netns, "127.0.0.1", lab.API_PORT_IN_NODE))
+        if node.name == self.state.apiserver_node:  # a host-network API server: behind the node's own routing
+            self.api.add_listener(NamespacedListener(node.netns, node.ip, lab.API_PORT_IN_NODE))
         if fresh_disk:
             lab.prepare_node_cni(node)
         runtime = lab.node_containerd(self.state, node)

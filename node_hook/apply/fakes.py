@@ -16,7 +16,7 @@ fails half-way) and removes the name.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
@@ -88,7 +88,7 @@ class FakeWireGuard(_FailNext):
     """A WireGuardBackend in memory."""
 
     kind = "fake"
-    operations = ("read", "ensure_device", "apply_peer_ops", "delete_device")
+    operations = ("read", "ensure_device", "apply_peer_ops", "greet", "delete_device")
 
     def __init__(self, name: str = "wgcni0") -> None:
         super().__init__()
@@ -100,6 +100,7 @@ class FakeWireGuard(_FailNext):
         # Rebuilt whenever the peers dict is not the one it was built for (tests replace the device).
         self._holder: dict[IPNetwork, str] = {}
         self._indexed_peers: dict[str, PeerState] | None = None
+        self.greetings: list[str] = []  # keys sent a keepalive by greet(), in order
 
     def read(self) -> DeviceState | None:
         self._maybe_fail("read")
@@ -123,6 +124,12 @@ class FakeWireGuard(_FailNext):
             raise RuntimeError(f"WireGuard device {self.name} does not exist")
         for op in self._batch("apply_peer_ops", ops):
             self._apply(op)
+
+    def greet(self, peers: Mapping[str, int]) -> None:
+        self._maybe_fail("greet")
+        if self.device is None:
+            raise RuntimeError(f"WireGuard device {self.name} does not exist")
+        self.greetings.extend(key for key in peers if key in self.device.peers)
 
     def _holders(self) -> dict[IPNetwork, str]:
         assert self.device is not None

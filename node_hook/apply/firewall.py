@@ -9,6 +9,16 @@ What the tables do (rendered by `render_firewall`, which the fake shares):
   WireGuard device). Such a packet keeps no mark, so rule `not fwmark M/M` sends it through the hook's table:
   a NodePort connection that kube-proxy forwards to a pod on another node crosses the VNet encrypted. Marking in
   the raw hook, before DNAT, cannot tell those apart, and the mark made them leave through eth0 in plaintext;
+- replies follow their request (the same chain, and `reply-route` for the host's own replies, which the kernel
+  routes again when the mark changes): a connection whose first packet arrived in plaintext from outside (not from
+  the WireGuard device, lo or a pod) carries the fwmark bit in its conntrack mark, and its replies get the fwmark,
+  so they leave by the main table in plaintext too, until a packet of it arrives through the tunnel (which clears the
+  bit). A node whose key its peers do not hold yet (reimaged, key file lost) can only send in plaintext; without
+  this, a peer's replies would go into the tunnel under the node's old key and be dropped - so a node that reaches
+  the API server through an address host encryption covers could never publish its new key. Nothing is less
+  encrypted than what was asked: the request itself came in plaintext. In enforcing strict mode only connections from
+  addresses outside the tunnel get the bit (the strict table's `origin` chain): a WireGuard node's plaintext
+  request gets no plaintext reply there, so the API server must be reached outside the encrypted set (`exempt`);
 - ARP input (table `arp <table>`): the same mark on ARP requests. The kernel answers an ARP request only if a route
   lookup from the sender passes the reverse-path check; with host encryption the sender (a node IP) routes into
   the tunnel, so under strict rp_filter unmarked requests go unanswered and nodes on a shared L2 lose each other
@@ -57,17 +67,30 @@ _HITS_BLOCK = re.compile(r"\tset hits-[a-z]+[46] \{.*?\n\t\}\n\n?", re.DOTALL)
 def render_firewall(spec: FirewallSpec) -> str:
     """The nftables ruleset text for `spec` (shared by the real applier and the fake): two tables, both named
     `spec.table`, one `inet` (IP packets) and one `arp` (ARP requests take the same reverse-path check)."""
-    exempt = [f'iifname "{spec.wireguard_interface}" return', 'iifname "lo" return']
+    wireguard = spec.wireguard_interface
+    exempt = [f'iifname "{wireguard}" return', 'iifname "lo" return']
     exempt += [f'iifname "{prefix}*" return' for prefix in spec.pod_interface_prefixes]
     body = "\n\t\t".join(exempt)
-    mark = f"meta mark set meta mark | {spec.fwmark:#x}"
+    bit = f"{spec.fwmark:#x}"
+    mark = f"meta mark set meta mark | {bit}"
+    plaintext_reply = f"ct direction reply ct mark & {bit} == {bit} {mark}"
+    # Enforcing strict mode sets the bit itself, only for sources outside the tunnel (render_strict's `origin`).
+    enforcing = spec.strict is not None and spec.strict.enforce
+    remember_plaintext = "" if enforcing else f"\t\tct direction original ct mark set ct mark | {bit}\n"
     return (
         f"table inet {spec.table} {{\n"
         "\tchain mark-underlay {\n"
         "\t\ttype filter hook prerouting priority dstnat + 1; policy accept;\n"
+        f"\t\t{plaintext_reply} return\n"
+        f'\t\tiifname "{wireguard}" ct direction original ct mark set ct mark & {~spec.fwmark & 0xffffffff:#x}\n'
         f"\t\t{body}\n"
-        f'\t\tfib daddr oifname "{spec.wireguard_interface}" return\n'
+        f"{remember_plaintext}"
+        f'\t\tfib daddr oifname "{wireguard}" return\n'
         f"\t\t{mark}\n"
+        "\t}\n"
+        "\tchain reply-route {\n"
+        "\t\ttype route hook output priority mangle; policy accept;\n"
+        f"\t\t{plaintext_reply}\n"
         "\t}\n"
         "\tchain input {\n"
         "\t\ttype filter hook input priority filter - 1; policy accept;\n"
@@ -75,7 +98,7 @@ def render_firewall(spec: FirewallSpec) -> str:
         "\t}\n"
         "\tchain forward {\n"
         "\t\ttype filter hook forward priority mangle; policy accept;\n"
-        f'\t\toifname "{spec.wireguard_interface}" tcp flags syn tcp option maxseg size set rt mtu\n'
+        f'\t\toifname "{wireguard}" tcp flags syn tcp option maxseg size set rt mtu\n'
         "\t}\n"
         "}\n"
         f"table arp {spec.table} {{\n"

@@ -32,7 +32,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from socket import AF_INET, AF_INET6
 from typing import Any
@@ -639,6 +639,19 @@ class KernelWireGuard:
             except NetlinkError as error:
                 keys = ", ".join(sorted({w.public_key for w in writes}))
                 raise KernelWireGuardError(f"updating peers of {self.ifname} ({keys}): {error}") from error
+
+    def greet(self, peers: Mapping[str, int]) -> None:
+        if not peers:
+            return
+        for keepalive in (0, 1, None):  # off, on (the kernel sends a keepalive), back to each peer's own
+            writes = [PeerWrite(public_key=key, flags=WGPEER_F_UPDATE_ONLY,
+                                persistent_keepalive=own if keepalive is None else keepalive)
+                      for key, own in peers.items()]
+            for message in split_messages(writes):
+                try:
+                    self._socket().set_device(build_set_message(self.ifname, message))
+                except NetlinkError as error:
+                    raise KernelWireGuardError(f"greeting peers of {self.ifname}: {error}") from error
 
     def per_ip_remove_supported(self) -> bool:
         """Whether the kernel has WGALLOWEDIP_F_REMOVE_ME, probed once on this device: the temporary peer is

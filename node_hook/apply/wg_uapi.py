@@ -15,10 +15,10 @@
   so the hook must see the writes; the proxy can be recreated by each hook process (wireguard-go exits when the
   socket file it created is replaced or deleted, hence not simply a proxy in front of its own socket file).
 - `apply_peer_ops` sends all ops in ONE `set=1` transaction (wireguard-go applies it under the device lock).
-  A peer put on a device this process started (after a restart of the hook's container, which wireguard-go does
-  not outlive, or of a crashed wireguard-go) is sent one keepalive at once, by turning persistent keepalive on and
-  back off (wireguard-go sends a keepalive when it is turned on): it makes a handshake, so the remote peer drops
-  its session with the dead device now, instead of sending into it until its own handshake timeout (15 s).
+  `greet` sends peers one keepalive by turning persistent keepalive off, on and back (wireguard-go sends a
+  keepalive when it is turned on, as the kernel does); the reconciler greets every peer new on the device, so after a
+  restart of the hook's container (which wireguard-go does not outlive) the remote peer drops its session with the
+  dead device now, instead of sending into it until its own handshake timeout (15 s).
   `RemoveAllowedIPs` gives the prefixes to a temporary all-zero-key peer and deletes that peer in the same
   transaction: the peer's other AllowedIPs are never touched and there is no window (wireguard-go accepts the
   zero key; checked against wireguard-go 0.0.20220316 in tests/netns/test_wg_uapi.py).
@@ -36,7 +36,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from socket import AF_INET, AF_INET6, inet_ntop
@@ -343,8 +343,6 @@ class UserspaceWireGuard:
         self._lock = threading.Lock()
         self._ipr = IPRoute()
         self.restarts = 0
-        self._started_here = False  # the device is one this process started: its peers have no sessions
-        self._greeted: set[str] = set()  # peers sent their first keepalive on that device
 
     @property
     def intercepting(self) -> bool:
@@ -400,7 +398,6 @@ class UserspaceWireGuard:
                 raise UapiError(f"wireguard-go {self.ifname} exited with {process.returncode} at start")
             if self.client.alive() and self._ipr.link_lookup(ifname=self.ifname):
                 self.restarts += 1
-                self._started_here, self._greeted = True, set()
                 return
             time.sleep(0.01)
         raise UapiError(f"wireguard-go {self.ifname}: no UAPI socket after {self.start_timeout:.0f}s")
@@ -511,22 +508,15 @@ class UserspaceWireGuard:
         if ops:
             with self._lock:
                 self.client.set(peer_op_lines(ops))
-                self._greet(ops)
 
-    def _greet(self, ops: list[PeerOp]) -> None:
-        """The first keepalive to each peer new on a device this process started (see the module docstring)."""
-        if not self._started_here:
+    def greet(self, peers: Mapping[str, int]) -> None:
+        if not peers:
             return
-        for op in ops:
-            if isinstance(op, RemovePeer):
-                self._greeted.discard(op.public_key)
-        new = [op for op in ops if isinstance(op, UpsertPeer) and op.public_key not in self._greeted
-               and op.endpoint is not None and op.persistent_keepalive == 0]
-        if new:
-            keys = [f"public_key={key_to_hex(op.public_key)}" for op in new]
-            self.client.set(line for key in keys for line in (key, "persistent_keepalive_interval=1"))
-            self.client.set(line for key in keys for line in (key, "persistent_keepalive_interval=0"))
-            self._greeted.update(op.public_key for op in new)
+        with self._lock:
+            for keepalive in (0, 1, None):  # off, on (wireguard-go sends a keepalive), back to each peer's own
+                self.client.set(line for key, own in peers.items() for line in (
+                    f"public_key={key_to_hex(key)}", "update_only=true",
+                    f"persistent_keepalive_interval={own if keepalive is None else keepalive}"))
 
     def delete_device(self) -> None:
         with self._lock:

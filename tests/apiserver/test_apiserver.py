@@ -4,10 +4,13 @@ list and watch with resourceVersion, bookmarks, 410 Gone, patches, owner-referen
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import secrets
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -20,6 +23,7 @@ from kubernetes.client.rest import ApiException
 
 from node_hook.cluster import api_client_for_url
 from wgcni_lab.apiserver.server import ApiServer, NamespacedListener
+from wgcni_lab.apiserver.tls import TEMPORARY_PREFIX, ServingCertificates
 from wgcni_lab.harness.netns import Namespaces
 from wgcni_lab.harness.polling import TIME_SCALE, wait_until
 
@@ -426,3 +430,40 @@ def test_custom_resources_are_pruned_and_validated_against_the_crd_schema(core, 
         message = json.loads(raised.value.body)["message"]
         assert message.startswith('WireguardNode.wgcni.io "node-a" is invalid: ') and invalid in message, message
     assert custom.get_cluster_custom_object(GROUP, VERSION, PLURAL, "node-a")["status"] == written["status"]
+
+
+def test_a_sigkilled_server_leaves_no_key_and_its_directory_goes_with_the_next_server(tmp_path, monkeypatch):
+    """The private key is on disk only while the TLS context loads it; what a SIGKILLed process leaves (its CA
+    and serving certificates, 0600 in a 0700 directory named after it) the next server on the host removes."""
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal\n"
+         "from wgcni_lab.apiserver.tls import ServingCertificates\n"
+         "tls = ServingCertificates(['127.0.0.1'])\n"
+         "print(os.getpid(), tls.directory, flush=True)\n"
+         "os.kill(os.getpid(), signal.SIGKILL)"],
+        env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    pid, directory_name = killed.stdout.split()
+    left = pathlib.Path(directory_name)
+    assert left.parent == tmp_path and left.name.startswith(f"{TEMPORARY_PREFIX}{pid}-")
+    assert left.stat().st_mode & 0o777 == 0o700
+    assert {path.name: path.stat().st_mode & 0o777 for path in left.iterdir()} == {"ca.crt": 0o600,
+                                                                                   "apiserver.crt": 0o600}
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live = ServingCertificates(["127.0.0.1"])
+    assert not left.exists()
+    assert sorted(path.name for path in live.directory.iterdir()) == ["apiserver.crt", "ca.crt"]
+    directory = live.directory
+    del live
+    assert not directory.exists()
+
+
+def test_certificates_in_a_given_directory_stay_for_their_owner_to_remove(tmp_path):
+    directory = tmp_path / "apiserver-tls"
+    with ApiServer(tls_dir=directory) as server:
+        assert pathlib.Path(server.ca_file).parent == directory
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert sorted(path.name for path in directory.iterdir()) == ["apiserver.crt", "ca.crt"]
+        core = client.CoreV1Api(api_client_for_url(server.url, server.admin_token, ca_file=server.ca_file))
+        assert core.list_node().items == []
+    assert directory.exists()

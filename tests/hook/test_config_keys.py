@@ -100,7 +100,8 @@ def test_key_is_created_once_with_safe_modes_and_reused(tmp_path: Path) -> None:
     assert len(base64.b64decode(first.public_key)) == 32
     private_text = path.read_text().strip()
     assert private_text not in repr(first) and private_text not in str(first)
-    assert not [p for p in path.parent.iterdir() if p.name != "private.key"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["private.key", "private.key.published"]
+    assert (path.parent / "private.key.published").read_text() == ""  # created: no API holds it yet
 
 
 def test_key_file_is_0600_whatever_the_umask(tmp_path: Path) -> None:
@@ -124,7 +125,8 @@ def test_a_key_created_meanwhile_by_another_process_wins(tmp_path: Path, monkeyp
 
     monkeypatch.setattr(keys.PrivateKey, "generate", staticmethod(generate_while_another_process_creates_the_key))
     assert load_or_create(path) == winner
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["private.key", "winner.key"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["private.key", "private.key.published", "winner.key",
+                                                          "winner.key.published"]
 
 
 def test_broken_key_file_is_a_clear_error(tmp_path: Path) -> None:

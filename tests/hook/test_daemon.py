@@ -10,6 +10,7 @@ import socket
 import socketserver
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,9 @@ def write_record(store: RecordStore, container_id: str, ips: list[str]) -> None:
 
 
 class Harness:
-    def __init__(self, tmp: Path) -> None:
-        self.settings = Settings(node_name="a", state_dir=tmp / "state", socket=tmp / "hook.sock",
-                                 record_rescan_interval=0.2, resync_interval=60)
+    def __init__(self, tmp: Path, **settings: object) -> None:
+        self.settings = Settings(**{"node_name": "a", "state_dir": tmp / "state", "socket": tmp / "hook.sock",
+                                    "record_rescan_interval": 0.2, "resync_interval": 60, **settings})
         self.key = load_or_create(self.settings.key_file)
         self.environment = Environment("10.240.0.4", frozenset({"10.240.0.4"}), "eth0", 1500, True,
                                        "test", 1340, "test")
@@ -72,14 +73,21 @@ class Harness:
                    detail=lambda: f"status {self.view.status()}")
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
+@contextmanager
+def running_harness(tmp: Path, **settings: object) -> Iterator[Harness]:
+    """A started Harness (with these settings), stopped afterwards."""
+    harness = Harness(tmp, **settings)
     harness.node.start()
     try:
         yield harness
     finally:
         harness.node.stop()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    with running_harness(tmp_path) as harness:
+        yield harness
 
 
 def routes(h: Harness) -> dict[str, str]:

@@ -28,6 +28,7 @@ from node_hook.contracts import DeviceSpec, RemoveAllowedIPs, RemovePeer, Upsert
 from node_hook.detect import kernel_wireguard_available
 from node_hook.keys import public_key_of
 from node_hook.node import real_wireguard_backend
+from tests.support.handshakes import check_greetings
 from tests.support.kernel_wg import ip, unique_name
 
 pytestmark = [pytest.mark.kernel_wg, pytest.mark.usefixtures("kernel_wireguard")]
@@ -158,6 +159,14 @@ def test_device_created_configured_and_deleted(backend, wg_ifname):
     assert backend.read() is None
     assert subprocess.run(["ip", "link", "show", wg_ifname], capture_output=True).returncode != 0
     backend.delete_device()  # already gone: no error
+
+
+def test_greet_makes_one_handshake_keeps_each_keepalive_and_creates_no_peer(backend, wg_ifname):
+    """As the userspace backend's test (tests/netns/test_appliers.py): one handshake per greeting, keepalives kept,
+    no peer created; the kernel sends a keepalive when persistent keepalive goes from off to on."""
+    private, _ = new_key()
+    backend.ensure_device(spec_for(wg_ifname, private, port=51997))
+    check_greetings(backend, lambda: new_key()[1], wait=3.0)
 
 
 def test_foreign_link_with_our_name_is_neither_taken_over_nor_deleted(wg_ifname):

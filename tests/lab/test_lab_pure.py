@@ -1,5 +1,5 @@
 """The lab's pure parts: AKS addressing, the node conflist, the fabric's addresses and firewall, the parsing of the
-fabric capture, and the kube-proxy rules rendered for Services."""
+fabric capture, the kube-proxy rules rendered for Services, and the stream report of an iperf3 server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,27 @@ import ipaddress
 import re
 
 from wgcni_lab import fabric, lab, services
+from wgcni_lab.harness.streams import parse_server_report
 from wgcni_lab.wire import only_wireguard_between_nodes, parse_line
+
+IPERF3_SERVER = """\
+-----------------------------------------------------------
+Server listening on 5299 (test #1)
+-----------------------------------------------------------
+Accepted connection from 127.0.0.1, port 51108
+[  5] local 127.0.0.1 port 5299 connected to 127.0.0.1 port 51116
+[ ID] Interval           Transfer     Bitrate
+[  5]   0.00-0.10   sec   128 KBytes  10.5 Mbits/sec
+[  5]   0.10-0.20   sec  0.00 Bytes  0.00 bits/sec
+[  5]   0.20-0.30   sec  0.00 Bytes  0.00 bits/sec
+[  5]   0.30-0.40   sec  1.50 MBytes   126 Mbits/sec
+[  5]   0.40-0.50   sec  0.00 Bytes  0.00 bits/sec
+[  5]   0.40-0.50   sec  0.00 Bytes  0.00 bits/sec
+iperf3: the client has terminated
+- - - - - - - - - - - - - - - - - - - - - - - - -
+[ ID] Interval           Transfer     Bitrate
+[  5]   0.00-0.50   sec  1.62 MBytes  27.3 Mbits/sec                  receiver
+"""
 
 
 def test_nodes_sit_where_aks_puts_them_and_pod_ips_are_scattered() -> None:
@@ -129,3 +149,12 @@ def test_a_deleted_service_leaves_only_the_deletion_of_its_chains() -> None:
     assert sorted(line for line in rendered.splitlines() if line.startswith("-X ")) == sorted(
         f"-X {chain}" for chain in chains)
     assert "default/web" not in rendered
+
+
+def test_an_iperf3_server_report_gives_bytes_per_interval_and_the_longest_stall() -> None:
+    report = parse_server_report(IPERF3_SERVER)
+
+    assert [size for _, size in report.intervals] == [128 << 10, 0, 0, round(1.5 * (1 << 20)), 0]
+    assert report.received == (128 << 10) + round(1.5 * (1 << 20))
+    assert abs(report.longest_stall() - 0.2) < 1e-9
+    assert parse_server_report("").longest_stall() == 0.0

@@ -16,6 +16,7 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,7 @@ from tests.lab.conftest import (
 from wgcni_lab import lab
 from wgcni_lab.cleanup import netns_inode, process_state
 from wgcni_lab.harness.polling import wait_until
+from wgcni_lab.harness.streams import tcp_stream
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 
@@ -360,6 +362,14 @@ def test_a_reboot_keeps_the_disk_and_key_loses_everything_volatile_and_the_pods_
     assert daemonset(cli, "node-3")["state"] == "running"
 
 
+def key_findings(cli: Cli, node: str) -> list[str]:
+    """The lines of `wgcni check` on `node` about peers, handshakes, keys, the publication or the sync, and every
+    failure (the lab's pods that predate wgcni give a records warning of their own)."""
+    lines = cli.run("exec", node, "--", "wgcni", "check", check=False).stdout.splitlines()
+    return [line for line in lines if line.startswith("FAIL") or line.split(":")[0].split()[-1:] in (
+        ["peers"], ["handshakes"], ["conflicts"], ["publication"], ["sync"])]
+
+
 def test_a_reimage_gives_a_new_key_that_every_peer_takes(cli: Cli) -> None:
     old_key = public_key(cli, "node-2")
     cli.run("exec", "node-2", "--", "touch", "/var/lib/lab-marker")
@@ -386,6 +396,40 @@ def test_a_reimage_gives_a_new_key_that_every_peer_takes(cli: Cli) -> None:
     conflist = json.loads(cli.run("exec", "node-2", "--", "cat", "/etc/cni/net.d/10-azure.conflist").stdout)
     assert [plugin["type"] for plugin in conflist["plugins"]] == ["azure-vnet", "wgcni", "portmap"]
     assert len(pods_of(cli, "node-2")) == 3, "its pods are made again"
+    for other in ("node-1", "node-3"):  # the peers' own check sees nothing stale of node-2
+        assert not key_findings(cli, other)
+
+
+def test_a_key_rotation_on_either_end_stalls_no_stream_and_leaves_no_old_key(cli: Cli, tmp_path: Path) -> None:
+    """`wgcni-node rotate-key` in node-1's DaemonSet pod and then node-2's, as an operator runs it, while an iperf3
+    stream goes from a pod on node-1 to one on node-2: the stream never stops for a second, every device holds the
+    new keys only, the API lists them, and `wgcni check` passes everywhere."""
+    sender = next(pod for pod in pods_of(cli, "node-1") if lab.recorded(pod))
+    receiver = next(pod for pod in pods_of(cli, "node-2") if lab.recorded(pod))
+    old = {name: public_key(cli, name) for name in ("node-1", "node-2")}
+    with tcp_stream(["nsenter", f"--net={receiver['netns']}", "--"], ["nsenter", f"--net={sender['netns']}", "--"],
+                    receiver["ip"]) as report:
+        said = [cli.run("exec", name, "--", "wgcni-node", "rotate-key", timeout=90).stdout
+                for name in ("node-1", "node-2")]
+    stall = report.longest_stall()
+    print(f"\nkey rotation of node-1 then node-2 under a TCP stream: longest stall {stall:.1f} s, "
+          f"{report.received} bytes received; {said[0].strip()!r}")
+    assert all("key rotated" in text for text in said), said
+    assert stall < 1.0, f"the stream stalled for {stall:.1f} s"
+    new = {name: public_key(cli, name) for name in old}
+    assert all(new[name] != old[name] for name in old)
+    for node in ("node-1", "node-2", "node-3"):
+        dump = cli.run("exec", node, "--", "wg", "show", lab.WG_INTERFACE, "dump").stdout
+        assert not any(key in dump for key in old.values()), f"{node} still holds an old key"
+        assert all(key in dump for name, key in new.items() if name != node), f"{node} lacks a new key"
+        assert not key_findings(cli, node)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(cli.run("kubeconfig").stdout)
+    for name, key in new.items():  # the API holds the new key, and no rotation is left announced
+        held = subprocess.run([str(Path(sys.executable).parent / "kubectl"), "--kubeconfig", str(kubeconfig), "get",
+                               "wgn", name, "-o", "jsonpath={.status.publicKey} {.status.nextPublicKey}"],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+        assert held.strip() == key
 
 
 # ---- scale up and down ---------------------------------------------------------------------------------------------

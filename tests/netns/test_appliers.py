@@ -9,10 +9,8 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from node_hook.contracts import (
 from node_hook.keys import public_key_of
 from node_hook.model import RouteKind
 from node_hook.planner import desired_rules
+from tests.support.handshakes import check_greetings
 from wgcni_lab.cleanup import process_state
 from wgcni_lab.harness.polling import wait_until
 
@@ -326,50 +325,18 @@ def test_host_namespace_sysctl_untouched_by_namespace_tests() -> None:
     assert seen == [Path("/proc/sys/net/ipv4/conf/all/src_valid_mark").read_text().strip()]
 
 
-def _handshake_initiations(sink: socket.socket, seconds: float) -> int:
-    """WireGuard handshake initiations (message type 1, 148 bytes) arriving at `sink` within `seconds`."""
-    count, deadline = 0, time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        sink.settimeout(left)
-        try:
-            data = sink.recv(2048)
-        except TimeoutError:
-            break
-        count += len(data) == 148 and data[0] == 1
-    return count
-
-
-def test_a_started_device_greets_each_new_peer_once_an_adopted_one_does_not(netns: str, short_tmp: Path) -> None:
-    """On a device this process started (its peers' sessions died with the old device) the first upsert of a peer
-    makes a handshake at once, with no packet in the tunnel; a later upsert of it does not, and neither does a new
-    peer on a device a successor adopted. Measured at the peers' endpoints, UDP sockets in the namespace."""
+def test_greet_makes_one_handshake_keeps_each_keepalive_and_creates_no_peer(netns: str, short_tmp: Path) -> None:
+    """`greet` sends each named peer one keepalive, so a peer without a session makes a handshake at once with no
+    packet in the tunnel; each peer's persistent keepalive is as before afterwards; an unknown key is not created.
+    Measured at the peers' endpoints, UDP sockets in the namespace."""
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     ifname = f"h3u{secrets.token_hex(3)}"
     private = bytes(PrivateKey.generate())
     spec = DeviceSpec(ifname, private, public_key_of(private), 51996, 0x100000, 1340)
-    first = UserspaceWireGuard(ifname, log_file=short_tmp / "wg.log")
-    successor = None
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink_a, \
-            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink_b:
-        sink_a.bind(("127.0.0.1", 0))
-        sink_b.bind(("127.0.0.1", 0))
-        a, b = new_key(), new_key()
-        endpoint_a, endpoint_b = ("127.0.0.1", sink_a.getsockname()[1]), ("127.0.0.1", sink_b.getsockname()[1])
-        try:
-            first.ensure_device(spec)
-            first.apply_peer_ops([UpsertPeer(a, endpoint_a, (n("10.9.0.0/24"),), True)])
-            assert _handshake_initiations(sink_a, 1.5) == 1
-            assert first.read().peers[a].persistent_keepalive == 0, "keepalive back off"
-            # wireguard-go retries an unanswered handshake after 5 s: before that only a new greeting would show
-            first.apply_peer_ops([UpsertPeer(a, endpoint_a, (n("10.9.1.0/24"),), False)])
-            assert _handshake_initiations(sink_a, 1.5) == 0
-            first.close()
-            successor = UserspaceWireGuard(ifname, log_file=short_tmp / "wg.log")
-            successor.ensure_device(spec)
-            successor.apply_peer_ops([UpsertPeer(b, endpoint_b, (n("10.9.2.0/24"),), True)])
-            assert _handshake_initiations(sink_b, 2.0) == 0
-        finally:
-            subprocess.run(["ip", "link", "del", ifname], capture_output=True)
-            for backend in (first, successor):
-                if backend is not None:
-                    backend.close()
+    backend = UserspaceWireGuard(ifname, log_file=short_tmp / "wg.log")
+    try:
+        backend.ensure_device(spec)
+        check_greetings(backend, new_key, wait=1.5)
+    finally:
+        subprocess.run(["ip", "link", "del", ifname], capture_output=True)
+        backend.close()

@@ -24,7 +24,8 @@ from nacl.public import PrivateKey
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
 from wgcni_lab.harness.netns import PYTHON, in_ns
 from wgcni_lab.harness.netns_lab import Lab, Node, running_lab
-from wgcni_lab.harness.polling import wait_until
+from wgcni_lab.harness.polling import TIME_SCALE, wait_until
+from wgcni_lab.harness.streams import tcp_stream
 
 pytestmark = pytest.mark.netns
 
@@ -368,6 +369,29 @@ def test_every_kind_of_tampering_is_repaired_within_2_s(lab: Lab, kind: str) -> 
                    REPAIR_BOUND, what="pod traffic a -> b back", interval=0.0)
         print(f"{kind}: pod traffic back {time.monotonic() - started:.2f}s after the tampering")
     _repaired(lab, a, key)
+
+
+def test_a_key_rotation_on_either_end_of_a_stream_stalls_it_for_less_than_a_second(lab: Lab) -> None:
+    """A TCP stream a -> b (iperf3, reports every 0.1 s) runs while a and then b rotate their keys: it never stops
+    for a second; afterwards each device holds the new keys only, and a third node reaches both."""
+    a, b = lab.nodes["a"], lab.nodes["b"]
+    started = time.monotonic()
+    with tcp_stream(["ip", "netns", "exec", pod(lab, "10.240.0.71").netns],
+                    ["ip", "netns", "exec", pod(lab, "10.240.0.70").netns], "10.240.0.71") as report:
+        rotations = [lab.rotate_key(a), lab.rotate_key(b)]
+        rotated = time.monotonic() - started
+    stall = report.longest_stall()
+    print(f"key rotation of a then b under a TCP stream: longest stall {stall:.1f} s, {report.received} bytes "
+          f"received, both rotated in {rotated:.1f} s")
+    assert report.received > 0 and stall < 1.0 * TIME_SCALE, f"the stream stalled for {stall:.1f} s"
+    keys = {public_key(node) for node in lab.nodes.values()}
+    for old, new in rotations:
+        assert new in keys and old not in keys
+        for node in lab.nodes.values():
+            assert old not in wg_allowed(node)
+    source = pod(lab, "10.240.0.72").netns
+    for target in ("10.240.0.70", "10.240.0.71"):
+        assert ping(source, target).returncode == 0, f"c -> {target} after the rotations"
 
 
 def test_cleanup_leaves_the_node_as_found(lab: Lab) -> None:

@@ -306,6 +306,19 @@ def test_stop_is_prompt_even_with_open_watches(make_source, core):
     assert time.monotonic() - started < 2.0
 
 
+def test_a_source_that_has_published_stops_at_once_and_sends_nothing_more(server, make_source, core):
+    create_node(core, "node-a")
+    source, _ = make_source("node-a")
+    source.publish(announcement("node-a", new_key(), {"10.240.0.70"}))
+    wait_until(lambda: _published(source), what="published")
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 2.0
+    answered = len(server.requests)
+    time.sleep(1.0)
+    assert len(server.requests) == answered
+
+
 RBAC = [doc for doc in yaml.safe_load_all((pathlib.Path(__file__).parents[2] / "conf" / "rbac.yaml").read_text())]
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node_hook.addresses import address_texts, host_keys
-from node_hook.cluster import expand_prefixes, published_status, remote_node_from_object
+from node_hook.cluster import expand_prefixes, published_status, remote_node_from_object, rotation_of
 from tests.sync.helpers import announcement, new_key
 
 ipv4_in_vnet = st.integers(min_value=0, max_value=2047).map(lambda n: str(ipaddress.IPv4Address("10.240.0.0") + n))
@@ -84,6 +85,30 @@ def test_object_without_status_is_not_a_node_yet_and_bad_objects_are_rejected():
         remote_node_from_object(_object({"publicKey": "", "nodeIPs": ["not-an-ip"]}), 10)
     keyless = remote_node_from_object(_object({"publicKey": "", "nodeIPs": ["10.240.0.35"]}), 10)
     assert keyless.public_key == "" and address_texts(keyless.node_ips) == ["10.240.0.35"]
+
+
+def test_a_rotation_is_published_and_read_back_and_a_malformed_one_refused():
+    key, next_key = new_key(), new_key()
+    rotating = replace(announcement("node-b", key, {"10.240.0.70"}, endpoint="10.240.0.35"),
+                       next_public_key=next_key, key_switch_at=1_700_000_005.5)
+    status = published_status(rotating, opted_out=False, pod_ips_changed_at=1.0, previous=None, now=1.0)
+    assert status["nextPublicKey"] == next_key and status["keySwitchAt"] == "2023-11-14T22:13:25.500000Z"
+    remote = remote_node_from_object(_object(status), 10)
+    assert (remote.public_key, remote.next_public_key) == (key, next_key)
+    assert remote.key_switch_at == pytest.approx(1_700_000_005.5)
+    plain = published_status(announcement("node-b", key, set()), opted_out=False, pod_ips_changed_at=1.0,
+                             previous=status, now=2.0)
+    assert "nextPublicKey" not in plain and "keySwitchAt" not in plain  # the switch is over: both go
+    assert rotation_of(plain) == ("", 0.0)
+    opted_out = published_status(rotating, opted_out=True, pod_ips_changed_at=1.0, previous=None, now=1.0)
+    assert "nextPublicKey" not in opted_out
+    without_time = {field: value for field, value in status.items() if field != "keySwitchAt"}
+    for broken in ({**status, "nextPublicKey": "bm90IGEga2V5"}, without_time, {**status, "keySwitchAt": 5},
+                   {**status, "keySwitchAt": "soon"}):
+        with pytest.raises(ValueError):
+            remote_node_from_object(_object(broken), 10)
+    with pytest.raises(ValueError, match="without a publicKey"):
+        remote_node_from_object(_object({**status, "publicKey": ""}), 10)
 
 
 def test_opted_out_status_publishes_no_key():

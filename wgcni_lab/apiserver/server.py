@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from wgcni_lab.apiserver.admission import Admission
 from wgcni_lab.apiserver.auth import Authenticator
@@ -92,6 +93,7 @@ class ApiServer:
     # or anonymous request is allowed; admission still applies).
     authorization_mode: str = "RBAC"
     tls_hosts: list[str] = field(default_factory=list)  # more names the serving certificate covers
+    tls_dir: Path | None = None  # where the CA certificate goes (made here; the caller removes it); None: a tempdir
     # Seconds the garbage collector lags behind a deletion (the real one: milliseconds to seconds, more under
     # load); dependents are always deleted asynchronously, after the owner's DELETE has been answered.
     gc_delay: float = 0.0
@@ -100,7 +102,8 @@ class ApiServer:
         if any(listener.port == 0 for listener in self.also_listen):
             raise ValueError("a namespaced listener needs a fixed port (it must stay the same across restarts)")
         self.tls = ServingCertificates([self.host, "127.0.0.1", "::1", "localhost", *self.tls_hosts,
-                                        *(listener.host for listener in self.also_listen)])
+                                        *(listener.host for listener in self.also_listen)],
+                                       self.tls_dir)
         self.store = Store(list(BUILTIN_TYPES), self.history_window)
         if self.authorization_mode not in ("RBAC", "AlwaysAllow"):
             raise ValueError(f"authorization mode {self.authorization_mode!r}: RBAC or AlwaysAllow")

@@ -40,7 +40,9 @@ class ManualPeerSource:
         self.published.append(announcement)
         if self.accept_writes:
             self.report(Publication("written", announcement.public_key,
-                                    announcement.node_ips | frozenset(address_texts(announcement.pod_ips))))
+                                    announcement.node_ips | frozenset(address_texts(announcement.pod_ips)),
+                                    next_public_key=announcement.next_public_key,
+                                    key_switch_at=announcement.key_switch_at))
 
     def report(self, publication: Publication) -> None:
         if self.sink is not None:
