@@ -459,6 +459,22 @@ def api(lab_dir: Path, action: str, node: str) -> None:
     click.echo(json.dumps(_ask_daemon(lab_dir, "api", node=node, action=action)))
 
 
+@cli.command("api-fault")
+@click.argument("kind", type=click.Choice(lifecycle.API_FAULTS))
+@click.option("--code", type=click.Choice([str(code) for code in lifecycle.API_ERROR_METHODS]), default="500",
+              show_default=True, help="error: the HTTP status (409 writes only, 410 reads only)")
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True,
+              help="error: how many of the hooks' requests get it")
+@click.option("--downtime", type=click.FloatRange(min=0, max=60), default=0.0, show_default=True,
+              help="restart: seconds the API server is away")
+@click.pass_obj
+def api_fault(lab_dir: Path, kind: str, code: str, count: int, downtime: float) -> None:
+    """Make the lab's API server fail the hooks: `error` answers their next requests with an HTTP error, `cut-watches`
+    aborts every watch, `drop-connections` every connection, `restart` restarts it and loses its history."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "api-fault", kind=kind, code=int(code), count=count,
+                                      downtime=downtime)))
+
+
 @cli.command()
 @click.argument("node")
 @click.argument("action", type=click.Choice(["stop", "start", "kill"]))

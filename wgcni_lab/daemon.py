@@ -105,6 +105,8 @@ def control_handlers(cluster: lifecycle.Cluster) -> dict[str, control.Handler]:
         "node-del": lambda request: cluster.delete_node(request["node"]),
         "label": lambda request: cluster.label(request["node"], request["key"], request.get("value")),
         "api": lambda request: cluster.api_access(request["node"], request["action"]),
+        "api-fault": lambda request: cluster.api_fault(request["kind"], request.get("code", 500),
+                                                       request.get("count", 1), request.get("downtime", 0.0)),
         "service-add": lambda request: services.service_json(services.add_service(
             state, request["name"], request["pods"], request["port"], request.get("node_port", 0),
             request.get("policy", ""))),

@@ -268,6 +268,23 @@ class DaemonSetPod(FreezablePod):
 
 # ---- the cluster -----------------------------------------------------------------------------------------------------
 
+API_FAULTS = ("error", "cut-watches", "drop-connections", "restart")
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+API_ERROR_METHODS: dict[int, frozenset[str] | None] = {409: WRITES, 410: frozenset({"GET"}), 429: None, 500: None,
+                                                       503: None}
+HOOK_USER_AGENT_PREFIX = "wgcni-node/"
+
+
+def unless_gone(call: Callable[[str], object], sandbox_id: str) -> None:
+    """A CRI stop or remove of a sandbox, which containerd may have dropped already while it recovered after a
+    reboot (NOT_FOUND): kubelet takes that as done."""
+    try:
+        call(sandbox_id)
+    except CriError as error:
+        if error.code.name != "NOT_FOUND":
+            raise
+
+
 def node_process_ids(state: lab.LabState, node: lab.NodeState) -> set[int]:
     """Every live process of the node: in its network namespace or its cgroups (pods, DaemonSet pod), its mount
     namespace's holder, its containerd and shims, and their descendants."""
@@ -355,12 +372,12 @@ class Cluster:
                 for pod in pods:
                     previous = [sandbox for sandbox in sandboxes if sandbox.name == pod["name"]]
                     for sandbox in previous:
-                        cri.stop_pod_sandbox(sandbox.id)
+                        unless_gone(cri.stop_pod_sandbox, sandbox.id)
                     attempt = max((sandbox.attempt for sandbox in previous), default=-1) + 1
                     lab.run_pod(self.state, node, pod["name"], pod["uid"], attempt=attempt,
                                 host_network=pod["host_network"])
                     for sandbox in previous:
-                        cri.remove_pod_sandbox(sandbox.id)
+                        unless_gone(cri.remove_pod_sandbox, sandbox.id)
             except CriError as error:
                 raise lab.LabError(f"{node.name}: bringing its pods back failed: {error.details or error}") from None
         self.progress(f"{node.name}: {len(pods)} pods back (new sandboxes, CNI ADD)")
@@ -446,6 +463,27 @@ class Cluster:
                 self.api.fail_next(count=sys.maxsize, code=403, methods={"POST", "PUT", "PATCH", "DELETE"},
                                    user_agent=f"wgcni-node/{denied}")
             return {"writeDenied": sorted(self.write_denied)}
+
+    def api_fault(self, kind: str, code: int = 500, count: int = 1, downtime: float = 0.0) -> dict[str, Any]:
+        """A fault of the API server as the hooks meet it on AKS (API_FAULTS): `error` answers the hooks' next
+        `count` requests that can get `code` with it (409 only writes, 410 only reads: a list or watch from a
+        compacted revision), `cut-watches` aborts every watch stream, `drop-connections` every connection,
+        `restart` stops the server for `downtime` seconds and loses its history (watches resume into 410 Gone)."""
+        if kind not in API_FAULTS:
+            raise lab.LabError(f"api-fault: {kind!r} is none of {', '.join(API_FAULTS)}")
+        if kind == "error":
+            if code not in API_ERROR_METHODS:
+                raise lab.LabError(f"api-fault: code {code} is none of {', '.join(map(str, API_ERROR_METHODS))}")
+            methods = API_ERROR_METHODS[code]
+            self.api.fail_next(count=count, code=code, methods=set(methods) if methods else None,
+                               user_agent_prefix=HOOK_USER_AGENT_PREFIX)
+        elif kind == "cut-watches":
+            self.api.cut_watches()
+        elif kind == "drop-connections":
+            self.api.drop_connections()
+        else:
+            self.api.restart(downtime=downtime)
+        return {"fault": kind, "pendingErrors": self.api.pending_faults()}
 
     def label(self, name: str, key: str, value: str | None) -> dict[str, Any]:
         with self.lock:
