@@ -15,7 +15,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc libc6-dev make \
 	qemu-system-x86 \
 	mmdebstrap buildah
 
-.PHONY: all deps venv build image lint test test-host test-vm bench demo demo-down clean
+.PHONY: all deps venv build image lint test test-host test-vm bench chaos demo demo-down clean
 
 all: build
 
@@ -70,6 +70,11 @@ test-vm: build
 bench: build
 	$(PY) -m bench.run
 	$(PY) -m bench.plot
+
+# The reliability campaign (wgcni_lab/chaos.py) on a lab of its own: 1 000 pod ADD/DEL with hooks killed -9, API
+# faults, every kind of tampering, restarts; report in .build/chaos/report.json (docs/reliability.md).
+chaos: build
+	$(PY) -m wgcni_lab.chaos
 
 # The local lab (wgcni_lab): 3 nodes x 2 pods, cross-node pings, a capture of the VNet bridge; left running.
 demo: build
