@@ -487,6 +487,16 @@ def hook(lab_dir: Path, node: str, action: str) -> None:
 
 @cli.command()
 @click.argument("node")
+@click.argument("action", type=click.Choice(["restart"]))
+@click.pass_obj
+def containerd(lab_dir: Path, node: str, action: str) -> None:
+    """restart: NODE's containerd restarts (as `systemctl restart containerd`) while its pods run on; it recovers
+    them, and later CNI DELs find their network namespaces."""
+    click.echo(json.dumps(_ask_daemon(lab_dir, "containerd", node=node)))
+
+
+@cli.command()
+@click.argument("node")
 @click.pass_obj
 def reboot(lab_dir: Path, node: str) -> None:
     """Reboot NODE: its processes, network namespace and /run are lost, its OS disk (/etc, /opt, /var/lib, /var/log)

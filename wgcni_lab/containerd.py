@@ -6,7 +6,9 @@ given network namespace and mount namespace (the lab's node), always in a mount 
 `/var/lib/cni` (libcni's result cache and host-local's leases) are bind mounts of per-instance directories.
 Nothing it mounts is visible outside, two instances never share runtime state, and the mounts, the pod
 network namespaces containerd mounts under its state dir and the shims' sockets all vanish with its
-processes. CNI runs as on an AKS node: containerd's CRI plugin executes the conflist from `cni_conf_dir`
+processes. `restart()` is `systemctl restart containerd`: the pods and their shims run on, and the new containerd
+joins the shims' mount namespace (so it sees the pods' network namespace mounts and recovers them). CNI runs as on
+an AKS node: containerd's CRI plugin executes the conflist from `cni_conf_dir`
 (first file by name, `max_conf_num = 1`) with the plugins in `cni_bin_dir`.
 
 `stop()` is safe to call at any point, also after a failed `start()`: it stops and removes the remaining
@@ -184,6 +186,25 @@ class Containerd:
             raise
         return self
 
+    def restart(self, timeout: float = 30.0) -> None:
+        """containerd stops (SIGTERM) and starts again while its pods run on (their shims are processes of their
+        own); it then recovers them from its root and state dirs, as after `systemctl restart containerd`."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self._process is not None:
+            _terminate(self._process, timeout)
+            self._process = None
+        self._start(timeout)
+
+    def _shim_mount_namespace(self) -> str | None:
+        """The mount namespace of a live shim of this instance (its containerd's, which it outlived), if any."""
+        marker = str(self.address).encode()
+        for info in process_table().values():
+            if info.live and marker in info.argv and any(b"containerd-shim" in arg for arg in info.argv[:1]):
+                return f"/proc/{info.pid}/ns/mnt"
+        return None
+
     def _start(self, timeout: float) -> None:
         image = self._image or pause_image()
         for directory in (self.base_dir, self.root_dir, self.state_dir):
@@ -197,21 +218,25 @@ class Containerd:
             private = self._private_dir(mountpoint)
             private.mkdir(exist_ok=True)
             private_dirs.append(str(private))
-        if self.mount_namespace is None:
+        if self.mount_namespace is None and not self._mountpoint_guards:
             for mountpoint in PRIVATE_MOUNTPOINTS:
                 self._mountpoint_guards.append(SharedMountpoint.hold(Path(mountpoint)))
-        else:
+        elif self.mount_namespace is not None:
             self._require_node_mountpoints()
         self.config_path.write_text(self._config_toml(image.name))
         self._cgroup_parent_file.write_text(self.cgroup_parent + "\n")
-        # In the new mount namespace: bind the private directories ("$1", "$2", ...) over the mountpoints, then
-        # become containerd.
-        script = "set -e; " + " ".join(
-            f'mount --bind "${index + 1}" {mountpoint};' for index, mountpoint in enumerate(PRIVATE_MOUNTPOINTS)
-        ) + f' shift {len(PRIVATE_MOUNTPOINTS)}; exec "$@"'
-        argv = [*self._enter_prefix(), "unshare", "--mount", "--propagation", "private", "--"]
-        argv += ["/bin/sh", "-c", script, "containerd-node", *private_dirs]
-        argv += [self._containerd_binary, "--config", str(self.config_path), "--log-level", self._log_level]
+        containerd = [self._containerd_binary, "--config", str(self.config_path), "--log-level", self._log_level]
+        shims = self._shim_mount_namespace()
+        if shims is not None:  # a restart: the binds and the pods' netns mounts are there already
+            argv = [*self._enter_prefix(mount_namespace=shims), *containerd]
+        else:
+            # In a new mount namespace: bind the private directories ("$1", "$2", ...) over the mountpoints, then
+            # become containerd.
+            script = "set -e; " + " ".join(
+                f'mount --bind "${index + 1}" {mountpoint};' for index, mountpoint in enumerate(PRIVATE_MOUNTPOINTS)
+            ) + f' shift {len(PRIVATE_MOUNTPOINTS)}; exec "$@"'
+            argv = [*self._enter_prefix(), "unshare", "--mount", "--propagation", "private", "--"]
+            argv += ["/bin/sh", "-c", script, "containerd-node", *private_dirs, *containerd]
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -252,13 +277,14 @@ class Containerd:
                 "(give the node its own /run and /var/lib, or make the directories there yourself)"
             )
 
-    def _enter_prefix(self) -> list[str]:
+    def _enter_prefix(self, mount_namespace: str | None = None) -> list[str]:
+        """nsenter into the instance's network namespace and `mount_namespace` (default: the node's)."""
         prefix = []
         if self.netns:
             netns_path = self.netns if "/" in self.netns else f"/run/netns/{self.netns}"
             prefix.append(f"--net={netns_path}")
-        if self.mount_namespace:
-            prefix.append(f"--mount={self.mount_namespace}")
+        if mount_namespace or self.mount_namespace:
+            prefix.append(f"--mount={mount_namespace or self.mount_namespace}")
         return ["nsenter", *prefix, "--"] if prefix else []
 
     def has_image(self, name: str) -> bool:

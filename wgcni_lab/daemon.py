@@ -100,6 +100,7 @@ def control_handlers(cluster: lifecycle.Cluster) -> dict[str, control.Handler]:
     return {
         "hook": lambda request: cluster.daemonset(request["node"], request["action"]),
         "reboot": lambda request: cluster.reboot(request["node"]),
+        "containerd": lambda request: cluster.restart_containerd(request["node"]),
         "reimage": lambda request: cluster.reboot(request["node"], reimage=True),
         "node-add": lambda request: cluster.add_node(request.get("pods_before_install", 0)),
         "node-del": lambda request: cluster.delete_node(request["node"]),

@@ -464,6 +464,21 @@ class Cluster:
                                    user_agent=f"wgcni-node/{denied}")
             return {"writeDenied": sorted(self.write_denied)}
 
+    def restart_containerd(self, name: str) -> dict[str, Any]:
+        """`systemctl restart containerd` on NAME: the pods (and the DaemonSet pod) run on, the new containerd
+        recovers them."""
+        started = time.monotonic()
+        with self.lock:
+            self.state.node(name)
+            runtime = self.runtimes.get(name)
+            if runtime is None:
+                raise lab.LabError(f"{name}: its containerd does not run (the node is booting)")
+            try:
+                runtime.restart()
+            except ContainerdError as error:
+                raise lab.LabError(f"{name}: containerd did not come back: {control_line(str(error))}") from None
+        return {"node": name, "seconds": round(time.monotonic() - started, 2)}
+
     def api_fault(self, kind: str, code: int = 500, count: int = 1, downtime: float = 0.0) -> dict[str, Any]:
         """A fault of the API server as the hooks meet it on AKS (API_FAULTS): `error` answers the hooks' next
         `count` requests that can get `code` with it (409 only writes, 410 only reads: a list or watch from a

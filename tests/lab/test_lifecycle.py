@@ -285,6 +285,25 @@ def test_a_killed_daemonset_pod_is_restarted_with_the_same_key(cli: Cli) -> None
     wait_until(lambda: mesh_has(cli, "node-1", "10.240.0.4", key), 20, "node-1 a peer of every node, same key")
 
 
+def test_a_containerd_restart_keeps_the_pods_and_a_later_del_cleans_up_everywhere(cli: Cli) -> None:
+    before = {pod["id"]: pod for pod in pods_of(cli, "node-2")}
+    hook_pid = daemonset(cli, "node-2")["pid"]
+
+    restarted = json.loads(cli.run("containerd", "node-2", "restart").stdout)
+
+    assert restarted["node"] == "node-2"
+    assert {pod["id"]: pod["ip"] for pod in pods_of(cli, "node-2")} == {i: p["ip"] for i, p in before.items()}
+    assert daemonset(cli, "node-2")["pid"] == hook_pid, "the DaemonSet pod ran on"
+    pod = next(pod for pod in before.values() if lab.recorded(pod))
+    assert pings(first_pod_elsewhere(cli, "node-2")["netns"], pod["ip"])
+    cli.run("pod-del", pod["name"])  # CNI DEL through the recovered sandbox: its netns mount was found
+    assert pod["id"] not in records(cli, "node-2")
+    wait_until(lambda: mesh_has(cli, "node-2", "10.240.0.35") and not any(
+        pod["ip"] in peer["covered"] for other in ("node-1", "node-3") for peer in peers(cli, other).values()),
+        20, f"{pod['ip']} gone from every peer")
+    assert not cli.run("exec", "node-2", "--", "ip", "route", "show", pod["ip"]).stdout.strip(), "veth and route gone"
+
+
 def test_a_stopped_daemonset_pod_does_not_answer_until_started(cli: Cli) -> None:
     node = node_status(cli, "node-2")
     socket_path = Path(node["hook_socket"])
