@@ -8,7 +8,8 @@ Phases, each ending by waiting until the mesh is exact and then checking it:
   connection dropped and the API server restarted losing its history (watches resume into 410 Gone);
 - tamper: each kind of outside change (TAMPERING) on a random node while a pod on another node pings one on it; the
   time until the node's dataplane is as it was (bound: REPAIR_BOUND);
-- restarts: DaemonSet pods killed one at a time, a node rebooted.
+- restarts: DaemonSet pods killed one at a time, containerd restarted with its pods running, a node rebooted; after
+  each, pod ADD/DEL through what came back.
 The checks: per node, the pod records on its disk against the READY sandboxes of its containerd (lost = a sandbox
 without a record, stale = a record without a sandbox); per node, `wg show` against the lab's truth (every other node
 a peer under its current key, whose AllowedIPs cover exactly its node IP and its pods' IPs).
@@ -58,11 +59,12 @@ class Size:
     api_churn_ops: int
     workers: int
     hook_kills: int
+    containerd_restarts: int
     reboots: int
 
 
-FULL = Size(churn_ops=1000, api_churn_ops=300, workers=8, hook_kills=3, reboots=1)
-SHORT = Size(churn_ops=60, api_churn_ops=40, workers=6, hook_kills=1, reboots=1)
+FULL = Size(churn_ops=1000, api_churn_ops=300, workers=8, hook_kills=3, containerd_restarts=2, reboots=1)
+SHORT = Size(churn_ops=60, api_churn_ops=40, workers=6, hook_kills=1, containerd_restarts=1, reboots=1)
 
 
 @dataclass
@@ -170,6 +172,14 @@ class Churn:
         self.counts = {"pod ADD": 0, "pod DEL": 0}
         self.errors: list[str] = []
         self.capacity = lab.MAX_PODS - 8  # the lab's own pods and a margin for IPs host-local frees late
+
+    def refresh(self, state: lab.LabState) -> None:
+        """The lab as it is now: after a reboot, kubelet brought the pods this churn added back in new sandboxes."""
+        with self.lock:
+            self.state = state
+            names = {pod["name"] for pods in self.added.values() for pod in pods}
+            self.added = {node.name: [pod for pod in lab.node_pods(state, node) if pod["name"] in names]
+                          for node in state.nodes}
 
     def run(self, operations: int, until: threading.Thread | None = None) -> None:
         """`operations` operations, and more while `until` (a finite fault sequence) still runs."""
@@ -350,20 +360,26 @@ def tamper_phase(state: lab.LabState, rng: random.Random) -> Phase:
     return phase
 
 
-def restart_phase(lab_dir: Path, state: lab.LabState, rng: random.Random, size: Size) -> Phase:
+def restart_phase(lab_dir: Path, churn: Churn, size: Size) -> Phase:
     phase = Phase("restarts")
     started = time.monotonic()
     faults: list[tuple[str, str, dict[str, Any]]] = [("hook kill -9", "hook", {"action": "kill"})] * size.hook_kills
+    faults += [("containerd restart", "containerd", {})] * size.containerd_restarts
     faults += [("node reboot", "reboot", {})] * size.reboots
+    counts, errors = dict(churn.counts), len(churn.errors)
     for label, op, arguments in faults:
-        node = rng.choice(state.nodes)
+        node = churn.rng.choice(churn.state.nodes)
         try:
             control.request(lab_dir, op, node=node.name, **arguments)
         except lab.LabError as error:
             phase.errors.append(f"{label} of {node.name}: {error}")
         phase.injected[label] = phase.injected.get(label, 0) + 1
-        state = lab.require_state(lab_dir)  # a rebooted node has a new mount namespace
-        wait_exact(state, phase, time.monotonic())
+        churn.refresh(lab.require_state(lab_dir))  # a rebooted node: a new mount namespace, new sandboxes
+        wait_exact(churn.state, phase, time.monotonic())
+        churn.run(2 * size.workers)  # pod ADD and DEL through what came back (a DEL needs the old netns mounts)
+        wait_exact(churn.state, phase, time.monotonic())
+    phase.injected.update({kind: count - counts[kind] for kind, count in churn.counts.items()})
+    phase.errors += churn.errors[errors:]
     phase.seconds = round(time.monotonic() - started, 1)
     return phase
 
@@ -376,7 +392,7 @@ def campaign(lab_dir: Path, size: Size, seed: int) -> list[Phase]:
     phases = [churn_phase(lab_dir, churn, "churn + hook kill -9", size.churn_ops, kill_hooks)]
     phases.append(churn_phase(lab_dir, churn, "churn + API faults", size.api_churn_ops, api_faults, finite=True))
     phases.append(tamper_phase(state, rng))
-    phases.append(restart_phase(lab_dir, state, rng, size))
+    phases.append(restart_phase(lab_dir, churn, size))
     return phases
 
 
