@@ -64,7 +64,7 @@ class Size:
 
 
 FULL = Size(churn_ops=1000, api_churn_ops=300, workers=8, hook_kills=3, containerd_restarts=2, reboots=1)
-SHORT = Size(churn_ops=60, api_churn_ops=40, workers=6, hook_kills=1, containerd_restarts=1, reboots=1)
+SHORT = Size(churn_ops=60, api_churn_ops=40, workers=4, hook_kills=1, containerd_restarts=1, reboots=1)
 
 
 @dataclass

@@ -46,6 +46,7 @@ POD_GATEWAY = "10.240.255.1"  # ptp puts the IPAM gateway on every host veth; ou
 ROUTE_TABLE = 51820
 LISTEN_PORT = 51820
 NETWORK = "azure"
+SETUP_TIMEOUT = 60.0  # seconds a mesh may take to publish every key (3 hooks starting on a loaded 2-core machine)
 
 
 @dataclass
@@ -236,6 +237,16 @@ class Mesh:
         items = self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
         return {item["metadata"]["name"]: (item.get("status") or {}).get("publicKey", "") for item in items}
 
+    def publication_detail(self) -> str:
+        """What each node's hook says of its own publication (for a set-up that timed out)."""
+        parts = []
+        for name, node in self.nodes.items():
+            try:
+                parts.append(f"{name}: {node.api('status').get('publication')}")
+            except OSError as error:
+                parts.append(f"{name}: the hook does not answer ({error})")
+        return "; ".join(parts)
+
     def encrypted_nodes(self) -> set[str]:
         return {name for name, key in self.keys().items() if key and name in self.nodes}
 
@@ -290,14 +301,16 @@ class Mesh:
 
 @contextmanager
 def running_mesh(names: list[str], timeout: float) -> Iterator[Mesh]:
-    """A mesh of these nodes (the i-th gets index i) whose keys are all published within `timeout`. Closed and its
-    directory removed afterwards, also when set-up or the test fails."""
+    """A mesh of these nodes (the i-th gets index i) whose keys are all published within `timeout` (at least
+    SETUP_TIMEOUT: a set-up wait, not a measurement). Closed and its directory removed afterwards, also when set-up or
+    the test fails."""
     with short_temp_dir("s4m-") as root:
         mesh = Mesh(root)
         try:
             for index, name in enumerate(names):
                 mesh.add_node(name, index)
-            wait_until(lambda: len(mesh.encrypted_nodes()) == len(names), timeout, f"{len(names)} published keys")
+            wait_until(lambda: len(mesh.encrypted_nodes()) == len(names), max(timeout, SETUP_TIMEOUT),
+                       f"{len(names)} published keys", detail=mesh.publication_detail)
             yield mesh
         finally:
             mesh.close()
