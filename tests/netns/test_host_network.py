@@ -80,14 +80,17 @@ def test_host_network_pod_to_pod_reply_comes_back(lab: Lab) -> None:
     assert echo(pod_a.netns, lab.nodes["b"].netns, "10.240.0.70") == "hello from 10.240.0.35"
 
 
-def test_hook_restart_keeps_the_key_the_device_and_the_traffic(lab: Lab) -> None:
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_hook_restart_keeps_the_key_the_device_and_the_traffic(lab: Lab, how: str) -> None:
+    """A rollout restart (SIGTERM) and a killed container (SIGKILL: the hook's process dies without a word) both keep
+    the key and cut no traffic: the device is the kernel's (or a wireguard-go outside the hook's process)."""
     a = lab.nodes["a"]
     pod_a, pod_b = a.pods["pod1"], lab.nodes["b"].pods["pod2"]
     key = a.exec("wg", "show", a.wg, "public-key").stdout.strip()
     pinger = subprocess.Popen(["ip", "netns", "exec", pod_a.netns, "ping", "-c", "30", "-i", "0.1", "-W", "1",
                                pod_b.ip], stdout=subprocess.PIPE, text=True)
     time.sleep(0.3)
-    a.stop_hook()
+    a.stop_hook() if how == "SIGTERM" else a.kill_hook()
     lab.start_hook(a)
     output = pinger.communicate(timeout=30)[0]
     assert " 0% packet loss" in output, output  # the device (wireguard-go or kernel) kept serving without a hook

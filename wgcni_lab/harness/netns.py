@@ -13,6 +13,7 @@ import ctypes
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -139,7 +140,8 @@ class HookNode:
 
     def start_hook(self, env: dict[str, str] | None = None, timeout: float = 20) -> None:
         """`wgcni-node run` on `config_file` in the node's namespace (from the sources, output to `log_file`);
-        returns once its local API socket exists, fails the test with the log's tail if it exits first."""
+        returns once its local API socket accepts (a killed hook leaves its socket file behind), fails the test with
+        the log's tail if it exits first."""
         with open(self.log_file, "ab") as log:
             self.hook = subprocess.Popen(
                 ["ip", "netns", "exec", self.netns, PYTHON, "-m", "node_hook.cli", "run", "--config",
@@ -147,7 +149,7 @@ class HookNode:
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
         hook = self.hook
-        wait_until(lambda: self.socket.exists() or hook.poll() is not None, timeout, f"{self.name} hook socket")
+        wait_until(lambda: self.socket_accepts() or hook.poll() is not None, timeout, f"{self.name} hook socket")
         if hook.poll() is not None:
             raise AssertionError(f"hook {self.name} exited: {self.log_file.read_text()[-3000:]}")
 
@@ -163,6 +165,21 @@ class HookNode:
                 self.hook.kill()
                 self.hook.wait()
         self.hook = None
+
+    def socket_accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            try:
+                connection.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
+
+    def kill_hook(self) -> None:
+        """SIGKILL the hook, as a killed container's process dies (no shutdown of its own), and reap it."""
+        if self.hook is not None:
+            self.hook.kill()
+            self.hook.wait()
+            self.hook = None
 
     def cleanup(self) -> subprocess.CompletedProcess[str]:
         """`wgcni-node cleanup` with the node's config: removes what the hook made in the namespace."""
