@@ -147,10 +147,13 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--apiserver-on", metavar="NODE", default="",
               help="serve the API server on this node's IP (a self-managed control plane, inside the addresses "
                    "host encryption covers) instead of on loopback in every node (AKS's managed API server)")
+@click.option("--mode", type=click.Choice(lab.MODES), default="node-subnet", show_default=True,
+              help="Azure CNI's: pod IPs from the VNet subnet (node-subnet) or from a /24 per node of the pod CIDR "
+                   f"{lab.OVERLAY_POD_CIDR}, routed to the node by the fabric (overlay)")
 @click.pass_obj
 def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings: tuple[str, ...],
        restart_backoff: float, restart_backoff_max: float, plugin: Path, hook: Path, timeout: float,
-       no_azure_underlay: bool, daemonset_runtime: str, apiserver_on: str) -> None:
+       no_azure_underlay: bool, daemonset_runtime: str, apiserver_on: str, mode: str) -> None:
     """Bring the lab up and leave it running."""
     plugin, hook = plugin.absolute(), hook.absolute()
     if pods_before_install + pods_per_node > lab.MAX_PODS:
@@ -170,7 +173,7 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, 
          "--pods-per-node", str(pods_per_node), "--pods-before-install", str(pods_before_install),
          "--settings-json", json.dumps(hook_settings), "--restart-backoff", f"{restart_backoff}:{restart_backoff_max}",
          "--plugin", str(plugin), "--hook", str(hook), "--parent", str(os.getpid()),
-         "--daemonset-image", image_archive, "--apiserver-on", apiserver_on,
+         "--daemonset-image", image_archive, "--apiserver-on", apiserver_on, "--mode", mode,
          *(["--no-azure-underlay"] if no_azure_underlay else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -246,17 +249,18 @@ def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
 @click.option("--no-azure-underlay", is_flag=True)
 @click.option("--daemonset-image", default="")
 @click.option("--apiserver-on", default="")
+@click.option("--mode", default="node-subnet")
 @click.pass_obj
 def daemon(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings_json: str,
            restart_backoff: str, plugin: Path, hook: Path, parent: int, no_azure_underlay: bool,
-           daemonset_image: str, apiserver_on: str) -> None:
+           daemonset_image: str, apiserver_on: str, mode: str) -> None:
     """The lab daemon (started by `up`)."""
     from wgcni_lab.daemon import serve
 
     first, cap = (float(part) for part in restart_backoff.split(":"))
     sys.exit(serve(lab_dir, nodes, pods_before_install, pods_per_node, plugin, hook, json.loads(settings_json),
                    (first, cap), parent, azure_underlay=not no_azure_underlay, daemonset_image=daemonset_image,
-                   apiserver_node=apiserver_on))
+                   apiserver_node=apiserver_on, mode=mode))
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -279,6 +283,8 @@ def status(lab_dir: Path, as_json: bool) -> None:
     click.echo(f"lab {state.id} ({report['phase']}): VNet {report['subnet']} on Azure's fabric (netns "
                f"{report['fabric_netns']}, gateway MAC {report['gateway_mac']}, {underlay}), "
                f"API server {report['apiserver'] or '-'}")
+    pod_ips = f"a /24 per node of {report['pod_cidr']}" if report["mode"] == "overlay" else "secondary IPs of the VNet"
+    click.echo(f"pod IPs: {report['mode']}, {pod_ips}")
     client = report["client"]
     click.echo(f"client {client['ip']} (netns {client['netns']}): `wgcni-lab exec client -- CMD`")
     click.echo("")

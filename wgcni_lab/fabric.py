@@ -48,9 +48,12 @@ def nic_mac(ip: str) -> str:
     return ":".join([NIC_MAC_PREFIX, *(f"{byte:02x}" for byte in packed[1:])])
 
 
-def firewall(df_limit: bool) -> str:
-    """The fabric's nftables table: the underlay's DF size limit (or nothing when the underlay is unlimited)."""
+def firewall(df_limit: bool, overlay: bool = False) -> str:
+    """The fabric's nftables table: the underlay's DF size limit (or nothing when the underlay is unlimited); in
+    overlay mode the pod CIDR is routed between the cluster's nodes only (a VM outside reaches no pod IP)."""
     rules = f"\t\tip frag-off & 0x4000 != 0 ip length > {DF_LIMIT} drop\n" if df_limit else ""
+    if overlay:
+        rules += f'\t\tiifname "{CLIENT_LINK}" ip daddr {lab.OVERLAY_POD_CIDR} drop\n'
     return (f"table ip {FIREWALL_TABLE} {{\n"
             "\tchain forward {\n"
             "\t\ttype filter hook forward priority filter; policy accept;\n"
@@ -69,9 +72,11 @@ def create(state: lab.LabState) -> None:
     lab.in_netns(netns, ["ip", "link", "add", SINK, "type", "ifb"])
     lab.in_netns(netns, ["ip", "link", "set", SINK, "up"])
     lab.in_netns(netns, ["ip", "route", "add", str(lab.VNET), "dev", SINK])
+    if state.mode == "overlay":  # a pod CIDR address of no node's /24 is dropped too
+        lab.in_netns(netns, ["ip", "route", "add", str(lab.OVERLAY_POD_CIDR), "dev", SINK])
     lab.in_netns(netns, ["ip", "route", "add", "blackhole", "default"])
     lab.in_netns(netns, ["iptables", "-w", "-t", "mangle", "-A", "PREROUTING", "-j", "TTL", "--ttl-inc", "1"])
-    lab.in_netns(netns, ["nft", "-f", "-"], input=firewall(state.azure_underlay))
+    lab.in_netns(netns, ["nft", "-f", "-"], input=firewall(state.azure_underlay, state.mode == "overlay"))
 
 
 def _attach(state: lab.LabState, link: str, netns: str, ip: str) -> None:
@@ -94,11 +99,18 @@ def _secondary_route(ip: str, node: lab.NodeState) -> list[str]:
     return ["route", "replace", f"{ip}/32", "via", node.ip, "dev", node.name, "onlink"]
 
 
+def _overlay_route(node: lab.NodeState) -> list[str]:
+    """Overlay: `ip route` arguments that deliver the node's /24 of the pod CIDR to its NIC."""
+    block = ipaddress.ip_network(f"{node.pod_ips[0]}/24", strict=False)
+    return ["route", "replace", str(block), "via", node.ip, "dev", node.name, "onlink"]
+
+
 def attach_node(state: lab.LabState, node: lab.NodeState) -> None:
-    """The node's NIC on the fabric: its IP and its secondary (pod) IPs are delivered to it."""
+    """The node's NIC on the fabric: its IP and its pod IPs are delivered to it (node-subnet: each secondary IP;
+    overlay: its /24 of the pod CIDR)."""
     _attach(state, node.name, node.netns, node.ip)
-    commands = "".join(f"{' '.join(_secondary_route(ip, node))}\n" for ip in node.pod_ips)
-    lab.in_netns(state.vnet_netns, ["ip", "-batch", "-"], input=commands)
+    routes = [_overlay_route(node)] if state.mode == "overlay" else [_secondary_route(ip, node) for ip in node.pod_ips]
+    lab.in_netns(state.vnet_netns, ["ip", "-batch", "-"], input="".join(f"{' '.join(route)}\n" for route in routes))
 
 
 def attach_client(state: lab.LabState) -> None:
@@ -114,6 +126,8 @@ def move_ip(state: lab.LabState, ip: str, to_node: str) -> lab.NodeState:
     """Give the secondary IP `ip` to the NIC of `to_node`, as Azure does when an IP is reassigned: the fabric
     delivers it there at once, and the lab's state records the new owner (the pools a node is re-created with)."""
     target = state.node(to_node)
+    if state.mode == "overlay":
+        raise lab.LabError("in overlay mode a pod IP belongs to its node's /24 and never moves to another node")
     if ipaddress.ip_address(ip) not in lab.VNET or ip in {node.ip for node in state.nodes} or ip == CLIENT_IP:
         raise lab.LabError(f"{ip} is not a secondary IP the lab can move (the VNet is {lab.VNET}; node and client "
                            f"addresses are primary)")

@@ -78,6 +78,8 @@ GATEWAY = "10.240.0.1"  # Azure's subnet gateway; ptp puts it on each pod's host
 FIRST_NODE_HOST = 4  # Azure reserves .0-.3 of a subnet
 MAX_PODS = 30  # AKS default maxPods with Azure CNI: each node gets its address + 30 secondary IPs
 MAX_NODES = 64
+OVERLAY_POD_CIDR = ipaddress.IPv4Network("10.244.0.0/16")  # Azure CNI Overlay's default pod CIDR: a /24 per node
+MODES = ("node-subnet", "overlay")
 NODE_UPLINK_MTU = 1500
 API_PORT_IN_NODE = 6443
 NETWORK = "azure"
@@ -194,6 +196,7 @@ class LabState:
     daemonset_installed: bool = False  # wgcni's DaemonSet runs on every node (after the pods that predate it)
     daemonset_image: str = ""  # the image's OCI archive: the DaemonSet runs from it (kubelet); "": bare processes
     apiserver_node: str = ""  # the node whose IP serves the API server (`up --apiserver-on`); "": loopback in each
+    mode: str = "node-subnet"  # Azure CNI's: pod IPs from the VNet (node-subnet) or a /24 of a pod CIDR (overlay)
     format: int = STATE_FORMAT
 
     @property
@@ -258,15 +261,34 @@ def pod_ip_pools(nodes: int) -> list[list[str]]:
     return [slots[index::nodes] for index in range(nodes)]
 
 
-def base_conflist(pool: Iterable[str]) -> dict[str, Any]:
+def overlay_block(index: int) -> ipaddress.IPv4Network:
+    """Overlay: the /24 of the pod CIDR that Azure gives node `index` (0-based)."""
+    return list(OVERLAY_POD_CIDR.subnets(new_prefix=24))[index]
+
+
+def overlay_pool(block: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str]:
+    """Overlay: a node's pod IPs, the first MAX_PODS hosts of its /24 after the ones Azure reserves."""
+    return [str(block.network_address + FIRST_NODE_HOST + offset) for offset in range(MAX_PODS)]
+
+
+def base_conflist(pool: list[str], mode: str = "node-subnet") -> dict[str, Any]:
     """The node's conflist as AKS provisioning writes it (name "azure", cniVersion 0.3.0, azure-vnet then portmap),
-    where `azure-vnet` is ptp + host-local over the node's pod IPs (one single-address range per IP)."""
-    ranges = [{"subnet": str(VNET), "rangeStart": ip, "rangeEnd": ip, "gateway": GATEWAY} for ip in pool]
+    where `azure-vnet` is ptp + host-local over the node's pod IPs: node-subnet, one single-address range per IP of
+    the VNet (azure-linux.conflist); overlay, one range over the node's /24, with the Overlay conflist's
+    `ipsToRouteViaHost` (azure-linux-swift-overlay.conflist, where CNS hands out the /24's IPs)."""
+    if mode == "overlay":
+        block = ipaddress.ip_network(f"{pool[0]}/24", strict=False)
+        ranges = [{"subnet": str(block), "rangeStart": pool[0], "rangeEnd": pool[-1],
+                   "gateway": str(block.network_address + 1)}]
+        extra: dict[str, Any] = {"ipsToRouteViaHost": ["169.254.20.10"]}
+    else:
+        ranges = [{"subnet": str(VNET), "rangeStart": ip, "rangeEnd": ip, "gateway": GATEWAY} for ip in pool]
+        extra = {}
     return {
         "cniVersion": "0.3.0",
         "name": NETWORK,
         "plugins": [
-            {"type": "azure-vnet", "mode": "transparent", "ipMasq": False, "mtu": NODE_UPLINK_MTU,
+            {"type": "azure-vnet", "mode": "transparent", **extra, "ipMasq": False, "mtu": NODE_UPLINK_MTU,
              "ipam": {"type": "host-local", "ranges": [ranges], "routes": [{"dst": "0.0.0.0/0"}]}},
             {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
         ],
@@ -351,9 +373,12 @@ def node_names(count: int) -> list[str]:
 
 
 def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dict[str, Any] | None = None,
-              restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF, azure_underlay: bool = True) -> LabState:
+              restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF, azure_underlay: bool = True,
+              mode: str = "node-subnet") -> LabState:
+    if mode not in MODES:
+        raise LabError(f"mode {mode!r} is none of {', '.join(MODES)}")
     lab_id = secrets.token_hex(3)
-    pools = pod_ip_pools(nodes)
+    pools = pod_ip_pools(nodes) if mode == "node-subnet" else [overlay_pool(overlay_block(i)) for i in range(nodes)]
     return LabState(
         id=lab_id,
         lab_dir=str(lab_dir),
@@ -367,6 +392,7 @@ def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dic
         azure_underlay=azure_underlay,
         settings=dict(settings or {}),
         restart_backoff=restart_backoff,
+        mode=mode,
     )
 
 
@@ -421,12 +447,12 @@ def start_node_mounts(state: LabState, node: NodeState) -> subprocess.Popen[str]
     return holder
 
 
-def prepare_node_cni(node: NodeState) -> None:
+def prepare_node_cni(state: LabState, node: NodeState) -> None:
     """What AKS node provisioning leaves on a node: the CNI plugins and the azure conflist."""
     from wgcni_lab.containerd import REFERENCE_PLUGIN_DIR, link_cni_plugins, write_conflist
 
     link_cni_plugins(node.root / "opt/cni/bin", extra={"azure-vnet": REFERENCE_PLUGIN_DIR / "ptp"})
-    write_conflist(node.root / "etc/cni/net.d", base_conflist(node.pod_ips))
+    write_conflist(node.root / "etc/cni/net.d", base_conflist(node.pod_ips, state.mode))
 
 
 def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untyped-def]
@@ -616,7 +642,8 @@ def status(state: LabState) -> dict[str, Any]:
     from wgcni_lab import fabric, services
 
     return {"fabric_netns": state.vnet_netns, "gateway": GATEWAY, "gateway_mac": fabric.GATEWAY_MAC,
-            "azure_underlay": state.azure_underlay, "subnet": str(VNET), "lab_dir": state.lab_dir,
+            "azure_underlay": state.azure_underlay, "subnet": str(VNET), "mode": state.mode,
+            "pod_cidr": str(OVERLAY_POD_CIDR) if state.mode == "overlay" else str(VNET), "lab_dir": state.lab_dir,
             "phase": state.phase, "apiserver": state.apiserver_url, "client": fabric.client_status(state),
             "nodes": nodes, "pods": pods, "services": [services.service_json(service) for service in state.services],
             "problems": problems}

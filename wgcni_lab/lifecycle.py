@@ -117,7 +117,16 @@ def parse_label(text: str) -> tuple[str, str | None]:
 
 def next_node(state: lab.LabState) -> lab.NodeState:
     """The node node-add makes: the next AKS node slot beyond every node IP and pod IP in use (its 30 secondary IPs
-    are its pod pool, disjoint from every other node's), named after the slot."""
+    are its pod pool, disjoint from every other node's; in overlay mode its pool is the next /24 of the pod CIDR),
+    named after the slot."""
+    if state.mode == "overlay":
+        slots = [(int(ipaddress.ip_address(node.ip)) - int(ipaddress.ip_address(lab.node_ip(0)))) // (lab.MAX_PODS + 1)
+                 for node in state.nodes]
+        index = max(slots, default=-1) + 1
+        blocks = {ipaddress.ip_network(f"{node.pod_ips[0]}/24", strict=False) for node in state.nodes}
+        block = next(block for block in lab.OVERLAY_POD_CIDR.subnets(new_prefix=24) if block not in blocks)
+        return lab.NodeState(name=f"node-{index + 1}", ip=lab.node_ip(index), netns=f"wgl-{state.id}-node-{index + 1}",
+                             pod_ips=lab.overlay_pool(block))
     used = [ipaddress.ip_address(ip) for node in state.nodes for ip in (node.ip, *node.pod_ips)]
     first = ipaddress.ip_address(lab.node_ip(0))
     index = max(((int(ip) - int(first)) // (lab.MAX_PODS + 1) for ip in used), default=-1) + 1
@@ -325,7 +334,7 @@ class Cluster:
         if node.name == self.state.apiserver_node:  # a host-network API server: behind the node's own routing
             self.api.add_listener(NamespacedListener(node.netns, node.ip, lab.API_PORT_IN_NODE))
         if fresh_disk:
-            lab.prepare_node_cni(node)
+            lab.prepare_node_cni(self.state, node)
         runtime = lab.node_containerd(self.state, node)
         runtime.start()
         self.runtimes[node.name] = runtime
