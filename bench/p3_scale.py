@@ -26,7 +26,7 @@ or moved away, not on the old node's peer). A wrong result fails the benchmark.
 Pod IP layouts (docs/shared azure-cni.md): `scattered` — node-subnet mode at its worst: every pod IP a /32 that
 aggregates with nothing (node i's j-th pod is base + j*N + i), 1.25 M AllowedIPs and routes at 5 000 nodes;
 `batch16` — dynamic pod subnet: each node gets its IPs in batches of 16 contiguous addresses, batches of different
-nodes interleaved.
+nodes interleaved; `overlay` — Azure CNI Overlay: node i's pods from its own /24 of the pod CIDR (.4 upwards).
 
 Run: `python -m bench.p3_scale` (all sizes, prints JSON) or through `python -m bench.run --only P3`.
 """
@@ -72,6 +72,7 @@ TARGET_RESYNC_S = 2.0  # issue 17, at 5 000 x 250
 BASELINE_5000 = {"resync_s": 3.6, "rss_resync_mb": 424.2}  # before issue 17 (make bench, 5 000 x 250 scattered)
 
 POD_BASE = int(ipaddress.IPv4Address("10.0.0.0"))
+OVERLAY_BASE = int(ipaddress.IPv4Address("10.64.0.0"))  # the overlay pod CIDR: a /24 per node (5 000 fit in a /11)
 NODE_BASE = int(ipaddress.IPv4Address("172.16.0.0"))
 SPARE_BASE = int(ipaddress.IPv4Address("100.64.0.0"))  # addresses for pods created during the run
 PORT = 51820
@@ -90,6 +91,10 @@ def pod_address(node: int, pod: int, nodes: int, layout: str) -> int:
     if layout == "batch16":
         batch, offset = divmod(pod, 16)
         return POD_BASE + (batch * nodes + node) * 16 + offset
+    if layout == "overlay":
+        if pod >= 250:
+            raise ValueError("a /24 holds 250 pods from .4")
+        return OVERLAY_BASE + node * 256 + 4 + pod
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -327,12 +332,15 @@ def rows_for(sizes: list[dict], quick: bool, brief: bool = False) -> list[dict]:
 def run(quick: bool) -> list[dict]:
     if quick:
         sizes = [measure_in_subprocess(nodes, QUICK_PODS, "scattered", QUICK_REPEATS) for nodes in QUICK_SIZES]
-        sizes.append(measure_in_subprocess(QUICK_SIZES[-1], QUICK_PODS, "batch16", QUICK_REPEATS))
+        sizes += [measure_in_subprocess(QUICK_SIZES[-1], QUICK_PODS, layout, QUICK_REPEATS)
+                  for layout in ("batch16", "overlay")]
     else:
         sizes = [measure_in_subprocess(nodes, PODS_PER_NODE, "scattered", EVENT_REPEATS) for nodes in SIZES]
-        sizes.append(measure_in_subprocess(SIZES[-1], PODS_PER_NODE, "batch16", EVENT_REPEATS))
+        sizes += [measure_in_subprocess(SIZES[-1], PODS_PER_NODE, layout, EVENT_REPEATS)
+                  for layout in ("batch16", "overlay")]
     rows = rows_for([size for size in sizes if size["layout"] == "scattered"], quick)
-    rows += rows_for([size for size in sizes if size["layout"] == "batch16"], quick, brief=True)
+    for layout in ("batch16", "overlay"):
+        rows += rows_for([size for size in sizes if size["layout"] == layout], quick, brief=True)
     rows[0]["raw"] = sizes  # every size's measurements and every event's samples, for the JSON
     return rows
 
@@ -342,7 +350,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help="measure one size in this process, print JSON")
     parser.add_argument("--nodes", type=int, default=SIZES[0])
     parser.add_argument("--pods", type=int, default=PODS_PER_NODE)
-    parser.add_argument("--layout", choices=("scattered", "batch16"), default="scattered")
+    parser.add_argument("--layout", choices=("scattered", "batch16", "overlay"), default="scattered")
     parser.add_argument("--repeats", type=int, default=EVENT_REPEATS)
     parser.add_argument("--quick", action="store_true")
     options = parser.parse_args()

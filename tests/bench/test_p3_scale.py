@@ -19,7 +19,7 @@ def test_quick_run_measures_every_size_and_event() -> None:
                       "peak RSS of the hook, with the resync's read-back"):
             assert f"{label}: {title}" in cases
     raw = rows[0]["raw"]
-    assert [size["nodes"] for size in raw] == [*p3_scale.QUICK_SIZES, p3_scale.QUICK_SIZES[-1]]
+    assert [size["nodes"] for size in raw] == [*p3_scale.QUICK_SIZES, *[p3_scale.QUICK_SIZES[-1]] * 2]
     for size in raw:
         assert size["routes"] == size["nodes"] * (p3_scale.QUICK_PODS + 1) - 1  # remote pods + node IPs, local pods
         assert size["full_applied"]["peer_adds"] == size["nodes"] - 1
@@ -27,13 +27,15 @@ def test_quick_run_measures_every_size_and_event() -> None:
         assert all(len(samples) == p3_scale.QUICK_REPEATS for samples in size["events_ms"].values())
         assert size["rss_imports_mb"] > 0 and size["rss_peak_events_mb"] > 0  # both read (peaks only ever rise)
         assert size["kernel_rss_peak_mb"] > 0 and size["kernel_cpu_s"] > 0
-    scattered, batched = raw[-2], raw[-1]
+    scattered, batched, overlay = raw[-3], raw[-2], raw[-1]
     assert scattered["allowed_ips"] == (scattered["nodes"] - 1) * (p3_scale.QUICK_PODS + 1)  # nothing aggregates
     assert batched["allowed_ips"] < scattered["allowed_ips"]
+    # a node's 10 pods from .4 of its /24 are .4/30, .8/30, .12/31, and the node IP: 4 prefixes per peer
+    assert overlay["allowed_ips"] == (overlay["nodes"] - 1) * 4
 
 
 def test_layouts_give_every_node_distinct_addresses() -> None:
-    for layout in ("scattered", "batch16"):
+    for layout in ("scattered", "batch16", "overlay"):
         local, remote = p3_scale.synthetic_cluster(40, 250, layout)
         addresses = [ip for ips in local.values() for ip in ips]
         addresses += [str(key.network_address) for node in remote.values() for key in node.pod_ips]
@@ -42,3 +44,5 @@ def test_layouts_give_every_node_distinct_addresses() -> None:
     assert all(b - a == 40 for a, b in itertools.pairwise(scattered))  # no two adjacent: every IP its own /32
     batched = sorted(int(key.network_address) for key in p3_scale.remote_node(3, 40, 250, "batch16").pod_ips)
     assert batched[:16] == list(range(batched[0], batched[0] + 16)) and batched[0] % 16 == 0
+    overlay = sorted(int(key.network_address) for key in p3_scale.remote_node(3, 40, 250, "overlay").pod_ips)
+    assert overlay == list(range(p3_scale.OVERLAY_BASE + 3 * 256 + 4, p3_scale.OVERLAY_BASE + 3 * 256 + 254))
