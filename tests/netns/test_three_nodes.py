@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from nacl.public import PrivateKey
 
+from tests.support.bridge_capture import Capture
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
 from wgcni_lab.harness.netns import PYTHON, in_ns
 from wgcni_lab.harness.netns_lab import Lab, Node, running_lab
@@ -89,27 +90,6 @@ def wg_allowed(node: Node) -> dict[str, set[str]]:
 
 def public_key(node: Node) -> str:
     return node.exec("wg", "show", node.wg, "public-key").stdout.strip()
-
-
-class Capture:
-    """tcpdump on the VNet bridge (everything but ARP), read back as text lines."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.file = lab.root / f"capture-{time.monotonic_ns()}.pcap"
-        self.process = subprocess.Popen(
-            ["ip", "netns", "exec", lab.vnet, "tcpdump", "-i", lab.bridge, "--immediate-mode", "-U", "-n",
-             "-w", str(self.file), "not arp"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert self.process.stderr is not None
-        line = self.process.stderr.readline()
-        assert "listening on" in line, line
-
-    def lines(self) -> list[str]:
-        time.sleep(0.2)
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        out = subprocess.run(["tcpdump", "-nn", "-r", str(self.file)], capture_output=True, text=True, check=True)
-        return out.stdout.splitlines()
 
 
 def test_programmed_state_seen_by_independent_tools(lab: Lab) -> None:

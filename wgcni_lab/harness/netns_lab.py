@@ -43,6 +43,11 @@ class Pod:
     netns: str
     host_veth: str
     container_id: str
+    ipv6: str | None = None  # a dual-stack pod's IPv6 address
+
+    @property
+    def ips(self) -> list[str]:
+        return [self.ip, *([self.ipv6] if self.ipv6 else [])]
 
 
 @dataclass
@@ -115,15 +120,18 @@ class Lab:
             else:
                 node.exec("ip", "neigh", "del", pod.ip, "dev", "eth0", check=False)
 
-    def add_pod(self, node: Node, ip: str, name: str | None = None, record: bool = True) -> Pod:
-        """Plumb a pod as azure-vnet does; `record=False` leaves out the pod record (a pod that predates wgcni)."""
+    def add_pod(self, node: Node, ip: str, name: str | None = None, record: bool = True,
+                ipv6: str | None = None) -> Pod:
+        """Plumb a pod as azure-vnet does; `record=False` leaves out the pod record (a pod that predates wgcni);
+        `ipv6` makes it dual-stack (a /128 route on the host, `fe80::1` as its gateway, as azure-vnet's IPv6)."""
         self._pod_counter += 1
         name = name or f"pod{self._pod_counter}"
         netns = f"h3{name}-{self.suffix}"
         host_veth = "azv" + hashlib.sha1(f"default.{name}.{self.suffix}".encode()).hexdigest()[:11]
         self.namespaces.add(netns)
         node.exec("ip", "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
-        node.exec("sysctl", "-qw", f"net.ipv6.conf.{host_veth}.disable_ipv6=1")  # no late link-local routes
+        if ipv6 is None:
+            node.exec("sysctl", "-qw", f"net.ipv6.conf.{host_veth}.disable_ipv6=1")  # no late link-local routes
         node.exec("ip", "link", "set", host_veth, "up")
         node.exec("sysctl", "-qw", f"net.ipv4.conf.{host_veth}.proxy_arp=1")
         node.exec("ip", "route", "add", f"{ip}/32", "dev", host_veth)
@@ -134,8 +142,14 @@ class Lab:
         in_ns(netns, "ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link")
         in_ns(netns, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
         in_ns(netns, "ip", "neigh", "replace", "169.254.1.1", "lladdr", mac, "dev", "eth0", "nud", "permanent")
+        if ipv6 is not None:
+            node.exec("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            node.exec("ip", "-6", "route", "add", f"{ipv6}/128", "dev", host_veth)
+            in_ns(netns, "ip", "-6", "addr", "add", f"{ipv6}/128", "dev", "eth0", "nodad")
+            in_ns(netns, "ip", "-6", "neigh", "replace", "fe80::1", "lladdr", mac, "dev", "eth0", "nud", "permanent")
+            in_ns(netns, "ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0")
         container_id = secrets.token_hex(16)
-        pod = Pod(name, node, ip, netns, host_veth, container_id)
+        pod = Pod(name, node, ip, netns, host_veth, container_id, ipv6)
         node.pods[name] = pod
         self._deliver(pod)
         if record:
@@ -148,9 +162,11 @@ class Lab:
         record = {
             "format": 1, "network": "azure", "containerID": pod.container_id, "ifname": "eth0",
             "netns": f"/var/run/netns/{pod.netns}", "podNamespace": "default", "podName": pod.name,
-            "podUID": None, "ips": [pod.ip], "cniVersion": "0.3.0",
+            "podUID": None, "ips": pod.ips, "cniVersion": "0.3.0",
             "prevResult": {"cniVersion": "0.3.0", "interfaces": [{"name": "eth0", "mac": ""}],
-                           "ips": [{"version": "4", "address": f"{pod.ip}/{PREFIX_LEN}", "gateway": "10.240.0.1"}]},
+                           "ips": [{"version": "4", "address": f"{pod.ip}/{PREFIX_LEN}", "gateway": "10.240.0.1"},
+                                   *([{"version": "6", "address": f"{pod.ipv6}/128", "gateway": "fe80::1"}]
+                                     if pod.ipv6 else [])]},
             "created": now, "updated": now,
         }
         with store.lock():
@@ -210,7 +226,7 @@ class Lab:
                 entries.append({
                     "name": other_name, "publicKey": announcement["publicKey"], "endpoint": other.ip,
                     "endpointPort": announcement["endpointPort"], "nodeIPs": [other.ip],
-                    "podIPs": sorted(pod.ip for pod in other.pods.values()),
+                    "podIPs": sorted(ip for pod in other.pods.values() for ip in pod.ips),
                     "podIPsChangedAt": other.pod_ips_changed_at,
                     **{field: announcement[field] for field in ("nextPublicKey", "keySwitchAt")
                        if field in announcement},
@@ -257,7 +273,7 @@ class Lab:
                     if peer is None or not peer["programmed"]:
                         return False
                     covered = {str(ip) for prefix in peer["allowedIPs"] for ip in _hosts(prefix)}
-                    if covered != {pod.ip for pod in other.pods.values()} | {other.ip}:
+                    if covered != {ip for pod in other.pods.values() for ip in pod.ips} | {other.ip}:
                         return False
             return True
 
