@@ -18,6 +18,7 @@ Everything is named with a per-run random suffix and removed by `close()`, also 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import secrets
@@ -33,6 +34,7 @@ from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.harness.tempdir import short_temp_dir
 
 PREFIX_LEN = 16
+IPV6_VNET_PREFIX = "fd00:240::"  # an IPv6 underlay's /64: node 10.240.A.B is fd00:240::A:B
 
 
 @dataclass
@@ -56,6 +58,15 @@ class Node(HookNode):
 
     pods: dict[str, Pod] = field(default_factory=dict)
     pod_ips_changed_at: float = 0.0
+    ipv6: str | None = None  # with an IPv6 underlay: the node's IPv6 address on the VNet, its WireGuard endpoint
+
+    @property
+    def endpoint(self) -> str:
+        return self.ipv6 or self.ip
+
+    @property
+    def node_ips(self) -> list[str]:
+        return [self.ip, *([self.ipv6] if self.ipv6 else [])]
 
     @property
     def peers_file(self) -> Path:
@@ -68,7 +79,8 @@ class Node(HookNode):
 
 class Lab:
     def __init__(
-        self, root: Path, listen_port: int = 51820, host_encryption: bool = True, backend: str = "userspace"
+        self, root: Path, listen_port: int = 51820, host_encryption: bool = True, backend: str = "userspace",
+        underlay: str = "ipv4",
     ) -> None:
         self.root = root
         self.backend = backend  # the hooks' WireGuard backend: userspace (wireguard-go) or kernel
@@ -77,11 +89,14 @@ class Lab:
         self.bridge = "vnet0"
         self.listen_port = listen_port
         self.host_encryption = host_encryption
+        if underlay not in ("ipv4", "ipv6"):
+            raise ValueError(f"underlay {underlay!r} is neither ipv4 nor ipv6")
+        self.underlay = underlay  # ipv6: nodes also have an IPv6 address on the VNet, and WireGuard runs over it
         self.nodes: dict[str, Node] = {}
         self.namespaces = Namespaces()
         self._pod_counter = 0
         try:
-            new_bridge_namespace(self.namespaces, self.vnet, self.bridge, ipv4_only=True)
+            new_bridge_namespace(self.namespaces, self.vnet, self.bridge, ipv4_only=underlay == "ipv4")
         except BaseException:
             self.namespaces.close()  # a half-built VNet namespace is removed, not left behind
             raise
@@ -94,11 +109,15 @@ class Lab:
         directory = self.root / name
         directory.mkdir(parents=True)
         self.namespaces.add(netns)
-        node = Node(name, ip, netns, wg, directory)
+        third, fourth = ip.split(".")[2:]
+        ipv6 = str(ipaddress.IPv6Address(f"{IPV6_VNET_PREFIX}{third}:{fourth}")) if self.underlay == "ipv6" else None
+        node = Node(name, ip, netns, wg, directory, ipv6=ipv6)
         # IPv4 VNet: no IPv6 link-local chatter on the capture (the WireGuard device keeps its IPv6 link-local
         # address, as on a real node)
         plug_into_bridge(self.vnet, self.bridge, f"up{name[:4]}{self.suffix}"[:15], netns, f"{ip}/{PREFIX_LEN}",
-                         ipv4_only=True)
+                         ipv4_only=ipv6 is None)
+        if ipv6 is not None:
+            node.exec("ip", "-6", "addr", "add", f"{ipv6}/64", "dev", "eth0", "nodad")
         node.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
         node.exec("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")  # strict, as on many distros
         node.exec("sysctl", "-qw", "net.ipv4.conf.eth0.rp_filter=1")
@@ -194,7 +213,7 @@ class Lab:
     def write_config(self, node: Node, **overrides: object) -> None:
         config = {
             "nodeName": node.name, "stateDir": str(node.state_dir), "socket": str(node.socket),
-            "interface": node.wg, "listenPort": self.listen_port, "endpoint": node.ip,
+            "interface": node.wg, "listenPort": self.listen_port, "endpoint": node.endpoint,
             "hostEncryption": self.host_encryption, "azure": False, "peersFile": str(node.peers_file),
             "backend": self.backend,
             "announceFile": str(node.announce_file), "resyncInterval": 30, "recordRescanInterval": 2,
@@ -224,8 +243,8 @@ class Lab:
                     continue
                 announcement = announcements[other_name]
                 entries.append({
-                    "name": other_name, "publicKey": announcement["publicKey"], "endpoint": other.ip,
-                    "endpointPort": announcement["endpointPort"], "nodeIPs": [other.ip],
+                    "name": other_name, "publicKey": announcement["publicKey"], "endpoint": other.endpoint,
+                    "endpointPort": announcement["endpointPort"], "nodeIPs": other.node_ips,
                     "podIPs": sorted(ip for pod in other.pods.values() for ip in pod.ips),
                     "podIPsChangedAt": other.pod_ips_changed_at,
                     **{field: announcement[field] for field in ("nextPublicKey", "keySwitchAt")
@@ -273,7 +292,7 @@ class Lab:
                     if peer is None or not peer["programmed"]:
                         return False
                     covered = {str(ip) for prefix in peer["allowedIPs"] for ip in _hosts(prefix)}
-                    if covered != {ip for pod in other.pods.values() for ip in pod.ips} | {other.ip}:
+                    if covered != {ip for pod in other.pods.values() for ip in pod.ips} | set(other.node_ips):
                         return False
             return True
 
@@ -351,7 +370,5 @@ def running_lab(nodes: dict[str, str], pods: dict[str, list[str]], prepare: Call
 
 
 def _hosts(prefix: str) -> list[str]:
-    import ipaddress
-
     network = ipaddress.ip_network(prefix)
     return [str(address) for address in network] if network.prefixlen >= network.max_prefixlen - 8 else []
