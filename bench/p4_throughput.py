@@ -8,7 +8,8 @@ bridge, two node namespaces (10.240.0.4, 10.240.0.35), each running its own `wgc
 
 - mesh: `iperf3` from pod A (10.240.0.70, on node a) to pod B (10.240.0.71, on node b), which the hooks programmed:
   pod veth -> node a's rule and table -> the hook's wireguard-go -> VNet -> wireguard-go -> node b -> pod veth, at
-  the MTU the hook chose, with its MSS clamp;
+  the MTU the hook chose, with its MSS clamp; and the same to pod B's IPv6 address (the pods are dual-stack): one
+  device and one peer carry both families;
 - baseline: the same path without wgcni: a second pair of pods plumbed the same way (C 10.240.0.80 on a, D
   10.240.0.81 on b) that the hooks are not told about, and a second wireguard-go device in each node namespace
   configured by hand (`wg set`: own keys and port, the other node's pod as AllowedIP, a plain /32 route in the main
@@ -54,6 +55,7 @@ from wgcni_lab.harness.polling import wait_until
 TITLE = "pod-to-pod TCP through the mesh (userspace) vs a hand-configured wg tunnel, same namespaces"
 NODES = {"a": "10.240.0.4", "b": "10.240.0.35"}
 PODS = {"a": "10.240.0.70", "b": "10.240.0.71"}  # known to the hooks: through the mesh
+PODS_IPV6 = {"a": "fd00:10:240::70", "b": "fd00:10:240::71"}  # the same pods' IPv6 addresses (dual-stack)
 BASELINE_PODS = {"a": "10.240.0.80", "b": "10.240.0.81"}  # unknown to the hooks: through the hand-made tunnel
 BASELINE_PORT = 51821
 BASELINE_MTUS = (1420, 1440)  # wg-quick's default, and the largest that fits a 1500-byte underlay over IPv4
@@ -199,7 +201,7 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
         for name, ip in NODES.items():
             lab.add_node(name, ip)
         for name, ip in PODS.items():
-            lab.add_pod(lab.nodes[name], ip, name=f"p{name}")
+            lab.add_pod(lab.nodes[name], ip, name=f"p{name}", ipv6=PODS_IPV6[name])
         for node in lab.nodes.values():
             lab.start_hook(node)
         lab.sync_peers()
@@ -222,10 +224,14 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
         mesh: list[float] = []
         mesh_cpu: list[float] = []
         mesh_retransmits: list[int] = []
+        mesh_ipv6: list[float] = []
+        mesh_ipv6_cpu: list[float] = []
         tunnel: dict[int, list[float]] = {value: [] for value in mtus}
         tunnel_cpu: dict[int, list[float]] = {value: [] for value in mtus}
         tunnel_retransmits: dict[int, list[int]] = {value: [] for value in mtus}
-        cases: list[int | None] = [None, *mtus]  # None: the mesh; a number: the baseline at that MTU
+        # None: the mesh; "ipv6": the mesh to the same pod's IPv6 address, through the same device and peer; a
+        # number: the baseline at that MTU
+        cases: list[int | str | None] = [None, "ipv6", *mtus]
         for repeat in range(repeats):
             for case in cases[repeat % len(cases):] + cases[:repeat % len(cases)]:  # each case first in turn
                 if case is None:
@@ -233,7 +239,12 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
                     mesh.append(rate)
                     mesh_cpu.append(cost)
                     mesh_retransmits.append(retransmits)
+                elif case == "ipv6":
+                    rate, cost, _ = iperf3_with_cpu(pod_a, PODS_IPV6["b"], 5201, seconds, mesh_pids)
+                    mesh_ipv6.append(rate)
+                    mesh_ipv6_cpu.append(cost)
                 else:
+                    assert isinstance(case, int)
                     baseline.set_mtu(case)
                     rate, cost, retransmits = iperf3_with_cpu(base_a, BASELINE_PODS["b"], 5202, seconds, base_pids)
                     tunnel[case].append(rate)
@@ -242,7 +253,8 @@ def measure(seconds: int, repeats: int, pings: int, mtus: tuple[int, ...]) -> di
         sent, lost, exact = df_pings(lab, mtu, pings)
         return {"mtu": mtu, "mesh_mbit_s": mesh, "baseline_mbit_s": {str(k): v for k, v in tunnel.items()},
                 "mesh_cpu_ms_per_gb": mesh_cpu, "baseline_cpu_ms_per_gb": {str(k): v for k, v in tunnel_cpu.items()},
-                "mesh_retransmits": mesh_retransmits,
+                "mesh_retransmits": mesh_retransmits, "mesh_ipv6_mbit_s": mesh_ipv6,
+                "mesh_ipv6_cpu_ms_per_gb": mesh_ipv6_cpu,
                 "baseline_retransmits": {str(k): v for k, v in tunnel_retransmits.items()},
                 "wireguard_go_own_sessions": own_session, "sched_autogroup_enabled": autogroup_scheduling(),
                 "df_pings_sent": sent, "df_pings_lost": lost, "one_byte_more_refused": exact, "seconds": seconds,
@@ -289,6 +301,14 @@ def run(quick: bool) -> list[dict]:
                note=f"baseline tunnel at MTU {best_mtu}: {base_cost:.0f} ms/GB; ratio {mesh_cost / base_cost:.3f}")
     cost["baseline_p50"], cost["ratio"] = round(base_cost, 1), round(mesh_cost / base_cost, 4)
     rows.append(cost)
+    ipv6 = statistics.median(result["mesh_ipv6_mbit_s"])
+    ipv6_cost = statistics.median(result["mesh_ipv6_cpu_ms_per_gb"])
+    dual = row("pod A -> pod B over IPv6, the same device and peer (dual-stack)", result["mesh_ipv6_mbit_s"],
+               unit="Mbit/s", note=f"IPv4 through the mesh {mesh:.0f} Mbit/s: ratio {ipv6 / mesh:.3f} (an IPv6 header "
+                                   f"is 20 bytes more of each {result['mtu']}); CPU per GB {ipv6_cost:.0f} ms, "
+                                   f"ratio {ipv6_cost / mesh_cost:.3f}")
+    dual["ratio"] = round(ipv6 / mesh, 4)
+    rows.append(dual)
     pings = row(f"DF pings of exactly {result['mtu']} bytes, pod A -> pod B: lost", [result["df_pings_lost"]],
                 unit="packets", target_p50=None if quick else 0,
                 note=f"of {result['df_pings_sent']}; one byte more refused locally: {result['one_byte_more_refused']}")

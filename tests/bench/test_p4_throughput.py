@@ -1,6 +1,7 @@
 """P4's quick mode (correctness only): two lab nodes with their hooks; TCP between the hooks' pods through the mesh
 and between the other two pods through the hand-configured baseline tunnel both carry data (with their CPU cost and
-retransmits), both tunnels' wireguard-go started alike; DF packets of exactly the MTU pass and one byte more is
+retransmits), and so does TCP to the same pod's IPv6 address through the mesh; both tunnels' wireguard-go
+started alike; DF packets of exactly the MTU pass and one byte more is
 refused; nothing of the run is left behind."""
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def test_quick_run_measures_both_paths_and_cleans_up() -> None:
     raw = rows[0]["raw"]
     assert raw["mtu"] == 1440  # 1500-byte VNet - 60 (WireGuard over IPv4), not Azure here
     assert all(rate > 1 for rate in raw["mesh_mbit_s"])
+    assert len(raw["mesh_ipv6_mbit_s"]) == len(raw["mesh_mbit_s"]) and all(rate > 1 for rate in raw["mesh_ipv6_mbit_s"])
+    assert all(cost > 0 for cost in raw["mesh_ipv6_cpu_ms_per_gb"])
+    assert next(row for row in rows if "over IPv6" in row["case"])["ratio"] > 0
     assert all(rate > 1 for samples in raw["baseline_mbit_s"].values() for rate in samples)
     assert all(cost > 0 for cost in raw["mesh_cpu_ms_per_gb"])
     assert all(cost > 0 for samples in raw["baseline_cpu_ms_per_gb"].values() for cost in samples)
