@@ -6,7 +6,8 @@
   route in the node's main table; pod side `eth0` with the pod IP, `169.254.1.1` as gateway via a static
   neighbour entry to the host veth's MAC; both veth ends MTU 1500;
 - the VNet delivers a pod IP sent in plaintext to the pod's node, as Azure's fabric does: every other node holds a
-  permanent neighbour entry mapping the pod IP to that node's NIC (no node answers ARP for its pods' IPs);
+  permanent neighbour entry mapping the pod IP to that node's NIC (no node answers ARP for its pods' IPs), and with
+  an IPv6 underlay the same for a dual-stack pod's IPv6 address, with a /128 route;
 - each node runs its own `wgcni-node run` on the lab's backend (userspace: wireguard-go, unique interface name as
   /var/run/wireguard is not per namespace; kernel: in the VM tier), with pod records written through
   `cni_plugin.records` and peers fed through a peers file built from the hooks' own announcements (the stand-in
@@ -138,6 +139,14 @@ class Lab:
                 node.exec("ip", "neigh", "replace", pod.ip, "lladdr", mac, "dev", "eth0", "nud", "permanent")
             else:
                 node.exec("ip", "neigh", "del", pod.ip, "dev", "eth0", check=False)
+            if pod.ipv6 and self.underlay == "ipv6":  # the pods' IPv6 range is not on the VNet's link: a route too
+                if deliver:
+                    node.exec("ip", "-6", "neigh", "replace", pod.ipv6, "lladdr", mac, "dev", "eth0", "nud",
+                              "permanent")
+                    node.exec("ip", "-6", "route", "replace", f"{pod.ipv6}/128", "dev", "eth0")
+                else:
+                    node.exec("ip", "-6", "route", "del", f"{pod.ipv6}/128", "dev", "eth0", check=False)
+                    node.exec("ip", "-6", "neigh", "del", pod.ipv6, "dev", "eth0", check=False)
 
     def add_pod(self, node: Node, ip: str, name: str | None = None, record: bool = True,
                 ipv6: str | None = None) -> Pod:
