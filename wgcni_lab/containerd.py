@@ -189,13 +189,17 @@ class Containerd:
     def restart(self, timeout: float = 30.0) -> None:
         """containerd stops (SIGTERM) and starts again while its pods run on (their shims are processes of their
         own); it then recovers them from its root and state dirs, as after `systemctl restart containerd`."""
+        self._stop_containerd(timeout)
+        self._start(timeout)
+
+    def _stop_containerd(self, timeout: float) -> None:
+        """Close the CRI client and terminate containerd itself (not its shims)."""
         if self._client is not None:
             self._client.close()
             self._client = None
         if self._process is not None:
             _terminate(self._process, timeout)
             self._process = None
-        self._start(timeout)
 
     def _shim_mount_namespace(self) -> str | None:
         """The mount namespace of a live shim of this instance (its containerd's, which it outlived), if any."""
@@ -364,12 +368,7 @@ disabled_plugins = [{disabled}]
                         problems.append(str(error))
             except CriError as error:
                 problems.append(str(error))
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self._process is not None:
-            _terminate(self._process, timeout)
-            self._process = None
+        self._stop_containerd(timeout)
         kill_processes(self.runtime_pids(), timeout)
         remove_cgroups(self.cgroup_parent, timeout)
         for guard in self._mountpoint_guards:

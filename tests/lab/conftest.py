@@ -72,6 +72,19 @@ def captured(cli: Cli, seconds: float = 120) -> Iterator[list[dict[str, Any]]]:
             capture.wait()
 
 
+def ping_ring(cli: Cli, pods: list[dict[str, Any]], count: int) -> None:
+    """The first pod of each node pings the first pod of the next node (`count` echoes each); every ping must pass."""
+    first: dict[str, dict[str, Any]] = {}
+    for pod in pods:
+        first.setdefault(pod["node"], pod)
+    ring = list(first.values())
+    for index, source in enumerate(ring):
+        target = ring[(index + 1) % len(ring)]
+        ping = cli.run("exec", source["name"], "--", "ping", "-c", str(count), "-i", "0.2", "-W", "2", target["ip"],
+                       check=False)
+        assert ping.returncode == 0, f"{source['name']} -> {target['ip']}: {ping.stdout}{ping.stderr}"
+
+
 @dataclass
 class Footprint:
     namespaces: set[str]

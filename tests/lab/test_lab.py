@@ -32,6 +32,7 @@ from tests.lab.conftest import (
     footprint,
     force_down,
     lab_netns_inodes,
+    ping_ring,
     root_links,
 )
 from wgcni_lab import lab
@@ -119,16 +120,8 @@ def test_status_json_has_the_exact_shape_and_aks_addressing(cli: Cli) -> None:
 
 def test_cross_node_pod_traffic_crosses_the_fabric_only_as_wireguard(cli: Cli) -> None:
     pods = cli.json("status", "--json")["pods"]
-    first = {}
-    for pod in pods:
-        first.setdefault(pod["node"], pod)
-    ring = list(first.values())
     with captured(cli) as packets:
-        for index, source in enumerate(ring):
-            target = ring[(index + 1) % len(ring)]
-            ping = cli.run("exec", source["name"], "--", "ping", "-c", "3", "-i", "0.2", "-W", "2", target["ip"],
-                           check=False)
-            assert ping.returncode == 0, f"{source['name']} -> {target['ip']}: {ping.stdout}{ping.stderr}"
+        ping_ring(cli, pods, 3)
 
     assert len(packets) >= 18, "3 pairs x 3 echo requests and replies, each one UDP datagram"
     assert only_wireguard_between_nodes(cli.state(), packets) == []

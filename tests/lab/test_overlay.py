@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import Cli, captured, lab_up
+from tests.lab.conftest import Cli, captured, lab_up, ping_ring
 from wgcni_lab import fabric, lab
 from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.wire import only_wireguard_between_nodes
@@ -91,17 +91,9 @@ def test_each_peer_carries_its_nodes_pods_as_aggregates_and_routes_them_into_the
 
 def test_pod_traffic_between_nodes_crosses_the_fabric_only_as_wireguard_and_stays_local_on_a_node(cli: Cli) -> None:
     report = status(cli)
-    first = {}
-    for pod in report["pods"]:
-        first.setdefault(pod["node"], pod)
-    ring = list(first.values())
     same_node = [pod for pod in report["pods"] if pod["node"] == "node-1"]
     with captured(cli) as packets:
-        for index, source in enumerate(ring):
-            target = ring[(index + 1) % len(ring)]
-            ping = cli.run("exec", source["name"], "--", "ping", "-c", "2", "-i", "0.2", "-W", "2", target["ip"],
-                           check=False)
-            assert ping.returncode == 0, f"{source['name']} -> {target['ip']}: {ping.stdout}{ping.stderr}"
+        ping_ring(cli, report["pods"], 2)
         local = cli.run("exec", same_node[0]["name"], "--", "ping", "-c", "2", "-i", "0.2", "-W", "2",
                         same_node[1]["ip"], check=False)
         assert local.returncode == 0, local.stdout
