@@ -53,13 +53,17 @@ REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "containerd", "containerd-shim-run
 
 
 class LabGroup(click.Group):
-    """Turns LabError (and OSError) into one line on stderr instead of a traceback."""
+    """Turns LabError (and OSError) into one line on stderr instead of a traceback; output cut short by a closed pipe
+    (`wgcni-lab status | head`) ends quietly, as a shell tool does."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except lab.LabError as error:
             raise click.ClickException(str(error)) from None
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+            ctx.exit(1)
         except OSError as error:
             where = f": {error.filename}" if error.filename else ""
             raise click.ClickException(f"{error.strerror or error}{where}") from None
