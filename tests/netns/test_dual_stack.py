@@ -2,7 +2,8 @@
 IPv6 address; the hook puts both on its node's peer and routes both into the tunnel (table and rule in both
 families), pod traffic of either family crosses the VNet only as WireGuard over IPv4, and an IPv6 packet of exactly
 the device MTU passes with one byte more refused (the device's MTU is the underlay's less WireGuard's 60 bytes over
-IPv4, whatever the inner family)."""
+IPv4, whatever the inner family); IPv6 between pods of one node never reaches the VNet, and an IPv6 address that
+moves to a pod on another node is routed to its new node."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.support.bridge_capture import Capture
 from tests.support.kernel_wg import BACKEND_PARAMS, require_kernel_wireguard
 from wgcni_lab.harness.netns import PYTHON, in_ns
 from wgcni_lab.harness.netns_lab import Lab, running_lab
+from wgcni_lab.harness.polling import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -108,3 +110,27 @@ def test_an_ipv6_ping_of_exactly_the_device_mtu_passes_and_one_byte_more_does_no
     assert exact.returncode == 0, exact.stdout + exact.stderr
     too_big = ping6(lab, "fd00:10:240::70", "fd00:10:240::71", "-M", "do", "-s", str(mtu - 47))
     assert too_big.returncode != 0 and f"mtu={mtu}" in too_big.stdout.replace(" ", ""), too_big.stdout
+
+
+def test_ipv6_between_pods_of_one_node_stays_on_the_node(lab: Lab) -> None:
+    capture = Capture(lab)
+    result = ping6(lab, "fd00:10:240::71", "fd00:10:240::72")
+    lines = capture.lines()
+    assert result.returncode == 0, result.stdout
+    assert [line for line in lines if "fd00:10:240::" in line] == [] and not [line for line in lines if "UDP" in line]
+
+
+def test_an_ipv6_address_that_moves_to_another_node_is_routed_there(lab: Lab) -> None:
+    a, b = lab.nodes["a"], lab.nodes["b"]
+    moved = "fd00:10:240::72"
+    lab.delete_pod(b.pods["pod3"])
+    lab.add_pod(a, "10.240.0.73", name="moved", ipv6=moved)  # the freed address, given to a pod on node a
+    lab.sync_peers()
+    lab.wait_converged()
+
+    def routed_to_a() -> bool:
+        on_b = b.exec("ip", "-6", "route", "show", "table", "51820").stdout
+        return f"{moved} dev {b.wg}" in on_b and f"{moved}/128" not in a.exec("wg", "show", a.wg, "allowed-ips").stdout
+
+    wait_until(routed_to_a, 10, what=f"{moved} routed from b to a")
+    assert in_ns(b.pods["pod2"].netns, "ping", "-6", "-c", "1", "-W", "2", moved, check=False).returncode == 0
