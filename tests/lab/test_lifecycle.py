@@ -35,7 +35,7 @@ from tests.lab.conftest import (
     root_links,
 )
 from wgcni_lab import lab
-from wgcni_lab.cleanup import netns_inode, process_state
+from wgcni_lab.cleanup import netns_inode, process_state, process_table
 from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.harness.streams import tcp_stream
 
@@ -224,14 +224,29 @@ def test_a_setting_reaches_every_node_config_and_its_peers(cli: Cli) -> None:
 @pytest.mark.parametrize("setting", ["mtu=12", "noSuchSetting=1", "logLevel=[debug]", "nodeName=x", "mtu"])
 def test_a_bad_setting_is_one_line_before_anything_is_made(cli: Cli, lab_parent: Path, setting: str) -> None:
     other = Cli(lab_parent / "never")
-    namespaces_before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    namespaces_before = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
 
     result = other.run("up", "--nodes", "1", "--setting", setting, check=False)
 
     assert result.returncode != 0 and "--setting" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not other.lab_dir.exists()
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == namespaces_before
+    namespaces_after = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    assert {name for name in namespaces_after - namespaces_before
+            if not name.startswith(running_lab_prefixes())} == set(), "a lab the other test worker runs is not ours"
+
+
+def running_lab_prefixes() -> tuple[str, ...]:
+    """The namespace prefixes (`wgl-<id>-`) of the labs whose daemons run now (the other pytest worker's, say): each
+    daemon's state names its id before it makes anything."""
+    prefixes = []
+    for info in process_table().values():
+        argv = [arg.decode(errors="replace") for arg in info.argv]
+        if info.live and "wgcni_lab.cli" in argv and "daemon" in argv and "--lab-dir" in argv:
+            state = lab.load_state(Path(argv[argv.index("--lab-dir") + 1]))
+            if state is not None:
+                prefixes.append(f"wgl-{state.id}-")
+    return tuple(prefixes)
 
 
 def test_the_opt_out_label_drops_the_node_from_every_peer_and_back(cli: Cli) -> None:

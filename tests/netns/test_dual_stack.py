@@ -129,8 +129,16 @@ def test_an_ipv6_address_that_moves_to_another_node_is_routed_there(lab: Lab) ->
     lab.wait_converged()
 
     def routed_to_a() -> bool:
+        """b routes it into the tunnel and allows it from a's peer; a keeps it local and allows it from no peer."""
         on_b = b.exec("ip", "-6", "route", "show", "table", "51820").stdout
-        return f"{moved} dev {b.wg}" in on_b and f"{moved}/128" not in a.exec("wg", "show", a.wg, "allowed-ips").stdout
+        allowed_on_b = b.exec("wg", "show", b.wg, "allowed-ips").stdout.splitlines()
+        from_a = next(line for line in allowed_on_b if line.startswith(a.exec("wg", "show", a.wg, "public-key")
+                                                                        .stdout.strip()))
+        on_a = a.exec("ip", "-6", "route", "show", "table", "51820").stdout
+        return (f"{moved} dev {b.wg}" in on_b and f"{moved}/128" in from_a.split() and f"throw {moved}" in on_a
+                and f"{moved}/128" not in a.exec("wg", "show", a.wg, "allowed-ips").stdout)
 
     wait_until(routed_to_a, 10, what=f"{moved} routed from b to a")
-    assert in_ns(b.pods["pod2"].netns, "ping", "-6", "-c", "1", "-W", "2", moved, check=False).returncode == 0
+    # the first echo may wait for a's neighbour discovery of the new pod: answered within a few tries
+    wait_until(lambda: in_ns(b.pods["pod2"].netns, "ping", "-6", "-c", "1", "-W", "1", moved,
+                             check=False).returncode == 0, 10, what=f"{moved} answers from node a")
