@@ -37,7 +37,7 @@ from typing import Any
 
 from wgcni_lab import control, lab
 
-RECORDS = "/var/lib/wgcni/pods/azure"  # the plugin's records of the lab's network ("name": "azure")
+RECORDS = str(lab.HOOK_DEFAULTS.records_dir / lab.NETWORK)  # the plugin's records of the lab's network
 REPAIR_BOUND = 2.0  # seconds: issue 15's bound for every kind of tampering
 CONVERGE_TIMEOUT = 90.0
 ROUTE_TABLE = lab.HOOK_DEFAULTS.route_table
@@ -93,13 +93,18 @@ def node_exec(node: lab.NodeState, *argv: str, check: bool = True) -> str:
     return lab.in_node(node, list(argv), check=check).stdout
 
 
-def record_problems(state: lab.LabState) -> tuple[list[str], list[str]]:
+def running_pods(state: lab.LabState) -> dict[str, list[dict[str, Any]]]:
+    """Each node's READY sandboxes, from its containerd (one listing per node, for both checks)."""
+    return {node.name: lab.node_pods(state, node) for node in state.nodes}
+
+
+def record_problems(state: lab.LabState, pods: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[str]]:
     """(lost, stale): sandboxes without a pod record, records without a READY sandbox, as `node/sandbox-id`."""
     lost, stale = [], []
     for node in state.nodes:
         listing = node_exec(node, "ls", RECORDS, check=False).split()
         recorded = {name.split("@")[0] for name in listing if name.endswith(".json")}
-        running = {pod["id"] for pod in lab.node_pods(state, node) if lab.recorded(pod)}
+        running = {pod["id"] for pod in pods[node.name] if lab.recorded(pod)}
         lost += [f"{node.name}/{sandbox}" for sandbox in sorted(running - recorded)]
         stale += [f"{node.name}/{sandbox}" for sandbox in sorted(recorded - running)]
     return lost, stale
@@ -116,13 +121,13 @@ def wg_peers(node: lab.NodeState) -> tuple[str, dict[str, set[str]]]:
     return public_key, peers
 
 
-def mesh_problems(state: lab.LabState) -> list[str]:
+def mesh_problems(state: lab.LabState, pods: dict[str, list[dict[str, Any]]]) -> list[str]:
     """What differs between each node's device and the truth: missing or stale peers, wrong AllowedIPs."""
     try:
         devices = {node.name: wg_peers(node) for node in state.nodes}
     except (lab.LabError, IndexError) as error:
         return [f"a device cannot be read: {error}"]
-    expected = {node.name: {node.ip} | {pod["ip"] for pod in lab.node_pods(state, node) if not pod["host_network"]}
+    expected = {node.name: {node.ip} | {pod["ip"] for pod in pods[node.name] if not pod["host_network"]}
                 for node in state.nodes}
     keys = {name: device[0] for name, device in devices.items()}
     problems = []
@@ -147,8 +152,9 @@ def wait_exact(state: lab.LabState, phase: Phase, since: float) -> None:
     phase), or what is still wrong."""
     deadline = time.monotonic() + CONVERGE_TIMEOUT
     while True:
-        lost, stale = record_problems(state)
-        mesh = mesh_problems(state)
+        pods = running_pods(state)
+        lost, stale = record_problems(state, pods)
+        mesh = mesh_problems(state, pods)
         if not (lost or stale or mesh):
             phase.converged_after = max(phase.converged_after or 0.0, round(time.monotonic() - since, 2))
             return
