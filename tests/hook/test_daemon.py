@@ -74,9 +74,11 @@ class Harness:
 
 
 @contextmanager
-def running_harness(tmp: Path, **settings: object) -> Iterator[Harness]:
-    """A started Harness (with these settings), stopped afterwards."""
+def running_harness(tmp: Path, accept_writes: bool = True, **settings: object) -> Iterator[Harness]:
+    """A started Harness (with these settings), stopped afterwards; with `accept_writes` False its API refuses
+    every write from the start (set later, the report of a publication already in flight could still arrive)."""
     harness = Harness(tmp, **settings)
+    harness.source.accept_writes = accept_writes
     harness.node.start()
     try:
         yield harness
@@ -87,6 +89,13 @@ def running_harness(tmp: Path, **settings: object) -> Iterator[Harness]:
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Harness]:
     with running_harness(tmp_path) as harness:
+        yield harness
+
+
+@pytest.fixture
+def refused_harness(tmp_path: Path) -> Iterator[Harness]:
+    """A harness whose API has never held a write: the test reports what it holds."""
+    with running_harness(tmp_path, accept_writes=False) as harness:
         yield harness
 
 
@@ -331,13 +340,14 @@ def bypass_sources(harness: Harness) -> set[str]:
     return {str(rule.source.network_address) for rule in harness.routing.rules if rule.source is not None}
 
 
-def test_a_node_whose_publication_the_api_does_not_hold_is_never_a_black_hole(harness: Harness) -> None:
+def test_a_node_whose_publication_the_api_does_not_hold_is_never_a_black_hole(refused_harness: Harness) -> None:
     """Writes refused (RBAC, admission, a wrong Node name): no peer has this node's key, so the tunnel rule goes
     and traffic stays in the main table; once the API holds the key, only IPs it does not list yet bypass."""
-    harness.source.accept_writes = False
+    harness = refused_harness
     harness.source.sync(node_b({"10.240.0.70"}))
     harness.source.report(Publication("denied", "", frozenset(), "API error 403 Forbidden"))
-    harness.settle(lambda: tunnel_rules(harness) == set() and harness.view.status()["ready"])
+    harness.settle(lambda: harness.view.publication_status()["state"] == "denied" and tunnel_rules(harness) == set()
+                   and harness.view.status()["ready"])
     publication = harness.view.publication_status()
     assert publication["state"] == "denied" and not publication["tunnel"]
     assert "API error 403 Forbidden; until the API holds it, all its traffic leave(s) in plaintext" in \
@@ -360,9 +370,10 @@ def test_a_node_whose_publication_the_api_does_not_hold_is_never_a_black_hole(ha
     assert harness.view.publication_status()["state"] == "stale"
 
 
-def test_an_overdue_publication_is_a_finding_and_not_ready(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_overdue_publication_is_a_finding_and_not_ready(refused_harness: Harness,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(view_module, "PUBLICATION_GRACE_SECONDS", 0.2)
-    harness.source.accept_writes = False
+    harness = refused_harness
     harness.source.sync()
     harness.source.report(Publication("unreachable", harness.key.public_key, frozenset({"10.240.0.4"}),
                                       "publishing was refused or failed: MaxRetryError"))
