@@ -154,10 +154,13 @@ def parse_settings(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--mode", type=click.Choice(lab.MODES), default="node-subnet", show_default=True,
               help="Azure CNI's: pod IPs from the VNet subnet (node-subnet) or from a /24 per node of the pod CIDR "
                    f"{lab.OVERLAY_POD_CIDR}, routed to the node by the fabric (overlay)")
+@click.option("--ip-family", type=click.Choice(lab.IP_FAMILIES), default="ipv4", show_default=True,
+              help=f"dual: every node and pod has an IPv6 address too (the VNet's {lab.VNET6}; overlay pods: a "
+                   f"/{lab.OVERLAY_NODE_PREFIX6} per node of {lab.OVERLAY_POD_CIDR6})")
 @click.pass_obj
 def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings: tuple[str, ...],
        restart_backoff: float, restart_backoff_max: float, plugin: Path, hook: Path, timeout: float,
-       no_azure_underlay: bool, daemonset_runtime: str, apiserver_on: str, mode: str) -> None:
+       no_azure_underlay: bool, daemonset_runtime: str, apiserver_on: str, mode: str, ip_family: str) -> None:
     """Bring the lab up and leave it running."""
     plugin, hook = plugin.absolute(), hook.absolute()
     if pods_before_install + pods_per_node > lab.MAX_PODS:
@@ -178,6 +181,7 @@ def up(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, 
          "--settings-json", json.dumps(hook_settings), "--restart-backoff", f"{restart_backoff}:{restart_backoff_max}",
          "--plugin", str(plugin), "--hook", str(hook), "--parent", str(os.getpid()),
          "--daemonset-image", image_archive, "--apiserver-on", apiserver_on, "--mode", mode,
+         "--ip-family", ip_family,
          *(["--no-azure-underlay"] if no_azure_underlay else [])],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, start_new_session=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
@@ -254,17 +258,18 @@ def _await_teardown(daemon: subprocess.Popen[str], lab_dir: Path) -> None:
 @click.option("--daemonset-image", default="")
 @click.option("--apiserver-on", default="")
 @click.option("--mode", default="node-subnet")
+@click.option("--ip-family", default="ipv4")
 @click.pass_obj
 def daemon(lab_dir: Path, nodes: int, pods_per_node: int, pods_before_install: int, settings_json: str,
            restart_backoff: str, plugin: Path, hook: Path, parent: int, no_azure_underlay: bool,
-           daemonset_image: str, apiserver_on: str, mode: str) -> None:
+           daemonset_image: str, apiserver_on: str, mode: str, ip_family: str) -> None:
     """The lab daemon (started by `up`)."""
     from wgcni_lab.daemon import serve
 
     first, cap = (float(part) for part in restart_backoff.split(":"))
     sys.exit(serve(lab_dir, nodes, pods_before_install, pods_per_node, plugin, hook, json.loads(settings_json),
                    (first, cap), parent, azure_underlay=not no_azure_underlay, daemonset_image=daemonset_image,
-                   apiserver_node=apiserver_on, mode=mode))
+                   apiserver_node=apiserver_on, mode=mode, ip_family=ip_family))
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
@@ -288,12 +293,17 @@ def status(lab_dir: Path, as_json: bool) -> None:
                f"{report['fabric_netns']}, gateway MAC {report['gateway_mac']}, {underlay}), "
                f"API server {report['apiserver'] or '-'}")
     pod_ips = f"a /24 per node of {report['pod_cidr']}" if report["mode"] == "overlay" else "secondary IPs of the VNet"
+    if report["ip_family"] == "dual":
+        overlay = report["mode"] == "overlay"
+        pod_ips += (f" and a /{lab.OVERLAY_NODE_PREFIX6} per node of {report['pod_cidr6']}" if overlay
+                    else f" in {report['subnet6']} too")
+        click.echo(f"dual-stack: IPv6 VNet {report['subnet6']}, gateway {report['gateway6']}")
     click.echo(f"pod IPs: {report['mode']}, {pod_ips}")
     client = report["client"]
-    click.echo(f"client {client['ip']} (netns {client['netns']}): `wgcni-lab exec client -- CMD`")
+    click.echo(f"client {' '.join(client['ips'])} (netns {client['netns']}): `wgcni-lab exec client -- CMD`")
     click.echo("")
     click.echo(_table([("NODE", "IP", "NETNS", "WIREGUARD", "DAEMONSET", "RESTARTS", "HOOK SOCKET")] + [
-        (node["name"], node["ip"], node["netns"], f"{node['wg_interface']}:{node['wg_port']}",
+        (node["name"], " ".join(node["ips"]), node["netns"], f"{node['wg_interface']}:{node['wg_port']}",
          node["daemonset"].get("reason") or node["daemonset"].get("state", "-"),
          str(node["daemonset"].get("restarts", 0)), node["hook_socket"])
         for node in report["nodes"]]))
@@ -306,7 +316,8 @@ def status(lab_dir: Path, as_json: bool) -> None:
     click.echo("")
     if report["pods"]:
         click.echo(_table([("POD", "NODE", "IP", "NETWORK", "NETNS")] + [
-            (pod["name"], pod["node"], pod["ip"], _pod_network(pod), pod["netns"]) for pod in report["pods"]]))
+            (pod["name"], pod["node"], " ".join(pod["ips"]), _pod_network(pod), pod["netns"])
+            for pod in report["pods"]]))
     else:
         click.echo("no pods (`wgcni-lab pod-add NODE`)")
     if report["services"]:

@@ -117,7 +117,8 @@ def control_handlers(cluster: lifecycle.Cluster) -> dict[str, control.Handler]:
 
 def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: int, plugin: Path, hook: Path,
           settings: dict[str, Any], restart_backoff: tuple[float, float], parent: int, azure_underlay: bool,
-          daemonset_image: str = "", apiserver_node: str = "", mode: str = "node-subnet") -> int:
+          daemonset_image: str = "", apiserver_node: str = "", mode: str = "node-subnet",
+          ip_family: str = "ipv4") -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -125,7 +126,7 @@ def serve(lab_dir: Path, nodes: int, pods_before_install: int, pods_per_node: in
     if os.getppid() != parent:  # `up` died before the death signal was armed
         return 1
     lab_dir.mkdir(mode=0o700, parents=True)
-    state = lab.new_state(lab_dir, nodes, plugin, hook, settings, restart_backoff, azure_underlay, mode)
+    state = lab.new_state(lab_dir, nodes, plugin, hook, settings, restart_backoff, azure_underlay, mode, ip_family)
     state.daemonset_image = daemonset_image
     state.apiserver_node = apiserver_node
     state.daemon_pid = os.getpid()

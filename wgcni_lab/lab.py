@@ -28,6 +28,10 @@ Layout (everything is named after the lab's random id, so two labs never collide
   the hook syncs peers through the test API server (`wgcni_lab.apiserver`), which the lab daemon serves on
   127.0.0.1:6443 inside every node namespace (so API traffic never crosses the fabric); with Azure's underlay
   (the default; `up --no-azure-underlay` turns it off) the hooks run with `azure: true`, so their auto MTU is 1340;
+- `up --ip-family dual`: every node, pod and the client also has an IPv6 address, the twin of its IPv4 one
+  (`ipv6_twin`: the VNet's fd00:10:240::/64; Overlay pods a /120 per node of fd12:3456:789a::/64, AKS's default),
+  given to pods by a second host-local range set with Azure's link-local IPv6 gateway; the fabric routes IPv6 as
+  it routes IPv4 (`wgcni_lab.fabric`);
 - per node what kube-proxy (iptables mode, as on AKS) programs for the lab's Services (`wgcni_lab.services`);
 - pods are created as kubelet creates them: CRI RunPodSandbox on the node's containerd (StopPodSandbox +
   RemovePodSandbox to delete); a hostNetwork pod is a sandbox with the node's network namespace (no CNI call, the
@@ -80,6 +84,13 @@ MAX_PODS = 30  # AKS default maxPods with Azure CNI: each node gets its address 
 MAX_NODES = 64
 OVERLAY_POD_CIDR = ipaddress.IPv4Network("10.244.0.0/16")  # Azure CNI Overlay's default pod CIDR: a /24 per node
 MODES = ("node-subnet", "overlay")
+IP_FAMILIES = ("ipv4", "dual")
+# Dual-stack: each lab IPv4 address has an IPv6 twin (`ipv6_twin`), in the VNet's IPv6 space or AKS's default IPv6
+# pod CIDR (a /120 per node), and Azure's IPv6 default gateway, a link-local address with the gateway MAC
+VNET6 = ipaddress.IPv6Network("fd00:10:240::/64")
+OVERLAY_POD_CIDR6 = ipaddress.IPv6Network("fd12:3456:789a::/64")
+OVERLAY_NODE_PREFIX6 = 120
+GATEWAY6 = "fe80::1234:5678:9abc"
 NODE_UPLINK_MTU = 1500
 API_PORT_IN_NODE = 6443
 NETWORK = "azure"
@@ -134,7 +145,8 @@ class NodeState:
     name: str
     ip: str
     netns: str
-    pod_ips: list[str]
+    pod_ips: list[str]  # IPv4; with a dual-stack lab each has its IPv6 twin (`ipv6_twin`) on the same node
+    ipv6: str = ""  # the node's IPv6 address (dual-stack), "" in an IPv4 lab
     holder_pid: int = 0
     hook_pid: int = 0
     daemonset: dict[str, Any] = field(default_factory=dict)  # the DaemonSet pod as kubectl shows it (lifecycle)
@@ -197,6 +209,7 @@ class LabState:
     daemonset_image: str = ""  # the image's OCI archive: the DaemonSet runs from it (kubelet); "": bare processes
     apiserver_node: str = ""  # the node whose IP serves the API server (`up --apiserver-on`); "": loopback in each
     mode: str = "node-subnet"  # Azure CNI's: pod IPs from the VNet (node-subnet) or a /24 of a pod CIDR (overlay)
+    ip_family: str = "ipv4"  # "dual": every node and pod has an IPv6 address too
     format: int = STATE_FORMAT
 
     @property
@@ -208,6 +221,10 @@ class LabState:
             if node.name == name:
                 return node
         raise LabError(f"no node {name!r} in the lab (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    @property
+    def dual_stack(self) -> bool:
+        return self.ip_family == "dual"
 
     def cgroup_parent(self, node: NodeState) -> str:
         return f"/{self.cgroup_prefix}-{node.name}"
@@ -271,25 +288,48 @@ def overlay_pool(block: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[s
     return [str(block.network_address + FIRST_NODE_HOST + offset) for offset in range(MAX_PODS)]
 
 
-def base_conflist(pool: list[str], mode: str = "node-subnet") -> dict[str, Any]:
+def ipv6_twin(ip: str) -> str:
+    """The IPv6 address a dual-stack lab pairs with a lab IPv4 address, readable from it: a VNet address 10.240.a.b
+    is fd00:10:240::a:b (10.240.0.35: fd00:10:240::35); an Overlay pod IP 10.244.i.h is host h of node i's /120
+    of the IPv6 pod CIDR (10.244.1.4: fd12:3456:789a::104)."""
+    address = ipaddress.IPv4Address(ip)
+    third, fourth = address.packed[2:]
+    if address in VNET:
+        return str(ipaddress.IPv6Address(f"{str(VNET6.network_address).rstrip(':')}::{third}:{fourth}"))
+    if address in OVERLAY_POD_CIDR:
+        return str(OVERLAY_POD_CIDR6.network_address + (third << (128 - OVERLAY_NODE_PREFIX6)) + fourth)
+    raise LabError(f"{ip} is in neither the VNet {VNET} nor the pod CIDR {OVERLAY_POD_CIDR}")
+
+
+def base_conflist(pool: list[str], mode: str = "node-subnet", dual_stack: bool = False) -> dict[str, Any]:
     """The node's conflist as AKS provisioning writes it (name "azure", cniVersion 0.3.0, azure-vnet then portmap),
     where `azure-vnet` is ptp + host-local over the node's pod IPs: node-subnet, one single-address range per IP of
     the VNet (azure-linux.conflist); overlay, one range over the node's /24, with the Overlay conflist's
-    `ipsToRouteViaHost` (azure-linux-swift-overlay.conflist, where CNS hands out the /24's IPs)."""
+    `ipsToRouteViaHost` (azure-linux-swift-overlay.conflist, where CNS hands out the /24's IPs; the dual-stack
+    Overlay conflist is the same). Dual-stack: a second range set, the IPv6 twins, so each pod gets one of each,
+    with Azure's link-local IPv6 gateway as azure-vnet gives pods (ptp puts it on the host veth: no global IPv6
+    address of the node's own there)."""
     if mode == "overlay":
         block = ipaddress.ip_network(f"{pool[0]}/24", strict=False)
         ranges = [{"subnet": str(block), "rangeStart": pool[0], "rangeEnd": pool[-1],
                    "gateway": str(block.network_address + 1)}]
+        block6 = ipaddress.ip_network(f"{ipv6_twin(pool[0])}/{OVERLAY_NODE_PREFIX6}", strict=False)
+        ranges6 = [{"subnet": str(block6), "rangeStart": ipv6_twin(pool[0]), "rangeEnd": ipv6_twin(pool[-1]),
+                    "gateway": GATEWAY6}]
         extra: dict[str, Any] = {"ipsToRouteViaHost": ["169.254.20.10"]}
     else:
         ranges = [{"subnet": str(VNET), "rangeStart": ip, "rangeEnd": ip, "gateway": GATEWAY} for ip in pool]
+        ranges6 = [{"subnet": str(VNET6), "rangeStart": ipv6_twin(ip), "rangeEnd": ipv6_twin(ip), "gateway": GATEWAY6}
+                   for ip in pool]
         extra = {}
+    range_sets = [ranges, ranges6] if dual_stack else [ranges]
+    default_routes = [{"dst": "0.0.0.0/0"}, *([{"dst": "::/0"}] if dual_stack else [])]
     return {
         "cniVersion": "0.3.0",
         "name": NETWORK,
         "plugins": [
             {"type": "azure-vnet", "mode": "transparent", **extra, "ipMasq": False, "mtu": NODE_UPLINK_MTU,
-             "ipam": {"type": "host-local", "ranges": [ranges], "routes": [{"dst": "0.0.0.0/0"}]}},
+             "ipam": {"type": "host-local", "ranges": range_sets, "routes": default_routes}},
             {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
         ],
     }
@@ -374,9 +414,11 @@ def node_names(count: int) -> list[str]:
 
 def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dict[str, Any] | None = None,
               restart_backoff: tuple[float, float] = KUBELET_RESTART_BACKOFF, azure_underlay: bool = True,
-              mode: str = "node-subnet") -> LabState:
+              mode: str = "node-subnet", ip_family: str = "ipv4") -> LabState:
     if mode not in MODES:
         raise LabError(f"mode {mode!r} is none of {', '.join(MODES)}")
+    if ip_family not in IP_FAMILIES:
+        raise LabError(f"IP family {ip_family!r} is none of {', '.join(IP_FAMILIES)}")
     lab_id = secrets.token_hex(3)
     pools = pod_ip_pools(nodes) if mode == "node-subnet" else [overlay_pool(overlay_block(i)) for i in range(nodes)]
     return LabState(
@@ -384,7 +426,8 @@ def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dic
         lab_dir=str(lab_dir),
         vnet_netns=f"wgl-{lab_id}-vnet",
         client_netns=f"wgl-{lab_id}-client",
-        nodes=[NodeState(name=name, ip=node_ip(index), netns=f"wgl-{lab_id}-{name}", pod_ips=pools[index])
+        nodes=[NodeState(name=name, ip=node_ip(index), netns=f"wgl-{lab_id}-{name}", pod_ips=pools[index],
+                         ipv6=ipv6_twin(node_ip(index)) if ip_family == "dual" else "")
                for index, name in enumerate(node_names(nodes))],
         cgroup_prefix=f"wgcni-lab-{lab_id}",
         plugin=str(plugin),
@@ -393,16 +436,17 @@ def new_state(lab_dir: Path, nodes: int, plugin: Path, hook: Path, settings: dic
         settings=dict(settings or {}),
         restart_backoff=restart_backoff,
         mode=mode,
+        ip_family=ip_family,
     )
 
 
 def create_node_network(state: LabState, node: NodeState) -> None:
-    """The node's namespace with eth0 on the fabric, which delivers the node's IP and its pod IPs to it (IPv6 off,
-    so the fabric carries only what the lab sends)."""
+    """The node's namespace with eth0 on the fabric, which delivers the node's IP and its pod IPs to it (IPv6 off in
+    an IPv4 lab, so the fabric carries only what the lab sends)."""
     from wgcni_lab import fabric
 
     run(["ip", "netns", "add", node.netns])
-    in_netns(node.netns, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"])
+    in_netns(node.netns, ["sysctl", "-qw", *fabric.ipv6_sysctls(state.dual_stack)])
     in_netns(node.netns, ["ip", "link", "set", "lo", "up"])
     fabric.attach_node(state, node)
 
@@ -452,7 +496,7 @@ def prepare_node_cni(state: LabState, node: NodeState) -> None:
     from wgcni_lab.containerd import REFERENCE_PLUGIN_DIR, link_cni_plugins, write_conflist
 
     link_cni_plugins(node.root / "opt/cni/bin", extra={"azure-vnet": REFERENCE_PLUGIN_DIR / "ptp"})
-    write_conflist(node.root / "etc/cni/net.d", base_conflist(node.pod_ips, state.mode))
+    write_conflist(node.root / "etc/cni/net.d", base_conflist(node.pod_ips, state.mode, state.dual_stack))
 
 
 def node_containerd(state: LabState, node: NodeState):  # type: ignore[no-untyped-def]
@@ -532,8 +576,9 @@ def cri_client(state: LabState, node: NodeState):  # type: ignore[no-untyped-def
 def _pod_json(node: NodeState, status: Any, labels: dict[str, str]) -> dict[str, Any]:
     """A pod as status and pod-add show it; a hostNetwork pod has the node's IP (containerd reports none)."""
     host_network = labels.get(HOST_NETWORK_LABEL) == "true"
+    ips = [ip for ip in (node.ip, node.ipv6) if ip] if host_network else [status.ip, *status.additional_ips]
     return {"name": status.name, "node": node.name, "netns": f"/proc/{status.pid}/ns/net",
-            "ip": node.ip if host_network else status.ip, "id": status.id, "namespace": status.namespace,
+            "ip": ips[0], "ips": ips, "id": status.id, "namespace": status.namespace,
             "uid": status.uid, "attempt": status.attempt, "host_network": host_network,
             "predates_install": labels.get(PREDATES_INSTALL_LABEL) == "true"}
 
@@ -628,7 +673,8 @@ def status(state: LabState) -> dict[str, Any]:
     nodes, pods, problems = [], [], []
     for node in state.nodes:
         nodes.append({
-            "name": node.name, "netns": node.netns, "ip": node.ip, "wg_interface": WG_INTERFACE,
+            "name": node.name, "netns": node.netns, "ip": node.ip, "ips": [ip for ip in (node.ip, node.ipv6) if ip],
+            "wg_interface": WG_INTERFACE,
             "wg_port": WG_PORT, "hook_socket": str(node.hook_socket),
             "hook_socket_in_node": str(HOOK_SOCKET_IN_NODE), "hook_pid": node.hook_pid,
             "mount_namespace": node.mount_namespace,
@@ -644,9 +690,15 @@ def status(state: LabState) -> dict[str, Any]:
     return {"fabric_netns": state.vnet_netns, "gateway": GATEWAY, "gateway_mac": fabric.GATEWAY_MAC,
             "azure_underlay": state.azure_underlay, "subnet": str(VNET), "mode": state.mode,
             "pod_cidr": str(OVERLAY_POD_CIDR) if state.mode == "overlay" else str(VNET), "lab_dir": state.lab_dir,
+            "ip_family": state.ip_family, **(_ipv6_status(state) if state.dual_stack else {}),
             "phase": state.phase, "apiserver": state.apiserver_url, "client": fabric.client_status(state),
             "nodes": nodes, "pods": pods, "services": [services.service_json(service) for service in state.services],
             "problems": problems}
+
+
+def _ipv6_status(state: LabState) -> dict[str, str]:
+    return {"subnet6": str(VNET6), "gateway6": GATEWAY6,
+            "pod_cidr6": str(OVERLAY_POD_CIDR6) if state.mode == "overlay" else str(VNET6)}
 
 
 def recorded(pod: dict[str, Any]) -> bool:
@@ -659,8 +711,9 @@ def mesh_converged(state: LabState, pods: list[dict[str, Any]]) -> bool:
     """Every hook reports every other node as a programmed peer whose AllowedIPs are exactly that node's IP and
     the pods on it with an IP of their own - those that predate wgcni too, which the hooks learn from their host
     routes (the hooks' own view; the tests check the kernel/wireguard-go side independently)."""
-    expected = {node.name: {node.ip} | {pod["ip"] for pod in pods if pod["node"] == node.name
-                                        and not pod["host_network"]} for node in state.nodes}
+    expected = {node.name: {ip for ip in (node.ip, node.ipv6) if ip} |
+                {ip for pod in pods if pod["node"] == node.name and not pod["host_network"] for ip in pod["ips"]}
+                for node in state.nodes}
     for node in state.nodes:
         answer = hook_request(node, "peers")
         if answer is None:

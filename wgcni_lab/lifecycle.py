@@ -82,7 +82,7 @@ def node_object(node: lab.NodeState) -> dict[str, Any]:
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux",
                                                    "kubernetes.azure.com/role": "agent"}},
-        "status": {"addresses": [{"type": "InternalIP", "address": node.ip},
+        "status": {"addresses": [*({"type": "InternalIP", "address": ip} for ip in (node.ip, node.ipv6) if ip),
                                  {"type": "Hostname", "address": node.name}],
                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                                    "message": "the lab booted the node"}],
@@ -118,7 +118,14 @@ def parse_label(text: str) -> tuple[str, str | None]:
 def next_node(state: lab.LabState) -> lab.NodeState:
     """The node node-add makes: the next AKS node slot beyond every node IP and pod IP in use (its 30 secondary IPs
     are its pod pool, disjoint from every other node's; in overlay mode its pool is the next /24 of the pod CIDR),
-    named after the slot."""
+    named after the slot; dual-stack, with the IPv6 twin of its IP."""
+    node = _next_node_ipv4(state)
+    if state.dual_stack:
+        node.ipv6 = lab.ipv6_twin(node.ip)
+    return node
+
+
+def _next_node_ipv4(state: lab.LabState) -> lab.NodeState:
     if state.mode == "overlay":
         slots = [(int(ipaddress.ip_address(node.ip)) - int(ipaddress.ip_address(lab.node_ip(0)))) // (lab.MAX_PODS + 1)
                  for node in state.nodes]

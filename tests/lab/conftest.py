@@ -10,6 +10,7 @@ names.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -72,17 +73,24 @@ def captured(cli: Cli, seconds: float = 120) -> Iterator[list[dict[str, Any]]]:
             capture.wait()
 
 
-def ping_ring(cli: Cli, pods: list[dict[str, Any]], count: int) -> None:
-    """The first pod of each node pings the first pod of the next node (`count` echoes each); every ping must pass."""
+def address_of(endpoint: dict[str, Any], family: int) -> str:
+    """A pod's or node's address of that IP family (from its `ips`, as `wgcni-lab status --json` lists them)."""
+    return next(ip for ip in endpoint["ips"] if ipaddress.ip_address(ip).version == family)
+
+
+def ping_ring(cli: Cli, pods: list[dict[str, Any]], count: int, family: int = 4) -> None:
+    """The first pod of each node pings the first pod of the next node (`count` echoes each, to its address of that
+    IP family); every ping must pass."""
     first: dict[str, dict[str, Any]] = {}
     for pod in pods:
         first.setdefault(pod["node"], pod)
     ring = list(first.values())
     for index, source in enumerate(ring):
         target = ring[(index + 1) % len(ring)]
-        ping = cli.run("exec", source["name"], "--", "ping", "-c", str(count), "-i", "0.2", "-W", "2", target["ip"],
+        address = address_of(target, family)
+        ping = cli.run("exec", source["name"], "--", "ping", "-c", str(count), "-i", "0.2", "-W", "2", address,
                        check=False)
-        assert ping.returncode == 0, f"{source['name']} -> {target['ip']}: {ping.stdout}{ping.stderr}"
+        assert ping.returncode == 0, f"{source['name']} -> {address}: {ping.stdout}{ping.stderr}"
 
 
 @dataclass

@@ -114,7 +114,8 @@ def test_status_names_the_fabric_the_client_and_azure_underlay(cli: Cli, status:
     state = cli.state()
 
     assert status["fabric_netns"] == state.vnet_netns and "bridge_netns" not in status
-    assert status["client"] == {"name": "client", "ip": fabric.CLIENT_IP, "netns": state.client_netns,
+    assert status["client"] == {"name": "client", "ip": fabric.CLIENT_IP, "ips": [fabric.CLIENT_IP],
+                                "netns": state.client_netns,
                                 "mac": fabric.nic_mac(fabric.CLIENT_IP)}
     assert (status["gateway_mac"], status["azure_underlay"], status["services"]) == (fabric.GATEWAY_MAC, True, [])
     held = {node["ip"] for node in status["nodes"]} | {pod["ip"] for pod in status["pods"]}

@@ -106,7 +106,8 @@ def test_status_json_has_the_exact_shape_and_aks_addressing(cli: Cli) -> None:
     assert len(status["pods"]) == 6
     for pod in status["pods"]:
         assert POD_KEYS <= set(pod) and all(isinstance(pod[key], str) for key in POD_KEYS)
-        assert ipaddress.ip_address(pod["ip"]) in lab.VNET
+        assert ipaddress.ip_address(pod["ip"]) in lab.VNET and pod["ips"] == [pod["ip"]]
+    assert status["ip_family"] == "ipv4" and all(node["ips"] == [node["ip"]] for node in status["nodes"])
     assert len({pod["ip"] for pod in status["pods"]}) == 6
     by_node = {node["name"]: [ipaddress.ip_address(p["ip"]) for p in status["pods"] if p["node"] == node["name"]]
                for node in status["nodes"]}

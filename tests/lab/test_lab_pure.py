@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+import pytest
+
 from wgcni_lab import fabric, lab, services
 from wgcni_lab.harness.streams import parse_server_report
 from wgcni_lab.wire import only_wireguard_between_nodes, parse_line
@@ -50,6 +52,32 @@ def test_node_conflist_is_aks_shaped_with_azure_vnet_first() -> None:
     ipam = conflist["plugins"][0]["ipam"]
     assert ipam["type"] == "host-local"
     assert [(r["rangeStart"], r["rangeEnd"]) for r in ipam["ranges"][0]] == [("10.240.0.5",) * 2, ("10.240.0.8",) * 2]
+
+
+def test_ipv6_twins_are_readable_from_the_ipv4_address_and_unique() -> None:
+    assert [lab.ipv6_twin(ip) for ip in ("10.240.0.4", "10.240.0.35", "10.240.200.4")] == [
+        "fd00:10:240::4", "fd00:10:240::35", "fd00:10:240::200:4"]
+    assert [lab.ipv6_twin(ip) for ip in ("10.244.0.4", "10.244.1.4", "10.244.1.33")] == [
+        "fd12:3456:789a::4", "fd12:3456:789a::104", "fd12:3456:789a::121"]
+    pools = [*lab.pod_ip_pools(64), *(lab.overlay_pool(lab.overlay_block(index)) for index in range(64))]
+    twins = [lab.ipv6_twin(ip) for pool in pools for ip in pool]
+    assert len(set(twins)) == len(twins)
+    block = ipaddress.ip_network(f"{lab.ipv6_twin('10.244.5.4')}/{lab.OVERLAY_NODE_PREFIX6}", strict=False)
+    assert all(ipaddress.ip_address(lab.ipv6_twin(ip)) in block for ip in lab.overlay_pool(lab.overlay_block(5)))
+    with pytest.raises(lab.LabError, match="neither"):
+        lab.ipv6_twin("192.168.0.1")
+
+
+@pytest.mark.parametrize("mode", lab.MODES)
+def test_a_dual_stack_conflist_has_a_range_set_per_family_with_azures_ipv6_gateway(mode: str) -> None:
+    pool = lab.overlay_pool(lab.overlay_block(1)) if mode == "overlay" else ["10.240.0.5", "10.240.0.8"]
+    ipam = lab.base_conflist(pool, mode, dual_stack=True)["plugins"][0]["ipam"]
+    ipv4, ipv6 = ipam["ranges"]
+    assert ipam["routes"] == [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
+    assert {ipaddress.ip_address(r["rangeStart"]).version for r in ipv4} == {4}
+    assert [(r["rangeStart"], r["gateway"]) for r in ipv6][0] == (lab.ipv6_twin(pool[0]), lab.GATEWAY6)
+    assert ipv6[-1]["rangeEnd"] == lab.ipv6_twin(pool[-1])
+    assert lab.base_conflist(pool, mode)["plugins"][0]["ipam"]["ranges"] == [ipv4]
 
 
 def test_capture_lines_parse_into_packets() -> None:
