@@ -25,6 +25,8 @@ from node_hook.local_api import request
 from wgcni_lab.cleanup import kill_processes
 from wgcni_lab.harness.polling import TIME_SCALE, wait_until
 
+API_TIMEOUT = 10.0  # seconds for one answer of a hook's local API (the request's own default)
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -135,8 +137,8 @@ class HookNode:
         return in_ns(self.netns, *args, check=check, timeout=timeout)
 
     def api(self, op: str, **fields: object) -> dict:
-        """Ask the hook's local API."""
-        return request(self.socket, {"op": op, **fields})
+        """Ask the hook's local API (patience scaled like every other wait: an answer can wait for a pass)."""
+        return request(self.socket, {"op": op, **fields}, timeout=API_TIMEOUT * TIME_SCALE)
 
     def start_hook(self, env: dict[str, str] | None = None, timeout: float = 20) -> None:
         """`wgcni-node run` on `config_file` in the node's namespace (from the sources, output to `log_file`);
