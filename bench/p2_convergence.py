@@ -11,12 +11,19 @@ each:
         RunPodSandbox is asked on B -> on every node but B the IP is on B's peer only. Afterwards the IP goes back
         to A.
 The clock starts when kubelet would ask the runtime, so each time includes the runtime's own work and the CNI chain
-(the runtime call's duration is in the rows' note). The other nodes are watched from that moment on, while the
-runtime call runs (`NodeProbe`): wireguard-go's UAPI socket is read every `POLL_INTERVAL` seconds and the tunnel
-table is dumped whenever the node's kernel announces a route change (a netlink subscription in its namespace) —
-no process is started per look, so the figure's resolution is a few ms, not the ~10 ms of an `nsenter wg show`
-per node and poll. Once converged, every node's state is checked again with the independent tools (`nsenter` +
-`wg show dump` + `ip route show table 51820`); a disagreement fails the benchmark.
+(the runtime call's duration is in the rows' note). A second clock starts at the change's first trace on the node:
+for an ADD (and the move's ADD on B) azure-vnet's host route for the pod's IP, which the chain makes before wgcni
+runs (the node's main table dumped every poll interval while the call runs); for a DEL the removal of wgcni's
+record (the record directory's mtime, the kernel's coarse file clock: a tick, 1-4 ms), which comes before
+azure-vnet's DEL. No traffic of the pod can depend on the change before that - the pod has its network only after
+the chain returns - so it measures the window issue 17 is about: a new pod unreachable (strict) or reached in
+plaintext (default), a deleted one's IP still routed to its old node.
+The other nodes are watched from the runtime call's start, while it runs (`NodeProbe`): wireguard-go's UAPI socket
+is read every `POLL_INTERVAL` seconds and the tunnel table is dumped whenever the node's kernel announces a route
+change (a netlink subscription in its namespace) - no process is started per look, so the figure's resolution is a
+few ms, not the ~10 ms of an `nsenter wg show` per node and poll. Once converged, every node's state is checked
+again with the independent tools (`nsenter` + `wg show dump` + `ip route show table 51820`); a disagreement fails
+the benchmark.
 
 Target (issue 17): p99 <= 250 ms for each scenario, at 3 and at 10 nodes. Run through `python -m bench.run --only
 P2` (as root, after `make build`), or `python -m bench.p2_convergence` for the rows as JSON.
@@ -25,6 +32,7 @@ P2` (as root, after `make build`), or `python -m bench.p2_convergence` for the r
 from __future__ import annotations
 
 import json
+import os
 import select
 import shutil
 import socket
@@ -54,6 +62,7 @@ BASELINE_P99_MS = {"add": 465.0, "del": 504.0, "move": 171.0}  # issue 17's star
 TIMEOUT = 30.0
 POLL_INTERVAL = 0.004  # seconds between two reads of every pending node's wireguard-go
 ROUTE_TABLE = lab.HOOK_DEFAULTS.route_table
+MAIN_TABLE = 254
 View = tuple[dict[str, set[str]], set[str]]  # (endpoint address -> addresses its peer allows, tunnel-routed addresses)
 
 
@@ -85,6 +94,8 @@ class NodeProbe:
         self.events.bind(groups=RTMGRP_IPV4_ROUTE)
         self.tunnel: set[str] = set()
         self.stale = True  # the tunnel set must be dumped before it is used
+        self.host_routes_added: dict[str, float] = {}  # IP -> when a main-table /32 for it was first seen
+        self._known_host_routes: set[str] = set()
 
     def close(self) -> None:
         self.routes.close()
@@ -97,6 +108,21 @@ class NodeProbe:
         """The events socket is readable: drop what it announced (the next view dumps the table)."""
         self.events.get()
         self.stale = True
+
+    def _host_routes(self) -> set[str]:
+        return {route.get_attr("RTA_DST") for route in self.routes.get_routes(table=MAIN_TABLE)
+                if route["dst_len"] == 32 and (route.get_attr("RTA_TABLE") or route["table"]) == MAIN_TABLE}
+
+    def watch_host_routes(self) -> None:
+        """Start noting new host routes of the main table (azure-vnet's per pod): those there now are not new."""
+        self.host_routes_added = {}
+        self._known_host_routes = self._host_routes()
+
+    def note_host_routes(self) -> None:
+        """One look at the main table (a dump: it holds a few routes per pod, far less than a poll interval)."""
+        now = time.monotonic()
+        for ip in self._host_routes() - self._known_host_routes:
+            self.host_routes_added.setdefault(ip, now)
 
     def view(self) -> View:
         if self.stale:
@@ -143,11 +169,18 @@ def owned_by(ip: str, owner_ip: str | None) -> Callable[[View], bool]:
     return check
 
 
+def records_changed_at(node: lab.NodeState) -> float:
+    """The monotonic time of the last change of the node's pod record directory (its mtime, a wall-clock time)."""
+    directory = node.root / str(lab.HOOK_DEFAULTS.records_dir).lstrip("/") / lab.NETWORK
+    return os.stat(directory).st_mtime_ns / 1e9 - (time.time() - time.monotonic())
+
+
 def time_until(probes: list[NodeProbe], nodes: list[lab.NodeState], done: Callable[[View], bool], started: float,
-               action: Callable[[], Any]) -> tuple[float, float, Any]:
-    """Run `action` (the runtime call) on a thread while watching `probes`; returns (seconds from `started` until
-    `done` holds on every probe's node, seconds the action took, what it returned). Each node's time is its first
-    satisfied look; afterwards every node of `nodes` is checked with `dataplane` too."""
+               action: Callable[[], Any], origin: NodeProbe | None = None) -> tuple[float, float, Any, float]:
+    """Run `action` (the runtime call) on a thread while watching `probes`, and the host routes of `origin` (the node
+    the action is on: `NodeProbe.note_host_routes`); returns (seconds from `started` until `done` holds on every
+    probe's node, seconds the action took, what it returned, the monotonic time it converged). Each node's time is
+    its first satisfied look; afterwards every node of `nodes` is checked with `dataplane` too."""
     outcome: dict[str, Any] = {}
 
     def call() -> None:
@@ -166,6 +199,8 @@ def time_until(probes: list[NodeProbe], nodes: list[lab.NodeState], done: Callab
             readable, _, _ = select.select(list(pending.values()), [], [], POLL_INTERVAL)
             for probe in readable:
                 probe.route_changed()
+            if origin is not None:
+                origin.note_host_routes()
             for name, probe in list(pending.items()):
                 if done(probe.view()):
                     converged[name] = time.monotonic() - started
@@ -179,7 +214,7 @@ def time_until(probes: list[NodeProbe], nodes: list[lab.NodeState], done: Callab
     for node in nodes:
         if not done(dataplane(node)):
             raise lab.LabError(f"{node.name}: the probe saw convergence, `wg show`/`ip route` do not")
-    return max(converged.values()), outcome["seconds"], outcome["value"]
+    return max(converged.values()), outcome["seconds"], outcome["value"], started + max(converged.values())
 
 
 def set_pool(state: lab.LabState, node: lab.NodeState, pool: list[str]) -> None:
@@ -210,15 +245,17 @@ def _delete(state: lab.LabState, node: lab.NodeState, pod: dict[str, Any]) -> No
         cri.remove_pod_sandbox(pod["id"])
 
 
-def samples(nodes: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]], str]:
-    """(convergence times, durations of the runtime call that started the clock), in seconds per scenario, `rounds`
-    each, in a lab of `nodes` nodes of its own (removed afterwards), and that lab's id (the suffix of its
-    namespaces' names)."""
+def samples(nodes: int, rounds: int
+            ) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]], str]:
+    """(convergence times from the runtime call, durations of that call, convergence times from the change's first
+    trace on the node), in seconds per scenario, `rounds` each, in a lab of `nodes` nodes of its own (removed
+    afterwards), and that lab's id (the suffix of its namespaces' names)."""
     parent = Path(tempfile.mkdtemp(prefix="wgl-bench-"))
     lab_dir = parent / "lab"
     command = [sys.executable, "-m", "wgcni_lab.cli", "--lab-dir", str(lab_dir)]
     measured: dict[str, list[float]] = {"add": [], "del": [], "move": []}
     runtime: dict[str, list[float]] = {"add": [], "del": [], "move": []}
+    from_trace: dict[str, list[float]] = {"add": [], "del": [], "move": []}
     probes: dict[str, NodeProbe] = {}
     try:
         up = subprocess.run([*command, "up", "--nodes", str(nodes), "--pods-per-node", "1"], capture_output=True,
@@ -231,9 +268,23 @@ def samples(nodes: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, 
         but_a = [node for node in state.nodes if node is not a]
         but_b = [node for node in state.nodes if node is not b]
 
-        def watch(among: list[lab.NodeState], done: Callable[[View], bool], action: Callable[[], Any]
-                  ) -> tuple[float, float, Any]:
-            return time_until([probes[node.name] for node in among], among, done, time.monotonic(), action)
+        def watch(case: str, on: lab.NodeState, among: list[lab.NodeState], done: Callable[[View], bool],
+                  action: Callable[[], Any]) -> Any:
+            """Measure one case: `action` on node `on`, convergence on `among`; returns what `action` returned."""
+            origin = probes[on.name]
+            origin.watch_host_routes()
+            seconds, called, value, converged_at = time_until([probes[node.name] for node in among], among, done,
+                                                              time.monotonic(), action, origin)
+            measured[case].append(seconds)
+            runtime[case].append(called)
+            if case == "del":
+                first_trace = records_changed_at(on)
+            else:
+                if value["ip"] not in origin.host_routes_added:
+                    raise lab.LabError(f"{on.name}: no host route for {value['ip']} was seen while it converged")
+                first_trace = origin.host_routes_added[value["ip"]]
+            from_trace[case].append(converged_at - first_trace)
+            return value
 
         for _ in range(rounds):
             pending_ip: dict[str, str] = {}
@@ -246,12 +297,8 @@ def samples(nodes: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, 
             # the IP is the next one of A's pool, known only once the runtime answers: watch for any new IP on A's
             # peer, then check it is that one
             known = _peer_ips(probes[b.name], a.ip)
-            seconds, called, pod = watch(but_a, _new_ip_owned_by(a.ip, known, pending_ip), add_on_a)
-            measured["add"].append(seconds)
-            runtime["add"].append(called)
-            seconds, called, _ = watch(but_a, owned_by(pod["ip"], None), lambda pod=pod: _delete(state, a, pod))
-            measured["del"].append(seconds)
-            runtime["del"].append(called)
+            pod = watch("add", a, but_a, _new_ip_owned_by(a.ip, known, pending_ip), add_on_a)
+            watch("del", a, but_a, owned_by(pod["ip"], None), lambda pod=pod: _delete(state, a, pod))
 
             pod = lab.add_pod(state, a.name)
             time_until([probes[node.name] for node in but_a], but_a, owned_by(pod["ip"], a.ip), time.monotonic(),
@@ -259,11 +306,9 @@ def samples(nodes: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, 
             fabric.move_ip(state, pod["ip"], b.name)
             set_pool(state, b, [pod["ip"]])
             _delete(state, a, pod)
-            seconds, called, moved = watch(but_b, owned_by(pod["ip"], b.ip), lambda: lab.add_pod(state, b.name))
+            moved = watch("move", b, but_b, owned_by(pod["ip"], b.ip), lambda: lab.add_pod(state, b.name))
             if moved["ip"] != pod["ip"]:
                 raise lab.LabError(f"the move gave {moved['ip']}, not {pod['ip']}")
-            measured["move"].append(seconds)
-            runtime["move"].append(called)
             _delete(state, b, moved)
             fabric.move_ip(state, pod["ip"], a.name)
             set_pool(state, b, b.pod_ips)
@@ -272,7 +317,7 @@ def samples(nodes: int, rounds: int) -> tuple[dict[str, list[float]], dict[str, 
             probe.close()
         subprocess.run([*command, "down"], capture_output=True, timeout=300)
         shutil.rmtree(parent, ignore_errors=True)
-    return measured, runtime, state.id
+    return measured, runtime, from_trace, state.id
 
 
 def _peer_ips(probe: NodeProbe, owner_ip: str) -> set[str]:
@@ -302,7 +347,7 @@ CASES = {
 def run(quick: bool) -> list[dict]:
     rows = []
     for nodes in QUICK_SIZES if quick else SIZES:
-        measured, runtime, lab_suffix = samples(nodes, QUICK_ROUNDS if quick else ROUNDS)
+        measured, runtime, from_trace, lab_suffix = samples(nodes, QUICK_ROUNDS if quick else ROUNDS)
         for name, values in measured.items():
             entry = row(f"{nodes} nodes: {CASES[name]}", [seconds * 1000.0 for seconds in values], "ms",
                         target_p99=TARGET_P99_MS,
@@ -313,6 +358,12 @@ def run(quick: bool) -> list[dict]:
             entry["runtime_call_ms"] = [round(seconds * 1000.0, 1) for seconds in runtime[name]]
             entry["lab_suffix"] = lab_suffix
             rows.append(entry)
+            record = row(f"{nodes} nodes: {CASES[name]}, from its first trace on the node",
+                         [seconds * 1000.0 for seconds in from_trace[name]], "ms", target_p99=TARGET_P99_MS,
+                         note="the window a pod's traffic can see; from azure-vnet's host route (ADD) or wgcni's "
+                              "record removal (DEL)")
+            record["samples"] = [round(seconds * 1000.0, 1) for seconds in from_trace[name]]
+            rows.append(record)
     return rows
 
 
