@@ -118,13 +118,21 @@ def in_another_lab(pid: int, lab_id: str) -> bool:
 
 
 def footprint(lab_id: str, lab_dir: Path, netns_inodes: set[int]) -> Footprint:
-    """Everything of the lab `lab_id` that exists right now."""
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
-    namespaces = {line.split()[0] for line in listed if line.startswith(f"wgl-{lab_id}-")}
+    """Everything of the lab `lab_id` that exists right now. A process in a namespace whose inode number was one of
+    the lab's counts unless that number now belongs to another lab: a node namespace another lab has named, or a
+    pod in another lab's cgroup (`in_another_lab`)."""
+    listed = [line.split()[0] for line in
+              subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()]
+    namespaces = {name for name in listed if name.startswith(f"wgl-{lab_id}-")}
+    others = {netns_inode(f"/run/netns/{name}") for name in listed
+              if name.startswith("wgl-") and name not in namespaces}
+
+    def ours(pid: int) -> bool:
+        inode = netns_inode(f"/proc/{pid}/ns/net")
+        return inode in netns_inodes and inode not in others and not in_another_lab(pid, lab_id)
+
     processes = {info.pid: info.command_line for info in process_table().values()
-                 if info.live and (str(lab_dir) in info.command_line
-                                   or (netns_inode(f"/proc/{info.pid}/ns/net") in netns_inodes
-                                       and not in_another_lab(info.pid, lab_id)))}
+                 if info.live and (str(lab_dir) in info.command_line or ours(info.pid))}
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
               if str(lab_dir) in line or f"wgl-{lab_id}" in line]
     cgroups = [str(path) for hierarchy in Path("/sys/fs/cgroup").iterdir() if hierarchy.is_dir()
