@@ -161,11 +161,17 @@ def test_an_overflow_reopens_the_socket_and_asks_for_a_full_resync(node: tuple[N
     _still_reports(monitor, events, "10.8.0.1")
 
 
+def read_back(state: WatcherState, events: Events) -> bool:
+    """Every fault was followed by a read-back: at least one, and none pending. (An overflow of a busy machine can
+    come on top of the injected fault and asks for a read-back of its own.)"""
+    return events.resyncs >= 1 and not state.resync_pending and events.resyncs <= state.restarts + state.overflows
+
+
 def test_a_closed_socket_is_reopened_and_followed_by_a_resync(node: tuple[NetlinkMonitor, Events]) -> None:
     monitor, events = node
     state = monitor.watchers["rtnetlink"]
     state.socket.close()
-    wait_until(lambda: state.restarts == 1 and state.listening and events.resyncs == 1, 5,
+    wait_until(lambda: state.restarts == 1 and state.listening and read_back(state, events), 5,
                what="reopened after the close", detail=state.describe)
     assert "Bad file descriptor" in (state.last_error or "")  # closed under the watcher, which reopened it
     _still_reports(monitor, events, "10.8.0.2")
@@ -177,7 +183,7 @@ def test_an_error_while_handling_is_survived(node: tuple[NetlinkMonitor, Events]
     events.fail_next = 1
     sh("ip", "route", "add", "10.8.0.3", "dev", "wgt0", "table", str(TABLE))
     sh("ip", "route", "del", "10.8.0.3", "table", str(TABLE))
-    wait_until(lambda: state.restarts == 1 and state.listening and events.resyncs == 1, 5,
+    wait_until(lambda: state.restarts == 1 and state.listening and read_back(state, events), 5,
                what="restarted after the receiver's error", detail=state.describe)
     assert "injected failure" in (state.last_error or "")
     _still_reports(monitor, events, "10.8.0.4")
