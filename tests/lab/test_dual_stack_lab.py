@@ -133,8 +133,8 @@ def test_a_df_ping_of_exactly_the_device_mtu_passes_and_one_byte_more_is_refused
     target = address_of(next(pod for pod in report["pods"] if pod["node"] == "node-3"), family)
 
     def df_ping(size: int) -> int:
-        return cli.run("exec", source["name"], "--", "ping", f"-{family}", "-c", "1", "-W", "2", "-M", "do", "-s",
-                       str(size - ICMP_HEADERS[family]), target, check=False).returncode
+        return cli.run("exec", source["name"], "--", "ping", f"-{family}", "-c", "2", "-i", "0.2", "-W", "2", "-M",
+                       "do", "-s", str(size - ICMP_HEADERS[family]), target, check=False).returncode
 
     assert df_ping(DEVICE_MTU) == 0
     assert df_ping(DEVICE_MTU + 1) != 0
@@ -151,7 +151,7 @@ def test_pod_add_and_del_reach_every_peer_in_both_families(cli: Cli) -> None:
 
     wait_until(lambda: peers_cover(True), 15, "both addresses of the new pod on node-2's peer everywhere")
     source = next(p for p in status(cli)["pods"] if p["node"] == "node-1")
-    assert cli.run("exec", source["name"], "--", "ping", "-c", "1", "-W", "2", address_of(pod, 6),
+    assert cli.run("exec", source["name"], "--", "ping", "-c", "2", "-i", "0.2", "-W", "2", address_of(pod, 6),
                    check=False).returncode == 0
     cli.run("pod-del", pod["name"])
     wait_until(lambda: peers_cover(False), 15, "both addresses of the deleted pod gone from node-2's peer everywhere")
@@ -163,8 +163,9 @@ def test_the_underlay_carries_ipv6_of_at_most_1400_bytes(cli: Cli) -> None:
     target = address_of(status(cli)["nodes"][1], 6)
 
     def passes(size: int) -> bool:
-        return cli.run("exec", "node-1", "--", "ping", "-6", "-c", "1", "-W", "2", "-m", str(lab.HOOK_DEFAULTS.fwmark),
-                       "-M", "do", "-s", str(size - ICMP_HEADERS[6]), target, check=False).returncode == 0
+        return cli.run("exec", "node-1", "--", "ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", "-m",
+                       str(lab.HOOK_DEFAULTS.fwmark), "-M", "do", "-s", str(size - ICMP_HEADERS[6]), target,
+                       check=False).returncode == 0
 
     assert passes(1400) and not passes(1401)
 
@@ -199,7 +200,7 @@ def test_an_added_node_is_dual_stack_and_every_peer_carries_its_ipv6(cli: Cli) -
         wait_until(lambda: all(peer_allowed(cli, name).get(new.ip) == wanted for name in peers), 20,
                    f"{new.name} with both families on every peer")
         source = next(p for p in status(cli)["pods"] if p["node"] == "node-1")
-        assert cli.run("exec", source["name"], "--", "ping", "-c", "1", "-W", "2", address_of(pod, 6),
+        assert cli.run("exec", source["name"], "--", "ping", "-c", "2", "-i", "0.2", "-W", "2", address_of(pod, 6),
                        check=False).returncode == 0
     finally:
         cli.run("node-del", added["node"])
