@@ -124,7 +124,7 @@ class NodeProbe:
         self._known_host_routes = self._host_routes()
 
     def note_host_routes(self) -> None:
-        """One look at the main table (a dump: it holds a few routes per pod, far less than a poll interval)."""
+        """One look at the main table: a dump of a few routes per pod, well under a poll interval."""
         now = time.monotonic()
         for ip in self._host_routes() - self._known_host_routes:
             self.host_routes_added.setdefault(ip, now)

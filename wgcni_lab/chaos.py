@@ -127,8 +127,7 @@ def mesh_problems(state: lab.LabState, pods: dict[str, list[dict[str, Any]]]) ->
         devices = {node.name: wg_peers(node) for node in state.nodes}
     except (lab.LabError, IndexError) as error:
         return [f"a device cannot be read: {error}"]
-    expected = {node.name: {node.ip} | {pod["ip"] for pod in pods[node.name] if not pod["host_network"]}
-                for node in state.nodes}
+    expected = lab.expected_allowed_ips(state, (pod for listed in pods.values() for pod in listed))
     keys = {name: device[0] for name, device in devices.items()}
     problems = []
     for node in state.nodes:

@@ -163,7 +163,7 @@ def attach_client(state: lab.LabState) -> None:
     lab.run(["ip", "netns", "add", state.client_netns])
     lab.in_netns(state.client_netns, ["sysctl", "-qw", *ipv6_sysctls(state.dual_stack)])
     lab.in_netns(state.client_netns, ["ip", "link", "set", "lo", "up"])
-    _attach(state, CLIENT_LINK, state.client_netns, CLIENT_IP, lab.ipv6_twin(CLIENT_IP) if state.dual_stack else "")
+    _attach(state, CLIENT_LINK, state.client_netns, *client_ips(state))
 
 
 def move_ip(state: lab.LabState, ip: str, to_node: str) -> lab.NodeState:
@@ -187,6 +187,11 @@ def move_ip(state: lab.LabState, ip: str, to_node: str) -> lab.NodeState:
     return target
 
 
+def client_ips(state: lab.LabState) -> list[str]:
+    """The client VM's addresses: CLIENT_IP, and its IPv6 twin in a dual-stack lab."""
+    return [CLIENT_IP, lab.ipv6_twin(CLIENT_IP)] if state.dual_stack else [CLIENT_IP]
+
+
 def client_status(state: lab.LabState) -> dict[str, Any]:
-    ips = [CLIENT_IP, *([lab.ipv6_twin(CLIENT_IP)] if state.dual_stack else [])]
-    return {"name": CLIENT_NAME, "ip": CLIENT_IP, "ips": ips, "netns": state.client_netns, "mac": nic_mac(CLIENT_IP)}
+    return {"name": CLIENT_NAME, "ip": CLIENT_IP, "ips": client_ips(state), "netns": state.client_netns,
+            "mac": nic_mac(CLIENT_IP)}

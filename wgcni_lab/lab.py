@@ -151,6 +151,11 @@ class NodeState:
     hook_pid: int = 0
     daemonset: dict[str, Any] = field(default_factory=dict)  # the DaemonSet pod as kubectl shows it (lifecycle)
 
+    @property
+    def ips(self) -> list[str]:
+        """The node's addresses: its IPv4 one, and its IPv6 one in a dual-stack lab."""
+        return [self.ip, self.ipv6] if self.ipv6 else [self.ip]
+
     def directory(self, lab_dir: Path) -> Path:
         return lab_dir / "nodes" / self.name
 
@@ -576,7 +581,7 @@ def cri_client(state: LabState, node: NodeState):  # type: ignore[no-untyped-def
 def _pod_json(node: NodeState, status: Any, labels: dict[str, str]) -> dict[str, Any]:
     """A pod as status and pod-add show it; a hostNetwork pod has the node's IP (containerd reports none)."""
     host_network = labels.get(HOST_NETWORK_LABEL) == "true"
-    ips = [ip for ip in (node.ip, node.ipv6) if ip] if host_network else [status.ip, *status.additional_ips]
+    ips = node.ips if host_network else [status.ip, *status.additional_ips]
     return {"name": status.name, "node": node.name, "netns": f"/proc/{status.pid}/ns/net",
             "ip": ips[0], "ips": ips, "id": status.id, "namespace": status.namespace,
             "uid": status.uid, "attempt": status.attempt, "host_network": host_network,
@@ -673,7 +678,7 @@ def status(state: LabState) -> dict[str, Any]:
     nodes, pods, problems = [], [], []
     for node in state.nodes:
         nodes.append({
-            "name": node.name, "netns": node.netns, "ip": node.ip, "ips": [ip for ip in (node.ip, node.ipv6) if ip],
+            "name": node.name, "netns": node.netns, "ip": node.ip, "ips": node.ips,
             "wg_interface": WG_INTERFACE,
             "wg_port": WG_PORT, "hook_socket": str(node.hook_socket),
             "hook_socket_in_node": str(HOOK_SOCKET_IN_NODE), "hook_pid": node.hook_pid,
@@ -711,9 +716,7 @@ def mesh_converged(state: LabState, pods: list[dict[str, Any]]) -> bool:
     """Every hook reports every other node as a programmed peer whose AllowedIPs are exactly that node's IP and
     the pods on it with an IP of their own - those that predate wgcni too, which the hooks learn from their host
     routes (the hooks' own view; the tests check the kernel/wireguard-go side independently)."""
-    expected = {node.name: {ip for ip in (node.ip, node.ipv6) if ip} |
-                {ip for pod in pods if pod["node"] == node.name and not pod["host_network"] for ip in pod["ips"]}
-                for node in state.nodes}
+    expected = expected_allowed_ips(state, pods)
     for node in state.nodes:
         answer = hook_request(node, "peers")
         if answer is None:
@@ -726,6 +729,16 @@ def mesh_converged(state: LabState, pods: list[dict[str, Any]]) -> bool:
             if peer is None or not peer["programmed"] or covered(peer["allowedIPs"]) != expected[other.name]:
                 return False
     return True
+
+
+def expected_allowed_ips(state: LabState, pods: Iterable[dict[str, Any]]) -> dict[str, set[str]]:
+    """node -> the addresses its peer must allow everywhere else: the node's own and those of its pods with an IP of
+    their own (not hostNetwork), every family."""
+    expected = {node.name: set(node.ips) for node in state.nodes}
+    for pod in pods:
+        if not pod["host_network"]:
+            expected[pod["node"]].update(pod["ips"])
+    return expected
 
 
 def covered(prefixes: Iterable[str]) -> set[str]:

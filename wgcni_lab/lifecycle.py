@@ -82,7 +82,7 @@ def node_object(node: lab.NodeState) -> dict[str, Any]:
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux",
                                                    "kubernetes.azure.com/role": "agent"}},
-        "status": {"addresses": [*({"type": "InternalIP", "address": ip} for ip in (node.ip, node.ipv6) if ip),
+        "status": {"addresses": [*({"type": "InternalIP", "address": ip} for ip in node.ips),
                                  {"type": "Hostname", "address": node.name}],
                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                                    "message": "the lab booted the node"}],

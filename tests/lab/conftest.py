@@ -93,6 +93,22 @@ def ping_ring(cli: Cli, pods: list[dict[str, Any]], count: int, family: int = 4)
         assert ping.returncode == 0, f"{source['name']} -> {address}: {ping.stdout}{ping.stderr}"
 
 
+def peer_prefixes(cli: Cli, node: str) -> dict[str, list[str]]:
+    """endpoint address -> its peer's AllowedIPs prefixes, as wireguard-go on `node` has them (`wg show dump`)."""
+    lines = cli.run("exec", node, "--", "wg", "show", lab.WG_INTERFACE, "dump").stdout.splitlines()[1:]
+    return {line.split("\t")[2].rsplit(":", 1)[0]: line.split("\t")[3].split(",") for line in lines}
+
+
+def tunnelled(cli: Cli, node: str) -> set[str]:
+    """The addresses `node` routes into the WireGuard device, both families of the hook's table."""
+    routes = [route for family in ("-4", "-6") for route in json.loads(cli.run(
+        "exec", node, "--", "ip", "-j", family, "route", "show", "table", str(lab.HOOK_DEFAULTS.route_table)).stdout)]
+    return lab.covered(route["dst"] if "/" in route["dst"] else
+                       f"{route['dst']}/{ipaddress.ip_address(route['dst']).max_prefixlen}"
+                       for route in routes
+                       if route.get("dev") == lab.WG_INTERFACE and route.get("type", "unicast") == "unicast")
+
+
 @dataclass
 class Footprint:
     namespaces: set[str]

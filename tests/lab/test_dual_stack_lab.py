@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import Cli, address_of, captured, lab_up, ping_ring
+from tests.lab.conftest import Cli, address_of, captured, lab_up, peer_prefixes, ping_ring, tunnelled
 from wgcni_lab import fabric, lab
 from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.harness.streams import tcp_stream
@@ -22,7 +22,6 @@ from wgcni_lab.wire import only_wireguard_between_nodes
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
 
-ROUTE_TABLE = lab.HOOK_DEFAULTS.route_table
 DEVICE_MTU = 1340  # Azure's 1400-byte underlay less WireGuard's 60 over the IPv4 endpoint
 ICMP_HEADERS = {4: 20 + 8, 6: 40 + 8}
 
@@ -49,18 +48,7 @@ def ipv6_space(report: dict[str, Any], node_index: int) -> ipaddress.IPv6Network
 
 def peer_allowed(cli: Cli, node: str) -> dict[str, set[str]]:
     """endpoint address -> the addresses its peer's AllowedIPs cover, as wireguard-go on `node` has them."""
-    lines = cli.run("exec", node, "--", "wg", "show", lab.WG_INTERFACE, "dump").stdout.splitlines()[1:]
-    return {line.split("\t")[2].rsplit(":", 1)[0]: lab.covered(line.split("\t")[3].split(",")) for line in lines}
-
-
-def tunnelled(cli: Cli, node: str) -> set[str]:
-    """The addresses `node` routes into the WireGuard device, both families of its table."""
-    routes = [route for family in ("-4", "-6") for route in json.loads(
-        cli.run("exec", node, "--", "ip", "-j", family, "route", "show", "table", str(ROUTE_TABLE)).stdout)]
-    return lab.covered(route["dst"] if "/" in route["dst"] else
-                       f"{route['dst']}/{32 if ipaddress.ip_address(route['dst']).version == 4 else 128}"
-                       for route in routes
-                       if route.get("dev") == lab.WG_INTERFACE and route.get("type", "unicast") == "unicast")
+    return {endpoint: lab.covered(prefixes) for endpoint, prefixes in peer_prefixes(cli, node).items()}
 
 
 def test_every_node_and_pod_has_both_families_from_the_cni_chain(cli: Cli) -> None:

@@ -12,15 +12,12 @@ from typing import Any
 
 import pytest
 
-from tests.lab.conftest import Cli, captured, lab_up, ping_ring
+from tests.lab.conftest import Cli, captured, lab_up, peer_prefixes, ping_ring, tunnelled
 from wgcni_lab import fabric, lab
 from wgcni_lab.harness.polling import wait_until
 from wgcni_lab.wire import only_wireguard_between_nodes
 
 pytestmark = [pytest.mark.netns, pytest.mark.runtime, pytest.mark.slow]
-
-ROUTE_TABLE = lab.HOOK_DEFAULTS.route_table
-
 
 @pytest.fixture(scope="module")
 def cli(lab_parent, built) -> Iterator[Cli]:  # type: ignore[no-untyped-def]
@@ -35,12 +32,6 @@ def status(cli: Cli) -> dict[str, Any]:
 
 def block_of(node_index: int) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(f"10.244.{node_index}.0/24")
-
-
-def peer_prefixes(cli: Cli, node: str) -> dict[str, list[str]]:
-    """endpoint address -> its peer's AllowedIPs prefixes as wireguard-go on `node` has them."""
-    lines = cli.run("exec", node, "--", "wg", "show", lab.WG_INTERFACE, "dump").stdout.splitlines()[1:]
-    return {line.split("\t")[2].rsplit(":", 1)[0]: line.split("\t")[3].split(",") for line in lines}
 
 
 def expected_prefixes(node_ip: str, pod_ips: list[str]) -> set[str]:
@@ -75,10 +66,7 @@ def test_each_peer_carries_its_nodes_pods_as_aggregates_and_routes_them_into_the
     report = status(cli)
     for node in report["nodes"]:
         peers = peer_prefixes(cli, node["name"])
-        routes = json.loads(cli.run("exec", node["name"], "--", "ip", "-j", "route", "show", "table",
-                                    str(ROUTE_TABLE)).stdout)
-        tunnelled = lab.covered(route["dst"] if "/" in route["dst"] else f"{route['dst']}/32" for route in routes
-                                if route.get("dev") == lab.WG_INTERFACE and route.get("type", "unicast") == "unicast")
+        into_tunnel = tunnelled(cli, node["name"])
         for other in report["nodes"]:
             if other is node:
                 continue
@@ -86,7 +74,7 @@ def test_each_peer_carries_its_nodes_pods_as_aggregates_and_routes_them_into_the
             wanted = expected_prefixes(other["ip"], pods)
             assert set(peers[other["ip"]]) == wanted, f"{node['name']} -> {other['name']}"
             assert len(wanted) < 1 + len(pods), "the pods of a /24 aggregate"
-            assert {other["ip"], *pods} <= tunnelled, f"{node['name']} routes {other['name']}'s IPs into the tunnel"
+            assert {other["ip"], *pods} <= into_tunnel, f"{node['name']} routes {other['name']}'s IPs into the tunnel"
 
 
 def test_pod_traffic_between_nodes_crosses_the_fabric_only_as_wireguard_and_stays_local_on_a_node(cli: Cli) -> None:
