@@ -70,14 +70,12 @@ def test_every_node_and_pod_has_both_families_from_the_cni_chain(cli: Cli) -> No
 
 def test_each_peer_carries_both_families_of_its_node_and_routes_them_into_the_tunnel(cli: Cli) -> None:
     report = status(cli)
+    expected = lab.expected_allowed_ips(cli.state(), report["pods"])
     for node in report["nodes"]:
-        peers = peer_allowed(cli, node["name"])
-        into_tunnel = tunnelled(cli, node["name"])
-        for other in report["nodes"]:
-            if other is node:
-                continue
-            wanted = {*other["ips"], *(ip for pod in report["pods"] if pod["node"] == other["name"]
-                                       for ip in pod["ips"])}
+        peers, into_tunnel = peer_allowed(cli, node["name"]), tunnelled(cli, node["name"])
+        for other in (other for other in report["nodes"] if other is not node):
+            wanted = expected[other["name"]]
+            assert {ipaddress.ip_address(ip).version for ip in wanted} == {4, 6} and len(wanted) == 6
             assert peers[other["ip"]] == wanted, f"{node['name']} -> {other['name']}"
             assert wanted <= into_tunnel, f"{node['name']} routes {other['name']}'s addresses into the tunnel"
         local = {ip for pod in report["pods"] if pod["node"] == node["name"] for ip in pod["ips"]}
