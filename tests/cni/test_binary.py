@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -144,6 +145,61 @@ def test_the_binary_is_also_the_debug_cli(wgcni, settings):
     wrong = subprocess.run([wgcni, "pods", "--nope"], env=env, capture_output=True, timeout=30)
     assert wrong.returncode == 2 and wrong.stdout == b""
     assert len(wrong.stderr.decode().strip().splitlines()) == 1 and b"Traceback" not in wrong.stderr
+
+
+# -- the launcher (packaging/launcher.c) --------------------------------------------------------------------------
+
+@pytest.fixture
+def bundle_copy(wgcni, tmp_path):
+    """A copy of the whole bundle (executable + _internal/) that a test may damage."""
+    copy = tmp_path / "wgcni-bundle"
+    shutil.copytree(os.path.dirname(os.path.realpath(wgcni)), copy, symlinks=True)
+    return copy
+
+
+@pytest.mark.parametrize("missing,reason", [
+    ("cni_plugin", "its Python modules are incomplete: No module named 'cni_plugin'"),
+    ("encodings", "the Python runtime did not start"),
+])
+def test_a_damaged_bundle_says_so_to_the_runtime_and_on_one_stderr_line(bundle_copy, missing, reason):
+    shutil.rmtree(bundle_copy / "_internal" / missing)
+    process = subprocess.run([bundle_copy / "wgcni"], env={**cni_env("ADD"), "PATH": "/nonexistent"},
+                             input=b"{}", capture_output=True, timeout=30)
+    error = json.loads(process.stdout)
+    assert process.returncode == 1 and error["code"] == 999, process.stdout
+    assert error["msg"].startswith(f"wgcni cannot start: {reason}") and "reinstall wgcni" in error["details"]
+    # CPython may print its path configuration first (it does when the stdlib is missing); the launcher's own
+    # message is one line, and there is no traceback
+    last = process.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"wgcni: {reason}") and b"Traceback" not in process.stderr
+    cli = subprocess.run([bundle_copy / "wgcni", "status"], env={"PATH": "/nonexistent"}, capture_output=True,
+                         timeout=30)
+    assert cli.returncode == 1 and cli.stdout == b"" and cli.stderr.decode().strip().splitlines()[-1] == last
+
+
+def test_the_bundle_ignores_python_variables_and_runs_through_any_symlink(wgcni, tmp_path):
+    """kubelet's environment is not the bundle's: a PYTHONPATH/PYTHONHOME pointing at another cni_plugin changes
+    nothing. /opt/cni/bin/wgcni is a symlink into /opt/wgcni: the launcher finds _internal/ from the real path."""
+    shadow = tmp_path / "shadow" / "cni_plugin"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise SystemExit('the shadowing cni_plugin was imported')\n")
+    (shadow / "main.py").write_text("raise SystemExit('the shadowing cni_plugin was imported')\n")
+    link = tmp_path / "opt-cni-bin" / "wgcni"
+    link.parent.mkdir()
+    link.symlink_to(wgcni)
+    env = {"CNI_COMMAND": "VERSION", "PYTHONPATH": str(shadow.parent), "PYTHONHOME": str(shadow.parent),
+           "PYTHONSTARTUP": str(shadow / "main.py"), "PYTHONINSPECT": "1"}
+    answer = run(str(link), env, b'{"cniVersion": "1.0.0"}')
+    assert answer.code == 0 and answer.output == {"cniVersion": "1.0.0", "supportedVersions": VERSIONS}
+
+
+def test_the_launcher_loads_the_bundles_own_libpython(wgcni):
+    """Not a libpython the node happens to have (Debian's python3-dev installs one): the executable's RPATH names
+    _internal/, and the dynamic loader resolves every library of the bundle's from there."""
+    internal = os.path.join(os.path.dirname(os.path.realpath(wgcni)), "_internal")
+    linked = subprocess.run(["ldd", os.path.realpath(wgcni)], capture_output=True, text=True, timeout=30).stdout
+    [libpython] = [line for line in linked.splitlines() if "libpython" in line]
+    assert f"=> {internal}/libpython" in libpython, linked
 
 
 # -- crash safety ---------------------------------------------------------------------------------------------------
