@@ -4,12 +4,9 @@ It parses and validates the environment and the network configuration, hands one
 prints the result in the input's cniVersion, and turns every failure into a CNI error object on stdout with a
 spec code (1 version, 4 environment, 6 decode, 7 configuration, 50/51 STATUS, 100+ wgcni's own) and exit 1.
 Nothing escapes as a traceback: unexpected exceptions become code 999 and their traceback goes to the log file.
-Standard library only (and not even ``json``: see cni_plugin/cjson.py).
+Standard library only (and not even ``json``: see cni_plugin/cjson.py; nor ``os`` or ``__future__``: see
+cni_plugin/main.py).
 """
-
-from __future__ import annotations
-
-import os
 
 from cni_plugin import cjson
 from cni_plugin.filelog import LEVELS, FileLog
@@ -72,7 +69,7 @@ class Settings:
         self.log_level = log_level
 
     @classmethod
-    def from_conf(cls, conf: dict) -> Settings:
+    def from_conf(cls, conf: dict) -> "Settings":
         return cls(
             state_dir=_absolute_path(conf, "stateDir", DEFAULT_STATE_DIR),
             hook_socket=_absolute_path(conf, "hookSocket", DEFAULT_HOOK_SOCKET),
@@ -107,7 +104,7 @@ class Invocation:
         self.args = args
 
 
-def dispatch(env: Mapping[str, str], stdin: BinaryIO, stdout: TextIO) -> int:
+def dispatch(env: "Mapping[str, str]", stdin: "BinaryIO", stdout: "TextIO") -> int:
     """Run one CNI command; returns the process exit code. Never raises for bad input.
 
     ``stdin`` is a binary stream, ``stdout`` a text stream. Until the configuration names its log file, only
@@ -167,17 +164,17 @@ def error_object(cni_version: str, code: int, msg: str, details: str = "") -> di
     return {"cniVersion": cni_version, "code": code, "msg": msg, "details": details}
 
 
-def _write(stdout: TextIO, obj: dict) -> int:
+def _write(stdout: "TextIO", obj: dict) -> int:
     stdout.write(cjson.dumps(obj) + "\n")
     stdout.flush()
     return 0
 
 
-def _identity(env: Mapping[str, str]) -> str:
+def _identity(env: "Mapping[str, str]") -> str:
     return f"container={env.get('CNI_CONTAINERID', '')!r:.80} ifname={env.get('CNI_IFNAME', '')!r:.20}"
 
 
-def _decode_stdin(stdin: BinaryIO) -> dict:
+def _decode_stdin(stdin: "BinaryIO") -> dict:
     data = stdin.read(MAX_STDIN_BYTES + 1)
     if len(data) > MAX_STDIN_BYTES:
         raise CniError(ERR_DECODE, f"network configuration larger than {MAX_STDIN_BYTES} bytes")
@@ -233,7 +230,7 @@ def parse_netconf(raw: dict) -> NetConf:
     return NetConf(raw, version, network, Settings.from_conf(raw), prev_result)
 
 
-def parse_environment(env: Mapping[str, str], command: str) -> Invocation:
+def parse_environment(env: "Mapping[str, str]", command: str) -> Invocation:
     container_id = env.get("CNI_CONTAINERID", "")
     netns = env.get("CNI_NETNS", "")
     ifname = env.get("CNI_IFNAME", "")
@@ -264,7 +261,7 @@ def _absolute_path(conf: dict, key: str, default: str, allow_empty: bool = False
         raise CniError(ERR_INVALID_CONFIG, f"{key} must be a string path")
     if allow_empty and value == "":
         return value
-    if not os.path.isabs(value) or "\0" in value:
+    if not value.startswith("/") or "\0" in value:
         raise CniError(ERR_INVALID_CONFIG, f"{key} must be an absolute path, not {value!r:.80}")
     return value
 

@@ -4,11 +4,12 @@ Deviation from the standard library, for start-up time: ``import logging`` and `
 share of the start-up budget of a whole ADD (docs/benchmarks.md, P1). The plugin writes a handful of lines
 per invocation from many short-lived processes at once, which RotatingFileHandler does not handle safely across
 processes anyway. Each line is one ``write`` on an ``O_APPEND`` descriptor (whole lines, no interleaving);
-rotation renames the file to ``<file>.1`` under an ``flock`` of the file being rotated.
+rotation renames the file to ``<file>.1`` under an ``flock`` of the file being rotated. It calls ``posix``, not
+``os``, for the same reason (cni_plugin/main.py).
 """
 
 import fcntl
-import os
+import posix
 import time
 
 from cni_plugin.files import open_creating_directory
@@ -38,25 +39,25 @@ class FileLog:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            posix.close(self._fd)
             self._fd = None
 
     def _emit(self, level: int, level_name: str, message: str) -> None:
         if level < self.threshold or self._disabled:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-        line = f"{stamp}Z {level_name} wgcni[{os.getpid()}] {message}\n".encode(errors="backslashreplace")
+        line = f"{stamp}Z {level_name} wgcni[{posix.getpid()}] {message}\n".encode(errors="backslashreplace")
         try:
             fd = self._open()
-            os.write(fd, line)
+            posix.write(fd, line)
         except OSError:
             # A log that cannot be written (read-only or full disk) must never fail a pod's network set-up.
             self._disabled = True
 
     def _open(self) -> int:
         if self._fd is None:
-            fd = open_creating_directory(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC)
-            if os.fstat(fd).st_size >= self.max_bytes:
+            fd = open_creating_directory(self.path, posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_CLOEXEC)
+            if posix.fstat(fd).st_size >= self.max_bytes:
                 fd = self._rotate(fd)
             self._fd = fd
         return self._fd
@@ -65,12 +66,12 @@ class FileLog:
         """Move the full file aside once (whoever holds its lock first), then append to a fresh file."""
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            current = os.stat(self.path)
-            mine = os.fstat(fd)
+            current = posix.stat(self.path)
+            mine = posix.fstat(fd)
             if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino) and mine.st_size >= self.max_bytes:
-                os.replace(self.path, self.path + ".1")
+                posix.replace(self.path, self.path + ".1")
         except FileNotFoundError:
             pass  # another process rotated it between our open and stat
         finally:
-            os.close(fd)
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            posix.close(fd)
+        return posix.open(self.path, posix.O_WRONLY | posix.O_APPEND | posix.O_CREAT | posix.O_CLOEXEC, 0o600)

@@ -9,15 +9,17 @@ one or one with other permissions. A failure at any step removes the temporary a
 With ``durable`` the file is fsynced before the rename and the directory after it: once the call returns, the new
 content survives a power loss.
 
-Standard library only, and nothing beyond ``os`` and ``errno`` (both loaded anyway): the plugin imports this module
-on every ADD and DEL.
+Standard library only, and nothing beyond the C modules ``posix`` and ``errno``: the plugin imports this module on
+every ADD and DEL, and importing ``os`` (which wraps ``posix``) would cost it more than a millisecond
+(docs/benchmarks.md, P1). Paths are the ``str`` or path-like objects ``os`` takes.
 """
 
 import errno
-import os
+import posix
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import os
     from collections.abc import Iterable
 
 
@@ -26,23 +28,25 @@ def open_creating_directory(path: str, flags: int) -> int:
     its parents, mode 0700) and open again. One ``open`` whenever the directory exists: the plugin's ADD/DEL path
     does not stat it on every invocation."""
     try:
-        return os.open(path, flags, 0o600)
+        return posix.open(path, flags, 0o600)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        return os.open(path, flags, 0o600)
+        import os  # only the first write into a new directory pays for os
+
+        os.makedirs(directory_of(path), mode=0o700, exist_ok=True)
+        return posix.open(path, flags, 0o600)
 
 
 def fsync_directory(directory: "str | os.PathLike[str]") -> None:
     """Make the entries of ``directory`` (renames, links, removals) durable. A filesystem that cannot fsync a
     directory (EINVAL) is left at that: the change itself has happened."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = posix.open(directory, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        posix.fsync(fd)
     except OSError as error:
         if error.errno != errno.EINVAL:
             raise
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def write_atomically(
@@ -66,33 +70,33 @@ def write_atomically(
     ``sync_directory=False`` (with ``durable``): the file is fsynced before the rename, and the directory's fsync
     (``fsync_directory``) is left to the caller, who may do something else first; durable only once that returns.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
+    path = posix.fspath(path)
+    directory = directory_of(path)
     temporary = _temporary_path(directory, temporary_prefix)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-    fd = open_creating_directory(temporary, flags) if create_directory else os.open(temporary, flags, 0o600)
+    flags = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC
+    fd = open_creating_directory(temporary, flags) if create_directory else posix.open(temporary, flags, 0o600)
     try:
         try:
             for chunk in (content,) if isinstance(content, bytes) else content:
                 view = memoryview(chunk)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[posix.write(fd, view):]
             if owner is not None:
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)
+                posix.fchown(fd, *owner)
+            posix.fchmod(fd, mode)
             if durable:
-                os.fsync(fd)
+                posix.fsync(fd)
         finally:
-            os.close(fd)
+            posix.close(fd)
         if exclusive:
             try:
-                os.link(temporary, path)
+                posix.link(temporary, path)
                 written = True
             except FileExistsError:
                 written = False
-            os.unlink(temporary)
+            posix.unlink(temporary)
         else:
-            os.replace(temporary, path)
+            posix.replace(temporary, path)
             written = True
     except BaseException:
         _remove_if_present(temporary)
@@ -105,12 +109,12 @@ def write_atomically(
 def replace_symlink(link: "str | os.PathLike[str]", target: str, *, temporary_prefix: str,
                     durable: bool = True) -> None:
     """Point ``link`` at ``target`` in one rename: a lookup of ``link`` finds the old target or the new one."""
-    link = os.fspath(link)
-    directory = os.path.dirname(link) or "."
+    link = posix.fspath(link)
+    directory = directory_of(link)
     temporary = _temporary_path(directory, temporary_prefix)
-    os.symlink(target, temporary)
+    posix.symlink(target, temporary)
     try:
-        os.replace(temporary, link)
+        posix.replace(temporary, link)
     except BaseException:
         _remove_if_present(temporary)
         raise
@@ -118,12 +122,23 @@ def replace_symlink(link: "str | os.PathLike[str]", target: str, *, temporary_pr
         fsync_directory(directory)
 
 
+def directory_of(path: str) -> str:
+    """The directory holding ``path``: ``os.path.dirname(path) or "."``, up to how repeated slashes are spelt."""
+    head, slash, _ = path.rpartition("/")
+    return head.rstrip("/") or slash or "."
+
+
+def join(directory: str, name: str) -> str:
+    """``os.path.join(directory, name)`` for a ``name`` that is one relative path component."""
+    return f"{directory}{name}" if not directory or directory.endswith("/") else f"{directory}/{name}"
+
+
 def _temporary_path(directory: str, prefix: str) -> str:
-    return os.path.join(directory, f"{prefix}{os.getpid()}.{os.urandom(4).hex()}")
+    return join(directory, f"{prefix}{posix.getpid()}.{posix.urandom(4).hex()}")
 
 
 def _remove_if_present(path: str) -> None:
     try:
-        os.unlink(path)
+        posix.unlink(path)
     except FileNotFoundError:
         pass

@@ -7,16 +7,17 @@ atomically (temp file in the same directory, fsync, rename, fsync of the directo
 ``.tmp*`` files and never need the lock. Temp files of writers that were killed are swept by a writer at most once
 per ``TEMP_SWEEP_INTERVAL`` per network (the mtime of ``<stateDir>/pods/.temp-sweep.<network>`` says when it last
 happened), so an ADD does not list a directory that holds every pod of the node; CNI GC sweeps every time.
-Standard library only: this module is on the plugin's ADD/DEL path, where it avoids ``re`` and ``json`` for start-up
-time (see cni_plugin/cjson.py): names are checked against character sets.
+Standard library only: this module is on the plugin's ADD/DEL path, where it avoids ``re`` and ``json`` (see
+cni_plugin/cjson.py: names are checked against character sets) and ``os`` (see cni_plugin/main.py) for start-up
+time.
 """
 
 import fcntl
-import os
+import posix
 import time
 
 from cni_plugin import cjson
-from cni_plugin.files import fsync_directory, open_creating_directory, write_atomically
+from cni_plugin.files import directory_of, fsync_directory, join, open_creating_directory, write_atomically
 
 RECORD_FORMAT = 1
 RECORD_SUFFIX = ".json"
@@ -115,24 +116,24 @@ class RecordStore:
 
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
-        self.pods_dir = os.path.join(state_dir, "pods")
-        self.lock_path = os.path.join(self.pods_dir, LOCK_NAME)
+        self.pods_dir = join(state_dir, "pods")
+        self.lock_path = join(self.pods_dir, LOCK_NAME)
 
     # -- paths ---------------------------------------------------------------------------------------------------
 
     def network_dir(self, network: str) -> str:
         if not valid_network(network):
             raise RecordError(f"invalid network name {network!r:.80}")
-        return os.path.join(self.pods_dir, network)
+        return join(self.pods_dir, network)
 
     def record_path(self, network: str, container_id: str, ifname: str) -> str:
         _check_key(network, container_id, ifname)
-        return os.path.join(self.pods_dir, network, record_file_name(container_id, ifname))
+        return join(self.network_dir(network), record_file_name(container_id, ifname))
 
     def temp_sweep_stamp(self, network: str) -> str:
         """The file whose mtime is the last sweep of `network`'s temp files (outside the network's directory, which
         holds records and temp files only; not a network name, so ``networks()`` never lists it)."""
-        return os.path.join(self.pods_dir, TEMP_SWEEP_STAMP_PREFIX + network)
+        return join(self.pods_dir, TEMP_SWEEP_STAMP_PREFIX + network)
 
     # -- writer side (the plugin) --------------------------------------------------------------------------------
 
@@ -147,7 +148,7 @@ class RecordStore:
         validate_record(record)
         directory = self.network_dir(record["network"])
         _remove_stale_temp_files_when_due(directory, self.temp_sweep_stamp(record["network"]))
-        final_path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
+        final_path = join(directory, record_file_name(record["containerID"], record["ifname"]))
         payload = cjson.dumps(record, sort_keys=True).encode() + b"\n"
         write_atomically(final_path, payload, 0o600, temporary_prefix=TEMP_PREFIX + ".", create_directory=True,
                          sync_directory=sync_directory)
@@ -161,7 +162,7 @@ class RecordStore:
         if not _unlink_if_present(path):
             return False
         if sync_directory:
-            fsync_directory(os.path.dirname(path))
+            fsync_directory(directory_of(path))
         return True
 
     def remove_all_except(self, network: str, keep: set[tuple[str, str]]) -> list[dict]:
@@ -176,7 +177,7 @@ class RecordStore:
         for record in self.list(network):
             if (record["containerID"], record["ifname"]) in keep:
                 continue
-            path = os.path.join(directory, record_file_name(record["containerID"], record["ifname"]))
+            path = join(directory, record_file_name(record["containerID"], record["ifname"]))
             if _unlink_if_present(path):
                 removed.append(record)
         if removed:
@@ -192,12 +193,10 @@ class RecordStore:
     def networks(self) -> list[str]:
         """Names of the networks that have a record directory, sorted."""
         try:
-            names = os.listdir(self.pods_dir)
+            names = posix.listdir(self.pods_dir)
         except FileNotFoundError:
             return []
-        return sorted(
-            name for name in names if valid_network(name) and os.path.isdir(os.path.join(self.pods_dir, name))
-        )
+        return sorted(name for name in names if valid_network(name) and _is_directory(join(self.pods_dir, name)))
 
     def list(self, network: str | None = None, errors: list[str] | None = None) -> list[dict]:
         """Valid records of one network (or of all networks), sorted by (network, containerID, ifname).
@@ -209,13 +208,13 @@ class RecordStore:
         for name in [network] if network is not None else self.networks():
             directory = self.network_dir(name)
             try:
-                entries = os.listdir(directory)
+                entries = posix.listdir(directory)
             except FileNotFoundError:
                 continue
             for entry in entries:
                 if entry.startswith(TEMP_PREFIX) or not entry.endswith(RECORD_SUFFIX) or "@" not in entry:
                     continue
-                path = os.path.join(directory, entry)
+                path = join(directory, entry)
                 try:
                     record = _load(path)
                 except RecordError as error:
@@ -242,16 +241,16 @@ class StoreLock:
         self._fd = -1
 
     def __enter__(self) -> "StoreLock":
-        self._fd = open_creating_directory(self._store.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+        self._fd = open_creating_directory(self._store.lock_path, posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
-            os.close(self._fd)
+            posix.close(self._fd)
             raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        os.close(self._fd)  # closing the descriptor releases the lock
+        posix.close(self._fd)  # closing the descriptor releases the lock
         self._fd = -1
 
 
@@ -273,12 +272,12 @@ def _load(path: str) -> dict | None:
 def _remove_stale_temp_files(directory: str) -> None:
     """Remove temp files left by writers that were killed; only safe while holding the store lock."""
     try:
-        entries = os.listdir(directory)
+        entries = posix.listdir(directory)
     except FileNotFoundError:
         return
     for entry in entries:
         if entry.startswith(TEMP_PREFIX):
-            _unlink_if_present(os.path.join(directory, entry))
+            _unlink_if_present(join(directory, entry))
 
 
 def _remove_stale_temp_files_when_due(directory: str, stamp: str) -> None:
@@ -286,21 +285,29 @@ def _remove_stale_temp_files_when_due(directory: str, stamp: str) -> None:
     more ago, never happened, or lies in the future (the clock was set back); else one stat. Only safe while holding
     the store lock."""
     try:
-        since_last = time.time() - os.stat(stamp).st_mtime
+        since_last = time.time() - posix.stat(stamp).st_mtime
     except FileNotFoundError:
         since_last = None
     if since_last is not None and 0 <= since_last < TEMP_SWEEP_INTERVAL:
         return
     _remove_stale_temp_files(directory)
     try:
-        os.utime(stamp)
+        posix.utime(stamp)
     except FileNotFoundError:  # the first sweep of this network (pods/ exists: the caller holds its lock)
-        os.close(os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        posix.close(posix.open(stamp, posix.O_WRONLY | posix.O_CREAT | posix.O_CLOEXEC, 0o600))
+
+
+def _is_directory(path: str) -> bool:
+    """``os.path.isdir``: whether ``path`` is a directory or a symlink to one."""
+    try:
+        return posix.stat(path).st_mode & 0o170000 == 0o040000
+    except (OSError, ValueError):
+        return False
 
 
 def _unlink_if_present(path: str) -> bool:
     try:
-        os.unlink(path)
+        posix.unlink(path)
     except FileNotFoundError:
         return False
     return True

@@ -8,11 +8,10 @@ The file's first line also says how long ADD may wait for the hook to see the po
 its peers learn it from there, so the pod's containers start once they can reach it.
 """
 
-import _socket
-import os
-import struct
+import posix
 
 from cni_plugin.cni import ERR_NOT_AVAILABLE, CniError
+from cni_plugin.files import join
 
 BOOT_FILE = "strict.nft"
 ADD_HOLD_PREFIX = "# wgcni add-hold "  # the boot file's first line: seconds ADD waits for the hook's publication
@@ -31,6 +30,9 @@ ENOENT = 2
 
 def table_present(name: str = TABLE) -> bool:
     """Whether nftables has the table `inet <name>` in this network namespace (one NFT_MSG_GETTABLE)."""
+    import _socket  # only on strict nodes: importing struct and _socket costs every other ADD ~1 ms
+    import struct
+
     payload = name.encode() + b"\0"
     attribute = struct.pack("=HH", 4 + len(payload), NFTA_TABLE_NAME) + payload
     attribute += b"\0" * (-len(attribute) % 4)
@@ -54,7 +56,7 @@ def table_present(name: str = TABLE) -> bool:
                         return found
                     if -error == ENOENT:
                         return False
-                    raise OSError(-error, os.strerror(-error))
+                    raise OSError(-error, posix.strerror(-error))
                 offset += max(length + (-length % 4), 16)
     finally:
         sock.close()
@@ -62,7 +64,7 @@ def table_present(name: str = TABLE) -> bool:
 
 def _load(path: str) -> str:
     """`nft -f path`: '' when it ran (or the table exists already), else why not."""
-    nft = next((candidate for candidate in NFT_PATHS if os.access(candidate, os.X_OK)), None)
+    nft = next((candidate for candidate in NFT_PATHS if posix.access(candidate, posix.X_OK)), None)
     if nft is None:
         return "nft is not installed on the node"
     import subprocess  # only on the boot path: a pod's ADD before the hook has loaded the table
@@ -87,7 +89,7 @@ def _add_hold(path: str) -> float:
 def ensure_strict_table(state_dir: str) -> tuple[str, float]:
     """Raise CniError unless strict mode is off here or its table is loaded. Returns what was done ('' = nothing)
     and how long ADD may wait for the hook to publish the pod (0 without strict mode)."""
-    path = os.path.join(state_dir, BOOT_FILE)
+    path = join(state_dir, BOOT_FILE)
     try:
         hold = _add_hold(path)
     except (FileNotFoundError, NotADirectoryError):

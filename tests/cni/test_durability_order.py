@@ -42,9 +42,9 @@ def recorded(monkeypatch, events: list[str], fail_directory_sync: bool = False) 
         events.append("answer read")
         return result
 
-    monkeypatch.setattr(files.os, "fsync", fsync)
-    monkeypatch.setattr(files.os, "replace", replace)
-    monkeypatch.setattr(files.os, "unlink", unlink)
+    monkeypatch.setattr(files.posix, "fsync", fsync)
+    monkeypatch.setattr(files.posix, "replace", replace)
+    monkeypatch.setattr(files.posix, "unlink", unlink)
     monkeypatch.setattr(notify, "send", send)
     monkeypatch.setattr(notify.Pending, "answer", answer)
 

@@ -4,12 +4,15 @@ behind by a failure at any step, the target untouched by a failed write, and the
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cni_plugin import files
-from cni_plugin.files import fsync_directory, replace_symlink, write_atomically
+from cni_plugin.files import directory_of, fsync_directory, join, replace_symlink, write_atomically
 
 PREFIX = ".test-tmp."
 
@@ -24,7 +27,7 @@ def fsyncs(monkeypatch):
         kinds.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
         real_fsync(fd)
 
-    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    monkeypatch.setattr(files.posix, "fsync", recording_fsync)
     return kinds
 
 
@@ -97,7 +100,7 @@ def test_a_failure_at_any_step_leaves_no_temporary_and_the_target_as_it_was(tmp_
         def fail(*_args):
             raise OSError(f"{step} failed")
 
-        monkeypatch.setattr(files.os, step, fail)
+        monkeypatch.setattr(files.posix, step, fail)
     with pytest.raises(OSError):
         write_atomically(path, content, 0o644, temporary_prefix=PREFIX)  # type: ignore[arg-type]
     monkeypatch.undo()
@@ -159,7 +162,7 @@ def test_replace_symlink_failure_leaves_no_temporary_and_the_old_link(tmp_path, 
     def fail(*_args):
         raise OSError("replace failed")
 
-    monkeypatch.setattr(files.os, "replace", fail)
+    monkeypatch.setattr(files.posix, "replace", fail)
     with pytest.raises(OSError):
         replace_symlink(link, "bundle/two/wgcni", temporary_prefix=PREFIX)
     monkeypatch.undo()
@@ -170,5 +173,24 @@ def test_fsync_directory_tolerates_a_filesystem_that_cannot(tmp_path, monkeypatc
     def einval(_fd):
         raise OSError(22, "Invalid argument")
 
-    monkeypatch.setattr(files.os, "fsync", einval)
+    monkeypatch.setattr(files.posix, "fsync", einval)
     fsync_directory(tmp_path)
+
+
+def same_directory(path: str) -> str:
+    """``path`` with each run of slashes spelt as one (POSIX: ``a//b`` names ``a/b``)."""
+    return re.sub("/+", "/", path)
+
+
+PATHS = st.text(alphabet="a./", max_size=12)
+COMPONENTS = st.text(alphabet="a.", min_size=1, max_size=4)
+
+
+@given(PATHS)
+def test_directory_of_names_the_directory_os_path_dirname_names(path):
+    assert same_directory(directory_of(path)) == same_directory(os.path.dirname(path) or ".")
+
+
+@given(PATHS, COMPONENTS)
+def test_join_is_os_path_join_for_one_component(directory, name):
+    assert join(directory, name) == os.path.join(directory, name)

@@ -73,7 +73,7 @@ def test_the_entry_module_loads_the_cli_only_outside_the_cni_branch():
     branch_imports = {node.module for node in ast.walk(cni_branch) if isinstance(node, ast.ImportFrom)}
     assert branch_imports == {"cni_plugin.cni"}
     last = cni_branch.body[-1]  # the branch ends the process, so control never reaches the CLI import below it
-    assert isinstance(last, ast.Expr) and ast.unparse(last.value).startswith("os._exit(")
+    assert isinstance(last, ast.Expr) and ast.unparse(last.value).startswith("posix._exit(")
 
 
 def test_the_forbidden_list_is_real():
@@ -83,13 +83,16 @@ def test_the_forbidden_list_is_real():
 
 
 def run_cni_path(command: str, stdin: dict, tmp_path: pathlib.Path) -> set[str]:
+    """The modules one CNI command loads, started as packaging/launcher.c starts it: no site, no PYTHON* variables,
+    ``cni_plugin.main`` imported (not run with ``-m``, whose runpy would load ``os`` and more itself)."""
     env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "CNI_COMMAND": command,
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
         "CNI_CONTAINERID": "layering", "CNI_IFNAME": "eth0", "CNI_NETNS": "/var/run/netns/x",
         "CNI_ARGS": "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b",
     }
+    launch = f"import sys; sys.path.insert(0, {str(REPO)!r}); from cni_plugin.main import main; main()"
     process = subprocess.run(
-        [sys.executable, "-S", "-X", "importtime", "-m", "cni_plugin.main"], input=json.dumps(stdin).encode(),
+        [sys.executable, "-S", "-E", "-X", "importtime", "-c", launch], input=json.dumps(stdin).encode(),
         env=env, capture_output=True, timeout=60,
     )
     assert process.returncode == 0, process.stdout.decode() + process.stderr.decode()
@@ -103,13 +106,18 @@ def run_cni_path(command: str, stdin: dict, tmp_path: pathlib.Path) -> set[str]:
     return loaded
 
 
-@pytest.mark.parametrize("command", ["VERSION", "ADD", "DEL", "GC", "CHECK"])
-def test_the_cni_path_imports_only_the_standard_library_at_run_time(command, tmp_path):
+def netconf(command: str, tmp_path: pathlib.Path) -> dict:
     conf = {"cniVersion": "1.1.0", "name": "azure", "type": "wgcni", "stateDir": str(tmp_path / "state"),
             "hookSocket": str(tmp_path / "hook.sock"), "logFile": str(tmp_path / "wgcni.log"),
             "cni.dev/valid-attachments": []}
     if command in ("ADD", "CHECK"):
         conf["prevResult"] = {"cniVersion": "1.1.0", "ips": [{"address": "10.240.0.65/16"}]}
+    return conf
+
+
+@pytest.mark.parametrize("command", ["VERSION", "ADD", "DEL", "GC", "CHECK"])
+def test_the_cni_path_imports_only_the_standard_library_at_run_time(command, tmp_path):
+    conf = netconf(command, tmp_path)
     if command == "CHECK":
         run_cni_path("ADD", conf, tmp_path)
     loaded = run_cni_path(command, conf, tmp_path)
@@ -120,3 +128,21 @@ def test_the_cni_path_imports_only_the_standard_library_at_run_time(command, tmp
     assert "cni_plugin.cli" not in loaded
     if command != "VERSION":
         assert "cni_plugin.commands" in loaded
+
+
+# Pure-Python modules each ADD/DEL would pay for at start-up (docs/benchmarks.md, P1): os alone is >1 ms
+HEAVY_FOR_START_UP = {"os", "_collections_abc", "struct", "__future__", "json", "re", "socket", "ipaddress",
+                      "logging", "typing", "subprocess"}
+
+
+@pytest.mark.parametrize("command", ["VERSION", "ADD", "DEL"])
+def test_the_pod_path_on_a_node_that_has_its_directories_loads_no_heavy_module(command, tmp_path):
+    run_cni_path("ADD", netconf("ADD", tmp_path), tmp_path)  # the first ADD on a node creates the state directories
+    loaded = run_cni_path(command, netconf(command, tmp_path), tmp_path)
+    assert "cni_plugin.commands" in loaded or command == "VERSION"
+    assert loaded & HEAVY_FOR_START_UP == set()
+
+
+def test_the_heavy_module_check_is_real(tmp_path):
+    """The first ADD on a node creates its directories with os.makedirs: the check above sees that import."""
+    assert "os" in run_cni_path("ADD", netconf("ADD", tmp_path), tmp_path)
